@@ -1,0 +1,85 @@
+//! The table of live allocations made through `Pool::allocate`.
+//!
+//! The manager must know every live allocation so `close` can free what an operator leaked and
+//! say where it came from. The table is sharded by address (16 mutex-protected maps with a cheap
+//! multiplicative hash) so threads allocating concurrently rarely meet on one lock; each lock is
+//! held only for a map insert or remove, never across a call to the listener or a spiller.
+
+use std::alloc::Layout;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::pool::PoolNode;
+
+const SHARDS: usize = 16;
+
+/// What the manager remembers of one allocation.
+pub(crate) struct AllocMeta {
+    pub(crate) layout: Layout,
+    pub(crate) node: Arc<PoolNode>,
+}
+
+/// Hasher for address keys: addresses are already well spread in their middle bits, so one
+/// multiply is enough (SipHash would dominate the cost of small allocations).
+#[derive(Default)]
+pub(crate) struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type AddrMap = HashMap<usize, AllocMeta, BuildHasherDefault<AddrHasher>>;
+
+pub(crate) struct AllocTable {
+    shards: [Mutex<AddrMap>; SHARDS],
+}
+
+impl Default for AllocTable {
+    fn default() -> Self {
+        AllocTable {
+            shards: std::array::from_fn(|_| Mutex::new(AddrMap::default())),
+        }
+    }
+}
+
+impl AllocTable {
+    fn shard(&self, addr: usize) -> &Mutex<AddrMap> {
+        // Drop the low bits (alignment) and mix so neighbouring blocks land on different shards.
+        let h = ((addr >> 4) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60;
+        &self.shards[h as usize % SHARDS]
+    }
+
+    pub(crate) fn insert(&self, addr: usize, meta: AllocMeta) {
+        self.shard(addr).lock().insert(addr, meta);
+    }
+
+    pub(crate) fn remove(&self, addr: usize) -> Option<AllocMeta> {
+        self.shard(addr).lock().remove(&addr)
+    }
+
+    /// Takes every entry out of the table.
+    pub(crate) fn drain(&self) -> Vec<(usize, AllocMeta)> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            out.extend(std::mem::take(&mut *shard.lock()));
+        }
+        out
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+}

@@ -1,0 +1,95 @@
+//! # nativemem-core: a per-task native memory manager
+//!
+//! A query engine running native operators inside a JVM (a Spark executor) allocates memory the
+//! JVM cannot see. This crate makes that memory visible and governable, without a JVM: bindings
+//! (the `nativemem-jni` crate) connect it to Spark; engines can embed it directly.
+//!
+//! ## Model
+//!
+//! One [`MemoryManager`] per task attempt owns:
+//! - a tree of [`Pool`]s (name, optional limit, `used`, `peak`); the root is the task and its
+//!   limit is [`MemoryConfig::task_limit`];
+//! - [`Reservation`]s: RAII, accounting-only claims on a pool (`try_grow` / `shrink` /
+//!   `try_resize` / `free`, released on drop);
+//! - allocations made with [`Pool::allocate`], which the manager tracks so [`MemoryManager::close`]
+//!   frees what an operator leaked and reports it ([`LeakReport`]);
+//! - registered [`Spiller`]s, native consumers that can free memory on request;
+//! - the *cushion*: bytes reserved from the [`ReservationListener`] (the JVM) but not yet used.
+//!
+//! ```text
+//!  operator ──try_grow(n)──▶ Pool leaf ─▶ … ─▶ root      (1) charge every level, CAS against
+//!                                                          limits; roll back all on refusal
+//!                               │
+//!                               ▼
+//!                         cushion -= n                   (2) one atomic RMW; if still >= 0: done,
+//!                               │ < 0                        no listener call (the fast path)
+//!                               ▼
+//!                listener.reserve(k * block)             (3) one JVM upcall per block (8 MiB),
+//!                               │ granted < needed           Spark may spill others for it
+//!                               ▼
+//!                  spill native spillers, retry once     (4) smallest that covers, else largest
+//!                               │ still short
+//!                               ▼
+//!                 roll back, OutOfMemory(usage report)
+//!
+//!  Spark needs memory ──▶ reclaim(n): hand back unused cushion, then spill, hand back the rest
+//! ```
+//!
+//! ## Why atomics where
+//! The grow/shrink fast path is lock-free: a charge is one RMW per pool level (a CAS loop where
+//! the level has a limit, a `fetch_add` where it has none) plus one `fetch_sub` on the cushion.
+//! Two RMWs (≈10 ns) is the floor of a grow/shrink pair on a one-level pool; a mutex would add a
+//! lock/unlock pair and serialize the task's threads. Locks are used only off the fast path: the
+//! pool tree's child lists (pool creation), the reservation registry (reservation creation and
+//! drop), the spiller registry (register, and copying the list at spill time) and the sharded
+//! table of live allocations (one short lock per allocate/free, which the manager needs to free
+//! leaks at close).
+//!
+//! ## Blocks and hysteresis
+//! The listener is asked for whole blocks ([`MemoryConfig::reservation_block`], 8 MiB by default),
+//! so a task growing by 1 GiB makes at most 128 upcalls instead of one per grow. Bytes go back to
+//! the listener only when the unused cushion exceeds two blocks, and then down to one block: a
+//! loop that grows and shrinks across a block boundary makes no upcalls after the first. Spark
+//! asking for memory back ([`MemoryManager::reclaim`]) bypasses hysteresis and hands back exact
+//! bytes, so a spill request is never answered with 0 because of rounding.
+//!
+//! ## The lock rule
+//! **No lock of this crate is held while calling the listener or a spiller.** Spark calls a
+//! consumer's `spill` while holding its `TaskMemoryManager` monitor; if a native thread held a
+//! Rust lock while blocked in an upcall waiting for that monitor, and the spilling thread needed
+//! the same Rust lock, the task would deadlock (Gluten shipped this ABBA deadlock). How it is
+//! guaranteed: the only calls out are in `Inner::reserve_from_listener`, `Inner::give_back` and
+//! `SpillerRegistry::spill`; the first two run with no lock taken on the path to them (the
+//! fast-path state is atomics), and the third copies the spiller list under the registry lock and
+//! drops the guard before calling any spiller. The test `spiller_reentering_the_manager_does_not_deadlock`
+//! exercises the re-entrant path.
+//!
+//! ## Exactness
+//! Every failing call leaves every counter as it was. Over-release is an error, never a panic and
+//! never a negative counter. `reserved` changes only by what the listener granted or accepted back,
+//! so after [`MemoryManager::close`] `reserved()` is 0 and the listener has received every byte it
+//! granted (unless it failed to take them back, which is reported and retried).
+
+mod alloc;
+mod config;
+mod error;
+mod listener;
+mod manager;
+mod pool;
+mod report;
+mod reservation;
+mod spill;
+mod units;
+
+pub use config::{MemoryConfig, DEFAULT_RESERVATION_BLOCK_BYTES};
+pub use error::{ListenerError, MemoryError, OomReason, OutOfMemory, Result};
+pub use listener::{CapacityListener, ReservationListener};
+pub use manager::{ManagerStats, MemoryManager, MAX_REQUEST_BYTES};
+pub use pool::Pool;
+pub use report::{ConsumerUsage, Leak, LeakKind, LeakReport, PoolUsage, UsageReport};
+pub use reservation::Reservation;
+pub use spill::{Spiller, SpillerRegistration};
+pub use units::{human, HumanBytes};
+
+#[cfg(test)]
+mod tests;

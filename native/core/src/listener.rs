@@ -1,0 +1,108 @@
+//! The bridge to whoever owns the memory budget (in Spark: a `MemoryConsumer`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::ListenerError;
+
+/// Where the manager gets its budget from. In Spark this is a `MemoryConsumer` of the task's
+/// `TaskMemoryManager`, reached through JNI.
+///
+/// The manager calls it rarely: it reserves whole blocks
+/// ([`MemoryConfig::reservation_block`](crate::MemoryConfig)) and serves grows from that cushion,
+/// and gives bytes back only when more than two blocks lie unused.
+///
+/// # Callback rules
+/// - The manager never holds one of its locks while calling the listener, so the listener may
+///   block, call into the JVM, and trigger a spill that re-enters the manager (on this or another
+///   thread).
+/// - `reserve(bytes)` returns the bytes granted, `<= bytes`; it may grant less (even 0). Granting
+///   more is a contract violation: the manager keeps the grant (so it is given back later) and
+///   fails the request with [`MemoryError::ListenerContract`](crate::MemoryError::ListenerContract).
+/// - `unreserve(bytes)` gives back bytes previously granted. If it fails the manager keeps
+///   counting the bytes as reserved and tries again at the next release or at close.
+pub trait ReservationListener: Send + Sync {
+    /// Asks for `bytes` more; returns bytes granted (`<= bytes`).
+    fn reserve(&self, bytes: u64) -> Result<u64, ListenerError>;
+    /// Gives back `bytes` previously granted.
+    fn unreserve(&self, bytes: u64) -> Result<(), ListenerError>;
+}
+
+/// A listener with a fixed capacity, for tests and for embedding without a JVM. Grants what it
+/// has left; `u64::MAX` capacity means unlimited.
+#[derive(Debug)]
+pub struct CapacityListener {
+    capacity: u64,
+    reserved: AtomicU64,
+    reserve_calls: AtomicU64,
+    unreserve_calls: AtomicU64,
+}
+
+impl CapacityListener {
+    /// A listener that grants up to `capacity` bytes in total.
+    pub fn new(capacity: u64) -> Self {
+        CapacityListener {
+            capacity,
+            reserved: AtomicU64::new(0),
+            reserve_calls: AtomicU64::new(0),
+            unreserve_calls: AtomicU64::new(0),
+        }
+    }
+
+    /// A listener that grants everything.
+    pub fn unlimited() -> Self {
+        Self::new(u64::MAX)
+    }
+
+    /// Bytes currently granted and not given back.
+    pub fn reserved(&self) -> u64 {
+        self.reserved.load(Ordering::SeqCst)
+    }
+
+    /// Number of `reserve` calls so far.
+    pub fn reserve_calls(&self) -> u64 {
+        self.reserve_calls.load(Ordering::SeqCst)
+    }
+
+    /// Number of `unreserve` calls so far.
+    pub fn unreserve_calls(&self) -> u64 {
+        self.unreserve_calls.load(Ordering::SeqCst)
+    }
+}
+
+impl ReservationListener for CapacityListener {
+    fn reserve(&self, bytes: u64) -> Result<u64, ListenerError> {
+        self.reserve_calls.fetch_add(1, Ordering::SeqCst);
+        let mut cur = self.reserved.load(Ordering::SeqCst);
+        loop {
+            let grant = bytes.min(self.capacity.saturating_sub(cur));
+            match self.reserved.compare_exchange(
+                cur,
+                cur + grant,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return Ok(grant),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    fn unreserve(&self, bytes: u64) -> Result<(), ListenerError> {
+        self.unreserve_calls.fetch_add(1, Ordering::SeqCst);
+        let mut cur = self.reserved.load(Ordering::SeqCst);
+        loop {
+            if bytes > cur {
+                return Err(format!("unreserve of {bytes} bytes but only {cur} reserved").into());
+            }
+            match self.reserved.compare_exchange(
+                cur,
+                cur - bytes,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+}

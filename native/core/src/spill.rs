@@ -1,0 +1,188 @@
+//! Native consumers that can free memory on request, and the policy that picks them.
+//!
+//! Policy (Spark's `TaskMemoryManager`): to free `target` bytes, ask first the spiller whose
+//! spillable size is the smallest that still covers what is missing (it frees enough while
+//! disturbing the least data), else the largest; repeat until covered or no spiller is left.
+//! Each spiller is asked at most once per round.
+//!
+//! Lock rule: the registry lock is held only to copy the list of spillers (`Arc`s); it is released
+//! before any spiller is asked its size or told to spill. A spiller may therefore call back into
+//! the manager (shrink its reservations, free allocations, even grow) without deadlocking. A
+//! spiller that is already spilling (re-entered through a grow it makes while spilling, or asked
+//! by another thread at the same time) is skipped rather than called twice.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
+
+use crate::error::{MemoryError, Result};
+use crate::manager::Inner;
+use crate::pool::PoolNode;
+
+/// A native consumer that can give memory back, e.g. a sort that writes its buffer to disk.
+///
+/// # Callback rules
+/// - `spill` may be called on any thread, including a JVM thread inside Spark's
+///   `TaskMemoryManager` (holding its monitor) and a thread that is in the middle of a grow of
+///   the same manager.
+/// - It may shrink or free its reservations and allocations (that is how the bytes come back); it
+///   should not wait for another thread that may itself be waiting for memory.
+/// - It returns the bytes it freed (0 if it could not free anything). An error fails the request
+///   that caused the spill.
+pub trait Spiller: Send + Sync {
+    /// Bytes a spill could free now.
+    fn spillable_bytes(&self) -> u64;
+    /// Frees at least `target` bytes if it can; returns the bytes freed.
+    fn spill(&self, target: u64) -> Result<u64>;
+}
+
+pub(crate) struct SpillerEntry {
+    id: u64,
+    name: String,
+    node: Arc<PoolNode>,
+    spiller: Arc<dyn Spiller>,
+    busy: AtomicBool,
+}
+
+/// The spillers of one manager.
+#[derive(Default)]
+pub(crate) struct SpillerRegistry {
+    entries: Mutex<Vec<Arc<SpillerEntry>>>,
+}
+
+/// Keeps a spiller registered; dropping it unregisters the spiller.
+pub struct SpillerRegistration {
+    id: u64,
+    mgr: Weak<Inner>,
+}
+
+impl std::fmt::Debug for SpillerRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpillerRegistration")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl Drop for SpillerRegistration {
+    fn drop(&mut self) {
+        if let Some(mgr) = self.mgr.upgrade() {
+            mgr.spillers.entries.lock().retain(|e| e.id != self.id);
+        }
+    }
+}
+
+/// Outcome of one spill round.
+pub(crate) struct SpillOutcome {
+    pub(crate) freed: u64,
+    pub(crate) spills: u64,
+}
+
+impl SpillerRegistry {
+    pub(crate) fn register(
+        &self,
+        mgr: &Arc<Inner>,
+        name: String,
+        node: Arc<PoolNode>,
+        spiller: Arc<dyn Spiller>,
+    ) -> SpillerRegistration {
+        let id = mgr.next_id();
+        self.entries.lock().push(Arc::new(SpillerEntry {
+            id,
+            name,
+            node,
+            spiller,
+            busy: AtomicBool::new(false),
+        }));
+        SpillerRegistration {
+            id,
+            mgr: Arc::downgrade(mgr),
+        }
+    }
+
+    pub(crate) fn clear(&self) {
+        self.entries.lock().clear();
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.lock().len()
+    }
+
+    /// Asks spillers under `scope` (all if `None`) to free `target` bytes, by the policy above.
+    pub(crate) fn spill(&self, target: u64, scope: Option<&PoolNode>) -> Result<SpillOutcome> {
+        let mut outcome = SpillOutcome {
+            freed: 0,
+            spills: 0,
+        };
+        if target == 0 {
+            return Ok(outcome);
+        }
+        // Copy under the lock, call without it (lock rule).
+        let entries: Vec<Arc<SpillerEntry>> = {
+            let all = self.entries.lock();
+            all.iter()
+                .filter(|e| scope.is_none_or(|s| e.node.is_within(s)))
+                .cloned()
+                .collect()
+        };
+        let mut candidates: Vec<(Arc<SpillerEntry>, u64)> = entries
+            .into_iter()
+            .filter(|e| !e.busy.load(Ordering::Acquire))
+            .map(|e| {
+                let size = e.spiller.spillable_bytes();
+                (e, size)
+            })
+            .filter(|(_, size)| *size > 0)
+            .collect();
+        while outcome.freed < target && !candidates.is_empty() {
+            let need = target - outcome.freed;
+            let pick = pick_victim(&candidates, need);
+            let (entry, _) = candidates.swap_remove(pick);
+            if entry.busy.swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            let result = entry.spiller.spill(need);
+            entry.busy.store(false, Ordering::Release);
+            match result {
+                Ok(freed) => {
+                    log::debug!(
+                        "spiller '{}' in pool '{}' freed {freed} of {need} bytes asked",
+                        entry.name,
+                        entry.node.path
+                    );
+                    if freed > 0 {
+                        outcome.freed += freed;
+                        outcome.spills += 1;
+                    }
+                }
+                Err(e @ MemoryError::Spill { .. }) => return Err(e),
+                Err(e) => {
+                    return Err(MemoryError::Spill {
+                        spiller: entry.name.clone(),
+                        message: e.to_string(),
+                    })
+                }
+            }
+        }
+        Ok(outcome)
+    }
+}
+
+/// Index of the smallest candidate whose size covers `need`, else of the largest.
+fn pick_victim(candidates: &[(Arc<SpillerEntry>, u64)], need: u64) -> usize {
+    let covering = candidates
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, size))| *size >= need)
+        .min_by_key(|(_, (_, size))| *size)
+        .map(|(i, _)| i);
+    covering.unwrap_or_else(|| {
+        candidates
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, (_, size))| *size)
+            .map(|(i, _)| i)
+            .unwrap_or(0)
+    })
+}
