@@ -19,7 +19,33 @@ const SHARDS: usize = 16;
 /// What the manager remembers of one allocation.
 pub(crate) struct AllocMeta {
     pub(crate) layout: Layout,
-    pub(crate) node: Arc<PoolNode>,
+    /// The pool charged. A plain pointer, not an `Arc`: cloning an `Arc` per allocation would add
+    /// two contended RMWs to every allocate/free.
+    node: NodePtr,
+}
+
+struct NodePtr(*const PoolNode);
+
+// SAFETY: `PoolNode` is `Send + Sync` (atomics and a mutex); the pointer is only dereferenced as
+// a shared reference (see `AllocMeta::node`).
+unsafe impl Send for NodePtr {}
+
+impl AllocMeta {
+    pub(crate) fn new(layout: Layout, node: &Arc<PoolNode>) -> AllocMeta {
+        AllocMeta {
+            layout,
+            node: NodePtr(Arc::as_ptr(node)),
+        }
+    }
+
+    /// The pool the allocation is charged to.
+    pub(crate) fn node(&self) -> &PoolNode {
+        // SAFETY: pool nodes are never removed from their tree, and the tree is owned by the
+        // manager (`Inner::root` and each node's `children`) whose `AllocTable` holds this entry;
+        // so the node outlives every entry of the table (including during `Inner::drop`, which
+        // drains the table before the fields are dropped).
+        unsafe { &*self.node.0 }
+    }
 }
 
 /// Hasher for address keys: addresses are already well spread in their middle bits, so one
@@ -75,6 +101,17 @@ impl AllocTable {
         let mut out = Vec::new();
         for shard in &self.shards {
             out.extend(std::mem::take(&mut *shard.lock()));
+        }
+        out
+    }
+
+    /// Bytes of live allocations per pool node (keyed by node address), for reports.
+    pub(crate) fn bytes_by_pool(&self) -> HashMap<usize, u64> {
+        let mut out = HashMap::new();
+        for shard in &self.shards {
+            for meta in shard.lock().values() {
+                *out.entry(meta.node.0 as usize).or_insert(0) += meta.layout.size() as u64;
+            }
         }
         out
     }

@@ -4,7 +4,7 @@
 use std::alloc::Layout;
 use std::collections::HashMap;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -19,7 +19,7 @@ use crate::reservation::ConsumerState;
 use crate::spill::SpillerRegistry;
 use crate::units::human;
 
-/// Largest single request accepted, bytes (keeps every signed cushion computation exact).
+/// Largest single request accepted, bytes (keeps every sum of counters far from overflow).
 pub const MAX_REQUEST_BYTES: u64 = 1 << 62;
 
 /// Counters behind [`ManagerStats`].
@@ -58,12 +58,13 @@ pub(crate) struct Inner {
     config: MemoryConfig,
     listener: Arc<dyn ReservationListener>,
     root: Arc<PoolNode>,
-    /// `reserved - used`: bytes granted by the listener and not charged to any pool. Negative only
-    /// while grows are between charging and reserving. Grows subtract, releases add, both with one
-    /// RMW; surplus is handed back by CAS so two threads never hand back the same bytes.
-    cushion: AtomicI64,
-    /// Bytes granted by the listener and not handed back.
+    /// Bytes granted by the listener and not handed back. The cushion is `reserved - root.used`:
+    /// there is no separate cushion counter, so a grow is one RMW on each pool level plus one
+    /// load of `reserved` (see `grow` and `claim_and_give_back` for why that is race-free).
     reserved: AtomicU64,
+    /// Bytes currently claimed on the root by threads handing surplus back (see
+    /// `claim_and_give_back`); a grow refused at the root while claims are in flight retries.
+    claims: AtomicU64,
     closed: AtomicBool,
     ids: AtomicU64,
     pub(crate) consumers: Mutex<HashMap<u64, Arc<ConsumerState>>>,
@@ -106,8 +107,8 @@ impl MemoryManager {
                 config,
                 listener,
                 root,
-                cushion: AtomicI64::new(0),
                 reserved: AtomicU64::new(0),
+                claims: AtomicU64::new(0),
                 closed: AtomicBool::new(false),
                 ids: AtomicU64::new(1),
                 consumers: Mutex::new(HashMap::new()),
@@ -267,6 +268,14 @@ impl Inner {
 
     /// Charges `bytes` to `node` (and ancestors) and makes sure they are covered by the reserved
     /// cushion. On error nothing changes (apart from memory other spillers freed).
+    ///
+    /// Why one RMW per level plus a load of `reserved` is enough: every byte handed back to the
+    /// listener is first *claimed* on the root counter (`claim_and_give_back`), exactly like a
+    /// grow, and the claim is dropped only after `reserved` went down. So the root counter always
+    /// includes every byte that is in use or about to leave `reserved`; a grow whose new root
+    /// value is `<= reserved` (read after its own RMW) is covered whatever order a concurrent
+    /// release runs in. `SeqCst` on both sides keeps the argument simple; on x86 it costs nothing
+    /// more than `AcqRel` (RMWs are locked instructions, loads are plain moves).
     pub(crate) fn grow(&self, node: &Arc<PoolNode>, consumer: &str, bytes: u64) -> Result<()> {
         if bytes > MAX_REQUEST_BYTES {
             return Err(MemoryError::InvalidArgument(format!(
@@ -275,40 +284,53 @@ impl Inner {
         }
         self.check_open()?;
         let mut spilled = false;
+        let mut claim_retries = 0;
         loop {
             // 1. Pool limits, leaf to root; all or nothing.
-            if let Err(refusal) = node.charge(bytes) {
-                let limit = refusal.node.limit.unwrap_or(u64::MAX);
-                if !spilled {
-                    spilled = true;
-                    let need = refusal.used.saturating_add(bytes).saturating_sub(limit);
-                    if self.spill_within(need, Some(&refusal.node))? > 0 {
+            let root_used = match node.charge(bytes) {
+                Ok(root_used) => root_used,
+                Err(refusal) => {
+                    if refusal.node.parent.is_none()
+                        && self.claims.load(Ordering::SeqCst) > 0
+                        && claim_retries < 1000
+                    {
+                        // Surplus being handed back occupies the root for a moment; not a refusal.
+                        claim_retries += 1;
+                        std::thread::yield_now();
                         continue;
                     }
+                    let limit = refusal.node.limit.unwrap_or(u64::MAX);
+                    if !spilled {
+                        spilled = true;
+                        let need = refusal.used.saturating_add(bytes).saturating_sub(limit);
+                        if self.spill_within(need, Some(&refusal.node))? > 0 {
+                            continue;
+                        }
+                    }
+                    return Err(self.oom(
+                        consumer,
+                        node,
+                        bytes,
+                        OomReason::PoolLimit {
+                            pool: refusal.node.path.clone(),
+                            limit,
+                            used: refusal.used,
+                        },
+                    ));
                 }
-                return Err(self.oom(
-                    consumer,
-                    node,
-                    bytes,
-                    OomReason::PoolLimit {
-                        pool: refusal.node.path.clone(),
-                        limit,
-                        used: refusal.used,
-                    },
-                ));
-            }
+            };
             // 2. The cushion. The fast path ends here: no listener call.
-            let now = self.cushion.fetch_sub(bytes as i64, Ordering::AcqRel) - bytes as i64;
-            if now >= 0 {
+            let reserved = self.reserved.load(Ordering::SeqCst);
+            if root_used <= reserved {
                 node.record_peaks();
                 return Ok(());
             }
-            // What this call made negative (earlier deficits belong to other in-flight grows).
-            let deficit = (bytes as i64).min(-now) as u64;
+            // What this call left uncovered (earlier deficits belong to other in-flight grows).
+            let deficit = bytes.min(root_used - reserved);
             let (requested, granted) = match self.reserve_from_listener(deficit) {
                 Ok(r) => r,
                 Err(e) => {
-                    self.undo_grow(node, bytes);
+                    node.uncharge(bytes);
                     return Err(e);
                 }
             };
@@ -316,7 +338,7 @@ impl Inner {
                 node.record_peaks();
                 return Ok(());
             }
-            self.undo_grow(node, bytes);
+            node.uncharge(bytes);
             if !spilled {
                 spilled = true;
                 if self.spill_within(deficit - granted, None)? > 0 {
@@ -338,18 +360,13 @@ impl Inner {
         }
     }
 
-    fn undo_grow(&self, node: &PoolNode, bytes: u64) {
-        self.cushion.fetch_add(bytes as i64, Ordering::AcqRel);
-        node.uncharge(bytes);
-    }
-
     /// Asks the listener for `deficit` rounded up to whole blocks (capped by the task limit);
     /// records what it grants. Returns `(requested, granted)`.
     fn reserve_from_listener(&self, deficit: u64) -> Result<(u64, u64)> {
         let block = self.config.reservation_block;
         let mut request = deficit.div_ceil(block).saturating_mul(block);
         if let Some(limit) = self.config.task_limit {
-            let room = limit.saturating_sub(self.reserved.load(Ordering::Acquire));
+            let room = limit.saturating_sub(self.reserved.load(Ordering::SeqCst));
             request = request.min(room.max(deficit));
         }
         self.counters.reserve_calls.fetch_add(1, Ordering::Relaxed);
@@ -363,9 +380,7 @@ impl Inner {
                 source,
             })?;
         if granted > 0 {
-            self.reserved.fetch_add(granted, Ordering::AcqRel);
-            self.cushion
-                .fetch_add(granted.min(MAX_REQUEST_BYTES) as i64, Ordering::AcqRel);
+            self.reserved.fetch_add(granted, Ordering::SeqCst);
         }
         if granted > request {
             return Err(MemoryError::ListenerContract(format!(
@@ -381,90 +396,99 @@ impl Inner {
         Ok((request, granted))
     }
 
-    /// Returns `bytes` charged to `node`: uncharges the pools and puts the bytes in the cushion,
-    /// handing surplus back to the listener (hysteresis: only above two blocks, down to one).
+    /// The unused part of `reserved` now (0 while in-flight grows exceed it).
+    fn cushion(&self) -> u64 {
+        let used = self.root.used.load(Ordering::SeqCst);
+        self.reserved.load(Ordering::SeqCst).saturating_sub(used)
+    }
+
+    /// Returns `bytes` charged to `node`: uncharges the pools, which leaves the bytes in the
+    /// cushion, and hands surplus back to the listener (hysteresis: only above two blocks, down
+    /// to one).
     pub(crate) fn release(&self, node: &PoolNode, bytes: u64) -> Result<()> {
-        node.uncharge(bytes);
-        let now = self.cushion.fetch_add(bytes as i64, Ordering::AcqRel) + bytes as i64;
+        let root_used = node.uncharge(bytes);
         if self.closed.load(Ordering::Acquire) {
             // After close nothing may stay reserved.
             return self.release_unused(u64::MAX).map(|_| ());
         }
-        if now > self.high_water() {
+        if self
+            .reserved
+            .load(Ordering::SeqCst)
+            .saturating_sub(root_used)
+            > self.high_water()
+        {
             self.release_surplus()?;
         }
         Ok(())
     }
 
-    fn high_water(&self) -> i64 {
-        (self.config.reservation_block.saturating_mul(2)).min(MAX_REQUEST_BYTES) as i64
+    fn high_water(&self) -> u64 {
+        self.config.reservation_block.saturating_mul(2)
     }
 
     /// Hands back cushion above one block when it exceeds two blocks.
     fn release_surplus(&self) -> Result<()> {
-        let keep = self.config.reservation_block.min(MAX_REQUEST_BYTES) as i64;
-        let high = self.high_water();
         loop {
-            let c = self.cushion.load(Ordering::Acquire);
-            if c <= high {
+            let cushion = self.cushion();
+            if cushion <= self.high_water() {
                 return Ok(());
             }
-            let give = c - keep;
-            if self
-                .cushion
-                .compare_exchange(c, c - give, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                return self.give_back(give as u64);
+            if self.claim_and_give_back(cushion - self.config.reservation_block)? {
+                return Ok(());
             }
         }
     }
 
-    /// Hands back up to `max` bytes of the positive cushion; returns bytes handed back.
+    /// Hands back up to `max` bytes of the cushion; returns bytes handed back.
     pub(crate) fn release_unused(&self, max: u64) -> Result<u64> {
         loop {
-            let c = self.cushion.load(Ordering::Acquire);
-            if c <= 0 || max == 0 {
+            let give = self.cushion().min(max);
+            if give == 0 {
                 return Ok(0);
             }
-            let give = (c as u64).min(max);
-            if self
-                .cushion
-                .compare_exchange(c, c - give as i64, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                self.give_back(give)?;
+            if self.claim_and_give_back(give)? {
                 return Ok(give);
             }
         }
     }
 
-    /// Calls `listener.unreserve(bytes)` for bytes already taken out of the cushion. If the
-    /// listener fails, the bytes go back into the cushion: they are still reserved.
-    fn give_back(&self, bytes: u64) -> Result<()> {
-        if bytes == 0 {
-            return Ok(());
+    /// Hands `bytes` of the cushion back to the listener. First claims them on the root counter
+    /// (bypassing limits) and checks they are really unused; returns `Ok(false)` if another
+    /// thread took them meanwhile (the caller recomputes). The claim is dropped only after
+    /// `reserved` went down, so a concurrent grow never counts these bytes as available. If the
+    /// listener fails, the bytes stay reserved (back in the cushion) and the error is returned.
+    fn claim_and_give_back(&self, bytes: u64) -> Result<bool> {
+        let root = &self.root.used;
+        self.claims.fetch_add(bytes, Ordering::SeqCst);
+        let claimed = root.fetch_add(bytes, Ordering::SeqCst) + bytes;
+        if claimed > self.reserved.load(Ordering::SeqCst) {
+            root.fetch_sub(bytes, Ordering::SeqCst);
+            self.claims.fetch_sub(bytes, Ordering::SeqCst);
+            return Ok(false);
         }
         self.counters
             .unreserve_calls
             .fetch_add(1, Ordering::Relaxed);
-        match self.listener.unreserve(bytes) {
+        // No lock is held here (lock rule).
+        let result = self.listener.unreserve(bytes);
+        if result.is_ok() {
+            self.reserved.fetch_sub(bytes, Ordering::SeqCst);
+            self.counters
+                .unreserved_bytes
+                .fetch_add(bytes, Ordering::SeqCst);
+        }
+        root.fetch_sub(bytes, Ordering::SeqCst);
+        self.claims.fetch_sub(bytes, Ordering::SeqCst);
+        match result {
             Ok(()) => {
-                self.reserved.fetch_sub(bytes, Ordering::AcqRel);
-                self.counters
-                    .unreserved_bytes
-                    .fetch_add(bytes, Ordering::AcqRel);
                 log::trace!("[{}] unreserved {}", self.name, human(bytes));
-                Ok(())
+                Ok(true)
             }
-            Err(source) => {
-                self.cushion.fetch_add(bytes as i64, Ordering::AcqRel);
-                Err(MemoryError::Listener {
-                    op: "unreserve",
-                    bytes,
-                    source,
-                })
-            }
+            Err(source) => Err(MemoryError::Listener {
+                op: "unreserve",
+                bytes,
+                source,
+            }),
         }
     }
 
@@ -516,14 +540,8 @@ impl Inner {
             }
             return Err(self.oom("allocations", node, size as u64, OomReason::SystemAllocator));
         };
-        node.allocated.fetch_add(size as u64, Ordering::Relaxed);
-        self.allocs.insert(
-            ptr.as_ptr() as usize,
-            AllocMeta {
-                layout,
-                node: node.clone(),
-            },
-        );
+        self.allocs
+            .insert(ptr.as_ptr() as usize, AllocMeta::new(layout, node));
         Ok(ptr)
     }
 
@@ -540,8 +558,7 @@ impl Inner {
         // was still in the live table, which we just removed it from, so it is freed exactly once.
         unsafe { std::alloc::dealloc(ptr.as_ptr(), meta.layout) };
         let size = meta.layout.size() as u64;
-        meta.node.allocated.fetch_sub(size, Ordering::Relaxed);
-        self.release(&meta.node, size)?;
+        self.release(meta.node(), size)?;
         Ok(size as usize)
     }
 
@@ -571,6 +588,7 @@ impl Inner {
                 peak: c.peak.load(Ordering::Relaxed),
             })
             .collect();
+        let allocated = self.allocs.bytes_by_pool();
         let pools: Vec<PoolUsage> = nodes
             .iter()
             .map(|(depth, n)| PoolUsage {
@@ -579,7 +597,10 @@ impl Inner {
                 used: n.used.load(Ordering::Relaxed),
                 peak: n.peak.load(Ordering::Relaxed),
                 limit: n.limit,
-                allocated: n.allocated.load(Ordering::Relaxed),
+                allocated: allocated
+                    .get(&(Arc::as_ptr(n) as usize))
+                    .copied()
+                    .unwrap_or(0),
             })
             .collect();
         consumers.extend(
@@ -626,17 +647,14 @@ impl Inner {
             // draining removed it, so no `free` can find and free it again.
             unsafe { std::alloc::dealloc(addr as *mut u8, meta.layout) };
             let size = meta.layout.size() as u64;
-            meta.node.allocated.fetch_sub(size, Ordering::Relaxed);
-            meta.node.uncharge(size);
-            self.cushion.fetch_add(size as i64, Ordering::AcqRel);
-            report.add(LeakKind::Allocation, "allocations", &meta.node.path, size);
+            meta.node().uncharge(size);
+            report.add(LeakKind::Allocation, "allocations", &meta.node().path, size);
         }
         let consumers: Vec<Arc<ConsumerState>> = self.consumers.lock().values().cloned().collect();
         for c in consumers {
             let bytes = c.size.swap(0, Ordering::AcqRel);
             if bytes > 0 {
                 c.node.uncharge(bytes);
-                self.cushion.fetch_add(bytes as i64, Ordering::AcqRel);
                 report.add(LeakKind::Reservation, &c.name, &c.node.path, bytes);
             }
         }

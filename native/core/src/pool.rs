@@ -5,10 +5,12 @@
 //! exceeded, even transiently. If any level refuses, the levels already charged are rolled back
 //! (Doris `try_consume`), so a failed charge leaves every counter as it was.
 //!
-//! Orderings: `used`/`peak`/`allocated` are statistics and limits of their own node; no other
-//! memory is published through them, so `Relaxed` is enough for correctness of each counter (a CAS
-//! on one atomic is totally ordered with every other RMW on it). The cross-counter invariant
-//! (`used <= reserved`) lives in the manager's cushion, which uses `AcqRel`.
+//! Orderings: `used` and `peak` below the root are statistics and limits of their own node; no
+//! other memory is published through them, so `Relaxed` is enough (every RMW on one atomic is
+//! totally ordered with the others on it, so limits hold exactly). The root's `used` also takes
+//! part in the cross-counter invariant `used <= reserved` with the manager's `reserved`, so every
+//! RMW here is `SeqCst`-capable: the charge/uncharge use `SeqCst`, which on x86 is the same
+//! locked instruction as `Relaxed`.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,8 +31,6 @@ pub(crate) struct PoolNode {
     pub(crate) limit: Option<u64>,
     pub(crate) used: AtomicU64,
     pub(crate) peak: AtomicU64,
-    /// Bytes of this node's own `used` that are live allocations (`Pool::allocate`).
-    pub(crate) allocated: AtomicU64,
     pub(crate) parent: Option<Arc<PoolNode>>,
     pub(crate) children: Mutex<Vec<Arc<PoolNode>>>,
 }
@@ -49,7 +49,6 @@ impl PoolNode {
             limit,
             used: AtomicU64::new(0),
             peak: AtomicU64::new(0),
-            allocated: AtomicU64::new(0),
             parent: None,
             children: Mutex::new(Vec::new()),
         })
@@ -79,7 +78,6 @@ impl PoolNode {
             limit,
             used: AtomicU64::new(0),
             peak: AtomicU64::new(0),
-            allocated: AtomicU64::new(0),
             parent: Some(self.clone()),
             children: Mutex::new(Vec::new()),
         });
@@ -97,25 +95,30 @@ impl PoolNode {
         self.lineage().any(|n| std::ptr::eq(n, ancestor))
     }
 
-    /// Adds `bytes` to this node and every ancestor, or to none of them.
-    pub(crate) fn charge(self: &Arc<Self>, bytes: u64) -> std::result::Result<(), Refusal> {
+    /// Adds `bytes` to this node and every ancestor, or to none of them. Returns the root's new
+    /// `used`.
+    pub(crate) fn charge(self: &Arc<Self>, bytes: u64) -> std::result::Result<u64, Refusal> {
+        let mut root_used = 0;
         for node in self.lineage() {
-            if let Err(used) = node.charge_one(bytes) {
-                // Roll back the levels below the refusing one, charged by this call.
-                for done in self.lineage().take_while(|n| !std::ptr::eq(*n, node)) {
-                    done.used.fetch_sub(bytes, Ordering::Relaxed);
+            match node.charge_one(bytes) {
+                Ok(now) => root_used = now,
+                Err(used) => {
+                    // Roll back the levels below the refusing one, charged by this call.
+                    for done in self.lineage().take_while(|n| !std::ptr::eq(*n, node)) {
+                        done.used.fetch_sub(bytes, Ordering::SeqCst);
+                    }
+                    let refusing = self
+                        .lineage_arcs()
+                        .find(|a| std::ptr::eq(a.as_ref(), node))
+                        .unwrap_or_else(|| self.clone());
+                    return Err(Refusal {
+                        node: refusing,
+                        used,
+                    });
                 }
-                let refusing = self
-                    .lineage_arcs()
-                    .find(|a| std::ptr::eq(a.as_ref(), node))
-                    .unwrap_or_else(|| self.clone());
-                return Err(Refusal {
-                    node: refusing,
-                    used,
-                });
             }
         }
-        Ok(())
+        Ok(root_used)
     }
 
     /// Raises the peaks of this node and its ancestors to their current usage. Called once a grow
@@ -131,19 +134,22 @@ impl PoolNode {
     }
 
     /// Removes `bytes` from this node and every ancestor. The caller guarantees they were charged.
-    pub(crate) fn uncharge(&self, bytes: u64) {
+    /// Returns the root's new `used`.
+    pub(crate) fn uncharge(&self, bytes: u64) -> u64 {
+        let mut root_used = 0;
         for node in self.lineage() {
-            let prev = node.used.fetch_sub(bytes, Ordering::Relaxed);
+            let prev = node.used.fetch_sub(bytes, Ordering::SeqCst);
             debug_assert!(prev >= bytes, "pool '{}' uncharged below zero", node.path);
+            root_used = prev.wrapping_sub(bytes);
         }
+        root_used
     }
 
-    fn charge_one(&self, bytes: u64) -> std::result::Result<(), u64> {
+    /// Adds `bytes` to this node alone, within its limit; returns the new `used`, or the current
+    /// one on refusal.
+    fn charge_one(&self, bytes: u64) -> std::result::Result<u64, u64> {
         match self.limit {
-            None => {
-                self.used.fetch_add(bytes, Ordering::Relaxed);
-                Ok(())
-            }
+            None => Ok(self.used.fetch_add(bytes, Ordering::SeqCst) + bytes),
             Some(limit) => {
                 let mut cur = self.used.load(Ordering::Relaxed);
                 loop {
@@ -154,10 +160,10 @@ impl PoolNode {
                     match self.used.compare_exchange_weak(
                         cur,
                         cur + bytes,
-                        Ordering::Relaxed,
+                        Ordering::SeqCst,
                         Ordering::Relaxed,
                     ) {
-                        Ok(_) => return Ok(()),
+                        Ok(_) => return Ok(cur + bytes),
                         Err(actual) => cur = actual,
                     }
                 }

@@ -89,7 +89,9 @@ impl Reservation {
         }
         self.mgr.grow(&self.state.node, &self.state.name, bytes)?;
         let now = self.state.size.fetch_add(bytes, Ordering::AcqRel) + bytes;
-        self.state.peak.fetch_max(now, Ordering::Relaxed);
+        if now > self.state.peak.load(Ordering::Relaxed) {
+            self.state.peak.fetch_max(now, Ordering::Relaxed);
+        }
         Ok(())
     }
 

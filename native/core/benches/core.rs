@@ -1,0 +1,134 @@
+//! Core fast-path benchmarks. Every figure has a baseline measured in the same run:
+//! - a grow+shrink pair against the floor of two atomic read-modify-write pairs;
+//! - `Pool::allocate` + `free` against `std::alloc::alloc` + `dealloc` of the same layout.
+//!
+//! `scripts/bench.sh` reads criterion's estimates and prints the ratios.
+
+use std::alloc::Layout;
+use std::hint::black_box;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use nativemem_core::{CapacityListener, MemoryConfig, MemoryManager};
+
+fn manager() -> MemoryManager {
+    MemoryManager::new(
+        "bench",
+        MemoryConfig::default(),
+        Arc::new(CapacityListener::unlimited()),
+    )
+    .unwrap()
+}
+
+fn grow_shrink(c: &mut Criterion) {
+    let mut g = c.benchmark_group("grow_shrink");
+    // The floor: what two RMW pairs (pool counter + cushion) cost on this machine.
+    let used = AtomicU64::new(0);
+    let cushion = AtomicI64::new(1 << 30);
+    g.bench_function("baseline_two_atomic_rmw_pairs", |b| {
+        b.iter(|| {
+            used.fetch_add(black_box(64), Ordering::Relaxed);
+            cushion.fetch_sub(black_box(64), Ordering::AcqRel);
+            used.fetch_sub(black_box(64), Ordering::Relaxed);
+            cushion.fetch_add(black_box(64), Ordering::AcqRel);
+        })
+    });
+    let m = manager();
+    let one = m.root().child("op", None).unwrap();
+    let r1 = one.reservation("bench");
+    r1.try_grow(1 << 20).unwrap(); // the cushion now holds a block: no listener calls below
+    g.bench_function("one_level_pool", |b| {
+        b.iter(|| {
+            r1.try_grow(black_box(64)).unwrap();
+            r1.shrink(black_box(64)).unwrap();
+        })
+    });
+    let three = m
+        .pool("stage/operator")
+        .unwrap()
+        .child("buffers", Some(1 << 40))
+        .unwrap();
+    let r3 = three.reservation("bench");
+    g.bench_function("three_level_pool_with_limit", |b| {
+        b.iter(|| {
+            r3.try_grow(black_box(64)).unwrap();
+            r3.shrink(black_box(64)).unwrap();
+        })
+    });
+    // Two threads on one manager (same root, separate leaves): time per pair on this thread
+    // while another thread hammers the same manager.
+    g.bench_function("two_threads_one_manager", |b| {
+        b.iter_custom(|iters| {
+            let other = m.pool("other").unwrap().reservation("other");
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let s2 = stop.clone();
+            let h = std::thread::spawn(move || {
+                while !s2.load(Ordering::Relaxed) {
+                    for _ in 0..1000 {
+                        other.try_grow(64).unwrap();
+                        other.shrink(64).unwrap();
+                    }
+                }
+            });
+            let start = Instant::now();
+            for _ in 0..iters {
+                r1.try_grow(black_box(64)).unwrap();
+                r1.shrink(black_box(64)).unwrap();
+            }
+            let t = start.elapsed();
+            stop.store(true, Ordering::Relaxed);
+            h.join().unwrap();
+            t
+        })
+    });
+    g.finish();
+}
+
+fn allocate_free(c: &mut Criterion) {
+    let mut g = c.benchmark_group("allocate_free");
+    let m = manager();
+    let pool = m.pool("alloc").unwrap();
+    // Pre-reserve so the listener is out of the picture, as in steady state.
+    let warm = pool.reservation("warm");
+    warm.try_grow(4 << 20).unwrap();
+    drop(warm);
+    for size in [64usize, 4 << 10, 64 << 10, 1 << 20] {
+        let layout = Layout::from_size_align(size, 16).unwrap();
+        g.bench_with_input(BenchmarkId::new("system", size), &size, |b, _| {
+            b.iter(|| {
+                // SAFETY: non-zero size, valid alignment; freed right after with the same layout.
+                unsafe {
+                    let p = std::alloc::alloc(layout);
+                    black_box(p);
+                    std::alloc::dealloc(p, layout);
+                }
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("nativemem", size), &size, |b, &size| {
+            b.iter(|| {
+                let p = pool.allocate(size, 16).unwrap();
+                black_box(p);
+                pool.free(p).unwrap();
+            })
+        });
+    }
+    g.finish();
+}
+
+fn config() -> Criterion {
+    let quick = std::env::var_os("NATIVEMEM_BENCH_QUICK").is_some();
+    let c = Criterion::default().without_plots();
+    if quick {
+        c.warm_up_time(Duration::from_millis(100))
+            .measurement_time(Duration::from_millis(300))
+            .sample_size(10)
+    } else {
+        c.warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(2))
+    }
+}
+
+criterion_group! { name = benches; config = config(); targets = grow_shrink, allocate_free }
+criterion_main!(benches);
