@@ -14,15 +14,17 @@
 //! - allocations made with [`Pool::allocate`], which the manager tracks so [`MemoryManager::close`]
 //!   frees what an operator leaked and reports it ([`LeakReport`]);
 //! - registered [`Spiller`]s, native consumers that can free memory on request;
-//! - the *cushion*: bytes reserved from the [`ReservationListener`] (the JVM) but not yet used.
+//! - the *cushion*: bytes reserved from the [`ReservationListener`] (the JVM) but not yet used,
+//!   i.e. `reserved - root.used` (not a counter of its own).
 //!
 //! ```text
-//!  operator ──try_grow(n)──▶ Pool leaf ─▶ … ─▶ root      (1) charge every level, CAS against
-//!                                                          limits; roll back all on refusal
+//!  operator ──try_grow(n)──▶ Pool leaf ─▶ … ─▶ root      (1) charge every level (one RMW each,
+//!                                                          a CAS loop where there is a limit);
+//!                                                          roll back all on refusal
 //!                               │
 //!                               ▼
-//!                         cushion -= n                   (2) one atomic RMW; if still >= 0: done,
-//!                               │ < 0                        no listener call (the fast path)
+//!                   root.used <= reserved ?              (2) one load; if yes: done, no listener
+//!                               │ no                         call (the fast path)
 //!                               ▼
 //!                listener.reserve(k * block)             (3) one JVM upcall per block (8 MiB),
 //!                               │ granted < needed           Spark may spill others for it
@@ -37,9 +39,12 @@
 //!
 //! ## Why atomics where
 //! The grow/shrink fast path is lock-free: a charge is one RMW per pool level (a CAS loop where
-//! the level has a limit, a `fetch_add` where it has none) plus one `fetch_sub` on the cushion.
-//! Two RMWs (≈10 ns) is the floor of a grow/shrink pair on a one-level pool; a mutex would add a
-//! lock/unlock pair and serialize the task's threads. Locks are used only off the fast path: the
+//! the level has a limit, a `fetch_add` where it has none), one load of `reserved`, and one RMW on
+//! the reservation's own size. There is no separate cushion counter: bytes handed back to the
+//! listener are first *claimed* on the root counter like a grow, and unclaimed only after
+//! `reserved` went down, so "my new root value <= reserved" is a sufficient check for a grow
+//! whatever a concurrent release does (see `Inner::grow`). A mutex would add a lock/unlock pair
+//! and serialize the task's threads. Locks are used only off the fast path: the
 //! pool tree's child lists (pool creation), the reservation registry (reservation creation and
 //! drop), the spiller registry (register, and copying the list at spill time) and the sharded
 //! table of live allocations (one short lock per allocate/free, which the manager needs to free
