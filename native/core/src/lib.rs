@@ -84,6 +84,7 @@ mod pool;
 mod report;
 mod reservation;
 mod spill;
+mod sync;
 mod units;
 
 pub use config::{MemoryConfig, DEFAULT_RESERVATION_BLOCK_BYTES};

@@ -1,6 +1,6 @@
 //! The bridge to whoever owns the memory budget (in Spark: a `MemoryConsumer`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Ordering};
 
 use crate::error::ListenerError;
 

@@ -1,13 +1,13 @@
 //! The per-task memory manager: the cushion of reserved bytes, growth and release, spill
 //! orchestration, allocation and close. See the crate docs for the design.
 
+use crate::sync::{AtomicBool, AtomicU64, Ordering};
 use std::alloc::Layout;
 use std::collections::HashMap;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 
 use crate::alloc::{AllocMeta, AllocTable};
 use crate::config::MemoryConfig;
@@ -18,6 +18,11 @@ use crate::report::{ConsumerUsage, LeakKind, LeakReport, PoolUsage, UsageReport}
 use crate::reservation::ConsumerState;
 use crate::spill::SpillerRegistry;
 use crate::units::human;
+
+/// How often a grow refused at the root retries while surplus is being handed back (a claim
+/// occupies the root for the length of one `unreserve` upcall). Small under loom, whose atomics
+/// keep a short history.
+const CLAIM_RETRIES: u32 = if cfg!(loom) { 2 } else { 1000 };
 
 /// Largest single request accepted, bytes (keeps every sum of counters far from overflow).
 pub const MAX_REQUEST_BYTES: u64 = 1 << 62;
@@ -292,11 +297,11 @@ impl Inner {
                 Err(refusal) => {
                     if refusal.node.parent.is_none()
                         && self.claims.load(Ordering::SeqCst) > 0
-                        && claim_retries < 1000
+                        && claim_retries < CLAIM_RETRIES
                     {
                         // Surplus being handed back occupies the root for a moment; not a refusal.
                         claim_retries += 1;
-                        std::thread::yield_now();
+                        crate::sync::yield_now();
                         continue;
                     }
                     let limit = refusal.node.limit.unwrap_or(u64::MAX);

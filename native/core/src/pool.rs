@@ -12,11 +12,11 @@
 //! RMW here is `SeqCst`-capable: the charge/uncharge use `SeqCst`, which on x86 is the same
 //! locked instruction as `Relaxed`.
 
+use crate::sync::{AtomicU64, Ordering};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 
 use crate::error::{MemoryError, Result};
 use crate::manager::Inner;
@@ -157,7 +157,7 @@ impl PoolNode {
                         Some(new) if new <= limit => {}
                         _ => return Err(cur),
                     }
-                    match self.used.compare_exchange_weak(
+                    match self.used.compare_exchange(
                         cur,
                         cur + bytes,
                         Ordering::SeqCst,

@@ -1,6 +1,6 @@
 //! RAII reservations: accounting-only claims on a pool, released on drop.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{MemoryError, Result};
@@ -114,7 +114,7 @@ impl Reservation {
                     human(cur)
                 )));
             }
-            match self.state.size.compare_exchange_weak(
+            match self.state.size.compare_exchange(
                 cur,
                 cur - bytes,
                 Ordering::AcqRel,

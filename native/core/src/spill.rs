@@ -11,10 +11,10 @@
 //! spiller that is already spilling (re-entered through a grow it makes while spilling, or asked
 //! by another thread at the same time) is skipped rather than called twice.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use crate::sync::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 
 use crate::error::{MemoryError, Result};
 use crate::manager::Inner;
