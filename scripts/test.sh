@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# The one test command (README, .ci/run). Runs every suite, keeps going after a failure, prints
+# each suite's time, and ends with the line "N passed, N failed"; exits non-zero if any failed.
+#
+# Suites, in order:
+#   cargo-fmt       cargo fmt --all -- --check
+#   cargo-clippy    cargo clippy --workspace --all-targets -- -D warnings
+#   cargo-test      cargo test --workspace
+#   cargo-loom      loom model check of the core (RUSTFLAGS="--cfg loom")
+#   gradle          gradle cleanTest test assemble: JUnit tests (tests/java) + build/libs/*.jar
+#   e2e:<name>@<v>  every line of tests/spark/tests.txt on Spark <v> in 3.5 4.0
+#                   (scripts/spark-submit.sh <v> ... build/libs/nativemem-e2e.jar)
+#
+#   scripts/test.sh                  everything
+#   scripts/test.sh 'e2e:*@4.0' ...  only suites whose name matches one of the glob patterns
+#                                    (e2e suites then use the jars already in build/libs)
+#
+# Environment: CI=true (plain output, no colours), SPARK_VERSIONS (default "3.5 4.0"),
+# E2E_TIMEOUT (seconds per Spark run, default 300), SUITE_TIMEOUT (other suites, default 1500).
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+patterns=("$@")
+SPARK_VERSIONS="${SPARK_VERSIONS:-3.5 4.0}"
+E2E_TIMEOUT="${E2E_TIMEOUT:-300}"
+SUITE_TIMEOUT="${SUITE_TIMEOUT:-1500}"
+
+if [ "${CI:-}" = true ] || [ ! -t 1 ]; then
+  color=never
+  export CARGO_TERM_COLOR=never NO_COLOR=1 TERM="${TERM:-dumb}"
+  bold="" red="" green="" reset=""
+else
+  color=always
+  bold=$'\e[1m' red=$'\e[31m' green=$'\e[32m' reset=$'\e[0m'
+fi
+
+export GRADLE_USER_HOME="${GRADLE_USER_HOME:-$ROOT/.cache/gradle}"
+GRADLE=(gradle --offline --no-daemon --console=plain)
+
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1fs", b - a }'; }
+
+# In a terminal, --foreground lets Ctrl-C reach the suite; in CI, timeout's own process group lets
+# a timeout kill the whole suite (rustc, Gradle's test JVM, Spark's executors).
+if [ -t 0 ]; then timeout_opts=(--foreground); else timeout_opts=(); fi
+
+names=() results=() times=()
+last_rc=0
+passed=0 failed=0
+
+selected() { # suite name
+  [ ${#patterns[@]} -eq 0 ] && return 0
+  local p
+  for p in "${patterns[@]}"; do
+    # shellcheck disable=SC2053  # glob match on purpose
+    [[ "$1" == $p ]] && return 0
+  done
+  return 1
+}
+
+record() { # name status(0=pass) start
+  local t; t="$(elapsed "$3" "$(now)")"
+  names+=("$1"); times+=("$t")
+  if [ "$2" -eq 0 ]; then
+    results+=(PASS); passed=$((passed + 1))
+    echo "${green}--- PASS $1 ($t)${reset}"
+  else
+    results+=(FAIL); failed=$((failed + 1))
+    echo "${red}--- FAIL $1 ($t, exit $2)${reset}"
+  fi
+}
+
+run_suite() { # name timeout command...
+  local name="$1" limit="$2"; shift 2
+  last_rc=0
+  selected "$name" || return 0
+  echo
+  echo "${bold}=== $name${reset}: $*"
+  local start; start="$(now)"
+  timeout "${timeout_opts[@]}" -k 30 "$limit" "$@"
+  last_rc=$?
+  [ "$last_rc" -eq 124 ] && echo "test.sh: $name timed out after ${limit}s"
+  record "$name" "$last_rc" "$start"
+}
+
+summary() {
+  echo
+  echo "${bold}=== summary${reset}"
+  local i
+  for i in "${!names[@]}"; do
+    printf '%s %-40s %8s\n' "${results[$i]}" "${names[$i]}" "${times[$i]}"
+  done
+  printf 'total %s\n' "$(elapsed "$t0" "$(now)")"
+  echo "$passed passed, $failed failed"
+}
+
+t0="$(now)"
+echo "${bold}=== setup${reset}"
+if ! bash scripts/setup.sh; then
+  start="$(now)"; record setup 1 "$start"; summary; exit 1
+fi
+
+# ---- Rust ------------------------------------------------------------------------------------------
+run_suite cargo-fmt "$SUITE_TIMEOUT" cargo fmt --all -- --check --color "$color"
+run_suite cargo-clippy "$SUITE_TIMEOUT" cargo clippy --workspace --all-targets --color "$color" -- -D warnings
+run_suite cargo-test "$SUITE_TIMEOUT" cargo test --workspace --color "$color"
+# Model check of the core's lock-free paths (native/core/tests/loom.rs); its own target dir so the
+# --cfg loom build does not invalidate the normal one.
+run_suite cargo-loom "$SUITE_TIMEOUT" env RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 \
+  cargo test -p nativemem-core --test loom --release --target-dir target/loom --color "$color"
+
+# ---- JVM: JUnit tests and jars ---------------------------------------------------------------------
+# No stale jars: if the build fails, the e2e runs must fail rather than test old code.
+selected gradle && rm -f build/libs/nativemem.jar build/libs/nativemem-e2e.jar
+run_suite gradle "$SUITE_TIMEOUT" "${GRADLE[@]}" --continue cleanTest test assemble
+
+# ---- Spark end-to-end: tests/spark/tests.txt x SPARK_VERSIONS ------------------------------------------
+spark_home() { echo "$ROOT/.cache/spark-$1/pyspark"; }
+for v in $SPARK_VERSIONS; do   # executor work dirs of earlier runs (local-cluster)
+  rm -rf "$(spark_home "$v")/work"
+done
+marker="$(mktemp)"; trap 'rm -f "$marker"' EXIT
+mapfile -t e2e_lines < <(sed -e 's/\r$//' tests/spark/tests.txt)
+for line in ${e2e_lines[@]+"${e2e_lines[@]}"}; do
+  read -r -a f <<<"$line"
+  [ ${#f[@]} -eq 0 ] && continue
+  case "${f[0]}" in \#*) continue ;; esac
+  if [ ${#f[@]} -lt 3 ]; then
+    echo "test.sh: bad line in tests/spark/tests.txt: ${f[*]}"; failed=$((failed + 1))
+    names+=("tests.txt"); results+=(FAIL); times+=("0.0s"); continue
+  fi
+  name="${f[0]}" cls="${f[1]}" master="${f[2]}"
+  confs=() app_args=()
+  for ((i = 3; i < ${#f[@]}; i++)); do
+    if [ "${f[$i]}" = "--" ]; then app_args=("${f[@]:$((i + 1))}"); break; fi
+    confs+=(--conf "${f[$i]}")
+  done
+  for v in $SPARK_VERSIONS; do
+    touch "$marker"
+    run_suite "e2e:$name@$v" "$E2E_TIMEOUT" bash scripts/spark-submit.sh "$v" --master "$master" \
+      ${confs[@]+"${confs[@]}"} --class "$cls" build/libs/nativemem-e2e.jar ${app_args[@]+"${app_args[@]}"}
+    if [ "$last_rc" -ne 0 ] && [ -d "$(spark_home "$v")/work" ]; then
+      # local-cluster executors log to files: show what they said.
+      find "$(spark_home "$v")/work" -name stderr -newer "$marker" | sort | while read -r log; do
+        echo "--- executor log ${log#"$ROOT"/} (last 60 lines)"
+        tail -n 60 "$log"
+      done
+    fi
+  done
+done
+
+summary
+[ "$failed" -eq 0 ]
