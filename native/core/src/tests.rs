@@ -621,9 +621,15 @@ impl Spiller for ShrinkingSpiller {
         self.res.size()
     }
     fn spill(&self, target: u64) -> Result<u64> {
-        let give = target.min(self.res.size());
-        self.res.shrink(give)?;
-        Ok(give)
+        // The owner thread may shrink concurrently: retry with the size seen now.
+        loop {
+            let give = target.min(self.res.size());
+            match self.res.shrink(give) {
+                Ok(()) => return Ok(give),
+                Err(MemoryError::InvalidArgument(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
