@@ -19,6 +19,9 @@ const SHARDS: usize = 16;
 /// What the manager remembers of one allocation.
 pub(crate) struct AllocMeta {
     pub(crate) layout: Layout,
+    /// Owned by an [`Allocation`](crate::Allocation) value, which frees the memory on drop:
+    /// `close` releases its accounting but must not free it, and `Pool::free` must refuse it.
+    pub(crate) owned: bool,
     /// The pool charged. A plain pointer, not an `Arc`: cloning an `Arc` per allocation would add
     /// two contended RMWs to every allocate/free.
     node: NodePtr,
@@ -31,9 +34,10 @@ struct NodePtr(*const PoolNode);
 unsafe impl Send for NodePtr {}
 
 impl AllocMeta {
-    pub(crate) fn new(layout: Layout, node: &Arc<PoolNode>) -> AllocMeta {
+    pub(crate) fn new(layout: Layout, node: &Arc<PoolNode>, owned: bool) -> AllocMeta {
         AllocMeta {
             layout,
+            owned,
             node: NodePtr(Arc::as_ptr(node)),
         }
     }

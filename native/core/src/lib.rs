@@ -11,8 +11,10 @@
 //!   limit is [`MemoryConfig::task_limit`];
 //! - [`Reservation`]s: RAII, accounting-only claims on a pool (`try_grow` / `shrink` /
 //!   `try_resize` / `free`, released on drop);
-//! - allocations made with [`Pool::allocate`], which the manager tracks so [`MemoryManager::close`]
-//!   frees what an operator leaked and reports it ([`LeakReport`]);
+//! - allocations made with [`Pool::allocate`] (raw, C-style), which the manager tracks so
+//!   [`MemoryManager::close`] frees what an operator leaked and reports it ([`LeakReport`]), and
+//!   with [`Pool::allocate_owned`] ([`Allocation`], RAII: close releases its accounting but never
+//!   frees memory its owner can still use);
 //! - registered [`Spiller`]s, native consumers that can free memory on request;
 //! - the *cushion*: bytes reserved from the [`ReservationListener`] (the JVM) but not yet used,
 //!   i.e. `reserved - root.used` (not a counter of its own).
@@ -91,7 +93,7 @@ pub use config::{MemoryConfig, DEFAULT_RESERVATION_BLOCK_BYTES};
 pub use error::{ListenerError, MemoryError, OomReason, OutOfMemory, Result};
 pub use listener::{CapacityListener, ReservationListener};
 pub use manager::{ManagerStats, MemoryManager, MAX_REQUEST_BYTES};
-pub use pool::Pool;
+pub use pool::{Allocation, Pool};
 pub use report::{ConsumerUsage, Leak, LeakKind, LeakReport, PoolUsage, UsageReport};
 pub use reservation::Reservation;
 pub use spill::{Spiller, SpillerRegistration};

@@ -519,12 +519,15 @@ impl Inner {
         Ok(outcome.freed)
     }
 
+    /// Allocates and records a block charged to `node`; `owned` blocks belong to an
+    /// [`Allocation`](crate::Allocation) value (see `AllocMeta::owned`).
     pub(crate) fn allocate(
         &self,
         node: &Arc<PoolNode>,
         size: usize,
         align: usize,
-    ) -> Result<NonNull<u8>> {
+        owned: bool,
+    ) -> Result<(NonNull<u8>, Layout)> {
         let layout = Layout::from_size_align(size, align).map_err(|_| {
             MemoryError::InvalidArgument(format!(
                 "cannot allocate {size} bytes aligned to {align}: alignment must be a power of two and the size fit in isize"
@@ -546,8 +549,8 @@ impl Inner {
             return Err(self.oom("allocations", node, size as u64, OomReason::SystemAllocator));
         };
         self.allocs
-            .insert(ptr.as_ptr() as usize, AllocMeta::new(layout, node));
-        Ok(ptr)
+            .insert(ptr.as_ptr() as usize, AllocMeta::new(layout, node, owned));
+        Ok((ptr, layout))
     }
 
     pub(crate) fn free(&self, ptr: NonNull<u8>) -> Result<usize> {
@@ -559,12 +562,32 @@ impl Inner {
                 addr,
                 manager: self.name.clone(),
             })?;
+        if meta.owned {
+            self.allocs.insert(addr, meta);
+            return Err(MemoryError::InvalidArgument(format!(
+                "pointer {addr:#x} belongs to an Allocation value, which frees it when dropped"
+            )));
+        }
         // SAFETY: the pointer was returned by `std::alloc::alloc(meta.layout)` in `allocate` and
         // was still in the live table, which we just removed it from, so it is freed exactly once.
         unsafe { std::alloc::dealloc(ptr.as_ptr(), meta.layout) };
         let size = meta.layout.size() as u64;
         self.release(meta.node(), size)?;
         Ok(size as usize)
+    }
+
+    /// Frees the block of a dropped [`Allocation`](crate::Allocation). If `close` already
+    /// released its accounting (the entry is gone), only the memory is freed.
+    pub(crate) fn free_owned(&self, ptr: NonNull<u8>, layout: Layout) {
+        let meta = self.allocs.remove(ptr.as_ptr() as usize);
+        // SAFETY: `ptr` came from `std::alloc::alloc(layout)` in `allocate` and is owned by the
+        // `Allocation` being dropped, the only code that frees owned blocks.
+        unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) };
+        if let Some(meta) = meta {
+            if let Err(e) = self.release(meta.node(), layout.size() as u64) {
+                log::warn!("[{}] freeing an allocation: {e}", self.name);
+            }
+        }
     }
 
     fn oom(&self, consumer: &str, node: &PoolNode, bytes: u64, reason: OomReason) -> MemoryError {
@@ -648,11 +671,22 @@ impl Inner {
         }
         self.spillers.clear();
         for (addr, meta) in self.allocs.drain() {
-            // SAFETY: every table entry is a live block from `std::alloc::alloc(meta.layout)`;
-            // draining removed it, so no `free` can find and free it again.
-            unsafe { std::alloc::dealloc(addr as *mut u8, meta.layout) };
             let size = meta.layout.size() as u64;
             meta.node().uncharge(size);
+            if meta.owned {
+                // Its `Allocation` value still owns the memory and frees it when dropped.
+                report.add(
+                    LeakKind::HeldAllocation,
+                    "allocations",
+                    &meta.node().path,
+                    size,
+                );
+                continue;
+            }
+            // SAFETY: every unowned table entry is a live block from
+            // `std::alloc::alloc(meta.layout)`; draining removed it, so no `free` can find and
+            // free it again.
+            unsafe { std::alloc::dealloc(addr as *mut u8, meta.layout) };
             report.add(LeakKind::Allocation, "allocations", &meta.node().path, size);
         }
         let consumers: Vec<Arc<ConsumerState>> = self.consumers.lock().values().cloned().collect();

@@ -185,6 +185,61 @@ impl PoolNode {
     }
 }
 
+/// A block of memory charged to a pool, freed when dropped (like a `Box<[MaybeUninit<u8>]>`).
+///
+/// The memory is uninitialized when allocated. The value owns it exclusively, so safe code can
+/// use it through `&mut self`; closing the manager never frees it under the owner.
+pub struct Allocation {
+    ptr: NonNull<u8>,
+    layout: std::alloc::Layout,
+    mgr: Arc<Inner>,
+}
+
+// SAFETY: an `Allocation` owns its block exclusively, like a `Box<[u8]>`; the manager it points to
+// is `Send + Sync`.
+unsafe impl Send for Allocation {}
+// SAFETY: `&Allocation` only exposes the pointer value and the size; writing requires `&mut`.
+unsafe impl Sync for Allocation {}
+
+impl Allocation {
+    /// Start of the block (aligned as asked).
+    pub fn as_ptr(&self) -> NonNull<u8> {
+        self.ptr
+    }
+
+    /// Size of the block in bytes.
+    pub fn len(&self) -> usize {
+        self.layout.size()
+    }
+
+    /// Always false: zero-sized allocations are refused.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The block as bytes that may be uninitialized.
+    pub fn as_uninit_mut(&mut self) -> &mut [std::mem::MaybeUninit<u8>] {
+        // SAFETY: the block is `len` bytes, owned exclusively by `self` (borrowed mutably here),
+        // and valid until `self` is dropped; `MaybeUninit` makes no claim about its contents.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast(), self.layout.size()) }
+    }
+}
+
+impl std::fmt::Debug for Allocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Allocation")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        self.mgr.free_owned(self.ptr, self.layout);
+    }
+}
+
 /// A handle on one pool of a manager. Cheap to clone; `Send + Sync`.
 ///
 /// Memory is taken from a pool either as a [`Reservation`] (accounting only: the caller allocates
@@ -269,8 +324,23 @@ impl Pool {
     /// Allocates `size` bytes aligned to `align` (a power of two), charged to this pool. The
     /// memory is uninitialized. Free it with [`Pool::free`] (through any pool of the manager);
     /// whatever is still live when the manager closes is freed then and reported as leaked.
+    ///
+    /// This is the C-style interface (for FFI and operators that manage raw blocks); in Rust
+    /// prefer [`Pool::allocate_owned`], whose memory is never freed under its owner.
     pub fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
-        self.mgr.allocate(&self.node, size, align)
+        Ok(self.mgr.allocate(&self.node, size, align, false)?.0)
+    }
+
+    /// Allocates like [`Pool::allocate`] but returns an owning [`Allocation`] that frees the
+    /// memory when dropped. If the manager closes first, the allocation's bytes are released from
+    /// the accounting (and reported), but the memory stays valid until the value is dropped.
+    pub fn allocate_owned(&self, size: usize, align: usize) -> Result<Allocation> {
+        let (ptr, layout) = self.mgr.allocate(&self.node, size, align, true)?;
+        Ok(Allocation {
+            ptr,
+            layout,
+            mgr: self.mgr.clone(),
+        })
     }
 
     /// Frees an allocation of this manager; returns its size in bytes. A pointer the manager does

@@ -126,6 +126,9 @@ pub enum LeakKind {
     Allocation,
     /// A reservation still holding bytes at close; the manager released them.
     Reservation,
+    /// [`Allocation`](crate::Allocation) values still alive at close: their accounting was
+    /// released; their memory is freed when they are dropped.
+    HeldAllocation,
 }
 
 /// One entry of a [`LeakReport`].
@@ -199,6 +202,13 @@ impl fmt::Display for LeakReport {
                 LeakKind::Allocation => write!(
                     f,
                     "\n  {} allocation(s) in {}: {}",
+                    l.count,
+                    l.pool,
+                    human(l.bytes)
+                )?,
+                LeakKind::HeldAllocation => write!(
+                    f,
+                    "\n  {} allocation(s) in {} still held by their owner (accounting released): {}",
                     l.count,
                     l.pool,
                     human(l.bytes)

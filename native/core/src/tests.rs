@@ -837,3 +837,36 @@ mod model {
         }
     }
 }
+
+#[test]
+fn owned_allocations_free_on_drop_and_survive_close() {
+    let (m, l) = unlimited();
+    let p = m.pool("buf").unwrap();
+    let mut a = p.allocate_owned(4096, 64).unwrap();
+    assert_eq!(a.len(), 4096);
+    assert_eq!(a.as_ptr().as_ptr() as usize % 64, 0);
+    a.as_uninit_mut().fill(std::mem::MaybeUninit::new(1));
+    assert_eq!((p.used(), m.stats().live_allocations), (4096, 1));
+    // A raw free of an owned block is refused: the owner frees it.
+    assert!(matches!(
+        p.free(a.as_ptr()),
+        Err(MemoryError::InvalidArgument(_))
+    ));
+    assert_eq!(p.used(), 4096);
+    drop(a);
+    assert_eq!((p.used(), m.stats().live_allocations), (0, 0));
+
+    let mut held = p.allocate_owned(1000, 8).unwrap();
+    let report = m.close().unwrap();
+    assert!(
+        report
+            .to_string()
+            .contains("1 allocation(s) in root/buf still held by their owner"),
+        "{report}"
+    );
+    assert_eq!((m.used(), l.reserved()), (0, 0));
+    // Still valid memory after close; freed on drop without touching the accounting again.
+    held.as_uninit_mut().fill(std::mem::MaybeUninit::new(2));
+    drop(held);
+    assert_eq!((m.used(), l.reserved()), (0, 0));
+}
