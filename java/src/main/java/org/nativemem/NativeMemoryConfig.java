@@ -1,0 +1,151 @@
+package org.nativemem;
+
+import java.util.OptionalLong;
+
+/**
+ * Immutable configuration of a {@link NativeMemoryManager}. Start from {@link #defaults()} and
+ * derive copies:
+ *
+ * <pre>{@code
+ * NativeMemoryConfig config = NativeMemoryConfig.defaults()
+ *     .withReservationBlockSize(16L << 20)   // ask the listener for 16 MiB at a time
+ *     .withTaskLimit(2L << 30);              // never use more than 2 GiB natively
+ * }</pre>
+ *
+ * Every {@code with...} method validates its argument and throws
+ * {@link IllegalArgumentException} for a value the native manager would refuse, so a config
+ * that exists is a config {@link NativeMemoryManager#create} accepts. Instances are immutable and
+ * thread-safe.
+ */
+public final class NativeMemoryConfig {
+    /** Default reservation block: 8 MiB, so at most 128 listener calls per GiB grown. */
+    public static final long DEFAULT_RESERVATION_BLOCK_BYTES = 8L << 20;
+    /** Largest reservation block accepted: 2^62 bytes. */
+    public static final long MAX_RESERVATION_BLOCK_BYTES = 1L << 62;
+    /** Default time {@link NativeMemoryManager#close()} waits for calls in progress: 10 s. */
+    public static final long DEFAULT_CLOSE_TIMEOUT_MILLIS = 10_000L;
+
+    private static final long NO_LIMIT = -1L;
+    private static final NativeMemoryConfig DEFAULTS =
+            new NativeMemoryConfig(DEFAULT_RESERVATION_BLOCK_BYTES, NO_LIMIT, DEFAULT_CLOSE_TIMEOUT_MILLIS);
+
+    private final long reservationBlockBytes;
+    private final long taskLimitBytes;
+    private final long closeTimeoutMillis;
+
+    private NativeMemoryConfig(long reservationBlockBytes, long taskLimitBytes, long closeTimeoutMillis) {
+        this.reservationBlockBytes = reservationBlockBytes;
+        this.taskLimitBytes = taskLimitBytes;
+        this.closeTimeoutMillis = closeTimeoutMillis;
+    }
+
+    /**
+     * @return the defaults: 8 MiB blocks, no task limit, 10 s close timeout
+     */
+    public static NativeMemoryConfig defaults() {
+        return DEFAULTS;
+    }
+
+    /**
+     * Sets the unit in which the manager asks the {@link ReservationListener} for memory.
+     * Larger blocks mean fewer JVM calls and more memory reserved ahead of use.
+     *
+     * @param bytes block size in bytes, from 1 to {@link #MAX_RESERVATION_BLOCK_BYTES}
+     * @return a copy with the block size set
+     * @throws IllegalArgumentException if {@code bytes} is out of range
+     */
+    public NativeMemoryConfig withReservationBlockSize(long bytes) {
+        if (bytes <= 0 || bytes > MAX_RESERVATION_BLOCK_BYTES) {
+            throw new IllegalArgumentException("reservation block size must be between 1 and "
+                    + MAX_RESERVATION_BLOCK_BYTES + " bytes, got " + bytes);
+        }
+        return new NativeMemoryConfig(bytes, taskLimitBytes, closeTimeoutMillis);
+    }
+
+    /**
+     * Sets an upper bound on the bytes the task may use natively, enforced by the root pool
+     * whatever the listener would grant. A request beyond it (after spilling) fails with
+     * {@link NativeOutOfMemoryException}.
+     *
+     * @param bytes the limit in bytes, {@code >= 0}
+     * @return a copy with the task limit set
+     * @throws IllegalArgumentException if {@code bytes} is negative
+     */
+    public NativeMemoryConfig withTaskLimit(long bytes) {
+        if (bytes < 0) {
+            throw new IllegalArgumentException("task limit must be >= 0 bytes, got " + bytes);
+        }
+        return new NativeMemoryConfig(reservationBlockBytes, bytes, closeTimeoutMillis);
+    }
+
+    /**
+     * @return a copy without a task limit (only the listener bounds the memory)
+     */
+    public NativeMemoryConfig withoutTaskLimit() {
+        return new NativeMemoryConfig(reservationBlockBytes, NO_LIMIT, closeTimeoutMillis);
+    }
+
+    /**
+     * Sets how long {@link NativeMemoryManager#close()} waits for calls still running on other
+     * threads before it gives up waiting (the memory is then freed when the last of those calls
+     * returns, never under it).
+     *
+     * @param millis the timeout in milliseconds, {@code >= 0}
+     * @return a copy with the close timeout set
+     * @throws IllegalArgumentException if {@code millis} is negative
+     */
+    public NativeMemoryConfig withCloseTimeoutMillis(long millis) {
+        if (millis < 0) {
+            throw new IllegalArgumentException("close timeout must be >= 0 ms, got " + millis);
+        }
+        return new NativeMemoryConfig(reservationBlockBytes, taskLimitBytes, millis);
+    }
+
+    /** @return the reservation block size in bytes */
+    public long reservationBlockSize() {
+        return reservationBlockBytes;
+    }
+
+    /** @return the task limit in bytes, or empty for none */
+    public OptionalLong taskLimit() {
+        return taskLimitBytes == NO_LIMIT ? OptionalLong.empty() : OptionalLong.of(taskLimitBytes);
+    }
+
+    /** @return the close timeout in milliseconds */
+    public long closeTimeoutMillis() {
+        return closeTimeoutMillis;
+    }
+
+    /** The task limit as the native library takes it: -1 for none. */
+    long taskLimitOrMinusOne() {
+        return taskLimitBytes;
+    }
+
+    @Override
+    public boolean equals(Object o) {
+        if (this == o) {
+            return true;
+        }
+        if (!(o instanceof NativeMemoryConfig)) {
+            return false;
+        }
+        NativeMemoryConfig other = (NativeMemoryConfig) o;
+        return reservationBlockBytes == other.reservationBlockBytes
+                && taskLimitBytes == other.taskLimitBytes
+                && closeTimeoutMillis == other.closeTimeoutMillis;
+    }
+
+    @Override
+    public int hashCode() {
+        int h = Long.hashCode(reservationBlockBytes);
+        h = 31 * h + Long.hashCode(taskLimitBytes);
+        return 31 * h + Long.hashCode(closeTimeoutMillis);
+    }
+
+    @Override
+    public String toString() {
+        return "NativeMemoryConfig{reservationBlockSize=" + reservationBlockBytes
+                + ", taskLimit=" + (taskLimitBytes == NO_LIMIT ? "none" : Long.toString(taskLimitBytes))
+                + ", closeTimeoutMillis=" + closeTimeoutMillis + "}";
+    }
+}

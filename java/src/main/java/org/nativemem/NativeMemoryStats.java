@@ -1,0 +1,88 @@
+package org.nativemem;
+
+/**
+ * An immutable snapshot of a {@link NativeMemoryManager}'s counters, taken by
+ * {@link NativeMemoryManager#stats()}. All sizes are in bytes. The values are read one after the
+ * other without stopping the manager, so under concurrent use they may be a few operations
+ * apart (e.g. {@code used} a little above {@code reserved} for an instant).
+ */
+public final class NativeMemoryStats {
+    /** Number of values {@link NativeMemoryManager} reads from the native library. */
+    static final int FIELDS = 8;
+
+    private final long usedBytes;
+    private final long peakBytes;
+    private final long reservedBytes;
+    private final long spillCount;
+    private final long spilledBytes;
+    private final long reserveCalls;
+    private final long unreserveCalls;
+    private final long liveAllocations;
+
+    private NativeMemoryStats(long[] v) {
+        this.usedBytes = v[0];
+        this.peakBytes = v[1];
+        this.reservedBytes = v[2];
+        this.spillCount = v[3];
+        this.spilledBytes = v[4];
+        this.reserveCalls = v[5];
+        this.unreserveCalls = v[6];
+        this.liveAllocations = v[7];
+    }
+
+    static NativeMemoryStats fromArray(long[] values) {
+        if (values == null || values.length != FIELDS) {
+            throw new NativeMemoryException("native stats returned "
+                    + (values == null ? "null" : values.length + " values") + ", expected " + FIELDS);
+        }
+        return new NativeMemoryStats(values);
+    }
+
+    /** @return bytes used by the task now (all pools) */
+    public long usedBytes() {
+        return usedBytes;
+    }
+
+    /** @return the highest {@link #usedBytes()} seen */
+    public long peakBytes() {
+        return peakBytes;
+    }
+
+    /** @return bytes reserved from the {@link ReservationListener} and not given back */
+    public long reservedBytes() {
+        return reservedBytes;
+    }
+
+    /** @return number of native spiller calls that freed memory */
+    public long spillCount() {
+        return spillCount;
+    }
+
+    /** @return bytes those spills freed */
+    public long spilledBytes() {
+        return spilledBytes;
+    }
+
+    /** @return number of {@link ReservationListener#reserve(long)} calls */
+    public long reserveCalls() {
+        return reserveCalls;
+    }
+
+    /** @return number of {@link ReservationListener#unreserve(long)} calls */
+    public long unreserveCalls() {
+        return unreserveCalls;
+    }
+
+    /** @return native allocations made through the manager and not freed yet */
+    public long liveAllocations() {
+        return liveAllocations;
+    }
+
+    @Override
+    public String toString() {
+        return "NativeMemoryStats{used=" + usedBytes + ", peak=" + peakBytes + ", reserved=" + reservedBytes
+                + ", spillCount=" + spillCount + ", spilledBytes=" + spilledBytes
+                + ", reserveCalls=" + reserveCalls + ", unreserveCalls=" + unreserveCalls
+                + ", liveAllocations=" + liveAllocations + "}";
+    }
+}

@@ -1,0 +1,155 @@
+package org.nativemem;
+
+import java.util.concurrent.atomic.AtomicBoolean;
+
+/**
+ * A claim of bytes on a pool of a {@link NativeMemoryManager}, for memory JVM code owns (Arrow
+ * or Netty off-heap buffers, direct byte buffers): {@link #grow(long)} before allocating,
+ * {@link #shrink(long)} after freeing, {@link #close()} when done. The bytes count against the
+ * pool's and the task's limits and the listener's budget exactly like native memory.
+ *
+ * <p>Created by {@link NativeMemoryManager#reserve(String, long)}. Thread-safe. Failing calls
+ * change nothing: a refused grow leaves the size as it was, shrinking by more than is held is
+ * an {@link IllegalArgumentException}. After {@link #close()}, or after the manager is closed,
+ * every method but {@code close}, {@link #isClosed()} and the getters throws
+ * {@link IllegalStateException}.
+ */
+public final class NativeReservation implements AutoCloseable {
+    private final NativeMemoryManager manager;
+    private final long handle;
+    private final String poolPath;
+    private final String consumer;
+    private final AtomicBoolean closed = new AtomicBoolean();
+
+    NativeReservation(NativeMemoryManager manager, long handle, String poolPath, String consumer) {
+        this.manager = manager;
+        this.handle = handle;
+        this.poolPath = poolPath;
+        this.consumer = consumer;
+    }
+
+    /**
+     * Grows by {@code bytes}, reserving from the listener (and spilling native consumers) if the
+     * manager's cushion is short.
+     *
+     * @param bytes bytes to add, {@code >= 0}
+     * @throws NativeOutOfMemoryException if they cannot be obtained; nothing changed
+     * @throws NativeMemoryException if the listener threw or broke its contract; nothing changed
+     * @throws IllegalArgumentException if {@code bytes} is negative
+     * @throws IllegalStateException if this reservation or its manager is closed
+     */
+    public void grow(long bytes) {
+        checkOpen();
+        nativeGrow(handle, bytes);
+    }
+
+    /**
+     * Shrinks by {@code bytes}. The bytes return to the manager's cushion (and to the listener
+     * beyond two blocks of unused cushion).
+     *
+     * @param bytes bytes to release, {@code 0 <= bytes <= size()}
+     * @throws IllegalArgumentException if {@code bytes} is negative or more than held; nothing
+     *     changed
+     * @throws NativeMemoryException if the listener threw while taking surplus bytes back (the
+     *     reservation did shrink; the bytes stay reserved and are offered again later)
+     * @throws IllegalStateException if this reservation or its manager is closed
+     */
+    public void shrink(long bytes) {
+        checkOpen();
+        nativeShrink(handle, bytes);
+    }
+
+    /**
+     * Grows or shrinks to exactly {@code newSize} bytes.
+     *
+     * @param newSize the new size, {@code >= 0}
+     * @throws NativeOutOfMemoryException if a grow cannot be satisfied; nothing changed
+     * @throws IllegalArgumentException if {@code newSize} is negative
+     * @throws IllegalStateException if this reservation or its manager is closed
+     */
+    public void resize(long newSize) {
+        checkOpen();
+        nativeResize(handle, newSize);
+    }
+
+    /**
+     * @return bytes held now
+     * @throws IllegalStateException if this reservation or its manager is closed
+     */
+    public long size() {
+        checkOpen();
+        return nativeSize(handle);
+    }
+
+    /** @return the pool path given at creation */
+    public String poolPath() {
+        return poolPath;
+    }
+
+    /** @return the consumer name given at creation */
+    public String consumer() {
+        return consumer;
+    }
+
+    /** The native handle (package-private: for tests of handle misuse). */
+    long nativeHandle() {
+        return handle;
+    }
+
+    /** @return the manager this reservation charges */
+    public NativeMemoryManager manager() {
+        return manager;
+    }
+
+    /** @return true once this reservation or its manager is closed */
+    public boolean isClosed() {
+        return closed.get() || manager.isClosed();
+    }
+
+    /**
+     * Releases everything held. Idempotent and thread-safe; a no-op once the manager is closed
+     * (the manager released it). Never fails because of the listener: if it throws while taking
+     * surplus bytes back, that is logged natively and the bytes stay reserved, offered again at
+     * the next release or at the manager's close.
+     */
+    @Override
+    public void close() {
+        if (!closed.compareAndSet(false, true) || manager.isClosed()) {
+            return;
+        }
+        try {
+            nativeRelease(handle);
+        } catch (IllegalStateException e) {
+            // The manager was closed after the check above and released this reservation itself.
+            if (!manager.isClosed()) {
+                throw e;
+            }
+        }
+    }
+
+    @Override
+    public String toString() {
+        return "NativeReservation{consumer='" + consumer + "', pool='" + poolPath + "', handle="
+                + NativeMemoryManager.hex(handle) + (isClosed() ? ", closed" : "") + "}";
+    }
+
+    private void checkOpen() {
+        if (closed.get()) {
+            throw new IllegalStateException("NativeReservation '" + consumer + "' in pool '" + poolPath
+                    + "' (handle " + NativeMemoryManager.hex(handle) + ") is closed");
+        }
+        manager.checkOpen();
+    }
+
+    // Native methods: the reservation handle first. Package-private for tests; not API.
+
+    static native void nativeGrow(long handle, long bytes);
+
+    static native void nativeShrink(long handle, long bytes);
+
+    static native void nativeResize(long handle, long newSize);
+
+    static native long nativeSize(long handle);
+
+    static native void nativeRelease(long handle);
+}

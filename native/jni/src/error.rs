@@ -1,0 +1,415 @@
+//! The binding's error type and the one place that turns it into a Java exception.
+//!
+//! | Rust error                                   | Java exception                               |
+//! |----------------------------------------------|----------------------------------------------|
+//! | `MemoryError::OutOfMemory`                   | `org.nativemem.NativeOutOfMemoryException`, message = the error with the usage report |
+//! | `MemoryError::InvalidArgument`, [`Error::InvalidArgument`] | `IllegalArgumentException`     |
+//! | `MemoryError::Closed`, [`Error::Handle`], [`Error::Closed`] | `IllegalStateException` (naming the handle in hex) |
+//! | [`Error::NullArgument`]                      | `NullPointerException`                       |
+//! | `MemoryError::Listener` caused by a Java throwable that is a `java.lang.Error` | that same `Error`, rethrown unchanged |
+//! | `MemoryError::Listener` caused by any other Java throwable | `NativeMemoryException` with the throwable as its cause |
+//! | everything else, including [`Error::Panic`]  | `org.nativemem.NativeMemoryException`        |
+//!
+//! If a Java exception is already pending when an error reaches the export (a JNI call failed
+//! because of it), that exception is kept and nothing else is thrown.
+
+use std::fmt;
+
+use jni::objects::{GlobalRef, JObject, JValue};
+use jni::JNIEnv;
+use nativemem_core::MemoryError;
+
+use crate::handle::HandleError;
+use crate::listener::UpcallError;
+use crate::vm;
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything an export can fail with. Build it with `?` from [`MemoryError`], [`HandleError`] or
+/// `jni::errors::Error`; [`throw`] maps it to a Java exception.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An error of the memory manager.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A destroyed, double-destroyed, forged or wrong-kind handle.
+    #[error(transparent)]
+    Handle(#[from] HandleError),
+    /// The object is closed or closing: no new call is accepted.
+    #[error("{0}")]
+    Closed(String),
+    /// A bad argument detected by the binding (negative size, ...).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A required argument was `null`; the value names the parameter.
+    #[error("{0} must not be null")]
+    NullArgument(&'static str),
+    /// A JNI call failed. `jni::errors::Error::JavaException` means a Java exception is pending.
+    #[error("JNI call failed: {0}")]
+    Jni(#[from] jni::errors::Error),
+    /// A Rust panic caught at the export.
+    #[error("native panic: {0}")]
+    Panic(String),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Error {
+    /// The [`JavaException`] this error carries, if a Java listener threw it.
+    pub fn java_exception(&self) -> Option<&JavaException> {
+        match self {
+            Error::Memory(MemoryError::Listener { source, .. }) => {
+                match source.downcast_ref::<UpcallError>() {
+                    Some(UpcallError::Java(ex)) => Some(ex),
+                    _ => source.downcast_ref::<JavaException>(),
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A Java throwable caught during an upcall, kept alive as a global reference so it can be
+/// attached as the cause of the exception thrown to the caller (or rethrown). Its `Display` is the
+/// throwable's `toString()`, taken when it was caught.
+pub struct JavaException {
+    throwable: GlobalRef,
+    description: String,
+    is_error: bool,
+}
+
+impl JavaException {
+    /// Takes the pending exception of `env`, clearing it. Errors if none is pending.
+    pub fn take(env: &mut JNIEnv) -> Result<JavaException> {
+        let classes = vm::classes()?;
+        let throwable = env.exception_occurred()?;
+        if throwable.is_null() {
+            return Err(Error::Other("no Java exception is pending".into()));
+        }
+        env.exception_clear()?;
+        let is_error = env.is_instance_of(&throwable, vm::as_class(&classes.error))?;
+        let description = describe(env, &throwable);
+        let throwable = env.new_global_ref(&throwable)?;
+        Ok(JavaException {
+            throwable,
+            description,
+            is_error,
+        })
+    }
+
+    /// The throwable.
+    pub fn throwable(&self) -> &GlobalRef {
+        &self.throwable
+    }
+
+    /// True if the throwable is a `java.lang.Error` (rethrown unchanged, not wrapped).
+    pub fn is_error(&self) -> bool {
+        self.is_error
+    }
+}
+
+/// `throwable.toString()`, or a fixed text if that throws too.
+fn describe(env: &mut JNIEnv, throwable: &JObject) -> String {
+    let text = (|| -> Result<String> {
+        let classes = vm::classes()?;
+        // SAFETY: `throwable_to_string` is `Throwable.toString()Ljava/lang/String;`, resolved on
+        // `java.lang.Throwable`; `throwable` is a non-null Throwable; no arguments are passed.
+        let s = unsafe {
+            env.call_method_unchecked(
+                throwable,
+                classes.throwable_to_string,
+                jni::signature::ReturnType::Object,
+                &[],
+            )
+        }?
+        .l()?;
+        let s = jni::objects::JString::from(s);
+        let text: String = env.get_string(&s)?.into();
+        Ok(text)
+    })();
+    text.unwrap_or_else(|_| {
+        // toString() threw: drop that exception, the original is what matters.
+        let _ = env.exception_clear();
+        "a Java throwable (its toString() failed)".to_string()
+    })
+}
+
+impl fmt::Debug for JavaException {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JavaException")
+            .field("description", &self.description)
+            .field("is_error", &self.is_error)
+            .finish()
+    }
+}
+
+impl fmt::Display for JavaException {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.description)
+    }
+}
+
+impl std::error::Error for JavaException {}
+
+impl Drop for JavaException {
+    fn drop(&mut self) {
+        // The global reference is deleted right after this; make sure the thread is attached
+        // so that does not attach and detach it.
+        vm::attach_for_drop();
+    }
+}
+
+/// Throws the Java exception for `err` in `env` (see the module table). Keeps an exception that
+/// is already pending. Never fails: if even throwing fails, the error is logged.
+pub fn throw(env: &mut JNIEnv, err: Error) {
+    match env.exception_check() {
+        Ok(false) => {}
+        Ok(true) => {
+            log::debug!("keeping the pending Java exception instead of throwing for: {err}");
+            return;
+        }
+        Err(e) => {
+            log::error!("cannot check for a pending Java exception ({e}); dropping error: {err}");
+            return;
+        }
+    }
+    if let Err(e) = throw_mapped(env, &err) {
+        log::error!("failed to throw a Java exception ({e}) for: {err}");
+    }
+}
+
+/// Which Java exception class an error maps to (for throwing and for tests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JavaExceptionKind {
+    /// `org.nativemem.NativeOutOfMemoryException`.
+    OutOfMemory,
+    /// `java.lang.IllegalArgumentException`.
+    IllegalArgument,
+    /// `java.lang.IllegalStateException`.
+    IllegalState,
+    /// `java.lang.NullPointerException`.
+    NullPointer,
+    /// `org.nativemem.NativeMemoryException`, with the Java cause if the error carries one.
+    NativeMemory,
+    /// The Java `Error` a listener threw, rethrown unchanged.
+    Rethrow,
+    /// A Java exception is already pending; nothing to throw.
+    Pending,
+}
+
+/// The mapping of the module table, without JNI.
+pub fn exception_kind(err: &Error) -> JavaExceptionKind {
+    use JavaExceptionKind as K;
+    match err {
+        Error::Memory(MemoryError::OutOfMemory(_)) => K::OutOfMemory,
+        Error::Memory(MemoryError::InvalidArgument(_)) | Error::InvalidArgument(_) => {
+            K::IllegalArgument
+        }
+        Error::Memory(MemoryError::Closed { .. }) | Error::Handle(_) | Error::Closed(_) => {
+            K::IllegalState
+        }
+        Error::NullArgument(_) => K::NullPointer,
+        Error::Jni(jni::errors::Error::JavaException) => K::Pending,
+        _ => match err.java_exception() {
+            Some(ex) if ex.is_error() => K::Rethrow,
+            _ => K::NativeMemory,
+        },
+    }
+}
+
+/// The message of the thrown exception.
+pub fn exception_message(err: &Error) -> String {
+    match err {
+        Error::Memory(MemoryError::OutOfMemory(oom)) => oom.to_string(),
+        // Without core's "invalid argument: " prefix: the exception class says it.
+        Error::Memory(MemoryError::InvalidArgument(m)) => m.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn throw_mapped(env: &mut JNIEnv, err: &Error) -> Result<()> {
+    let kind = exception_kind(err);
+    if kind == JavaExceptionKind::Pending {
+        // A JNI call reported a pending exception that is no longer pending (it was cleared):
+        // report it as a plain failure rather than losing it.
+        env.throw_new(
+            "org/nativemem/NativeMemoryException",
+            "a JNI call failed with a Java exception that is no longer pending",
+        )?;
+        return Ok(());
+    }
+    let message = exception_message(err);
+    // Prefer the cached classes (resolvable on any thread); fall back to FindClass, which works
+    // on the Java thread of an export.
+    let Ok(classes) = vm::classes() else {
+        let name = match kind {
+            JavaExceptionKind::OutOfMemory => "org/nativemem/NativeOutOfMemoryException",
+            JavaExceptionKind::IllegalArgument => "java/lang/IllegalArgumentException",
+            JavaExceptionKind::IllegalState => "java/lang/IllegalStateException",
+            JavaExceptionKind::NullPointer => "java/lang/NullPointerException",
+            _ => "org/nativemem/NativeMemoryException",
+        };
+        env.throw_new(name, message)?;
+        return Ok(());
+    };
+    let class = match kind {
+        JavaExceptionKind::OutOfMemory => &classes.oom_exception,
+        JavaExceptionKind::IllegalArgument => &classes.illegal_argument,
+        JavaExceptionKind::IllegalState => &classes.illegal_state,
+        JavaExceptionKind::NullPointer => &classes.null_pointer,
+        JavaExceptionKind::Rethrow => {
+            if let Some(ex) = err.java_exception() {
+                env.throw(jni::objects::JThrowable::from(
+                    env.new_local_ref(ex.throwable())?,
+                ))?;
+                return Ok(());
+            }
+            &classes.memory_exception
+        }
+        JavaExceptionKind::NativeMemory | JavaExceptionKind::Pending => {
+            if let Some(ex) = err.java_exception() {
+                let msg = env.new_string(&message)?;
+                // SAFETY: the constructor id is NativeMemoryException(String, Throwable), resolved
+                // on that class; the arguments are a String and a Throwable, in that order.
+                let obj = unsafe {
+                    env.new_object_unchecked(
+                        vm::as_class(&classes.memory_exception),
+                        classes.memory_exception_with_cause,
+                        &[
+                            JValue::Object(&msg).as_jni(),
+                            JValue::Object(ex.throwable().as_obj()).as_jni(),
+                        ],
+                    )
+                }?;
+                env.throw(jni::objects::JThrowable::from(obj))?;
+                return Ok(());
+            }
+            &classes.memory_exception
+        }
+    };
+    env.throw_new(vm::as_class(class), message)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nativemem_core::{MemoryConfig, MemoryManager, ReservationListener};
+    use std::sync::Arc;
+
+    struct Refuse;
+    impl ReservationListener for Refuse {
+        fn reserve(&self, _: u64) -> Result<u64, nativemem_core::ListenerError> {
+            Ok(0)
+        }
+        fn unreserve(&self, _: u64) -> Result<(), nativemem_core::ListenerError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_variant_maps_to_its_exception() {
+        let mgr = MemoryManager::new("t", MemoryConfig::default(), Arc::new(Refuse)).unwrap();
+        let oom = mgr
+            .root()
+            .reservation("c")
+            .try_grow(10)
+            .expect_err("listener grants nothing");
+        let oom_text = oom.to_string();
+        use JavaExceptionKind as K;
+        let cases: Vec<(Error, K, String)> = vec![
+            (Error::Memory(oom), K::OutOfMemory, oom_text),
+            (
+                Error::Memory(MemoryError::InvalidArgument("bad".into())),
+                K::IllegalArgument,
+                "bad".into(),
+            ),
+            (
+                Error::InvalidArgument("bytes must be >= 0, got -1".into()),
+                K::IllegalArgument,
+                "bytes must be >= 0, got -1".into(),
+            ),
+            (
+                Error::Memory(MemoryError::Closed {
+                    manager: "m".into(),
+                }),
+                K::IllegalState,
+                "memory manager 'm' is closed".into(),
+            ),
+            (
+                Error::Handle(HandleError::Null {
+                    kind: "memory manager",
+                }),
+                K::IllegalState,
+                "null memory manager handle (0x0)".into(),
+            ),
+            (
+                Error::Closed("closing".into()),
+                K::IllegalState,
+                "closing".into(),
+            ),
+            (
+                Error::NullArgument("name"),
+                K::NullPointer,
+                "name must not be null".into(),
+            ),
+            (
+                Error::Panic("boom".into()),
+                K::NativeMemory,
+                "native panic: boom".into(),
+            ),
+            (
+                Error::Memory(MemoryError::ListenerContract("x".into())),
+                K::NativeMemory,
+                "reservation listener broke its contract: x".into(),
+            ),
+            (
+                Error::Memory(MemoryError::Listener {
+                    op: "reserve",
+                    bytes: 8,
+                    source: "plain".into(),
+                }),
+                K::NativeMemory,
+                "reservation listener failed to reserve 8 bytes: plain".into(),
+            ),
+            (
+                Error::Memory(MemoryError::Spill {
+                    spiller: "s".into(),
+                    message: "disk full".into(),
+                }),
+                K::NativeMemory,
+                "spiller 's' failed: disk full".into(),
+            ),
+            (
+                Error::Jni(jni::errors::Error::JavaException),
+                K::Pending,
+                "JNI call failed: Java exception was thrown".into(),
+            ),
+            (Error::Other("o".into()), K::NativeMemory, "o".into()),
+        ];
+        for (err, kind, msg) in cases {
+            assert_eq!(exception_kind(&err), kind, "{err:?}");
+            assert_eq!(exception_message(&err), msg, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn out_of_memory_message_holds_the_usage_report() {
+        let mgr = MemoryManager::new("task-7", MemoryConfig::default(), Arc::new(Refuse)).unwrap();
+        let err = mgr
+            .pool("scan")
+            .unwrap()
+            .reservation("reader")
+            .try_grow(1 << 20)
+            .unwrap_err();
+        let msg = exception_message(&Error::Memory(err));
+        assert!(
+            msg.starts_with("Failed to reserve 1.0 MiB for consumer 'reader#"),
+            "{msg}"
+        );
+        assert!(msg.contains("Native memory of 'task-7'"), "{msg}");
+        assert!(msg.contains("Pools:"), "{msg}");
+    }
+}

@@ -1,0 +1,306 @@
+//! `Java_org_nativemem_*` exports of the public Java API. Each one resolves its arguments and
+//! calls the registry; errors become Java exceptions in [`run_export`].
+//!
+//! Java side: the `native*` static methods of `NativeMemoryManager`, `NativeReservation` and
+//! `NativeLibraryLoader`; the handle is always the first argument.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jni::objects::{JClass, JObject, JString};
+use jni::sys::{jint, jlong, jlongArray, jstring};
+use jni::JNIEnv;
+use nativemem_core::MemoryConfig;
+
+use crate::error::{Error, Result};
+use crate::export::{non_negative, run_export, string_arg, to_jlong};
+use crate::listener::JavaListener;
+use crate::registry::{self, CloseOutcome};
+use crate::ABI_VERSION;
+
+fn new_jstring(env: &mut JNIEnv, s: &str) -> Result<jstring> {
+    Ok(env.new_string(s)?.into_raw())
+}
+
+fn new_jlong_array(env: &mut JNIEnv, values: &[jlong]) -> Result<jlongArray> {
+    let len =
+        i32::try_from(values.len()).map_err(|_| Error::Other("array too long for Java".into()))?;
+    let array = env.new_long_array(len)?;
+    env.set_long_array_region(&array, 0, values)?;
+    Ok(array.into_raw())
+}
+
+/// `static native int nativeAbiVersion()`: lets the loader check the library matches the classes.
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeLibraryLoader_nativeAbiVersion<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+) -> jint {
+    run_export(&mut env, -1, |_| Ok(ABI_VERSION))
+}
+
+/// `static native long nativeCreate(String name, ReservationListener listener,
+/// long reservationBlockBytes, long taskLimitBytes /* -1: none */, long closeTimeoutMillis)`.
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeCreate<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+    name: JString<'l>,
+    listener: JObject<'l>,
+    reservation_block: jlong,
+    task_limit: jlong,
+    close_timeout_millis: jlong,
+) -> jlong {
+    run_export(&mut env, 0, |env| {
+        let name = string_arg(env, &name, "name")?;
+        let listener = JavaListener::new(env, &listener)?;
+        if reservation_block <= 0 {
+            return Err(Error::InvalidArgument(format!(
+                "reservation block size must be > 0 bytes, got {reservation_block}"
+            )));
+        }
+        let task_limit = match task_limit {
+            -1 => None,
+            v => Some(non_negative("task limit", v)?),
+        };
+        let timeout = Duration::from_millis(non_negative("close timeout", close_timeout_millis)?);
+        let config = MemoryConfig::default()
+            .with_reservation_block(reservation_block as u64)
+            .with_task_limit(task_limit);
+        registry::create_manager(name, config, Arc::new(listener), timeout)
+    })
+}
+
+/// `static native String nativeClose(long handle)`: the close report (leaks, or deferral).
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeClose<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+) -> jstring {
+    run_export(&mut env, std::ptr::null_mut(), |env| {
+        let text = match registry::destroy_manager(handle)? {
+            CloseOutcome::Closed(report) => report.to_string(),
+            CloseOutcome::Deferred { in_flight } => format!(
+                "close deferred: called from inside a call on the same manager; it completes when the {in_flight} call(s) in progress return"
+            ),
+        };
+        new_jstring(env, &text)
+    })
+}
+
+/// `static native long nativeUsedBytes(long handle)`.
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeUsedBytes<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+) -> jlong {
+    run_export(&mut env, 0, |_| {
+        registry::with_manager(handle, |m| Ok(to_jlong(m.used())))
+    })
+}
+
+/// `static native long nativePeakBytes(long handle)`.
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativePeakBytes<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+) -> jlong {
+    run_export(&mut env, 0, |_| {
+        registry::with_manager(handle, |m| Ok(to_jlong(m.peak())))
+    })
+}
+
+/// `static native long nativeReservedBytes(long handle)`.
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeReservedBytes<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+) -> jlong {
+    run_export(&mut env, 0, |_| {
+        registry::with_manager(handle, |m| Ok(to_jlong(m.reserved())))
+    })
+}
+
+/// `static native String nativeUsageReport(long handle)`.
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeUsageReport<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+) -> jstring {
+    run_export(&mut env, std::ptr::null_mut(), |env| {
+        let text = registry::with_manager(handle, |m| Ok(m.usage_report().to_string()))?;
+        new_jstring(env, &text)
+    })
+}
+
+/// `static native long[] nativeStats(long handle)`: used, peak, reserved, spillCount,
+/// spilledBytes, reserveCalls, unreserveCalls, liveAllocations (the order of
+/// `NativeMemoryStats`).
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeStats<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+) -> jlongArray {
+    run_export(&mut env, std::ptr::null_mut(), |env| {
+        let s = registry::with_manager(handle, |m| Ok(m.stats()))?;
+        let values = [
+            s.used,
+            s.peak,
+            s.reserved,
+            s.spill_count,
+            s.spilled_bytes,
+            s.reserve_calls,
+            s.unreserve_calls,
+            s.live_allocations,
+        ]
+        .map(to_jlong);
+        new_jlong_array(env, &values)
+    })
+}
+
+/// `static native long nativeSpill(long handle, long bytes)`: bytes native spillers freed.
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeSpill<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+    bytes: jlong,
+) -> jlong {
+    run_export(&mut env, 0, |_| {
+        let bytes = non_negative("bytes", bytes)?;
+        registry::with_manager(handle, |m| Ok(to_jlong(m.spill(bytes)?)))
+    })
+}
+
+/// `static native long nativeReleaseUnused(long handle, long maxBytes)`: bytes handed back.
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeReleaseUnused<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+    max_bytes: jlong,
+) -> jlong {
+    run_export(&mut env, 0, |_| {
+        let max = non_negative("maxBytes", max_bytes)?;
+        registry::with_manager(handle, |m| Ok(to_jlong(m.release_unused(max)?)))
+    })
+}
+
+/// `static native long nativeReleaseAndSpill(long handle, long bytes)`: bytes handed back to the
+/// listener (core `reclaim`).
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeReleaseAndSpill<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+    bytes: jlong,
+) -> jlong {
+    run_export(&mut env, 0, |_| {
+        let bytes = non_negative("bytes", bytes)?;
+        registry::with_manager(handle, |m| Ok(to_jlong(m.reclaim(bytes)?)))
+    })
+}
+
+/// `static native long nativeReserve(long handle, String poolPath, String consumer, long bytes)`:
+/// a reservation handle.
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeReserve<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+    pool_path: JString<'l>,
+    consumer: JString<'l>,
+    bytes: jlong,
+) -> jlong {
+    run_export(&mut env, 0, |env| {
+        let pool_path = string_arg(env, &pool_path, "poolPath")?;
+        let consumer = string_arg(env, &consumer, "consumer")?;
+        let bytes = non_negative("bytes", bytes)?;
+        registry::create_reservation(handle, &pool_path, &consumer, bytes)
+    })
+}
+
+/// `static native long[] nativeLiveHandles()`: live manager and reservation handles (diagnostics).
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeLiveHandles<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+) -> jlongArray {
+    run_export(&mut env, std::ptr::null_mut(), |env| {
+        let values = [
+            to_jlong(registry::live_managers() as u64),
+            to_jlong(registry::live_reservations() as u64),
+        ];
+        new_jlong_array(env, &values)
+    })
+}
+
+/// `static native void nativeGrow(long reservation, long bytes)`.
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeReservation_nativeGrow<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+    bytes: jlong,
+) {
+    run_export(&mut env, (), |_| {
+        let bytes = non_negative("bytes", bytes)?;
+        registry::with_reservation(handle, |r| Ok(r.try_grow(bytes)?))
+    })
+}
+
+/// `static native void nativeShrink(long reservation, long bytes)`.
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeReservation_nativeShrink<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+    bytes: jlong,
+) {
+    run_export(&mut env, (), |_| {
+        let bytes = non_negative("bytes", bytes)?;
+        registry::with_reservation(handle, |r| Ok(r.shrink(bytes)?))
+    })
+}
+
+/// `static native void nativeResize(long reservation, long newSize)`.
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeReservation_nativeResize<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+    new_size: jlong,
+) {
+    run_export(&mut env, (), |_| {
+        let new_size = non_negative("newSize", new_size)?;
+        registry::with_reservation(handle, |r| Ok(r.try_resize(new_size)?))
+    })
+}
+
+/// `static native long nativeSize(long reservation)`.
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeReservation_nativeSize<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+) -> jlong {
+    run_export(&mut env, 0, |_| {
+        registry::with_reservation(handle, |r| Ok(to_jlong(r.size())))
+    })
+}
+
+/// `static native void nativeRelease(long reservation)`.
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeReservation_nativeRelease<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+) {
+    run_export(&mut env, (), |_| registry::release_reservation(handle))
+}

@@ -1,0 +1,673 @@
+//! The live managers and Java reservations of the process, and safe teardown under concurrency.
+//!
+//! # In-flight calls and close
+//! Every call on a manager — from an export of this crate or from another crate through
+//! [`enter_manager`] / [`with_manager`] — is counted while it runs ([`ManagerCall`] is the
+//! guard). `destroy` (Java `close()`):
+//!
+//! 1. removes the handle from the table: later lookups throw `IllegalStateException` (stale);
+//! 2. sets `CLOSING`: calls that resolved the handle just before but have not entered yet are
+//!    refused with `IllegalStateException`;
+//! 3. waits, up to the configured close timeout, for the calls in flight to return;
+//! 4. then runs the close: drops resources attached to the manager, closes the core manager
+//!    (frees leaked allocations, empties reservations, hands every reserved byte back through
+//!    the listener) and frees the Java reservations' entries.
+//!
+//! **Memory is never freed under a running call.** If the wait times out, destroy marks the close
+//! `DEFERRED` and fails with `NativeMemoryException`; the last in-flight call to return runs the
+//! close on its own thread. If destroy is called on a thread that is itself inside a call on the
+//! same manager (a listener closing its manager from an upcall), waiting would deadlock, so the
+//! close is deferred at once to when that outer call returns.
+//!
+//! The counter and the two flags live in one atomic word, so "is a close pending" and "was I the
+//! last call" are decided by the same read-modify-write: exactly one thread runs the close.
+//! Entering is a compare-and-swap that refuses once `CLOSING` is set, so after that the count only
+//! goes down.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jni::sys::jlong;
+use nativemem_core::{LeakReport, MemoryConfig, MemoryManager, Reservation, ReservationListener};
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::{Error, Result};
+use crate::handle::HandleTable;
+
+/// Live memory managers (handle kind tag 1).
+pub static MANAGERS: HandleTable<ManagerEntry> = HandleTable::new(1, "memory manager");
+/// Live Java reservations (handle kind tag 2).
+pub static RESERVATIONS: HandleTable<ReservationEntry> = HandleTable::new(2, "reservation");
+
+/// Default time `destroy` waits for in-flight calls.
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+const CLOSING: u64 = 1 << 63;
+const DEFERRED: u64 = 1 << 62;
+const COUNT_MASK: u64 = DEFERRED - 1;
+
+thread_local! {
+    /// Managers this thread is inside a call of (entry addresses; a manager appears once per
+    /// nested call). Lets `destroy` detect that it would wait for its own thread.
+    static IN_CALL: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A live manager as the binding holds it. Shared (`Arc`) by the table, by in-flight calls and by
+/// its reservations' entries.
+pub struct ManagerEntry {
+    manager: MemoryManager,
+    handle: AtomicI64,
+    /// In-flight count | CLOSING | DEFERRED. All accesses `SeqCst`: the close protocol relies on
+    /// the single modification order of this word, and the cost is irrelevant next to a JNI call.
+    state: AtomicU64,
+    close_claimed: AtomicBool,
+    drain_lock: Mutex<()>,
+    drained: Condvar,
+    close_timeout: Duration,
+    reservations: Mutex<HashSet<jlong>>,
+    attachments: Mutex<Vec<Box<dyn Any + Send>>>,
+}
+
+impl std::fmt::Debug for ManagerEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.state.load(Ordering::SeqCst);
+        f.debug_struct("ManagerEntry")
+            .field("name", &self.manager.name())
+            .field("handle", &format_args!("{:#x}", self.handle()))
+            .field("in_flight", &(state & COUNT_MASK))
+            .field("closing", &(state & CLOSING != 0))
+            .finish()
+    }
+}
+
+impl ManagerEntry {
+    /// The manager.
+    pub fn manager(&self) -> &MemoryManager {
+        &self.manager
+    }
+
+    /// The handle Java holds for it.
+    pub fn handle(&self) -> jlong {
+        self.handle.load(Ordering::Relaxed)
+    }
+
+    /// Calls in flight now.
+    pub fn in_flight(&self) -> u64 {
+        self.state.load(Ordering::SeqCst) & COUNT_MASK
+    }
+
+    /// True once destroy started.
+    pub fn is_closing(&self) -> bool {
+        self.state.load(Ordering::SeqCst) & CLOSING != 0
+    }
+
+    fn closed_error(&self) -> Error {
+        Error::Closed(format!(
+            "memory manager '{}' (handle {:#018x}) is closed",
+            self.manager.name(),
+            self.handle() as u64
+        ))
+    }
+
+    /// Counts a call in; refused once the manager is closing.
+    pub fn enter(self: &Arc<Self>) -> Result<ManagerCall> {
+        let mut cur = self.state.load(Ordering::SeqCst);
+        loop {
+            if cur & CLOSING != 0 {
+                return Err(self.closed_error());
+            }
+            if cur & COUNT_MASK == COUNT_MASK {
+                return Err(Error::Other("too many calls in flight".into()));
+            }
+            match self
+                .state
+                .compare_exchange_weak(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => break,
+                Err(actual) => cur = actual,
+            }
+        }
+        let me = Arc::as_ptr(self) as usize;
+        let _ = IN_CALL.try_with(|v| {
+            if let Ok(mut v) = v.try_borrow_mut() {
+                v.push(me);
+            }
+        });
+        Ok(ManagerCall {
+            entry: self.clone(),
+            _not_send: PhantomData,
+        })
+    }
+
+    fn leave(&self) {
+        let prev = self.state.fetch_sub(1, Ordering::SeqCst);
+        if prev & CLOSING != 0 && prev & COUNT_MASK == 1 {
+            {
+                let _guard = self.drain_lock.lock();
+                self.drained.notify_all();
+            }
+            if prev & DEFERRED != 0 {
+                self.run_deferred_close();
+            }
+        }
+    }
+
+    fn calls_on_this_thread(&self) -> usize {
+        let me = self as *const ManagerEntry as usize;
+        IN_CALL
+            .try_with(|v| {
+                v.try_borrow()
+                    .map(|v| v.iter().filter(|p| **p == me).count())
+            })
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits until no call is in flight or the deadline passes; true if drained.
+    fn wait_drained(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut guard = self.drain_lock.lock();
+        while self.in_flight() != 0 {
+            if self.drained.wait_until(&mut guard, deadline).timed_out() {
+                return self.in_flight() == 0;
+            }
+        }
+        true
+    }
+
+    /// Runs the close if no other thread has claimed it. Returns `None` if another did.
+    fn claim_and_close(&self) -> Option<Result<LeakReport>> {
+        if self.close_claimed.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        Some(self.finish_close())
+    }
+
+    /// Runs in `ManagerCall::drop`, possibly while a panic unwinds: a panic here would abort the
+    /// process, so it is caught and logged.
+    fn run_deferred_close(&self) {
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.claim_and_close()));
+        match outcome {
+            Ok(Some(Ok(report))) => log::info!(
+                "[{}] deferred close done after the last in-flight call returned: {report}",
+                self.manager.name()
+            ),
+            Ok(Some(Err(e))) => log::error!("[{}] deferred close failed: {e}", self.manager.name()),
+            Ok(None) => {}
+            Err(p) => log::error!(
+                "[{}] deferred close panicked: {}",
+                self.manager.name(),
+                crate::export::panic_message(p.as_ref())
+            ),
+        }
+    }
+
+    /// The close proper; runs exactly once, with no call in flight.
+    fn finish_close(&self) -> Result<LeakReport> {
+        // Attached resources first: an operator that releases its memory in `Drop` is not a leak.
+        let attachments = std::mem::take(&mut *self.attachments.lock());
+        drop(attachments);
+        let result = self.manager.close();
+        // Java reservations still open are reported as leaks by the close above (they held
+        // bytes); now forget their entries. Dropping them releases nothing more.
+        let handles: Vec<jlong> = self.reservations.lock().drain().collect();
+        drop(RESERVATIONS.remove_all(handles));
+        Ok(result?)
+    }
+}
+
+/// What [`destroy_manager`] did.
+#[derive(Debug)]
+pub enum CloseOutcome {
+    /// Closed; what it had to reclaim.
+    Closed(LeakReport),
+    /// Called from inside a call on the same manager on this thread: the close runs when that
+    /// call returns.
+    Deferred {
+        /// Calls in flight when destroy returned.
+        in_flight: u64,
+    },
+}
+
+/// A call in flight on a manager: while it lives, the manager cannot be closed under it. Drop it
+/// on the thread that created it (it is neither `Send` nor `Sync`).
+pub struct ManagerCall {
+    entry: Arc<ManagerEntry>,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl std::fmt::Debug for ManagerCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagerCall")
+            .field("entry", &self.entry)
+            .finish()
+    }
+}
+
+impl ManagerCall {
+    /// The manager.
+    pub fn manager(&self) -> &MemoryManager {
+        &self.entry.manager
+    }
+
+    /// The entry (handle, state).
+    pub fn entry(&self) -> &Arc<ManagerEntry> {
+        &self.entry
+    }
+
+    /// Ties `resource` to the manager's life: it is dropped when the manager closes, before the
+    /// core manager is closed (so memory it releases in `Drop` is not reported as leaked), with
+    /// no call in flight. Use it for operator state reachable only from native code, e.g. a
+    /// spiller registration.
+    pub fn attach(&self, resource: Box<dyn Any + Send>) {
+        self.entry.attachments.lock().push(resource);
+    }
+}
+
+impl Drop for ManagerCall {
+    fn drop(&mut self) {
+        let me = Arc::as_ptr(&self.entry) as usize;
+        let _ = IN_CALL.try_with(|v| {
+            if let Ok(mut v) = v.try_borrow_mut() {
+                if let Some(pos) = v.iter().rposition(|p| *p == me) {
+                    v.swap_remove(pos);
+                }
+            }
+        });
+        self.entry.leave();
+    }
+}
+
+/// Creates a manager and returns its handle.
+pub fn create_manager(
+    name: String,
+    config: MemoryConfig,
+    listener: Arc<dyn ReservationListener>,
+    close_timeout: Duration,
+) -> Result<jlong> {
+    let manager = MemoryManager::new(name, config, listener)?;
+    let entry = Arc::new(ManagerEntry {
+        manager,
+        handle: AtomicI64::new(0),
+        state: AtomicU64::new(0),
+        close_claimed: AtomicBool::new(false),
+        drain_lock: Mutex::new(()),
+        drained: Condvar::new(),
+        close_timeout,
+        reservations: Mutex::new(HashSet::new()),
+        attachments: Mutex::new(Vec::new()),
+    });
+    let handle = MANAGERS.insert(entry.clone())?;
+    entry.handle.store(handle, Ordering::Relaxed);
+    Ok(handle)
+}
+
+/// Starts a call on the manager named by `handle`. Fails with `IllegalStateException` semantics
+/// ([`Error::Handle`] / [`Error::Closed`]) for a destroyed, forged or closing manager.
+pub fn enter_manager(handle: jlong) -> Result<ManagerCall> {
+    MANAGERS.get(handle)?.enter()
+}
+
+/// Runs `f` on the manager named by `handle`, counted as an in-flight call (the manager cannot be
+/// closed while `f` runs). This is how other native code in this library (operators, their JNI
+/// exports) reaches a manager whose handle Java gave them (`NativeMemoryManager.handle()`).
+pub fn with_manager<R>(handle: jlong, f: impl FnOnce(&MemoryManager) -> Result<R>) -> Result<R> {
+    let call = enter_manager(handle)?;
+    f(call.manager())
+}
+
+/// Destroys the manager named by `handle` (see the module docs). A second destroy of the same
+/// handle fails as stale.
+pub fn destroy_manager(handle: jlong) -> Result<CloseOutcome> {
+    let entry = MANAGERS.remove(handle)?;
+    entry.state.fetch_or(CLOSING, Ordering::SeqCst);
+    let own = entry.calls_on_this_thread();
+    if own == 0 && entry.wait_drained(entry.close_timeout) {
+        // Drained and CLOSING: no call can start, nobody else claims.
+        return match entry.claim_and_close() {
+            Some(r) => r.map(CloseOutcome::Closed),
+            None => Err(Error::Other("memory manager close claimed twice".into())),
+        };
+    }
+    let prev = entry.state.fetch_or(DEFERRED, Ordering::SeqCst);
+    let in_flight = prev & COUNT_MASK;
+    if in_flight == 0 {
+        // The last call returned between the wait and the flag: it did not see DEFERRED.
+        return match entry.claim_and_close() {
+            Some(r) => r.map(CloseOutcome::Closed),
+            None => Err(Error::Other("memory manager close claimed twice".into())),
+        };
+    }
+    if own > 0 {
+        log::debug!(
+            "[{}] close requested from inside a call on the same thread; deferred to its return",
+            entry.manager.name()
+        );
+        return Ok(CloseOutcome::Deferred { in_flight });
+    }
+    log::warn!(
+        "[{}] close timed out after {:?} waiting for {in_flight} in-flight call(s); the last one to return will close it",
+        entry.manager.name(),
+        entry.close_timeout
+    );
+    Err(Error::Other(format!(
+        "closing memory manager '{}' timed out after {} ms: {in_flight} call(s) still in progress; \
+         it is closed (no new calls are accepted) and its memory will be freed when they return",
+        entry.manager.name(),
+        entry.close_timeout.as_millis()
+    )))
+}
+
+/// A Java-owned reservation (`NativeReservation`).
+pub struct ReservationEntry {
+    owner: Arc<ManagerEntry>,
+    reservation: Reservation,
+}
+
+impl std::fmt::Debug for ReservationEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReservationEntry")
+            .field("manager", &self.owner.manager.name())
+            .field("reservation", &self.reservation)
+            .finish()
+    }
+}
+
+/// Creates a reservation of `bytes` in the pool at `pool_path` of the manager `handle`, for
+/// `consumer`; returns its handle. On error nothing is held.
+pub fn create_reservation(
+    handle: jlong,
+    pool_path: &str,
+    consumer: &str,
+    bytes: u64,
+) -> Result<jlong> {
+    let call = enter_manager(handle)?;
+    let pool = call.manager().pool(pool_path)?;
+    let reservation = pool.reservation(consumer);
+    reservation.try_grow(bytes)?;
+    let entry = Arc::new(ReservationEntry {
+        owner: call.entry().clone(),
+        reservation,
+    });
+    // In flight, so the manager's close (which drains `reservations`) cannot run between these.
+    let rh = RESERVATIONS.insert(entry)?;
+    call.entry().reservations.lock().insert(rh);
+    Ok(rh)
+}
+
+/// Runs `f` on the reservation `handle`, counted as a call on its manager.
+pub fn with_reservation<R>(handle: jlong, f: impl FnOnce(&Reservation) -> Result<R>) -> Result<R> {
+    let entry = RESERVATIONS.get(handle)?;
+    let call = entry.owner.enter()?;
+    let result = f(&entry.reservation);
+    // If the reservation was released meanwhile, this is the last reference: drop it (which
+    // releases its bytes, possibly through the listener) while the call still counts.
+    drop(entry);
+    drop(call);
+    result
+}
+
+/// Releases the reservation `handle` (Java `NativeReservation.close()`). If its manager is
+/// closing, the manager's close releases it; this returns without error.
+pub fn release_reservation(handle: jlong) -> Result<()> {
+    let entry = RESERVATIONS.get(handle)?;
+    let Ok(call) = entry.owner.enter() else {
+        return Ok(());
+    };
+    let removed = RESERVATIONS.remove(handle)?;
+    entry.owner.reservations.lock().remove(&handle);
+    drop(removed);
+    drop(entry);
+    drop(call);
+    Ok(())
+}
+
+/// Live manager handles in the process.
+pub fn live_managers() -> usize {
+    MANAGERS.live()
+}
+
+/// Live reservation handles in the process.
+pub fn live_reservations() -> usize {
+    RESERVATIONS.live()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nativemem_core::{CapacityListener, ListenerError};
+    use std::sync::mpsc;
+
+    fn new_manager(timeout: Duration) -> (jlong, Arc<CapacityListener>) {
+        let l = Arc::new(CapacityListener::unlimited());
+        let h = create_manager("t".into(), MemoryConfig::default(), l.clone(), timeout).unwrap();
+        (h, l)
+    }
+
+    #[test]
+    fn destroy_closes_and_gives_everything_back() {
+        let (h, l) = new_manager(DEFAULT_CLOSE_TIMEOUT);
+        let r = create_reservation(h, "java/arrow", "buffers", 100).unwrap();
+        assert_eq!(with_manager(h, |m| Ok(m.used())).unwrap(), 100);
+        assert_eq!(l.reserved(), 8 << 20);
+        let CloseOutcome::Closed(report) = destroy_manager(h).unwrap() else {
+            panic!("not closed")
+        };
+        assert_eq!(
+            report.total_bytes(),
+            100,
+            "open reservation reported: {report}"
+        );
+        assert_eq!(l.reserved(), 0);
+        assert!(matches!(enter_manager(h), Err(Error::Handle(_))));
+        assert!(matches!(
+            with_reservation(r, |r| Ok(r.size())),
+            Err(Error::Handle(_))
+        ));
+        assert!(matches!(destroy_manager(h), Err(Error::Handle(_))));
+    }
+
+    #[test]
+    fn released_reservation_is_not_a_leak() {
+        let (h, l) = new_manager(DEFAULT_CLOSE_TIMEOUT);
+        let r = create_reservation(h, "a", "c", 10).unwrap();
+        with_reservation(r, |res| Ok(res.try_grow(5)?)).unwrap();
+        assert_eq!(with_reservation(r, |res| Ok(res.size())).unwrap(), 15);
+        release_reservation(r).unwrap();
+        assert!(matches!(release_reservation(r), Err(Error::Handle(_))));
+        assert_eq!(with_manager(h, |m| Ok(m.used())).unwrap(), 0);
+        let CloseOutcome::Closed(report) = destroy_manager(h).unwrap() else {
+            panic!()
+        };
+        assert!(report.is_empty(), "{report}");
+        assert_eq!(l.reserved(), 0);
+    }
+
+    #[test]
+    fn close_waits_for_a_call_in_flight() {
+        let (h, l) = new_manager(Duration::from_secs(10));
+        let (entered_tx, entered_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let worker = std::thread::spawn(move || {
+            with_manager(h, |m| {
+                let r = m.root().reservation("w");
+                r.try_grow(1000)?;
+                entered_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                // Still usable: close has not run under us.
+                r.try_grow(1000)?;
+                assert_eq!(m.used(), 2000);
+                assert!(!m.is_closed());
+                Ok(r.size())
+            })
+        });
+        entered_rx.recv().unwrap();
+        let closer = std::thread::spawn(move || destroy_manager(h));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!closer.is_finished(), "close must wait for the call");
+        assert!(matches!(enter_manager(h), Err(Error::Handle(_))));
+        go_tx.send(()).unwrap();
+        assert_eq!(worker.join().unwrap().unwrap(), 2000);
+        let out = closer.join().unwrap().unwrap();
+        assert!(matches!(out, CloseOutcome::Closed(_)));
+        assert_eq!(l.reserved(), 0);
+    }
+
+    #[test]
+    fn entry_resolved_before_close_is_refused_after() {
+        let (h, _l) = new_manager(DEFAULT_CLOSE_TIMEOUT);
+        let entry = MANAGERS.get(h).unwrap();
+        destroy_manager(h).unwrap();
+        let err = entry.enter().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("memory manager 't' (handle {:#018x}) is closed", h as u64)
+        );
+    }
+
+    #[test]
+    fn timed_out_close_is_finished_by_the_last_call() {
+        let (h, l) = new_manager(Duration::from_millis(50));
+        let (entered_tx, entered_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let worker = std::thread::spawn(move || {
+            with_manager(h, |m| {
+                let r = m.root().reservation("w");
+                r.try_grow(1000)?;
+                entered_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                assert!(!m.is_closed(), "closed under a running call");
+                r.try_grow(1)?;
+                Ok(())
+            })
+        });
+        entered_rx.recv().unwrap();
+        let entry = MANAGERS.get(h).unwrap();
+        let err = destroy_manager(h).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("timed out after 50 ms: 1 call(s) still in progress"),
+            "{err}"
+        );
+        assert!(!entry.manager().is_closed());
+        assert_eq!(l.reserved(), 8 << 20);
+        go_tx.send(()).unwrap();
+        worker.join().unwrap().unwrap();
+        assert!(entry.manager().is_closed(), "the last call ran the close");
+        assert_eq!(l.reserved(), 0);
+    }
+
+    #[test]
+    fn destroy_from_inside_a_call_on_the_same_thread_defers() {
+        let (h, l) = new_manager(Duration::from_secs(10));
+        let started = Instant::now();
+        let entry = MANAGERS.get(h).unwrap();
+        with_manager(h, |m| {
+            m.root().reservation("x").try_grow(5)?;
+            let out = destroy_manager(h)?;
+            assert!(
+                matches!(out, CloseOutcome::Deferred { in_flight: 1 }),
+                "{out:?}"
+            );
+            assert!(!m.is_closed());
+            Ok(())
+        })
+        .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "waited for itself"
+        );
+        assert!(entry.manager().is_closed());
+        assert_eq!(l.reserved(), 0);
+    }
+
+    #[test]
+    fn attachments_are_dropped_before_the_core_close() {
+        struct Holder {
+            _reservation: Reservation,
+        }
+        let (h, l) = new_manager(DEFAULT_CLOSE_TIMEOUT);
+        {
+            let call = enter_manager(h).unwrap();
+            let r = call.manager().pool("op").unwrap().reservation("held");
+            r.try_grow(77).unwrap();
+            call.attach(Box::new(Holder { _reservation: r }));
+        }
+        let CloseOutcome::Closed(report) = destroy_manager(h).unwrap() else {
+            panic!()
+        };
+        assert!(
+            report.is_empty(),
+            "attachment released in Drop is no leak: {report}"
+        );
+        assert_eq!(l.reserved(), 0);
+    }
+
+    #[test]
+    fn close_error_of_the_listener_is_returned() {
+        struct KeepsBytes;
+        impl ReservationListener for KeepsBytes {
+            fn reserve(&self, b: u64) -> Result<u64, ListenerError> {
+                Ok(b)
+            }
+            fn unreserve(&self, _: u64) -> Result<(), ListenerError> {
+                Err("no".into())
+            }
+        }
+        let h = create_manager(
+            "k".into(),
+            MemoryConfig::default(),
+            Arc::new(KeepsBytes),
+            DEFAULT_CLOSE_TIMEOUT,
+        )
+        .unwrap();
+        with_manager(h, |m| Ok(m.root().reservation("r").try_grow(1)?)).unwrap();
+        let err = destroy_manager(h).unwrap_err();
+        assert!(err.to_string().contains("failed to unreserve"), "{err}");
+        assert!(matches!(enter_manager(h), Err(Error::Handle(_))));
+    }
+
+    #[test]
+    fn many_threads_and_concurrent_close_never_use_a_closed_manager() {
+        for _ in 0..20 {
+            let (h, l) = new_manager(Duration::from_secs(10));
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        let mut ok = 0u64;
+                        loop {
+                            let r = with_manager(h, |m| {
+                                assert!(!m.is_closed(), "call ran on a closed manager");
+                                let r = m.root().reservation("w");
+                                r.try_grow(3 << 20)?;
+                                r.shrink(1 << 20)?;
+                                Ok(())
+                            });
+                            match r {
+                                Ok(()) => ok += 1,
+                                Err(Error::Handle(_)) | Err(Error::Closed(_)) => return ok,
+                                Err(e) => panic!("unexpected {e}"),
+                            }
+                        }
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_millis(5));
+            assert!(matches!(
+                destroy_manager(h).unwrap(),
+                CloseOutcome::Closed(_)
+            ));
+            for w in workers {
+                w.join().unwrap();
+            }
+            assert_eq!(l.reserved(), 0);
+        }
+    }
+}
