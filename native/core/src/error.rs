@@ -46,13 +46,15 @@ pub enum MemoryError {
     /// accounted for and will be given back.
     #[error("reservation listener broke its contract: {0}")]
     ListenerContract(String),
-    /// A spiller failed while freeing memory.
-    #[error("spiller '{spiller}' failed: {message}")]
+    /// A spiller failed while freeing memory. The spiller's own error is kept as the source (a
+    /// binding can find a Java exception in it).
+    #[error("spiller '{spiller}' failed: {source}")]
     Spill {
         /// Name the spiller was registered under.
         spiller: String,
-        /// What went wrong.
-        message: String,
+        /// What the spiller returned.
+        #[source]
+        source: ListenerError,
     },
     /// `free` of a pointer this manager did not allocate, or freed already.
     #[error("pointer {addr:#x} is not a live allocation of memory manager '{manager}'")]

@@ -70,6 +70,10 @@ pub(crate) struct Inner {
     /// Bytes currently claimed on the root by threads handing surplus back (see
     /// `claim_and_give_back`); a grow refused at the root while claims are in flight retries.
     claims: AtomicU64,
+    /// Grows currently spilling to make room for themselves. While > 0, memory freed by spillers
+    /// stays in the cushion instead of being handed back to the listener (hysteresis), so the
+    /// grow that caused the spill gets it rather than the JVM taking it back in between.
+    grow_spills: AtomicU64,
     closed: AtomicBool,
     ids: AtomicU64,
     pub(crate) consumers: Mutex<HashMap<u64, Arc<ConsumerState>>>,
@@ -114,6 +118,7 @@ impl MemoryManager {
                 root,
                 reserved: AtomicU64::new(0),
                 claims: AtomicU64::new(0),
+                grow_spills: AtomicU64::new(0),
                 closed: AtomicBool::new(false),
                 ids: AtomicU64::new(1),
                 consumers: Mutex::new(HashMap::new()),
@@ -308,7 +313,7 @@ impl Inner {
                     if !spilled {
                         spilled = true;
                         let need = refusal.used.saturating_add(bytes).saturating_sub(limit);
-                        if self.spill_within(need, Some(&refusal.node))? > 0 {
+                        if self.spill_for_grow(need, Some(&refusal.node))? > 0 {
                             continue;
                         }
                     }
@@ -327,7 +332,7 @@ impl Inner {
             // 2. The cushion. The fast path ends here: no listener call.
             let reserved = self.reserved.load(Ordering::SeqCst);
             if root_used <= reserved {
-                node.record_peaks();
+                self.grown(node, spilled);
                 return Ok(());
             }
             // What this call left uncovered (earlier deficits belong to other in-flight grows).
@@ -340,13 +345,13 @@ impl Inner {
                 }
             };
             if granted >= deficit {
-                node.record_peaks();
+                self.grown(node, spilled);
                 return Ok(());
             }
             node.uncharge(bytes);
             if !spilled {
                 spilled = true;
-                if self.spill_within(deficit - granted, None)? > 0 {
+                if self.spill_for_grow(deficit - granted, None)? > 0 {
                     continue;
                 }
             }
@@ -362,6 +367,17 @@ impl Inner {
                 bytes,
                 OomReason::ListenerDenied { requested, granted },
             ));
+        }
+    }
+
+    /// Bookkeeping after a successful grow: peaks, and if the grow spilled, surplus that the
+    /// spill left beyond the hysteresis band goes back to the listener now.
+    fn grown(&self, node: &PoolNode, spilled: bool) {
+        node.record_peaks();
+        if spilled {
+            if let Err(e) = self.release_surplus() {
+                log::warn!("[{}] handing back surplus after a spill: {e}", self.name);
+            }
         }
     }
 
@@ -421,6 +437,7 @@ impl Inner {
             .load(Ordering::SeqCst)
             .saturating_sub(root_used)
             > self.high_water()
+            && self.grow_spills.load(Ordering::SeqCst) == 0
         {
             self.release_surplus()?;
         }
@@ -495,6 +512,14 @@ impl Inner {
                 source,
             }),
         }
+    }
+
+    /// Spills on behalf of a grow: keeps what is freed in the cushion for the retry.
+    fn spill_for_grow(&self, target: u64, scope: Option<&PoolNode>) -> Result<u64> {
+        self.grow_spills.fetch_add(1, Ordering::SeqCst);
+        let result = self.spill_within(target, scope);
+        self.grow_spills.fetch_sub(1, Ordering::SeqCst);
+        result
     }
 
     pub(crate) fn spill_within(&self, target: u64, scope: Option<&PoolNode>) -> Result<u64> {

@@ -160,7 +160,7 @@ impl SpillerRegistry {
                 Err(e) => {
                     return Err(MemoryError::Spill {
                         spiller: entry.name.clone(),
-                        message: e.to_string(),
+                        source: Box::new(e),
                     })
                 }
             }

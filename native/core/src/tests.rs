@@ -230,6 +230,27 @@ fn refused_listener_triggers_a_native_spill_then_succeeds() {
 }
 
 #[test]
+fn memory_a_grow_spills_for_is_not_handed_back_before_the_retry() {
+    let (m, l) = capacity(32 * MIB);
+    let sp = HoldingSpiller::new(&m.pool("sort").unwrap(), "sorter", 30 * MIB);
+    let _reg = m
+        .pool("sort")
+        .unwrap()
+        .register_spiller("sorter", sp.clone());
+    assert_eq!((m.reserved(), l.reserve_calls()), (32 * MIB, 1));
+    let r = m.pool("join").unwrap().reservation("join");
+    r.try_grow(20 * MIB).unwrap();
+    // One refused reserve, then the spill's 30 MiB served the retry from the cushion: the
+    // listener never took memory back in between, and the surplus (12 MiB) is within two blocks.
+    assert_eq!((l.reserve_calls(), l.unreserve_calls()), (2, 0));
+    assert_eq!((m.used(), m.reserved()), (20 * MIB, 32 * MIB));
+    r.try_grow(MIB).unwrap();
+    drop(r);
+    assert_eq!(m.reserved(), BLOCK);
+    assert_eq!(l.reserved(), m.reserved());
+}
+
+#[test]
 fn refused_listener_without_spillers_is_out_of_memory_with_report() {
     let (m, l) = capacity(10 * MIB);
     let r = m.pool("sort").unwrap().reservation("sorter");

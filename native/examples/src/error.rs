@@ -69,7 +69,7 @@ impl SortError {
             SortError::Memory(e) => e,
             other => MemoryError::Spill {
                 spiller: spiller.to_string(),
-                message: other.to_string(),
+                source: Box::new(other),
             },
         }
     }

@@ -60,14 +60,24 @@ impl Error {
     /// The [`JavaException`] this error carries, if a Java listener threw it.
     pub fn java_exception(&self) -> Option<&JavaException> {
         match self {
-            Error::Memory(MemoryError::Listener { source, .. }) => {
-                match source.downcast_ref::<UpcallError>() {
-                    Some(UpcallError::Java(ex)) => Some(ex),
-                    _ => source.downcast_ref::<JavaException>(),
-                }
-            }
+            Error::Memory(e) => java_exception_in(e),
             _ => None,
         }
+    }
+}
+
+/// Finds a Java throwable in a core error: a listener upcall that threw, possibly inside a spiller
+/// that grew memory while spilling.
+fn java_exception_in(err: &MemoryError) -> Option<&JavaException> {
+    match err {
+        MemoryError::Listener { source, .. } => match source.downcast_ref::<UpcallError>() {
+            Some(UpcallError::Java(ex)) => Some(ex),
+            _ => source.downcast_ref::<JavaException>(),
+        },
+        MemoryError::Spill { source, .. } => source
+            .downcast_ref::<MemoryError>()
+            .and_then(java_exception_in),
+        _ => None,
     }
 }
 
@@ -377,7 +387,7 @@ mod tests {
             (
                 Error::Memory(MemoryError::Spill {
                     spiller: "s".into(),
-                    message: "disk full".into(),
+                    source: "disk full".into(),
                 }),
                 K::NativeMemory,
                 "spiller 's' failed: disk full".into(),
