@@ -1,0 +1,199 @@
+package org.nativemem.spark;
+
+import java.util.Arrays;
+import java.util.Collections;
+import java.util.List;
+import java.util.Locale;
+import java.util.Map;
+import java.util.OptionalLong;
+import java.util.TreeMap;
+
+import org.apache.spark.SparkConf;
+import org.apache.spark.network.util.JavaUtils;
+import org.nativemem.NativeMemoryConfig;
+
+import scala.Tuple2;
+
+/**
+ * The validated {@code spark.nativemem.*} settings of an application. Immutable.
+ *
+ * <table>
+ *   <caption>Settings</caption>
+ *   <tr><th>key</th><th>default</th><th>meaning</th></tr>
+ *   <tr><td>{@value #RESERVATION_BLOCK_SIZE}</td><td>{@value #DEFAULT_RESERVATION_BLOCK_SIZE}</td>
+ *       <td>bytes a task's native manager asks Spark for at a time (a Spark size string:
+ *       {@code 8m}, {@code 64k}, {@code 1g}, plain numbers are bytes). Larger blocks mean fewer
+ *       JVM calls and more memory held from Spark ahead of use.</td></tr>
+ *   <tr><td>{@value #TASK_LIMIT}</td><td>none</td>
+ *       <td>upper bound on the native memory one task attempt may use, whatever Spark would
+ *       grant; a request beyond it (after spilling) fails with
+ *       {@link org.nativemem.NativeOutOfMemoryException}.</td></tr>
+ *   <tr><td>{@value #LOG_USAGE_ON_OOM}</td><td>{@code true}</td>
+ *       <td>when a task fails with a native out-of-memory error, log the task's native usage
+ *       report and the effective configuration.</td></tr>
+ * </table>
+ *
+ * <p>Parsing is strict so a typo fails the application at start instead of being ignored: an
+ * unknown key under {@value #PREFIX}, a malformed size, a size of 0 or a boolean other than
+ * {@code true}/{@code false} is an {@link IllegalArgumentException} naming the key, the value
+ * and what is expected. The driver plugin checks this when the {@code SparkContext} starts.
+ */
+public final class NativeMemorySparkConf {
+    /** Prefix of every nativemem setting. */
+    public static final String PREFIX = "spark.nativemem.";
+    /** Reservation block size key. */
+    public static final String RESERVATION_BLOCK_SIZE = "spark.nativemem.reservationBlockSize";
+    /** Default of {@link #RESERVATION_BLOCK_SIZE}: 8 MiB. */
+    public static final String DEFAULT_RESERVATION_BLOCK_SIZE = "8m";
+    /** Task limit key (no default: unlimited). */
+    public static final String TASK_LIMIT = "spark.nativemem.taskLimit";
+    /** Log-on-OOM key. */
+    public static final String LOG_USAGE_ON_OOM = "spark.nativemem.logUsageOnOom";
+    /** Default of {@link #LOG_USAGE_ON_OOM}. */
+    public static final boolean DEFAULT_LOG_USAGE_ON_OOM = true;
+    /** Spark's switch for off-heap execution memory; decides the consumer's memory mode. */
+    public static final String SPARK_OFF_HEAP_ENABLED = "spark.memory.offHeap.enabled";
+
+    /** Every key this class knows, sorted. */
+    public static final List<String> KEYS = Collections.unmodifiableList(
+            Arrays.asList(LOG_USAGE_ON_OOM, RESERVATION_BLOCK_SIZE, TASK_LIMIT));
+
+    private static final NativeMemorySparkConf DEFAULTS = parse(Collections.<String, String>emptyMap());
+
+    private final long reservationBlockSizeBytes;
+    /** -1: none. */
+    private final long taskLimitBytes;
+    private final boolean logUsageOnOom;
+    private final boolean offHeapEnabled;
+    private final NativeMemoryConfig nativeConfig;
+
+    private NativeMemorySparkConf(long reservationBlockSizeBytes, long taskLimitBytes, boolean logUsageOnOom,
+            boolean offHeapEnabled) {
+        this.reservationBlockSizeBytes = reservationBlockSizeBytes;
+        this.taskLimitBytes = taskLimitBytes;
+        this.logUsageOnOom = logUsageOnOom;
+        this.offHeapEnabled = offHeapEnabled;
+        NativeMemoryConfig c = NativeMemoryConfig.defaults().withReservationBlockSize(reservationBlockSizeBytes);
+        this.nativeConfig = taskLimitBytes < 0 ? c : c.withTaskLimit(taskLimitBytes);
+    }
+
+    /** @return the settings when nothing is configured */
+    public static NativeMemorySparkConf defaults() {
+        return DEFAULTS;
+    }
+
+    /**
+     * Reads and validates the settings of {@code conf}.
+     *
+     * @param conf the application's configuration
+     * @return the settings
+     * @throws IllegalArgumentException if a {@code spark.nativemem.*} setting is unknown or invalid
+     */
+    public static NativeMemorySparkConf fromSparkConf(SparkConf conf) {
+        Map<String, String> settings = new TreeMap<>();
+        for (Tuple2<String, String> kv : conf.getAll()) {
+            String key = kv._1();
+            if (key.startsWith(PREFIX) || key.equals(SPARK_OFF_HEAP_ENABLED)) {
+                settings.put(key, kv._2());
+            }
+        }
+        return parse(settings);
+    }
+
+    /**
+     * Validates settings given as a map (keys that do not start with {@value #PREFIX} are
+     * ignored, except {@value #SPARK_OFF_HEAP_ENABLED}).
+     *
+     * @param settings configuration keys and values
+     * @return the settings
+     * @throws IllegalArgumentException if a {@code spark.nativemem.*} setting is unknown or invalid
+     */
+    public static NativeMemorySparkConf parse(Map<String, String> settings) {
+        for (String key : new TreeMap<>(settings).keySet()) {
+            if (key.startsWith(PREFIX) && !KEYS.contains(key)) {
+                throw new IllegalArgumentException("nativemem: unknown setting " + key + "=" + settings.get(key)
+                        + "; the settings are " + String.join(", ", KEYS));
+            }
+        }
+        long block = size(settings, RESERVATION_BLOCK_SIZE, DEFAULT_RESERVATION_BLOCK_SIZE);
+        if (block > NativeMemoryConfig.MAX_RESERVATION_BLOCK_BYTES) {
+            throw invalid(RESERVATION_BLOCK_SIZE, settings.get(RESERVATION_BLOCK_SIZE),
+                    "at most " + NativeMemoryConfig.MAX_RESERVATION_BLOCK_BYTES + " bytes");
+        }
+        long limit = settings.get(TASK_LIMIT) == null ? -1 : size(settings, TASK_LIMIT, null);
+        boolean log = bool(settings, LOG_USAGE_ON_OOM, DEFAULT_LOG_USAGE_ON_OOM);
+        // Spark itself validates its own key; an unparsable value is left for Spark to report.
+        String offHeap = settings.get(SPARK_OFF_HEAP_ENABLED);
+        boolean offHeapEnabled = offHeap != null && offHeap.trim().equalsIgnoreCase("true");
+        return new NativeMemorySparkConf(block, limit, log, offHeapEnabled);
+    }
+
+    private static long size(Map<String, String> settings, String key, String dflt) {
+        String value = settings.get(key);
+        if (value == null) {
+            value = dflt;
+        }
+        long bytes;
+        try {
+            bytes = JavaUtils.byteStringAsBytes(value);
+        } catch (RuntimeException e) {
+            throw invalid(key, value, "a size such as 8m, 64k, 1g or a number of bytes (" + e.getMessage() + ")");
+        }
+        if (bytes <= 0) {
+            throw invalid(key, value, "a size greater than 0");
+        }
+        return bytes;
+    }
+
+    private static boolean bool(Map<String, String> settings, String key, boolean dflt) {
+        String value = settings.get(key);
+        if (value == null) {
+            return dflt;
+        }
+        String v = value.trim().toLowerCase(Locale.ROOT);
+        if (v.equals("true")) {
+            return true;
+        }
+        if (v.equals("false")) {
+            return false;
+        }
+        throw invalid(key, value, "true or false");
+    }
+
+    private static IllegalArgumentException invalid(String key, String value, String expected) {
+        return new IllegalArgumentException("nativemem: invalid " + key + "='" + value + "': expected " + expected);
+    }
+
+    /** @return bytes a task's manager asks Spark for at a time */
+    public long reservationBlockSizeBytes() {
+        return reservationBlockSizeBytes;
+    }
+
+    /** @return the per-task native limit in bytes, or empty for none */
+    public OptionalLong taskLimitBytes() {
+        return taskLimitBytes < 0 ? OptionalLong.empty() : OptionalLong.of(taskLimitBytes);
+    }
+
+    /** @return whether a native out-of-memory task failure logs the usage report */
+    public boolean logUsageOnOom() {
+        return logUsageOnOom;
+    }
+
+    /** @return whether {@value #SPARK_OFF_HEAP_ENABLED} is {@code true} (the consumer is OFF_HEAP then) */
+    public boolean offHeapEnabled() {
+        return offHeapEnabled;
+    }
+
+    /** @return the native manager configuration these settings describe */
+    public NativeMemoryConfig toNativeConfig() {
+        return nativeConfig;
+    }
+
+    /** @return the effective settings, one {@code key=value} each, sizes in human units */
+    @Override
+    public String toString() {
+        return RESERVATION_BLOCK_SIZE + "=" + Sizes.human(reservationBlockSizeBytes) + ", " + TASK_LIMIT + "="
+                + (taskLimitBytes < 0 ? "none" : Sizes.human(taskLimitBytes)) + ", " + LOG_USAGE_ON_OOM + "="
+                + logUsageOnOom + ", " + SPARK_OFF_HEAP_ENABLED + "=" + offHeapEnabled;
+    }
+}

@@ -1,0 +1,301 @@
+package org.nativemem.spark;
+
+import java.io.IOException;
+import java.util.concurrent.atomic.AtomicBoolean;
+import java.util.concurrent.atomic.AtomicLong;
+
+import org.apache.spark.TaskContext;
+import org.apache.spark.memory.MemoryConsumer;
+import org.apache.spark.memory.MemoryMode;
+import org.apache.spark.memory.TaskMemoryManager;
+import org.nativemem.NativeMemoryException;
+import org.nativemem.NativeMemoryManager;
+import org.nativemem.ReservationListener;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
+
+/**
+ * The bridge between a task's {@link NativeMemoryManager} and Spark's {@link TaskMemoryManager}:
+ * a {@link MemoryConsumer} of the task whose bytes are the native manager's reserved bytes.
+ *
+ * <pre>
+ *   native grow ──cushion empty──▶ reserve(n)   ──▶ TaskMemoryManager.acquireExecutionMemory(n, this)
+ *                                                    (Spark may spill other consumers for it)
+ *   native release / close ──────▶ unreserve(n) ──▶ TaskMemoryManager.releaseExecutionMemory(n, this)
+ *   Spark needs memory ──────────▶ spill(n, trigger) ──▶ manager.releaseAndSpill(n): unused cushion
+ *                                                    first, then native spillers; returns the bytes
+ *                                                    unreserve()d during the call
+ * </pre>
+ *
+ * <h2>Memory mode</h2>
+ * {@link MemoryMode#OFF_HEAP} when {@code spark.memory.offHeap.enabled=true}: native memory is
+ * then budgeted by {@code spark.memory.offHeap.size}, which is what it is. Otherwise
+ * {@link MemoryMode#ON_HEAP}: native bytes are counted against the JVM heap's execution pool
+ * (Spark has no other budget to give), logged once per JVM as a warning. Spark answers an
+ * OFF_HEAP request with 0 bytes, silently, when off-heap memory is disabled; this class refuses to
+ * be built in that state ({@link IllegalStateException}) instead of accepting such grants.
+ *
+ * <h2>Threads and locks</h2>
+ * {@link #reserve(long)} and {@link #unreserve(long)} may be called from any thread (task threads,
+ * native operator threads). Both hold the {@code TaskMemoryManager}'s monitor while they call it
+ * and update {@link #getUsed()}: that is the lock Spark itself takes in
+ * {@code acquireExecutionMemory}, so the lock order is unchanged and {@code used} is consistent
+ * with what Spark reads under the same monitor ({@code MemoryConsumer.acquireMemory} alone is not
+ * thread-safe). Spark calls {@link #spill(long, MemoryConsumer)} while holding that monitor;
+ * {@code spill} takes no other lock (the native side holds none during upcalls), so a native
+ * thread blocked in {@code reserve} cannot deadlock against it.
+ *
+ * <h2>Lifecycle</h2>
+ * Created before its manager (the manager needs the listener), then {@linkplain #attach attached}.
+ * {@link TaskNativeMemory} closes the manager in a task completion listener; from the moment the
+ * close starts {@code spill} returns 0 (a spill racing with close on another thread is answered
+ * with nothing, never an exception) and {@code reserve} grants nothing. After the close the
+ * listener is detached from Spark: Spark cleans up the task's memory right after its completion
+ * listeners, so a late {@code unreserve} (a close deferred by a straggling native thread) only
+ * updates this object's count and does not release memory Spark already reclaimed.
+ */
+public final class SparkReservationListener extends MemoryConsumer implements ReservationListener {
+    private static final Logger LOG = LoggerFactory.getLogger(SparkReservationListener.class);
+    private static final AtomicBoolean ON_HEAP_WARNED = new AtomicBoolean();
+
+    private static final int OPEN = 0;
+    private static final int CLOSING = 1;
+    private static final int DETACHED = 2;
+
+    private final String taskName;
+    private volatile NativeMemoryManager manager;
+    private volatile int state = OPEN;
+    /** Highest {@code used}; guarded by the TaskMemoryManager's monitor. */
+    private long peakUsed;
+    private final AtomicLong spillRequests = new AtomicLong();
+    private final AtomicLong spilledBytes = new AtomicLong();
+    private final AtomicLong reserveRequests = new AtomicLong();
+    private final AtomicLong shortGrants = new AtomicLong();
+
+    /**
+     * Creates a consumer of {@code tmm} in the given mode.
+     *
+     * @param tmm the task's memory manager
+     * @param mode {@code OFF_HEAP} only if Spark's off-heap execution memory is enabled
+     * @param taskName the task in logs and in Spark's memory usage dumps, e.g. {@code "task 12 (stage 3.0)"}
+     * @throws IllegalStateException if {@code mode} is {@code OFF_HEAP} but the task memory manager
+     *     has no off-heap memory ({@code spark.memory.offHeap.enabled=false}): Spark would grant 0
+     *     bytes to every request
+     */
+    public SparkReservationListener(TaskMemoryManager tmm, MemoryMode mode, String taskName) {
+        super(tmm, tmm.pageSizeBytes(), mode);
+        this.taskName = taskName;
+        if (mode == MemoryMode.OFF_HEAP && tmm.getTungstenMemoryMode() != MemoryMode.OFF_HEAP) {
+            throw new IllegalStateException("nativemem: " + taskName + ": an OFF_HEAP consumer needs "
+                    + NativeMemorySparkConf.SPARK_OFF_HEAP_ENABLED + "=true and spark.memory.offHeap.size > 0;"
+                    + " with off-heap memory disabled Spark grants 0 bytes OFF_HEAP to every request");
+        }
+    }
+
+    /**
+     * Creates the consumer for a task, in the mode its configuration calls for (see the class
+     * documentation), logging the ON_HEAP warning once per JVM.
+     *
+     * @param ctx the task
+     * @param conf the application's nativemem settings
+     * @return a new consumer, not yet attached
+     */
+    public static SparkReservationListener forTask(TaskContext ctx, NativeMemorySparkConf conf) {
+        MemoryMode mode = conf.offHeapEnabled() ? MemoryMode.OFF_HEAP : MemoryMode.ON_HEAP;
+        if (mode == MemoryMode.ON_HEAP) {
+            warnOnHeapOnce();
+        }
+        return new SparkReservationListener(ctx.taskMemoryManager(), mode, taskName(ctx));
+    }
+
+    /** Logs, once per JVM (driver and executor share one in local mode), that ON_HEAP is used. */
+    static void warnOnHeapOnce() {
+        if (ON_HEAP_WARNED.compareAndSet(false, true)) {
+            LOG.warn("nativemem: {} is false: native memory is accounted against Spark's ON_HEAP execution"
+                    + " memory (the JVM heap). Set {}=true and spark.memory.offHeap.size to give native memory"
+                    + " its own budget.", NativeMemorySparkConf.SPARK_OFF_HEAP_ENABLED,
+                    NativeMemorySparkConf.SPARK_OFF_HEAP_ENABLED);
+        }
+    }
+
+    static String taskName(TaskContext ctx) {
+        return "task " + ctx.taskAttemptId() + " (stage " + ctx.stageId() + "." + ctx.stageAttemptNumber()
+                + ", partition " + ctx.partitionId() + ", attempt " + ctx.attemptNumber() + ")";
+    }
+
+    /**
+     * Connects the manager this listener serves, so {@link #spill(long, MemoryConsumer)} can reach
+     * it. Call once, right after {@code NativeMemoryManager.create(name, this, config)}.
+     *
+     * @param manager the manager created with this listener
+     * @throws IllegalStateException if a manager is attached already
+     */
+    public void attach(NativeMemoryManager manager) {
+        synchronized (this) {
+            if (this.manager != null) {
+                throw new IllegalStateException("nativemem: " + taskName + ": a manager is attached already");
+            }
+            this.manager = manager;
+        }
+    }
+
+    /** From now on spill returns 0 and reserve grants nothing (the manager is being closed). */
+    void beginClose() {
+        if (state == OPEN) {
+            state = CLOSING;
+        }
+    }
+
+    /** From now on unreserve no longer calls Spark (Spark cleans up the task's memory itself). */
+    void detach() {
+        state = DETACHED;
+    }
+
+    /**
+     * Asks Spark for {@code bytes} of execution memory for the native manager. Spark may spill
+     * other consumers of the task (JVM operators) to grant it.
+     *
+     * @param bytes bytes wanted, {@code > 0}
+     * @return bytes granted, {@code 0 <= granted <= bytes}; 0 once the manager is closing
+     */
+    @Override
+    public long reserve(long bytes) {
+        if (bytes <= 0 || state != OPEN) {
+            return 0;
+        }
+        reserveRequests.incrementAndGet();
+        long granted;
+        synchronized (taskMemoryManager) {
+            granted = taskMemoryManager.acquireExecutionMemory(bytes, this);
+            used += granted;
+            if (used > peakUsed) {
+                peakUsed = used;
+            }
+        }
+        if (granted < bytes) {
+            shortGrants.incrementAndGet();
+            LOG.debug("nativemem: {}: Spark granted {} of {} asked ({})", taskName, Sizes.human(granted),
+                    Sizes.human(bytes), getMode());
+        }
+        return granted;
+    }
+
+    /**
+     * Gives {@code bytes} back to Spark.
+     *
+     * @param bytes bytes released, {@code > 0}
+     * @throws IllegalStateException if {@code bytes} exceeds what this consumer holds (the native
+     *     side then keeps counting them; nothing changes here or in Spark)
+     */
+    @Override
+    public void unreserve(long bytes) {
+        if (bytes <= 0) {
+            return;
+        }
+        synchronized (taskMemoryManager) {
+            if (bytes > used) {
+                throw new IllegalStateException("nativemem: " + taskName + ": asked to release " + bytes
+                        + " bytes but holds only " + used + " bytes from Spark");
+            }
+            if (state != DETACHED) {
+                taskMemoryManager.releaseExecutionMemory(bytes, this);
+            }
+            used -= bytes;
+        }
+    }
+
+    /**
+     * Spark wants memory back (another consumer of the task, or this one, needs it): hands back
+     * the manager's unused reserved bytes, then spills native consumers. The bytes are released
+     * to Spark through {@link #unreserve(long)} before this returns.
+     *
+     * @param size bytes Spark wants
+     * @param trigger the consumer that needs them
+     * @return bytes released to Spark during this call; 0 if there was nothing to give, or the
+     *     manager is not attached, closing or closed
+     * @throws IOException if a native spiller or the release failed (Spark reports it as an
+     *     out-of-memory error of the requesting consumer); the cause is kept
+     */
+    @Override
+    public long spill(long size, MemoryConsumer trigger) throws IOException {
+        NativeMemoryManager m = manager;
+        if (size <= 0 || m == null || state != OPEN) {
+            return 0;
+        }
+        spillRequests.incrementAndGet();
+        long released;
+        try {
+            released = m.releaseAndSpill(size);
+        } catch (IllegalStateException e) {
+            if (m.isClosed() || state != OPEN) {
+                return 0; // closed concurrently: nothing to give, and not an error
+            }
+            throw e;
+        } catch (NativeMemoryException e) {
+            throw new IOException("nativemem: " + taskName + ": giving " + Sizes.human(size)
+                    + " of native memory back to Spark failed: " + e.getMessage(), e);
+        }
+        spilledBytes.addAndGet(released);
+        TaskNativeMemory.recordSparkSpill(released);
+        if (released > 0) {
+            LOG.info("nativemem: {}: Spark asked for {} (for {}), released {}", taskName, Sizes.human(size),
+                    trigger == this ? "itself" : trigger, Sizes.human(released));
+        } else {
+            LOG.debug("nativemem: {}: Spark asked for {} (for {}), nothing to release", taskName,
+                    Sizes.human(size), trigger == this ? "itself" : trigger);
+        }
+        return released;
+    }
+
+    /** @return the manager attached, or null */
+    public NativeMemoryManager manager() {
+        return manager;
+    }
+
+    /** @return the task this consumer belongs to, as it appears in logs */
+    public String taskName() {
+        return taskName;
+    }
+
+    /** @return the highest {@link #getUsed()} so far: the task's peak native memory held from Spark, bytes */
+    public long peakUsedBytes() {
+        synchronized (taskMemoryManager) {
+            return peakUsed;
+        }
+    }
+
+    /**
+     * @return bytes held from Spark now; read under the task memory manager's monitor, so it is
+     *     consistent with concurrent reserve/unreserve calls (unlike {@link #getUsed()})
+     */
+    public long heldBytes() {
+        synchronized (taskMemoryManager) {
+            return used;
+        }
+    }
+
+    /** @return calls of {@link #spill(long, MemoryConsumer)} that reached the manager */
+    public long spillRequests() {
+        return spillRequests.get();
+    }
+
+    /** @return bytes released to Spark by those spill calls */
+    public long spilledBytes() {
+        return spilledBytes.get();
+    }
+
+    /** @return calls of {@link #reserve(long)} that asked Spark */
+    public long reserveRequests() {
+        return reserveRequests.get();
+    }
+
+    /** @return reserve calls Spark answered with less than asked */
+    public long shortGrants() {
+        return shortGrants.get();
+    }
+
+    @Override
+    public String toString() {
+        return "nativemem[" + taskName + ", " + getMode() + "]";
+    }
+}

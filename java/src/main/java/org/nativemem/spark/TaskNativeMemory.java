@@ -1,0 +1,423 @@
+package org.nativemem.spark;
+
+import java.util.concurrent.ConcurrentHashMap;
+import java.util.concurrent.atomic.AtomicLong;
+
+import org.apache.spark.SparkConf;
+import org.apache.spark.SparkEnv;
+import org.apache.spark.TaskContext;
+import org.apache.spark.util.TaskCompletionListener;
+import org.apache.spark.util.TaskFailureListener;
+import org.nativemem.NativeMemoryManager;
+import org.nativemem.NativeMemoryStats;
+import org.nativemem.NativeOutOfMemoryException;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
+
+/**
+ * The native memory manager of the current Spark task attempt.
+ *
+ * <pre>{@code
+ * // inside a task (mapPartitions, a DataSource reader, a native operator's JNI entry point):
+ * NativeMemoryManager mm = TaskNativeMemory.get();
+ * long handle = mm.handle();                       // hand to native code of the same task
+ * try (NativeReservation r = mm.reserve("scan/arrow", 16L << 20)) { ... }
+ * }</pre>
+ *
+ * <h2>Contract</h2>
+ * <ul>
+ *   <li>{@link #get()} returns the same manager for every call of one task attempt (from any
+ *       thread, via {@link #get(TaskContext)} for threads the task started); the first call
+ *       creates it, thread-safely, with a {@link SparkReservationListener} of the task's
+ *       {@code TaskMemoryManager} and the {@code spark.nativemem.*} settings
+ *       ({@link NativeMemorySparkConf}).
+ *   <li>The first call also registers a task completion listener that closes the manager when
+ *       the task ends — on success, failure and kill alike. Spark runs completion listeners
+ *       inside the task, before its own managed-memory leak check, so every byte the manager
+ *       reserved from Spark is back when Spark checks. Native memory still in use at that point
+ *       (an operator that did not release it, typically a failed or killed task) is freed by the
+ *       close and logged; for a task that succeeded it is a leak, and with
+ *       {@code spark.unsafe.exceptionOnMemoryLeak=true} it fails the task as Spark does for its
+ *       own leaks.
+ *   <li>A failure listener registered at the same time logs, when the task fails with a
+ *       {@link NativeOutOfMemoryException} and {@code spark.nativemem.logUsageOnOom=true}, the
+ *       task's native usage report, what it holds from Spark and the effective settings.
+ *   <li>Outside a task (no {@link TaskContext} on the thread), after the task completed, or once
+ *       the manager is closed: {@link IllegalStateException}.
+ *   <li>The manager is owned by the task: do not close it yourself (closing early is harmless,
+ *       the completion listener then only records the totals).
+ * </ul>
+ *
+ * <p>Executor-wide totals of the live managers and counters since the JVM started are in
+ * {@link #executorStats()}, published as metrics by {@link NativeMemoryPlugin}.
+ */
+public final class TaskNativeMemory {
+    private static final Logger LOG = LoggerFactory.getLogger(TaskNativeMemory.class);
+    private static final String EXCEPTION_ON_LEAK = "spark.unsafe.exceptionOnMemoryLeak";
+
+    /** Live task managers by task attempt id (unique within an application). */
+    private static final ConcurrentHashMap<Long, TaskEntry> LIVE = new ConcurrentHashMap<>();
+
+    private static final AtomicLong CREATED = new AtomicLong();
+    private static final AtomicLong CLOSED = new AtomicLong();
+    private static final AtomicLong MAX_PEAK = new AtomicLong();
+    private static final AtomicLong CLOSED_SPILL_COUNT = new AtomicLong();
+    private static final AtomicLong CLOSED_SPILLED_BYTES = new AtomicLong();
+    private static final AtomicLong SPARK_SPILL_REQUESTS = new AtomicLong();
+    private static final AtomicLong SPARK_SPILLED_BYTES = new AtomicLong();
+    private static final AtomicLong RECLAIMED_AT_CLOSE = new AtomicLong();
+    private static final AtomicLong UNRETURNED = new AtomicLong();
+    private static final AtomicLong CLOSE_FAILURES = new AtomicLong();
+    private static final AtomicLong OOM_FAILURES = new AtomicLong();
+
+    private TaskNativeMemory() {
+    }
+
+    /**
+     * Returns the current task attempt's manager, creating it on first use.
+     *
+     * @return the manager; owned by the task, do not close it
+     * @throws IllegalStateException if the calling thread is not running a Spark task, or the task
+     *     has completed
+     * @throws IllegalArgumentException if a {@code spark.nativemem.*} setting is invalid
+     * @throws UnsatisfiedLinkError if the native library cannot be loaded
+     */
+    public static NativeMemoryManager get() {
+        return get(requireTask("get()"));
+    }
+
+    /**
+     * Returns the manager of the task attempt {@code ctx}, creating it on first use. For threads
+     * the task started (they have no {@code TaskContext} of their own): capture
+     * {@code TaskContext.get()} on the task thread and pass it.
+     *
+     * @param ctx a running task
+     * @return the manager; owned by the task, do not close it
+     * @throws IllegalStateException if the task has completed
+     * @throws IllegalArgumentException if a {@code spark.nativemem.*} setting is invalid
+     * @throws UnsatisfiedLinkError if the native library cannot be loaded
+     */
+    public static NativeMemoryManager get(TaskContext ctx) {
+        if (ctx == null) {
+            throw new IllegalStateException("nativemem: TaskNativeMemory.get(null): no task");
+        }
+        long id = ctx.taskAttemptId();
+        TaskEntry entry = LIVE.get(id);
+        if (entry == null) {
+            TaskEntry fresh = new TaskEntry(ctx);
+            entry = LIVE.putIfAbsent(id, fresh);
+            if (entry == null) {
+                entry = fresh;
+            }
+        }
+        if (entry.ctx != ctx) {
+            throw new IllegalStateException("nativemem: task attempt " + id + " already has a native memory manager"
+                    + " of another TaskContext (" + entry.name + "); it was not closed when its task ended");
+        }
+        return entry.manager();
+    }
+
+    /**
+     * @return the current task's manager if {@link #get()} created one and it is open, else null
+     *     (never creates one; null outside a task)
+     */
+    public static NativeMemoryManager getIfCreated() {
+        TaskContext ctx = TaskContext.get();
+        TaskEntry entry = ctx == null ? null : LIVE.get(ctx.taskAttemptId());
+        return entry == null || entry.closed ? null : entry.published;
+    }
+
+    /**
+     * @return the Spark consumer behind the current task's manager, or null if there is none (for
+     *     diagnostics and tests: {@link SparkReservationListener#heldBytes()} is what Spark counts)
+     */
+    public static SparkReservationListener listener() {
+        TaskContext ctx = TaskContext.get();
+        TaskEntry entry = ctx == null ? null : LIVE.get(ctx.taskAttemptId());
+        return entry == null || entry.published == null ? null : entry.listener;
+    }
+
+    /**
+     * Totals over this JVM's live task managers and counters since the JVM started (see
+     * {@link ExecutorNativeMemoryStats}). Cheap enough for a metrics poll: a few native reads per
+     * running task.
+     *
+     * @return a snapshot
+     */
+    public static ExecutorNativeMemoryStats executorStats() {
+        long live = 0;
+        long used = 0;
+        long reserved = 0;
+        long held = 0;
+        long peak = MAX_PEAK.get();
+        long spillCount = CLOSED_SPILL_COUNT.get();
+        long spilledBytes = CLOSED_SPILLED_BYTES.get();
+        for (TaskEntry entry : LIVE.values()) {
+            NativeMemoryManager m = entry.published;
+            if (m == null || entry.closed) {
+                continue;
+            }
+            NativeMemoryStats s;
+            try {
+                s = m.stats();
+            } catch (IllegalStateException closedMeanwhile) {
+                continue;
+            }
+            live++;
+            used += s.usedBytes();
+            reserved += s.reservedBytes();
+            peak = Math.max(peak, s.peakBytes());
+            spillCount += s.spillCount();
+            spilledBytes += s.spilledBytes();
+            held += entry.listener.getUsed();
+        }
+        return new ExecutorNativeMemoryStats(live, used, reserved, held, peak, spillCount, spilledBytes,
+                SPARK_SPILL_REQUESTS.get(), SPARK_SPILLED_BYTES.get(), CREATED.get(), CLOSED.get(),
+                RECLAIMED_AT_CLOSE.get(), UNRETURNED.get(), CLOSE_FAILURES.get(), OOM_FAILURES.get());
+    }
+
+    static void recordSparkSpill(long released) {
+        SPARK_SPILL_REQUESTS.incrementAndGet();
+        SPARK_SPILLED_BYTES.addAndGet(released);
+    }
+
+    static TaskContext requireTask(String what) {
+        TaskContext ctx = TaskContext.get();
+        if (ctx == null) {
+            throw new IllegalStateException("nativemem: TaskNativeMemory." + what + " called outside a Spark task"
+                    + " (thread '" + Thread.currentThread().getName() + "' has no TaskContext); call it from task"
+                    + " code, or pass the task's TaskContext to get(TaskContext) from threads the task started");
+        }
+        return ctx;
+    }
+
+    private static void updateMax(AtomicLong max, long value) {
+        long cur = max.get();
+        while (value > cur && !max.compareAndSet(cur, value)) {
+            cur = max.get();
+        }
+    }
+
+    /**
+     * Whether a {@link NativeMemoryManager#closeReport()} reports leaks. The report of a clean
+     * close is documented as {@code "'<name>' closed with no leaks"}.
+     */
+    static boolean hasLeaks(String closeReport) {
+        return closeReport != null && !closeReport.endsWith("closed with no leaks");
+    }
+
+    private static Throwable findOom(Throwable error) {
+        for (Throwable t = error; t != null; t = t.getCause() == t ? null : t.getCause()) {
+            if (t instanceof NativeOutOfMemoryException) {
+                return t;
+            }
+        }
+        return null;
+    }
+
+    /** One task attempt: its manager, created on first use, closed at completion. */
+    private static final class TaskEntry {
+        final TaskContext ctx;
+        final long id;
+        final String name;
+        /** Set once, under this entry's monitor, before {@link #published}. */
+        SparkReservationListener listener;
+        NativeMemorySparkConf conf;
+        /** The open manager, or null before creation. */
+        volatile NativeMemoryManager published;
+        volatile boolean closed;
+        /** Guarded by this. */
+        private boolean listenersRegistered;
+
+        TaskEntry(TaskContext ctx) {
+            this.ctx = ctx;
+            this.id = ctx.taskAttemptId();
+            this.name = SparkReservationListener.taskName(ctx);
+        }
+
+        NativeMemoryManager manager() {
+            NativeMemoryManager m = published;
+            if (m != null && !closed) {
+                return m;
+            }
+            synchronized (this) {
+                if (closed) {
+                    throw new IllegalStateException("nativemem: " + name
+                            + " has completed; its native memory manager is closed");
+                }
+                if (published != null) {
+                    return published;
+                }
+                if (ctx.isCompleted()) {
+                    throw new IllegalStateException("nativemem: " + name
+                            + " has completed; a native memory manager cannot be created for it any more");
+                }
+                try {
+                    return create();
+                } catch (RuntimeException | Error e) {
+                    if (published == null) { // nothing was created: forget the entry
+                        LIVE.remove(id, this);
+                    }
+                    throw e;
+                }
+            }
+        }
+
+        /** Under this entry's monitor. */
+        private NativeMemoryManager create() {
+            SparkEnv env = SparkEnv.get();
+            if (env == null) {
+                throw new IllegalStateException("nativemem: " + name + ": no SparkEnv in this JVM");
+            }
+            SparkConf sparkConf = env.conf();
+            NativeMemorySparkConf settings = NativeMemorySparkConf.fromSparkConf(sparkConf);
+            boolean exceptionOnLeak = sparkConf.getBoolean(EXCEPTION_ON_LEAK, false);
+            SparkReservationListener l = SparkReservationListener.forTask(ctx, settings);
+            NativeMemoryManager m = NativeMemoryManager.create(name, l, settings.toNativeConfig());
+            l.attach(m);
+            this.listener = l;
+            this.conf = settings;
+            CREATED.incrementAndGet();
+            // Published before the listeners are registered: Spark runs a completion listener
+            // added to a task that completed meanwhile right away, and it must find the manager.
+            published = m;
+            try {
+                registerListeners(exceptionOnLeak);
+            } catch (RuntimeException | Error e) {
+                complete(false);
+                throw e;
+            }
+            if (closed) { // the task completed concurrently and the listener already ran
+                throw new IllegalStateException("nativemem: " + name + " has completed; its native memory manager is closed");
+            }
+            LOG.debug("nativemem: {}: created native memory manager ({}, {})", name, l.getMode(), settings);
+            return m;
+        }
+
+        private void registerListeners(final boolean exceptionOnLeak) {
+            if (listenersRegistered) {
+                return;
+            }
+            listenersRegistered = true;
+            // Failure listeners run before completion listeners, while the manager is still open.
+            ctx.addTaskFailureListener(new TaskFailureListener() {
+                @Override
+                public void onTaskFailure(TaskContext context, Throwable error) {
+                    onFailure(error);
+                }
+            });
+            ctx.addTaskCompletionListener(new TaskCompletionListener() {
+                @Override
+                public void onTaskCompletion(TaskContext context) {
+                    complete(exceptionOnLeak);
+                }
+            });
+        }
+
+        private void onFailure(Throwable error) {
+            try {
+                Throwable oom = findOom(error);
+                if (oom == null) {
+                    return;
+                }
+                OOM_FAILURES.incrementAndGet();
+                NativeMemoryManager m = published; // read first: publishes conf and listener
+                if (conf == null || !conf.logUsageOnOom() || m == null) {
+                    return;
+                }
+                String report;
+                try {
+                    report = m.usageReport();
+                } catch (IllegalStateException closedMeanwhile) {
+                    report = "(manager closed)";
+                }
+                String first = String.valueOf(oom.getMessage());
+                int nl = first.indexOf('\n');
+                LOG.error("nativemem: {} failed with a native out-of-memory error: {}\n"
+                        + "Native usage when the task failed:\n{}\n"
+                        + "Held from Spark: {} {} (peak {}); Spark spill requests: {} ({} released); "
+                        + "Spark granted less than asked {} times.\nEffective config: {}, {}",
+                        name, nl < 0 ? first : first.substring(0, nl), report, Sizes.human(listener.heldBytes()),
+                        listener.getMode(), Sizes.human(listener.peakUsedBytes()), listener.spillRequests(),
+                        Sizes.human(listener.spilledBytes()), listener.shortGrants(), conf, m.config());
+            } catch (RuntimeException e) {
+                LOG.warn("nativemem: {}: could not log the native usage on failure", name, e);
+            }
+        }
+
+        /** The completion listener: close, account, hand the peak to Spark's task metrics. */
+        private void complete(boolean exceptionOnLeak) {
+            NativeMemoryManager m;
+            synchronized (this) {
+                if (closed) {
+                    return;
+                }
+                closed = true;
+                m = published;
+            }
+            String leak = null;
+            try {
+                if (m == null) {
+                    return;
+                }
+                SparkReservationListener l = listener;
+                l.beginClose();
+                NativeMemoryStats before = null;
+                try {
+                    before = m.stats();
+                } catch (IllegalStateException closedAlready) {
+                    // closed by its user: nothing to measure
+                }
+                boolean closedOk = true;
+                try {
+                    m.close();
+                } catch (RuntimeException e) {
+                    closedOk = false;
+                    CLOSE_FAILURES.incrementAndGet();
+                    LOG.error("nativemem: {}: closing the native memory manager failed; Spark frees what it still"
+                            + " holds for the task and reports it as a leak", name, e);
+                }
+                if (before != null) {
+                    CLOSED_SPILL_COUNT.addAndGet(before.spillCount());
+                    CLOSED_SPILLED_BYTES.addAndGet(before.spilledBytes());
+                    updateMax(MAX_PEAK, before.peakBytes());
+                    if (before.usedBytes() > 0) {
+                        RECLAIMED_AT_CLOSE.addAndGet(before.usedBytes());
+                    }
+                }
+                String report = m.closeReport();
+                if (closedOk && hasLeaks(report)) {
+                    // Open reservations or live allocations (operator state attached to the manager
+                    // and released by its close is not a leak).
+                    String what = "nativemem: " + name + (ctx.isFailed() ? " failed" : " succeeded")
+                            + " with native memory still in use; closing its manager freed it: " + report;
+                    if (ctx.isFailed()) {
+                        LOG.info(what);
+                    } else {
+                        LOG.warn(what);
+                        if (exceptionOnLeak) {
+                            leak = what;
+                        }
+                    }
+                }
+                // Spark's "peak execution memory" of the task: what it held from Spark at its peak
+                // (native peak rounded up to reservation blocks).
+                ctx.taskMetrics().incPeakExecutionMemory(l.peakUsedBytes());
+                long held = l.heldBytes();
+                l.detach();
+                if (held != 0) {
+                    UNRETURNED.addAndGet(held);
+                    LOG.error("nativemem: {}: {} still held from Spark after the close", name, Sizes.human(held));
+                }
+                CLOSED.incrementAndGet();
+                LOG.debug("nativemem: {}: closed (peak {}, held from Spark at peak {})", name,
+                        before == null ? "?" : Sizes.human(before.peakBytes()), Sizes.human(l.peakUsedBytes()));
+            } finally {
+                LIVE.remove(id, this);
+            }
+            if (leak != null) {
+                throw new IllegalStateException(leak + " (" + EXCEPTION_ON_LEAK + "=true)");
+            }
+        }
+    }
+}
