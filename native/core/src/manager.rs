@@ -623,7 +623,8 @@ impl Inner {
             reason,
             report: self.usage_report(),
         };
-        log::warn!("[{}] out of memory: {err}", self.name);
+        // The caller gets the error (with the report); this is for tracing only.
+        log::debug!("[{}] out of memory: {err}", self.name);
         err.into()
     }
 
