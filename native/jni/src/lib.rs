@@ -44,12 +44,14 @@ use std::panic::{self, AssertUnwindSafe};
 use jni::sys::{jint, JNI_ERR, JNI_VERSION_1_8};
 use jni::JavaVM;
 
+mod bench;
 pub mod error;
 pub mod export;
 mod exports;
 pub mod handle;
 pub mod listener;
 pub mod registry;
+mod sorter;
 mod testing;
 pub mod vm;
 

@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# Benchmarks (issue 8): prints ONE table in which every figure is set against a baseline measured
+# in the same run, on release builds, plus the machine it ran on. Benchmarks are not tests: a
+# missed target is reported ("no" in the Met column), not an error; the script fails only if a
+# benchmark could not run.
+#
+#   scripts/bench.sh                  everything (~1.5 minutes on 2 cores, after the builds)
+#   scripts/bench.sh --quick          a fast smoke of the same (numbers are indicative only)
+#   scripts/bench.sh [--quick] core jni sort    only these parts
+#
+# Parts:
+#   core  criterion benches of nativemem-core (native/core/benches/core.rs), read back from
+#         criterion's estimates.json: grow+shrink pair vs two atomic RMW pairs; allocate+free vs
+#         the system allocator, 64 B .. 1 MiB.
+#   jni   the Java harness org.nativemem.bench.JniBench (tests/spark/java), in a Spark task
+#         (local[1], real TaskMemoryManager, OFF_HEAP): native 64 KiB grows through nativemem vs
+#         one JVM upcall per grow; upcalls per GiB; create+close of a manager vs a JNI downcall.
+#   sort  the example external sort (native/examples/examples/sort_bench.rs) with accounting on
+#         vs off, SORT_ROUNDS processes; the figure is the median of the per-process ratios.
+#
+# Environment: BENCH_DIR (logs, criterion data, table.md; default target/bench), BENCH_ESTIMATE
+# (criterion estimate: median (default) or mean), SPARK_VERSION (3.5 or 4.0, default 3.5),
+# SORT_KEYS (default 50,000,000; quick 5,000,000), SORT_BUFFER_MIB (16), SORT_ROUNDS (5; quick 1).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+quick=0
+parts=()
+for arg in "$@"; do
+  case "$arg" in
+    --quick) quick=1 ;;
+    core|jni|sort) parts+=("$arg") ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "bench.sh: unknown argument '$arg'" >&2; usage >&2; exit 2 ;;
+  esac
+done
+[ ${#parts[@]} -gt 0 ] || parts=(core jni sort)
+want() { local p; for p in "${parts[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
+
+BENCH_DIR="${BENCH_DIR:-$ROOT/target/bench}"
+BENCH_ESTIMATE="${BENCH_ESTIMATE:-median}"
+SPARK_VERSION="${SPARK_VERSION:-3.5}"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+if [ "$quick" = 1 ]; then
+  SORT_KEYS="${SORT_KEYS:-5000000}"; SORT_ROUNDS="${SORT_ROUNDS:-1}"
+else
+  SORT_KEYS="${SORT_KEYS:-50000000}"; SORT_ROUNDS="${SORT_ROUNDS:-5}"
+fi
+SORT_BUFFER_MIB="${SORT_BUFFER_MIB:-16}"
+case "$BENCH_ESTIMATE" in median|mean) ;; *) echo "bench.sh: BENCH_ESTIMATE must be median or mean" >&2; exit 2 ;; esac
+mkdir -p "$BENCH_DIR"
+export CARGO_TERM_COLOR=never
+export GRADLE_USER_HOME="${GRADLE_USER_HOME:-$ROOT/.cache/gradle}"
+
+failed=0
+rows=()      # table rows, markdown
+notes=()     # lines printed under the table
+row() { rows+=("| $1 | $2 | $3 | $4 | $5 | $6 |"); }
+fail_part() { # part log
+  failed=1
+  row "**$1: did not run**" "see ${2#"$ROOT"/}" "" "" "" ""
+  echo "bench.sh: $1 failed; last lines of ${2#"$ROOT"/}:" >&2
+  tail -n 30 "$2" >&2 || true
+}
+step() { echo "bench.sh: $*" >&2; }
+
+# awk helpers: calc EXPR, fmt_ns NS, ratio A B, met CONDITION (prints yes / **no**)
+calc() { awk "BEGIN { printf \"%s\", $1 }"; }
+fmt_ns() { awk -v v="$1" 'BEGIN {
+  if (v >= 1e9) printf "%.2f s", v / 1e9; else if (v >= 1e6) printf "%.2f ms", v / 1e6;
+  else if (v >= 1e4) printf "%.1f µs", v / 1e3; else if (v >= 1e3) printf "%.2f µs", v / 1e3;
+  else if (v >= 100) printf "%.0f ns", v; else printf "%.1f ns", v }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f×", a / b }'; }
+met() { if awk "BEGIN { exit !($1) }"; then echo yes; else echo "**no**"; fi; }
+group() { awk -v n="$1" 'BEGIN { s = sprintf("%d", n); r = "";
+  while (length(s) > 3) { r = "," substr(s, length(s) - 2) r; s = substr(s, 1, length(s) - 3) }; print s r }'; }
+
+# ---- machine --------------------------------------------------------------------------------------
+cpu_model="$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || true)"
+[ -n "$cpu_model" ] || cpu_model="$(lscpu 2>/dev/null | awk -F': *' '/Model name/ { print $2; exit }')"
+jdk="$(java -version 2>&1 | awk -F'"' '/version/ { v = $2 } /Runtime Environment/ { r = $0 } END { sub(/.*\(build /, "", r); sub(/\).*/, "", r); print v (r ? " (build " r ")" : "") }')"
+machine="$(nproc) CPUs ($cpu_model), Linux $(uname -r), JDK $jdk, $(rustc --version | cut -d' ' -f1-2)"
+load_start="$(cut -d' ' -f1-3 /proc/loadavg)"
+t_start=$(date +%s)
+step "machine: $machine; load average $load_start"
+
+# ---- 1. core (criterion) --------------------------------------------------------------------------
+core_part() {
+  local log="$BENCH_DIR/core.log" crit="$BENCH_DIR/criterion"
+  rm -rf "$crit"   # never read a previous run's estimates
+  step "core: cargo bench -p nativemem-core --bench core (log: ${log#"$ROOT"/})"
+  local env_quick=()
+  [ "$quick" = 1 ] && env_quick=(NATIVEMEM_BENCH_QUICK=1)
+  if ! env ${env_quick[@]+"${env_quick[@]}"} CRITERION_HOME="$crit" \
+      cargo bench -p nativemem-core --bench core >"$log" 2>&1; then
+    fail_part core "$log"; return
+  fi
+  est() { # group/bench -> ns (criterion's point estimate)
+    local f="$crit/$1/new/estimates.json"
+    [ -f "$f" ] || { echo "bench.sh: $f missing" >&2; return 1; }
+    sed -E "s/.*\"$BENCH_ESTIMATE\":\{\"confidence_interval\":\{[^}]*\},\"point_estimate\":([-0-9.eE+]+).*/\1/" "$f"
+  }
+  local base one three two
+  if ! { base="$(est grow_shrink/baseline_two_atomic_rmw_pairs)" && one="$(est grow_shrink/one_level_pool)" &&
+         three="$(est grow_shrink/three_level_pool_with_limit)" && two="$(est grow_shrink/two_threads_one_manager)"; }; then
+    fail_part core "$log"; return
+  fi
+  local b="two atomic RMW pairs: $(fmt_ns "$base")"
+  row "core: try_grow+shrink pair in the cushion, 1-level pool" "$(fmt_ns "$one")" "$b" "$(ratio "$one" "$base")" \
+      "≤ 25 ns" "$(met "$one <= 25")"
+  row "core: same, 3-level pool path with a limit" "$(fmt_ns "$three")" "$b" "$(ratio "$three" "$base")" "—" "—"
+  row "core: same, 2 threads on one manager (per pair, one thread)" "$(fmt_ns "$two")" "$b" "$(ratio "$two" "$base")" "—" "—"
+  local size label sys nm
+  for size in 64 4096 65536 1048576; do
+    case $size in 64) label="64 B" ;; 4096) label="4 KiB" ;; 65536) label="64 KiB" ;; 1048576) label="1 MiB" ;; esac
+    if ! { sys="$(est "allocate_free/system/$size")" && nm="$(est "allocate_free/nativemem/$size")"; }; then
+      fail_part core "$log"; return
+    fi
+    row "core: Pool::allocate+free, $label" "$(fmt_ns "$nm")" "system alloc+free: $(fmt_ns "$sys")" \
+        "$(ratio "$nm" "$sys")" "≤ 1.3×" "$(met "$nm / $sys <= 1.3")"
+  done
+}
+
+# ---- 2. JNI (Java harness in a Spark task) ---------------------------------------------------------
+jni_part() {
+  local log="$BENCH_DIR/jni.log"
+  step "jni: setup + gradle assemble + spark-submit $SPARK_VERSION JniBench (log: ${log#"$ROOT"/})"
+  {
+    bash scripts/setup.sh &&
+    gradle --offline --no-daemon --console=plain -q assemble &&
+    # Run copies: another build in this checkout may rewrite build/libs while the JVM reads it.
+    cp build/libs/nativemem.jar build/libs/nativemem-e2e.jar "$BENCH_DIR/" &&
+    { local q=(); [ "$quick" = 1 ] && q=(--quick)
+      NATIVEMEM_JAR="$BENCH_DIR/nativemem.jar" bash scripts/spark-submit.sh "$SPARK_VERSION" --master 'local[1]' \
+        --conf spark.memory.offHeap.enabled=true --conf spark.memory.offHeap.size=2g \
+        --class org.nativemem.bench.JniBench "$BENCH_DIR/nativemem-e2e.jar" ${q[@]+"${q[@]}"}; }
+  } >"$log" 2>&1 || { fail_part jni "$log"; return; }
+  v() { awk -v k="$1" '$1 == "BENCH" && $2 == k { $1 = ""; $2 = ""; sub(/^ +/, ""); print; found = 1 } END { exit !found }' "$log"; }
+  local nm pg up up_cold res res_cold pg_up cc noop mode spark
+  if ! { nm="$(v grow_nativemem_ns)" && pg="$(v grow_pergrow_ns)" && up="$(v upcalls_per_gib_nativemem)" &&
+         up_cold="$(v upcalls_per_gib_nativemem_cold)" && res="$(v reserve_upcalls_per_gib_nativemem)" &&
+         res_cold="$(v reserve_upcalls_per_gib_nativemem_cold)" && pg_up="$(v upcalls_per_gib_pergrow)" &&
+         cc="$(v create_close_ns)" && noop="$(v noop_downcall_ns)" && mode="$(v mode)" && spark="$(v spark_version)"; }; then
+    fail_part jni "$log"; return
+  fi
+  local speedup; speedup="$(calc "$pg / $nm")"
+  row "jni: native 64 KiB grow, nativemem (8 MiB blocks), Spark $spark TaskMemoryManager ($mode)" \
+      "$(fmt_ns "$nm")/grow" "one upcall per grow (Comet's design): $(fmt_ns "$pg")/grow" \
+      "$(awk -v s="$speedup" 'BEGIN { printf "%.1f× faster", s }')" "≥ 20× faster" "$(met "$speedup >= 20")"
+  local res_max=$(( res_cold > res ? res_cold : res ))
+  row "jni: JVM reserve upcalls per GiB grown (new manager / steady state)" \
+      "$res_cold / $res (+1 unreserve)" "one upcall per grow: $(group $((pg_up - 1))) (+1 unreserve)" \
+      "$(awk -v a="$res_max" -v b="$((pg_up - 1))" 'BEGIN { printf "1/%.0f", b / a }')" "≤ 128" "$(met "$res_max <= 128")"
+  row "jni: NativeMemoryManager create+close with a Spark listener" "$(fmt_ns "$cc")" \
+      "empty JNI downcall: $(fmt_ns "$noop")" "$(ratio "$cc" "$noop")" "≤ 20 µs" "$(met "$cc <= 20000")"
+  notes+=("jni: all upcalls per GiB, reserve + unreserve: new manager $up_cold, steady state $up; per-grow $(group "$pg_up").")
+  notes+=("jni rounds (ns/grow): nativemem $(awk '$1 == "BENCH_ROUNDS" && $2 == "grow_nativemem_ns" { print $3 }' "$log"); per-grow $(awk '$1 == "BENCH_ROUNDS" && $2 == "grow_pergrow_ns" { print $3 }' "$log")")
+}
+
+# ---- 3. example sort: accounting on vs off ---------------------------------------------------------
+sort_part() {
+  local log="$BENCH_DIR/sort.log"
+  step "sort: $SORT_ROUNDS x sort_bench $SORT_KEYS keys, ${SORT_BUFFER_MIB} MiB buffer (log: ${log#"$ROOT"/})"
+  : >"$log"
+  if ! cargo build --release -p nativemem-examples --example sort_bench >>"$log" 2>&1; then
+    fail_part sort "$log"; return
+  fi
+  # The first mode a process runs pays its cold start (page faults, malloc's dynamic mmap
+  # threshold, a new spill dir): rounds alternate the order where sort_bench supports choosing
+  # it (SORT_BENCH_ORDER; without that support every round runs Pool first).
+  local i out order
+  for ((i = 1; i <= SORT_ROUNDS; i++)); do
+    order=pool-first; [ $((i % 2)) -eq 0 ] && order=untracked-first
+    if ! out="$(SORT_BENCH_ORDER=$order "$TARGET_DIR/release/examples/sort_bench" "$SORT_KEYS" "$SORT_BUFFER_MIB" 2>>"$log")"; then
+      fail_part sort "$log"; return
+    fi
+    printf 'round %d (asked SORT_BENCH_ORDER=%s; ran %s first)\n%s\n' "$i" "$order" \
+      "$(awk 'NR == 1 { print $1 }' <<<"$out")" "$out" >>"$log"
+  done
+  # Per round (one process runs both modes): the two totals and their ratio; then medians.
+  local summary
+  if ! summary="$(awk '
+      function median(a, n,   i, j, t) {
+        for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+        return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
+      /^round / { p = ""; u = "" }
+      /^(Pool|Untracked) / { t = ""; for (f = 1; f < NF; f++) if ($f == "total") t = $(f + 1) + 0 }
+      /^Pool / { p = t }
+      /^Untracked / { u = t }
+      /^(Pool|Untracked) / && p != "" && u != "" {
+        n++; P[n] = p; U[n] = u; R[n] = p / u; rs = rs (n > 1 ? "," : "") sprintf("%.3f", p / u); p = ""; u = "" }
+      END { if (n == 0) exit 1; printf "%s %s %s %s\n", median(P, n), median(U, n), median(R, n), rs }' "$log")"; then
+    fail_part sort "$log"; return
+  fi
+  local p u r rs
+  read -r p u r rs <<<"$summary"
+  row "sort: external sort of $(group "$SORT_KEYS") i64 keys, ${SORT_BUFFER_MIB} MiB buffer (spills), accounting on" \
+      "$(awk -v v="$p" 'BEGIN { printf "%.2f s", v }')" \
+      "accounting off (system allocator): $(awk -v v="$u" 'BEGIN { printf "%.2f s", v }')" \
+      "$(awk -v r="$r" 'BEGIN { printf "%.3f× (%+.1f%%)", r, (r - 1) * 100 }')" "≤ 1.03×" "$(met "$r <= 1.03")"
+  notes+=("sort: accounting on/off total time per process: $rs (the figure is their median; times are medians of $SORT_ROUNDS processes)")
+}
+
+want core && core_part
+want jni && jni_part
+want sort && sort_part
+
+# ---- the table -------------------------------------------------------------------------------------
+load_end="$(cut -d' ' -f1-3 /proc/loadavg)"
+{
+  echo "Machine: $machine"
+  echo "Load average (1/5/15 min): $load_start at start, $load_end at end; $(( $(date +%s) - t_start )) s$([ "$quick" = 1 ] && echo ", --quick: indicative only")"
+  echo "Command: scripts/bench.sh$([ "$quick" = 1 ] && echo " --quick")$(printf ' %s' "${parts[@]}"); criterion $BENCH_ESTIMATE estimates; release builds"
+  echo
+  echo "| Benchmark | Measured | Baseline (same run) | Ratio | Target | Met |"
+  echo "|---|---|---|---|---|---|"
+  printf '%s\n' "${rows[@]}"
+  if [ ${#notes[@]} -gt 0 ]; then
+    echo
+    printf '%s\n' "${notes[@]}"
+  fi
+} | tee "$BENCH_DIR/table.md"
+exit "$failed"
