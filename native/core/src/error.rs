@@ -150,3 +150,18 @@ impl From<OutOfMemory> for MemoryError {
         MemoryError::OutOfMemory(Box::new(oom))
     }
 }
+
+/// Runs a call-out to a listener or a spiller: a panic becomes an error (`panicked: <message>`),
+/// so the caller undoes its bookkeeping (pool charges, claims, busy flags) as for any failure.
+pub(crate) fn contain<T>(
+    f: impl FnOnce() -> std::result::Result<T, ListenerError>,
+) -> std::result::Result<T, ListenerError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let text = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic with a non-string payload".to_string());
+        Err(format!("panicked: {text}").into())
+    })
+}

@@ -392,13 +392,13 @@ impl Inner {
         }
         self.counters.reserve_calls.fetch_add(1, Ordering::Relaxed);
         // No lock is held here (lock rule): the listener may re-enter the manager.
-        let granted = self
-            .listener
-            .reserve(request)
-            .map_err(|source| MemoryError::Listener {
-                op: "reserve",
-                bytes: request,
-                source,
+        let granted =
+            crate::error::contain(|| self.listener.reserve(request)).map_err(|source| {
+                MemoryError::Listener {
+                    op: "reserve",
+                    bytes: request,
+                    source,
+                }
             })?;
         if granted > 0 {
             self.reserved.fetch_add(granted, Ordering::SeqCst);
@@ -492,7 +492,7 @@ impl Inner {
             .unreserve_calls
             .fetch_add(1, Ordering::Relaxed);
         // No lock is held here (lock rule).
-        let result = self.listener.unreserve(bytes);
+        let result = crate::error::contain(|| self.listener.unreserve(bytes));
         if result.is_ok() {
             self.reserved.fetch_sub(bytes, Ordering::SeqCst);
             self.counters

@@ -16,7 +16,7 @@ use std::sync::{Arc, Weak};
 
 use crate::sync::Mutex;
 
-use crate::error::{MemoryError, Result};
+use crate::error::{ListenerError, MemoryError, Result};
 use crate::manager::Inner;
 use crate::pool::PoolNode;
 
@@ -68,7 +68,14 @@ impl std::fmt::Debug for SpillerRegistration {
 impl Drop for SpillerRegistration {
     fn drop(&mut self) {
         if let Some(mgr) = self.mgr.upgrade() {
-            mgr.spillers.entries.lock().retain(|e| e.id != self.id);
+            let removed = {
+                let mut entries = mgr.spillers.entries.lock();
+                let at = entries.iter().position(|e| e.id == self.id);
+                at.map(|i| entries.remove(i))
+            };
+            // Dropped outside the lock (lock rule): the spiller may own reservations whose release
+            // calls the listener.
+            drop(removed);
         }
     }
 }
@@ -102,7 +109,9 @@ impl SpillerRegistry {
     }
 
     pub(crate) fn clear(&self) {
-        self.entries.lock().clear();
+        let entries = std::mem::take(&mut *self.entries.lock());
+        // Dropped outside the lock (lock rule), as in `SpillerRegistration::drop`.
+        drop(entries);
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -130,7 +139,8 @@ impl SpillerRegistry {
             .into_iter()
             .filter(|e| !e.busy.load(Ordering::Acquire))
             .map(|e| {
-                let size = e.spiller.spillable_bytes();
+                // A panicking size query counts as nothing to spill (same containment as `spill`).
+                let size = crate::error::contain(|| Ok(e.spiller.spillable_bytes())).unwrap_or(0);
                 (e, size)
             })
             .filter(|(_, size)| *size > 0)
@@ -142,7 +152,19 @@ impl SpillerRegistry {
             if entry.busy.swap(true, Ordering::AcqRel) {
                 continue;
             }
-            let result = entry.spiller.spill(need);
+            let result = crate::error::contain(|| {
+                entry
+                    .spiller
+                    .spill(need)
+                    .map_err(|e| Box::new(e) as ListenerError)
+            })
+            .map_err(|source| match source.downcast::<MemoryError>() {
+                Ok(e) => *e,
+                Err(source) => MemoryError::Spill {
+                    spiller: entry.name.clone(),
+                    source,
+                },
+            });
             entry.busy.store(false, Ordering::Release);
             match result {
                 Ok(freed) => {

@@ -891,3 +891,130 @@ fn owned_allocations_free_on_drop_and_survive_close() {
     drop(held);
     assert_eq!((m.used(), l.reserved()), (0, 0));
 }
+
+struct PanickyListener {
+    panic_next: AtomicBool,
+    inner: CapacityListener,
+}
+
+impl ReservationListener for PanickyListener {
+    fn reserve(&self, bytes: u64) -> Result<u64, ListenerError> {
+        if self.panic_next.swap(false, Ordering::SeqCst) {
+            panic!("listener bug");
+        }
+        self.inner.reserve(bytes)
+    }
+    fn unreserve(&self, bytes: u64) -> Result<(), ListenerError> {
+        if self.panic_next.swap(false, Ordering::SeqCst) {
+            panic!("listener bug on unreserve");
+        }
+        self.inner.unreserve(bytes)
+    }
+}
+
+#[test]
+fn a_panicking_listener_is_an_error_and_accounting_stays_exact() {
+    let l = Arc::new(PanickyListener {
+        panic_next: AtomicBool::new(true),
+        inner: CapacityListener::unlimited(),
+    });
+    let m = manager_with(l.clone(), MemoryConfig::default());
+    let r = m.root().reservation("op");
+    let err = r.try_grow(MIB).unwrap_err();
+    assert!(err.to_string().contains("panicked: listener bug"), "{err}");
+    assert_eq!((r.size(), m.used(), m.reserved()), (0, 0, 0));
+    r.try_grow(3 * BLOCK).unwrap();
+    l.panic_next.store(true, Ordering::SeqCst);
+    let err = r.shrink(3 * BLOCK).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("panicked: listener bug on unreserve"),
+        "{err}"
+    );
+    // The bytes stay reserved (the listener did not take them) and the claim was undone.
+    assert_eq!((r.size(), m.used(), m.reserved()), (0, 0, 3 * BLOCK));
+    m.close().unwrap();
+    assert_eq!((m.reserved(), l.inner.reserved()), (0, 0));
+}
+
+struct PanickySpiller {
+    res: Reservation,
+    panics_left: AtomicU64,
+}
+
+impl Spiller for PanickySpiller {
+    fn spillable_bytes(&self) -> u64 {
+        self.res.size()
+    }
+    fn spill(&self, _target: u64) -> Result<u64> {
+        if self.panics_left.load(Ordering::SeqCst) > 0 {
+            self.panics_left.fetch_sub(1, Ordering::SeqCst);
+            panic!("spiller bug");
+        }
+        Ok(self.res.free())
+    }
+}
+
+#[test]
+fn a_panicking_spiller_is_an_error_and_is_asked_again_later() {
+    let (m, _l) = unlimited();
+    let sp = Arc::new(PanickySpiller {
+        res: m.root().reservation("s"),
+        panics_left: AtomicU64::new(1),
+    });
+    sp.res.try_grow(MIB).unwrap();
+    let _reg = m.root().register_spiller("s", sp.clone());
+    let err = m.spill(MIB).unwrap_err();
+    assert!(matches!(err, MemoryError::Spill { .. }), "{err}");
+    assert!(err.to_string().contains("panicked: spiller bug"), "{err}");
+    assert_eq!(m.used(), MIB);
+    // Not left marked busy: the next spill asks it again.
+    assert_eq!(m.spill(MIB).unwrap(), MIB);
+    assert_eq!(m.used(), 0);
+}
+
+#[test]
+fn dropping_a_registration_releases_the_spiller_outside_the_registry_lock() {
+    // The registry holds the only reference to a spiller that owns its reservation: dropping the
+    // registration drops the spiller, whose release calls the listener, which here spills the
+    // same manager (as Spark does under its monitor). That needs the registry lock again.
+    let l = Arc::new(SparkLikeListener {
+        monitor: parking_lot::ReentrantMutex::new(()),
+        budget: CapacityListener::new(u64::MAX),
+        manager: Mutex::new(None),
+    });
+    struct ReclaimOnUnreserve(Arc<SparkLikeListener>);
+    impl ReservationListener for ReclaimOnUnreserve {
+        fn reserve(&self, bytes: u64) -> Result<u64, ListenerError> {
+            self.0.reserve(bytes)
+        }
+        fn unreserve(&self, bytes: u64) -> Result<(), ListenerError> {
+            let m = self.0.manager.lock().clone();
+            if let Some(m) = m {
+                m.spill(1).map_err(|e| e.to_string())?; // takes the registry lock
+            }
+            self.0.unreserve(bytes)
+        }
+    }
+    let m = manager_with(
+        Arc::new(ReclaimOnUnreserve(l.clone())),
+        MemoryConfig::default().with_reservation_block(MIB),
+    );
+    *l.manager.lock() = Some(m.clone());
+    let res = m.root().reservation("owned");
+    res.try_grow(4 * MIB).unwrap();
+    let reg = m
+        .root()
+        .register_spiller("owned", Arc::new(ShrinkingSpiller { res }));
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(reg);
+        done_tx.send(()).unwrap();
+    });
+    done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("dropping the registration deadlocked");
+    *l.manager.lock() = None;
+    assert_eq!(m.used(), 0);
+    m.close().unwrap();
+}

@@ -38,4 +38,64 @@ public final class NativeTesting {
      */
     public static native int growFromNativeThreads(long manager, String pool, int threads, int iterations,
             long bytesPerGrow);
+
+    // ---- hardening (issue 9): faults in each layer, load, resident memory -----------------------
+
+    /**
+     * Like {@link #registerSpiller}, but the first {@code panics} spill calls panic with
+     * {@code message} (whoever asked for the spill: Java, Spark through the listener, or a native
+     * grow that spills).
+     */
+    public static native void registerPanickingSpiller(long manager, String pool, long bytes, int panics,
+            String message);
+
+    /**
+     * Registers a native spiller owning a reservation of {@code bytes} in {@code pool}, held only by
+     * the manager's spiller registry, and drops its registration at once (an operator that
+     * finished): the spiller and its reservation are dropped, releasing the bytes.
+     */
+    public static native void registerAndDropSpiller(long manager, String pool, long bytes);
+
+    /**
+     * A manager whose listener is {@code listener} behind a Rust listener on the upcall path that
+     * panics at its {@code panicAtReserveCall}-th reserve and {@code panicAtUnreserveCall}-th
+     * unreserve (1-based, 0 = never), before reaching Java. Returns the manager handle.
+     */
+    public static native long createPanickyManager(String name, ReservationListener listener, long blockBytes,
+            int panicAtReserveCall, int panicAtUnreserveCall, String message);
+
+    /** Like {@link #allocate}, with every page written (resident memory); returns its address. */
+    public static native long allocateTouched(long manager, String pool, long bytes);
+
+    /** glibc {@code malloc_trim(0)}: returns free C heap memory to the OS; true if some was. */
+    public static native boolean mallocTrim();
+
+    /**
+     * Starts {@code threads} native threads that, for {@code durationMillis} or until the manager
+     * closes, grow/shrink a reservation of up to {@code maxBytesPerThread} in {@code pool} (random
+     * steps from {@code seed}), allocate, touch and free blocks, and ask the manager to spill; each
+     * step is one call on the manager. With {@code spillable} each reservation is also a native
+     * spiller. Out-of-memory is counted, not fatal. Returns a churn handle (stale once the manager
+     * closes).
+     */
+    public static native long startNativeChurn(long manager, String pool, int threads, long durationMillis,
+            long maxBytesPerThread, boolean spillable, long seed);
+
+    /** Steps the churn's threads completed so far (a progress counter). */
+    public static native long churnOps(long churn);
+
+    /** The churn's threads that have not returned yet. */
+    public static native int churnRunning(long churn);
+
+    /**
+     * Waits for the churn's threads; returns {steps, outOfMemory, threadsStoppedByClose}. Throws
+     * the first unexpected error of a thread, or if they still run after {@code timeoutMillis}.
+     */
+    public static native long[] joinNativeChurn(long churn, long timeoutMillis);
+
+    /**
+     * Sets the most verbose level the native library logs at, process-wide ({@code off},
+     * {@code error}, {@code warn}, {@code info}, {@code debug}, {@code trace}); returns the previous.
+     */
+    public static native String setNativeLogLevel(String level);
 }

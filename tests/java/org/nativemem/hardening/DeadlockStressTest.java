@@ -1,0 +1,235 @@
+package org.nativemem.hardening;
+
+import static org.junit.Assert.assertEquals;
+import static org.junit.Assert.assertTrue;
+import static org.junit.Assert.fail;
+
+import java.util.Random;
+import java.util.concurrent.TimeUnit;
+import java.util.concurrent.atomic.AtomicLong;
+import java.util.concurrent.atomic.AtomicReference;
+
+import org.junit.Test;
+import org.nativemem.NativeMemoryManager;
+import org.nativemem.NativeReservation;
+
+/**
+ * The deadlock of the lock rule, provoked without Spark (the Spark run is
+ * {@code soak.DeadlockStressJob}): a listener that, like Spark's {@code TaskMemoryManager}, does
+ * everything under one monitor and, when its budget is short, asks the manager to give memory back
+ * from inside {@code reserve}; native threads growing, shrinking, allocating and spilling (each
+ * thread's reservation is also a native spiller); a Java thread spilling the manager while holding
+ * that monitor (as Spark spills a consumer for another one); and a Java thread spilling and
+ * growing without it. For {@link #SECONDS} seconds every one of them must keep making progress;
+ * if one stops for {@link #STALL_SECONDS} s the test prints every thread's stack and lock and
+ * fails. Afterwards the manager and the listener agree to the byte and close gives all back.
+ *
+ * <p>A second scenario drops spillers that own their reservation (the registry holding the only
+ * reference) while the monitor-holding thread spills.
+ */
+public class DeadlockStressTest extends HardeningSupport {
+    static final int SECONDS = 4;
+    static final int STALL_SECONDS = 10;
+
+    /** Spark-like: one monitor around grants and releases; takes memory back when short. */
+    static final class MonitorListener extends Budget {
+        final Object monitor = new Object();
+        final AtomicReference<NativeMemoryManager> manager = new AtomicReference<NativeMemoryManager>();
+        final AtomicLong selfSpills = new AtomicLong();
+
+        MonitorListener(long capacity) {
+            super(capacity);
+        }
+
+        @Override
+        public long reserve(long bytes) {
+            synchronized (monitor) {
+                long free = capacity - reserved.get();
+                NativeMemoryManager m = manager.get();
+                if (free < bytes && m != null) {
+                    // As TaskMemoryManager calls spill(n, trigger = this) on the requesting consumer.
+                    selfSpills.incrementAndGet();
+                    m.releaseAndSpill(bytes - free);
+                }
+                return super.reserve(bytes);
+            }
+        }
+
+        @Override
+        public void unreserve(long bytes) {
+            synchronized (monitor) {
+                super.unreserve(bytes);
+            }
+        }
+    }
+
+    @Test
+    public void nativeThreadsAndSpillsUnderTheListenersMonitorNeverDeadlock() throws Exception {
+        final MonitorListener listener = new MonitorListener(12 * MIB);
+        final NativeMemoryManager m = manager("stress", listener);
+        listener.manager.set(m);
+        final long until = System.nanoTime() + TimeUnit.SECONDS.toNanos(SECONDS);
+        final long churn = Internals.startNativeChurn(m.handle(), "native", 4, SECONDS * 1000L, 6 * MIB, true, 9);
+        final AtomicLong monitorSpills = new AtomicLong();
+        final AtomicLong javaSteps = new AtomicLong();
+        final AtomicReference<Throwable> failure = new AtomicReference<Throwable>();
+
+        Thread sparkSpiller = daemon("spills-under-monitor", failure, () -> {
+            Random random = new Random(1);
+            while (System.nanoTime() < until) {
+                synchronized (listener.monitor) {
+                    m.releaseAndSpill(1 + random.nextInt(4 << 20));
+                }
+                monitorSpills.incrementAndGet();
+            }
+        });
+        Thread javaUser = daemon("java-user", failure, () -> {
+            Random random = new Random(2);
+            try (NativeReservation r = m.reserve("java", 0)) {
+                while (System.nanoTime() < until) {
+                    try {
+                        r.grow(1 + random.nextInt(2 << 20));
+                    } catch (org.nativemem.NativeOutOfMemoryException budgetShort) {
+                        // expected under this much contention
+                    }
+                    r.shrink(r.size() / 2);
+                    m.spill(1 + random.nextInt(1 << 20));
+                    javaSteps.incrementAndGet();
+                }
+            }
+        });
+
+        watch(new Probe("native threads") {
+            long progress() {
+                return Internals.churnOps(churn);
+            }
+
+            boolean finished() {
+                return Internals.churnRunning(churn) == 0;
+            }
+        }, threadProbe(sparkSpiller, monitorSpills), threadProbe(javaUser, javaSteps));
+        if (failure.get() != null) {
+            throw new AssertionError("a stress thread failed", failure.get());
+        }
+        long[] c = Internals.joinNativeChurn(churn, 30_000);
+        System.out.printf("DeadlockStressTest: %d s: %d native steps (%d out of memory), %d spills under the monitor,"
+                + " %d listener self-spills, %d Java steps, %d spills freed %d MiB%n", SECONDS, c[0], c[1],
+                monitorSpills.get(), listener.selfSpills.get(), javaSteps.get(), m.stats().spillCount(),
+                m.stats().spilledBytes() >> 20);
+        assertTrue("native threads worked: " + c[0], c[0] > 1000);
+        assertTrue(monitorSpills.get() > 100 && javaSteps.get() > 100);
+        assertEquals("the threads freed what they held", 0, m.usedBytes());
+        assertEquals(listener.reserved.get(), m.reservedBytes());
+        m.close();
+        assertEquals(0, listener.reserved.get());
+    }
+
+    /**
+     * An operator that gives the spiller registry the only reference to its spiller (which owns
+     * its reservation) and drops the registration when it finishes, while Spark spills the manager
+     * holding the listener's monitor: dropping the spiller releases bytes back to the listener.
+     */
+    @Test
+    public void droppingASpillerWhileSparkSpillsNeverDeadlocks() throws Exception {
+        final MonitorListener listener = new MonitorListener(Long.MAX_VALUE);
+        final NativeMemoryManager m = manager("spiller-drop", listener);
+        final long until = System.nanoTime() + TimeUnit.SECONDS.toNanos(SECONDS);
+        final AtomicLong drops = new AtomicLong();
+        final AtomicLong monitorSpills = new AtomicLong();
+        final AtomicReference<Throwable> failure = new AtomicReference<Throwable>();
+        Thread operator = daemon("operator", failure, () -> {
+            while (System.nanoTime() < until) {
+                // 4 MiB released with 1 MiB blocks: more than two blocks of cushion go back at once.
+                Internals.registerAndDropSpiller(m.handle(), "op", 4 * MIB);
+                drops.incrementAndGet();
+            }
+        });
+        Thread sparkSpiller = daemon("spills-under-monitor", failure, () -> {
+            while (System.nanoTime() < until) {
+                synchronized (listener.monitor) {
+                    m.releaseAndSpill(MIB);
+                }
+                monitorSpills.incrementAndGet();
+            }
+        });
+        watch(threadProbe(operator, drops), threadProbe(sparkSpiller, monitorSpills));
+        if (failure.get() != null) {
+            throw new AssertionError("a stress thread failed", failure.get());
+        }
+        System.out.printf("DeadlockStressTest: %d s: %d spillers dropped, %d spills under the monitor%n", SECONDS,
+                drops.get(), monitorSpills.get());
+        assertEquals(0, m.usedBytes());
+        assertEquals(listener.reserved.get(), m.reservedBytes());
+        m.close();
+        assertEquals(0, listener.reserved.get());
+    }
+
+    /** A worker to watch: a progress counter, and whether it has finished. */
+    abstract static class Probe {
+        final String name;
+        long last = -1;
+        long lastMoved = System.nanoTime();
+
+        Probe(String name) {
+            this.name = name;
+        }
+
+        abstract long progress();
+
+        abstract boolean finished();
+    }
+
+    private static Probe threadProbe(final Thread thread, final AtomicLong counter) {
+        return new Probe(thread.getName()) {
+            long progress() {
+                return counter.get();
+            }
+
+            boolean finished() {
+                return !thread.isAlive();
+            }
+        };
+    }
+
+    /**
+     * Returns when every worker has finished; fails with a dump of every thread if one that has not
+     * finished makes no progress for {@link #STALL_SECONDS} s.
+     */
+    static void watch(Probe... probes) throws InterruptedException {
+        while (true) {
+            boolean running = false;
+            for (Probe p : probes) {
+                if (p.finished()) {
+                    continue;
+                }
+                running = true;
+                long now = p.progress();
+                if (now != p.last) {
+                    p.last = now;
+                    p.lastMoved = System.nanoTime();
+                } else if (System.nanoTime() - p.lastMoved > TimeUnit.SECONDS.toNanos(STALL_SECONDS)) {
+                    System.err.println("DeadlockStressTest: '" + p.name + "' made no progress for " + STALL_SECONDS
+                            + " s; every thread:\n" + threadDump());
+                    fail("deadlock: '" + p.name + "' made no progress for " + STALL_SECONDS + " s (thread dump above)");
+                }
+            }
+            if (!running) {
+                return;
+            }
+            Thread.sleep(50);
+        }
+    }
+
+    private static Thread daemon(String name, final AtomicReference<Throwable> failure, final Body body) {
+        Thread t = new Thread(() -> {
+            try {
+                body.run();
+            } catch (Throwable e) {
+                failure.compareAndSet(null, e);
+            }
+        }, name);
+        t.setDaemon(true);
+        t.start();
+        return t;
+    }
+}
