@@ -318,6 +318,12 @@ pub fn enter_manager(handle: jlong) -> Result<ManagerCall> {
 /// Runs `f` on the manager named by `handle`, counted as an in-flight call (the manager cannot be
 /// closed while `f` runs). This is how other native code in this library (operators, their JNI
 /// exports) reaches a manager whose handle Java gave them (`NativeMemoryManager.handle()`).
+///
+/// Native state that outlives the call (a reservation or allocation kept by a native thread, an
+/// operator) must be tied to the manager with [`ManagerCall::attach`]: close drops attached state
+/// first and then hands every byte back. A core `Reservation` kept elsewhere and dropped by a
+/// native thread *while* the manager closes gives its bytes back only when that drop finishes,
+/// possibly after `close` returned (the Spark plugin would count them as unreturned).
 pub fn with_manager<R>(handle: jlong, f: impl FnOnce(&MemoryManager) -> Result<R>) -> Result<R> {
     let call = enter_manager(handle)?;
     f(call.manager())
