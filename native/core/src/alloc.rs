@@ -16,6 +16,13 @@ use crate::pool::PoolNode;
 
 const SHARDS: usize = 16;
 
+/// Outcome of [`AllocTable::take_unowned`].
+pub(crate) enum Take {
+    Taken(AllocMeta),
+    Owned,
+    Missing,
+}
+
 /// What the manager remembers of one allocation.
 pub(crate) struct AllocMeta {
     pub(crate) layout: Layout,
@@ -98,6 +105,17 @@ impl AllocTable {
 
     pub(crate) fn remove(&self, addr: usize) -> Option<AllocMeta> {
         self.shard(addr).lock().remove(&addr)
+    }
+
+    /// Removes the entry at `addr` unless an [`Allocation`](crate::Allocation) owns it, deciding
+    /// under one shard lock (so a concurrent drop of the owner always finds its entry).
+    pub(crate) fn take_unowned(&self, addr: usize) -> Take {
+        let mut shard = self.shard(addr).lock();
+        match shard.get(&addr) {
+            None => Take::Missing,
+            Some(meta) if meta.owned => Take::Owned,
+            Some(_) => shard.remove(&addr).map_or(Take::Missing, Take::Taken),
+        }
     }
 
     /// Takes every entry out of the table.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::sync::Mutex;
 
-use crate::alloc::{AllocMeta, AllocTable};
+use crate::alloc::{AllocMeta, AllocTable, Take};
 use crate::config::MemoryConfig;
 use crate::error::{MemoryError, OomReason, OutOfMemory, Result};
 use crate::listener::ReservationListener;
@@ -23,6 +23,13 @@ use crate::units::human;
 /// occupies the root for the length of one `unreserve` upcall). Small under loom, whose atomics
 /// keep a short history.
 const CLAIM_RETRIES: u32 = if cfg!(loom) { 2 } else { 1000 };
+
+/// After [`CLAIM_RETRIES`] yields, a grow that a claim keeps out sleeps this long between tries
+/// (an `unreserve` upcall into Spark can take milliseconds), up to [`CLAIM_WAIT_LIMIT`].
+const CLAIM_SLEEP: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// How long a grow waits for in-flight claims before treating the root as full.
+const CLAIM_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Largest single request accepted, bytes (keeps every sum of counters far from overflow).
 pub const MAX_REQUEST_BYTES: u64 = 1 << 62;
@@ -70,10 +77,10 @@ pub(crate) struct Inner {
     /// Bytes currently claimed on the root by threads handing surplus back (see
     /// `claim_and_give_back`); a grow refused at the root while claims are in flight retries.
     claims: AtomicU64,
-    /// Grows currently spilling to make room for themselves. While > 0, memory freed by spillers
-    /// stays in the cushion instead of being handed back to the listener (hysteresis), so the
-    /// grow that caused the spill gets it rather than the JVM taking it back in between.
-    grow_spills: AtomicU64,
+    /// Spills in progress whose freed memory the caller wants for itself: a grow spilling to make
+    /// room, or `reclaim` counting exactly what it hands back. While > 0, memory freed by spillers
+    /// stays in the cushion instead of being handed back by hysteresis.
+    held_spills: AtomicU64,
     closed: AtomicBool,
     ids: AtomicU64,
     pub(crate) consumers: Mutex<HashMap<u64, Arc<ConsumerState>>>,
@@ -118,7 +125,7 @@ impl MemoryManager {
                 root,
                 reserved: AtomicU64::new(0),
                 claims: AtomicU64::new(0),
-                grow_spills: AtomicU64::new(0),
+                held_spills: AtomicU64::new(0),
                 closed: AtomicBool::new(false),
                 ids: AtomicU64::new(1),
                 consumers: Mutex::new(HashMap::new()),
@@ -204,18 +211,18 @@ impl MemoryManager {
     /// rounding when there was something to give).
     pub fn reclaim(&self, target: u64) -> Result<u64> {
         let inner = &self.inner;
-        let given = || inner.counters.unreserved_bytes.load(Ordering::Acquire);
-        let before = given();
-        inner.release_unused(target)?;
-        let so_far = given() - before;
-        if so_far < target {
-            inner.spill_within(target - so_far, None)?;
-            let so_far = given() - before;
-            if so_far < target {
-                inner.release_unused(target - so_far)?;
+        let mut given = inner.release_unused(target)?;
+        if given < target {
+            // What the spill frees stays in the cushion (no hysteresis hand-back on the way), so
+            // the second release hands back exactly this call's bytes: the count reported to the
+            // listener's owner never includes bytes other threads gave back meanwhile.
+            inner.spill_held(target - given, None)?;
+            given += inner.release_unused(target - given)?;
+            if let Err(e) = inner.release_surplus() {
+                log::warn!("[{}] handing back surplus after a reclaim: {e}", inner.name);
             }
         }
-        Ok(given() - before)
+        Ok(given)
     }
 
     /// A snapshot of the pool tree and the largest consumers.
@@ -295,25 +302,42 @@ impl Inner {
         self.check_open()?;
         let mut spilled = false;
         let mut claim_retries = 0;
+        let mut claim_wait: Option<std::time::Instant> = None;
         loop {
             // 1. Pool limits, leaf to root; all or nothing.
             let root_used = match node.charge(bytes) {
                 Ok(root_used) => root_used,
                 Err(refusal) => {
-                    if refusal.node.parent.is_none()
-                        && self.claims.load(Ordering::SeqCst) > 0
-                        && claim_retries < CLAIM_RETRIES
-                    {
-                        // Surplus being handed back occupies the root for a moment; not a refusal.
-                        claim_retries += 1;
-                        crate::sync::yield_now();
-                        continue;
-                    }
                     let limit = refusal.node.limit.unwrap_or(u64::MAX);
+                    // Bytes being handed back are claimed on the root (bypassing its limit) for
+                    // the length of an `unreserve` upcall: they are not usage.
+                    let claims = if refusal.node.parent.is_none() {
+                        self.claims.load(Ordering::SeqCst)
+                    } else {
+                        0
+                    };
+                    let real_used = refusal.used.saturating_sub(claims);
+                    if claims > 0 && real_used.saturating_add(bytes) <= limit {
+                        // Refused only because of a claim: wait for it, not a refusal.
+                        claim_retries += 1;
+                        if claim_retries <= CLAIM_RETRIES {
+                            crate::sync::yield_now();
+                            continue;
+                        }
+                        if !cfg!(loom)
+                            && claim_wait
+                                .get_or_insert_with(std::time::Instant::now)
+                                .elapsed()
+                                < CLAIM_WAIT_LIMIT
+                        {
+                            std::thread::sleep(CLAIM_SLEEP);
+                            continue;
+                        }
+                    }
                     if !spilled {
                         spilled = true;
-                        let need = refusal.used.saturating_add(bytes).saturating_sub(limit);
-                        if self.spill_for_grow(need, Some(&refusal.node))? > 0 {
+                        let need = real_used.saturating_add(bytes).saturating_sub(limit);
+                        if self.spill_held(need, Some(&refusal.node))? > 0 {
                             continue;
                         }
                     }
@@ -324,7 +348,7 @@ impl Inner {
                         OomReason::PoolLimit {
                             pool: refusal.node.path.clone(),
                             limit,
-                            used: refusal.used,
+                            used: real_used,
                         },
                     ));
                 }
@@ -351,7 +375,7 @@ impl Inner {
             node.uncharge(bytes);
             if !spilled {
                 spilled = true;
-                if self.spill_for_grow(deficit - granted, None)? > 0 {
+                if self.spill_held(deficit - granted, None)? > 0 {
                     continue;
                 }
             }
@@ -437,7 +461,7 @@ impl Inner {
             .load(Ordering::SeqCst)
             .saturating_sub(root_used)
             > self.high_water()
-            && self.grow_spills.load(Ordering::SeqCst) == 0
+            && self.held_spills.load(Ordering::SeqCst) == 0
         {
             self.release_surplus()?;
         }
@@ -514,11 +538,11 @@ impl Inner {
         }
     }
 
-    /// Spills on behalf of a grow: keeps what is freed in the cushion for the retry.
-    fn spill_for_grow(&self, target: u64, scope: Option<&PoolNode>) -> Result<u64> {
-        self.grow_spills.fetch_add(1, Ordering::SeqCst);
+    /// Spills keeping what is freed in the cushion for the caller (a grow's retry, or `reclaim`).
+    fn spill_held(&self, target: u64, scope: Option<&PoolNode>) -> Result<u64> {
+        self.held_spills.fetch_add(1, Ordering::SeqCst);
         let result = self.spill_within(target, scope);
-        self.grow_spills.fetch_sub(1, Ordering::SeqCst);
+        self.held_spills.fetch_sub(1, Ordering::SeqCst);
         result
     }
 
@@ -580,19 +604,20 @@ impl Inner {
 
     pub(crate) fn free(&self, ptr: NonNull<u8>) -> Result<usize> {
         let addr = ptr.as_ptr() as usize;
-        let meta = self
-            .allocs
-            .remove(addr)
-            .ok_or_else(|| MemoryError::UnknownAllocation {
-                addr,
-                manager: self.name.clone(),
-            })?;
-        if meta.owned {
-            self.allocs.insert(addr, meta);
-            return Err(MemoryError::InvalidArgument(format!(
-                "pointer {addr:#x} belongs to an Allocation value, which frees it when dropped"
-            )));
-        }
+        let meta = match self.allocs.take_unowned(addr) {
+            Take::Taken(meta) => meta,
+            Take::Owned => {
+                return Err(MemoryError::InvalidArgument(format!(
+                    "pointer {addr:#x} belongs to an Allocation value, which frees it when dropped"
+                )))
+            }
+            Take::Missing => {
+                return Err(MemoryError::UnknownAllocation {
+                    addr,
+                    manager: self.name.clone(),
+                })
+            }
+        };
         // SAFETY: the pointer was returned by `std::alloc::alloc(meta.layout)` in `allocate` and
         // was still in the live table, which we just removed it from, so it is freed exactly once.
         unsafe { std::alloc::dealloc(ptr.as_ptr(), meta.layout) };

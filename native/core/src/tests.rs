@@ -1018,3 +1018,50 @@ fn dropping_a_registration_releases_the_spiller_outside_the_registry_lock() {
     assert_eq!(m.used(), 0);
     m.close().unwrap();
 }
+
+struct SlowUnreserve {
+    inner: CapacityListener,
+    in_unreserve: AtomicBool,
+}
+
+impl ReservationListener for SlowUnreserve {
+    fn reserve(&self, bytes: u64) -> Result<u64, ListenerError> {
+        self.inner.reserve(bytes)
+    }
+    fn unreserve(&self, bytes: u64) -> Result<(), ListenerError> {
+        self.in_unreserve.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(200));
+        self.in_unreserve.store(false, Ordering::SeqCst);
+        self.inner.unreserve(bytes)
+    }
+}
+
+#[test]
+fn a_slow_hand_back_does_not_make_a_fitting_grow_fail_at_the_task_limit() {
+    let l = Arc::new(SlowUnreserve {
+        inner: CapacityListener::unlimited(),
+        in_unreserve: AtomicBool::new(false),
+    });
+    let m = manager_with(
+        l.clone(),
+        MemoryConfig::default().with_task_limit(Some(64 * MIB)),
+    );
+    let keep = m.root().reservation("keep");
+    keep.try_grow(40 * MIB).unwrap();
+    let freed = m.root().reservation("freed");
+    freed.try_grow(24 * MIB).unwrap();
+    assert_eq!((m.used(), m.reserved()), (64 * MIB, 64 * MIB));
+    // Freeing 24 MiB leaves 24 MiB of cushion: 16 MiB go back through the slow upcall, claimed on
+    // the root for 200 ms.
+    let t = std::thread::spawn(move || drop(freed));
+    while !l.in_unreserve.load(Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
+    let grow = m.root().reservation("grow");
+    grow.try_grow(10 * MIB).unwrap(); // 40 + 10 <= 64: must not be refused because of the claim
+    t.join().unwrap();
+    assert_eq!(m.used(), 50 * MIB);
+    drop((keep, grow));
+    m.close().unwrap();
+    assert_eq!(l.inner.reserved(), 0);
+}

@@ -360,9 +360,10 @@ public class MisuseMatrixTest extends HardeningSupport {
             Internals.registerSpiller(m.handle(), "sort", 6 * MIB, 0);
             failing.set(true);
             NativeMemoryException e = expect(NativeMemoryException.class, () -> m.releaseAndSpill(4 * MIB));
-            // The spiller's shrink hands the surplus back itself, so the failure is the spiller's,
-            // with the listener's exception kept as the cause.
-            assertEquals("spiller 'test-spiller' failed: reservation listener failed to unreserve 3145728 bytes: "
+            // What the spill frees stays in the cushion until the reclaim hands back exactly the
+            // bytes asked for, so the failure is that hand-back, with the listener's exception kept
+            // as the cause.
+            assertEquals("reservation listener failed to unreserve 4194304 bytes: "
                     + "java.lang.IllegalStateException: consumer released", e.getMessage());
             assertSame(thrown, e.getCause());
             assertEquals("the spiller freed its bytes", 2 * MIB, m.usedBytes());
