@@ -457,12 +457,14 @@ impl ExternalSorter {
                 shared,
                 merge: Some(merge),
                 error: None,
+                failed: false,
                 rows_output: 0,
             },
             Err(e) => SortedBatches {
                 shared,
                 merge: None,
                 error: Some(e),
+                failed: false,
                 rows_output: 0,
             },
         }
@@ -879,6 +881,9 @@ pub struct SortedBatches {
     merge: Option<Merger<Source>>,
     /// An error from preparing the merge, returned by the first call.
     error: Option<SortError>,
+    /// Set once a call failed: later calls fail too (never an early "end of output", which
+    /// would silently drop the keys not yet returned).
+    failed: bool,
     rows_output: u64,
 }
 
@@ -903,13 +908,21 @@ impl SortedBatches {
     pub fn next_batch_into(&mut self, out: &mut Vec<i64>) -> Result<bool> {
         out.clear();
         if let Some(e) = self.error.take() {
+            self.failed = true;
             return Err(e);
+        }
+        if self.failed {
+            return Err(SortError::Unusable {
+                sorter: self.shared.name.clone(),
+                reason: "its output failed earlier; the keys not yet returned are lost".to_string(),
+            });
         }
         let Some(merge) = &mut self.merge else {
             return Ok(false);
         };
         if let Err(e) = self.shared.chunks.check_open() {
             self.merge = None;
+            self.failed = true;
             return Err(e);
         }
         let max = self.shared.options.batch_keys;
@@ -925,6 +938,7 @@ impl SortedBatches {
             Err(e) => {
                 out.clear();
                 self.merge = None;
+                self.failed = true;
                 Err(e)
             }
         }
@@ -935,7 +949,8 @@ impl Iterator for SortedBatches {
     type Item = Result<Vec<i64>>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.merge.is_none() && self.error.is_none() {
+        // Like other fallible iterators, it ends after returning an error.
+        if self.failed || (self.merge.is_none() && self.error.is_none()) {
             return None;
         }
         let remaining = self.stats().rows_inserted.saturating_sub(self.rows_output);

@@ -575,6 +575,28 @@ fn a_closed_manager_fails_operations_and_drop_is_safe() {
 }
 
 #[test]
+fn output_that_failed_keeps_failing_instead_of_ending_early() {
+    let (m, _l) = manager();
+    let pool = m.root().child("sort", None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let options = small_chunks().with_batch_keys(1000);
+    let sorter = ExternalSorter::new(&pool, "sort", dir.path(), options).unwrap();
+    sorter.insert(&random_keys(10_000, 47)).unwrap();
+    let mut out = sorter.sorted();
+    let mut batch = Vec::new();
+    assert!(out.next_batch_into(&mut batch).unwrap());
+    m.close().unwrap();
+    assert!(matches!(
+        out.next_batch_into(&mut batch),
+        Err(SortError::Memory(MemoryError::Closed { .. }))
+    ));
+    // A caller that catches the error and asks again must not see a clean end of output.
+    let again = out.next_batch_into(&mut batch).unwrap_err();
+    assert!(matches!(again, SortError::Unusable { .. }), "{again}");
+    assert!(batch.is_empty());
+}
+
+#[test]
 fn invalid_options_are_rejected() {
     let (m, _l) = manager();
     let pool = m.root();
