@@ -41,7 +41,6 @@ struct Counters {
     spilled_bytes: AtomicU64,
     reserve_calls: AtomicU64,
     unreserve_calls: AtomicU64,
-    unreserved_bytes: AtomicU64,
 }
 
 /// A snapshot of a manager's counters.
@@ -207,7 +206,7 @@ impl MemoryManager {
 
     /// What the listener's owner calls when it wants memory back (Spark's `spill`): first hands
     /// back unused cushion, then spills native consumers for the rest and hands that back too.
-    /// Returns the bytes handed back to the listener during the call (never 0 because of block
+    /// Returns the bytes this call handed back to the listener (never 0 because of block
     /// rounding when there was something to give).
     pub fn reclaim(&self, target: u64) -> Result<u64> {
         let inner = &self.inner;
@@ -519,9 +518,6 @@ impl Inner {
         let result = crate::error::contain(|| self.listener.unreserve(bytes));
         if result.is_ok() {
             self.reserved.fetch_sub(bytes, Ordering::SeqCst);
-            self.counters
-                .unreserved_bytes
-                .fetch_add(bytes, Ordering::SeqCst);
         }
         root.fetch_sub(bytes, Ordering::SeqCst);
         self.claims.fetch_sub(bytes, Ordering::SeqCst);
