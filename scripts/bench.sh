@@ -130,10 +130,13 @@ jni_part() {
   {
     bash scripts/setup.sh &&
     gradle --offline --no-daemon --console=plain -q assemble &&
+    # The JNI harness (org.nativemem.NativeBench) lives only in the test library.
+    cargo build --profile testlib -p nativemem-jni --features testing &&
     # Run copies: another build in this checkout may rewrite build/libs while the JVM reads it.
-    cp build/libs/nativemem.jar build/libs/nativemem-e2e.jar "$BENCH_DIR/" &&
+    cp build/libs/nativemem.jar build/libs/nativemem-e2e.jar target/testlib/libnativemem_jni.so "$BENCH_DIR/" &&
     { local q=(); [ "$quick" = 1 ] && q=(--quick)
-      NATIVEMEM_JAR="$BENCH_DIR/nativemem.jar" bash scripts/spark-submit.sh "$SPARK_VERSION" --master 'local[1]' \
+      NATIVEMEM_JAR="$BENCH_DIR/nativemem.jar" NATIVEMEM_LIBRARY="$BENCH_DIR/libnativemem_jni.so" \
+        bash scripts/spark-submit.sh "$SPARK_VERSION" --master 'local[1]' \
         --conf spark.memory.offHeap.enabled=true --conf spark.memory.offHeap.size=2g \
         --class org.nativemem.bench.JniBench "$BENCH_DIR/nativemem-e2e.jar" ${q[@]+"${q[@]}"}; }
   } >"$log" 2>&1 || { fail_part jni "$log"; return; }

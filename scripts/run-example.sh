@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main example: installs what is missing, builds the jars, and runs the Spark job
-# org.nativemem.examples.SortJob in local mode. Every task sorts its share of N random longs
+# org.nativemem.examples.SortJob in local mode (nativemem.jar and nativemem-examples.jar, the
+# sorter's classes and its own native library, on --jars). Every task sorts its share of N random longs
 # (default 50 million) with a native external sort (NativeSorter) under the task's native memory
 # manager, with Spark memory small enough that the sorts spill, checks the output, and the driver
 # prints per task: rows, native peak, bytes spilled, runs, time; then totals and "leaked: 0 B".
@@ -62,7 +63,10 @@ if [ "$verbose" = 0 ] && [ -z "${NATIVEMEM_LOG4J:-}" ]; then
   export NATIVEMEM_LOG4J
 fi
 
-args=(--master 'local[2]' ${submit_args[@]+"${submit_args[@]}"} --class "$EXAMPLE_CLASS" build/libs/nativemem-e2e.jar)
+# The sorter ships apart from nativemem.jar (an engine in its own library): its jar goes on --jars
+# too (scripts/spark-submit.sh merges it with nativemem.jar and any --jars of yours).
+args=(--master 'local[2]' --jars build/libs/nativemem-examples.jar ${submit_args[@]+"${submit_args[@]}"}
+  --class "$EXAMPLE_CLASS" build/libs/nativemem-e2e.jar)
 echo "run-example: Spark $spark_version: $EXAMPLE_CLASS ${job_args[*]:-}"
 start=$(date +%s.%N)
 rc=0

@@ -15,6 +15,7 @@
 # prepended. The plugin is NOT enabled here: pass --conf spark.plugins=... yourself.
 #
 # Environment: NATIVEMEM_JAR (default build/libs/nativemem.jar), NATIVEMEM_LOG4J (log4j2 file),
+# NATIVEMEM_LIBRARY (a native library file to load instead of the jar's, e.g. the test library),
 # SPARK_HOME_3_5 / SPARK_HOME_4_0 (default .cache/spark-<v>/pyspark), JAVA_HOME (default: the
 # java on PATH), SPARK_LOCAL_IP (default 127.0.0.1).
 set -euo pipefail
@@ -43,6 +44,12 @@ jar="${NATIVEMEM_JAR:-$ROOT/build/libs/nativemem.jar}"
 [ -f "$jar" ] || die "$jar missing: build it first (gradle assemble, see scripts/test.sh)"
 log4j="${NATIVEMEM_LOG4J:-$ROOT/tests/spark/log4j2.properties}"
 log_opt="-Dlog4j.configurationFile=file:$log4j"
+# NATIVEMEM_LIBRARY: a libnativemem_jni.so for driver and executors instead of the jar's (the test
+# library for jobs that call test hooks). Placed before your options, so yours still win.
+if [ -n "${NATIVEMEM_LIBRARY:-}" ]; then
+  [ -f "$NATIVEMEM_LIBRARY" ] || die "NATIVEMEM_LIBRARY=$NATIVEMEM_LIBRARY is not a file"
+  log_opt="$log_opt -Dnativemem.library.path=$NATIVEMEM_LIBRARY"
+fi
 
 # Walk spark-submit's own options (up to the application jar) and merge ours into them.
 # Every --option takes a value except these switches.

@@ -5,9 +5,13 @@
 # Suites, in order:
 #   cargo-fmt       cargo fmt --all -- --check
 #   cargo-clippy    cargo clippy --workspace --all-targets -- -D warnings
+#   cargo-clippy-testlib  the same for nativemem-jni with the `testing` feature (test library)
 #   cargo-test      cargo test --workspace
 #   cargo-loom      loom model check of the core (RUSTFLAGS="--cfg loom")
+#   c-header        include/nativemem.h compiles as C11 and C++17; layout pinned (tests/c/header_check.c)
 #   gradle          gradle cleanTest test assemble: JUnit tests (tests/java) + build/libs/*.jar
+#   product-contents scripts/check-product.sh: the release library exports only the allow-list,
+#                   nativemem.jar holds only org.nativemem and org.nativemem.spark
 #   e2e:<name>@<v>  every line of tests/spark/tests.txt on Spark <v> in 3.5 4.0
 #                   (scripts/spark-submit.sh <v> ... build/libs/nativemem-e2e.jar)
 #
@@ -104,19 +108,30 @@ fi
 # ---- Rust ------------------------------------------------------------------------------------------
 run_suite cargo-fmt "$SUITE_TIMEOUT" cargo fmt --all -- --check --color "$color"
 run_suite cargo-clippy "$SUITE_TIMEOUT" cargo clippy --workspace --all-targets --color "$color" -- -D warnings
+# The test hooks and bench harness exist only with the `testing` feature (the test library).
+run_suite cargo-clippy-testlib "$SUITE_TIMEOUT" cargo clippy -p nativemem-jni --features testing --all-targets \
+  --color "$color" -- -D warnings
 run_suite cargo-test "$SUITE_TIMEOUT" cargo test --workspace --color "$color"
 # Model check of the core's lock-free paths (native/core/tests/loom.rs); its own target dir so the
 # --cfg loom build does not invalidate the normal one.
 run_suite cargo-loom "$SUITE_TIMEOUT" env RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 \
   cargo test -p nativemem-core --test loom --release --target-dir target/loom --color "$color"
 
+# ---- C: the engine ABI header compiles as C11 and C++17 with the layout the library fills in ----------
+run_suite c-header "$SUITE_TIMEOUT" bash -c \
+  'cc -std=c11 -Wall -Wextra -Werror -pedantic -Iinclude -fsyntax-only tests/c/header_check.c &&
+   c++ -std=c++17 -Wall -Wextra -Werror -Iinclude -x c++ -fsyntax-only tests/c/header_check.c'
+
 # ---- JVM: JUnit tests and jars ---------------------------------------------------------------------
 # No stale jars: if the build fails, the e2e runs must fail rather than test old code.
-selected gradle && rm -f build/libs/nativemem.jar build/libs/nativemem-e2e.jar
+selected gradle && rm -f build/libs/nativemem.jar build/libs/nativemem-e2e.jar build/libs/nativemem-examples.jar
 run_suite gradle "$SUITE_TIMEOUT" "${GRADLE[@]}" --continue cleanTest test assemble
+# What users deploy carries only the product: the library's exports and the jar's classes.
+run_suite product-contents "$SUITE_TIMEOUT" bash scripts/check-product.sh
 
 # ---- Spark end-to-end: tests/spark/tests.txt x SPARK_VERSIONS ------------------------------------------
 spark_home() { echo "$ROOT/.cache/spark-$1/pyspark"; }
+TESTLIB="$ROOT/target/testlib/libnativemem_jni.so"   # built by the gradle suite (cargoBuildTestlib)
 for v in $SPARK_VERSIONS; do   # executor work dirs of earlier runs (local-cluster)
   rm -rf "$(spark_home "$v")/work"
 done
@@ -131,14 +146,16 @@ for line in ${e2e_lines[@]+"${e2e_lines[@]}"}; do
     names+=("tests.txt"); results+=(FAIL); times+=("0.0s"); continue
   fi
   name="${f[0]}" cls="${f[1]}" master="${f[2]}"
-  confs=() app_args=()
+  confs=() app_args=() library=""
   for ((i = 3; i < ${#f[@]}; i++)); do
     if [ "${f[$i]}" = "--" ]; then app_args=("${f[@]:$((i + 1))}"); break; fi
+    if [ "${f[$i]}" = testlib ]; then library="$TESTLIB"; continue; fi
     confs+=(--conf "${f[$i]}")
   done
   for v in $SPARK_VERSIONS; do
     touch "$marker"
-    run_suite "e2e:$name@$v" "$E2E_TIMEOUT" bash scripts/spark-submit.sh "$v" --master "$master" \
+    run_suite "e2e:$name@$v" "$E2E_TIMEOUT" env NATIVEMEM_LIBRARY="$library" \
+      bash scripts/spark-submit.sh "$v" --master "$master" \
       ${confs[@]+"${confs[@]}"} --class "$cls" build/libs/nativemem-e2e.jar ${app_args[@]+"${app_args[@]}"}
     if [ "$last_rc" -ne 0 ] && [ -d "$(spark_home "$v")/work" ]; then
       # local-cluster executors log to files: show what they said.

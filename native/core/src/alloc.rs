@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::sync::Mutex;
 
-use crate::pool::PoolNode;
+use crate::tree::PoolNode;
 
 const SHARDS: usize = 16;
 
@@ -52,8 +52,8 @@ impl AllocMeta {
     /// The pool the allocation is charged to.
     pub(crate) fn node(&self) -> &PoolNode {
         // SAFETY: pool nodes are never removed from their tree, and the tree is owned by the
-        // manager (`Inner::root` and each node's `children`) whose `AllocTable` holds this entry;
-        // so the node outlives every entry of the table (including during `Inner::drop`, which
+        // manager (`Budget::root` and each node's `children`) whose `AllocTable` holds this entry;
+        // so the node outlives every entry of the table (including during `Budget::drop`, which
         // drains the table before the fields are dropped).
         unsafe { &*self.node.0 }
     }

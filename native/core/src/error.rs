@@ -17,7 +17,10 @@ pub type ListenerError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub type Result<T, E = MemoryError> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in the memory manager.
+///
+/// Non-exhaustive: new kinds may be added; match with a wildcard arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum MemoryError {
     /// A request could not be satisfied by pool limits, the listener and spilling together.
     #[error("{0}")]
@@ -74,7 +77,10 @@ impl MemoryError {
 }
 
 /// Why a request was refused.
+///
+/// Non-exhaustive: new reasons may be added; match with a wildcard arm.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum OomReason {
     /// A pool's limit would have been exceeded.
     PoolLimit {

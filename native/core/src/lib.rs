@@ -45,7 +45,8 @@
 //! the reservation's own size. There is no separate cushion counter: bytes handed back to the
 //! listener are first *claimed* on the root counter like a grow, and unclaimed only after
 //! `reserved` went down, so "my new root value <= reserved" is a sufficient check for a grow
-//! whatever a concurrent release does (see `Inner::grow`). A mutex would add a lock/unlock pair
+//! whatever a concurrent release does (see `Budget::grow`, and the module docs of `budget` for
+//! the memory orderings: every one is the weakest the protocol needs, with its reason beside it). A mutex would add a lock/unlock pair
 //! and serialize the task's threads. Locks are used only off the fast path: the
 //! pool tree's child lists (pool creation), the reservation registry (reservation creation and
 //! drop), the spiller registry (register, and copying the list at spill time) and the sharded
@@ -65,7 +66,8 @@
 //! consumer's `spill` while holding its `TaskMemoryManager` monitor; if a native thread held a
 //! Rust lock while blocked in an upcall waiting for that monitor, and the spilling thread needed
 //! the same Rust lock, the task would deadlock (Gluten shipped this ABBA deadlock). How it is
-//! guaranteed: the only calls out are in `Inner::reserve_from_listener`, `Inner::give_back` and
+//! guaranteed: the only calls out are in `Budget::reserve_from_listener`,
+//! `Budget::claim_and_give_back` and
 //! `SpillerRegistry::spill`; the first two run with no lock taken on the path to them (the
 //! fast-path state is atomics), and the third copies the spiller list under the registry lock and
 //! drops the guard before calling any spiller. The test `spiller_reentering_the_manager_does_not_deadlock`
@@ -76,8 +78,35 @@
 //! never a negative counter. `reserved` changes only by what the listener granted or accepted back,
 //! so after [`MemoryManager::close`] `reserved()` is 0 and the listener has received every byte it
 //! granted (unless it failed to take them back, which is reported and retried).
+//!
+//! ## Modules, in layers
+//! Every `use crate::…` of a module names a module below it, so the crate has no import cycle.
+//! The test `module_imports_point_one_way` enforces the order below (a new module must be placed
+//! in it). Where two handles refer to each other, the upward method is an inherent `impl` in the
+//! higher module: `Reservation::pool` lives in `pool`, `Pool::manager` in `manager`.
+//!
+//! ```text
+//!  layer       module       holds                                      uses (all below it)
+//!  handles     manager      MemoryManager, ManagerStats, Pool::manager pool budget listener
+//!                                                                      config report error
+//!     │        pool         Pool, Allocation, Reservation::pool        reservation budget spill
+//!     │                                                                tree error
+//!     ▼        reservation  Reservation                                budget tree error units sync
+//!  protocol    budget       reserved and cushion: grow, claim and      spill alloc tree listener
+//!     │                     give back, reclaim, close; consumers;      config report error
+//!     │                     usage report                               units sync
+//!     ▼        spill        Spiller, SpillerRegistry                   tree error sync
+//!  registries  alloc        the table of live allocations              tree sync
+//!     │        tree         PoolNode: charge/uncharge, limits, peaks   error sync
+//!     ▼        listener     ReservationListener, CapacityListener      error sync
+//!  leaves      config       MemoryConfig                               error
+//!              error        MemoryError, OomReason, OutOfMemory        report units
+//!              report       UsageReport, LeakReport                    units
+//!              sync, units  loom-swappable primitives; human sizes     -
+//! ```
 
 mod alloc;
+mod budget;
 mod config;
 mod error;
 mod listener;
@@ -87,12 +116,14 @@ mod report;
 mod reservation;
 mod spill;
 mod sync;
+mod tree;
 mod units;
 
+pub use budget::MAX_REQUEST_BYTES;
 pub use config::{MemoryConfig, DEFAULT_RESERVATION_BLOCK_BYTES};
 pub use error::{ListenerError, MemoryError, OomReason, OutOfMemory, Result};
 pub use listener::{CapacityListener, ReservationListener};
-pub use manager::{ManagerStats, MemoryManager, MAX_REQUEST_BYTES};
+pub use manager::{ManagerStats, MemoryManager};
 pub use pool::{Allocation, Pool};
 pub use report::{ConsumerUsage, Leak, LeakKind, LeakReport, PoolUsage, UsageReport};
 pub use reservation::Reservation;

@@ -29,6 +29,12 @@ pub trait ReservationListener: Send + Sync {
 
 /// A listener with a fixed capacity, for tests and for embedding without a JVM. Grants what it
 /// has left; `u64::MAX` capacity means unlimited.
+///
+/// Its counters are single atomics that publish nothing, so every access is `Relaxed`: the
+/// grant total stays exact by RMW atomicity alone, and the manager orders an `unreserve` after
+/// the `reserve` that granted its bytes (release/acquire on its own `reserved`), so the load
+/// below sees the grant by coherence. Readers (`reserved()`, the call counts) are read-outs; a
+/// test reads them after joining the threads it checks, which orders them.
 #[derive(Debug)]
 pub struct CapacityListener {
     capacity: u64,
@@ -55,31 +61,36 @@ impl CapacityListener {
 
     /// Bytes currently granted and not given back.
     pub fn reserved(&self) -> u64 {
-        self.reserved.load(Ordering::SeqCst)
+        // Relaxed: a read-out (see the type docs).
+        self.reserved.load(Ordering::Relaxed)
     }
 
     /// Number of `reserve` calls so far.
     pub fn reserve_calls(&self) -> u64 {
-        self.reserve_calls.load(Ordering::SeqCst)
+        // Relaxed: a statistic.
+        self.reserve_calls.load(Ordering::Relaxed)
     }
 
     /// Number of `unreserve` calls so far.
     pub fn unreserve_calls(&self) -> u64 {
-        self.unreserve_calls.load(Ordering::SeqCst)
+        // Relaxed: a statistic.
+        self.unreserve_calls.load(Ordering::Relaxed)
     }
 }
 
 impl ReservationListener for CapacityListener {
     fn reserve(&self, bytes: u64) -> Result<u64, ListenerError> {
-        self.reserve_calls.fetch_add(1, Ordering::SeqCst);
-        let mut cur = self.reserved.load(Ordering::SeqCst);
+        // Relaxed: a statistic.
+        self.reserve_calls.fetch_add(1, Ordering::Relaxed);
+        // Relaxed (load and CAS): a single counter kept within capacity by the CAS alone.
+        let mut cur = self.reserved.load(Ordering::Relaxed);
         loop {
             let grant = bytes.min(self.capacity.saturating_sub(cur));
             match self.reserved.compare_exchange(
                 cur,
                 cur + grant,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
             ) {
                 Ok(_) => return Ok(grant),
                 Err(actual) => cur = actual,
@@ -88,8 +99,11 @@ impl ReservationListener for CapacityListener {
     }
 
     fn unreserve(&self, bytes: u64) -> Result<(), ListenerError> {
-        self.unreserve_calls.fetch_add(1, Ordering::SeqCst);
-        let mut cur = self.reserved.load(Ordering::SeqCst);
+        // Relaxed: a statistic.
+        self.unreserve_calls.fetch_add(1, Ordering::Relaxed);
+        // Relaxed (load and CAS): the grant of these bytes happens-before this call (type docs),
+        // so even the first load sees it; the CAS alone keeps the counter from going negative.
+        let mut cur = self.reserved.load(Ordering::Relaxed);
         loop {
             if bytes > cur {
                 return Err(format!("unreserve of {bytes} bytes but only {cur} reserved").into());
@@ -97,8 +111,8 @@ impl ReservationListener for CapacityListener {
             match self.reserved.compare_exchange(
                 cur,
                 cur - bytes,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
             ) {
                 Ok(_) => return Ok(()),
                 Err(actual) => cur = actual,

@@ -120,7 +120,10 @@ impl fmt::Display for UsageReport {
 }
 
 /// What kind of thing leaked.
+///
+/// Non-exhaustive: new kinds may be added; match with a wildcard arm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LeakKind {
     /// Allocations (`Pool::allocate`) never freed; the manager freed them at close.
     Allocation,
@@ -153,6 +156,8 @@ pub struct LeakReport {
     pub manager: String,
     /// The leaks, by pool and consumer.
     pub leaks: Vec<Leak>,
+    /// Bytes this close gave back to the listener (the whole cushion plus what it reclaimed).
+    pub returned_to_listener: u64,
 }
 
 impl LeakReport {

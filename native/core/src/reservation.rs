@@ -1,23 +1,12 @@
 //! RAII reservations: accounting-only claims on a pool, released on drop.
 
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::Ordering;
 use std::sync::Arc;
 
+use crate::budget::{Budget, ConsumerState};
 use crate::error::{MemoryError, Result};
-use crate::manager::Inner;
-use crate::pool::{Pool, PoolNode};
+use crate::tree::PoolNode;
 use crate::units::human;
-
-/// The part of a reservation the manager can see (for reports and for close).
-pub(crate) struct ConsumerState {
-    pub(crate) id: u64,
-    pub(crate) name: String,
-    pub(crate) node: Arc<PoolNode>,
-    /// Bytes held. Changed only by CAS/swap so a concurrent close and shrink each release
-    /// disjoint bytes.
-    pub(crate) size: AtomicU64,
-    pub(crate) peak: AtomicU64,
-}
 
 /// A claim of bytes on a pool, in the style of DataFusion's `MemoryReservation`: grow it before
 /// allocating, shrink it after freeing; whatever it holds is released when it is dropped.
@@ -29,8 +18,8 @@ pub(crate) struct ConsumerState {
 /// listener as they were; an over-release (`shrink` by more than is held) is an error, never a
 /// panic and never a negative counter.
 pub struct Reservation {
-    state: Arc<ConsumerState>,
-    mgr: Arc<Inner>,
+    pub(crate) state: Arc<ConsumerState>,
+    pub(crate) budget: Arc<Budget>,
 }
 
 impl std::fmt::Debug for Reservation {
@@ -44,17 +33,9 @@ impl std::fmt::Debug for Reservation {
 }
 
 impl Reservation {
-    pub(crate) fn new(mgr: Arc<Inner>, node: Arc<PoolNode>, name: String) -> Reservation {
-        let id = mgr.next_id();
-        let state = Arc::new(ConsumerState {
-            id,
-            name: format!("{name}#{id}"),
-            node,
-            size: AtomicU64::new(0),
-            peak: AtomicU64::new(0),
-        });
-        mgr.consumers.lock().insert(id, state.clone());
-        Reservation { state, mgr }
+    pub(crate) fn new(budget: Arc<Budget>, node: Arc<PoolNode>, name: String) -> Reservation {
+        let state = budget.register_consumer(node, &name);
+        Reservation { state, budget }
     }
 
     /// The consumer's name, `name#id`.
@@ -62,21 +43,15 @@ impl Reservation {
         &self.state.name
     }
 
-    /// The pool this reservation charges.
-    pub fn pool(&self) -> Pool {
-        Pool {
-            node: self.state.node.clone(),
-            mgr: self.mgr.clone(),
-        }
-    }
-
     /// Bytes held now.
     pub fn size(&self) -> u64 {
-        self.state.size.load(Ordering::Acquire)
+        // Relaxed: a read-out; `shrink` and `free` take bytes out with their own Acquire RMW.
+        self.state.size.load(Ordering::Relaxed)
     }
 
     /// The most bytes this reservation has held.
     pub fn peak(&self) -> u64 {
+        // Relaxed: a statistic.
         self.state.peak.load(Ordering::Relaxed)
     }
 
@@ -87,8 +62,12 @@ impl Reservation {
         if bytes == 0 {
             return Ok(());
         }
-        self.mgr.grow(&self.state.node, &self.state.name, bytes)?;
-        let now = self.state.size.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        self.budget
+            .grow(&self.state.node, &self.state.name, bytes)?;
+        // Release: whoever takes these bytes out (a shrink or close on another thread) must see
+        // the pool charge above before it uncharges (edge 4 in `budget`).
+        let now = self.state.size.fetch_add(bytes, Ordering::Release) + bytes;
+        // Relaxed (both): the peak is a statistic; `fetch_max` keeps it monotonic.
         if now > self.state.peak.load(Ordering::Relaxed) {
             self.state.peak.fetch_max(now, Ordering::Relaxed);
         }
@@ -103,7 +82,8 @@ impl Reservation {
         if bytes == 0 {
             return Ok(());
         }
-        let mut cur = self.state.size.load(Ordering::Acquire);
+        // Relaxed: a first guess for the CAS, which decides (and acquires on success).
+        let mut cur = self.state.size.load(Ordering::Relaxed);
         loop {
             if bytes > cur {
                 return Err(MemoryError::InvalidArgument(format!(
@@ -114,17 +94,19 @@ impl Reservation {
                     human(cur)
                 )));
             }
+            // Acquire on success: the charge behind these bytes comes before the uncharge below
+            // (edge 4). Relaxed on failure: the value only feeds the next attempt.
             match self.state.size.compare_exchange(
                 cur,
                 cur - bytes,
-                Ordering::AcqRel,
                 Ordering::Acquire,
+                Ordering::Relaxed,
             ) {
                 Ok(_) => break,
                 Err(actual) => cur = actual,
             }
         }
-        self.mgr.release(&self.state.node, bytes)
+        self.budget.release(&self.state.node, bytes)
     }
 
     /// Grows or shrinks to exactly `new_size` bytes. On a refused grow nothing changes.
@@ -139,12 +121,13 @@ impl Reservation {
 
     /// Releases everything held; returns the bytes released.
     pub fn free(&self) -> u64 {
-        let bytes = self.state.size.swap(0, Ordering::AcqRel);
+        // Acquire: the charge behind these bytes comes before the uncharge (edge 4).
+        let bytes = self.state.size.swap(0, Ordering::Acquire);
         if bytes > 0 {
-            if let Err(e) = self.mgr.release(&self.state.node, bytes) {
+            if let Err(e) = self.budget.release(&self.state.node, bytes) {
                 log::warn!(
                     "[{}] freeing reservation '{}': {e}",
-                    self.mgr.name,
+                    self.budget.name,
                     self.state.name
                 );
             }
@@ -156,6 +139,6 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.free();
-        self.mgr.consumers.lock().remove(&self.state.id);
+        self.budget.unregister_consumer(self.state.id);
     }
 }

@@ -11,14 +11,13 @@
 //! spiller that is already spilling (re-entered through a grow it makes while spilling, or asked
 //! by another thread at the same time) is skipped rather than called twice.
 
-use crate::sync::{AtomicBool, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use crate::sync::Mutex;
 
 use crate::error::{ListenerError, MemoryError, Result};
-use crate::manager::Inner;
-use crate::pool::PoolNode;
+use crate::tree::PoolNode;
 
 /// A native consumer that can give memory back, e.g. a sort that writes its buffer to disk.
 ///
@@ -30,10 +29,14 @@ use crate::pool::PoolNode;
 ///   should not wait for another thread that may itself be waiting for memory.
 /// - It returns the bytes it freed (0 if it could not free anything). An error fails the request
 ///   that caused the spill.
+/// - Returning more than `spillable_bytes()` counts as `spillable_bytes()`: the manager caps what
+///   one call reports at the size the spiller gave for that round (the size it was chosen by), so
+///   a spiller that over-reports can neither overflow nor inflate the spill counts.
 pub trait Spiller: Send + Sync {
     /// Bytes a spill could free now.
     fn spillable_bytes(&self) -> u64;
-    /// Frees at least `target` bytes if it can; returns the bytes freed.
+    /// Frees at least `target` bytes if it can; returns the bytes freed (at most
+    /// [`spillable_bytes`](Self::spillable_bytes); more counts as that much).
     fn spill(&self, target: u64) -> Result<u64>;
 }
 
@@ -45,16 +48,27 @@ pub(crate) struct SpillerEntry {
     busy: AtomicBool,
 }
 
-/// The spillers of one manager.
-#[derive(Default)]
+/// The spillers of one manager. Shared (`Arc`) so a [`SpillerRegistration`] can find it without
+/// knowing the manager.
 pub(crate) struct SpillerRegistry {
     entries: Mutex<Vec<Arc<SpillerEntry>>>,
+    /// Next registration id.
+    ids: AtomicU64,
+}
+
+impl Default for SpillerRegistry {
+    fn default() -> Self {
+        SpillerRegistry {
+            entries: Mutex::new(Vec::new()),
+            ids: AtomicU64::new(1),
+        }
+    }
 }
 
 /// Keeps a spiller registered; dropping it unregisters the spiller.
 pub struct SpillerRegistration {
     id: u64,
-    mgr: Weak<Inner>,
+    registry: Weak<SpillerRegistry>,
 }
 
 impl std::fmt::Debug for SpillerRegistration {
@@ -67,9 +81,9 @@ impl std::fmt::Debug for SpillerRegistration {
 
 impl Drop for SpillerRegistration {
     fn drop(&mut self) {
-        if let Some(mgr) = self.mgr.upgrade() {
+        if let Some(registry) = self.registry.upgrade() {
             let removed = {
-                let mut entries = mgr.spillers.entries.lock();
+                let mut entries = registry.entries.lock();
                 let at = entries.iter().position(|e| e.id == self.id);
                 at.map(|i| entries.remove(i))
             };
@@ -88,13 +102,13 @@ pub(crate) struct SpillOutcome {
 
 impl SpillerRegistry {
     pub(crate) fn register(
-        &self,
-        mgr: &Arc<Inner>,
+        self: &Arc<Self>,
         name: String,
         node: Arc<PoolNode>,
         spiller: Arc<dyn Spiller>,
     ) -> SpillerRegistration {
-        let id = mgr.next_id();
+        // Relaxed: ids need only be unique, which RMW atomicity alone guarantees.
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
         self.entries.lock().push(Arc::new(SpillerEntry {
             id,
             name,
@@ -104,7 +118,7 @@ impl SpillerRegistry {
         }));
         SpillerRegistration {
             id,
-            mgr: Arc::downgrade(mgr),
+            registry: Arc::downgrade(self),
         }
     }
 
@@ -137,7 +151,8 @@ impl SpillerRegistry {
         };
         let mut candidates: Vec<(Arc<SpillerEntry>, u64)> = entries
             .into_iter()
-            .filter(|e| !e.busy.load(Ordering::Acquire))
+            // Relaxed: a hint that saves a size query; the `swap` below decides.
+            .filter(|e| !e.busy.load(Ordering::Relaxed))
             .map(|e| {
                 // A panicking size query counts as nothing to spill (same containment as `spill`).
                 let size = crate::error::contain(|| Ok(e.spiller.spillable_bytes())).unwrap_or(0);
@@ -148,8 +163,10 @@ impl SpillerRegistry {
         while outcome.freed < target && !candidates.is_empty() {
             let need = target - outcome.freed;
             let pick = pick_victim(&candidates, need);
-            let (entry, _) = candidates.swap_remove(pick);
-            if entry.busy.swap(true, Ordering::AcqRel) {
+            let (entry, spillable) = candidates.swap_remove(pick);
+            // Acquire: `busy` is a try-lock around the call; taking it orders this call after the
+            // previous one (whose end released it). Taking it publishes nothing, so no Release.
+            if entry.busy.swap(true, Ordering::Acquire) {
                 continue;
             }
             let result = crate::error::contain(|| {
@@ -165,6 +182,7 @@ impl SpillerRegistry {
                     source,
                 },
             });
+            // Release: ends the call for the next thread that takes the flag (see above).
             entry.busy.store(false, Ordering::Release);
             match result {
                 Ok(freed) => {
@@ -173,9 +191,20 @@ impl SpillerRegistry {
                         entry.name,
                         entry.node.path
                     );
-                    if freed > 0 {
-                        outcome.freed += freed;
-                        outcome.spills += 1;
+                    // Returning more than it said it could free counts as what it said (the
+                    // `Spiller` contract): no overflow, no inflated counts.
+                    if freed > spillable {
+                        log::warn!(
+                            "spiller '{}' in pool '{}' said it freed {freed} bytes of {spillable} \
+                             spillable; counting {spillable}",
+                            entry.name,
+                            entry.node.path
+                        );
+                    }
+                    let counted = freed.min(spillable);
+                    if counted > 0 {
+                        outcome.freed = outcome.freed.saturating_add(counted);
+                        outcome.spills = outcome.spills.saturating_add(1);
                     }
                 }
                 Err(e @ MemoryError::Spill { .. }) => return Err(e),

@@ -32,3 +32,48 @@ impl<T> Mutex<T> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+/// A named point on a lock-free path where a unit test can stop this thread (to force an
+/// interleaving that the scheduler rarely produces). Compiled to nothing outside unit tests.
+#[inline(always)]
+pub(crate) fn test_point(_name: &'static str) {
+    #[cfg(test)]
+    test_points::hit(_name);
+}
+
+#[cfg(test)]
+pub(crate) mod test_points {
+    use std::cell::RefCell;
+
+    type Hook = Box<dyn FnMut(&'static str)>;
+
+    thread_local! {
+        static HOOK: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `hook` at every test point this thread reaches until the returned guard drops.
+    pub(crate) fn set(hook: impl FnMut(&'static str) + 'static) -> impl Drop {
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                HOOK.with(|h| h.borrow_mut().take());
+            }
+        }
+        HOOK.with(|h| *h.borrow_mut() = Some(Box::new(hook)));
+        Reset
+    }
+
+    pub(super) fn hit(name: &'static str) {
+        // Taken out while it runs: a hook that reaches another point does not re-enter itself.
+        let hook = HOOK.with(|h| h.borrow_mut().take());
+        if let Some(mut f) = hook {
+            f(name);
+            HOOK.with(|h| {
+                let mut slot = h.borrow_mut();
+                if slot.is_none() {
+                    *slot = Some(f);
+                }
+            });
+        }
+    }
+}

@@ -603,6 +603,132 @@ fn concurrent_grows_and_shrinks_keep_counters_exact() {
     assert_eq!(l.reserved(), 0);
 }
 
+/// A grow refused by a pool limit even after spilling must not keep what the spill freed: beyond
+/// the hysteresis band (two blocks) it goes back to the listener, as after a listener refusal.
+#[test]
+fn pool_limit_refusal_after_a_spill_hands_surplus_back() {
+    let l = Arc::new(CapacityListener::unlimited());
+    let m = manager_with(
+        l.clone(),
+        MemoryConfig::default().with_reservation_block(MIB),
+    );
+    let pool = m.root().child("engine", Some(4 * MIB)).unwrap();
+    let spiller = HoldingSpiller::new(&pool, "buffers", 4 * MIB);
+    let _registration = pool.register_spiller("buffers", spiller.clone());
+    assert_eq!((m.used(), m.reserved()), (4 * MIB, 4 * MIB));
+    let err = pool.reservation("big").try_grow(5 * MIB).unwrap_err();
+    assert!(err.is_out_of_memory(), "{err}");
+    assert_eq!(
+        spiller.calls.load(Ordering::SeqCst),
+        1,
+        "spilled once first"
+    );
+    assert_eq!(m.used(), 0);
+    assert!(
+        m.reserved() <= 2 * MIB,
+        "{} reserved after the refusal",
+        m.reserved()
+    );
+    assert_eq!(l.reserved(), m.reserved());
+    m.close().unwrap();
+    assert_eq!(l.reserved(), 0);
+}
+
+/// An interleaving the scheduler rarely produces, forced: grow A has charged the
+/// root but not yet looked at `reserved` when grow B charges, finds no cushion and asks the
+/// listener. B's grant must cover A's bytes too, or A takes the fast path on B's grant.
+#[test]
+fn a_grow_stopped_after_its_charge_is_covered_by_the_next_grant() {
+    let block = 4;
+    let l = Arc::new(CapacityListener::unlimited());
+    let m = manager_with(
+        l.clone(),
+        MemoryConfig::default().with_reservation_block(block),
+    );
+    let (at_point_tx, at_point_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let a = m.root().reservation("a");
+    let grow_a = std::thread::spawn(move || {
+        let _hook = crate::sync::test_points::set(move |name| {
+            if name == "grow:charged" {
+                at_point_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+            }
+        });
+        a.try_grow(3).unwrap();
+        a
+    });
+    at_point_rx.recv().unwrap();
+    let b = m.root().reservation("b");
+    b.try_grow(3).unwrap();
+    go_tx.send(()).unwrap();
+    let a = grow_a.join().unwrap();
+    assert_eq!(m.used(), 6);
+    assert!(
+        m.reserved() >= m.used(),
+        "used {} > reserved {}",
+        m.used(),
+        m.reserved()
+    );
+    assert_eq!(l.reserved(), m.reserved());
+    drop((a, b));
+    m.close().unwrap();
+    assert_eq!(l.reserved(), 0);
+}
+
+/// A hand-back racing two grows, forced: the hand-back sizes the cushion (3), a grow uses it up,
+/// the hand-back claims its bytes on the root, a second grow goes to the listener, and only then
+/// does the claim compare with `reserved`. The second grant must cover the claim too, or the
+/// hand-back gives away bytes that are in use.
+#[test]
+fn a_hand_back_racing_two_grows_never_gives_away_used_bytes() {
+    let block = 4;
+    let l = Arc::new(CapacityListener::unlimited());
+    let m = manager_with(
+        l.clone(),
+        MemoryConfig::default().with_reservation_block(block),
+    );
+    let r1 = m.root().reservation("r1");
+    r1.try_grow(1).unwrap(); // reserved 4: a cushion of 3
+    let (at_tx, at_rx) = std::sync::mpsc::channel::<&'static str>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let m2 = m.clone();
+    let hand_back = std::thread::spawn(move || {
+        let _hook = crate::sync::test_points::set(move |name| {
+            if name.starts_with("claim:") {
+                at_tx.send(name).unwrap();
+                go_rx.recv().unwrap();
+            }
+        });
+        m2.release_unused(u64::MAX).unwrap()
+    });
+    assert_eq!(at_rx.recv().unwrap(), "claim:sized");
+    let x = m.root().reservation("x");
+    x.try_grow(3).unwrap(); // uses the cushion the hand-back sized
+    go_tx.send(()).unwrap();
+    assert_eq!(at_rx.recv().unwrap(), "claim:claimed");
+    let y = m.root().reservation("y");
+    y.try_grow(4).unwrap(); // to the listener, while the claim is on the root
+    go_tx.send(()).unwrap();
+    // If the hand-back's first claim was refused it tries again: let it through.
+    while let Ok(name) = at_rx.recv_timeout(Duration::from_millis(200)) {
+        let _ = name;
+        go_tx.send(()).unwrap();
+    }
+    hand_back.join().unwrap();
+    assert_eq!(m.used(), 8);
+    assert!(
+        m.reserved() >= m.used(),
+        "used {} > reserved {}",
+        m.used(),
+        m.reserved()
+    );
+    assert_eq!(l.reserved(), m.reserved());
+    drop((r1, x, y));
+    m.close().unwrap();
+    assert_eq!(l.reserved(), 0);
+}
+
 /// A listener standing in for Spark: every reserve takes the "TaskMemoryManager monitor" and,
 /// when the budget is short, calls back into the manager to spill (as Spark calls
 /// `MemoryConsumer.spill` on our consumer) while holding it.
@@ -1064,4 +1190,152 @@ fn a_slow_hand_back_does_not_make_a_fitting_grow_fail_at_the_task_limit() {
     drop((keep, grow));
     m.close().unwrap();
     assert_eq!(l.inner.reserved(), 0);
+}
+
+/// A spiller whose `spill` claims more than it said it could free.
+struct OverReportingSpiller {
+    res: Reservation,
+    reports: u64,
+}
+
+impl Spiller for OverReportingSpiller {
+    fn spillable_bytes(&self) -> u64 {
+        self.res.size()
+    }
+    fn spill(&self, _target: u64) -> Result<u64> {
+        self.res.free();
+        Ok(self.reports)
+    }
+}
+
+#[test]
+fn a_spiller_reporting_more_than_it_held_counts_as_its_spillable_size() {
+    let (m, _l) = unlimited();
+    let p = m.pool("ops").unwrap();
+    let spillers: Vec<Arc<OverReportingSpiller>> = [MIB, 2 * MIB]
+        .iter()
+        .map(|&bytes| {
+            let res = p.reservation("liar");
+            res.try_grow(bytes).unwrap();
+            Arc::new(OverReportingSpiller {
+                res,
+                reports: u64::MAX,
+            })
+        })
+        .collect();
+    let _regs: Vec<_> = spillers
+        .iter()
+        .map(|s| p.register_spiller("liar", s.clone() as Arc<dyn Spiller>))
+        .collect();
+    assert_eq!(m.used(), 3 * MIB);
+    // Nothing covers 4 MiB: both are asked. Each says u64::MAX; each counts as what it held.
+    assert_eq!(m.spill(4 * MIB).unwrap(), 3 * MIB);
+    assert_eq!(m.used(), 0);
+    let s = m.stats();
+    assert_eq!((s.spill_count, s.spilled_bytes), (2, 3 * MIB));
+    // A later round with nothing left to spill asks no one and counts nothing.
+    assert_eq!(m.spill(MIB).unwrap(), 0);
+    assert_eq!(m.stats().spilled_bytes, 3 * MIB);
+}
+
+#[test]
+fn spill_counters_saturate_instead_of_wrapping() {
+    // A spiller whose spillable size is huge (and honest about what it reports) twice: the
+    // round's sum and the manager's counters stop at u64::MAX.
+    struct Huge;
+    impl Spiller for Huge {
+        fn spillable_bytes(&self) -> u64 {
+            u64::MAX
+        }
+        fn spill(&self, _target: u64) -> Result<u64> {
+            Ok(u64::MAX)
+        }
+    }
+    let (m, _l) = unlimited();
+    let _a = m.root().register_spiller("a", Arc::new(Huge));
+    assert_eq!(m.spill(u64::MAX).unwrap(), u64::MAX);
+    assert_eq!(m.spill(u64::MAX).unwrap(), u64::MAX);
+    let s = m.stats();
+    assert_eq!((s.spill_count, s.spilled_bytes), (2, u64::MAX));
+}
+
+/// The module layers, lowest first (see "Modules, in layers" in the crate docs). A module may
+/// name, in code, only `crate::<m>` for a module `m` listed before it; naming the crate root's
+/// re-exports (`crate::MemoryManager`) in code is refused too, since it would hide an upward
+/// import. Comments and doc links are not imports and are skipped.
+const LAYERS: [(&str, &str); 13] = [
+    ("units", include_str!("units.rs")),
+    ("sync", include_str!("sync.rs")),
+    ("report", include_str!("report.rs")),
+    ("error", include_str!("error.rs")),
+    ("config", include_str!("config.rs")),
+    ("listener", include_str!("listener.rs")),
+    ("tree", include_str!("tree.rs")),
+    ("alloc", include_str!("alloc.rs")),
+    ("spill", include_str!("spill.rs")),
+    ("budget", include_str!("budget.rs")),
+    ("reservation", include_str!("reservation.rs")),
+    ("pool", include_str!("pool.rs")),
+    ("manager", include_str!("manager.rs")),
+];
+
+/// Every `crate::<name>` path in the code (not comments) of `source`, with its line number.
+fn crate_paths(source: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    for (n, line) in source.lines().enumerate() {
+        let code = line.trim_start();
+        if code.starts_with("//") {
+            continue;
+        }
+        let code = code.split("//").next().unwrap_or("");
+        let mut rest = code;
+        while let Some(at) = rest.find("crate::") {
+            let after = &rest[at + "crate::".len()..];
+            let name: String = if after.starts_with('{') {
+                "{…}".to_string() // a grouped import: refused, write one path per module
+            } else {
+                after
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect()
+            };
+            out.push((n + 1, name));
+            rest = after;
+        }
+    }
+    out
+}
+
+#[test]
+fn module_imports_point_one_way() {
+    let names: Vec<&str> = LAYERS.iter().map(|(name, _)| *name).collect();
+    // Every module of the crate is placed in the layers (tests excepted).
+    for line in include_str!("lib.rs").lines() {
+        if let Some(module) = line.strip_prefix("mod ").and_then(|m| m.strip_suffix(';')) {
+            assert!(
+                module == "tests" || names.contains(&module),
+                "module `{module}` is not in LAYERS: place it in the layer order"
+            );
+        }
+    }
+    let mut violations = Vec::new();
+    for (at, (module, source)) in LAYERS.iter().enumerate() {
+        for (line, name) in crate_paths(source) {
+            match names.iter().position(|n| *n == name) {
+                Some(below) if below < at => {}
+                Some(_) => violations.push(format!(
+                    "{module}.rs:{line}: `crate::{name}` is not below `{module}`"
+                )),
+                None => violations.push(format!(
+                    "{module}.rs:{line}: `crate::{name}` is not a lower module (import from the \
+                     defining module, one path per module)"
+                )),
+            }
+        }
+    }
+    assert!(
+        violations.is_empty(),
+        "imports must point one way:\n{}",
+        violations.join("\n")
+    );
 }

@@ -6,7 +6,7 @@
 //! (scripts/test.sh runs it with `LOOM_MAX_PREEMPTIONS=2`).
 //!
 //! Not modelled here: a grow refused by the task limit while a release's claim occupies the root
-//! (the retry in `Inner::grow`); loom 0.7 trips its own internal assertion ("TODO: this sometimes
+//! (the retry in `Budget::grow`); loom 0.7 trips its own internal assertion ("TODO: this sometimes
 //! fails", rt/atomic.rs) on that scenario, so it is covered by the threaded stress tests instead.
 #![cfg(loom)]
 

@@ -9,12 +9,15 @@
 //! plus room for the merge read buffers) and `Untracked` (system allocator, same code, same
 //! buffer limit). Spill files go under `DIR` (default: the system temp dir). Checks that the
 //! output is sorted and complete and that the manager closes with no leak.
+//!
+//! The sorter reaches its manager through the engine ABI, as in a Spark task; without a JVM the
+//! table comes from `nativemem-jni` linked into this binary (a dev-dependency) and the manager
+//! from `Api::create_manager` (no listener: unlimited, like a task with memory to spare).
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use nativemem_core::{CapacityListener, MemoryConfig, MemoryManager};
-use nativemem_examples::{Accounting, ExternalSorter, SorterOptions};
+use nativemem_client::{sys, Api, ManagerOptions};
+use nativemem_examples::{Accounting, ExternalSorter, SorterOptions, TaskPool};
 
 const MIB: u64 = 1 << 20;
 const BATCH_KEYS: usize = 64 << 10;
@@ -34,17 +37,12 @@ impl Keys {
     }
 }
 
-fn run(keys: u64, buffer_mib: u64, dir: &std::path::Path, accounting: Accounting) {
-    let manager = MemoryManager::new(
-        "bench",
-        MemoryConfig::default(),
-        Arc::new(CapacityListener::unlimited()),
-    )
-    .expect("manager");
-    let pool = manager
-        .root()
-        .child("sort", Some((buffer_mib + 8) * MIB))
-        .expect("pool");
+fn run(api: Api, keys: u64, buffer_mib: u64, dir: &std::path::Path, accounting: Accounting) {
+    let manager = api
+        .create_manager("bench", ManagerOptions::default(), None)
+        .expect("manager");
+    let pool =
+        TaskPool::open(api, manager.handle(), "sort", Some((buffer_mib + 8) * MIB)).expect("pool");
     let options = SorterOptions::default()
         .with_accounting(accounting)
         .with_max_buffer_bytes(Some(buffer_mib * MIB));
@@ -80,6 +78,7 @@ fn run(keys: u64, buffer_mib: u64, dir: &std::path::Path, accounting: Accounting
     assert_eq!((count, sum_out), (keys, sum_in), "output incomplete");
     let stats = out.stats();
     drop(out);
+    drop(pool);
     let leaks = manager.close().expect("close");
     println!(
         "{:<9} {} keys, buffer {} MiB: insert+spill {:.3} s, merge {:.3} s, total {:.3} s | {} | leaked: {} B",
@@ -90,11 +89,14 @@ fn run(keys: u64, buffer_mib: u64, dir: &std::path::Path, accounting: Accounting
         merged.as_secs_f64(),
         (inserted + merged).as_secs_f64(),
         stats,
-        leaks.total_bytes()
+        leaks.leaked_bytes
     );
 }
 
 fn main() {
+    // SAFETY: the provider's table is a static of the linked library.
+    let api = unsafe { Api::from_ptr(nativemem_jni::nativemem_api(sys::NM_ABI_VERSION)) }
+        .expect("nativemem table");
     let mut args = std::env::args().skip(1);
     let keys: u64 = args.next().map_or(10_000_000, |a| a.parse().expect("KEYS"));
     let buffer_mib: u64 = args.next().map_or(16, |a| a.parse().expect("BUFFER_MIB"));
@@ -107,7 +109,7 @@ fn main() {
         _ => [Accounting::Pool, Accounting::Untracked],
     };
     for accounting in modes {
-        run(keys, buffer_mib, &dir, accounting);
+        run(api, keys, buffer_mib, &dir, accounting);
     }
     std::fs::remove_dir(&dir).expect("spill dir left non-empty");
 }

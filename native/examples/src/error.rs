@@ -3,7 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use nativemem_core::MemoryError;
+use nativemem_client::Code;
 
 /// Result alias of this crate.
 pub type Result<T, E = SortError> = std::result::Result<T, E>;
@@ -11,10 +11,11 @@ pub type Result<T, E = SortError> = std::result::Result<T, E>;
 /// Everything that can go wrong in the external sort.
 #[derive(Debug, thiserror::Error)]
 pub enum SortError {
-    /// The memory manager refused memory ([`MemoryError::OutOfMemory`], whose text is the usage
-    /// report), was closed, or failed otherwise.
+    /// The task's memory manager refused memory ([`Code::OutOfMemory`], whose message is the
+    /// usage report), was closed ([`Code::StaleHandle`] or [`Code::Closed`]), or failed
+    /// otherwise; decide on its [`code`](nativemem_client::Error::code).
     #[error(transparent)]
-    Memory(#[from] MemoryError),
+    Memory(#[from] nativemem_client::Error),
     /// Reading, writing, creating or deleting a spill file failed.
     #[error("cannot {op} {}: {source}", path.display())]
     Io {
@@ -54,23 +55,16 @@ impl SortError {
         matches!(self, SortError::Memory(e) if e.is_out_of_memory())
     }
 
+    /// True if the task's manager is closed or closing (the sorter's calls then all fail).
+    pub fn is_closed(&self) -> bool {
+        matches!(self, SortError::Memory(e) if matches!(e.code, Code::StaleHandle | Code::Closed))
+    }
+
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> SortError {
         SortError::Io {
             op,
             path: path.into(),
             source,
-        }
-    }
-
-    /// The error as the memory manager expects it from a [`Spiller`](nativemem_core::Spiller):
-    /// memory errors pass through, the rest become [`MemoryError::Spill`].
-    pub(crate) fn into_memory_error(self, spiller: &str) -> MemoryError {
-        match self {
-            SortError::Memory(e) => e,
-            other => MemoryError::Spill {
-                spiller: spiller.to_string(),
-                source: Box::new(other),
-            },
         }
     }
 }

@@ -1,12 +1,14 @@
 //! # A spilling external sort of `i64` keys under a memory manager
 //!
-//! [`ExternalSorter`] is a native operator as a query engine would write one: it buffers its
-//! input in memory it gets from a [`Pool`], so the task's [`MemoryManager`] sees and limits it;
-//! when memory runs short it writes the buffer to disk as a sorted *run* and frees the memory;
-//! the output is a k-way merge of the in-memory buffer and every run.
+//! [`ExternalSorter`] is a native operator as a query engine would write one, in its own library:
+//! it buffers its input in memory it gets from a pool of the task's memory manager (a
+//! [`TaskPool`], reached through the engine ABI with `nativemem-client`), so the manager sees and
+//! limits it; when memory runs short it writes the buffer to disk as a sorted *run* and frees the
+//! memory; the output is a k-way merge of the in-memory buffer and every run.
 //!
 //! ```text
-//!  insert(batch) ──▶ tail chunk has room? ── yes ─▶ copy (under the state lock)
+//!  insert(batch) ──▶ lease the manager (for the call)
+//!                    tail chunk has room? ── yes ─▶ copy (under the state lock)
 //!                         │ no
 //!                         ▼
 //!                 pool.allocate(1 MiB)      (no lock held: may call the JVM listener, and may
@@ -14,17 +16,18 @@
 //!                         ▼
 //!          spill own buffer, retry ── buffer already empty ─▶ Err(OutOfMemory)
 //!
-//!  Spark / manager.spill / reclaim ─▶ Spiller::spill ─▶ take the chunks (lock), sort + write a
-//!                                                       run, free the chunks (no lock held)
+//!  Spark / another consumer's grow ─▶ Spiller::spill ─▶ take the chunks (lock), sort + write a
+//!  (inside a call on the manager)                       run, free the chunks (no lock held)
 //!
 //!  sorted() ─▶ sort each chunk ─▶ heap merge: chunks + runs ─▶ batches of up to N keys
-//!                                 (chunks freed and files deleted as each source runs dry)
+//!  (each batch under a lease)     (chunks freed and files deleted as each source runs dry)
 //! ```
 //!
 //! ## Memory
 //! - The buffer is a list of fixed-size *chunks* (1 MiB by default), each one
-//!   [`Pool::allocate`] block holding `i64`s. A chunk is a small owning type that frees its
-//!   block with [`Pool::free`] when dropped. 1 MiB keeps the number of allocations small (one per
+//!   [`Pool::allocate`](nativemem_client::Pool::allocate) block holding `i64`s. A chunk is a
+//!   small owning type over the block's [`Allocation`](nativemem_client::Allocation), which frees
+//!   it through the table when dropped. 1 MiB keeps the number of allocations small (one per
 //!   128 Ki keys) and sorting a chunk cache-friendly; chunks are sorted one by one and merged.
 //! - Merge read buffers (one per run, [`SorterOptions::read_buffer_bytes`] at most) are charged
 //!   through a [`Reservation`] of the same pool, shrunk as runs end.
@@ -39,8 +42,10 @@
 //! ## Concurrency and the lock rule
 //! The sorter is `Send + Sync`. Its state (the chunk list, the runs, statistics) sits behind one
 //! mutex, and **that mutex is never held while calling into the memory manager**: not around
-//! [`Pool::allocate`] (it may call the listener, i.e. the JVM, and may spill this sorter), and
-//! not around [`Pool::free`] or a chunk's drop (freeing may hand bytes back to the listener).
+//! [`Pool::allocate`](nativemem_client::Pool::allocate) (it may call the listener, i.e. the JVM,
+//! and may spill this sorter), not around a chunk's drop (freeing may hand bytes back to the
+//! listener), and not around taking or releasing a lease (releasing the last one may run a
+//! deferred close of the manager).
 //! Spark calls `spill` while holding its `TaskMemoryManager` monitor; a native thread holding
 //! the sorter's mutex while blocked in a listener upcall on that monitor would deadlock with it.
 //!
@@ -75,11 +80,17 @@
 //! dropped part way, and on error or panic paths.
 //!
 //! ## Closing the manager under a sorter
-//! Chunks are owned [`Allocation`](nativemem_core::Allocation)s: closing the task's manager
-//! releases their accounting (and reports them) but never frees their memory while the sorter
-//! holds them, so a close racing an insert or a merge cannot cause a use-after-free. After a
-//! close every operation fails with [`MemoryError::Closed`](nativemem_core::MemoryError), and
-//! dropping the sorter frees its chunks.
+//! Through the engine ABI the chunks' memory belongs to the task's manager: its close frees every
+//! allocation still live (and reports it as a leak, unless the sorter was dropped first: an
+//! operator that must outlive its caller's scope ties itself to the manager with
+//! [`Lease::attach`](nativemem_client::Lease::attach), as the JNI layer does). So every call
+//! that touches the keys of chunks holds a [`Lease`](nativemem_client::Lease) for its span
+//! (`insert`, `spill`, `sorted`, each output batch): the manager's close waits for it and never
+//! frees memory under it. A spill callback needs none: the manager calls spillers only from
+//! inside a call on it and unregisters them before freeing anything. After a close every
+//! operation fails with an error for which [`SortError::is_closed`] holds (taking the lease
+//! fails, before any key is touched), and dropping the sorter is safe (the frees are refused as
+//! stale and ignored).
 
 use std::fmt;
 use std::mem;
@@ -89,13 +100,14 @@ use std::sync::{Arc, Weak};
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
-use nativemem_core::{human, MemoryManager, Pool, Reservation, Spiller, SpillerRegistration};
+use nativemem_client::{BoxError, Code, Reservation, Spiller, SpillerRegistration};
 use parking_lot::{Condvar, Mutex};
 
 use crate::chunk::{Chunk, ChunkSource};
 use crate::error::{Result, SortError};
 use crate::merge::{KeySource, Merger, SliceSource};
 use crate::run::{RunReader, RunWriter, SpillFile};
+use crate::task::{human, TaskPool};
 
 const KEY_BYTES: usize = std::mem::size_of::<i64>();
 
@@ -119,7 +131,8 @@ static NEXT_SORTER_ID: AtomicU64 = AtomicU64::new(1);
 /// Where the sorter's buffer memory comes from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Accounting {
-    /// Chunks are [`Pool::allocate`]d: charged to the pool, limited, spillable by the manager.
+    /// Chunks are allocated from the pool ([`Pool::allocate`](nativemem_client::Pool::allocate)):
+    /// charged to it, limited, spillable by the manager.
     #[default]
     Pool,
     /// Chunks come from the system allocator; the manager sees nothing and no spiller is
@@ -260,7 +273,7 @@ impl fmt::Display for SorterStats {
     }
 }
 
-/// A spilling external sort of `i64` keys whose buffer is charged to a [`Pool`].
+/// A spilling external sort of `i64` keys whose buffer is charged to a [`TaskPool`].
 ///
 /// See the [module documentation](self) for the design, the memory it charges and the lock rule.
 /// `Send + Sync`; [`insert`](Self::insert) takes `&self` (concurrent inserts are safe, the keys
@@ -292,11 +305,16 @@ struct Shared {
     options: SorterOptions,
     chunks: Arc<ChunkSource>,
     /// The pool, when tracked (merge read buffers are reserved from it).
-    pool: Option<Pool>,
+    pool: Option<TaskPool>,
     state: Mutex<State>,
     /// Signalled when a spill in flight ends.
     spill_done: Condvar,
     next_run: AtomicU64,
+    /// The error of the last spill callback of this sorter that failed, and the thread it ran
+    /// on. The ABI passes a spiller's failure on as a bare `NM_ERR_SPILL`; an insert whose own
+    /// allocation made this sorter spill (on the inserting thread) reports this error instead.
+    /// Its own mutex, held only to store or take the value.
+    failed_spill: Mutex<Option<(ThreadId, SortError)>>,
 }
 
 /// Guarded by `Shared::state`. Dropping chunks or runs while the guard is held is a bug (the lock
@@ -332,8 +350,11 @@ enum Spilled {
 impl ExternalSorter {
     /// Creates a sorter named `name` that buffers in `pool` and spills to files under
     /// `spill_dir` (created if missing). Registers its spiller on `pool` unless untracked.
+    ///
+    /// Errors: bad options ([`SortError::InvalidArgument`]), the spill directory
+    /// ([`SortError::Io`]), the registration of the spiller (the manager is closed).
     pub fn new(
-        pool: &Pool,
+        pool: &TaskPool,
         name: impl Into<String>,
         spill_dir: impl Into<PathBuf>,
         options: SorterOptions,
@@ -362,13 +383,15 @@ impl ExternalSorter {
             state: Mutex::new(State::default()),
             spill_done: Condvar::new(),
             next_run: AtomicU64::new(0),
+            failed_spill: Mutex::new(None),
         });
-        let registration = pool.map(|p| {
-            let spiller = Arc::new(SorterSpiller {
-                shared: Arc::downgrade(&shared),
-            });
-            p.register_spiller(shared.name.clone(), spiller)
-        });
+        let registration = match pool {
+            Some(p) => {
+                let spiller = Arc::new(SorterSpiller::new(Arc::downgrade(&shared), p.manager()));
+                Some(p.pool().register_spiller(&shared.name, spiller)?)
+            }
+            None => None,
+        };
         Ok(ExternalSorter {
             shared,
             registration,
@@ -404,7 +427,8 @@ impl ExternalSorter {
     /// not be called while holding a lock that a spill of this sorter's manager might need.
     pub fn insert(&self, batch: &[i64]) -> Result<()> {
         let shared = &*self.shared;
-        shared.chunks.check_open()?;
+        // Held for the whole call (declared first, released last): the chunks' memory stays.
+        let _lease = shared.chunks.lease()?;
         let mut rest = batch;
         loop {
             {
@@ -438,6 +462,7 @@ impl ExternalSorter {
     /// Writes the buffer as a sorted run now and frees it; returns the bytes freed (0 if the
     /// buffer was empty or another spill was in flight).
     pub fn spill(&self) -> Result<u64> {
+        let _lease = self.shared.chunks.lease()?;
         match self.shared.spill_buffer()? {
             Spilled::Freed(bytes) => Ok(bytes),
             Spilled::Nothing | Spilled::InFlight => Ok(0),
@@ -475,7 +500,9 @@ impl ExternalSorter {
         drop(self.registration.take());
         let (mut buffer, mut runs) = shared.finish()?;
         drop(self);
-        shared.chunks.check_open()?;
+        // Held until the merge has read the first key of every source. On error, `buffer` and
+        // `runs` (declared before it) are dropped after it is released: no lock is held then.
+        let _lease = shared.chunks.lease()?;
         let (reservation, read_keys) = shared.reserve_merge_buffers(&mut buffer, &mut runs)?;
         for chunk in &mut buffer {
             chunk.as_mut_slice().sort_unstable();
@@ -550,8 +577,21 @@ impl Shared {
                         return Err(e.into());
                     }
                 }
+                // Our own spill, run by this allocation on this thread, failed: say why.
+                Err(e) if e.code == Code::Spill => {
+                    return Err(self.own_failed_spill().unwrap_or(e.into()))
+                }
                 Err(e) => return Err(e.into()),
             }
+        }
+    }
+
+    /// The error of a spill callback of this sorter that failed on this thread, if any (taken).
+    fn own_failed_spill(&self) -> Option<SortError> {
+        let mut slot = self.failed_spill.lock();
+        match &*slot {
+            Some((thread, _)) if *thread == thread::current().id() => slot.take().map(|(_, e)| e),
+            _ => None,
         }
     }
 
@@ -577,8 +617,9 @@ impl Shared {
     }
 
     /// Takes the buffer out, writes it as one sorted run and frees it. See the module docs.
+    /// Called with the manager pinned open: under a lease of the caller, or from the spiller
+    /// (inside a call on the manager).
     fn spill_buffer(&self) -> Result<Spilled> {
-        self.chunks.check_open()?;
         let mut chunks = {
             let mut st = self.state.lock();
             if st.spilling.is_some() {
@@ -702,7 +743,7 @@ impl Shared {
         };
         let comfortable = COMFORTABLE_READ_BUFFER_BYTES.min(configured);
         let floor = MIN_READ_BUFFER_BYTES.min(configured);
-        let reservation = Arc::new(pool.reservation(format!("{}.merge", self.name)));
+        let reservation = Arc::new(pool.pool().reservation(&format!("{}.merge", self.name))?);
         let mut read_bytes = configured;
         loop {
             let read_keys = read_bytes / KEY_BYTES;
@@ -793,10 +834,58 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// The spiller registered on the pool. Holds the sorter weakly: the registry (inside the
-/// manager) must not keep the sorter alive, and the sorter holds the manager through its pool.
+/// The spiller registered on the pool. Holds the sorter weakly: the manager must not keep the
+/// sorter alive (an operator is dropped by its owner, or by the manager's close through an
+/// attachment), and the sorter holds handles of the manager's objects.
+///
+/// The manager calls it only from inside a call on itself (a grow that found no room, Spark's
+/// spill request), so the chunks' memory is alive while it runs without a lease of its own
+/// (taking one could even fail while a close waits for that very call).
 struct SorterSpiller {
     shared: Weak<Shared>,
+    /// The manager it is registered with (tests count live spillers per manager).
+    #[cfg(test)]
+    manager: i64,
+}
+
+/// Spillers of sorters alive per manager handle, for tests: the ABI has no read-out of the
+/// manager's spillers, but the client drops a spiller exactly when it is unregistered (by the
+/// sorter or by the manager's close), so a live `SorterSpiller` is a registered one.
+#[cfg(test)]
+static LIVE_SPILLERS: std::sync::Mutex<std::collections::BTreeMap<i64, usize>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Registered spillers of sorters on the manager `manager` (tests).
+#[cfg(test)]
+pub(crate) fn registered_spillers(manager: i64) -> usize {
+    let live = LIVE_SPILLERS.lock().unwrap_or_else(|e| e.into_inner());
+    live.get(&manager).copied().unwrap_or(0)
+}
+
+#[cfg(test)]
+impl SorterSpiller {
+    fn new(shared: Weak<Shared>, manager: i64) -> SorterSpiller {
+        let mut live = LIVE_SPILLERS.lock().unwrap_or_else(|e| e.into_inner());
+        *live.entry(manager).or_insert(0) += 1;
+        SorterSpiller { shared, manager }
+    }
+}
+
+#[cfg(test)]
+impl Drop for SorterSpiller {
+    fn drop(&mut self) {
+        let mut live = LIVE_SPILLERS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = live.get_mut(&self.manager) {
+            *n -= 1;
+        }
+    }
+}
+
+#[cfg(not(test))]
+impl SorterSpiller {
+    fn new(shared: Weak<Shared>, _manager: i64) -> SorterSpiller {
+        SorterSpiller { shared }
+    }
 }
 
 impl Spiller for SorterSpiller {
@@ -804,14 +893,20 @@ impl Spiller for SorterSpiller {
         self.shared.upgrade().map_or(0, |s| s.spillable_bytes())
     }
 
-    fn spill(&self, _target: u64) -> nativemem_core::Result<u64> {
+    fn spill(&self, _target: u64) -> std::result::Result<u64, BoxError> {
         let Some(shared) = self.shared.upgrade() else {
             return Ok(0);
         };
         match shared.spill_buffer() {
             Ok(Spilled::Freed(bytes)) => Ok(bytes),
             Ok(Spilled::Nothing | Spilled::InFlight) => Ok(0),
-            Err(e) => Err(e.into_memory_error(&shared.name)),
+            // The manager reports it as a bare NM_ERR_SPILL to the request that needed the
+            // memory; the error itself is kept for an insert of this sorter on this thread.
+            Err(e) => {
+                let text = e.to_string();
+                *shared.failed_spill.lock() = Some((thread::current().id(), e));
+                Err(text.into())
+            }
         }
     }
 }
@@ -839,8 +934,13 @@ impl Drop for ReadBudget {
     fn drop(&mut self) {
         self.chunks.meter.sub(self.bytes);
         if let Some(res) = &self.reservation {
-            if let Err(e) = res.shrink(self.bytes) {
-                log::warn!("releasing a merge read buffer: {e}");
+            match res.shrink(self.bytes) {
+                Ok(()) => {}
+                // The manager closed first and released the reservation with it.
+                Err(e) if matches!(e.code, Code::StaleHandle | Code::Closed) => {
+                    log::debug!("releasing a merge read buffer after the manager closed: {e}")
+                }
+                Err(e) => log::warn!("releasing a merge read buffer: {e}"),
             }
         }
     }
@@ -920,11 +1020,16 @@ impl SortedBatches {
         let Some(merge) = &mut self.merge else {
             return Ok(false);
         };
-        if let Err(e) = self.shared.chunks.check_open() {
-            self.merge = None;
-            self.failed = true;
-            return Err(e);
-        }
+        // Held while the merge reads chunks (and frees those that run dry).
+        let _lease = match self.shared.chunks.lease() {
+            Ok(lease) => lease,
+            Err(e) => {
+                // The merge is dropped without reading it (dropping frees nothing under anyone).
+                self.merge = None;
+                self.failed = true;
+                return Err(e);
+            }
+        };
         let max = self.shared.options.batch_keys;
         match merge.fill(out, max) {
             Ok(n) => {
@@ -973,5 +1078,5 @@ fn assert_thread_safety() {
     fn send<T: Send>() {}
     send_sync::<ExternalSorter>();
     send::<SortedBatches>();
-    send_sync::<MemoryManager>();
+    send_sync::<TaskPool>();
 }

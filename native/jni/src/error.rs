@@ -17,7 +17,7 @@ use std::fmt;
 
 use jni::objects::{GlobalRef, JObject, JValue};
 use jni::JNIEnv;
-use nativemem_core::MemoryError;
+use nativemem_core::{MemoryError, OomReason, OutOfMemory};
 
 use crate::handle::HandleError;
 use crate::listener::UpcallError;
@@ -48,6 +48,9 @@ pub enum Error {
     /// A JNI call failed. `jni::errors::Error::JavaException` means a Java exception is pending.
     #[error("JNI call failed: {0}")]
     Jni(#[from] jni::errors::Error),
+    /// Close gave up waiting for calls or leases in flight; the last one to end runs the close.
+    #[error("{0}")]
+    CloseTimedOut(String),
     /// A Rust panic caught at the export.
     #[error("native panic: {0}")]
     Panic(String),
@@ -264,6 +267,11 @@ fn throw_mapped(env: &mut JNIEnv, err: &Error) -> Result<()> {
         env.throw_new(name, message)?;
         return Ok(());
     };
+    if let (JavaExceptionKind::OutOfMemory, Error::Memory(MemoryError::OutOfMemory(oom))) =
+        (kind, err)
+    {
+        return throw_oom(env, classes, oom, &message);
+    }
     let class = match kind {
         JavaExceptionKind::OutOfMemory => &classes.oom_exception,
         JavaExceptionKind::IllegalArgument => &classes.illegal_argument,
@@ -300,6 +308,52 @@ fn throw_mapped(env: &mut JNIEnv, err: &Error) -> Result<()> {
         }
     };
     env.throw_new(vm::as_class(class), message)?;
+    Ok(())
+}
+
+/// Throws a `NativeOutOfMemoryException` with its fields: requested bytes, pool, consumer, reason
+/// (a `Reason` name), the pool whose limit refused (for a limit) and the usage report.
+fn throw_oom(
+    env: &mut JNIEnv,
+    classes: &vm::JavaClasses,
+    oom: &OutOfMemory,
+    message: &str,
+) -> Result<()> {
+    let (reason, refusing_pool) = match &oom.reason {
+        OomReason::PoolLimit { pool, .. } => ("POOL_LIMIT", Some(pool.as_str())),
+        OomReason::ListenerDenied { .. } => ("LISTENER_DENIED", None),
+        OomReason::SystemAllocator => ("SYSTEM_ALLOCATOR", None),
+        #[allow(unreachable_patterns)]
+        _ => ("UNKNOWN", None),
+    };
+    let message = env.new_string(message)?;
+    let pool = env.new_string(&oom.pool)?;
+    let consumer = env.new_string(&oom.consumer)?;
+    let reason = env.new_string(reason)?;
+    let refusing_pool = match refusing_pool {
+        Some(p) => JObject::from(env.new_string(p)?),
+        None => JObject::null(),
+    };
+    let report = env.new_string(oom.report.to_string())?;
+    let requested = i64::try_from(oom.requested).unwrap_or(i64::MAX);
+    // SAFETY: the constructor id is NativeOutOfMemoryException(String, long, String, String,
+    // String, String, String), resolved on that class; the arguments match it in type and order.
+    let obj = unsafe {
+        env.new_object_unchecked(
+            vm::as_class(&classes.oom_exception),
+            classes.oom_exception_structured,
+            &[
+                JValue::Object(&message).as_jni(),
+                JValue::Long(requested).as_jni(),
+                JValue::Object(&pool).as_jni(),
+                JValue::Object(&consumer).as_jni(),
+                JValue::Object(&reason).as_jni(),
+                JValue::Object(&refusing_pool).as_jni(),
+                JValue::Object(&report).as_jni(),
+            ],
+        )
+    }?;
+    env.throw(jni::objects::JThrowable::from(obj))?;
     Ok(())
 }
 

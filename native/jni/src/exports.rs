@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jni::objects::{JClass, JObject, JString};
-use jni::sys::{jint, jlong, jlongArray, jstring};
+use jni::sys::{jint, jlong, jlongArray, jobjectArray, jstring};
 use jni::JNIEnv;
-use nativemem_core::MemoryConfig;
+use nativemem_core::{LeakKind, LeakReport, MemoryConfig};
 
 use crate::error::{Error, Result};
 use crate::export::{non_negative, run_export, string_arg, to_jlong};
@@ -37,6 +37,17 @@ pub extern "system" fn Java_org_nativemem_NativeLibraryLoader_nativeAbiVersion<'
     _class: JClass<'l>,
 ) -> jint {
     run_export(&mut env, -1, |_| Ok(ABI_VERSION))
+}
+
+/// `static native long nativeApiAddress()`: the address of the engine ABI table.
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeApiAddress<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+) -> jlong {
+    run_export(&mut env, 0, |_| {
+        Ok(crate::abi::api(nativemem_sys::NM_ABI_VERSION) as jlong)
+    })
 }
 
 /// `static native long nativeCreate(String name, ReservationListener listener,
@@ -71,21 +82,63 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeCreate<'l>(
     })
 }
 
-/// `static native String nativeClose(long handle)`: the close report (leaks, or deferral).
+/// `static native Object[] nativeClose(long handle)`: `{String text, long[] numbers, String[]
+/// names}`, decoded by `NativeCloseReport.fromNative`: numbers = deferred (0/1), calls in flight,
+/// bytes returned to the listener, then per leak bytes and count; names = per leak kind, consumer
+/// and pool.
 #[no_mangle]
 pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeClose<'l>(
     mut env: JNIEnv<'l>,
     _class: JClass<'l>,
     handle: jlong,
-) -> jstring {
+) -> jobjectArray {
     run_export(&mut env, std::ptr::null_mut(), |env| {
-        let text = match registry::destroy_manager(handle)? {
-            CloseOutcome::Closed(report) => report.to_string(),
-            CloseOutcome::Deferred { in_flight } => format!(
-                "close deferred: called from inside a call on the same manager; it completes when the {in_flight} call(s) in progress return"
+        let (text, mut numbers, mut names) = match registry::destroy_manager(handle)? {
+            CloseOutcome::Closed(report) => (
+                report.to_string(),
+                vec![0, 0, to_jlong(report.returned_to_listener)],
+                report,
+            ),
+            CloseOutcome::Deferred { in_flight } => (
+                format!(
+                    "close deferred: called from inside a call on the same manager; it completes when the {in_flight} call(s) in progress return"
+                ),
+                vec![1, to_jlong(in_flight), 0],
+                LeakReport::default(),
             ),
         };
-        new_jstring(env, &text)
+        let mut strings = Vec::with_capacity(names.leaks.len() * 3);
+        for leak in names.leaks.drain(..) {
+            let kind = match leak.kind {
+                LeakKind::Allocation => "ALLOCATION",
+                LeakKind::Reservation => "RESERVATION",
+                LeakKind::HeldAllocation => "HELD_ALLOCATION",
+                #[allow(unreachable_patterns)]
+                _ => "ALLOCATION",
+            };
+            strings.extend([kind.to_string(), leak.name, leak.pool]);
+            numbers.extend([to_jlong(leak.bytes), to_jlong(leak.count)]);
+        }
+        let string_class = env.find_class("java/lang/String")?;
+        let object_class = env.find_class("java/lang/Object")?;
+        let len = |n: usize| {
+            i32::try_from(n).map_err(|_| Error::Other("close report too long for Java".into()))
+        };
+        let names_array =
+            env.new_object_array(len(strings.len())?, &string_class, JObject::null())?;
+        for (i, s) in strings.iter().enumerate() {
+            let js = env.new_string(s)?;
+            env.set_object_array_element(&names_array, len(i)?, &js)?;
+            env.delete_local_ref(js)?;
+        }
+        let numbers_array = env.new_long_array(len(numbers.len())?)?;
+        env.set_long_array_region(&numbers_array, 0, &numbers)?;
+        let out = env.new_object_array(3, &object_class, JObject::null())?;
+        let text = env.new_string(&text)?;
+        env.set_object_array_element(&out, 0, &text)?;
+        env.set_object_array_element(&out, 1, &numbers_array)?;
+        env.set_object_array_element(&out, 2, &names_array)?;
+        Ok(out.into_raw())
     })
 }
 
@@ -192,10 +245,10 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeReleaseUnuse
     })
 }
 
-/// `static native long nativeReleaseAndSpill(long handle, long bytes)`: bytes handed back to the
+/// `static native long nativeReclaim(long handle, long bytes)`: bytes handed back to the
 /// listener (core `reclaim`).
 #[no_mangle]
-pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeReleaseAndSpill<'l>(
+pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeReclaim<'l>(
     mut env: JNIEnv<'l>,
     _class: JClass<'l>,
     handle: jlong,
@@ -295,12 +348,12 @@ pub extern "system" fn Java_org_nativemem_NativeReservation_nativeSize<'l>(
     })
 }
 
-/// `static native void nativeRelease(long reservation)`.
+/// `static native void nativeClose(long reservation)`.
 #[no_mangle]
-pub extern "system" fn Java_org_nativemem_NativeReservation_nativeRelease<'l>(
+pub extern "system" fn Java_org_nativemem_NativeReservation_nativeClose<'l>(
     mut env: JNIEnv<'l>,
     _class: JClass<'l>,
     handle: jlong,
 ) {
-    run_export(&mut env, (), |_| registry::release_reservation(handle))
+    run_export(&mut env, (), |_| registry::close_reservation(handle))
 }

@@ -154,11 +154,6 @@ impl<T> HandleTable<T> {
         }
     }
 
-    /// What the table's objects are called in errors.
-    pub fn kind(&self) -> &'static str {
-        self.kind
-    }
-
     /// Number of live handles.
     pub fn live(&self) -> usize {
         self.inner.read().live
@@ -187,6 +182,11 @@ impl<T> HandleTable<T> {
         let generation = ((raw >> GENERATION_SHIFT) & u64::from(u32::MAX)) as u32;
         let index = (raw & INDEX_MASK) as usize;
         Ok((index, generation))
+    }
+
+    /// True if `handle` carries this table's kind tag (live or not).
+    pub fn owns(&self, handle: jlong) -> bool {
+        self.decode(handle).is_ok()
     }
 
     /// Stores `value` and returns its new handle.

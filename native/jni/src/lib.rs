@@ -18,20 +18,36 @@
 //!                                     Result ─▶ error::throw: one mapping to Java exceptions
 //! ```
 //!
+//! ## Two faces
+//! - **Java** (`org.nativemem`): the `Java_*` exports in [`exports`](crate) over the [`registry`].
+//! - **Engines in their own library** (`include/nativemem.h`, the `nativemem-client` crate): the
+//!   versioned C function table of [`abi`], reached from Java's `NativeMemoryManager.nativeApi()`
+//!   or the C symbol [`nativemem_api`]. Native code outside this library reaches a manager only
+//!   through it.
+//!
 //! ## Pieces
-//! - [`handle`]: generation-checked slot handles (`jlong`, never a pointer).
-//! - [`registry`]: live managers and Java reservations, in-flight counting, close that never frees
-//!   under a running call. [`with_manager`] / [`enter_manager`] let other native code in this
-//!   library (operators and their exports) reach a manager from the handle Java gives them.
-//! - [`listener`]: the Java listener as the core's `ReservationListener`.
-//! - [`error`]: the error type and the single mapping to Java exceptions; [`export`]: the panic
+//! - `handle`: generation-checked slot handles (`jlong`, never a pointer).
+//! - [`registry`]: live managers and the objects they own (reservations, and the ABI's pools,
+//!   spillers, attached state), in-flight counting, and a close that never frees under a running
+//!   call or a held lease.
+//! - `listener`: the Java listener as the core's `ReservationListener`.
+//! - `error`: the error type and the single mapping to Java exceptions; `export`: the panic
 //!   guard and argument helpers every export uses.
-//! - [`vm`]: the cached `JavaVM`, classes and method ids; daemon attachment of native threads.
+//! - `vm`: the cached `JavaVM`, classes and method ids; daemon attachment of native threads.
+//! - With the `testing` feature only (the test library, never the product): `testing` (test
+//!   hooks of `org.nativemem.NativeTesting`) and `bench` (`org.nativemem.NativeBench`).
+//!
+//! ## The rlib
+//! The crate is a `cdylib` (the product) and an `rlib` for one purpose: tests of the engine side
+//! (`nativemem-client`, the example operator) link it to get a provider of the table in their
+//! test binary, where it is the only copy. An engine's *library* must never depend on it: a second
+//! copy next to the JVM's has its own, empty handle table (every handle from Java refused). Its
+//! Rust API is therefore just [`nativemem_api`]; everything else is private.
 //!
 //! ## Rules for code added to this library
-//! - Every export goes through [`run_export`]: no panic crosses `extern "system"`.
-//! - Reach a manager only through [`with_manager`] / [`enter_manager`], so close waits for you.
-//! - Do not define `JNI_OnLoad` elsewhere; this crate owns it (use [`vm::java_vm`]).
+//! - Every export goes through `run_export` (JNI) or `abi::run` (C): no panic crosses the boundary.
+//! - Reach a manager only through the registry's `with_manager` / `enter_manager` / pins, so close
+//!   waits for you.
 //! - Never call `FindClass` from a native thread; resolve classes on a Java thread and cache them.
 //!
 //! ## Logging
@@ -44,33 +60,38 @@ use std::panic::{self, AssertUnwindSafe};
 use jni::sys::{jint, JNI_ERR, JNI_VERSION_1_8};
 use jni::JavaVM;
 
+mod abi;
+#[cfg(feature = "testing")]
 mod bench;
-pub mod error;
-pub mod export;
+mod error;
+mod export;
 mod exports;
-pub mod handle;
-pub mod listener;
-pub mod registry;
-mod sorter;
+mod handle;
+mod listener;
+mod registry;
+#[cfg(feature = "testing")]
 mod testing;
-pub mod vm;
-
-pub use error::{throw, Error, JavaException, Result};
-pub use export::{non_negative, run_export, string_arg, to_jlong};
-pub use handle::{HandleError, HandleTable};
-pub use listener::JavaListener;
-pub use registry::{enter_manager, with_manager, ManagerCall, ManagerEntry};
+mod vm;
 
 /// Version of the contract between this library and the `org.nativemem` classes (native method
-/// signatures, `NativeMemoryStats` layout). The Java loader refuses a library with another value.
-pub const ABI_VERSION: jint = 1;
+/// signatures, `NativeMemoryStats` and `NativeCloseReport` layouts). The Java loader refuses a
+/// library with another value. (The engine ABI has its own version, `NM_ABI_VERSION`.)
+const ABI_VERSION: jint = 2;
+
+/// The engine ABI table (`include/nativemem.h`) if this library supports `min_version`, else
+/// null. For C engines in a process that loaded this library `RTLD_GLOBAL`; under a JVM, take the
+/// address from `NativeMemoryManager.nativeApi()` instead (the JVM loads libraries locally).
+#[no_mangle]
+pub extern "C" fn nativemem_api(min_version: u32) -> *const nativemem_sys::NmApi {
+    abi::api(min_version)
+}
 
 /// Environment variable that filters this library's logging (`env_logger` syntax).
-pub const LOG_ENV: &str = "NATIVEMEM_LOG";
+const LOG_ENV: &str = "NATIVEMEM_LOG";
 
 /// Installs the stderr logger unless the process already has one (another Rust library). Called
 /// by `JNI_OnLoad`.
-pub fn init_logging() {
+fn init_logging() {
     let env = env_logger::Env::new().filter_or(LOG_ENV, "warn");
     if env_logger::Builder::from_env(env).try_init().is_err() {
         log::debug!("a logger is already installed; nativemem logs through it");

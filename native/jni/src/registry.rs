@@ -25,7 +25,7 @@
 //! goes down.
 
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
@@ -41,9 +41,9 @@ use crate::error::{Error, Result};
 use crate::handle::HandleTable;
 
 /// Live memory managers (handle kind tag 1).
-pub static MANAGERS: HandleTable<ManagerEntry> = HandleTable::new(1, "memory manager");
-/// Live Java reservations (handle kind tag 2).
-pub static RESERVATIONS: HandleTable<ReservationEntry> = HandleTable::new(2, "reservation");
+pub(crate) static MANAGERS: HandleTable<ManagerEntry> = HandleTable::new(1, "memory manager");
+/// Live reservations made from Java or through the engine ABI (handle kind tag 2).
+pub(crate) static RESERVATIONS: HandleTable<ReservationEntry> = HandleTable::new(2, "reservation");
 
 /// Default time `destroy` waits for in-flight calls.
 pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,6 +56,10 @@ thread_local! {
     /// Managers this thread is inside a call of (entry addresses; a manager appears once per
     /// nested call). Lets `destroy` detect that it would wait for its own thread.
     static IN_CALL: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    /// The manager whose close is dropping its spillers and attached state on this thread (entry
+    /// address, 0 if none). Calls on that manager from this thread are let in although it is
+    /// closing: a drop callback may still close reservations and free allocations (not a leak).
+    static CLOSING_HERE: Cell<usize> = const { Cell::new(0) };
 }
 
 /// A live manager as the binding holds it. Shared (`Arc`) by the table, by in-flight calls and by
@@ -70,7 +74,9 @@ pub struct ManagerEntry {
     drain_lock: Mutex<()>,
     drained: Condvar,
     close_timeout: Duration,
-    reservations: Mutex<HashSet<jlong>>,
+    /// Handles of the objects this manager owns in other tables (reservations, and the engine
+    /// ABI's pools, spillers and state): close removes them, so they go stale with the manager.
+    owned: Mutex<HashSet<jlong>>,
     attachments: Mutex<Vec<Box<dyn Any + Send>>>,
 }
 
@@ -102,11 +108,6 @@ impl ManagerEntry {
         self.state.load(Ordering::SeqCst) & COUNT_MASK
     }
 
-    /// True once destroy started.
-    pub fn is_closing(&self) -> bool {
-        self.state.load(Ordering::SeqCst) & CLOSING != 0
-    }
-
     fn closed_error(&self) -> Error {
         Error::Closed(format!(
             "memory manager '{}' (handle {:#018x}) is closed",
@@ -115,11 +116,19 @@ impl ManagerEntry {
         ))
     }
 
-    /// Counts a call in; refused once the manager is closing.
-    pub fn enter(self: &Arc<Self>) -> Result<ManagerCall> {
+    /// Counts a call in; refused once the manager is closing (except on the thread running its
+    /// close, from a drop callback: see `CLOSING_HERE`). The pin may be dropped on any thread.
+    pub(crate) fn pin(self: &Arc<Self>) -> Result<Pin> {
+        let me = Arc::as_ptr(self) as usize;
         let mut cur = self.state.load(Ordering::SeqCst);
         loop {
             if cur & CLOSING != 0 {
+                if CLOSING_HERE.try_with(Cell::get).ok() == Some(me) {
+                    return Ok(Pin {
+                        entry: self.clone(),
+                        counted: false,
+                    });
+                }
                 return Err(self.closed_error());
             }
             if cur & COUNT_MASK == COUNT_MASK {
@@ -133,6 +142,15 @@ impl ManagerEntry {
                 Err(actual) => cur = actual,
             }
         }
+        Ok(Pin {
+            entry: self.clone(),
+            counted: true,
+        })
+    }
+
+    /// Counts a call in on this thread; refused once the manager is closing.
+    pub fn enter(self: &Arc<Self>) -> Result<ManagerCall> {
+        let pin = self.pin()?;
         let me = Arc::as_ptr(self) as usize;
         let _ = IN_CALL.try_with(|v| {
             if let Ok(mut v) = v.try_borrow_mut() {
@@ -140,9 +158,19 @@ impl ManagerEntry {
             }
         });
         Ok(ManagerCall {
-            entry: self.clone(),
+            pin,
             _not_send: PhantomData,
         })
+    }
+
+    /// Records that this manager owns the object `handle` of another table.
+    pub(crate) fn own(&self, handle: jlong) {
+        self.owned.lock().insert(handle);
+    }
+
+    /// Forgets an owned handle (the object was closed by its user).
+    pub(crate) fn disown(&self, handle: jlong) {
+        self.owned.lock().remove(&handle);
     }
 
     fn leave(&self) {
@@ -210,16 +238,61 @@ impl ManagerEntry {
     }
 
     /// The close proper; runs exactly once, with no call in flight.
+    ///
+    /// Order: spillers registered through the engine ABI are unregistered (their drop callbacks
+    /// run), then attached state is dropped (Rust attachments and the ABI's `attach`), both on
+    /// this thread with calls on this manager still let in from it, so memory they release is not
+    /// a leak. Then the core close frees what is left and reports it, and every handle the
+    /// manager owned (reservations, pools) is removed: those go stale.
     fn finish_close(&self) -> Result<LeakReport> {
-        // Attached resources first: an operator that releases its memory in `Drop` is not a leak.
+        let me = self as *const ManagerEntry as usize;
+        let previous = CLOSING_HERE.try_with(|c| c.replace(me)).unwrap_or(0);
+        let spillers = self.take_owned(crate::abi::is_spiller);
+        drop(crate::abi::remove_owned(spillers));
         let attachments = std::mem::take(&mut *self.attachments.lock());
         drop(attachments);
+        let states = self.take_owned(crate::abi::is_state);
+        drop(crate::abi::remove_owned(states));
+        let _ = CLOSING_HERE.try_with(|c| c.set(previous));
         let result = self.manager.close();
-        // Java reservations still open are reported as leaks by the close above (they held
-        // bytes); now forget their entries. Dropping them releases nothing more.
-        let handles: Vec<jlong> = self.reservations.lock().drain().collect();
-        drop(RESERVATIONS.remove_all(handles));
+        // Reservations still open were reported as leaks by the close above (they held bytes);
+        // now forget their handles, and the pool handles. Dropping them releases nothing more.
+        let rest = self.take_owned(|_| true);
+        drop(RESERVATIONS.remove_all(rest.iter().copied()));
+        drop(crate::abi::remove_owned(rest));
         Ok(result?)
+    }
+
+    /// Removes and returns the owned handles that match `which`.
+    fn take_owned(&self, which: impl Fn(jlong) -> bool) -> Vec<jlong> {
+        let mut owned = self.owned.lock();
+        let taken: Vec<jlong> = owned.iter().copied().filter(|h| which(*h)).collect();
+        for h in &taken {
+            owned.remove(h);
+        }
+        taken
+    }
+}
+
+/// A counted call in flight on a manager that any thread may end (a lease of the engine ABI is
+/// one). While it lives the manager cannot be closed under it.
+pub(crate) struct Pin {
+    entry: Arc<ManagerEntry>,
+    /// False for calls let in during the close (see `CLOSING_HERE`): they count nothing.
+    counted: bool,
+}
+
+impl Pin {
+    pub(crate) fn entry(&self) -> &Arc<ManagerEntry> {
+        &self.entry
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        if self.counted {
+            self.entry.leave();
+        }
     }
 }
 
@@ -239,14 +312,14 @@ pub enum CloseOutcome {
 /// A call in flight on a manager: while it lives, the manager cannot be closed under it. Drop it
 /// on the thread that created it (it is neither `Send` nor `Sync`).
 pub struct ManagerCall {
-    entry: Arc<ManagerEntry>,
+    pin: Pin,
     _not_send: PhantomData<*const ()>,
 }
 
 impl std::fmt::Debug for ManagerCall {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ManagerCall")
-            .field("entry", &self.entry)
+            .field("entry", &self.pin.entry)
             .finish()
     }
 }
@@ -254,26 +327,27 @@ impl std::fmt::Debug for ManagerCall {
 impl ManagerCall {
     /// The manager.
     pub fn manager(&self) -> &MemoryManager {
-        &self.entry.manager
+        &self.pin.entry.manager
     }
 
     /// The entry (handle, state).
     pub fn entry(&self) -> &Arc<ManagerEntry> {
-        &self.entry
+        &self.pin.entry
     }
 
     /// Ties `resource` to the manager's life: it is dropped when the manager closes, before the
     /// core manager is closed (so memory it releases in `Drop` is not reported as leaked), with
     /// no call in flight. Use it for operator state reachable only from native code, e.g. a
-    /// spiller registration.
+    /// spiller registration. (Engines in other libraries use the ABI's `attach`.)
+    #[cfg(any(test, feature = "testing"))]
     pub fn attach(&self, resource: Box<dyn Any + Send>) {
-        self.entry.attachments.lock().push(resource);
+        self.pin.entry.attachments.lock().push(resource);
     }
 }
 
 impl Drop for ManagerCall {
     fn drop(&mut self) {
-        let me = Arc::as_ptr(&self.entry) as usize;
+        let me = Arc::as_ptr(&self.pin.entry) as usize;
         let _ = IN_CALL.try_with(|v| {
             if let Ok(mut v) = v.try_borrow_mut() {
                 if let Some(pos) = v.iter().rposition(|p| *p == me) {
@@ -281,7 +355,7 @@ impl Drop for ManagerCall {
                 }
             }
         });
-        self.entry.leave();
+        // `self.pin` leaves after this.
     }
 }
 
@@ -301,12 +375,17 @@ pub fn create_manager(
         drain_lock: Mutex::new(()),
         drained: Condvar::new(),
         close_timeout,
-        reservations: Mutex::new(HashSet::new()),
+        owned: Mutex::new(HashSet::new()),
         attachments: Mutex::new(Vec::new()),
     });
     let handle = MANAGERS.insert(entry.clone())?;
     entry.handle.store(handle, Ordering::Relaxed);
     Ok(handle)
+}
+
+/// The live manager named by `handle` (not entered).
+pub(crate) fn manager_entry(handle: jlong) -> Result<Arc<ManagerEntry>> {
+    Ok(MANAGERS.get(handle)?)
 }
 
 /// Starts a call on the manager named by `handle`. Fails with `IllegalStateException` semantics
@@ -363,7 +442,7 @@ pub fn destroy_manager(handle: jlong) -> Result<CloseOutcome> {
         entry.manager.name(),
         entry.close_timeout
     );
-    Err(Error::Other(format!(
+    Err(Error::CloseTimedOut(format!(
         "closing memory manager '{}' timed out after {} ms: {in_flight} call(s) still in progress; \
          it is closed (no new calls are accepted) and its memory will be freed when they return",
         entry.manager.name(),
@@ -396,15 +475,26 @@ pub fn create_reservation(
 ) -> Result<jlong> {
     let call = enter_manager(handle)?;
     let pool = call.manager().pool(pool_path)?;
+    add_reservation(call.entry(), &pool, consumer, bytes)
+}
+
+/// Creates a reservation of `bytes` in `pool` (of the manager `owner`, which the caller has
+/// entered) for `consumer`; returns its handle. On error nothing is held.
+pub(crate) fn add_reservation(
+    owner: &Arc<ManagerEntry>,
+    pool: &nativemem_core::Pool,
+    consumer: &str,
+    bytes: u64,
+) -> Result<jlong> {
     let reservation = pool.reservation(consumer);
     reservation.try_grow(bytes)?;
     let entry = Arc::new(ReservationEntry {
-        owner: call.entry().clone(),
+        owner: owner.clone(),
         reservation,
     });
-    // In flight, so the manager's close (which drains `reservations`) cannot run between these.
+    // In flight, so the manager's close (which drains `owned`) cannot run between these.
     let rh = RESERVATIONS.insert(entry)?;
-    call.entry().reservations.lock().insert(rh);
+    owner.own(rh);
     Ok(rh)
 }
 
@@ -422,13 +512,13 @@ pub fn with_reservation<R>(handle: jlong, f: impl FnOnce(&Reservation) -> Result
 
 /// Releases the reservation `handle` (Java `NativeReservation.close()`). If its manager is
 /// closing, the manager's close releases it; this returns without error.
-pub fn release_reservation(handle: jlong) -> Result<()> {
+pub fn close_reservation(handle: jlong) -> Result<()> {
     let entry = RESERVATIONS.get(handle)?;
     let Ok(call) = entry.owner.enter() else {
         return Ok(());
     };
     let removed = RESERVATIONS.remove(handle)?;
-    entry.owner.reservations.lock().remove(&handle);
+    entry.owner.disown(handle);
     drop(removed);
     drop(entry);
     drop(call);
@@ -486,8 +576,8 @@ mod tests {
         let r = create_reservation(h, "a", "c", 10).unwrap();
         with_reservation(r, |res| Ok(res.try_grow(5)?)).unwrap();
         assert_eq!(with_reservation(r, |res| Ok(res.size())).unwrap(), 15);
-        release_reservation(r).unwrap();
-        assert!(matches!(release_reservation(r), Err(Error::Handle(_))));
+        close_reservation(r).unwrap();
+        assert!(matches!(close_reservation(r), Err(Error::Handle(_))));
         assert_eq!(with_manager(h, |m| Ok(m.used())).unwrap(), 0);
         let CloseOutcome::Closed(report) = destroy_manager(h).unwrap() else {
             panic!()

@@ -31,7 +31,8 @@ pub struct JavaClasses {
     pub listener_reserve: JMethodID,
     /// `void ReservationListener.unreserve(long)`.
     pub listener_unreserve: JMethodID,
-    /// `java.lang.Throwable`.
+    /// `java.lang.Throwable`: held so the class of `throwable_to_string` stays resolved.
+    #[allow(dead_code)]
     pub throwable: GlobalRef,
     /// `String Throwable.toString()`.
     pub throwable_to_string: JMethodID,
@@ -43,6 +44,9 @@ pub struct JavaClasses {
     pub memory_exception_with_cause: JMethodID,
     /// `org.nativemem.NativeOutOfMemoryException`.
     pub oom_exception: GlobalRef,
+    /// `NativeOutOfMemoryException(String message, long requested, String pool, String consumer,
+    /// String reason, String refusingPool, String usageReport)`.
+    pub oom_exception_structured: JMethodID,
     /// `java.lang.IllegalStateException`.
     pub illegal_state: GlobalRef,
     /// `java.lang.IllegalArgumentException`.
@@ -70,6 +74,12 @@ impl JavaClasses {
                 "<init>",
                 "(Ljava/lang/String;Ljava/lang/Throwable;)V",
             )?;
+            let oom_exception = global(env, "org/nativemem/NativeOutOfMemoryException")?;
+            let oom_exception_structured = env.get_method_id(
+                as_class(&oom_exception),
+                "<init>",
+                "(Ljava/lang/String;JLjava/lang/String;Ljava/lang/String;Ljava/lang/String;Ljava/lang/String;Ljava/lang/String;)V",
+            )?;
             Ok(JavaClasses {
                 listener,
                 listener_reserve,
@@ -79,7 +89,8 @@ impl JavaClasses {
                 error: global(env, "java/lang/Error")?,
                 memory_exception,
                 memory_exception_with_cause,
-                oom_exception: global(env, "org/nativemem/NativeOutOfMemoryException")?,
+                oom_exception,
+                oom_exception_structured,
                 illegal_state: global(env, "java/lang/IllegalStateException")?,
                 illegal_argument: global(env, "java/lang/IllegalArgumentException")?,
                 null_pointer: global(env, "java/lang/NullPointerException")?,

@@ -101,8 +101,8 @@ public class MisuseTest extends NativeTestSupport {
                 "in pool 'root/p' by 2.0 MiB (2097152 bytes): it holds 1.0 MiB (1048576 bytes)",
                 () -> res.shrink(2 * MIB));
         exactly("spill negative", IllegalArgumentException.class, "bytes must be >= 0, got -1", () -> live.spill(-1));
-        exactly("releaseAndSpill negative", IllegalArgumentException.class, "bytes must be >= 0, got -1",
-                () -> live.releaseAndSpill(-1));
+        exactly("reclaim negative", IllegalArgumentException.class, "bytes must be >= 0, got -1",
+                () -> live.reclaim(-1));
         exactly("releaseUnused negative", IllegalArgumentException.class, "maxBytes must be >= 0, got -1",
                 () -> live.releaseUnused(-1));
         containing("free of an unknown address", NativeMemoryException.class,
@@ -155,7 +155,7 @@ public class MisuseTest extends NativeTestSupport {
         exactly("released reservation handle", IllegalStateException.class,
                 "reservation handle " + hex(reservationHandle) + " is stale: it was closed or destroyed",
                 () -> {
-                    NativeReservation.nativeRelease(reservationHandle);
+                    NativeReservation.nativeClose(reservationHandle);
                     NativeReservation.nativeGrow(reservationHandle, 1);
                 });
 

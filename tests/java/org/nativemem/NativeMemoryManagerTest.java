@@ -199,22 +199,22 @@ public class NativeMemoryManagerTest extends NativeTestSupport {
     }
 
     @Test
-    public void releaseAndSpillGivesBackCushionThenSpilledBytes() {
+    public void reclaimGivesBackCushionThenSpilledBytes() {
         CountingListener listener = new CountingListener();
         NativeMemoryManager m = manager("two-phase", listener);
         NativeTesting.registerSpiller(m.handle(), "sort", 6 * MIB, 0);
         assertEquals(2 * MIB, m.spill(2 * MIB));
         // used 4 MiB, reserved 6 MiB: 2 MiB of cushion, then 1 MiB spilled.
-        assertEquals(3 * MIB, m.releaseAndSpill(3 * MIB));
+        assertEquals(3 * MIB, m.reclaim(3 * MIB));
         assertEquals(3 * MIB, m.usedBytes());
         assertEquals(3 * MIB, m.reservedBytes());
         assertEquals(3 * MIB, listener.reserved.get());
         assertEquals(2, m.stats().spillCount());
         // Nothing spillable beyond what the spiller holds.
-        assertEquals(3 * MIB, m.releaseAndSpill(100 * MIB));
+        assertEquals(3 * MIB, m.reclaim(100 * MIB));
         assertEquals(0, m.usedBytes());
         assertEquals(0, listener.reserved.get());
-        assertEquals(0, m.releaseAndSpill(MIB));
+        assertEquals(0, m.reclaim(MIB));
     }
 
     @Test

@@ -4,7 +4,6 @@ import static org.junit.Assert.assertArrayEquals;
 import static org.junit.Assert.assertEquals;
 import static org.junit.Assert.assertFalse;
 import static org.junit.Assert.assertNotNull;
-import static org.junit.Assert.assertSame;
 import static org.junit.Assert.assertTrue;
 import static org.junit.Assert.fail;
 
@@ -297,8 +296,13 @@ public class NativeSorterTest {
         }
     }
 
+    /**
+     * The listener's exception reaches the sorter's library only as text: the engine ABI carries
+     * a code ({@code NM_ERR_LISTENER}) and a message, not the throwable, so it is in the message
+     * of the {@link NativeMemoryException}, not its cause.
+     */
     @Test
-    public void aListenerThatThrowsSurfacesWithItsCause() {
+    public void aListenerThatThrowsSurfacesWithItsMessage() {
         final RuntimeException boom = new RuntimeException("spark said no");
         Listener throwing = new Listener(Long.MAX_VALUE) {
             @Override
@@ -310,7 +314,8 @@ public class NativeSorterTest {
         try (NativeSorter s = new NativeSorter(m, "s", dir)) {
             NativeMemoryException e = expect(NativeMemoryException.class, "spark said no",
                     () -> s.insert(new long[] {1, 2}));
-            assertSame(boom, e.getCause());
+            assertTrue(e.getMessage(), e.getMessage().contains(boom.toString()));
+            assertEquals(null, e.getCause());
         }
     }
 
@@ -443,7 +448,8 @@ public class NativeSorterTest {
             expect(IllegalArgumentException.class, "out of bounds for an array of length 3",
                     () -> NativeSorter.nativeInsert(h, new long[3], 1, 3));
             expect(IllegalArgumentException.class, "chunkBytes must be >= 0",
-                    () -> NativeSorter.nativeCreate(m.handle(), "x", dir.getPath(), "sort", -1, -8, 10, -1, 8, 8));
+                    () -> NativeSorter.nativeCreate(NativeMemoryManager.nativeApi(), m.handle(), "x", dir.getPath(), "sort",
+                            -1, -8, 10, -1, 8, 8));
             s.insert(new long[] {2, 1}, 0, 2);
             Iterator<long[]> it = s.sorted();
             expect(IllegalStateException.class, "already called", s::sorted);
@@ -473,13 +479,15 @@ public class NativeSorterTest {
         try (NativeSorter s = new NativeSorter(m, "s", dir)) {
             final long sh = s.nativeHandle();
             expect(IllegalStateException.class, "is not a memory manager handle",
-                    () -> NativeSorter.nativeCreate(sh, "x", dir.getPath(), "sort", -1, 8, 8, -1, 8, 8));
+                    () -> NativeSorter.nativeCreate(NativeMemoryManager.nativeApi(), sh, "x", dir.getPath(), "sort",
+                            -1, 8, 8, -1, 8, 8));
         }
         NativeMemoryManager gone = manager("gone");
         final long stale = gone.handle();
         gone.close();
         expect(IllegalStateException.class, "is stale",
-                () -> NativeSorter.nativeCreate(stale, "x", dir.getPath(), "sort", -1, 8, 8, -1, 8, 8));
+                () -> NativeSorter.nativeCreate(NativeMemoryManager.nativeApi(), stale, "x", dir.getPath(), "sort",
+                        -1, 8, 8, -1, 8, 8));
         expect(IllegalStateException.class, "NativeMemoryManager 'gone'", () -> new NativeSorter(gone, "s", dir));
         // The library still works.
         try (NativeSorter s = new NativeSorter(m, "after", dir)) {

@@ -49,7 +49,7 @@ public class DeadlockStressTest extends HardeningSupport {
                 if (free < bytes && m != null) {
                     // As TaskMemoryManager calls spill(n, trigger = this) on the requesting consumer.
                     selfSpills.incrementAndGet();
-                    m.releaseAndSpill(bytes - free);
+                    m.reclaim(bytes - free);
                 }
                 return super.reserve(bytes);
             }
@@ -78,7 +78,7 @@ public class DeadlockStressTest extends HardeningSupport {
             Random random = new Random(1);
             while (System.nanoTime() < until) {
                 synchronized (listener.monitor) {
-                    m.releaseAndSpill(1 + random.nextInt(4 << 20));
+                    m.reclaim(1 + random.nextInt(4 << 20));
                 }
                 monitorSpills.incrementAndGet();
             }
@@ -147,7 +147,7 @@ public class DeadlockStressTest extends HardeningSupport {
         Thread sparkSpiller = daemon("spills-under-monitor", failure, () -> {
             while (System.nanoTime() < until) {
                 synchronized (listener.monitor) {
-                    m.releaseAndSpill(MIB);
+                    m.reclaim(MIB);
                 }
                 monitorSpills.incrementAndGet();
             }

@@ -102,10 +102,10 @@ public class MisuseMatrixTest extends HardeningSupport {
             held.resize(held.size());
             assertUnchanged(before, live.stats());
         });
-        misuse("spill, releaseAndSpill and releaseUnused of 0 bytes return 0", () -> {
+        misuse("spill, reclaim and releaseUnused of 0 bytes return 0", () -> {
             NativeMemoryStats before = live.stats();
             assertEquals(0, live.spill(0));
-            assertEquals(0, live.releaseAndSpill(0));
+            assertEquals(0, live.reclaim(0));
             assertEquals(0, live.releaseUnused(0));
             assertUnchanged(before, live.stats());
         });
@@ -345,7 +345,7 @@ public class MisuseMatrixTest extends HardeningSupport {
             assertEquals(0, m.usedBytes());
             assertEquals(0, m.stats().liveAllocations());
         });
-        misuse("listener throws while Spark takes memory back (releaseAndSpill)", () -> {
+        misuse("listener throws while Spark takes memory back (reclaim)", () -> {
             final IllegalStateException thrown = new IllegalStateException("consumer released");
             final AtomicBoolean failing = new AtomicBoolean();
             Budget l = new Budget() {
@@ -359,7 +359,7 @@ public class MisuseMatrixTest extends HardeningSupport {
             NativeMemoryManager m = manager("unreserve-fails", l);
             Internals.registerSpiller(m.handle(), "sort", 6 * MIB, 0);
             failing.set(true);
-            NativeMemoryException e = expect(NativeMemoryException.class, () -> m.releaseAndSpill(4 * MIB));
+            NativeMemoryException e = expect(NativeMemoryException.class, () -> m.reclaim(4 * MIB));
             // What the spill frees stays in the cushion until the reclaim hands back exactly the
             // bytes asked for, so the failure is that hand-back, with the listener's exception kept
             // as the cause.
@@ -370,7 +370,7 @@ public class MisuseMatrixTest extends HardeningSupport {
             assertEquals("they stay reserved", 6 * MIB, m.reservedBytes());
             assertEquals(6 * MIB, l.reserved.get());
             failing.set(false);
-            assertEquals("offered again", 4 * MIB, m.releaseAndSpill(4 * MIB));
+            assertEquals("offered again", 4 * MIB, m.reclaim(4 * MIB));
             assertEquals(l.reserved.get(), m.reservedBytes());
         });
         misuse("listener blocks: read-outs, spills, shrinks and other managers go on", () -> {
@@ -422,7 +422,7 @@ public class MisuseMatrixTest extends HardeningSupport {
             Internals.registerSpiller(m.handle(), "sort", 64 * MIB, 2);
             closeUnderLoad(m, () -> {
                 m.spill(MIB);
-                m.releaseAndSpill(MIB);
+                m.reclaim(MIB);
             });
             assertEquals(0, l.reserved.get());
         });

@@ -16,7 +16,7 @@ import org.nativemem.NativeReservation;
  * <ul>
  *   <li>the export body: {@code org.nativemem.PanicTest};
  *   <li>a native spiller called from a Java-initiated spill ({@code spill}) and on the path Spark
- *       takes ({@code releaseAndSpill}; the real Spark run is in {@code soak.FaultSoakJob});
+ *       takes ({@code reclaim}; the real Spark run is in {@code soak.FaultSoakJob});
  *   <li>a native spiller called by the core inside a grow that spills (the panic unwinds through
  *       the core's grow and spill code);
  *   <li>the listener's upcall path (a Rust listener in front of the Java one): in reserve, in
@@ -66,22 +66,22 @@ public class PanicContainmentTest extends HardeningSupport {
     // ---- a native spiller, asked the way Spark asks --------------------------------------------
 
     @Test
-    public void spillerPanicOnReleaseAndSpillIsContained() {
+    public void spillerPanicOnReclaimIsContained() {
         Budget listener = new Budget();
         NativeMemoryManager m = manager("spark-spill-panics", listener);
-        NativeReservation r = releaseAndSpillPanics(m, listener);
+        NativeReservation r = reclaimPanics(m, listener);
         r.close();
         m.close();
         assertEquals(0, listener.reserved.get());
-        freshManagerWorks("a spiller panic on releaseAndSpill");
+        freshManagerWorks("a spiller panic on reclaim");
     }
 
     @Test
-    public void spillerPanicOnReleaseAndSpillKeepsAccountingExact() {
+    public void spillerPanicOnReclaimKeepsAccountingExact() {
         Budget listener = new Budget();
         NativeMemoryManager m = manager("spark-spill-panics-exact", listener);
-        NativeReservation r = releaseAndSpillPanics(m, listener);
-        assertEquals("the spiller is asked again", 3 * MIB, m.releaseAndSpill(3 * MIB));
+        NativeReservation r = reclaimPanics(m, listener);
+        assertEquals("the spiller is asked again", 3 * MIB, m.reclaim(3 * MIB));
         assertEquals(4 * MIB, m.usedBytes());
         assertEquals(listener.reserved.get(), m.reservedBytes());
         r.close();
@@ -89,13 +89,13 @@ public class PanicContainmentTest extends HardeningSupport {
         assertEquals(0, listener.reserved.get());
     }
 
-    private static NativeReservation releaseAndSpillPanics(NativeMemoryManager m, Budget listener) {
+    private static NativeReservation reclaimPanics(NativeMemoryManager m, Budget listener) {
         Internals.registerPanickingSpiller(m.handle(), "op/sort", 6 * MIB, 1, "spill bug under Spark");
         NativeReservation r = m.reserve("java", 3 * MIB);
         r.shrink(2 * MIB); // leaves a 2 MiB cushion, given back before any spiller is asked
         long reservedBefore = m.reservedBytes();
         assertEquals(2 * MIB, reservedBefore - m.usedBytes());
-        NativeMemoryException e = expect(NativeMemoryException.class, () -> m.releaseAndSpill(5 * MIB));
+        NativeMemoryException e = expect(NativeMemoryException.class, () -> m.reclaim(5 * MIB));
         assertContains(e.getMessage(), "spill bug under Spark (spill call 1");
         assertEquals("the cushion went back before the spiller panicked", reservedBefore - 2 * MIB,
                 m.reservedBytes());

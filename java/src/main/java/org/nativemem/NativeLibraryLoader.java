@@ -46,7 +46,7 @@ public final class NativeLibraryLoader {
     /** The library's base name ({@code libnativemem_jni.so} on Linux). */
     public static final String LIBRARY_NAME = "nativemem_jni";
     /** Version of the native interface these classes expect (see the Rust crate's ABI_VERSION). */
-    static final int ABI_VERSION = 1;
+    static final int ABI_VERSION = 2;
 
     private static final Object LOCK = new Object();
     private static volatile boolean loaded;

@@ -23,7 +23,7 @@ import java.util.concurrent.atomic.AtomicBoolean;
  * {@link ReservationListener#reserve(long)}, for whole blocks of
  * {@link NativeMemoryConfig#reservationBlockSize()} bytes. When the listener grants too little,
  * native spillers are asked to free memory; if it is still not enough the request fails with
- * {@link NativeOutOfMemoryException}. In the other direction, {@link #releaseAndSpill(long)} gives
+ * {@link NativeOutOfMemoryException}. In the other direction, {@link #reclaim(long)} gives
  * memory back to the listener's owner on request.
  *
  * <h2>Threads</h2>
@@ -53,7 +53,7 @@ public final class NativeMemoryManager implements AutoCloseable {
     private final String name;
     private final NativeMemoryConfig config;
     private final AtomicBoolean closed = new AtomicBoolean();
-    private volatile String closeReport;
+    private volatile NativeCloseReport closeReport;
 
     private NativeMemoryManager(long handle, String name, NativeMemoryConfig config) {
         this.handle = handle;
@@ -106,12 +106,13 @@ public final class NativeMemoryManager implements AutoCloseable {
     }
 
     /**
-     * The native handle of this manager, for other native code in this process (an operator's JNI
-     * method resolves it with {@code nativemem_jni::with_manager}). It is a generation-checked
-     * table index, not a pointer: once the manager is closed, native code using it gets an
-     * {@link IllegalStateException}, never a crash.
+     * The native handle of this manager, for a native engine in its own library: pass it with
+     * {@link #nativeApi()} to the engine, which leases the manager through the engine ABI
+     * ({@code include/nativemem.h}, or the {@code nativemem-client} Rust crate). It is a
+     * generation-checked table index, not a pointer: once the manager is closed, native code using
+     * it gets an error code, never a crash.
      *
-     * @return the handle
+     * @return the handle (an {@code nm_manager})
      * @throws IllegalStateException if the manager is closed
      */
     public long handle() {
@@ -169,7 +170,7 @@ public final class NativeMemoryManager implements AutoCloseable {
     /**
      * Asks the native spillers to free {@code size} bytes (smallest spiller that covers what is
      * missing first, else the largest, until covered). The freed bytes stay reserved from the
-     * listener; to give memory back to the listener use {@link #releaseAndSpill(long)}.
+     * listener; to give memory back to the listener use {@link #reclaim(long)}.
      *
      * @param size bytes to free, {@code >= 0}
      * @return bytes the spillers freed (may be less or more than {@code size})
@@ -211,9 +212,9 @@ public final class NativeMemoryManager implements AutoCloseable {
      * @throws NativeMemoryException if a spiller or the listener failed
      * @throws IllegalStateException if the manager is closed
      */
-    public long releaseAndSpill(long size) {
+    public long reclaim(long size) {
         checkOpen();
-        return nativeReleaseAndSpill(handle, size);
+        return nativeReclaim(handle, size);
     }
 
     /**
@@ -265,7 +266,7 @@ public final class NativeMemoryManager implements AutoCloseable {
      * timeout), frees every native allocation still live, releases every reservation (including
      * open {@link NativeReservation}s), forgets the spillers and gives every reserved byte back
      * through {@link ReservationListener#unreserve(long)}. What it had to reclaim is reported in
-     * {@link #closeReport()} (and logged natively).
+     * {@link #closeResult()} (and logged natively).
      *
      * <p>Idempotent and thread-safe: only the first call does anything. The manager is closed
      * even if this throws (no new call is accepted).
@@ -280,22 +281,48 @@ public final class NativeMemoryManager implements AutoCloseable {
         if (!closed.compareAndSet(false, true)) {
             return;
         }
-        closeReport = nativeClose(handle);
+        Object[] result = nativeClose(handle);
+        closeReport = NativeCloseReport.fromNative((String) result[0], (long[]) result[1], (String[]) result[2]);
     }
 
     /**
-     * @return after a successful {@link #close()}: what it reclaimed, e.g.
-     *     {@code "'task-1' closed with no leaks"} or the leaked allocations and reservations by
-     *     pool; {@code null} before close or if close failed
+     * @return after a successful {@link #close()}: what it reclaimed (leaks by pool and consumer,
+     *     bytes given back to the listener) as fields; {@code null} before close or if close failed
+     */
+    public NativeCloseReport closeResult() {
+        return closeReport;
+    }
+
+    /**
+     * @return the readable text of {@link #closeResult()}, e.g.
+     *     {@code "'task-1' closed with no leaks"}, for logs; {@code null} before close or if close
+     *     failed
      */
     public String closeReport() {
-        return closeReport;
+        NativeCloseReport r = closeReport;
+        return r == null ? null : r.text();
     }
 
     @Override
     public String toString() {
         return "NativeMemoryManager{name='" + name + "', handle=" + hex(handle)
                 + (closed.get() ? ", closed" : "") + "}";
+    }
+
+    /**
+     * The address of the engine ABI's function table ({@code const nm_api *} of
+     * {@code include/nativemem.h}), for native engines in their own shared library: they cannot
+     * look the table up by symbol because the JVM loads libraries privately ({@code RTLD_LOCAL}).
+     * The table is immutable and valid for the life of the JVM. Loads the native library first
+     * if needed. Check its {@code abi_version} and {@code struct_size} before use
+     * ({@code nm_api_check}).
+     *
+     * @return the table's address, never 0
+     * @throws UnsatisfiedLinkError if the native library cannot be loaded
+     */
+    public static long nativeApi() {
+        NativeLibraryLoader.load();
+        return nativeApiAddress();
     }
 
     /** The native handle even after close (package-private: for tests of stale handles). */
@@ -318,10 +345,13 @@ public final class NativeMemoryManager implements AutoCloseable {
     // Native methods: the handle is always the first argument. Package-private so tests in this
     // package can pass stale and forged handles; not part of the API.
 
+    static native long nativeApiAddress();
+
     static native long nativeCreate(String name, ReservationListener listener, long reservationBlockBytes,
             long taskLimitBytes, long closeTimeoutMillis);
 
-    static native String nativeClose(long handle);
+    /** Returns {String text, long[] numbers, String[] names}: see NativeCloseReport.fromNative. */
+    static native Object[] nativeClose(long handle);
 
     static native long nativeUsedBytes(long handle);
 
@@ -337,7 +367,7 @@ public final class NativeMemoryManager implements AutoCloseable {
 
     static native long nativeReleaseUnused(long handle, long maxBytes);
 
-    static native long nativeReleaseAndSpill(long handle, long bytes);
+    static native long nativeReclaim(long handle, long bytes);
 
     static native long nativeReserve(long handle, String poolPath, String consumer, long bytes);
 

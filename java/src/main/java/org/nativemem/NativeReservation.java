@@ -118,7 +118,7 @@ public final class NativeReservation implements AutoCloseable {
             return;
         }
         try {
-            nativeRelease(handle);
+            nativeClose(handle);
         } catch (IllegalStateException e) {
             // The manager was closed after the check above and released this reservation itself.
             if (!manager.isClosed()) {
@@ -151,5 +151,5 @@ public final class NativeReservation implements AutoCloseable {
 
     static native long nativeSize(long handle);
 
-    static native void nativeRelease(long handle);
+    static native void nativeClose(long handle);
 }

@@ -8,7 +8,7 @@ package org.nativemem;
  * {@link NativeMemoryConfig#reservationBlockSize()} bytes (8 MiB by default) and serves native
  * grows from that reserved cushion without calling Java; it gives bytes back only when more than
  * two blocks lie unused (hysteresis), when asked to ({@link NativeMemoryManager#releaseUnused},
- * {@link NativeMemoryManager#releaseAndSpill}) and at {@link NativeMemoryManager#close()}.
+ * {@link NativeMemoryManager#reclaim}) and at {@link NativeMemoryManager#close()}.
  *
  * <h2>Contract</h2>
  * <ul>
@@ -38,7 +38,7 @@ package org.nativemem;
  * come from several threads at once, so implementations must be thread-safe. The native library
  * holds no lock of its own during the call, so the listener may block and may call back into the
  * same manager — for example Spark's {@code MemoryConsumer.spill} calling
- * {@link NativeMemoryManager#releaseAndSpill(long)} while {@code acquireMemory} runs. It must not
+ * {@link NativeMemoryManager#reclaim(long)} while {@code acquireMemory} runs. It must not
  * {@linkplain NativeMemoryManager#close() close} the manager it serves: close would have to wait
  * for the very call the listener is running in, so it is deferred until that call returns.
  */

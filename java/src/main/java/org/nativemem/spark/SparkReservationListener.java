@@ -22,7 +22,7 @@ import org.slf4j.LoggerFactory;
  *   native grow ──cushion empty──▶ reserve(n)   ──▶ TaskMemoryManager.acquireExecutionMemory(n, this)
  *                                                    (Spark may spill other consumers for it)
  *   native release / close ──────▶ unreserve(n) ──▶ TaskMemoryManager.releaseExecutionMemory(n, this)
- *   Spark needs memory ──────────▶ spill(n, trigger) ──▶ manager.releaseAndSpill(n): unused cushion
+ *   Spark needs memory ──────────▶ spill(n, trigger) ──▶ manager.reclaim(n): unused cushion
  *                                                    first, then native spillers; returns the bytes
  *                                                    unreserve()d during the call
  * </pre>
@@ -225,7 +225,7 @@ public final class SparkReservationListener extends MemoryConsumer implements Re
         spillRequests.incrementAndGet();
         long released;
         try {
-            released = m.releaseAndSpill(size);
+            released = m.reclaim(size);
         } catch (IllegalStateException e) {
             if (m.isClosed() || state != OPEN) {
                 return 0; // closed concurrently: nothing to give, and not an error

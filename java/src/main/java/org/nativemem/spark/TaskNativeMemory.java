@@ -8,6 +8,7 @@ import org.apache.spark.SparkEnv;
 import org.apache.spark.TaskContext;
 import org.apache.spark.util.TaskCompletionListener;
 import org.apache.spark.util.TaskFailureListener;
+import org.nativemem.NativeCloseReport;
 import org.nativemem.NativeMemoryManager;
 import org.nativemem.NativeMemoryStats;
 import org.nativemem.NativeOutOfMemoryException;
@@ -198,14 +199,6 @@ public final class TaskNativeMemory {
         }
     }
 
-    /**
-     * Whether a {@link NativeMemoryManager#closeReport()} reports leaks. The report of a clean
-     * close is documented as {@code "'<name>' closed with no leaks"}.
-     */
-    static boolean hasLeaks(String closeReport) {
-        return closeReport != null && !closeReport.endsWith("closed with no leaks");
-    }
-
     private static Throwable findOom(Throwable error) {
         for (Throwable t = error; t != null; t = t.getCause() == t ? null : t.getCause()) {
             if (t instanceof NativeOutOfMemoryException) {
@@ -385,8 +378,9 @@ public final class TaskNativeMemory {
                         RECLAIMED_AT_CLOSE.addAndGet(before.usedBytes());
                     }
                 }
-                String report = m.closeReport();
-                if (closedOk && hasLeaks(report)) {
+                NativeCloseReport result = m.closeResult();
+                String report = result == null ? null : result.text();
+                if (closedOk && result != null && result.hasLeaks()) {
                     // Open reservations or live allocations (operator state attached to the manager
                     // and released by its close is not a leak).
                     String what = "nativemem: " + name + (ctx.isFailed() ? " failed" : " succeeded")

@@ -1,35 +1,37 @@
 //! `Java_org_nativemem_examples_NativeSorter_*`: the JNI face of the spilling external sort
-//! ([`ExternalSorter`] of `nativemem-examples`), for the Java class
-//! `org.nativemem.examples.NativeSorter`.
+//! ([`ExternalSorter`]), for the Java class `org.nativemem.examples.NativeSorter`.
 //!
-//! The exports live in this library, not in a library of their own, because a manager handle
-//! only resolves inside the `.so` whose table issued it.
+//! This library is an engine in its own `.so`: it reaches the task's manager (in
+//! `libnativemem_jni.so`) only through the engine ABI table, whose address and the manager's
+//! handle Java passes as two `long`s (`NativeMemoryManager.nativeApi()`, `manager.handle()`).
 //!
 //! ```text
-//!  NativeSorter (Java)                this module                           nativemem-examples
-//!  ───────────────────                ───────────                           ──────────────────
-//!  new(manager, name, dir, opts) ─▶ nativeCreate: enter_manager(handle)
-//!                                     pool "sort" (optional limit) ───────▶ ExternalSorter::new
+//!  NativeSorter (Java)              this module                            sort / client
+//!  ───────────────────              ───────────                            ─────────────
+//!  new(manager, name, dir, opts) ─▶ nativeCreate(api, manager, ...):
+//!                                     Api::from_address, acquire(manager) ─▶ lease for the call
+//!                                     pool (optional limit) ──────────────▶ ExternalSorter::new
 //!                                     SORTERS.insert ─▶ sorter handle (kind tag 3)
-//!                                     call.attach(CloseWithManager(handle))
-//!  insert(long[], off, len) ──────▶ nativeInsert: entry.enter (manager call in flight)
+//!                                     lease.attach(CloseWithManager(handle))
+//!  insert(long[], off, len) ──────▶ nativeInsert: lease for the call
 //!                                     GetLongArrayRegion into a reusable
-//!                                     64 Ki-key scratch, piece by piece ──▶ ExternalSorter::insert
-//!  sorted() / nextBatch(long[]) ──▶ nativeFinish / nativeNextBatch ──────▶ ExternalSorter::sorted,
-//!                                     SetLongArrayRegion from the batch       SortedBatches
-//!  close() ───────────────────────▶ nativeClose: SORTERS.remove, drop ──▶ chunks freed, files gone
-//!  manager.close() ───────────────▶ registry: attachments dropped first ─▶ same, before the core
-//!                                     close, so nothing is reported as leaked
+//!                                     64 Ki-key scratch, piece by piece ─▶ ExternalSorter::insert
+//!  sorted() / nextBatch(long[]) ──▶ nativeFinish / nativeNextBatch ─────▶ ExternalSorter::sorted,
+//!                                     SetLongArrayRegion from the batch     SortedBatches
+//!  close() ───────────────────────▶ nativeClose: SORTERS.remove, drop ─▶ chunks freed, files gone
+//!  manager.close() ───────────────▶ (libnativemem_jni) attached state dropped first: the same,
+//!                                     before the leak check, so nothing is reported as leaked
 //! ```
 //!
 //! # Lifetime and the manager
-//! A sorter belongs to one manager. Every call on it is a call on that manager
-//! ([`ManagerEntry::enter`]), so closing the manager waits for it and never frees memory under
-//! it. At creation the sorter ties itself to the manager with [`ManagerCall::attach`]: when the
-//! manager closes, the attachment removes the sorter's handle (later calls on the Java object get
-//! `IllegalStateException`) and drops the sorter before the core manager closes, so its chunks
+//! A sorter belongs to one manager. Every call on it holds a lease of that manager for the span
+//! of the call, never across calls (a lease held across calls would block the manager's close),
+//! so closing the manager waits for a running call and never frees memory under it. At creation
+//! the sorter ties itself to the manager with [`Lease::attach`]: when the manager closes, the
+//! attachment removes the sorter's handle (later calls on the Java object get
+//! `IllegalStateException`) and drops the sorter before the manager's leak check, so its chunks
 //! are freed and its spill files deleted, and none of it counts as a leak. The attachment holds
-//! only the handle: a sorter closed first leaves behind a few bytes that do nothing.
+//! only the handle; closing the sorter from Java detaches it.
 //!
 //! # Calls and the lock rule
 //! One call at a time works on a sorter: a call takes the sorter's state out of the entry (under
@@ -38,32 +40,51 @@
 //! puts it back. A second call arriving meanwhile (another Java thread) fails with
 //! `IllegalStateException` instead of waiting: waiting could deadlock with a JVM thread that
 //! holds Spark's `TaskMemoryManager` monitor while it waits for the first call's upcall.
-//! [`stats`](SorterEntry::stats) never fails that way: during another call it answers with the
-//! statistics as of the last call that finished. A close during a call marks the sorter closed;
-//! the running call drops the sorter when it returns.
+//! [`stats`] never fails that way: during another call it answers with the statistics as of the
+//! last call that finished (it reads only the sorter's own counters, so it takes no lease). A
+//! close during a call marks the sorter closed; the running call drops the sorter when it
+//! returns.
+//!
+//! # Errors and exceptions
+//! Every export catches panics (none crosses JNI) and maps its error to one Java exception
+//! ([`java_exception`]), creating the `org.nativemem` exception classes itself by name on the
+//! calling Java thread (`FindClass` there uses the class loader of `NativeSorter`, which sees
+//! `org.nativemem` also when both jars come from Spark's `--jars`):
+//!
+//! | error                                               | Java exception                      |
+//! |-----------------------------------------------------|-------------------------------------|
+//! | `NM_ERR_OUT_OF_MEMORY` (message: the usage report)  | `org.nativemem.NativeOutOfMemoryException` |
+//! | `NM_ERR_INVALID_ARGUMENT`, bad options or arguments | `IllegalArgumentException`          |
+//! | `NM_ERR_STALE_HANDLE` / `_INVALID_HANDLE` / `_CLOSED` | `IllegalStateException`           |
+//! | a bad sorter handle; a closed, busy or unusable one | `IllegalStateException`             |
+//! | a `null` argument                                   | `NullPointerException`              |
+//! | anything else (listener or spill failure, I/O, corrupt spill file, panic) | `org.nativemem.NativeMemoryException` |
+//!
+//! A Java exception already pending (a JNI call failed because of it) is kept. A listener's
+//! Java exception reaches this library only as text (the ABI carries codes and messages): it is
+//! in the message of the `NativeMemoryException`, not its cause.
 //!
 //! Not charged to the pool: the insert scratch (at most 512 KiB per sorter) and the output batch
 //! being handed to Java (at most `batch_keys` keys); like the sorter's own spill write buffer, they
 //! are small fixed buffers.
 
+use std::any::Any;
 use std::mem;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 
 use jni::objects::{JClass, JLongArray, JString};
 use jni::sys::{jint, jlong, jlongArray};
 use jni::JNIEnv;
-use nativemem_core::{MemoryManager, Pool};
-use nativemem_examples::{ExternalSorter, SortError, SortedBatches, SorterOptions, SorterStats};
+use nativemem_client::{Api, Attachment, Code, Lease};
 use parking_lot::Mutex;
 
-use crate::error::{Error, Result};
-use crate::export::{non_negative, run_export, string_arg, to_jlong};
-use crate::handle::HandleTable;
-use crate::registry::{enter_manager, ManagerCall, ManagerEntry};
+use crate::handle::{HandleError, HandleTable};
+use crate::{ExternalSorter, SortError, SortedBatches, SorterOptions, SorterStats, TaskPool};
 
 /// Live sorters (handle kind tag 3).
-pub static SORTERS: HandleTable<SorterEntry> = HandleTable::new(3, "sorter");
+static SORTERS: HandleTable<SorterEntry> = HandleTable::new(3, "sorter");
 
 /// Keys copied from a Java array per piece of an insert: 64 Ki keys, a 512 KiB scratch.
 const INSERT_PIECE_KEYS: usize = 64 << 10;
@@ -71,20 +92,196 @@ const INSERT_PIECE_KEYS: usize = 64 << 10;
 /// Number of values in the `long[]` of `nativeStats`, in the order of Java's `SorterStats`.
 const STATS_LEN: usize = 8;
 
+/// Environment variable that filters this library's logging (`env_logger` syntax), as for
+/// nativemem's own library.
+const LOG_ENV: &str = "NATIVEMEM_LOG";
+
+// ---- errors ------------------------------------------------------------------------------------
+
+/// Result alias of this module.
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything an export can fail with; [`java_exception`] maps it to a Java exception.
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    /// An error of the engine ABI (the manager, its pools and memory).
+    #[error(transparent)]
+    Memory(#[from] nativemem_client::Error),
+    /// A closed, forged or wrong-kind sorter handle.
+    #[error(transparent)]
+    Handle(#[from] HandleError),
+    /// The sorter is closed, busy or unusable.
+    #[error("{0}")]
+    Closed(String),
+    /// A bad argument or option.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A required argument was `null`; the value names the parameter.
+    #[error("{0} must not be null")]
+    NullArgument(&'static str),
+    /// A JNI call failed. `jni::errors::Error::JavaException` means a Java exception is pending.
+    #[error("JNI call failed: {0}")]
+    Jni(#[from] jni::errors::Error),
+    /// A Rust panic caught at the export.
+    #[error("native panic: {0}")]
+    Panic(String),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The sort's errors as this module's: memory errors keep their code, bad options are invalid
+/// arguments, an unusable sorter is an illegal state, I/O and corrupt spill files are plain native
+/// failures.
+fn sort_error(err: SortError) -> Error {
+    match err {
+        SortError::Memory(e) => Error::Memory(e),
+        SortError::InvalidArgument(msg) => Error::InvalidArgument(msg),
+        e @ SortError::Unusable { .. } => Error::Closed(e.to_string()),
+        other => Error::Other(other.to_string()),
+    }
+}
+
+const OUT_OF_MEMORY: &str = "org/nativemem/NativeOutOfMemoryException";
+const NATIVE_MEMORY: &str = "org/nativemem/NativeMemoryException";
+const ILLEGAL_ARGUMENT: &str = "java/lang/IllegalArgumentException";
+const ILLEGAL_STATE: &str = "java/lang/IllegalStateException";
+const NULL_POINTER: &str = "java/lang/NullPointerException";
+
+/// The Java exception class (JNI name) and message for `err`; `None` if a Java exception is
+/// pending already (a JNI call failed because of it: it is kept).
+fn java_exception(err: &Error) -> Option<(&'static str, String)> {
+    let mapped = match err {
+        Error::Memory(e) => match e.code {
+            // The code is what the exception class says; the message is the library's text.
+            Code::OutOfMemory => (OUT_OF_MEMORY, e.message.clone()),
+            Code::InvalidArgument => (ILLEGAL_ARGUMENT, e.message.clone()),
+            Code::StaleHandle | Code::InvalidHandle | Code::Closed => {
+                (ILLEGAL_STATE, e.message.clone())
+            }
+            _ => (NATIVE_MEMORY, e.to_string()),
+        },
+        Error::Handle(_) | Error::Closed(_) => (ILLEGAL_STATE, err.to_string()),
+        Error::InvalidArgument(_) => (ILLEGAL_ARGUMENT, err.to_string()),
+        Error::NullArgument(_) => (NULL_POINTER, err.to_string()),
+        Error::Jni(jni::errors::Error::JavaException) => return None,
+        Error::Jni(_) | Error::Panic(_) | Error::Other(_) => (NATIVE_MEMORY, err.to_string()),
+    };
+    Some(mapped)
+}
+
+/// Throws the Java exception for `err` (see the module table). Keeps an exception that is
+/// already pending. Never fails: if even throwing fails, the error is logged.
+fn throw(env: &mut JNIEnv, err: Error) {
+    match env.exception_check() {
+        Ok(false) => {}
+        Ok(true) => {
+            log::debug!("keeping the pending Java exception instead of throwing for: {err}");
+            return;
+        }
+        Err(e) => {
+            log::error!("cannot check for a pending Java exception ({e}); dropping error: {err}");
+            return;
+        }
+    }
+    let (class, message) = java_exception(&err).unwrap_or((
+        // A JNI call reported a pending exception that is no longer pending (it was cleared):
+        // report it as a plain failure rather than losing it.
+        NATIVE_MEMORY,
+        "a JNI call failed with a Java exception that is no longer pending".to_string(),
+    ));
+    // FindClass on this (Java) thread: the loader of NativeSorter, which sees org.nativemem.
+    if let Err(e) = env.throw_new(class, &message) {
+        log::error!("failed to throw {class} ({e}) for: {err}");
+    }
+}
+
+// ---- export plumbing ---------------------------------------------------------------------------
+
+static LOGGING: Once = Once::new();
+
+/// Installs the stderr logger unless the process already has one (this library has its own copy
+/// of the `log` facade), filtered by `NATIVEMEM_LOG` (default `warn`).
+fn init_logging() {
+    let env = env_logger::Env::new().filter_or(LOG_ENV, "warn");
+    if env_logger::Builder::from_env(env).try_init().is_err() {
+        log::debug!("a logger is already installed; nativemem-examples logs through it");
+    }
+}
+
+/// Runs an export body: returns its value, or throws the Java exception for its error (or for a
+/// panic, as `NativeMemoryException("native panic: ...")`) and returns `on_error`, which the JVM
+/// ignores because an exception is pending. No panic leaves this function.
+fn run_export<'local, R>(
+    env: &mut JNIEnv<'local>,
+    on_error: R,
+    body: impl FnOnce(&mut JNIEnv<'local>) -> Result<R>,
+) -> R {
+    LOGGING.call_once(init_logging);
+    let err = match panic::catch_unwind(AssertUnwindSafe(|| body(env))) {
+        Ok(Ok(value)) => return value,
+        Ok(Err(err)) => err,
+        Err(payload) => Error::Panic(panic_message(payload.as_ref())),
+    };
+    if panic::catch_unwind(AssertUnwindSafe(|| throw(env, err))).is_err() {
+        log::error!("panic while throwing a Java exception; the error is lost");
+    }
+    on_error
+}
+
+/// The text of a panic payload.
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a non-string payload".to_string()
+    }
+}
+
+/// A non-null `String` argument.
+fn string_arg(env: &mut JNIEnv, value: &JString, name: &'static str) -> Result<String> {
+    if value.is_null() {
+        return Err(Error::NullArgument(name));
+    }
+    // SAFETY: `value` is a non-null reference to a java.lang.String: the JVM type-checks the
+    // arguments of a native method against its declared parameter types (String here).
+    let s = unsafe { env.get_string_unchecked(value) }?;
+    Ok(s.into())
+}
+
+/// A size argument: must be `>= 0`.
+fn non_negative(name: &str, value: jlong) -> Result<u64> {
+    u64::try_from(value)
+        .map_err(|_| Error::InvalidArgument(format!("{name} must be >= 0, got {value}")))
+}
+
+/// A count for Java (saturating at `Long.MAX_VALUE`).
+fn to_jlong(value: u64) -> jlong {
+    jlong::try_from(value).unwrap_or(jlong::MAX)
+}
+
+// ---- the sorter entries ----------------------------------------------------------------------
+
 /// A live sorter as this library holds it.
-pub struct SorterEntry {
+struct SorterEntry {
     name: String,
-    owner: Arc<ManagerEntry>,
+    /// The table and the manager's handle: each call leases the manager for its span.
+    api: Api,
+    manager: jlong,
     state: Mutex<State>,
     /// Statistics as of the end of the last call, for `stats` during a call and after a panic.
     last_stats: Mutex<SorterStats>,
+    /// The tie to the manager's close; detached when Java closes the sorter first.
+    attachment: Mutex<Option<Attachment<CloseWithManager>>>,
 }
 
 impl std::fmt::Debug for SorterEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SorterEntry")
             .field("name", &self.name)
-            .field("manager", &self.owner.manager().name())
+            .field("manager", &self.manager)
             .finish()
     }
 }
@@ -170,10 +367,18 @@ impl SorterEntry {
         Error::Closed(format!("sorter '{}' is closed", self.name))
     }
 
-    /// Runs `f` on the sorter as a call on its manager (see the module docs); the sorter is out
-    /// of the entry while `f` runs, and no lock is held.
+    /// Leases the sorter's manager for the span of a call; a closing or closed manager means a
+    /// closed sorter.
+    fn lease(&self) -> Result<Lease> {
+        self.api
+            .acquire(self.manager)
+            .map_err(|_| self.closed_error())
+    }
+
+    /// Runs `f` on the sorter under a lease of its manager (see the module docs); the sorter is
+    /// out of the entry while `f` runs, and no lock is held.
     fn with_active<R>(&self, f: impl FnOnce(&mut Active) -> Result<R>) -> Result<R> {
-        let call = self.owner.enter().map_err(|_| self.closed_error())?;
+        let lease = self.lease()?;
         let taken = {
             let mut st = self.state.lock();
             match mem::replace(&mut *st, State::Busy) {
@@ -202,9 +407,10 @@ impl SorterEntry {
             Some(active) => f(active),
             None => Err(Error::Other("sorter state missing".into())),
         };
-        // The sorter goes back (or is dropped, if closed meanwhile) while the call still counts.
+        // The sorter goes back (or is dropped, if closed meanwhile) while the lease still pins
+        // the manager; releasing it may then run a close that waited for it.
         drop(guard);
-        drop(call);
+        drop(lease);
         result
     }
 
@@ -257,92 +463,80 @@ impl Drop for Taken<'_> {
     }
 }
 
-/// Dropped when the manager closes: closes the sorter if Java did not.
+/// Attached to the manager: dropped by its close (on the closing thread, before the leak check),
+/// it closes the sorter if Java did not.
 struct CloseWithManager(jlong);
 
 impl Drop for CloseWithManager {
     fn drop(&mut self) {
         if let Ok(entry) = SORTERS.remove(self.0) {
             log::debug!(
-                "[{}] sorter '{}' closed with its manager",
-                entry.owner.manager().name(),
-                entry.name
+                "sorter '{}' closed with its manager {:#x}",
+                entry.name,
+                entry.manager
             );
+            // The attachment being dropped is this one: forget its name (dropping an
+            // `Attachment` does not detach).
+            let _ = entry.attachment.lock().take();
             entry.shutdown();
         }
     }
 }
 
-/// The sort's errors as this library's: memory errors keep their kind (out of memory, closed,
-/// listener exceptions with their Java cause), bad options are invalid arguments, an unusable
-/// sorter is an illegal state, I/O and corrupt spill files are plain native failures.
-fn sort_error(err: SortError) -> Error {
-    match err {
-        SortError::Memory(e) => Error::Memory(e),
-        SortError::InvalidArgument(msg) => Error::InvalidArgument(msg),
-        e @ SortError::Unusable { .. } => Error::Closed(e.to_string()),
-        other => Error::Other(other.to_string()),
-    }
-}
+// ---- operations (JNI-free, tested below) -------------------------------------------------------
 
 /// Options of [`create`], as Java passes them (`-1` for "none" where allowed).
 #[derive(Clone, Debug)]
-pub struct CreateArgs {
+struct CreateArgs {
     /// Sorter name in reports, errors and spill file names.
-    pub name: String,
+    name: String,
     /// Directory of the spill files (created if missing).
-    pub spill_dir: PathBuf,
+    spill_dir: PathBuf,
     /// Pool the sorter's memory is charged to, below the root (e.g. `sort`).
-    pub pool_path: String,
+    pool_path: String,
     /// Limit of that pool in bytes, set when it is created by this call; `None`: no limit.
-    pub pool_limit: Option<u64>,
+    pool_limit: Option<u64>,
     /// Sorter options.
-    pub options: SorterOptions,
+    options: SorterOptions,
 }
 
-/// The pool at `path`; with a limit, its last element is created (or found) with that limit.
-fn sorter_pool(manager: &MemoryManager, path: &str, limit: Option<u64>) -> Result<Pool> {
-    let Some(limit) = limit else {
-        return Ok(manager.pool(path)?);
-    };
-    let (parent, leaf) = match path.rsplit_once('/') {
-        Some((parent, leaf)) => (parent, leaf),
-        None => ("", path),
-    };
-    if leaf.is_empty() || leaf == "root" && parent.is_empty() {
+/// Creates a sorter on the manager `manager` (reached through `api`) and returns its handle.
+fn create(api: Api, manager: jlong, args: CreateArgs) -> Result<jlong> {
+    let path = args.pool_path.as_str();
+    if args.pool_limit.is_some() && (path.is_empty() || path == "root") {
         return Err(Error::InvalidArgument(format!(
             "a pool limit needs a pool below the root, got pool path {path:?} (the root's limit is the task limit)"
         )));
     }
-    Ok(manager.pool(parent)?.child(leaf, Some(limit))?)
-}
-
-/// Creates a sorter on the manager `manager` and returns its handle.
-pub fn create(manager: jlong, args: CreateArgs) -> Result<jlong> {
-    let call: ManagerCall = enter_manager(manager)?;
-    let pool = sorter_pool(call.manager(), &args.pool_path, args.pool_limit)?;
+    let lease = api.acquire(manager)?;
+    let pool = TaskPool::new(api, manager, lease.pool(path, args.pool_limit)?);
     let sorter = ExternalSorter::new(&pool, args.name.clone(), args.spill_dir, args.options)
         .map_err(sort_error)?;
     let stats = sorter.stats();
     let entry = Arc::new(SorterEntry {
         name: args.name,
-        owner: call.entry().clone(),
+        api,
+        manager,
         state: Mutex::new(State::Idle(Box::new(Active {
             phase: Phase::Input(sorter),
             buffer: Vec::new(),
             pos: 0,
         }))),
         last_stats: Mutex::new(stats),
+        attachment: Mutex::new(None),
     });
-    // In flight: the manager's close cannot run between these two.
-    let handle = SORTERS.insert(entry)?;
-    call.attach(Box::new(CloseWithManager(handle)));
+    let handle = SORTERS.insert(entry.clone())?;
+    // Under the lease: the manager's close cannot run between the insert and the attach. If the
+    // attach fails, the value is dropped, which removes and closes the sorter again.
+    let attachment = lease.attach(CloseWithManager(handle))?;
+    *entry.attachment.lock() = Some(attachment);
+    drop(lease);
     Ok(handle)
 }
 
 /// Inserts `len` keys; `fill(piece, from)` copies keys `from..from + piece.len()` of the input
 /// into `piece`. Keys go in pieces of at most [`INSERT_PIECE_KEYS`].
-pub fn insert(
+fn insert(
     handle: jlong,
     len: usize,
     mut fill: impl FnMut(&mut [i64], usize) -> Result<()>,
@@ -368,7 +562,7 @@ pub fn insert(
 }
 
 /// Ends the input: from now on the sorter hands out its keys in order.
-pub fn finish(handle: jlong) -> Result<()> {
+fn finish(handle: jlong) -> Result<()> {
     let entry = SORTERS.get(handle)?;
     entry.with_active(|a| a.finish_input(&entry.name))
 }
@@ -376,7 +570,7 @@ pub fn finish(handle: jlong) -> Result<()> {
 /// Hands out up to `capacity` next keys through `emit(keys, at)` (`at`: how many keys of this
 /// call came before); returns how many. Fewer than `capacity` only when the output ended. Ends
 /// the input first if needed.
-pub fn next_batch(
+fn next_batch(
     handle: jlong,
     capacity: usize,
     mut emit: impl FnMut(&[i64], usize) -> Result<()>,
@@ -396,27 +590,34 @@ pub fn next_batch(
 }
 
 /// The sorter's statistics.
-pub fn stats(handle: jlong) -> Result<SorterStats> {
+fn stats(handle: jlong) -> Result<SorterStats> {
     SORTERS.get(handle)?.stats()
 }
 
-/// Closes the sorter: frees its memory and deletes its spill files. If its manager is closing,
-/// the manager's close does it; this returns without error.
-pub fn close(handle: jlong) -> Result<()> {
+/// Closes the sorter: frees its memory, deletes its spill files and unties it from its manager.
+/// If its manager is closing, the manager's close does it; this returns without error.
+fn close(handle: jlong) -> Result<()> {
     let entry = SORTERS.get(handle)?;
-    let Ok(call) = entry.owner.enter() else {
+    let Ok(lease) = entry.lease() else {
         return Ok(());
     };
     let removed = SORTERS.remove(handle)?;
     removed.shutdown();
+    let attachment = removed.attachment.lock().take();
+    if let Some(attachment) = attachment {
+        // Runs `CloseWithManager`'s drop now: the handle is gone already, so it does nothing.
+        if let Err(e) = attachment.detach() {
+            log::debug!("sorter '{}': detaching from its manager: {e}", removed.name);
+        }
+    }
     drop(removed);
     drop(entry);
-    drop(call);
+    drop(lease);
     Ok(())
 }
 
 /// Live sorter handles in the process.
-pub fn live_sorters() -> usize {
+fn live_sorters() -> usize {
     SORTERS.live()
 }
 
@@ -467,14 +668,20 @@ fn jsize(value: usize) -> Result<jint> {
     jint::try_from(value).map_err(|_| Error::Other(format!("index {value} exceeds a Java array")))
 }
 
-/// `static native long nativeCreate(long manager, String name, String spillDir, String poolPath,
-/// long poolLimitBytes /* -1: none */, long chunkBytes, long batchKeys,
+// ---- exports ---------------------------------------------------------------------------------
+
+/// `static native long nativeCreate(long api, long manager, String name, String spillDir,
+/// String poolPath, long poolLimitBytes /* -1: none */, long chunkBytes, long batchKeys,
 /// long maxBufferBytes /* -1: none */, long readBufferBytes, long writeBufferBytes)`.
+///
+/// `api` is `NativeMemoryManager.nativeApi()` (checked: version and size), `manager` is
+/// `manager.handle()`.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub extern "system" fn Java_org_nativemem_examples_NativeSorter_nativeCreate<'l>(
     mut env: JNIEnv<'l>,
     _class: JClass<'l>,
+    api: jlong,
     manager: jlong,
     name: JString<'l>,
     spill_dir: JString<'l>,
@@ -487,6 +694,9 @@ pub extern "system" fn Java_org_nativemem_examples_NativeSorter_nativeCreate<'l>
     write_buffer_bytes: jlong,
 ) -> jlong {
     run_export(&mut env, 0, |env| {
+        // SAFETY: Java passes NativeMemoryManager.nativeApi(): 0 (refused) or the address of the
+        // provider's table, a static of libnativemem_jni that the JVM never unloads.
+        let api = unsafe { Api::from_address(api) }?;
         let name = string_arg(env, &name, "name")?;
         let spill_dir = PathBuf::from(string_arg(env, &spill_dir, "spillDir")?);
         let pool_path = string_arg(env, &pool_path, "poolPath")?;
@@ -497,6 +707,7 @@ pub extern "system" fn Java_org_nativemem_examples_NativeSorter_nativeCreate<'l>
             .with_read_buffer_bytes(usize_arg("readBufferBytes", read_buffer_bytes)?)
             .with_write_buffer_bytes(usize_arg("writeBufferBytes", write_buffer_bytes)?);
         create(
+            api,
             manager,
             CreateArgs {
                 name,
@@ -596,16 +807,18 @@ pub extern "system" fn Java_org_nativemem_examples_NativeSorter_nativeLiveSorter
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{create_manager, destroy_manager, CloseOutcome, DEFAULT_CLOSE_TIMEOUT};
-    use nativemem_core::{CapacityListener, MemoryConfig};
+    use crate::testing::{api, manager_with, TestListener};
+    use nativemem_client::{ManagerOptions, OwnedManager};
     use std::path::Path;
 
     struct Dir(PathBuf);
 
     impl Dir {
         fn new(tag: &str) -> Dir {
-            let p = std::env::temp_dir()
-                .join(format!("nativemem-jni-sorter-{tag}-{}", std::process::id()));
+            let p = std::env::temp_dir().join(format!(
+                "nativemem-examples-jni-{tag}-{}",
+                std::process::id()
+            ));
             let _ = std::fs::remove_dir_all(&p);
             Dir(p)
         }
@@ -621,14 +834,22 @@ mod tests {
         }
     }
 
-    fn manager(capacity: Option<u64>) -> (jlong, Arc<CapacityListener>) {
-        let l = Arc::new(match capacity {
-            Some(c) => CapacityListener::new(c),
-            None => CapacityListener::unlimited(),
-        });
-        let config = MemoryConfig::default().with_reservation_block(1 << 20);
-        let h = create_manager("t".into(), config, l.clone(), DEFAULT_CLOSE_TIMEOUT).unwrap();
-        (h, l)
+    fn manager(capacity: Option<u64>) -> (OwnedManager, Arc<TestListener>) {
+        let l = match capacity {
+            Some(c) => TestListener::new(c),
+            None => TestListener::unlimited(),
+        };
+        let options = ManagerOptions {
+            reservation_block: Some(1 << 20),
+            task_limit: None,
+        };
+        (manager_with("t", options, l.clone()), l)
+    }
+
+    /// Closes the manager; asserts no byte was leaked.
+    fn close_clean(m: OwnedManager) {
+        let report = m.close().unwrap();
+        assert_eq!(report.leaked_bytes, 0, "{}", report.report);
     }
 
     fn args(dir: &Path, pool_limit: Option<u64>) -> CreateArgs {
@@ -683,7 +904,7 @@ mod tests {
         let dir = Dir::new("spill");
         let (m, l) = manager(None);
         // 4 chunks of 64 KiB: 200k keys (1.6 MB) spill many times.
-        let h = create(m, args(&dir.0, Some(256 << 10))).unwrap();
+        let h = create(api(), m.handle(), args(&dir.0, Some(256 << 10))).unwrap();
         let input = keys(200_000, 7);
         for piece in input.chunks(70_000) {
             insert_all(h, piece).unwrap();
@@ -704,10 +925,7 @@ mod tests {
         assert!(matches!(stats(h), Err(Error::Handle(_))));
         assert!(matches!(close(h), Err(Error::Handle(_))));
         assert_eq!(dir.files(), 0, "spill files removed");
-        let CloseOutcome::Closed(report) = destroy_manager(m).unwrap() else {
-            panic!()
-        };
-        assert!(report.is_empty(), "{report}");
+        close_clean(m);
         assert_eq!(l.reserved(), 0);
     }
 
@@ -715,28 +933,27 @@ mod tests {
     fn rows_output_counts_only_keys_handed_out() {
         let dir = Dir::new("partial");
         let (m, _l) = manager(None);
-        let h = create(m, args(&dir.0, None)).unwrap();
+        let h = create(api(), m.handle(), args(&dir.0, None)).unwrap();
         insert_all(h, &keys(5000, 3)).unwrap();
         let n = next_batch(h, 10, |_, _| Ok(())).unwrap();
         assert_eq!(n, 10);
         assert_eq!(stats(h).unwrap().rows_output, 10);
         assert_eq!(read_all(h, 5000).len(), 4990);
-        destroy_manager(m).unwrap();
+        m.close().unwrap();
     }
 
     #[test]
     fn closing_the_manager_closes_its_sorters_first() {
         let dir = Dir::new("mgrclose");
         let (m, l) = manager(None);
-        let h = create(m, args(&dir.0, Some(128 << 10))).unwrap();
+        let h = create(api(), m.handle(), args(&dir.0, Some(128 << 10))).unwrap();
         insert_all(h, &keys(100_000, 5)).unwrap();
         assert!(dir.files() > 0);
-        let CloseOutcome::Closed(report) = destroy_manager(m).unwrap() else {
-            panic!()
-        };
-        assert!(
-            report.is_empty(),
-            "a sorter closed with its manager is no leak: {report}"
+        let report = m.close().unwrap();
+        assert_eq!(
+            report.leaked_bytes, 0,
+            "a sorter closed with its manager is no leak: {}",
+            report.report
         );
         assert_eq!(l.reserved(), 0);
         assert_eq!(dir.files(), 0, "spill files removed");
@@ -757,7 +974,7 @@ mod tests {
         let (m, _l) = manager(None);
         for (h, want) in [
             (0, "null sorter handle"),
-            (m, "is not a sorter handle"),
+            (m.handle(), "is not a sorter handle"),
             (-1, "is not a sorter handle"),
             ((3i64 << 56) | (1 << 24) | 0xff_fff0, "is unknown"),
         ] {
@@ -767,24 +984,32 @@ mod tests {
             assert!(close(h).is_err());
         }
         // A manager handle that is stale.
-        destroy_manager(m).unwrap();
+        let stale = m.handle();
+        m.close().unwrap();
         let dir = Dir::new("stale");
-        let err = create(m, args(&dir.0, None)).unwrap_err();
-        assert!(matches!(err, Error::Handle(_)), "{err}");
+        let err = create(api(), stale, args(&dir.0, None)).unwrap_err();
+        assert!(
+            matches!(err, Error::Memory(ref e) if e.code == Code::StaleHandle),
+            "{err}"
+        );
+        assert_eq!(java_exception(&err).unwrap().0, ILLEGAL_STATE);
     }
 
     #[test]
     fn out_of_memory_when_not_even_one_chunk_fits() {
         let dir = Dir::new("oom");
         let (m, _l) = manager(Some(0));
-        let h = create(m, args(&dir.0, None)).unwrap();
+        let h = create(api(), m.handle(), args(&dir.0, None)).unwrap();
         let err = insert_all(h, &[1, 2, 3]).unwrap_err();
         assert!(
             matches!(err, Error::Memory(ref e) if e.is_out_of_memory()),
             "{err}"
         );
+        let (class, message) = java_exception(&err).unwrap();
+        assert_eq!(class, OUT_OF_MEMORY);
+        assert!(message.contains("Native memory of 't'"), "{message}");
         close(h).unwrap();
-        destroy_manager(m).unwrap();
+        close_clean(m);
     }
 
     #[test]
@@ -793,26 +1018,32 @@ mod tests {
         let (m, _l) = manager(None);
         let mut a = args(&dir.0, None);
         a.options = a.options.with_chunk_bytes(7);
-        assert!(matches!(create(m, a), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            create(api(), m.handle(), a),
+            Err(Error::InvalidArgument(_))
+        ));
         let mut a = args(&dir.0, Some(1 << 20));
         a.pool_path = "root".into();
-        assert!(matches!(create(m, a), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            create(api(), m.handle(), a),
+            Err(Error::InvalidArgument(_))
+        ));
         let mut a = args(&dir.0, None);
         a.pool_path = "a//b".into();
-        assert!(matches!(
-            create(m, a),
-            Err(Error::Memory(nativemem_core::MemoryError::InvalidArgument(
-                _
-            )))
-        ));
-        destroy_manager(m).unwrap();
+        let err = create(api(), m.handle(), a).unwrap_err();
+        assert!(
+            matches!(err, Error::Memory(ref e) if e.code == Code::InvalidArgument),
+            "{err}"
+        );
+        assert_eq!(java_exception(&err).unwrap().0, ILLEGAL_ARGUMENT);
+        close_clean(m);
     }
 
     #[test]
     fn a_call_while_another_runs_is_refused_and_close_waits_for_nothing() {
         let dir = Dir::new("busy");
         let (m, _l) = manager(None);
-        let h = create(m, args(&dir.0, None)).unwrap();
+        let h = create(api(), m.handle(), args(&dir.0, None)).unwrap();
         let (in_tx, in_rx) = std::sync::mpsc::channel();
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
         let worker = std::thread::spawn(move || {
@@ -832,17 +1063,14 @@ mod tests {
         assert!(matches!(stats(h), Err(Error::Handle(_))));
         go_tx.send(()).unwrap();
         worker.join().unwrap().unwrap();
-        let CloseOutcome::Closed(report) = destroy_manager(m).unwrap() else {
-            panic!()
-        };
-        assert!(report.is_empty(), "{report}");
+        close_clean(m);
     }
 
     #[test]
     fn a_panic_in_a_call_breaks_the_sorter_and_frees_it() {
         let dir = Dir::new("panic");
         let (m, l) = manager(None);
-        let h = create(m, args(&dir.0, None)).unwrap();
+        let h = create(api(), m.handle(), args(&dir.0, None)).unwrap();
         insert_all(h, &keys(1000, 1)).unwrap();
         let r = std::panic::catch_unwind(|| {
             let _ = insert(h, 10, |_, _| panic!("boom"));
@@ -852,10 +1080,78 @@ mod tests {
         assert!(err.to_string().contains("unusable"), "{err}");
         assert_eq!(stats(h).unwrap().rows_inserted, 1000);
         close(h).unwrap();
-        let CloseOutcome::Closed(report) = destroy_manager(m).unwrap() else {
-            panic!()
-        };
-        assert!(report.is_empty(), "{report}");
+        close_clean(m);
         assert_eq!(l.reserved(), 0);
+    }
+
+    #[test]
+    fn errors_map_to_the_documented_exceptions() {
+        let cases: Vec<(Error, &str, &str)> = vec![
+            (
+                nativemem_client::Error::new(Code::OutOfMemory, "Failed to reserve").into(),
+                OUT_OF_MEMORY,
+                "Failed to reserve",
+            ),
+            (
+                nativemem_client::Error::new(Code::InvalidArgument, "bad path").into(),
+                ILLEGAL_ARGUMENT,
+                "bad path",
+            ),
+            (
+                nativemem_client::Error::new(Code::StaleHandle, "is stale").into(),
+                ILLEGAL_STATE,
+                "is stale",
+            ),
+            (
+                nativemem_client::Error::new(Code::Closed, "closing").into(),
+                ILLEGAL_STATE,
+                "closing",
+            ),
+            (
+                nativemem_client::Error::new(Code::Listener, "spark said no").into(),
+                NATIVE_MEMORY,
+                "NM_ERR_LISTENER: spark said no",
+            ),
+            (
+                HandleError::Null { kind: "sorter" }.into(),
+                ILLEGAL_STATE,
+                "null sorter handle (0x0)",
+            ),
+            (Error::Closed("busy".into()), ILLEGAL_STATE, "busy"),
+            (
+                Error::InvalidArgument("chunkBytes must be >= 0, got -8".into()),
+                ILLEGAL_ARGUMENT,
+                "chunkBytes must be >= 0, got -8",
+            ),
+            (
+                Error::NullArgument("keys"),
+                NULL_POINTER,
+                "keys must not be null",
+            ),
+            (
+                Error::Panic("boom".into()),
+                NATIVE_MEMORY,
+                "native panic: boom",
+            ),
+            (
+                sort_error(SortError::CorruptRun {
+                    path: "/x".into(),
+                    message: "short".into(),
+                }),
+                NATIVE_MEMORY,
+                "spill file /x is corrupt: short",
+            ),
+        ];
+        for (err, class, message) in cases {
+            assert_eq!(
+                java_exception(&err),
+                Some((class, message.to_string())),
+                "{err:?}"
+            );
+        }
+        assert_eq!(
+            java_exception(&Error::Jni(jni::errors::Error::JavaException)),
+            None
+        );
     }
 }

@@ -7,7 +7,6 @@ import java.util.NoSuchElementException;
 import java.util.Objects;
 import java.util.concurrent.atomic.AtomicBoolean;
 
-import org.nativemem.NativeLibraryLoader;
 import org.nativemem.NativeMemoryException;
 import org.nativemem.NativeMemoryManager;
 import org.nativemem.NativeOutOfMemoryException;
@@ -28,6 +27,13 @@ import org.nativemem.NativeOutOfMemoryException;
  *     }
  * }                                                           // memory freed, spill files deleted
  * }</pre>
+ *
+ * <h2>Where it runs</h2>
+ * The sort is an engine in its own native library, {@code libnativemem_examples} (shipped in
+ * {@code nativemem-examples.jar}, loaded on first use after nativemem's own library; override:
+ * {@code -Dnativemem.examples.library.path=<file>}). It reaches the manager only through the
+ * engine ABI: this class passes it {@link NativeMemoryManager#nativeApi()} and
+ * {@link NativeMemoryManager#handle()}, and every native call leases the manager for its span.
  *
  * <h2>Memory</h2>
  * The keys are buffered in native memory allocated in chunks (1 MiB by default) from the pool
@@ -55,9 +61,10 @@ import org.nativemem.NativeOutOfMemoryException;
  *       sorter may be spilled at any time by another thread (Spark) without any call of yours.
  *   <li>Errors: {@link NativeOutOfMemoryException} (its message is the manager's usage report)
  *       when even an empty buffer cannot get one chunk, or the merge cannot get its read buffers;
- *       {@link NativeMemoryException} when a spill file cannot be written or read; with the
- *       cause kept when a Java listener threw. After an error during insert a prefix of the batch
- *       may have been buffered ({@link SorterStats#rowsInserted()} counts it).
+ *       {@link NativeMemoryException} when a spill file cannot be written or read, or a Java
+ *       listener threw (its exception is in the message, not the cause: it crosses the engine
+ *       ABI as text). After an error during insert a prefix of the batch may have been buffered
+ *       ({@link SorterStats#rowsInserted()} counts it).
  * </ul>
  * Not charged to the pool: a 512 KiB insert scratch, the spill write buffer and the output
  * batch being copied to Java.
@@ -100,6 +107,7 @@ public final class NativeSorter implements AutoCloseable {
      * @throws IllegalArgumentException if the options do not fit together (a buffer cap below the
      *     chunk size, a pool that exists with another limit)
      * @throws NativeMemoryException if the spill directory cannot be created
+     * @throws UnsatisfiedLinkError if a native library cannot be loaded
      */
     public NativeSorter(NativeMemoryManager manager, String name, File spillDir, SorterOptions options) {
         this.manager = Objects.requireNonNull(manager, "manager");
@@ -107,8 +115,9 @@ public final class NativeSorter implements AutoCloseable {
         this.spillDir = Objects.requireNonNull(spillDir, "spillDir");
         this.options = Objects.requireNonNull(options, "options");
         long managerHandle = manager.handle();
-        this.handle = nativeCreate(managerHandle, name, spillDir.getPath(), options.poolPath(),
-                options.poolLimitOrMinusOne(), options.chunkBytes(), options.batchKeys(),
+        ExamplesLibraryLoader.load();
+        this.handle = nativeCreate(NativeMemoryManager.nativeApi(), managerHandle, name, spillDir.getPath(),
+                options.poolPath(), options.poolLimitOrMinusOne(), options.chunkBytes(), options.batchKeys(),
                 options.maxBufferOrMinusOne(), options.readBufferBytes(), options.writeBufferBytes());
     }
 
@@ -254,10 +263,10 @@ public final class NativeSorter implements AutoCloseable {
      * manager with sorters is closed).
      *
      * @return the number of live native sorters
-     * @throws UnsatisfiedLinkError if the native library cannot be loaded
+     * @throws UnsatisfiedLinkError if a native library cannot be loaded
      */
     public static long liveSorters() {
-        NativeLibraryLoader.load();
+        ExamplesLibraryLoader.load();
         return nativeLiveSorters();
     }
 
@@ -312,9 +321,10 @@ public final class NativeSorter implements AutoCloseable {
         }
     }
 
-    // Native methods, the sorter handle first. Package-private for tests; not API.
+    // Native methods (libnativemem_examples), the sorter handle first. Package-private for tests;
+    // not API. nativeCreate takes the engine ABI table's address and the manager's handle.
 
-    static native long nativeCreate(long manager, String name, String spillDir, String poolPath,
+    static native long nativeCreate(long api, long manager, String name, String spillDir, String poolPath,
             long poolLimitBytes, long chunkBytes, long batchKeys, long maxBufferBytes, long readBufferBytes,
             long writeBufferBytes);
 

@@ -1,11 +1,13 @@
 package org.nativemem;
 
 /**
- * The e2e jobs' binding of the test-only exports of libnativemem_jni (native/jni/src/testing.rs):
- * a native spiller and native allocations, which Java alone cannot create. It is a copy of the
- * declarations the JUnit tests use (tests/java/org/nativemem/NativeTesting.java); the class name
- * must be {@code org.nativemem.NativeTesting} because JNI binds the exports by class name. It
- * lives in nativemem-e2e.jar only: the published nativemem.jar has no way to reach these exports.
+ * The test-only exports of the test library (native/jni/src/testing.rs, built only with the
+ * `testing` feature into target/testlib/libnativemem_jni.so): panics, native spillers, native
+ * allocations and threads, which Java alone cannot create. Shared by the JUnit tests and the e2e
+ * jobs (tests/support/java). The class name must be {@code org.nativemem.NativeTesting} because
+ * JNI binds the exports by class name. The product library does not export these methods at all
+ * (scripts/check-product.sh checks it), so a class of this name in production code cannot reach
+ * them: calling one fails with {@link UnsatisfiedLinkError}.
  *
  * <p>Every method takes the manager's {@link NativeMemoryManager#handle()} and, like any export,
  * throws {@link IllegalStateException} for a closed manager.
@@ -17,6 +19,15 @@ public final class NativeTesting {
 
     private NativeTesting() {
     }
+
+    /** Panics inside an export with {@code message}. */
+    public static native void panic(String message);
+
+    /** Panics while a call on the manager is in flight. */
+    public static native void panicInCall(long manager);
+
+    /** Calls in flight on the manager now. */
+    public static native long inFlight(long manager);
 
     /**
      * Registers a native spiller holding {@code bytes} in {@code pool} (reserved now, through the

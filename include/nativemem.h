@@ -1,0 +1,328 @@
+/*
+ * nativemem.h: the engine ABI of nativemem, for native engines in their own shared library.
+ *
+ * A Spark task's memory manager lives in libnativemem_jni.so. Java creates it
+ * (org.nativemem.NativeMemoryManager) and passes two plain integers to the engine:
+ *
+ *     long api    = NativeMemoryManager.nativeApi();  // address of the nm_api table below
+ *     long handle = manager.handle();                 // the task's manager, an nm_manager
+ *
+ * The engine reaches the manager only through the functions of the table (never by linking a
+ * second copy of nativemem: a second copy has its own, empty handle table). A Rust engine uses the
+ * nativemem-client crate, which wraps this same table.
+ *
+ *     const nm_api *api = (const nm_api *)(uintptr_t)api_address;
+ *     if (nm_api_check(api) != NM_OK) { ... }            // version and size checks, see below
+ *     nm_lease lease;  char *err = NULL;
+ *     if (api->acquire(handle, &lease, &err) != NM_OK) { report(err); api->free_message(err); }
+ *     nm_pool pool;    api->pool_open(lease, "engine/hash", -1, &pool, &err);
+ *     nm_reservation r; api->reservation_new(pool, "HashBuild[3]", &r, &err);
+ *     api->reservation_try_grow(r, 64 << 20, &err);     // NM_ERR_OUT_OF_MEMORY: spill or fail
+ *     ...
+ *     api->reservation_close(r, NULL);  api->pool_close(pool, NULL);  api->release(lease, NULL);
+ *
+ * ## Versions
+ * The table starts with abi_version and struct_size and only grows at its end. An engine built
+ * against NM_ABI_VERSION N works with any library whose table has abi_version >= N and
+ * struct_size >= sizeof(the nm_api it was compiled with); check both once (nm_api_check does).
+ * Fields are never removed or reordered; a change that cannot be additive gets a new major
+ * version and a new table. Structs the engine passes in (nm_spiller_vtable, nm_listener) carry
+ * their own struct_size, so an engine built against an older header keeps working.
+ *
+ * ## Handles
+ * Every object is named by a 64-bit handle (slot index + generation + kind tag), never by a
+ * pointer: a handle that was closed, belongs to another kind, or was made up is refused with
+ * NM_ERR_STALE_HANDLE or NM_ERR_INVALID_HANDLE. Nothing behind a handle is ever freed while a
+ * call on it runs. 0 is never a valid handle.
+ *
+ * ## Errors
+ * Every function except free_message returns an nm_status (NM_OK = 0) and takes `char **err` last.
+ * On failure, if err is not NULL, *err receives a NUL-terminated UTF-8 message (for
+ * NM_ERR_OUT_OF_MEMORY: what was asked, which pool refused, then the task's usage report). The
+ * caller owns it and frees it with api->free_message. If err is NULL no message is made. On
+ * success *err is set to NULL. Decide on the code, never on the text. A function that fails
+ * changes nothing and takes ownership of nothing: a callback or state passed to it (spiller
+ * vtable, listener, attached state) stays the caller's, and its drop callback is not called.
+ *
+ * ## Threads and locks
+ * Every function may be called from any thread, concurrently, including threads the JVM never
+ * saw (nativemem attaches them itself when it must call Java). No nativemem lock is held while a
+ * callback of yours runs (spill, spillable_bytes, drop, listener), so callbacks may call back into
+ * this table; a spill callback must not wait for another thread that may itself be waiting for
+ * memory.
+ *
+ * ## Lifetime and close
+ * A task's manager is closed by its owner (the Spark task-completion listener). Close:
+ *   1. refuses new calls and new leases (NM_ERR_CLOSED / NM_ERR_STALE_HANDLE);
+ *   2. waits, up to its close timeout (10 s by default), for calls in flight and for held leases
+ *      to be released. If the time runs out, close reports it and returns, and the manager's
+ *      memory is freed when the last call returns or the last lease is released: never under
+ *      a holder. Hold a lease for the span of work, not for the life of an object;
+ *   3. unregisters your spillers (their drop callbacks run), then runs the drop callbacks of the
+ *      state you attached (these may still close reservations and free allocations of this
+ *      manager: that is not a leak), then frees every allocation still live, releases every
+ *      reservation still open (both reported as leaks), closes every pool handle, and gives all
+ *      reserved memory back to Spark.
+ * After close every handle of the manager's objects is stale; calls on them fail, never crash.
+ */
+#ifndef NATIVEMEM_H
+#define NATIVEMEM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/** The ABI version this header describes. */
+#define NM_ABI_VERSION 1u
+
+/** Status codes. New codes may be added; treat an unknown non-zero code as an error. */
+typedef int32_t nm_status;
+#define NM_OK 0
+/** A size, name, path, alignment or struct_size the ABI does not accept. Nothing changed. */
+#define NM_ERR_INVALID_ARGUMENT 1
+/** The handle named an object that was closed since (also: a manager closed by its owner). */
+#define NM_ERR_STALE_HANDLE 2
+/** The handle is 0, of another kind, or was never issued. */
+#define NM_ERR_INVALID_HANDLE 3
+/** The manager is closing or closed: no new work is accepted. */
+#define NM_ERR_CLOSED 4
+/** Limits, Spark and spilling together could not provide the bytes. Nothing changed. */
+#define NM_ERR_OUT_OF_MEMORY 5
+/** free() of a pointer this manager did not allocate, or freed already. Nothing changed. */
+#define NM_ERR_UNKNOWN_POINTER 6
+/** The reservation listener (Spark) failed; the message carries its error. */
+#define NM_ERR_LISTENER 7
+/** A spiller callback failed while freeing memory for this request. */
+#define NM_ERR_SPILL 8
+/** The library does not support what was asked (e.g. a newer ABI version). */
+#define NM_ERR_UNSUPPORTED 9
+/** close: calls or leases still held at the time limit; memory is freed when they end. */
+#define NM_ERR_TIMEOUT 10
+/** A bug inside nativemem was caught at the boundary (a Rust panic); nothing crossed it. */
+#define NM_ERR_INTERNAL 11
+
+/** Handles (see "Handles" above). */
+typedef uint64_t nm_manager;     /* from Java: NativeMemoryManager.handle() */
+typedef uint64_t nm_lease;       /* a manager pinned open: acquire .. release */
+typedef uint64_t nm_pool;        /* a handle on one pool of the manager's tree */
+typedef uint64_t nm_reservation; /* an accounting-only claim on a pool (RAII in Rust) */
+typedef uint64_t nm_spiller;     /* a registered spiller */
+typedef uint64_t nm_state;       /* engine state attached to the manager */
+
+/**
+ * A native consumer that can give memory back when asked (by a grow of the same task, or by
+ * Spark through the task's MemoryConsumer). nativemem copies the struct at registration.
+ */
+typedef struct nm_spiller_vtable {
+    /** sizeof(nm_spiller_vtable) as compiled by the caller; smaller than version 1's is refused. */
+    uint32_t struct_size;
+    uint32_t reserved0; /* 0 */
+    /** Passed to every callback. Owned by the caller until drop(ctx) runs. */
+    void *ctx;
+    /** Bytes a spill could free now (0: do not ask). Must not fail; may be called often. */
+    uint64_t (*spillable_bytes)(void *ctx);
+    /**
+     * Frees at least `target` bytes if it can (by shrinking or closing its reservations, freeing
+     * its allocations) and stores the bytes freed in *freed. A non-zero return fails the request
+     * that caused the spill (nativemem reports NM_ERR_SPILL); *freed is then ignored. It is never
+     * called twice at once for the same spiller. Returning more than it held does not corrupt the
+     * accounting (used and reserved follow what was actually released, and what Spark gets back
+     * is measured, not taken from *freed); the spill statistics count *freed capped at the
+     * spillable_bytes it reported.
+     */
+    nm_status (*spill)(void *ctx, uint64_t target, uint64_t *freed);
+    /** May be NULL. Called exactly once, after the last spill call returned, when the spiller is
+     *  unregistered (spiller_unregister or the manager's close). */
+    void (*drop)(void *ctx);
+} nm_spiller_vtable;
+
+/**
+ * Where a manager created with manager_create gets its memory (what Spark's MemoryConsumer is for
+ * a manager created from Java). Calls come in whole blocks; no nativemem lock is held.
+ */
+typedef struct nm_listener {
+    /** sizeof(nm_listener) as compiled by the caller. */
+    uint32_t struct_size;
+    uint32_t reserved0; /* 0 */
+    void *ctx;
+    /** Grants up to `bytes`: stores what it grants (<= bytes) in *granted. Non-zero = failure. */
+    nm_status (*reserve)(void *ctx, uint64_t bytes, uint64_t *granted);
+    /** Takes `bytes` back. Non-zero = failure (reported; the bytes stay counted as reserved). */
+    nm_status (*unreserve)(void *ctx, uint64_t bytes);
+    /** May be NULL. Called once when the manager is gone. */
+    void (*drop)(void *ctx);
+} nm_listener;
+
+/** Read-outs of a manager (bytes). */
+typedef struct nm_manager_stats {
+    uint64_t used;     /* bytes charged to the task now */
+    uint64_t peak;     /* highest `used` so far */
+    uint64_t reserved; /* bytes reserved from the listener (Spark): used + cushion */
+    uint64_t spill_count;
+    uint64_t spilled_bytes;
+} nm_manager_stats;
+
+/** Read-outs of a pool (bytes). limit is -1 when the pool has none. */
+typedef struct nm_pool_stats {
+    uint64_t used;
+    uint64_t peak;
+    int64_t limit;
+} nm_pool_stats;
+
+/** The function table. Obtain it once per process; it is immutable and lives as long as the
+ *  library (the JVM never unloads it). */
+typedef struct nm_api {
+    /** NM_ABI_VERSION of the library (>= the version the caller was compiled with). */
+    uint32_t abi_version;
+    /** sizeof(nm_api) of the library; fields past the caller's own struct are newer. */
+    uint32_t struct_size;
+
+    /** Frees a message returned through `err` (or a report). NULL is ignored. */
+    void (*free_message)(char *message);
+
+    /* ---- managers ------------------------------------------------------------------------- */
+
+    /**
+     * Pins the manager `manager` (the Java handle) open and returns a lease. While any lease is
+     * held, the manager's close waits for it (time-bounded, see "Lifetime and close").
+     * Fails: NM_ERR_STALE_HANDLE (the manager is closed or closing: close removes its handle
+     * first), NM_ERR_INVALID_HANDLE (0, another kind, never issued).
+     */
+    nm_status (*acquire)(nm_manager manager, nm_lease *out, char **err);
+    /** Ends a lease (from any thread). A second release of the same lease: NM_ERR_STALE_HANDLE. */
+    nm_status (*release)(nm_lease lease, char **err);
+    /** Read-outs of the leased manager. */
+    nm_status (*manager_stats)(nm_lease lease, nm_manager_stats *out, char **err);
+    /** The usage report (pool tree, used / peak / limit, consumers) as text; free it with
+     *  free_message. */
+    nm_status (*usage_report)(nm_lease lease, char **report, char **err);
+
+    /* ---- pools ---------------------------------------------------------------------------- */
+
+    /**
+     * Opens the pool at `path` below the task's root ("engine/hash"; "" is the root), creating
+     * missing pools. `limit` >= 0 sets the limit of the last element when it is created (asking
+     * for a different limit of an existing pool is NM_ERR_INVALID_ARGUMENT); -1: no limit. The
+     * returned handle is yours: close it with pool_close (the pool itself stays in the tree until
+     * the manager closes; the manager's close also closes the handle).
+     */
+    nm_status (*pool_open)(nm_lease lease, const char *path, int64_t limit, nm_pool *out,
+                           char **err);
+    /** Closes a pool handle (not the pool). Reservations and allocations made through it stay. */
+    nm_status (*pool_close)(nm_pool pool, char **err);
+    /** used / peak / limit of the pool. */
+    nm_status (*pool_stats)(nm_pool pool, nm_pool_stats *out, char **err);
+
+    /* ---- reservations (accounting only: what an operator holds, DataFusion style) ---------- */
+
+    /** A new, empty reservation of `pool` for `consumer` (a name for reports and errors). */
+    nm_status (*reservation_new)(nm_pool pool, const char *consumer, nm_reservation *out,
+                                 char **err);
+    /** Grows by `bytes`; may reserve from Spark and spill. On NM_ERR_OUT_OF_MEMORY nothing
+     *  changed. */
+    nm_status (*reservation_try_grow)(nm_reservation r, uint64_t bytes, char **err);
+    /** Shrinks by `bytes`; more than the size is NM_ERR_INVALID_ARGUMENT (nothing changes). */
+    nm_status (*reservation_shrink)(nm_reservation r, uint64_t bytes, char **err);
+    /** Sets the size to `new_size` (grows like try_grow, shrinks like shrink). */
+    nm_status (*reservation_try_resize)(nm_reservation r, uint64_t new_size, char **err);
+    /** Current size in bytes. */
+    nm_status (*reservation_size)(nm_reservation r, uint64_t *out, char **err);
+    /** Releases every byte; the reservation stays usable. *freed (may be NULL) gets the bytes. */
+    nm_status (*reservation_free)(nm_reservation r, uint64_t *freed, char **err);
+    /** Releases every byte and ends the handle. If the manager is closing, its close does it. */
+    nm_status (*reservation_close)(nm_reservation r, char **err);
+
+    /* ---- allocations (memory, charged to a pool, freed by close if leaked) ----------------- */
+
+    /**
+     * Allocates `size` bytes (> 0) aligned to `align` (a power of two; 0 means 16), uninitialized,
+     * charged to `pool`; may reserve from Spark and spill. On failure *out is NULL.
+     * Free it with free(); what is live when the manager closes is freed then and reported.
+     */
+    nm_status (*allocate)(nm_pool pool, uint64_t size, uint64_t align, void **out, char **err);
+    /** Frees an allocation of this pool's manager; *size (may be NULL) gets its size. A pointer
+     *  the manager does not know (foreign, freed already): NM_ERR_UNKNOWN_POINTER. */
+    nm_status (*free)(nm_pool pool, void *ptr, uint64_t *size, char **err);
+
+    /* ---- spill ----------------------------------------------------------------------------- */
+
+    /**
+     * Registers a spiller for the memory of `pool` (nativemem copies *vtable). Spark asking the
+     * task for memory and grows of the same task that find no room may call it, on any thread.
+     * If registration fails, drop(ctx) is NOT called: ctx stays the caller's.
+     */
+    nm_status (*spiller_register)(nm_pool pool, const char *name, const nm_spiller_vtable *vtable,
+                                  nm_spiller *out, char **err);
+    /** Unregisters: waits for nothing; a spill running now finishes, then drop(ctx) runs once. */
+    nm_status (*spiller_unregister)(nm_spiller spiller, char **err);
+
+    /* ---- engine state ------------------------------------------------------------------- */
+
+    /**
+     * Ties `state` to the manager's life: when the manager closes, drop(state) runs (before the
+     * leak check, so reservations and allocations it releases are not leaks). drop may be NULL.
+     */
+    nm_status (*attach)(nm_lease lease, void *state, void (*drop)(void *state), nm_state *out,
+                        char **err);
+    /** Unties it. run_drop != 0 runs drop(state) now; 0 gives ownership back to the caller. */
+    nm_status (*detach)(nm_state handle, int32_t run_drop, char **err);
+
+    /* ---- managers without a JVM (an engine's own tests, embedding) --------------------- */
+
+    /**
+     * Creates a manager whose memory comes from `listener` (NULL: unlimited). reservation_block:
+     * 0 for the default (8 MiB); task_limit: -1 for none. The caller owns it: close it with
+     * manager_close. A manager created from Java is closed by Java, never through this table
+     * (manager_close refuses it with NM_ERR_INVALID_ARGUMENT).
+     */
+    nm_status (*manager_create)(const char *name, uint64_t reservation_block, int64_t task_limit,
+                                const nm_listener *listener, nm_manager *out, char **err);
+    /**
+     * Closes a manager made by manager_create (see "Lifetime and close"). *leak_report (may be
+     * NULL) gets the leak report text (free it with free_message); *leaked_bytes (may be NULL)
+     * the bytes that were still held.
+     */
+    nm_status (*manager_close)(nm_manager manager, char **leak_report, uint64_t *leaked_bytes,
+                               char **err);
+
+    /* ---- taking memory back (what Spark does through the task's MemoryConsumer) ------------ */
+
+    /**
+     * Asks the manager's spillers to free `target` bytes: first the one whose spillable size is
+     * the smallest that covers it, else the largest, until covered or none is left. The freed
+     * memory stays reserved (cushion for the next grows). *freed (may be NULL) gets the bytes the
+     * spillers freed. Runs spill callbacks on this thread; never call it from inside one.
+     */
+    nm_status (*manager_spill)(nm_lease lease, uint64_t target, uint64_t *freed, char **err);
+    /**
+     * Gives memory back to the listener: first unused cushion, then spills for the rest and gives
+     * that back too. *returned (may be NULL) gets the bytes handed to the listener (what Spark's
+     * spill request returns). For embedders that play Spark's role for a manager of their own.
+     */
+    nm_status (*manager_reclaim)(nm_lease lease, uint64_t target, uint64_t *returned, char **err);
+} nm_api;
+
+/**
+ * The table of the library, if it supports `min_version`; NULL otherwise. Exported by
+ * libnativemem_jni.so; reachable with dlsym only if the library was loaded RTLD_GLOBAL (the JVM
+ * loads it RTLD_LOCAL: take the address from NativeMemoryManager.nativeApi() instead).
+ */
+const nm_api *nativemem_api(uint32_t min_version);
+
+/** Checks a table obtained from Java before use: NM_OK, or NM_ERR_UNSUPPORTED if it is NULL, older
+ *  than this header, or smaller than this header's nm_api. */
+static inline nm_status nm_api_check(const nm_api *api) {
+    if (api == NULL || api->abi_version < NM_ABI_VERSION || api->struct_size < sizeof(nm_api)) {
+        return NM_ERR_UNSUPPORTED;
+    }
+    return NM_OK;
+}
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* NATIVEMEM_H */

@@ -1,0 +1,226 @@
+//! The pool tree's accounting: named nodes with optional limits, `used` and `peak` counters.
+//!
+//! Pure accounting, with no handle, listener or manager in sight: the public [`Pool`](crate::Pool)
+//! handle and the cushion protocol (`budget`) are built on top of it.
+//!
+//! Charging a pool charges every ancestor up to the root (the task). Each level is one atomic
+//! read-modify-write; a level with a limit uses a compare-and-swap loop so the limit can never be
+//! exceeded, even transiently. If any level refuses, the levels already charged are rolled back
+//! (Doris `try_consume`), so a failed charge leaves every counter as it was.
+//!
+//! Orderings (see also the protocol in `budget`): below the root, `used` and `peak` are
+//! statistics and the limit of their own node; no other memory is published through them and a
+//! limit is a single-counter invariant that RMW atomicity alone keeps exact, so every access is
+//! `Relaxed` (on aarch64 a plain `ldadd`/`cas`, no acquire/release barrier). The root's `used`
+//! also takes part in the cross-counter protocol with the manager's `reserved`, so a charge of the
+//! root acquires and an uncharge of the root is `SeqCst` (see [`PoolNode::uncharge`]).
+
+use crate::sync::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::sync::Mutex;
+
+use crate::error::{MemoryError, Result};
+
+/// One node of the pool tree (shared by all [`Pool`](crate::Pool) handles on it).
+pub(crate) struct PoolNode {
+    pub(crate) name: String,
+    pub(crate) path: String,
+    pub(crate) limit: Option<u64>,
+    pub(crate) used: AtomicU64,
+    pub(crate) peak: AtomicU64,
+    pub(crate) parent: Option<Arc<PoolNode>>,
+    pub(crate) children: Mutex<Vec<Arc<PoolNode>>>,
+}
+
+/// The node that refused a charge, with its usage at that moment.
+pub(crate) struct Refusal {
+    pub(crate) node: Arc<PoolNode>,
+    pub(crate) used: u64,
+}
+
+impl PoolNode {
+    pub(crate) fn new_root(limit: Option<u64>) -> Arc<PoolNode> {
+        Arc::new(PoolNode {
+            name: "root".to_string(),
+            path: "root".to_string(),
+            limit,
+            used: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+            parent: None,
+            children: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// True for the root (the task).
+    pub(crate) fn is_root(&self) -> bool {
+        self.parent.is_none()
+    }
+
+    /// Gets or creates the child `name`. An existing child keeps its limit; asking for a different
+    /// one is an error.
+    pub(crate) fn child(self: &Arc<Self>, name: &str, limit: Option<u64>) -> Result<Arc<PoolNode>> {
+        if name.is_empty() || name.contains('/') || name.chars().any(char::is_control) {
+            return Err(MemoryError::InvalidArgument(format!(
+                "pool name {name:?} must be non-empty and contain no '/' or control characters"
+            )));
+        }
+        let mut children = self.children.lock();
+        if let Some(existing) = children.iter().find(|c| c.name == name) {
+            if limit.is_some() && existing.limit != limit {
+                return Err(MemoryError::InvalidArgument(format!(
+                    "pool '{}' exists with limit {:?}, asked for {:?}",
+                    existing.path, existing.limit, limit
+                )));
+            }
+            return Ok(existing.clone());
+        }
+        let node = Arc::new(PoolNode {
+            name: name.to_string(),
+            path: format!("{}/{}", self.path, name),
+            limit,
+            used: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+            parent: Some(self.clone()),
+            children: Mutex::new(Vec::new()),
+        });
+        children.push(node.clone());
+        Ok(node)
+    }
+
+    /// Iterates this node and its ancestors, leaf first.
+    pub(crate) fn lineage(&self) -> impl Iterator<Item = &PoolNode> {
+        std::iter::successors(Some(self), |n| n.parent.as_deref())
+    }
+
+    /// True if `self` is `ancestor` or lies below it.
+    pub(crate) fn is_within(&self, ancestor: &PoolNode) -> bool {
+        self.lineage().any(|n| std::ptr::eq(n, ancestor))
+    }
+
+    /// Bytes charged to this node and its descendants now (a read-out).
+    pub(crate) fn used(&self) -> u64 {
+        // Relaxed: a statistic; callers draw no conclusion about other counters from it.
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// The highest `used` recorded (a read-out).
+    pub(crate) fn peak(&self) -> u64 {
+        // Relaxed: a statistic, like `used`.
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Adds `bytes` to this node and every ancestor, or to none of them. Returns the root's new
+    /// `used`. The root's RMW acquires (see [`PoolNode::charge_one`]).
+    pub(crate) fn charge(self: &Arc<Self>, bytes: u64) -> std::result::Result<u64, Refusal> {
+        let mut root_used = 0;
+        for node in self.lineage() {
+            match node.charge_one(bytes) {
+                Ok(now) => root_used = now,
+                Err(used) => {
+                    // Roll back the levels below the refusing one, charged by this call.
+                    for done in self.lineage().take_while(|n| !std::ptr::eq(*n, node)) {
+                        debug_assert!(!done.is_root(), "the root is never below another level");
+                        // Relaxed: a level below the refusing one is never the root (see the
+                        // module docs: non-root counters publish nothing).
+                        done.used.fetch_sub(bytes, Ordering::Relaxed);
+                    }
+                    let refusing = self
+                        .lineage_arcs()
+                        .find(|a| std::ptr::eq(a.as_ref(), node))
+                        .unwrap_or_else(|| self.clone());
+                    return Err(Refusal {
+                        node: refusing,
+                        used,
+                    });
+                }
+            }
+        }
+        Ok(root_used)
+    }
+
+    /// Raises the peaks of this node and its ancestors to their current usage. Called once a grow
+    /// has fully succeeded, so a refused or rolled-back charge of this thread never shows as a
+    /// peak (a concurrent thread's in-flight charge may: peaks are high-water marks of charges).
+    pub(crate) fn record_peaks(&self) {
+        for node in self.lineage() {
+            // Relaxed (all three): peaks are statistics; `fetch_max` keeps each one monotonic by
+            // RMW atomicity alone.
+            let now = node.used.load(Ordering::Relaxed);
+            if now > node.peak.load(Ordering::Relaxed) {
+                node.peak.fetch_max(now, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Removes `bytes` from this node and every ancestor. The caller guarantees they were charged
+    /// (and that the charge happens-before this call: see `ConsumerState::size`). Returns the
+    /// root's new `used`.
+    pub(crate) fn uncharge(&self, bytes: u64) -> u64 {
+        let mut root_used = 0;
+        for node in self.lineage() {
+            let order = if node.is_root() {
+                // SeqCst on the root: a release then reads the `closed` flag (SeqCst) while `close`
+                // sets it and then reads the root (SeqCst): a store-buffering pair, where only a
+                // single total order guarantees one side sees the other, so bytes released during
+                // a close are handed back by one of them. On aarch64 this is the same `ldaddal` as
+                // AcqRel would be; it costs only on the release path.
+                Ordering::SeqCst
+            } else {
+                // Relaxed below the root (module docs).
+                Ordering::Relaxed
+            };
+            let prev = node.used.fetch_sub(bytes, order);
+            debug_assert!(prev >= bytes, "pool '{}' uncharged below zero", node.path);
+            root_used = prev.wrapping_sub(bytes);
+        }
+        root_used
+    }
+
+    /// Adds `bytes` to this node alone, within its limit; returns the new `used`, or the current
+    /// one on refusal.
+    ///
+    /// On the root every access is `Acquire`: a grow reads `reserved` right after this RMW and
+    /// must see every hand-back whose un-claim of the root (a `Release` RMW) this RMW comes
+    /// after (edge 1 in `budget`); and a refusal read here must see the `claims` count of every
+    /// claim the value includes, which the claim's root RMW releases (edge 2). Every write to
+    /// `used` is an RMW, so the release sequences reach any later value. A charge publishes
+    /// nothing itself (the grant and the reservation size that follow it do), so no `Release`.
+    /// Below the root, `Relaxed` (module docs).
+    fn charge_one(&self, bytes: u64) -> std::result::Result<u64, u64> {
+        let order = if self.is_root() {
+            Ordering::Acquire
+        } else {
+            Ordering::Relaxed
+        };
+        match self.limit {
+            None => Ok(self.used.fetch_add(bytes, order) + bytes),
+            Some(limit) => {
+                let mut cur = self.used.load(order);
+                loop {
+                    match cur.checked_add(bytes) {
+                        Some(new) if new <= limit => {}
+                        _ => return Err(cur),
+                    }
+                    match self.used.compare_exchange(cur, cur + bytes, order, order) {
+                        Ok(_) => return Ok(cur + bytes),
+                        Err(actual) => cur = actual,
+                    }
+                }
+            }
+        }
+    }
+
+    fn lineage_arcs(self: &Arc<Self>) -> impl Iterator<Item = Arc<PoolNode>> {
+        std::iter::successors(Some(self.clone()), |n| n.parent.clone())
+    }
+
+    /// Every node of the subtree, parents before children, with depth.
+    pub(crate) fn walk(self: &Arc<Self>, depth: usize, out: &mut Vec<(usize, Arc<PoolNode>)>) {
+        out.push((depth, self.clone()));
+        let children: Vec<Arc<PoolNode>> = self.children.lock().clone();
+        for c in children {
+            c.walk(depth + 1, out);
+        }
+    }
+}

@@ -1,0 +1,1619 @@
+/*
+ * nm_test_engine: a small native engine written in C against include/nativemem.h only.
+ *
+ * It is "Proof 2" of the engine boundary (DESIGN.md §5): a shared library of its own, built with
+ * the system C compiler, that never links libnativemem_jni. Java hands it two integers, the
+ * address of the nm_api table (NativeMemoryManager.nativeApi()) and a manager handle
+ * (manager.handle()), and everything else goes through the table.
+ *
+ * JNI exports for org.nativemem.engine.CEngine (tests/support/java). Errors become
+ * org.nativemem.engine.CEngineException(status, message); every message from the table is freed
+ * with api->free_message.
+ *
+ * ## The engine
+ * One `engine` per CEngine.open: a pool handle, a spillable "index" reservation, spillable
+ * buffers (api->allocate), a registered spiller and the engine itself attached as state, so the
+ * manager's close drops it (frees its buffers through the table, closes its reservation).
+ *
+ * ## Leases: one per JNI call, never across calls
+ * A lease pins the manager open, and the manager's close waits (up to its timeout, 10 s by
+ * default) for every lease. A lease kept between JNI calls would therefore make every Spark task
+ * end wait for the timeout and then defer the close to whenever the engine next runs. So each
+ * JNI entry point acquires a lease, works, and releases it before returning; between calls the
+ * engine holds only handles (pool, reservations, spiller, state), which pin nothing and simply
+ * go stale when the manager closes. Within a call the lease guarantees that the close cannot run
+ * between two steps of one operation. (The lease-held-at-close test holds one on purpose.)
+ *
+ * ## Locking
+ * `engine.mu` guards the engine's own bookkeeping only and is NEVER held while calling into the
+ * table: any allocate / try_grow may spill, and the spill callback (on this thread, re-entrantly,
+ * or on any other thread, e.g. Spark's task thread inside its TaskMemoryManager) takes `mu`.
+ * So a caller first calls the table, then records the result under `mu`; the spill callback
+ * first claims what it will free under `mu` (removes the buffers from the list, lowers the
+ * recorded index size), then frees outside it. The recorded index size is therefore never above
+ * the reservation's real size, and a buffer is freed by exactly one of spill, drop or the caller.
+ *
+ * ## Lifetime of the struct
+ * Three owners, counted in `refs`: Java (CEngine.close/dispose), the spiller (its drop callback)
+ * and the attached state (its drop callback). The last one frees the struct, so Java can still
+ * read the counters after the manager's close dropped the engine.
+ */
+#define _POSIX_C_SOURCE 200809L
+
+#include <jni.h>
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "nativemem.h"
+
+#define UNUSED(x) ((void)(x))
+#define ALIGN 64u
+#define EXCEPTION_CLASS "org/nativemem/engine/CEngineException"
+
+/* ---- process-wide counters (read by the Spark job after the tasks' managers closed) ---------- */
+
+static atomic_ullong g_opened;         /* engines opened */
+static atomic_ullong g_structs_freed;  /* engine structs freed (all three owners gone) */
+static atomic_ullong g_state_drops;    /* attached-state drop callbacks run */
+static atomic_ullong g_spiller_drops;  /* spiller drop callbacks run */
+static atomic_ullong g_spills;         /* spill callbacks that freed something */
+static atomic_ullong g_spilled_bytes;  /* bytes those freed (really released) */
+static atomic_ullong g_drop_freed_bytes; /* bytes the state drops freed */
+static atomic_ullong g_drop_errors;    /* failed api calls inside drops */
+
+/* ---- errors ----------------------------------------------------------------------------------- */
+
+static const char *status_name(nm_status st) {
+    switch (st) {
+    case NM_OK: return "NM_OK";
+    case NM_ERR_INVALID_ARGUMENT: return "NM_ERR_INVALID_ARGUMENT";
+    case NM_ERR_STALE_HANDLE: return "NM_ERR_STALE_HANDLE";
+    case NM_ERR_INVALID_HANDLE: return "NM_ERR_INVALID_HANDLE";
+    case NM_ERR_CLOSED: return "NM_ERR_CLOSED";
+    case NM_ERR_OUT_OF_MEMORY: return "NM_ERR_OUT_OF_MEMORY";
+    case NM_ERR_UNKNOWN_POINTER: return "NM_ERR_UNKNOWN_POINTER";
+    case NM_ERR_LISTENER: return "NM_ERR_LISTENER";
+    case NM_ERR_SPILL: return "NM_ERR_SPILL";
+    case NM_ERR_UNSUPPORTED: return "NM_ERR_UNSUPPORTED";
+    case NM_ERR_TIMEOUT: return "NM_ERR_TIMEOUT";
+    case NM_ERR_INTERNAL: return "NM_ERR_INTERNAL";
+    default: return "unknown status";
+    }
+}
+
+/* Throws CEngineException(status, "<what>: <message> (<NAME>)") and frees `err` (may be NULL). */
+static void throw_status(JNIEnv *env, const nm_api *api, nm_status st, char *err, const char *what) {
+    const char *text = err != NULL ? err : "(no message)";
+    size_t len = strlen(what) + strlen(text) + 64;
+    char *buf = malloc(len);
+    if (buf != NULL) {
+        snprintf(buf, len, "%s: %s (%s)", what, text, status_name(st));
+    }
+    if (api != NULL && err != NULL) {
+        api->free_message(err);
+    }
+    if ((*env)->ExceptionCheck(env)) {
+        free(buf);
+        return;
+    }
+    jclass cls = (*env)->FindClass(env, EXCEPTION_CLASS);
+    if (cls != NULL) {
+        jmethodID ctor = (*env)->GetMethodID(env, cls, "<init>", "(ILjava/lang/String;)V");
+        jstring msg = ctor != NULL ? (*env)->NewStringUTF(env, buf != NULL ? buf : what) : NULL;
+        if (msg != NULL) {
+            jobject ex = (*env)->NewObject(env, cls, ctor, (jint)st, msg);
+            if (ex != NULL) {
+                (*env)->Throw(env, (jthrowable)ex);
+            }
+        }
+    }
+    free(buf);
+}
+
+static void throw_state(JNIEnv *env, const char *what) {
+    jclass cls = (*env)->FindClass(env, "java/lang/IllegalStateException");
+    if (cls != NULL) {
+        (*env)->ThrowNew(env, cls, what);
+    }
+}
+
+static jlongArray long_array(JNIEnv *env, const int64_t *values, jsize n) {
+    jlong tmp[64];
+    if (n > 64) {
+        return NULL;
+    }
+    jlongArray out = (*env)->NewLongArray(env, n);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (jsize i = 0; i < n; i++) {
+        tmp[i] = (jlong)values[i];
+    }
+    (*env)->SetLongArrayRegion(env, out, 0, n, tmp);
+    return out;
+}
+
+static const nm_api *api_of(jlong address) {
+    return (const nm_api *)(uintptr_t)address;
+}
+
+/* ---- the engine ------------------------------------------------------------------------------- */
+
+typedef struct buffer {
+    void *ptr;
+    uint64_t size;
+} buffer;
+
+typedef struct engine {
+    const nm_api *api;
+    nm_manager manager;
+    nm_pool pool;
+    nm_spiller spiller;
+    nm_state state;
+    atomic_int refs;
+
+    pthread_mutex_t mu; /* never held across a call into the table */
+    nm_reservation index;   /* 0 once the drop closed it */
+    buffer *bufs;
+    size_t nbufs, cap;
+    uint64_t buf_bytes;     /* bytes in bufs */
+    uint64_t index_bytes;   /* recorded size of `index` (<= its real size) */
+    uint64_t spill_calls, spills, spilled_bytes, spill_errors;
+    uint64_t over_report;   /* misuse: the spill callback claims this much more than it freed */
+    nm_status spill_status; /* misuse: non-zero makes the spill callback fail */
+    uint64_t spiller_dropped, state_dropped;
+    uint64_t drop_freed_bytes, drop_freed_buffers, drop_errors;
+    pthread_t drop_thread;
+    uint64_t leaked_alloc_bytes, leaked_reservation_bytes;
+    void *leak_ptr;
+    nm_reservation leak_res;
+    nm_lease last_lease;    /* the last lease a call released (for the stale-lease probe) */
+    int shut_down;
+} engine;
+
+static void engine_unref(engine *e) {
+    if (atomic_fetch_sub(&e->refs, 1) == 1) {
+        pthread_mutex_destroy(&e->mu);
+        free(e->bufs);
+        free(e);
+        atomic_fetch_add(&g_structs_freed, 1);
+    }
+}
+
+static nm_status lease_acquire(engine *e, nm_lease *out, char **err) {
+    return e->api->acquire(e->manager, out, err);
+}
+
+static void lease_release(engine *e, nm_lease lease) {
+    nm_status st = e->api->release(lease, NULL);
+    pthread_mutex_lock(&e->mu);
+    e->last_lease = lease;
+    if (st != NM_OK) {
+        e->spill_errors++; /* cannot happen for a lease this engine acquired */
+    }
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* Records a buffer as spillable. Returns 0, or -1 if the engine's state was dropped already (the
+ * caller then frees the buffer itself). */
+static int push_buffer(engine *e, void *p, uint64_t size) {
+    int rc = 0;
+    pthread_mutex_lock(&e->mu);
+    if (e->state_dropped) {
+        rc = -1;
+    } else {
+        if (e->nbufs == e->cap) {
+            size_t cap = e->cap ? e->cap * 2 : 16;
+            buffer *nb = realloc(e->bufs, cap * sizeof *nb);
+            if (nb == NULL) {
+                rc = -1;
+            } else {
+                e->bufs = nb;
+                e->cap = cap;
+            }
+        }
+        if (rc == 0) {
+            e->bufs[e->nbufs].ptr = p;
+            e->bufs[e->nbufs].size = size;
+            e->nbufs++;
+            e->buf_bytes += size;
+        }
+    }
+    pthread_mutex_unlock(&e->mu);
+    return rc;
+}
+
+/* Takes up to `max_count` buffers (newest first) until `target` bytes are covered; the caller
+ * owns the returned array (free()) and frees the buffers through the table. */
+static buffer *take_buffers(engine *e, uint64_t target, size_t max_count, size_t *count,
+                            uint64_t *bytes) {
+    buffer *taken = NULL;
+    size_t k = 0;
+    uint64_t picked = 0;
+    while (k < e->nbufs && k < max_count && picked < target) {
+        picked += e->bufs[e->nbufs - 1 - k].size;
+        k++;
+    }
+    if (k > 0) {
+        taken = malloc(k * sizeof *taken);
+        if (taken == NULL) {
+            k = 0;
+            picked = 0;
+        } else {
+            memcpy(taken, &e->bufs[e->nbufs - k], k * sizeof *taken);
+            e->nbufs -= k;
+            e->buf_bytes -= picked;
+        }
+    }
+    *count = k;
+    *bytes = picked;
+    return taken;
+}
+
+/* ---- callbacks (run by nativemem on any thread, with no nativemem lock held) ------------------- */
+
+static uint64_t cb_spillable_bytes(void *ctx) {
+    engine *e = ctx;
+    pthread_mutex_lock(&e->mu);
+    uint64_t v = e->buf_bytes + e->index_bytes;
+    pthread_mutex_unlock(&e->mu);
+    return v;
+}
+
+/* Frees buffers (api->free) and shrinks the index reservation, re-entering the table from
+ * inside the spill. Claims under `mu`, calls the table without it. */
+static nm_status cb_spill(void *ctx, uint64_t target, uint64_t *freed) {
+    engine *e = ctx;
+    size_t count = 0;
+    uint64_t picked = 0, index_take = 0;
+    buffer *taken = NULL;
+
+    pthread_mutex_lock(&e->mu);
+    e->spill_calls++;
+    nm_status fail = e->spill_status;
+    uint64_t over = e->over_report;
+    nm_reservation index = e->index;
+    if (fail == NM_OK) {
+        taken = take_buffers(e, target, SIZE_MAX, &count, &picked);
+        if (picked < target && e->index_bytes > 0 && index != 0) {
+            index_take = target - picked < e->index_bytes ? target - picked : e->index_bytes;
+            e->index_bytes -= index_take;
+        }
+    }
+    pthread_mutex_unlock(&e->mu);
+    if (fail != NM_OK) {
+        return fail;
+    }
+
+    uint64_t actual = 0, errors = 0;
+    for (size_t i = 0; i < count; i++) {
+        uint64_t size = 0;
+        if (e->api->free(e->pool, taken[i].ptr, &size, NULL) == NM_OK) {
+            actual += size;
+        } else {
+            errors++;
+        }
+    }
+    free(taken);
+    if (index_take > 0) {
+        if (e->api->reservation_shrink(index, index_take, NULL) == NM_OK) {
+            actual += index_take;
+        } else {
+            errors++;
+        }
+    }
+
+    pthread_mutex_lock(&e->mu);
+    if (actual > 0) {
+        e->spills++;
+    }
+    e->spilled_bytes += actual;
+    e->spill_errors += errors;
+    pthread_mutex_unlock(&e->mu);
+    if (actual > 0) {
+        atomic_fetch_add(&g_spills, 1);
+        atomic_fetch_add(&g_spilled_bytes, actual);
+    }
+    *freed = actual + over;
+    return NM_OK;
+}
+
+static void cb_spiller_drop(void *ctx) {
+    engine *e = ctx;
+    pthread_mutex_lock(&e->mu);
+    e->spiller_dropped++;
+    pthread_mutex_unlock(&e->mu);
+    atomic_fetch_add(&g_spiller_drops, 1);
+    engine_unref(e);
+}
+
+/* The attached state's drop: runs in the manager's close (or detach). Frees every remaining
+ * buffer and closes the index reservation through the table (close lets these calls in). */
+static void cb_state_drop(void *ctx) {
+    engine *e = ctx;
+    pthread_mutex_lock(&e->mu);
+    buffer *bufs = e->bufs;
+    size_t n = e->nbufs;
+    nm_reservation index = e->index;
+    e->bufs = NULL;
+    e->nbufs = 0;
+    e->cap = 0;
+    e->buf_bytes = 0;
+    e->index = 0;
+    e->index_bytes = 0;
+    e->state_dropped++;
+    e->drop_thread = pthread_self();
+    pthread_mutex_unlock(&e->mu);
+
+    uint64_t bytes = 0, buffers = 0, errors = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t size = 0;
+        if (e->api->free(e->pool, bufs[i].ptr, &size, NULL) == NM_OK) {
+            bytes += size;
+            buffers++;
+        } else {
+            errors++;
+        }
+    }
+    free(bufs);
+    if (index != 0) {
+        uint64_t index_freed = 0;
+        if (e->api->reservation_free(index, &index_freed, NULL) == NM_OK) {
+            bytes += index_freed;
+        } else {
+            errors++;
+        }
+        if (e->api->reservation_close(index, NULL) != NM_OK) {
+            errors++;
+        }
+    }
+
+    pthread_mutex_lock(&e->mu);
+    e->drop_freed_bytes += bytes;
+    e->drop_freed_buffers += buffers;
+    e->drop_errors += errors;
+    pthread_mutex_unlock(&e->mu);
+    atomic_fetch_add(&g_state_drops, 1);
+    atomic_fetch_add(&g_drop_freed_bytes, bytes);
+    atomic_fetch_add(&g_drop_errors, errors);
+    engine_unref(e);
+}
+
+/* ---- open --------------------------------------------------------------------------------------- */
+
+/* Opens an engine on `manager`. On failure returns NULL with *st, *err (caller frees) and *what. */
+static engine *engine_open(const nm_api *api, nm_manager manager, const char *path, int64_t limit,
+                           nm_status *st, char **err, const char **what) {
+    *err = NULL;
+    *st = nm_api_check(api);
+    if (*st != NM_OK) {
+        *what = "nm_api_check: the table is older or smaller than nativemem.h";
+        return NULL;
+    }
+    engine *e = calloc(1, sizeof *e);
+    if (e == NULL) {
+        *st = NM_ERR_OUT_OF_MEMORY;
+        *what = "calloc(engine)";
+        return NULL;
+    }
+    e->api = api;
+    e->manager = manager;
+    atomic_init(&e->refs, 1); /* Java's */
+    pthread_mutex_init(&e->mu, NULL);
+
+    nm_lease lease = 0;
+    if ((*st = api->acquire(manager, &lease, err)) != NM_OK) {
+        *what = "acquire";
+        goto fail_struct;
+    }
+    if ((*st = api->pool_open(lease, path, limit, &e->pool, err)) != NM_OK) {
+        *what = "pool_open";
+        goto fail_lease;
+    }
+    if ((*st = api->reservation_new(e->pool, "CEngine.index", &e->index, err)) != NM_OK) {
+        *what = "reservation_new(index)";
+        goto fail_pool;
+    }
+    nm_spiller_vtable vt = {
+        .struct_size = (uint32_t)sizeof(nm_spiller_vtable),
+        .reserved0 = 0,
+        .ctx = e,
+        .spillable_bytes = cb_spillable_bytes,
+        .spill = cb_spill,
+        .drop = cb_spiller_drop,
+    };
+    atomic_fetch_add(&e->refs, 1); /* the spiller's */
+    if ((*st = api->spiller_register(e->pool, "CEngine", &vt, &e->spiller, err)) != NM_OK) {
+        atomic_fetch_sub(&e->refs, 1); /* not registered: drop will not run */
+        *what = "spiller_register";
+        goto fail_index;
+    }
+    atomic_fetch_add(&e->refs, 1); /* the attached state's */
+    if ((*st = api->attach(lease, e, cb_state_drop, &e->state, err)) != NM_OK) {
+        atomic_fetch_sub(&e->refs, 1);
+        *what = "attach";
+        api->spiller_unregister(e->spiller, NULL); /* its drop releases the spiller's ref */
+        goto fail_index;
+    }
+    api->release(lease, NULL);
+    atomic_fetch_add(&g_opened, 1);
+    return e;
+
+fail_index:
+    api->reservation_close(e->index, NULL);
+fail_pool:
+    api->pool_close(e->pool, NULL);
+fail_lease:
+    api->release(lease, NULL);
+fail_struct:
+    atomic_fetch_add(&g_opened, 1); /* counted so that opened == freed holds */
+    engine_unref(e);
+    return NULL;
+}
+
+/* ---- JNI: the engine ------------------------------------------------------------------------------ */
+
+static engine *engine_of(JNIEnv *env, jlong ptr) {
+    if (ptr == 0) {
+        throw_state(env, "CEngine is closed");
+        return NULL;
+    }
+    return (engine *)(uintptr_t)ptr;
+}
+
+JNIEXPORT jlong JNICALL Java_org_nativemem_engine_CEngine_nativeOpen(JNIEnv *env, jclass cls,
+                                                                     jlong api_address,
+                                                                     jlong manager, jstring path,
+                                                                     jlong limit) {
+    UNUSED(cls);
+    const nm_api *api = api_of(api_address);
+    const char *cpath = (*env)->GetStringUTFChars(env, path, NULL);
+    if (cpath == NULL) {
+        return 0;
+    }
+    nm_status st = NM_OK;
+    char *err = NULL;
+    const char *what = "";
+    engine *e = engine_open(api, (nm_manager)manager, cpath, (int64_t)limit, &st, &err, &what);
+    (*env)->ReleaseStringUTFChars(env, path, cpath);
+    if (e == NULL) {
+        throw_status(env, api, st, err, what); /* err is non-NULL only if the table is usable */
+        return 0;
+    }
+    return (jlong)(uintptr_t)e;
+}
+
+/* Allocates `count` buffers of `size` bytes (64-aligned, written and read back) as spillable
+ * memory, then grows the index reservation by `index_bytes`. Returns {buffers, bytes}. */
+JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeAllocate(
+    JNIEnv *env, jclass cls, jlong ptr, jint count, jlong size, jlong index_bytes) {
+    UNUSED(cls);
+    engine *e = engine_of(env, ptr);
+    if (e == NULL) {
+        return NULL;
+    }
+    const nm_api *api = e->api;
+    char *err = NULL;
+    nm_lease lease;
+    nm_status st = lease_acquire(e, &lease, &err);
+    if (st != NM_OK) {
+        throw_status(env, api, st, err, "acquire");
+        return NULL;
+    }
+    int64_t done = 0, bytes = 0;
+    for (jint i = 0; i < count; i++) {
+        void *p = NULL;
+        st = api->allocate(e->pool, (uint64_t)size, ALIGN, &p, &err);
+        if (st != NM_OK) {
+            lease_release(e, lease);
+            throw_status(env, api, st, err, "allocate");
+            return NULL;
+        }
+        if (((uintptr_t)p % ALIGN) != 0) {
+            api->free(e->pool, p, NULL, NULL);
+            lease_release(e, lease);
+            throw_state(env, "allocate returned memory that is not 64-byte aligned");
+            return NULL;
+        }
+        unsigned char pattern = (unsigned char)(0xA5 ^ (unsigned)i);
+        memset(p, pattern, (size_t)size);
+        const unsigned char *c = p;
+        if (c[0] != pattern || c[size - 1] != pattern || c[size / 2] != pattern) {
+            lease_release(e, lease);
+            throw_state(env, "allocated memory did not keep what was written");
+            return NULL;
+        }
+        if (push_buffer(e, p, (uint64_t)size) != 0) {
+            api->free(e->pool, p, NULL, NULL);
+            lease_release(e, lease);
+            throw_state(env, "the engine's state was dropped (its manager closed)");
+            return NULL;
+        }
+        done++;
+        bytes += size;
+    }
+    if (index_bytes > 0) {
+        pthread_mutex_lock(&e->mu);
+        nm_reservation index = e->index;
+        pthread_mutex_unlock(&e->mu);
+        /* No lock across the call: the grow may spill this very engine on this thread. */
+        st = index != 0 ? api->reservation_try_grow(index, (uint64_t)index_bytes, &err)
+                        : NM_ERR_STALE_HANDLE;
+        if (st != NM_OK) {
+            lease_release(e, lease);
+            throw_status(env, api, st, err, "reservation_try_grow(index)");
+            return NULL;
+        }
+        pthread_mutex_lock(&e->mu);
+        e->index_bytes += (uint64_t)index_bytes;
+        pthread_mutex_unlock(&e->mu);
+    }
+    lease_release(e, lease);
+    int64_t out[2] = {done, bytes};
+    return long_array(env, out, 2);
+}
+
+/* Frees up to `count` spillable buffers (newest first) as an operator would when done with
+ * them; returns the bytes freed. */
+JNIEXPORT jlong JNICALL Java_org_nativemem_engine_CEngine_nativeFreeBuffers(JNIEnv *env, jclass cls,
+                                                                          jlong ptr, jint count) {
+    UNUSED(cls);
+    engine *e = engine_of(env, ptr);
+    if (e == NULL) {
+        return 0;
+    }
+    char *err = NULL;
+    nm_lease lease;
+    nm_status st = lease_acquire(e, &lease, &err);
+    if (st != NM_OK) {
+        throw_status(env, e->api, st, err, "acquire");
+        return 0;
+    }
+    size_t n = 0;
+    uint64_t bytes = 0, freed = 0;
+    pthread_mutex_lock(&e->mu);
+    buffer *taken = take_buffers(e, UINT64_MAX, (size_t)count, &n, &bytes);
+    pthread_mutex_unlock(&e->mu);
+    for (size_t i = 0; i < n; i++) {
+        uint64_t size = 0;
+        st = e->api->free(e->pool, taken[i].ptr, &size, &err);
+        if (st != NM_OK) {
+            free(taken);
+            lease_release(e, lease);
+            throw_status(env, e->api, st, err, "free");
+            return 0;
+        }
+        freed += size;
+    }
+    free(taken);
+    lease_release(e, lease);
+    return (jlong)freed;
+}
+
+/* Grows a new reservation to `bytes` in `steps` steps (past several reservation blocks), reads
+ * the stats at the peak, shrinks it back in as many steps and closes it.
+ * Returns {size at peak, pool used at peak, manager used at peak, manager reserved at peak,
+ *          pool used after, manager used after, manager reserved after}. */
+JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeGrowShrink(
+    JNIEnv *env, jclass cls, jlong ptr, jlong bytes, jint steps) {
+    UNUSED(cls);
+    engine *e = engine_of(env, ptr);
+    if (e == NULL) {
+        return NULL;
+    }
+    const nm_api *api = e->api;
+    char *err = NULL;
+    const char *what = "acquire";
+    nm_lease lease;
+    nm_status st = lease_acquire(e, &lease, &err);
+    if (st != NM_OK) {
+        throw_status(env, api, st, err, what);
+        return NULL;
+    }
+    nm_reservation r = 0;
+    nm_pool_stats ps = {0, 0, 0};
+    nm_manager_stats ms = {0, 0, 0, 0, 0};
+    int64_t out[7] = {0};
+    uint64_t size = 0;
+    if (steps < 1) {
+        steps = 1;
+    }
+    uint64_t step = (uint64_t)bytes / (uint64_t)steps;
+    what = "reservation_new(work)";
+    if ((st = api->reservation_new(e->pool, "CEngine.work", &r, &err)) != NM_OK) {
+        goto fail;
+    }
+    what = "reservation_try_grow(work)";
+    for (jint k = 0; k < steps; k++) {
+        uint64_t n = k == steps - 1 ? (uint64_t)bytes - step * (uint64_t)(steps - 1) : step;
+        if ((st = api->reservation_try_grow(r, n, &err)) != NM_OK) {
+            goto fail;
+        }
+    }
+    what = "stats at the peak";
+    if ((st = api->reservation_size(r, &size, &err)) != NM_OK ||
+        (st = api->pool_stats(e->pool, &ps, &err)) != NM_OK ||
+        (st = api->manager_stats(lease, &ms, &err)) != NM_OK) {
+        goto fail;
+    }
+    out[0] = (int64_t)size;
+    out[1] = (int64_t)ps.used;
+    out[2] = (int64_t)ms.used;
+    out[3] = (int64_t)ms.reserved;
+    what = "reservation_shrink(work)";
+    for (jint k = 0; k < steps; k++) {
+        uint64_t n = k == steps - 1 ? (uint64_t)bytes - step * (uint64_t)(steps - 1) : step;
+        if ((st = api->reservation_shrink(r, n, &err)) != NM_OK) {
+            goto fail;
+        }
+    }
+    what = "reservation_close(work)";
+    if ((st = api->reservation_close(r, &err)) != NM_OK) {
+        goto fail;
+    }
+    r = 0;
+    what = "stats after";
+    if ((st = api->pool_stats(e->pool, &ps, &err)) != NM_OK ||
+        (st = api->manager_stats(lease, &ms, &err)) != NM_OK) {
+        goto fail;
+    }
+    out[4] = (int64_t)ps.used;
+    out[5] = (int64_t)ms.used;
+    out[6] = (int64_t)ms.reserved;
+    lease_release(e, lease);
+    return long_array(env, out, 7);
+
+fail:
+    if (r != 0) {
+        api->reservation_close(r, NULL);
+    }
+    lease_release(e, lease);
+    throw_status(env, api, st, err, what);
+    return NULL;
+}
+
+/* Leaks on purpose: an allocation it forgets and a reservation it never closes. */
+JNIEXPORT void JNICALL Java_org_nativemem_engine_CEngine_nativeLeak(JNIEnv *env, jclass cls,
+                                                                  jlong ptr, jlong alloc_bytes,
+                                                                  jlong reservation_bytes) {
+    UNUSED(cls);
+    engine *e = engine_of(env, ptr);
+    if (e == NULL) {
+        return;
+    }
+    const nm_api *api = e->api;
+    char *err = NULL;
+    nm_lease lease;
+    nm_status st = lease_acquire(e, &lease, &err);
+    if (st != NM_OK) {
+        throw_status(env, api, st, err, "acquire");
+        return;
+    }
+    void *p = NULL;
+    nm_reservation r = 0;
+    if (alloc_bytes > 0) {
+        if ((st = api->allocate(e->pool, (uint64_t)alloc_bytes, ALIGN, &p, &err)) != NM_OK) {
+            lease_release(e, lease);
+            throw_status(env, api, st, err, "allocate(leak)");
+            return;
+        }
+        memset(p, 0x1e, (size_t)alloc_bytes);
+    }
+    if (reservation_bytes > 0) {
+        if ((st = api->reservation_new(e->pool, "CEngine.leaked", &r, &err)) != NM_OK ||
+            (st = api->reservation_try_grow(r, (uint64_t)reservation_bytes, &err)) != NM_OK) {
+            lease_release(e, lease);
+            throw_status(env, api, st, err, "reservation(leak)");
+            return;
+        }
+    }
+    pthread_mutex_lock(&e->mu);
+    if (p != NULL) {
+        e->leak_ptr = p;
+        e->leaked_alloc_bytes += (uint64_t)alloc_bytes;
+    }
+    if (r != 0) {
+        e->leak_res = r;
+        e->leaked_reservation_bytes += (uint64_t)reservation_bytes;
+    }
+    pthread_mutex_unlock(&e->mu);
+    lease_release(e, lease);
+}
+
+/* See CEngine.Stats for the order. Pool and manager read-outs need a lease: if the manager is
+ * gone they are -1 and [0] carries the acquire status. */
+#define STATS_FIELDS 26
+JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeStats(JNIEnv *env, jclass cls,
+                                                                         jlong ptr) {
+    UNUSED(cls);
+    engine *e = engine_of(env, ptr);
+    if (e == NULL) {
+        return NULL;
+    }
+    int64_t v[STATS_FIELDS];
+    for (int i = 0; i < STATS_FIELDS; i++) {
+        v[i] = -1;
+    }
+    nm_lease lease;
+    nm_status st = lease_acquire(e, &lease, NULL);
+    v[0] = st;
+    if (st == NM_OK) {
+        nm_pool_stats ps;
+        nm_manager_stats ms;
+        if (e->api->pool_stats(e->pool, &ps, NULL) == NM_OK) {
+            v[1] = (int64_t)ps.used;
+            v[2] = (int64_t)ps.peak;
+            v[3] = ps.limit;
+        }
+        if (e->api->manager_stats(lease, &ms, NULL) == NM_OK) {
+            v[4] = (int64_t)ms.used;
+            v[5] = (int64_t)ms.peak;
+            v[6] = (int64_t)ms.reserved;
+            v[7] = (int64_t)ms.spill_count;
+            v[8] = (int64_t)ms.spilled_bytes;
+        }
+        lease_release(e, lease);
+    }
+    pthread_mutex_lock(&e->mu);
+    v[9] = (int64_t)e->spill_calls;
+    v[10] = (int64_t)e->spills;
+    v[11] = (int64_t)e->spilled_bytes;
+    v[12] = (int64_t)e->spill_errors;
+    v[13] = (int64_t)e->nbufs;
+    v[14] = (int64_t)e->buf_bytes;
+    v[15] = (int64_t)e->index_bytes;
+    v[16] = (int64_t)e->spiller_dropped;
+    v[17] = (int64_t)e->state_dropped;
+    v[18] = (int64_t)e->drop_freed_bytes;
+    v[19] = (int64_t)e->drop_freed_buffers;
+    v[20] = (int64_t)e->drop_errors;
+    v[21] = (int64_t)e->leaked_alloc_bytes;
+    v[22] = (int64_t)e->leaked_reservation_bytes;
+    v[23] = (int64_t)atomic_load(&e->refs);
+    v[24] = (int64_t)e->manager;
+    v[25] = (int64_t)e->pool;
+    pthread_mutex_unlock(&e->mu);
+    return long_array(env, v, STATS_FIELDS);
+}
+
+JNIEXPORT void JNICALL Java_org_nativemem_engine_CEngine_nativeSetSpillBehaviour(
+    JNIEnv *env, jclass cls, jlong ptr, jlong over_report, jint status) {
+    UNUSED(cls);
+    engine *e = engine_of(env, ptr);
+    if (e == NULL) {
+        return;
+    }
+    pthread_mutex_lock(&e->mu);
+    e->over_report = (uint64_t)over_report;
+    e->spill_status = (nm_status)status;
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* Explicit end of the engine while its manager is open: unregisters the spiller, detaches the
+ * state running its drop, closes the pool handle. Returns the acquire status (non-zero: the
+ * manager is closing or closed, and its close drops the engine). */
+JNIEXPORT jint JNICALL Java_org_nativemem_engine_CEngine_nativeShutdown(JNIEnv *env, jclass cls,
+                                                                      jlong ptr) {
+    UNUSED(cls);
+    engine *e = engine_of(env, ptr);
+    if (e == NULL) {
+        return 0;
+    }
+    pthread_mutex_lock(&e->mu);
+    int already = e->shut_down || e->state_dropped;
+    e->shut_down = 1;
+    pthread_mutex_unlock(&e->mu);
+    if (already) {
+        return NM_OK;
+    }
+    nm_lease lease;
+    nm_status st = lease_acquire(e, &lease, NULL);
+    if (st != NM_OK) {
+        return st;
+    }
+    char *err = NULL;
+    if ((st = e->api->spiller_unregister(e->spiller, &err)) != NM_OK) {
+        lease_release(e, lease);
+        throw_status(env, e->api, st, err, "spiller_unregister");
+        return st;
+    }
+    if ((st = e->api->detach(e->state, 1, &err)) != NM_OK) {
+        lease_release(e, lease);
+        throw_status(env, e->api, st, err, "detach");
+        return st;
+    }
+    if ((st = e->api->pool_close(e->pool, &err)) != NM_OK) {
+        lease_release(e, lease);
+        throw_status(env, e->api, st, err, "pool_close");
+        return st;
+    }
+    lease_release(e, lease);
+    return NM_OK;
+}
+
+/* Java's reference ends. */
+JNIEXPORT void JNICALL Java_org_nativemem_engine_CEngine_nativeDispose(JNIEnv *env, jclass cls,
+                                                                     jlong ptr) {
+    UNUSED(env);
+    UNUSED(cls);
+    if (ptr != 0) {
+        engine_unref((engine *)(uintptr_t)ptr);
+    }
+}
+
+JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeGlobalStats(JNIEnv *env,
+                                                                               jclass cls) {
+    UNUSED(cls);
+    int64_t v[8] = {
+        (int64_t)atomic_load(&g_opened),      (int64_t)atomic_load(&g_structs_freed),
+        (int64_t)atomic_load(&g_state_drops), (int64_t)atomic_load(&g_spiller_drops),
+        (int64_t)atomic_load(&g_spills),      (int64_t)atomic_load(&g_spilled_bytes),
+        (int64_t)atomic_load(&g_drop_freed_bytes), (int64_t)atomic_load(&g_drop_errors),
+    };
+    return long_array(env, v, 8);
+}
+
+/* ---- threads the JVM never saw ----------------------------------------------------------------- */
+
+typedef struct worker {
+    engine *e;
+    int iterations;
+    uint64_t grow, alloc;
+    uint64_t ok, oom, errors, allocs;
+    nm_status first_error;
+    pthread_t thread;
+} worker;
+
+static void worker_error(worker *w, nm_status st) {
+    w->errors++;
+    if (w->first_error == NM_OK) {
+        w->first_error = st;
+    }
+}
+
+static void *worker_main(void *arg) {
+    worker *w = arg;
+    engine *e = w->e;
+    const nm_api *api = e->api;
+    nm_lease lease;
+    nm_status st = api->acquire(e->manager, &lease, NULL); /* a lease of this thread's own */
+    if (st != NM_OK) {
+        worker_error(w, st);
+        return NULL;
+    }
+    nm_reservation r = 0;
+    if ((st = api->reservation_new(e->pool, "CEngine.thread", &r, NULL)) != NM_OK) {
+        worker_error(w, st);
+        api->release(lease, NULL);
+        return NULL;
+    }
+    for (int i = 0; i < w->iterations; i++) {
+        st = api->reservation_try_grow(r, w->grow, NULL); /* may spill this engine, here */
+        if (st == NM_OK) {
+            w->ok++;
+            if ((st = api->reservation_shrink(r, w->grow, NULL)) != NM_OK) {
+                worker_error(w, st);
+            }
+        } else if (st == NM_ERR_OUT_OF_MEMORY) {
+            w->oom++;
+        } else {
+            worker_error(w, st);
+        }
+        if (w->alloc > 0 && i % 4 == 0) {
+            void *p = NULL;
+            st = api->allocate(e->pool, w->alloc, ALIGN, &p, NULL);
+            if (st == NM_OK) {
+                memset(p, 0x3c, (size_t)w->alloc);
+                if (push_buffer(e, p, w->alloc) != 0) {
+                    api->free(e->pool, p, NULL, NULL);
+                } else {
+                    w->allocs++;
+                }
+            } else if (st == NM_ERR_OUT_OF_MEMORY) {
+                w->oom++;
+            } else {
+                worker_error(w, st);
+            }
+        }
+    }
+    uint64_t left = 1;
+    if ((st = api->reservation_size(r, &left, NULL)) != NM_OK || left != 0) {
+        worker_error(w, st != NM_OK ? st : NM_ERR_INTERNAL);
+    }
+    if ((st = api->reservation_close(r, NULL)) != NM_OK) {
+        worker_error(w, st);
+    }
+    if ((st = api->release(lease, NULL)) != NM_OK) {
+        worker_error(w, st);
+    }
+    return NULL;
+}
+
+/* Starts `threads` pthreads that each, with a lease of their own, grow/shrink a reservation of
+ * the engine's pool `iterations` times by `grow` bytes and every 4th iteration allocate a
+ * spillable buffer of `alloc` bytes (so grows of one thread spill buffers of others).
+ * Returns {successful grows, out-of-memory, other errors, first other error status, buffers}. */
+JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeRunThreads(
+    JNIEnv *env, jclass cls, jlong ptr, jint threads, jint iterations, jlong grow, jlong alloc) {
+    UNUSED(cls);
+    engine *e = engine_of(env, ptr);
+    if (e == NULL) {
+        return NULL;
+    }
+    if (threads < 1 || threads > 64) {
+        throw_state(env, "threads must be in 1..64");
+        return NULL;
+    }
+    worker *ws = calloc((size_t)threads, sizeof *ws);
+    if (ws == NULL) {
+        throw_state(env, "calloc(workers)");
+        return NULL;
+    }
+    int started = 0;
+    for (int i = 0; i < threads; i++) {
+        ws[i].e = e;
+        ws[i].iterations = iterations;
+        ws[i].grow = (uint64_t)grow;
+        ws[i].alloc = (uint64_t)alloc;
+        if (pthread_create(&ws[i].thread, NULL, worker_main, &ws[i]) != 0) {
+            break;
+        }
+        started++;
+    }
+    int64_t out[5] = {0, 0, 0, 0, 0};
+    for (int i = 0; i < started; i++) {
+        pthread_join(ws[i].thread, NULL);
+        out[0] += (int64_t)ws[i].ok;
+        out[1] += (int64_t)ws[i].oom;
+        out[2] += (int64_t)ws[i].errors;
+        if (out[3] == 0) {
+            out[3] = ws[i].first_error;
+        }
+        out[4] += (int64_t)ws[i].allocs;
+    }
+    free(ws);
+    if (started != threads) {
+        throw_state(env, "pthread_create failed");
+        return NULL;
+    }
+    return long_array(env, out, 5);
+}
+
+/* ---- a lease held across the manager's close ------------------------------------------------------ */
+
+typedef struct holder {
+    engine *e;
+    uint64_t bytes;
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int holding, let_go, done;
+    nm_status acquire_st, alloc_st;
+    /* after the close gave up waiting, still holding the lease: */
+    int pattern_ok_before, pattern_ok_after;
+    nm_status alloc_during_close, free_during_close, stats_during_close;
+    uint64_t used_during_close;
+    nm_status release_st;
+    uint64_t state_drops_before, state_drops_after;
+    int drop_ran_here;
+} holder;
+
+static int check_pattern(const unsigned char *p, uint64_t n, unsigned char v) {
+    for (uint64_t i = 0; i < n; i += 4096) {
+        if (p[i] != v) {
+            return 0;
+        }
+    }
+    return p[n - 1] == v;
+}
+
+static void *holder_main(void *arg) {
+    holder *h = arg;
+    engine *e = h->e;
+    const nm_api *api = e->api;
+    nm_lease lease = 0;
+    void *p = NULL;
+    h->acquire_st = api->acquire(e->manager, &lease, NULL);
+    if (h->acquire_st == NM_OK) {
+        h->alloc_st = api->allocate(e->pool, h->bytes, ALIGN, &p, NULL);
+        if (h->alloc_st == NM_OK) {
+            memset(p, 0x77, (size_t)h->bytes);
+        }
+    }
+    pthread_mutex_lock(&h->mu);
+    h->holding = 1;
+    pthread_cond_broadcast(&h->cv);
+    while (!h->let_go) {
+        pthread_cond_wait(&h->cv, &h->mu);
+    }
+    pthread_mutex_unlock(&h->mu);
+    if (h->acquire_st == NM_OK) {
+        /* The manager's close has given up waiting for us: nothing was freed under us. */
+        h->pattern_ok_before = p != NULL && check_pattern(p, h->bytes, 0x77);
+        void *q = NULL;
+        h->alloc_during_close = api->allocate(e->pool, 4096, ALIGN, &q, NULL);
+        if (h->alloc_during_close == NM_OK) {
+            api->free(e->pool, q, NULL, NULL);
+        }
+        nm_manager_stats ms = {0, 0, 0, 0, 0};
+        h->stats_during_close = api->manager_stats(lease, &ms, NULL);
+        h->used_during_close = ms.used;
+        /* Not freed by us (refused while closing): the deferred close frees it, as a leak. */
+        h->free_during_close = p != NULL ? api->free(e->pool, p, NULL, NULL) : NM_ERR_INTERNAL;
+        h->pattern_ok_after =
+            h->free_during_close != NM_OK && p != NULL && check_pattern(p, h->bytes, 0x77);
+        pthread_mutex_lock(&e->mu);
+        h->state_drops_before = e->state_dropped;
+        pthread_mutex_unlock(&e->mu);
+        /* The last lease ends: the deferred close runs now, on this thread. */
+        h->release_st = api->release(lease, NULL);
+        pthread_mutex_lock(&e->mu);
+        h->state_drops_after = e->state_dropped;
+        h->drop_ran_here = e->state_dropped > 0 && pthread_equal(e->drop_thread, pthread_self());
+        pthread_mutex_unlock(&e->mu);
+    }
+    pthread_mutex_lock(&h->mu);
+    h->done = 1;
+    pthread_cond_broadcast(&h->cv);
+    pthread_mutex_unlock(&h->mu);
+    return NULL;
+}
+
+/* Starts a pthread that acquires a lease, allocates `bytes` and holds both until let go;
+ * returns once it holds them (or failed: see the join result). */
+JNIEXPORT jlong JNICALL Java_org_nativemem_engine_CEngine_nativeHoldLease(JNIEnv *env, jclass cls,
+                                                                        jlong ptr, jlong bytes) {
+    UNUSED(cls);
+    engine *e = engine_of(env, ptr);
+    if (e == NULL) {
+        return 0;
+    }
+    holder *h = calloc(1, sizeof *h);
+    if (h == NULL) {
+        throw_state(env, "calloc(holder)");
+        return 0;
+    }
+    h->e = e;
+    h->bytes = (uint64_t)bytes;
+    pthread_mutex_init(&h->mu, NULL);
+    pthread_cond_init(&h->cv, NULL);
+    atomic_fetch_add(&e->refs, 1); /* the holder's, until joined */
+    if (pthread_create(&h->thread, NULL, holder_main, h) != 0) {
+        atomic_fetch_sub(&e->refs, 1);
+        free(h);
+        throw_state(env, "pthread_create failed");
+        return 0;
+    }
+    pthread_mutex_lock(&h->mu);
+    while (!h->holding) {
+        pthread_cond_wait(&h->cv, &h->mu);
+    }
+    pthread_mutex_unlock(&h->mu);
+    return (jlong)(uintptr_t)h;
+}
+
+/* Lets the holder go and joins it. Returns {acquire, allocate, pattern intact after the close
+ * returned, allocate while closing, manager_stats while closing, used while closing, free while
+ * closing, pattern intact after that, release, state drops before release, after release, drop
+ * ran on the holder's thread}. */
+JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeReleaseHolder(JNIEnv *env,
+                                                                                 jclass cls,
+                                                                                 jlong hptr) {
+    UNUSED(cls);
+    holder *h = (holder *)(uintptr_t)hptr;
+    if (h == NULL) {
+        throw_state(env, "no holder");
+        return NULL;
+    }
+    pthread_mutex_lock(&h->mu);
+    h->let_go = 1;
+    pthread_cond_broadcast(&h->cv);
+    pthread_mutex_unlock(&h->mu);
+    pthread_join(h->thread, NULL);
+    int64_t out[12] = {
+        h->acquire_st,          h->alloc_st,           h->pattern_ok_before,
+        h->alloc_during_close,  h->stats_during_close, (int64_t)h->used_during_close,
+        h->free_during_close,   h->pattern_ok_after,   h->release_st,
+        (int64_t)h->state_drops_before, (int64_t)h->state_drops_after, h->drop_ran_here,
+    };
+    engine_unref(h->e);
+    pthread_mutex_destroy(&h->mu);
+    pthread_cond_destroy(&h->cv);
+    free(h);
+    return long_array(env, out, 12);
+}
+
+/* ---- misuse, checked at the C level ------------------------------------------------------------- */
+
+/* Counts and frees a message. */
+static void count_message(const nm_api *api, char **err, int64_t *messages) {
+    if (*err != NULL) {
+        (*messages)++;
+        api->free_message(*err);
+        *err = NULL;
+    }
+}
+
+/* nm_api_check on the real table and on doctored copies. Returns {real, NULL, abi_version 0,
+ * struct_size - 8, struct_size 0, abi_version + 1, struct_size + 64}. */
+JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeApiCheck(JNIEnv *env,
+                                                                            jclass cls,
+                                                                            jlong api_address) {
+    UNUSED(cls);
+    const nm_api *api = api_of(api_address);
+    int64_t out[7];
+    out[0] = nm_api_check(api);
+    out[1] = nm_api_check(NULL);
+    /* A newer library's table is larger than ours: copy into room for that. */
+    unsigned char *room = calloc(1, sizeof(nm_api) + 64);
+    if (room == NULL) {
+        throw_state(env, "calloc");
+        return NULL;
+    }
+    nm_api *copy = (nm_api *)(void *)room;
+    memcpy(copy, api, sizeof(nm_api));
+    copy->abi_version = 0;
+    out[2] = nm_api_check(copy);
+    memcpy(copy, api, sizeof(nm_api));
+    copy->struct_size = (uint32_t)(sizeof(nm_api) - 8);
+    out[3] = nm_api_check(copy);
+    memcpy(copy, api, sizeof(nm_api));
+    copy->struct_size = 0;
+    out[4] = nm_api_check(copy);
+    memcpy(copy, api, sizeof(nm_api));
+    copy->abi_version = NM_ABI_VERSION + 1;
+    out[5] = nm_api_check(copy);
+    memcpy(copy, api, sizeof(nm_api));
+    copy->struct_size = (uint32_t)(sizeof(nm_api) + 64);
+    out[6] = nm_api_check(copy);
+    free(room);
+    return long_array(env, out, 7);
+}
+
+/* Forged, zero and wrong-kind handles and bad arguments on a live manager. See CEngineTest for
+ * the meaning of each entry. */
+#define FORGED_FIELDS 24
+JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeForged(JNIEnv *env, jclass cls,
+                                                                          jlong api_address,
+                                                                          jlong manager) {
+    UNUSED(cls);
+    const nm_api *api = api_of(api_address);
+    int64_t v[FORGED_FIELDS];
+    int64_t messages = 0;
+    char *err = NULL;
+    nm_lease l = 0;
+    nm_pool_stats ps;
+    nm_manager_stats ms;
+    uint64_t x = 0;
+    int dummy = 0;
+    nm_manager mgr = (nm_manager)manager;
+    for (int i = 0; i < FORGED_FIELDS; i++) {
+        v[i] = -1;
+    }
+
+    v[0] = api->acquire(0, &l, &err); count_message(api, &err, &messages);
+    v[1] = api->acquire(0x1234, &l, &err); count_message(api, &err, &messages);
+    v[2] = api->acquire(UINT64_MAX, &l, &err); count_message(api, &err, &messages);
+    /* Same kind and slot, a generation the slot has not reached: never issued. */
+    v[3] = api->acquire(mgr + ((uint64_t)1000 << 24), &l, &err); count_message(api, &err, &messages);
+    v[4] = api->pool_stats(0x1234, &ps, &err); count_message(api, &err, &messages);
+    v[5] = api->pool_stats(mgr, &ps, &err); count_message(api, &err, &messages); /* wrong kind */
+    v[6] = api->reservation_try_grow(0, 1, &err); count_message(api, &err, &messages);
+    v[7] = api->free(0x1234, &dummy, &x, &err); count_message(api, &err, &messages);
+    v[8] = api->spiller_unregister(0x1234, &err); count_message(api, &err, &messages);
+    v[9] = api->detach(0x1234, 1, &err); count_message(api, &err, &messages);
+    v[10] = api->release(0x1234, &err); count_message(api, &err, &messages);
+    v[11] = api->manager_stats(mgr, &ms, &err); count_message(api, &err, &messages); /* not a lease */
+    v[12] = api->acquire(mgr, NULL, &err); count_message(api, &err, &messages);
+    v[13] = api->acquire(0x1234, &l, NULL); /* no message wanted: none made, no crash */
+
+    /* Success sets *err to NULL, whatever it held. */
+    err = (char *)&dummy;
+    nm_status st = api->acquire(mgr, &l, &err);
+    v[14] = st == NM_OK && err == NULL;
+    if (st != NM_OK) {
+        throw_state(env, "acquire of the live manager failed");
+        return NULL;
+    }
+    err = NULL;
+    nm_pool pool = 0;
+    nm_reservation r = 0;
+    v[15] = api->pool_open(l, NULL, -1, &pool, &err); count_message(api, &err, &messages);
+    v[16] = api->pool_open(l, "forged//empty", -1, &pool, &err); count_message(api, &err, &messages);
+    v[17] = api->pool_open(l, "forged/limit", -2, &pool, &err); count_message(api, &err, &messages);
+    if (api->pool_open(l, "forged/ok", -1, &pool, NULL) == NM_OK) {
+        void *p = (void *)&dummy;
+        v[18] = api->allocate(pool, 0, 64, &p, &err); count_message(api, &err, &messages);
+        v[19] = p == NULL; /* on failure *out is NULL */
+        v[20] = api->allocate(pool, 64, 3, &p, &err); count_message(api, &err, &messages);
+        if (api->reservation_new(pool, "forged", &r, NULL) == NM_OK) {
+            v[21] = api->reservation_shrink(r, 1, &err); count_message(api, &err, &messages);
+            api->reservation_close(r, NULL);
+        }
+        v[22] = api->reservation_try_grow(pool, 1, &err); count_message(api, &err, &messages);
+        api->pool_close(pool, NULL);
+    }
+    api->release(l, NULL);
+    v[23] = messages;
+    return long_array(env, v, FORGED_FIELDS);
+}
+
+/* A lease released twice. Returns {acquire, release, release again, manager_stats on it}. */
+JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeReleaseTwice(
+    JNIEnv *env, jclass cls, jlong api_address, jlong manager) {
+    UNUSED(cls);
+    const nm_api *api = api_of(api_address);
+    nm_lease l = 0;
+    nm_manager_stats ms;
+    char *err = NULL;
+    int64_t v[4];
+    v[0] = api->acquire((nm_manager)manager, &l, NULL);
+    v[1] = api->release(l, NULL);
+    v[2] = api->release(l, &err);
+    api->free_message(err);
+    err = NULL;
+    v[3] = api->manager_stats(l, &ms, &err);
+    api->free_message(err);
+    return long_array(env, v, 4);
+}
+
+/* Spiller vtables the ABI must refuse, and their ctx must stay the caller's (no drop). */
+static atomic_int g_probe_drops;
+static uint64_t probe_spillable(void *ctx) {
+    UNUSED(ctx);
+    return 0;
+}
+static nm_status probe_spill(void *ctx, uint64_t target, uint64_t *freed) {
+    UNUSED(ctx);
+    UNUSED(target);
+    *freed = 0;
+    return NM_OK;
+}
+static void probe_drop(void *ctx) {
+    UNUSED(ctx);
+    atomic_fetch_add(&g_probe_drops, 1);
+}
+
+/* Returns {struct_size - 8, struct_size 0, spill NULL, spillable_bytes NULL, vtable NULL,
+ * name NULL, drops after the refusals, larger struct_size (newer header) accepted, drops after
+ * its unregister, unregister again, drops after that}. */
+JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeVtableChecks(
+    JNIEnv *env, jclass cls, jlong api_address, jlong manager) {
+    UNUSED(cls);
+    const nm_api *api = api_of(api_address);
+    int64_t v[11];
+    for (int i = 0; i < 11; i++) {
+        v[i] = -1;
+    }
+    nm_lease l;
+    nm_pool pool;
+    char *err = NULL;
+    nm_status st = api->acquire((nm_manager)manager, &l, &err);
+    if (st != NM_OK) {
+        throw_status(env, api, st, err, "acquire");
+        return NULL;
+    }
+    if ((st = api->pool_open(l, "vtable-probe", -1, &pool, &err)) != NM_OK) {
+        api->release(l, NULL);
+        throw_status(env, api, st, err, "pool_open");
+        return NULL;
+    }
+    atomic_store(&g_probe_drops, 0);
+    int ctx = 0;
+    nm_spiller s = 0;
+    /* A vtable from a newer header: larger, with a field this library does not know (zero). */
+    struct {
+        nm_spiller_vtable vt;
+        void *newer_field;
+    } big;
+    memset(&big, 0, sizeof big);
+    nm_spiller_vtable good = {
+        .struct_size = (uint32_t)sizeof(nm_spiller_vtable),
+        .reserved0 = 0,
+        .ctx = &ctx,
+        .spillable_bytes = probe_spillable,
+        .spill = probe_spill,
+        .drop = probe_drop,
+    };
+    nm_spiller_vtable bad = good;
+    bad.struct_size = (uint32_t)sizeof(nm_spiller_vtable) - 8;
+    v[0] = api->spiller_register(pool, "probe", &bad, &s, &err); api->free_message(err); err = NULL;
+    bad = good;
+    bad.struct_size = 0;
+    v[1] = api->spiller_register(pool, "probe", &bad, &s, &err); api->free_message(err); err = NULL;
+    bad = good;
+    bad.spill = NULL;
+    v[2] = api->spiller_register(pool, "probe", &bad, &s, &err); api->free_message(err); err = NULL;
+    bad = good;
+    bad.spillable_bytes = NULL;
+    v[3] = api->spiller_register(pool, "probe", &bad, &s, &err); api->free_message(err); err = NULL;
+    v[4] = api->spiller_register(pool, "probe", NULL, &s, &err); api->free_message(err); err = NULL;
+    v[5] = api->spiller_register(pool, NULL, &good, &s, &err); api->free_message(err); err = NULL;
+    v[6] = atomic_load(&g_probe_drops);
+    big.vt = good;
+    big.vt.struct_size = (uint32_t)sizeof big;
+    v[7] = api->spiller_register(pool, "probe-newer", &big.vt, &s, &err);
+    api->free_message(err);
+    err = NULL;
+    if (v[7] == NM_OK) {
+        api->spiller_unregister(s, NULL);
+        v[8] = atomic_load(&g_probe_drops);
+        v[9] = api->spiller_unregister(s, &err);
+        api->free_message(err);
+        err = NULL;
+        v[10] = atomic_load(&g_probe_drops);
+    }
+    api->pool_close(pool, NULL);
+    api->release(l, NULL);
+    return long_array(env, v, 11);
+}
+
+/* free() of pointers the manager does not own. Returns {free(malloc'd), malloc'd memory intact
+ * afterwards (then freed with free()), pool used before, pool used after the refusals, free of an
+ * interior pointer, free(NULL), free of the real allocation, free of it again (double free), pool
+ * used at the end}. */
+JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeForeignFree(JNIEnv *env,
+                                                                               jclass cls,
+                                                                               jlong ptr) {
+    UNUSED(cls);
+    engine *e = engine_of(env, ptr);
+    if (e == NULL) {
+        return NULL;
+    }
+    const nm_api *api = e->api;
+    int64_t v[9];
+    char *err = NULL;
+    nm_lease l;
+    nm_status st = lease_acquire(e, &l, &err);
+    if (st != NM_OK) {
+        throw_status(env, api, st, err, "acquire");
+        return NULL;
+    }
+    nm_pool_stats ps = {0, 0, 0};
+    api->pool_stats(e->pool, &ps, NULL);
+    v[2] = (int64_t)ps.used;
+    unsigned char *m = malloc(4096);
+    if (m == NULL) {
+        lease_release(e, l);
+        throw_state(env, "malloc");
+        return NULL;
+    }
+    memset(m, 0xc3, 4096);
+    uint64_t size = 12345;
+    v[0] = api->free(e->pool, m, &size, &err);
+    api->free_message(err);
+    err = NULL;
+    v[1] = check_pattern(m, 4096, 0xc3) && size == 12345;
+    free(m); /* still ours: the C library frees it fine */
+    void *p = NULL;
+    if ((st = api->allocate(e->pool, 8192, ALIGN, &p, &err)) != NM_OK) {
+        lease_release(e, l);
+        throw_status(env, api, st, err, "allocate");
+        return NULL;
+    }
+    v[4] = api->free(e->pool, (unsigned char *)p + 64, NULL, &err);
+    api->free_message(err);
+    err = NULL;
+    v[5] = api->free(e->pool, NULL, NULL, &err);
+    api->free_message(err);
+    err = NULL;
+    api->pool_stats(e->pool, &ps, NULL);
+    v[3] = (int64_t)ps.used;
+    size = 0;
+    v[6] = api->free(e->pool, p, &size, NULL);
+    v[7] = api->free(e->pool, p, NULL, &err); /* double free: refused, nothing touched */
+    api->free_message(err);
+    err = NULL;
+    api->pool_stats(e->pool, &ps, NULL);
+    v[8] = (int64_t)ps.used;
+    lease_release(e, l);
+    return long_array(env, v, 9);
+}
+
+/* Frees an allocation of engine a's manager through engine b's pool (another manager), then
+ * through its own. Returns {free through b, free through a}. */
+JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeCrossFree(JNIEnv *env,
+                                                                             jclass cls, jlong pa,
+                                                                             jlong pb) {
+    UNUSED(cls);
+    engine *a = engine_of(env, pa);
+    engine *b = a != NULL ? engine_of(env, pb) : NULL;
+    if (b == NULL) {
+        return NULL;
+    }
+    char *err = NULL;
+    nm_lease la, lb;
+    nm_status st = lease_acquire(a, &la, &err);
+    if (st != NM_OK) {
+        throw_status(env, a->api, st, err, "acquire(a)");
+        return NULL;
+    }
+    if ((st = lease_acquire(b, &lb, &err)) != NM_OK) {
+        lease_release(a, la);
+        throw_status(env, a->api, st, err, "acquire(b)");
+        return NULL;
+    }
+    void *p = NULL;
+    int64_t v[2] = {-1, -1};
+    if ((st = a->api->allocate(a->pool, 1024, ALIGN, &p, &err)) == NM_OK) {
+        v[0] = b->api->free(b->pool, p, NULL, NULL);
+        v[1] = a->api->free(a->pool, p, NULL, NULL);
+    } else {
+        a->api->free_message(err);
+    }
+    lease_release(b, lb);
+    lease_release(a, la);
+    return long_array(env, v, 2);
+}
+
+/* After the manager closed: every handle of the engine is stale. Returns {acquire(manager),
+ * pool_stats, allocate, free(leaked pointer), reservation_try_grow(leaked reservation),
+ * reservation_close(leaked reservation), spiller_unregister, detach, pool_close,
+ * manager_stats(last lease), release(last lease), state drops after (still 1), spiller drops
+ * after (still 1)}. */
+JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeStaleProbe(JNIEnv *env,
+                                                                              jclass cls,
+                                                                              jlong ptr) {
+    UNUSED(cls);
+    engine *e = engine_of(env, ptr);
+    if (e == NULL) {
+        return NULL;
+    }
+    const nm_api *api = e->api;
+    int64_t v[13];
+    char *err = NULL;
+    nm_lease l = 0;
+    nm_pool_stats ps;
+    nm_manager_stats ms;
+    void *p = NULL;
+    pthread_mutex_lock(&e->mu);
+    void *leak_ptr = e->leak_ptr;
+    nm_reservation leak_res = e->leak_res;
+    nm_lease last = e->last_lease;
+    pthread_mutex_unlock(&e->mu);
+    v[0] = api->acquire(e->manager, &l, &err); api->free_message(err); err = NULL;
+    v[1] = api->pool_stats(e->pool, &ps, &err); api->free_message(err); err = NULL;
+    v[2] = api->allocate(e->pool, 64, ALIGN, &p, &err); api->free_message(err); err = NULL;
+    v[3] = api->free(e->pool, leak_ptr, NULL, &err); api->free_message(err); err = NULL;
+    v[4] = api->reservation_try_grow(leak_res, 1, &err); api->free_message(err); err = NULL;
+    v[5] = api->reservation_close(leak_res, &err); api->free_message(err); err = NULL;
+    v[6] = api->spiller_unregister(e->spiller, &err); api->free_message(err); err = NULL;
+    v[7] = api->detach(e->state, 1, &err); api->free_message(err); err = NULL;
+    v[8] = api->pool_close(e->pool, &err); api->free_message(err); err = NULL;
+    v[9] = api->manager_stats(last, &ms, &err); api->free_message(err); err = NULL;
+    v[10] = api->release(last, &err); api->free_message(err); err = NULL;
+    pthread_mutex_lock(&e->mu);
+    v[11] = (int64_t)e->state_dropped;
+    v[12] = (int64_t)e->spiller_dropped;
+    pthread_mutex_unlock(&e->mu);
+    return long_array(env, v, 13);
+}
+
+/* ---- a manager without a JVM (manager_create): leak bytes as a number ---------------------------- */
+
+typedef struct c_listener {
+    atomic_ullong reserved, reserve_calls, unreserve_calls;
+    atomic_int dropped;
+} c_listener;
+
+static nm_status cl_reserve(void *ctx, uint64_t bytes, uint64_t *granted) {
+    c_listener *cl = ctx;
+    atomic_fetch_add(&cl->reserve_calls, 1);
+    atomic_fetch_add(&cl->reserved, bytes);
+    *granted = bytes;
+    return NM_OK;
+}
+
+static nm_status cl_unreserve(void *ctx, uint64_t bytes) {
+    c_listener *cl = ctx;
+    atomic_fetch_add(&cl->unreserve_calls, 1);
+    atomic_fetch_sub(&cl->reserved, bytes);
+    return NM_OK;
+}
+
+static void cl_drop(void *ctx) {
+    c_listener *cl = ctx;
+    atomic_fetch_add(&cl->dropped, 1);
+}
+
+/* Runs the engine on a manager made with manager_create (a C listener), leaks on purpose and
+ * closes it with manager_close, which gives the leak as a number. report[0] gets the report.
+ * Returns {close status, leaked bytes, listener reserved before close, listener reserved after,
+ * listener drops, state drops, spiller drops, bytes the drop freed, engine buffers + index
+ * before close, manager used before close, acquire after close, manager_close again}. */
+JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeEmbedded(
+    JNIEnv *env, jclass cls, jlong api_address, jlong block, jint buffers, jlong buffer_size,
+    jlong index_bytes, jlong leak_alloc, jlong leak_reservation, jobjectArray report) {
+    UNUSED(cls);
+    const nm_api *api = api_of(api_address);
+    nm_status st = nm_api_check(api);
+    if (st != NM_OK) {
+        throw_status(env, NULL, st, NULL, "nm_api_check");
+        return NULL;
+    }
+    c_listener *cl = calloc(1, sizeof *cl);
+    if (cl == NULL) {
+        throw_state(env, "calloc");
+        return NULL;
+    }
+    nm_listener listener = {
+        .struct_size = (uint32_t)sizeof(nm_listener),
+        .reserved0 = 0,
+        .ctx = cl,
+        .reserve = cl_reserve,
+        .unreserve = cl_unreserve,
+        .drop = cl_drop,
+    };
+    char *err = NULL;
+    nm_manager m = 0;
+    if ((st = api->manager_create("c-embedded", (uint64_t)block, -1, &listener, &m, &err)) != NM_OK) {
+        free(cl);
+        throw_status(env, api, st, err, "manager_create");
+        return NULL;
+    }
+    const char *what = "";
+    engine *e = engine_open(api, m, "embedded/engine", -1, &st, &err, &what);
+    if (e == NULL) {
+        api->manager_close(m, NULL, NULL, NULL);
+        throw_status(env, api, st, err, what);
+        return NULL; /* cl leaks if its drop did not run; only on this failure path */
+    }
+    jlong eptr = (jlong)(uintptr_t)e;
+    jlongArray a = Java_org_nativemem_engine_CEngine_nativeAllocate(env, cls, eptr, buffers,
+                                                                    buffer_size, index_bytes);
+    if (a != NULL) {
+        (*env)->DeleteLocalRef(env, a);
+        Java_org_nativemem_engine_CEngine_nativeLeak(env, cls, eptr, leak_alloc, leak_reservation);
+    }
+    int64_t v[12];
+    nm_lease l;
+    nm_manager_stats ms = {0, 0, 0, 0, 0};
+    if (api->acquire(m, &l, NULL) == NM_OK) {
+        api->manager_stats(l, &ms, NULL);
+        api->release(l, NULL);
+    }
+    v[9] = (int64_t)ms.used;
+    pthread_mutex_lock(&e->mu);
+    v[8] = (int64_t)(e->buf_bytes + e->index_bytes);
+    pthread_mutex_unlock(&e->mu);
+    v[2] = (int64_t)atomic_load(&cl->reserved);
+    char *text = NULL;
+    uint64_t leaked = 0;
+    v[0] = api->manager_close(m, &text, &leaked, &err);
+    api->free_message(err);
+    err = NULL;
+    v[1] = (int64_t)leaked;
+    v[3] = (int64_t)atomic_load(&cl->reserved);
+    v[4] = atomic_load(&cl->dropped);
+    pthread_mutex_lock(&e->mu);
+    v[5] = (int64_t)e->state_dropped;
+    v[6] = (int64_t)e->spiller_dropped;
+    v[7] = (int64_t)e->drop_freed_bytes;
+    pthread_mutex_unlock(&e->mu);
+    v[10] = api->acquire(m, &l, NULL);
+    v[11] = api->manager_close(m, NULL, NULL, NULL);
+    if (report != NULL && (*env)->GetArrayLength(env, report) > 0 && text != NULL &&
+        !(*env)->ExceptionCheck(env)) {
+        jstring s = (*env)->NewStringUTF(env, text);
+        if (s != NULL) {
+            (*env)->SetObjectArrayElement(env, report, 0, s);
+        }
+    }
+    api->free_message(text);
+    engine_unref(e); /* Java never saw this engine: drop the "Java" reference here */
+    if (v[4] == 1) {
+        free(cl);
+    }
+    if ((*env)->ExceptionCheck(env)) {
+        return NULL;
+    }
+    return long_array(env, v, 12);
+}
+

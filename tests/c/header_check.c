@@ -1,0 +1,50 @@
+/*
+ * Compile-time checks of include/nativemem.h, built as C11 and as C++17 by scripts/test.sh
+ * (suite c-header): the header is self-contained, valid in both languages, and its layout is the
+ * one the Rust side (native/sys, test layout_matches_the_header) fills in. A field added in the
+ * middle of a struct, or a reordering, fails here before it can break an engine.
+ */
+#include "nativemem.h"
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+#define NM_STATIC_ASSERT(cond, msg) static_assert(cond, msg)
+#else
+#define NM_STATIC_ASSERT(cond, msg) _Static_assert(cond, msg)
+#endif
+
+NM_STATIC_ASSERT(NM_ABI_VERSION == 1u, "this check describes ABI version 1");
+NM_STATIC_ASSERT(sizeof(void *) == 8, "the shipped targets are 64-bit");
+
+NM_STATIC_ASSERT(sizeof(nm_spiller_vtable) == 40, "nm_spiller_vtable size");
+NM_STATIC_ASSERT(offsetof(nm_spiller_vtable, ctx) == 8, "nm_spiller_vtable.ctx");
+NM_STATIC_ASSERT(offsetof(nm_spiller_vtable, drop) == 32, "nm_spiller_vtable.drop");
+NM_STATIC_ASSERT(sizeof(nm_listener) == 40, "nm_listener size");
+NM_STATIC_ASSERT(sizeof(nm_manager_stats) == 40, "nm_manager_stats size");
+NM_STATIC_ASSERT(sizeof(nm_pool_stats) == 24, "nm_pool_stats size");
+
+NM_STATIC_ASSERT(offsetof(nm_api, abi_version) == 0, "abi_version first");
+NM_STATIC_ASSERT(offsetof(nm_api, struct_size) == 4, "struct_size second");
+NM_STATIC_ASSERT(offsetof(nm_api, free_message) == 8, "free_message");
+NM_STATIC_ASSERT(offsetof(nm_api, acquire) == 16, "acquire");
+NM_STATIC_ASSERT(offsetof(nm_api, pool_open) == 48, "pool_open");
+NM_STATIC_ASSERT(offsetof(nm_api, reservation_new) == 72, "reservation_new");
+NM_STATIC_ASSERT(offsetof(nm_api, allocate) == 128, "allocate");
+NM_STATIC_ASSERT(offsetof(nm_api, spiller_register) == 144, "spiller_register");
+NM_STATIC_ASSERT(offsetof(nm_api, attach) == 160, "attach");
+NM_STATIC_ASSERT(offsetof(nm_api, manager_create) == 176, "manager_create");
+NM_STATIC_ASSERT(offsetof(nm_api, manager_close) == 184, "manager_close");
+NM_STATIC_ASSERT(offsetof(nm_api, manager_spill) == 192, "manager_spill");
+NM_STATIC_ASSERT(offsetof(nm_api, manager_reclaim) == 200, "manager_reclaim");
+NM_STATIC_ASSERT(sizeof(nm_api) == 208, "nm_api size (version 1)");
+
+/* The status codes are part of the ABI: never renumbered. */
+NM_STATIC_ASSERT(NM_OK == 0 && NM_ERR_INVALID_ARGUMENT == 1 && NM_ERR_STALE_HANDLE == 2 &&
+                     NM_ERR_INVALID_HANDLE == 3 && NM_ERR_CLOSED == 4 && NM_ERR_OUT_OF_MEMORY == 5 &&
+                     NM_ERR_UNKNOWN_POINTER == 6 && NM_ERR_LISTENER == 7 && NM_ERR_SPILL == 8 &&
+                     NM_ERR_UNSUPPORTED == 9 && NM_ERR_TIMEOUT == 10 && NM_ERR_INTERNAL == 11,
+                 "status codes");
+
+/* nm_api_check refuses a NULL table (an inline function of the header: it must compile). */
+int nm_header_check_null_table(void) { return nm_api_check(NULL) == NM_ERR_UNSUPPORTED; }
