@@ -84,5 +84,10 @@ pub use spill::{Spiller, SpillerRegistration};
 /// Re-export of the raw ABI types (for [`Api::raw`] and the `as_raw` handles).
 pub use nativemem_sys as sys;
 
+/// Generation-checked handle tables for the engine's own objects (operators, streams) that Java
+/// holds as a `long`: a closed or forged handle is an error, never a crash. Each library has its
+/// own tables; this is code, not a second copy of nativemem's state.
+pub use nativemem_handles as handles;
+
 /// The error type callbacks ([`Spiller::spill`], [`Listener`]) return.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -80,8 +80,8 @@ use jni::JNIEnv;
 use nativemem_client::{Api, Attachment, Code, Lease};
 use parking_lot::Mutex;
 
-use crate::handle::{HandleError, HandleTable};
 use crate::{ExternalSorter, SortError, SortedBatches, SorterOptions, SorterStats, TaskPool};
+use nativemem_client::handles::{HandleError, HandleTable};
 
 /// Live sorters (handle kind tag 3).
 static SORTERS: HandleTable<SorterEntry> = HandleTable::new(3, "sorter");

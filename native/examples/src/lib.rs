@@ -67,7 +67,6 @@
 
 mod chunk;
 mod error;
-mod handle;
 mod java;
 mod merge;
 mod run;

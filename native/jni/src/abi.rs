@@ -42,8 +42,8 @@ use nativemem_core::{
 use nativemem_sys::*;
 
 use crate::error::{Error, Result};
-use crate::handle::{HandleError, HandleTable};
 use crate::registry::{self, CloseOutcome, ManagerEntry, Pin};
+use nativemem_handles::{HandleError, HandleTable};
 
 /// Leases (kind tag 4).
 static LEASES: HandleTable<LeaseEntry> = HandleTable::new(4, "lease");
@@ -383,6 +383,29 @@ fn limit_arg(limit: i64) -> Result<Option<u64>> {
     }
 }
 
+/// Reads a struct the caller passes in whose first field is its `u32 struct_size` (the caller's
+/// `sizeof`): refuses null and a size below this version's, then copies the fields this version
+/// knows (a newer caller's larger struct is fine: its extra fields are ignored).
+///
+/// # Safety
+/// `value` is null or points to a readable struct of at least `struct_size` bytes whose first
+/// field is `struct_size`.
+unsafe fn read_versioned<T: Copy>(value: *const T, name: &'static str) -> Result<T> {
+    if value.is_null() {
+        return Err(Error::NullArgument(name));
+    }
+    // SAFETY: non-null, and (contract) its first field is a readable u32, read alone first.
+    let size = unsafe { value.cast::<u32>().read_unaligned() };
+    let needed = std::mem::size_of::<T>();
+    if (size as usize) < needed {
+        return Err(Error::InvalidArgument(format!(
+            "{name}.struct_size is {size}; version {NM_ABI_VERSION} needs >= {needed}"
+        )));
+    }
+    // SAFETY: at least a whole version-1 struct is readable (checked just above).
+    Ok(unsafe { value.read_unaligned() })
+}
+
 /// Resolves a pool handle and enters its manager.
 fn with_pool<R>(pool: nm_pool, f: impl FnOnce(&PoolEntry) -> Result<R>) -> Result<R> {
     let entry = POOLS.get(handle_arg(pool))?;
@@ -632,20 +655,9 @@ unsafe extern "C" fn nm_spiller_register(
             return Err(Error::NullArgument("out"));
         }
         let name = str_arg(name, "name")?;
-        if vtable.is_null() {
-            return Err(Error::NullArgument("vtable"));
-        }
-        // SAFETY: non-null; the header makes it a readable nm_spiller_vtable of at least
-        // `struct_size` bytes, and `struct_size` is read first, alone.
-        let size = unsafe { ptr::addr_of!((*vtable).struct_size).read_unaligned() };
-        if (size as usize) < std::mem::size_of::<NmSpillerVtable>() {
-            return Err(Error::InvalidArgument(format!(
-                "nm_spiller_vtable.struct_size is {size}, version {NM_ABI_VERSION} needs >= {}",
-                std::mem::size_of::<NmSpillerVtable>()
-            )));
-        }
-        // SAFETY: at least a whole version-1 vtable is readable (checked just above).
-        let vt = unsafe { vtable.read_unaligned() };
+        // SAFETY: the header makes `vtable` null or a readable nm_spiller_vtable whose first
+        // field is its struct_size.
+        let vt = unsafe { read_versioned(vtable, "nm_spiller_vtable") }?;
         if vt.spillable_bytes.is_none() || vt.spill.is_none() {
             return Err(Error::InvalidArgument(
                 "nm_spiller_vtable needs spillable_bytes and spill".into(),
@@ -757,17 +769,9 @@ unsafe extern "C" fn nm_manager_create(
         let listener: Arc<dyn ReservationListener> = if listener.is_null() {
             Arc::new(CapacityListener::unlimited())
         } else {
-            // SAFETY: non-null; the header makes it a readable nm_listener of at least
-            // `struct_size` bytes; `struct_size` is read first, alone.
-            let size = unsafe { ptr::addr_of!((*listener).struct_size).read_unaligned() };
-            if (size as usize) < std::mem::size_of::<NmListener>() {
-                return Err(Error::InvalidArgument(format!(
-                    "nm_listener.struct_size is {size}, version {NM_ABI_VERSION} needs >= {}",
-                    std::mem::size_of::<NmListener>()
-                )));
-            }
-            // SAFETY: a whole version-1 struct is readable (checked just above).
-            let vtable = unsafe { listener.read_unaligned() };
+            // SAFETY: non-null here; the header makes it a readable nm_listener whose first
+            // field is its struct_size.
+            let vtable = unsafe { read_versioned(listener, "nm_listener") }?;
             if vtable.reserve.is_none() || vtable.unreserve.is_none() {
                 return Err(Error::InvalidArgument(
                     "nm_listener needs reserve and unreserve".into(),

@@ -19,9 +19,9 @@ use jni::objects::{GlobalRef, JObject, JValue};
 use jni::JNIEnv;
 use nativemem_core::{MemoryError, OomReason, OutOfMemory};
 
-use crate::handle::HandleError;
 use crate::listener::UpcallError;
 use crate::vm;
+use nativemem_handles::HandleError;
 
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -26,7 +26,7 @@
 //!   through it.
 //!
 //! ## Pieces
-//! - `handle`: generation-checked slot handles (`jlong`, never a pointer).
+//! - handles come from `nativemem-handles`: generation-checked slots (`jlong`, never a pointer).
 //! - [`registry`]: live managers and the objects they own (reservations, and the ABI's pools,
 //!   spillers, attached state), in-flight counting, and a close that never frees under a running
 //!   call or a held lease.
@@ -66,7 +66,6 @@ mod bench;
 mod error;
 mod export;
 mod exports;
-mod handle;
 mod listener;
 mod registry;
 #[cfg(feature = "testing")]

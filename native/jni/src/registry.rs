@@ -38,7 +38,7 @@ use nativemem_core::{LeakReport, MemoryConfig, MemoryManager, Reservation, Reser
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
-use crate::handle::HandleTable;
+use nativemem_handles::HandleTable;
 
 /// Live memory managers (handle kind tag 1).
 pub(crate) static MANAGERS: HandleTable<ManagerEntry> = HandleTable::new(1, "memory manager");

@@ -33,12 +33,12 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
 use crate::export::{non_negative, run_export, string_arg, to_jlong};
-use crate::handle::HandleTable;
 use crate::listener::JavaListener;
 use crate::registry::{
     create_manager, enter_manager, with_manager, DEFAULT_CLOSE_TIMEOUT, MANAGERS,
 };
 use crate::vm;
+use nativemem_handles::HandleTable;
 
 /// `static native void panic(String message)`: panics inside an export.
 #[no_mangle]

@@ -182,10 +182,21 @@ public final class NativeLibraryLoader {
                     + ") on the classpath: " + resource + " is missing from the jar; use a nativemem jar built for "
                     + platform + " or set -D" + LIBRARY_PATH_PROPERTY + "=<file>");
         }
+        return extractAndLoad(url, LIBRARY_NAME, platform);
+    }
+
+    /**
+     * Copies the library at {@code url} to a new file in {@value #TMPDIR_PROPERTY} (default
+     * {@code java.io.tmpdir}), loads it and deletes the file again (Linux and macOS: the mapping
+     * outlives the file; Windows: at JVM exit). Shared with {@link EngineLibrary}.
+     *
+     * @return the path of the loaded copy
+     */
+    static String extractAndLoad(URL url, String libraryName, String platform) throws IOException {
         String dirName = System.getProperty(TMPDIR_PROPERTY, System.getProperty("java.io.tmpdir"));
         Path dir = Paths.get(dirName);
         Files.createDirectories(dir);
-        String fileName = System.mapLibraryName(LIBRARY_NAME);
+        String fileName = System.mapLibraryName(libraryName);
         int dot = fileName.lastIndexOf('.');
         // Unique per call: createTempFile creates the file exclusively (CREATE_NEW) with a random
         // name, so concurrent JVMs never share a file; owner-only permissions on POSIX.

@@ -1,11 +1,6 @@
 package org.nativemem.engine;
 
-import java.io.File;
-import java.io.IOException;
-import java.io.InputStream;
-import java.nio.file.Files;
-import java.nio.file.StandardCopyOption;
-
+import org.nativemem.EngineLibrary;
 import org.nativemem.NativeMemoryManager;
 
 /**
@@ -25,16 +20,18 @@ import org.nativemem.NativeMemoryManager;
  * span only (a lease kept across calls would block the manager's close; see engine.c).
  *
  * <h2>Loading</h2>
- * The library is a classpath resource ({@value #RESOURCE}, in the test resources and in
- * nativemem-e2e.jar); it is extracted to a temporary file and {@link System#load}ed once per class
- * loader, so it works in a local-cluster executor as in the test JVM.
+ * The library is a classpath resource
+ * ({@code org/nativemem/engine/native/<os>-<arch>/libnm_test_engine.so}, in the test resources and
+ * in nativemem-e2e.jar), loaded with {@link EngineLibrary} as any engine would load its own, so it
+ * works in a local-cluster executor as in the test JVM.
  *
  * <p>Not thread-safe for {@link #close()} against other calls on the same instance (an engine's
  * native calls themselves are).
  */
 public final class CEngine implements AutoCloseable {
-    /** Where the library is on the classpath. */
-    public static final String RESOURCE = "/org/nativemem/engine/libnm_test_engine.so";
+    /** The library, loaded the way an engine loads its own: {@link EngineLibrary}. */
+    private static final EngineLibrary LIBRARY = new EngineLibrary(CEngine.class, "nm_test_engine",
+            "org/nativemem/engine/native", "nativemem.test.engine.path");
 
     /** {@code nm_status} values of nativemem.h. */
     public static final int NM_OK = 0;
@@ -63,20 +60,7 @@ public final class CEngine implements AutoCloseable {
     }
 
     private static void load() {
-        try (InputStream in = CEngine.class.getResourceAsStream(RESOURCE)) {
-            if (in == null) {
-                throw new UnsatisfiedLinkError("nm_test_engine: resource " + RESOURCE + " not on the classpath of "
-                        + CEngine.class.getClassLoader());
-            }
-            File f = File.createTempFile("libnm_test_engine-", ".so");
-            f.deleteOnExit();
-            Files.copy(in, f.toPath(), StandardCopyOption.REPLACE_EXISTING);
-            System.load(f.getAbsolutePath());
-        } catch (IOException e) {
-            UnsatisfiedLinkError err = new UnsatisfiedLinkError("nm_test_engine: cannot extract " + RESOURCE);
-            err.initCause(e);
-            throw err;
-        }
+        LIBRARY.load();
     }
 
     /**

@@ -1,5 +1,11 @@
-//! Generation-checked handle tables: how a Java `long` names a native object without ever being a
-//! pointer.
+//! # nativemem-handles: generation-checked handle tables
+//!
+//! How a Java `long` (or a C `uint64_t`) names a native object without ever being a pointer.
+//! nativemem's own library names its managers, reservations, leases, pools and spillers this way;
+//! an engine in its own library names *its* objects to Java the same way (through
+//! `nativemem_client::handles`), so a closed or forged handle is an error, never a crash: the
+//! raw-pointer handles that core-dumped Gluten and OpenDAL's bindings are what this replaces. A
+//! table is plain data with no global state, so each library has its own tables.
 //!
 //! A handle packs three fields into the positive range of a `jlong`:
 //!
@@ -30,7 +36,10 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 
-use jni::sys::jlong;
+/// A Java `long`: the type of every handle.
+#[allow(non_camel_case_types)]
+pub type jlong = i64;
+
 use parking_lot::RwLock;
 
 /// Bits of the slot index.
