@@ -3,8 +3,9 @@
 #   - target/release/libnativemem_jni.so exports JNI_OnLoad, the Java_* methods of the public
 #     org.nativemem classes, and the engine ABI's C symbol; nothing else (no test hooks, bench
 #     harness or example operators);
-#   - build/libs/nativemem.jar holds classes of org.nativemem and org.nativemem.spark only, and the
-#     native library of its platform.
+#   - build/libs/nativemem.jar holds classes of org.nativemem, org.nativemem.spark and
+#     org.nativemem.arrow only (no Arrow classes: Spark provides them), and the native library of
+#     its platform.
 # Prints every offending entry and exits non-zero if there is one.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,11 +35,11 @@ if [ ! -f "$jar" ]; then
   echo "check-product: $jar missing (gradle assemble)"; exit 1
 fi
 entries="$(unzip -Z1 "$jar")"
-bad="$(grep -Ev '^(META-INF/|org/$|org/nativemem/$|org/nativemem/[A-Za-z0-9_$]+\.class$|org/nativemem/spark/$|org/nativemem/spark/[A-Za-z0-9_$]+\.class$|org/nativemem/native/$|org/nativemem/native/[a-z0-9_]+-[a-z0-9_]+/$|org/nativemem/native/[a-z0-9_]+-[a-z0-9_]+/libnativemem_jni\.so$)' <<<"$entries" || true)"
+bad="$(grep -Ev '^(META-INF/|org/$|org/nativemem/$|org/nativemem/[A-Za-z0-9_$]+\.class$|org/nativemem/spark/$|org/nativemem/spark/[A-Za-z0-9_$]+\.class$|org/nativemem/arrow/$|org/nativemem/arrow/[A-Za-z0-9_$]+\.class$|org/nativemem/native/$|org/nativemem/native/[a-z0-9_]+-[a-z0-9_]+/$|org/nativemem/native/[a-z0-9_]+-[a-z0-9_]+/libnativemem_jni\.so$)' <<<"$entries" || true)"
 if [ -n "$bad" ]; then
-  echo "check-product: $jar holds entries outside org.nativemem / org.nativemem.spark:"; sed 's/^/  /' <<<"$bad"; rc=1
+  echo "check-product: $jar holds entries outside org.nativemem / org.nativemem.spark / org.nativemem.arrow:"; sed 's/^/  /' <<<"$bad"; rc=1
 else
-  echo "check-product: $jar: $(grep -c '\.class$' <<<"$entries") classes, all in org.nativemem and org.nativemem.spark"
+  echo "check-product: $jar: $(grep -c '\.class$' <<<"$entries") classes, all in org.nativemem, org.nativemem.spark and org.nativemem.arrow"
 fi
 for cls in NativeTesting NativeBench; do
   if grep -q "/$cls\.class$" <<<"$entries"; then echo "check-product: $jar contains $cls"; rc=1; fi

@@ -11,7 +11,7 @@
 #   c-header        include/nativemem.h compiles as C11 and C++17; layout pinned (tests/c/header_check.c)
 #   gradle          gradle cleanTest test assemble: JUnit tests (tests/java) + build/libs/*.jar
 #   product-contents scripts/check-product.sh: the release library exports only the allow-list,
-#                   nativemem.jar holds only org.nativemem and org.nativemem.spark
+#                   nativemem.jar holds only org.nativemem, org.nativemem.spark and org.nativemem.arrow
 #   e2e:<name>@<v>  every line of tests/spark/tests.txt on Spark <v> in 3.5 4.0
 #                   (scripts/spark-submit.sh <v> ... build/libs/nativemem-e2e.jar)
 #

@@ -247,6 +247,9 @@ final class E2e {
             stats.put("unreturnedBytes", s.unreturnedBytes());
             stats.put("closeFailures", s.closeFailures());
             stats.put("oomFailures", s.oomFailures());
+            stats.put("arrowAllocators", s.arrowAllocators());
+            stats.put("arrowAllocatedBytes", s.arrowAllocatedBytes());
+            stats.put("arrowReclaimedAtCloseBytes", s.arrowReclaimedAtCloseBytes());
             return new ExecutorReport(SparkEnv.get().executorId(), stats,
                     new LinkedHashMap<>(NativeMemoryPlugin.executorMetrics()), jmxGauges());
         }
@@ -318,7 +321,7 @@ final class E2e {
     }
 
     /**
-     * Asserts that no executor holds native memory or a live manager and that nothing was left
+     * Asserts that no executor holds native or Arrow memory or a live manager and that nothing was left
      * unreturned to Spark; the gauges and (if present) JMX agree with the stats.
      */
     static List<ExecutorReport> assertNoLeak(JavaSparkContext jsc, int executors, String when) {
@@ -331,6 +334,8 @@ final class E2e {
             checkEq(0, r.stat("heldFromSparkBytes"), "held from Spark " + ctx);
             checkEq(0, r.stat("unreturnedBytes"), "unreturned to Spark " + ctx);
             checkEq(0, r.stat("closeFailures"), "close failures " + ctx);
+            checkEq(0, r.stat("arrowAllocators"), "live Arrow allocators " + ctx);
+            checkEq(0, r.stat("arrowAllocatedBytes"), "Arrow bytes " + ctx);
             checkEq(r.stat("managersCreated"), r.stat("managersClosed"), "created == closed " + ctx);
             check(!r.gauges.isEmpty(), "the executor plugin registered its gauges: " + ctx);
             for (Map.Entry<String, Long> g : r.gauges.entrySet()) {

@@ -7,8 +7,8 @@ package org.nativemem.spark;
  * read manager by manager without stopping them, so under load they may be a few operations apart.
  *
  * <p>After every task of the executor has finished, a healthy executor shows
- * {@code liveManagers == 0}, {@code usedBytes == 0}, {@code reservedBytes == 0} and
- * {@code unreturnedBytes == 0}.
+ * {@code liveManagers == 0}, {@code usedBytes == 0}, {@code reservedBytes == 0},
+ * {@code arrowAllocatedBytes == 0} and {@code unreturnedBytes == 0}.
  */
 public final class ExecutorNativeMemoryStats {
     private final long liveManagers;
@@ -26,11 +26,15 @@ public final class ExecutorNativeMemoryStats {
     private final long unreturnedBytes;
     private final long closeFailures;
     private final long oomFailures;
+    private final long arrowAllocators;
+    private final long arrowAllocatedBytes;
+    private final long arrowReclaimedAtCloseBytes;
 
     ExecutorNativeMemoryStats(long liveManagers, long usedBytes, long reservedBytes, long heldFromSparkBytes,
             long peakBytes, long spillCount, long spilledBytes, long sparkSpillRequests, long sparkSpilledBytes,
             long managersCreated, long managersClosed, long reclaimedAtCloseBytes, long unreturnedBytes,
-            long closeFailures, long oomFailures) {
+            long closeFailures, long oomFailures, long arrowAllocators, long arrowAllocatedBytes,
+            long arrowReclaimedAtCloseBytes) {
         this.liveManagers = liveManagers;
         this.usedBytes = usedBytes;
         this.reservedBytes = reservedBytes;
@@ -46,6 +50,9 @@ public final class ExecutorNativeMemoryStats {
         this.unreturnedBytes = unreturnedBytes;
         this.closeFailures = closeFailures;
         this.oomFailures = oomFailures;
+        this.arrowAllocators = arrowAllocators;
+        this.arrowAllocatedBytes = arrowAllocatedBytes;
+        this.arrowReclaimedAtCloseBytes = arrowReclaimedAtCloseBytes;
     }
 
     /** @return task managers created and not closed yet */
@@ -130,6 +137,25 @@ public final class ExecutorNativeMemoryStats {
         return oomFailures;
     }
 
+    /** @return running tasks' Arrow allocators ({@link TaskArrowAllocator}) open now */
+    public long arrowAllocators() {
+        return arrowAllocators;
+    }
+
+    /**
+     * @return bytes of Arrow buffers allocated now through running tasks' Arrow allocators, as
+     *     Arrow counts them. They are also inside {@link #usedBytes()}, rounded up to the Arrow
+     *     listener's blocks in pool {@code arrow}.
+     */
+    public long arrowAllocatedBytes() {
+        return arrowAllocatedBytes;
+    }
+
+    /** @return bytes of Arrow buffers still open when their task ended, freed by its allocator's close */
+    public long arrowReclaimedAtCloseBytes() {
+        return arrowReclaimedAtCloseBytes;
+    }
+
     @Override
     public String toString() {
         return "ExecutorNativeMemoryStats{liveManagers=" + liveManagers + ", usedBytes=" + usedBytes
@@ -138,6 +164,8 @@ public final class ExecutorNativeMemoryStats {
                 + ", sparkSpillRequests=" + sparkSpillRequests + ", sparkSpilledBytes=" + sparkSpilledBytes
                 + ", managersCreated=" + managersCreated + ", managersClosed=" + managersClosed
                 + ", reclaimedAtCloseBytes=" + reclaimedAtCloseBytes + ", unreturnedBytes=" + unreturnedBytes
-                + ", closeFailures=" + closeFailures + ", oomFailures=" + oomFailures + "}";
+                + ", closeFailures=" + closeFailures + ", oomFailures=" + oomFailures + ", arrowAllocators="
+                + arrowAllocators + ", arrowAllocatedBytes=" + arrowAllocatedBytes + ", arrowReclaimedAtCloseBytes="
+                + arrowReclaimedAtCloseBytes + "}";
     }
 }

@@ -50,6 +50,10 @@ import com.codahale.metrics.MetricRegistry;
  *   <tr><td>{@code reclaimedAtCloseBytes}</td><td>native bytes still in use when their task ended</td></tr>
  *   <tr><td>{@code unreturnedBytes}, {@code closeFailures}</td><td>should stay 0</td></tr>
  *   <tr><td>{@code oomFailures}</td><td>tasks failed by native out-of-memory</td></tr>
+ *   <tr><td>{@code arrowAllocators}, {@code arrowAllocatedBytes}</td><td>running tasks' Arrow
+ *       allocators ({@link TaskArrowAllocator}) and the bytes Arrow counts in them (also inside
+ *       {@code usedBytes}, pool {@code arrow}, rounded up to blocks)</td></tr>
+ *   <tr><td>{@code arrowReclaimedAtCloseBytes}</td><td>Arrow bytes still open when their task ended</td></tr>
  * </table>
  *
  * <p>The plugin is optional for {@link TaskNativeMemory} to work (the library then loads at the
@@ -81,6 +85,9 @@ public final class NativeMemoryPlugin implements SparkPlugin {
         m.put("unreturnedBytes", ExecutorNativeMemoryStats::unreturnedBytes);
         m.put("closeFailures", ExecutorNativeMemoryStats::closeFailures);
         m.put("oomFailures", ExecutorNativeMemoryStats::oomFailures);
+        m.put("arrowAllocators", ExecutorNativeMemoryStats::arrowAllocators);
+        m.put("arrowAllocatedBytes", ExecutorNativeMemoryStats::arrowAllocatedBytes);
+        m.put("arrowReclaimedAtCloseBytes", ExecutorNativeMemoryStats::arrowReclaimedAtCloseBytes);
         return Collections.unmodifiableMap(m);
     }
 

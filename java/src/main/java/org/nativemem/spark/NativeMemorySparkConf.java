@@ -28,6 +28,9 @@ import scala.Tuple2;
  *       <td>upper bound on the native memory one task attempt may use, whatever Spark would
  *       grant; a request beyond it (after spilling) fails with
  *       {@link org.nativemem.NativeOutOfMemoryException}.</td></tr>
+ *   <tr><td>{@value #ARROW_BLOCK_SIZE}</td><td>{@value #DEFAULT_ARROW_BLOCK_SIZE}</td>
+ *       <td>bytes the task's Arrow allocator ({@link TaskArrowAllocator}) charges to the native
+ *       manager at a time: Arrow buffers that fit in what is already charged make no JNI call.</td></tr>
  *   <tr><td>{@value #LOG_USAGE_ON_OOM}</td><td>{@code true}</td>
  *       <td>when a task fails with a native out-of-memory error, log the task's native usage
  *       report and the effective configuration.</td></tr>
@@ -47,6 +50,10 @@ public final class NativeMemorySparkConf {
     public static final String DEFAULT_RESERVATION_BLOCK_SIZE = "8m";
     /** Task limit key (no default: unlimited). */
     public static final String TASK_LIMIT = "spark.nativemem.taskLimit";
+    /** Arrow block size key. */
+    public static final String ARROW_BLOCK_SIZE = "spark.nativemem.arrowBlockSize";
+    /** Default of {@link #ARROW_BLOCK_SIZE}: 8 MiB. */
+    public static final String DEFAULT_ARROW_BLOCK_SIZE = "8m";
     /** Log-on-OOM key. */
     public static final String LOG_USAGE_ON_OOM = "spark.nativemem.logUsageOnOom";
     /** Default of {@link #LOG_USAGE_ON_OOM}. */
@@ -56,7 +63,7 @@ public final class NativeMemorySparkConf {
 
     /** Every key this class knows, sorted. */
     public static final List<String> KEYS = Collections.unmodifiableList(
-            Arrays.asList(LOG_USAGE_ON_OOM, RESERVATION_BLOCK_SIZE, TASK_LIMIT));
+            Arrays.asList(ARROW_BLOCK_SIZE, LOG_USAGE_ON_OOM, RESERVATION_BLOCK_SIZE, TASK_LIMIT));
 
     private static final NativeMemorySparkConf DEFAULTS = parse(Collections.<String, String>emptyMap());
 
@@ -65,11 +72,13 @@ public final class NativeMemorySparkConf {
     private final long taskLimitBytes;
     private final boolean logUsageOnOom;
     private final boolean offHeapEnabled;
+    private final long arrowBlockSizeBytes;
     private final NativeMemoryConfig nativeConfig;
 
     private NativeMemorySparkConf(long reservationBlockSizeBytes, long taskLimitBytes, boolean logUsageOnOom,
-            boolean offHeapEnabled) {
+            boolean offHeapEnabled, long arrowBlockSizeBytes) {
         this.reservationBlockSizeBytes = reservationBlockSizeBytes;
+        this.arrowBlockSizeBytes = arrowBlockSizeBytes;
         this.taskLimitBytes = taskLimitBytes;
         this.logUsageOnOom = logUsageOnOom;
         this.offHeapEnabled = offHeapEnabled;
@@ -122,10 +131,11 @@ public final class NativeMemorySparkConf {
         }
         long limit = settings.get(TASK_LIMIT) == null ? -1 : size(settings, TASK_LIMIT, null);
         boolean log = bool(settings, LOG_USAGE_ON_OOM, DEFAULT_LOG_USAGE_ON_OOM);
+        long arrowBlock = size(settings, ARROW_BLOCK_SIZE, DEFAULT_ARROW_BLOCK_SIZE);
         // Spark itself validates its own key; an unparsable value is left for Spark to report.
         String offHeap = settings.get(SPARK_OFF_HEAP_ENABLED);
         boolean offHeapEnabled = offHeap != null && offHeap.trim().equalsIgnoreCase("true");
-        return new NativeMemorySparkConf(block, limit, log, offHeapEnabled);
+        return new NativeMemorySparkConf(block, limit, log, offHeapEnabled, arrowBlock);
     }
 
     private static long size(Map<String, String> settings, String key, String dflt) {
@@ -169,6 +179,11 @@ public final class NativeMemorySparkConf {
         return reservationBlockSizeBytes;
     }
 
+    /** @return bytes the task's Arrow allocator charges to the native manager at a time */
+    public long arrowBlockSizeBytes() {
+        return arrowBlockSizeBytes;
+    }
+
     /** @return the per-task native limit in bytes, or empty for none */
     public OptionalLong taskLimitBytes() {
         return taskLimitBytes < 0 ? OptionalLong.empty() : OptionalLong.of(taskLimitBytes);
@@ -194,6 +209,7 @@ public final class NativeMemorySparkConf {
     public String toString() {
         return RESERVATION_BLOCK_SIZE + "=" + Sizes.human(reservationBlockSizeBytes) + ", " + TASK_LIMIT + "="
                 + (taskLimitBytes < 0 ? "none" : Sizes.human(taskLimitBytes)) + ", " + LOG_USAGE_ON_OOM + "="
-                + logUsageOnOom + ", " + SPARK_OFF_HEAP_ENABLED + "=" + offHeapEnabled;
+                + logUsageOnOom + ", " + ARROW_BLOCK_SIZE + "=" + Sizes.human(arrowBlockSizeBytes) + ", "
+                + SPARK_OFF_HEAP_ENABLED + "=" + offHeapEnabled;
     }
 }

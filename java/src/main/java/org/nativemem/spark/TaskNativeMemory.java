@@ -1,7 +1,13 @@
 package org.nativemem.spark;
 
+import java.util.ArrayList;
+import java.util.Collections;
+import java.util.HashMap;
+import java.util.List;
+import java.util.Map;
 import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.atomic.AtomicLong;
+import java.util.function.BiFunction;
 
 import org.apache.spark.SparkConf;
 import org.apache.spark.SparkEnv;
@@ -40,6 +46,11 @@ import org.slf4j.LoggerFactory;
  *       close and logged; for a task that succeeded it is a leak, and with
  *       {@code spark.unsafe.exceptionOnMemoryLeak=true} it fails the task as Spark does for its
  *       own leaks.
+ *   <li>Per-task resources built on the manager (the task's Arrow allocator,
+ *       {@link TaskArrowAllocator}) are closed by the same completion listener just before the
+ *       manager, newest first, whatever order Spark runs completion listeners in. Arrow buffers
+ *       still open then are freed and reported like native leaks (Arrow's own leak text
+ *       included), and fail a successful task under {@code spark.unsafe.exceptionOnMemoryLeak=true}.
  *   <li>A failure listener registered at the same time logs, when the task fails with a
  *       {@link NativeOutOfMemoryException} and {@code spark.nativemem.logUsageOnOom=true}, the
  *       task's native usage report, what it holds from Spark and the effective settings.
@@ -70,6 +81,7 @@ public final class TaskNativeMemory {
     private static final AtomicLong UNRETURNED = new AtomicLong();
     private static final AtomicLong CLOSE_FAILURES = new AtomicLong();
     private static final AtomicLong OOM_FAILURES = new AtomicLong();
+    private static final AtomicLong ARROW_RECLAIMED_AT_CLOSE = new AtomicLong();
 
     private TaskNativeMemory() {
     }
@@ -153,10 +165,24 @@ public final class TaskNativeMemory {
         long peak = MAX_PEAK.get();
         long spillCount = CLOSED_SPILL_COUNT.get();
         long spilledBytes = CLOSED_SPILLED_BYTES.get();
+        long arrowAllocators = 0;
+        long arrowBytes = 0;
         for (TaskEntry entry : LIVE.values()) {
             NativeMemoryManager m = entry.published;
             if (m == null || entry.closed) {
                 continue;
+            }
+            for (TaskResource r : entry.resourceList) {
+                long bytes;
+                try {
+                    bytes = r.arrowAllocatedBytes();
+                } catch (RuntimeException closedMeanwhile) {
+                    continue;
+                }
+                if (bytes >= 0) {
+                    arrowAllocators++;
+                    arrowBytes += bytes;
+                }
             }
             NativeMemoryStats s;
             try {
@@ -174,7 +200,28 @@ public final class TaskNativeMemory {
         }
         return new ExecutorNativeMemoryStats(live, used, reserved, held, peak, spillCount, spilledBytes,
                 SPARK_SPILL_REQUESTS.get(), SPARK_SPILLED_BYTES.get(), CREATED.get(), CLOSED.get(),
-                RECLAIMED_AT_CLOSE.get(), UNRETURNED.get(), CLOSE_FAILURES.get(), OOM_FAILURES.get());
+                RECLAIMED_AT_CLOSE.get(), UNRETURNED.get(), CLOSE_FAILURES.get(), OOM_FAILURES.get(),
+                arrowAllocators, arrowBytes, ARROW_RECLAIMED_AT_CLOSE.get());
+    }
+
+    /**
+     * Returns the resource of task attempt {@code ctx} registered under {@code key}, creating it
+     * with {@code create} (given the task's manager, created first if needed, and the settings)
+     * on first use. The task's completion listener closes it before the manager. {@code create}
+     * runs under the task entry's lock, once per task and key; it must not call back into this
+     * class for the same task.
+     *
+     * @throws IllegalStateException if the task has completed (nothing is created then)
+     */
+    static <T extends TaskResource> T resource(TaskContext ctx, Object key,
+            BiFunction<NativeMemoryManager, NativeMemorySparkConf, T> create) {
+        NativeMemoryManager m = get(ctx);
+        TaskEntry entry = LIVE.get(ctx.taskAttemptId());
+        if (entry == null || entry.ctx != ctx) {
+            throw new IllegalStateException("nativemem: " + SparkReservationListener.taskName(ctx)
+                    + " has completed; its native memory manager is closed");
+        }
+        return entry.resource(m, key, create);
     }
 
     static void recordSparkSpill(long released) {
@@ -221,6 +268,10 @@ public final class TaskNativeMemory {
         volatile boolean closed;
         /** Guarded by this. */
         private boolean listenersRegistered;
+        /** Resources by key, guarded by this; closed before the manager. */
+        private final Map<Object, TaskResource> resources = new HashMap<>();
+        /** The resources in creation order: an immutable copy, replaced under this. */
+        volatile List<TaskResource> resourceList = Collections.emptyList();
 
         TaskEntry(TaskContext ctx) {
             this.ctx = ctx;
@@ -254,6 +305,60 @@ public final class TaskNativeMemory {
                     throw e;
                 }
             }
+        }
+
+        @SuppressWarnings("unchecked")
+        synchronized <T extends TaskResource> T resource(NativeMemoryManager m, Object key,
+                BiFunction<NativeMemoryManager, NativeMemorySparkConf, T> create) {
+            if (closed || published != m) {
+                throw new IllegalStateException("nativemem: " + name + " has completed; its native memory manager"
+                        + " is closed");
+            }
+            TaskResource existing = resources.get(key);
+            if (existing != null) {
+                return (T) existing;
+            }
+            T created = create.apply(m, conf);
+            resources.put(key, created);
+            List<TaskResource> list = new ArrayList<>(resourceList);
+            list.add(created);
+            resourceList = Collections.unmodifiableList(list);
+            return created;
+        }
+
+        /**
+         * Closes the resources, newest first, before the manager. Returns the leak to report for a
+         * successful task under exceptionOnLeak, or null.
+         */
+        private String closeResources(List<TaskResource> list, boolean exceptionOnLeak) {
+            long bytes = 0;
+            StringBuilder texts = new StringBuilder();
+            for (int i = list.size() - 1; i >= 0; i--) {
+                TaskResource.Leak leak;
+                try {
+                    leak = list.get(i).closeAtTaskEnd();
+                } catch (RuntimeException | Error e) {
+                    CLOSE_FAILURES.incrementAndGet();
+                    LOG.error("nativemem: {}: closing a per-task resource ({}) failed", name, list.get(i), e);
+                    continue;
+                }
+                if (leak != null) {
+                    bytes += leak.bytes;
+                    texts.append(texts.length() == 0 ? "" : "\n").append(leak.text);
+                }
+            }
+            if (texts.length() == 0) {
+                return null;
+            }
+            ARROW_RECLAIMED_AT_CLOSE.addAndGet(bytes);
+            String what = "nativemem: " + name + (ctx.isFailed() ? " failed" : " succeeded") + " with Arrow buffers"
+                    + " still open (" + Sizes.human(bytes) + "); closing its Arrow allocator freed them: " + texts;
+            if (ctx.isFailed()) {
+                LOG.info(what);
+                return null;
+            }
+            LOG.warn(what);
+            return exceptionOnLeak ? what : null;
         }
 
         /** Under this entry's monitor. */
@@ -341,18 +446,22 @@ public final class TaskNativeMemory {
         /** The completion listener: close, account, hand the peak to Spark's task metrics. */
         private void complete(boolean exceptionOnLeak) {
             NativeMemoryManager m;
+            List<TaskResource> toClose;
             synchronized (this) {
                 if (closed) {
                     return;
                 }
                 closed = true;
                 m = published;
+                toClose = resourceList;
             }
             String leak = null;
             try {
                 if (m == null) {
                     return;
                 }
+                // Resources built on the manager first (their bytes go back to it), then the manager.
+                leak = closeResources(toClose, exceptionOnLeak);
                 SparkReservationListener l = listener;
                 l.beginClose();
                 NativeMemoryStats before = null;
@@ -390,7 +499,7 @@ public final class TaskNativeMemory {
                     } else {
                         LOG.warn(what);
                         if (exceptionOnLeak) {
-                            leak = what;
+                            leak = leak == null ? what : leak + "\n" + what;
                         }
                     }
                 }
