@@ -17,6 +17,10 @@
 #         one JVM upcall per grow; upcalls per GiB; create+close of a manager vs a JNI downcall.
 #   sort  the example external sort (native/examples/examples/sort_bench.rs) with accounting on
 #         vs off, SORT_ROUNDS processes; the figure is the median of the per-process ratios.
+#   datafusion  DataFusion sort and aggregation (native/datafusion/examples/df_bench.rs) on
+#         nativemem's pool vs DataFusion's, same 64 MiB limit and policy (Greedy vs GreedyMemoryPool,
+#         FairShare vs FairSpillPool), DF_ROUNDS rounds in rotating order (medians); listener calls
+#         per query vs one call per try_grow/grow/shrink.
 #
 # Environment: BENCH_DIR (logs, criterion data, table.md; default target/bench), BENCH_ESTIMATE
 # (criterion estimate: median (default) or mean), SPARK_VERSION (3.5 or 4.0, default 3.5),
@@ -31,12 +35,12 @@ parts=()
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;;
-    core|jni|sort) parts+=("$arg") ;;
+    core|jni|sort|datafusion) parts+=("$arg") ;;
     -h|--help) usage; exit 0 ;;
     *) echo "bench.sh: unknown argument '$arg'" >&2; usage >&2; exit 2 ;;
   esac
 done
-[ ${#parts[@]} -gt 0 ] || parts=(core jni sort)
+[ ${#parts[@]} -gt 0 ] || parts=(core jni sort datafusion)
 want() { local p; for p in "${parts[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
 
 BENCH_DIR="${BENCH_DIR:-$ROOT/target/bench}"
@@ -49,6 +53,7 @@ else
   SORT_KEYS="${SORT_KEYS:-50000000}"; SORT_ROUNDS="${SORT_ROUNDS:-5}"
 fi
 SORT_BUFFER_MIB="${SORT_BUFFER_MIB:-16}"
+if [ "$quick" = 1 ]; then DF_ROUNDS="${DF_ROUNDS:-1}"; else DF_ROUNDS="${DF_ROUNDS:-15}"; fi
 case "$BENCH_ESTIMATE" in median|mean) ;; *) echo "bench.sh: BENCH_ESTIMATE must be median or mean" >&2; exit 2 ;; esac
 mkdir -p "$BENCH_DIR"
 export CARGO_TERM_COLOR=never
@@ -206,9 +211,40 @@ sort_part() {
   notes+=("sort: accounting on/off total time per process: $rs (the figure is their median; times are medians of $SORT_ROUNDS processes)")
 }
 
+# ---- 4. DataFusion: nativemem's pool vs GreedyMemoryPool --------------------------------------------
+datafusion_part() {
+  local log="$BENCH_DIR/datafusion.log"
+  step "datafusion: df_bench, $DF_ROUNDS rounds (log: ${log#"$ROOT"/})"
+  if ! { cargo build --release -p nativemem-datafusion --example df_bench &&
+         "$TARGET_DIR/release/examples/df_bench" "$DF_ROUNDS"; } >"$log" 2>&1; then
+    fail_part datafusion "$log"; return
+  fi
+  v() { awk -v k="$1" '$1 == "BENCH" && $2 == k { print $3; found = 1 } END { exit !found }' "$log"; }
+  local q nm gr nf df lc pc limit
+  limit="$(v df_limit_mib)" || { fail_part datafusion "$log"; return; }
+  ms() { awk -v v="$1" 'BEGIN { printf "%.0f ms", v }'; }
+  for q in sort agg; do
+    if ! { nm="$(v "df_${q}_nativemem_ms")" && gr="$(v "df_${q}_greedy_ms")" && lc="$(v "df_${q}_listener_calls")" &&
+           nf="$(v "df_${q}_nativemem_fair_ms")" && df="$(v "df_${q}_fair_ms")" && pc="$(v "df_${q}_per_call_calls")"; }; then
+      fail_part datafusion "$log"; return
+    fi
+    # Runs that failed for lack of memory (a first-come pool can starve a late consumer) are
+    # left out of the medians and counted in the row.
+    fl() { local n; n="$(v "df_${q}_$1_failed")" || n="?"; [ "$n" = 0 ] && return; echo ", failed $n of $DF_ROUNDS"; }
+    row "datafusion: $q query, ${limit} MiB limit (spills), nativemem's pool, Policy::Greedy$(fl nativemem)" "$(ms "$nm")" \
+        "GreedyMemoryPool, same limit$(fl greedy): $(ms "$gr")" "$(ratio "$nm" "$gr")" "≤ 1.05×" "$(met "$nm / $gr <= 1.05")"
+    row "datafusion: $q query, same, nativemem's pool, Policy::FairShare (default)$(fl nativemem_fair)" "$(ms "$nf")" \
+        "FairSpillPool, same limit$(fl fair): $(ms "$df")" "$(ratio "$nf" "$df")" "≤ 1.05×" "$(met "$nf / $df <= 1.05")"
+    row "datafusion: $q query, calls to Spark per query" "$(group "$lc") listener calls" \
+        "one per try_grow/grow/shrink (Comet): $(group "$pc")" \
+        "$(awk -v a="$lc" -v b="$pc" 'BEGIN { if (a == 0) print "—"; else printf "1/%.0f", b / a }')" "—" "—"
+  done
+}
+
 want core && core_part
 want jni && jni_part
 want sort && sort_part
+want datafusion && datafusion_part
 
 # ---- the table -------------------------------------------------------------------------------------
 load_end="$(cut -d' ' -f1-3 /proc/loadavg)"

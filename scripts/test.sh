@@ -6,7 +6,8 @@
 #   cargo-fmt       cargo fmt --all -- --check
 #   cargo-clippy    cargo clippy --workspace --all-targets -- -D warnings
 #   cargo-clippy-testlib  the same for nativemem-jni with the `testing` feature (test library)
-#   cargo-test      cargo test --workspace
+#   cargo-test      cargo test --workspace (but nativemem-datafusion)
+#   cargo-test-datafusion  cargo test --release -p nativemem-datafusion: real DataFusion queries
 #   cargo-loom      loom model check of the core (RUSTFLAGS="--cfg loom")
 #   c-header        include/nativemem.h compiles as C11 and C++17; layout pinned (tests/c/header_check.c)
 #   gradle          gradle cleanTest test assemble: JUnit tests (tests/java) + build/libs/*.jar
@@ -20,7 +21,8 @@
 #                                    (e2e suites then use the jars already in build/libs)
 #
 # Environment: CI=true (plain output, no colours), SPARK_VERSIONS (default "3.5 4.0"),
-# E2E_TIMEOUT (seconds per Spark run, default 300), SUITE_TIMEOUT (other suites, default 1500).
+# E2E_TIMEOUT (seconds per Spark run, default 300), SUITE_TIMEOUT (other suites, default 1500),
+# DATAFUSION_TIMEOUT (cargo-test-datafusion, default 2700: it builds DataFusion in release).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -111,7 +113,11 @@ run_suite cargo-clippy "$SUITE_TIMEOUT" cargo clippy --workspace --all-targets -
 # The test hooks and bench harness exist only with the `testing` feature (the test library).
 run_suite cargo-clippy-testlib "$SUITE_TIMEOUT" cargo clippy -p nativemem-jni --features testing --all-targets \
   --color "$color" -- -D warnings
-run_suite cargo-test "$SUITE_TIMEOUT" cargo test --workspace --color "$color"
+run_suite cargo-test "$SUITE_TIMEOUT" cargo test --workspace --exclude nativemem-datafusion --color "$color"
+# DataFusion's query tests sort and aggregate millions of rows: release only (DataFusion is built in
+# one profile for tests, never debug and release both).
+# Its own time limit: a cold build of DataFusion alone takes ~12 minutes on 2 cores.
+run_suite cargo-test-datafusion "${DATAFUSION_TIMEOUT:-2700}" cargo test --release -p nativemem-datafusion --color "$color"
 # Model check of the core's lock-free paths (native/core/tests/loom.rs); its own target dir so the
 # --cfg loom build does not invalidate the normal one.
 run_suite cargo-loom "$SUITE_TIMEOUT" env RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 \

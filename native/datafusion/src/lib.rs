@@ -1,0 +1,88 @@
+//! # nativemem-datafusion: DataFusion's `MemoryPool` on a nativemem pool
+//!
+//! DataFusion operators (sorts, aggregations, joins) account their memory through the
+//! [`MemoryPool`](datafusion_execution::memory_pool::MemoryPool) of their `RuntimeEnv`.
+//! [`NativememPool`] is that pool for an engine running inside a Spark task: every DataFusion
+//! consumer becomes a reservation of the task's nativemem pool, so DataFusion's memory counts in
+//! the task's pool tree (limits, peaks, the usage report, leak checks at close) and in Spark's
+//! execution memory (blocks from the task's `MemoryConsumer`), and a refused `try_grow` makes the
+//! operator spill as DataFusion intends.
+//!
+//! ```text
+//!  DataFusion operator                 NativememPool                      nativemem
+//!  ───────────────────                 ─────────────                      ─────────
+//!  MemoryConsumer::register ─────▶ one nativemem reservation per consumer, named as DataFusion
+//!                                  names it (ExternalSorter[0], GroupedHashAggregateStream[1])
+//!  reservation.try_grow(n) ──────▶ fair share check (lock held only for it)
+//!                                  native.try_grow(n) (no lock) ───▶ pool limits, task limit,
+//!                                                                     cushion → Spark (blocks),
+//!                                  ResourcesExhausted(report) ◀──     native spillers
+//!  reservation.grow(n) (infallible) ▶ native.try_grow(n), else counted as over-commit
+//!  shrink / free / drop ─────────▶ over-commit first, then native.shrink
+//! ```
+//!
+//! ## One adapter, two ways to reach nativemem
+//! The pool is generic over [`NativePool`]: implemented for `nativemem_core::Pool` (feature
+//! `core`: an engine that embeds nativemem, no JVM) and for [`ClientPool`] (feature `client`: an
+//! engine in its own library reaching a manager Java created, through the engine ABI). Both are
+//! on by default; an engine library enables only `client`.
+//!
+//! ```ignore
+//! // In the engine's library, per task (or per query), from the two longs Java passed:
+//! let api = unsafe { nativemem_client::Api::from_address(api_address) }?;
+//! let pool = ClientPool::open(api.acquire(manager_handle)?, "datafusion", None)?;
+//! let runtime = RuntimeEnvBuilder::new()
+//!     .with_memory_pool(Arc::new(NativememPool::new(pool)))
+//!     .build_arc()?;
+//! let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
+//! ```
+//!
+//! ## Accounting
+//! - `try_grow` charges nativemem (which may reserve a block from Spark, or spill native
+//!   spillers) and, when refused, returns DataFusion's `ResourcesExhausted` carrying nativemem's
+//!   message with the task's usage report, so the operator spills (or the query fails with the
+//!   whole picture). Nothing is charged on error.
+//! - `grow` is DataFusion's *infallible* grow: it is tried on nativemem like `try_grow`; what
+//!   nativemem refuses is **over-commit**, counted per consumer (never lost: [`NativememPool::overcommit`],
+//!   [`NativememPool::report`]), given back first by the consumer's shrinks and charged to
+//!   nativemem by its next `try_grow` (which then spills or fails instead of over-committing more).
+//! - `reserved()` is what DataFusion holds (over-commit included); `memory_limit()` is
+//!   `Finite(limit)` when the pool or the task has a limit, `Unknown` when only Spark's budget
+//!   (which moves with the other tasks) bounds it.
+//!
+//! ## Fairness
+//! With a limit `L` known, the pool decides *who* spills when memory is short, as DataFusion's
+//! `FairSpillPool` intends, with the corrections DataFusion and Comet users asked for
+//! (DataFusion #22036 and #25172, Comet #5214):
+//! - **Shares count consumers, not reservations.** A consumer's share covers all its
+//!   reservations together (split and `new_empty` reservations share its registration).
+//! - **Idle consumers do not starve busy ones.** A spillable consumer's share is
+//!   `(L − unspillable) / n`, where `n` counts the spillable consumers *holding memory* plus the
+//!   one asking, not every registered one.
+//! - **Work-conserving.** A consumer under its share is never refused by fairness. A spillable
+//!   consumer over its share may take free memory, except what the other active spillable
+//!   consumers still need to reach their shares, up to one share: it is refused (so it spills)
+//!   when the grow would leave less than that free. A consumer under its share finds room to
+//!   grow towards it, and no more memory is kept free for fairness' sake than one share.
+//! - **The price.** Two consumers that both want everything each spill at about their share,
+//!   where a first-come pool lets one run on to the limit while the other holds little; that can
+//!   mean more spills (`scripts/bench.sh datafusion` measures both policies). An engine that
+//!   prefers that may choose [`Policy::Greedy`] (`NativememPool::with_policy`), which refuses only
+//!   on nativemem's limits — and can fail a consumer that comes late to a full pool.
+//! - Unspillable consumers (they cannot give memory back) are bounded by nativemem's limits only.
+//!
+//! nativemem's limits and Spark's budget apply on top, to everyone. Without a known limit only
+//! they apply.
+//!
+//! ## Locks
+//! The pool's lock guards its consumer table and is held only to read or update it: never while
+//! calling nativemem (which may call Spark or a native spiller, which may call back into this
+//! pool).
+
+mod backend;
+mod pool;
+
+#[cfg(feature = "client")]
+pub use backend::ClientPool;
+pub use backend::{NativeError, NativePool, NativeReservation};
+pub use pool::{NativememPool, Policy};

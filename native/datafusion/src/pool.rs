@@ -1,0 +1,431 @@
+//! [`NativememPool`]: DataFusion's [`MemoryPool`] over a nativemem pool.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use datafusion_common::{DataFusionError, Result};
+use datafusion_execution::memory_pool::{
+    MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation,
+};
+use parking_lot::Mutex;
+
+use crate::backend::{NativeError, NativePool, NativeReservation};
+
+/// One registered DataFusion consumer (one `MemoryConsumer` registration, which all its
+/// reservations share: split and `new_empty` reservations count against the same consumer).
+struct Consumer<R> {
+    name: String,
+    can_spill: bool,
+    native: Arc<R>,
+    /// Bytes DataFusion's infallible `grow` took beyond what nativemem granted: counted here
+    /// (never lost) and charged to nativemem by the consumer's next grow or released by its
+    /// shrinks first.
+    overcommit: u64,
+    /// Bytes this consumer holds as DataFusion sees them (its reservations' sum).
+    size: u64,
+}
+
+/// Who spills when memory is short (see the crate docs, "Fairness").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Policy {
+    /// With a known limit, a spillable consumer over its fair share is refused (so it spills)
+    /// when growing would leave another active spillable consumer less than its share. The
+    /// default: no consumer is starved by another's hoarding.
+    #[default]
+    FairShare,
+    /// First come, first served, like DataFusion's `GreedyMemoryPool`: only nativemem's limits
+    /// (and Spark's budget) refuse. Fewer spills when consumers do not compete; a consumer that
+    /// comes late may find nothing left and fail.
+    Greedy,
+}
+
+/// DataFusion's [`MemoryPool`] backed by a nativemem pool (see the crate docs for the design).
+///
+/// Install one per task (or per query): `RuntimeEnvBuilder::new().with_memory_pool(Arc::new(pool))`.
+pub struct NativememPool<P: NativePool> {
+    native: P,
+    policy: Policy,
+    consumers: Mutex<HashMap<usize, Consumer<P::Reservation>>>,
+    /// Sum of the consumers' sizes (DataFusion's view, over-commit included).
+    reserved: AtomicU64,
+    /// Sum of the consumers' over-commit.
+    overcommit: AtomicU64,
+}
+
+impl<P: NativePool> NativememPool<P> {
+    /// A DataFusion pool charging `native`, with the default policy ([`Policy::FairShare`]).
+    pub fn new(native: P) -> Self {
+        Self::with_policy(native, Policy::default())
+    }
+
+    /// A DataFusion pool charging `native`, deciding who spills by `policy`.
+    pub fn with_policy(native: P, policy: Policy) -> Self {
+        NativememPool {
+            native,
+            policy,
+            consumers: Mutex::new(HashMap::new()),
+            reserved: AtomicU64::new(0),
+            overcommit: AtomicU64::new(0),
+        }
+    }
+
+    /// The policy deciding who spills.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// The nativemem pool.
+    pub fn native(&self) -> &P {
+        &self.native
+    }
+
+    /// Bytes DataFusion's infallible `grow` holds beyond what nativemem granted (0 normally).
+    pub fn overcommit(&self) -> u64 {
+        // Relaxed: a read-out; the counter is only changed under the consumers' lock.
+        self.overcommit.load(Ordering::Relaxed)
+    }
+
+    /// Consumers registered now.
+    pub fn consumer_count(&self) -> usize {
+        self.consumers.lock().len()
+    }
+
+    /// nativemem's usage report followed by this pool's view: each DataFusion consumer's bytes,
+    /// spillability and over-commit.
+    pub fn report(&self) -> String {
+        let mut out = self.native.usage_report();
+        let consumers = self.consumers.lock();
+        let mut rows: Vec<_> = consumers.values().collect();
+        rows.sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.name.cmp(&b.name)));
+        out.push_str(&format!(
+            "\nDataFusion consumers: {} registered, {} reserved, {} over-committed",
+            rows.len(),
+            human(self.reserved.load(Ordering::Relaxed)),
+            human(self.overcommit.load(Ordering::Relaxed))
+        ));
+        for c in rows.iter().take(10) {
+            out.push_str(&format!(
+                "\n  {}{}: {}{}",
+                c.name,
+                if c.can_spill { " (spillable)" } else { "" },
+                human(c.size),
+                if c.overcommit > 0 {
+                    format!(", {} over-committed", human(c.overcommit))
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        out
+    }
+
+    /// The consumer's native reservation, and whether the fair-share policy lets it grow by
+    /// `additional` (checked under the lock; nativemem's own limits are checked after, without it).
+    fn admit(
+        &self,
+        consumer: &MemoryConsumer,
+        additional: u64,
+    ) -> Result<(Arc<P::Reservation>, u64)> {
+        let consumers = self.consumers.lock();
+        let Some(me) = consumers.get(&consumer.id()) else {
+            return Err(DataFusionError::Internal(format!(
+                "nativemem pool: consumer {}#{} grows without being registered",
+                consumer.name(),
+                consumer.id()
+            )));
+        };
+        let limit = match self.policy {
+            Policy::FairShare => self.native.limit(),
+            Policy::Greedy => None,
+        };
+        if let Some(limit) = limit {
+            if let Some(refusal) =
+                self.fair_share_refusal(&consumers, consumer.id(), me, additional, limit)
+            {
+                return Err(DataFusionError::ResourcesExhausted(format!(
+                    "{refusal}\n{}",
+                    self.native.usage_report()
+                )));
+            }
+        }
+        Ok((me.native.clone(), me.overcommit))
+    }
+
+    /// Fairness (see the crate docs): `Some(reason)` if the request is refused to make this
+    /// consumer spill.
+    fn fair_share_refusal(
+        &self,
+        consumers: &HashMap<usize, Consumer<P::Reservation>>,
+        id: usize,
+        me: &Consumer<P::Reservation>,
+        additional: u64,
+        limit: u64,
+    ) -> Option<String> {
+        if !me.can_spill {
+            // Unspillable memory cannot be asked back: only nativemem's limits bound it.
+            return None;
+        }
+        let unspillable: u64 = consumers
+            .values()
+            .filter(|c| !c.can_spill)
+            .map(|c| c.size)
+            .sum();
+        let total: u64 = consumers.values().map(|c| c.size).sum();
+        // Spillable consumers holding memory, plus this one: an idle registered sorter does not
+        // shrink a busy one's share.
+        let active = consumers
+            .iter()
+            .filter(|(cid, c)| c.can_spill && (c.size > 0 || **cid == id))
+            .count()
+            .max(1) as u64;
+        let available = limit.saturating_sub(unspillable);
+        let share = available / active;
+        let wanted = me.size.saturating_add(additional);
+        if wanted <= share {
+            // Under its share a consumer is never refused by fairness.
+            return None;
+        }
+        // Work-conserving: over its share a consumer may still take free memory, but not what the
+        // other active spillable consumers need to reach their shares, up to one share (they grow
+        // one at a time; keeping more free would leave memory unused for consumers that may never
+        // ask, and refuse operators that cannot spill at that moment).
+        let owed: u64 = consumers
+            .iter()
+            .filter(|(cid, c)| c.can_spill && c.size > 0 && **cid != id)
+            .map(|(_, c)| share.saturating_sub(c.size))
+            .sum::<u64>()
+            .min(share);
+        let short = total.saturating_add(additional).saturating_add(owed) > limit;
+        short.then(|| {
+            format!(
+                "Failed to allocate additional {} for {}#{id} (spillable): it would hold {}, over its \
+                 fair share {} ({} left by unspillable consumers ({}) shared by {active} active \
+                 spillable consumer(s); limit {}, {} reserved, {} kept for consumers under their \
+                 share); spill and retry",
+                human(additional),
+                me.name,
+                human(wanted),
+                human(share),
+                human(available),
+                human(unspillable),
+                human(limit),
+                human(total),
+                human(owed)
+            )
+        })
+    }
+
+    /// Records a grow of `bytes` (`overcommit` of them not granted by nativemem) that also
+    /// charged `paid_back` bytes of the consumer's earlier over-commit to nativemem. Returns the
+    /// bytes charged for over-commit that a concurrent shrink had meanwhile released (to be
+    /// given back to nativemem by the caller).
+    #[must_use]
+    fn grown(&self, id: usize, bytes: u64, overcommit: u64, paid_back: u64) -> u64 {
+        let mut consumers = self.consumers.lock();
+        let Some(c) = consumers.get_mut(&id) else {
+            // Unregistered meanwhile: its native reservation is gone with what it held.
+            return 0;
+        };
+        let paid = paid_back.min(c.overcommit);
+        c.size = c.size.saturating_add(bytes);
+        c.overcommit = c.overcommit - paid + overcommit;
+        // Relaxed (all): read-outs; the consistent values live under the lock, held here.
+        self.reserved.fetch_add(bytes, Ordering::Relaxed);
+        self.overcommit.fetch_add(overcommit, Ordering::Relaxed);
+        self.overcommit.fetch_sub(paid, Ordering::Relaxed);
+        paid_back - paid
+    }
+}
+
+fn exhausted(e: NativeError, consumer: &MemoryConsumer, additional: u64) -> DataFusionError {
+    if e.out_of_memory {
+        DataFusionError::ResourcesExhausted(format!(
+            "Failed to allocate additional {} for {}#{}: {}",
+            human(additional),
+            consumer.name(),
+            consumer.id(),
+            e.message
+        ))
+    } else {
+        DataFusionError::External(Box::new(std::io::Error::other(format!(
+            "nativemem: growing {}#{} by {} failed: {}",
+            consumer.name(),
+            consumer.id(),
+            human(additional),
+            e.message
+        ))))
+    }
+}
+
+impl<P: NativePool> MemoryPool for NativememPool<P> {
+    fn name(&self) -> &str {
+        "nativemem"
+    }
+
+    fn register(&self, consumer: &MemoryConsumer) {
+        let native = match self.native.new_reservation(consumer.name()) {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                // `register` cannot fail; the consumer's first grow reports it.
+                log::warn!("nativemem pool: registering {}: {e}", consumer.name());
+                return;
+            }
+        };
+        self.consumers.lock().insert(
+            consumer.id(),
+            Consumer {
+                name: consumer.name().to_string(),
+                can_spill: consumer.can_spill(),
+                native,
+                overcommit: 0,
+                size: 0,
+            },
+        );
+    }
+
+    fn unregister(&self, consumer: &MemoryConsumer) {
+        let removed = {
+            let mut consumers = self.consumers.lock();
+            let removed = consumers.remove(&consumer.id());
+            if let Some(c) = &removed {
+                // Relaxed (both): read-outs, changed only under this lock.
+                self.reserved.fetch_sub(c.size, Ordering::Relaxed);
+                self.overcommit.fetch_sub(c.overcommit, Ordering::Relaxed);
+            }
+            removed
+        };
+        // DataFusion frees a registration's reservations before unregistering it; whatever is
+        // left goes back with the native reservation, dropped outside the lock (it may call the
+        // listener).
+        drop(removed);
+    }
+
+    fn grow(&self, reservation: &MemoryReservation, additional: usize) {
+        let consumer = reservation.consumer();
+        let bytes = additional as u64;
+        let native = self
+            .consumers
+            .lock()
+            .get(&consumer.id())
+            .map(|c| c.native.clone());
+        let overcommit = match native {
+            Some(native) => match native.try_grow(bytes) {
+                Ok(()) => 0,
+                Err(e) => {
+                    log::debug!(
+                        "nativemem pool: infallible grow of {} by {additional} over-commits: {e}",
+                        consumer.name()
+                    );
+                    bytes
+                }
+            },
+            None => bytes,
+        };
+        let _ = self.grown(consumer.id(), bytes, overcommit, 0);
+    }
+
+    fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
+        let consumer = reservation.consumer();
+        let bytes = shrink as u64;
+        // Over-commit goes first (it was never charged to nativemem); the rest is native.
+        let (native, from_overcommit) = {
+            let mut consumers = self.consumers.lock();
+            match consumers.get_mut(&consumer.id()) {
+                Some(c) => {
+                    let bytes = bytes.min(c.size);
+                    let from_overcommit = bytes.min(c.overcommit);
+                    c.overcommit -= from_overcommit;
+                    c.size -= bytes;
+                    // Relaxed (both): read-outs, changed only under this lock.
+                    self.reserved.fetch_sub(bytes, Ordering::Relaxed);
+                    self.overcommit
+                        .fetch_sub(from_overcommit, Ordering::Relaxed);
+                    (Some(c.native.clone()), from_overcommit)
+                }
+                None => (None, 0),
+            }
+        };
+        if let Some(native) = native {
+            let from_native = (bytes - from_overcommit).min(native.size());
+            if from_native > 0 {
+                if let Err(e) = native.shrink(from_native) {
+                    log::warn!(
+                        "nativemem pool: shrinking {} by {from_native}: {e}",
+                        consumer.name()
+                    );
+                }
+            }
+        }
+    }
+
+    fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> Result<()> {
+        let consumer = reservation.consumer();
+        let bytes = additional as u64;
+        let (native, owed) = self.admit(consumer, bytes)?;
+        // Over-commit this consumer still owes is charged first: it makes this grow spill or
+        // fail rather than letting the over-commit go on (no lock held: may call Spark, spill).
+        let total = bytes.saturating_add(owed);
+        native
+            .try_grow(total)
+            .map_err(|e| exhausted(e, consumer, bytes))?;
+        let excess = self.grown(consumer.id(), bytes, 0, owed);
+        if excess > 0 {
+            if let Err(e) = native.shrink(excess) {
+                log::warn!(
+                    "nativemem pool: giving back {excess} bytes of {}: {e}",
+                    consumer.name()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn reserved(&self) -> usize {
+        // Relaxed: a read-out.
+        self.reserved.load(Ordering::Relaxed) as usize
+    }
+
+    fn memory_limit(&self) -> MemoryLimit {
+        match self.native.limit() {
+            Some(limit) => MemoryLimit::Finite(usize::try_from(limit).unwrap_or(usize::MAX)),
+            // Spark's budget for the task is not fixed: it depends on the other tasks.
+            None => MemoryLimit::Unknown,
+        }
+    }
+}
+
+impl<P: NativePool> fmt::Debug for NativememPool<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NativememPool")
+            .field("consumers", &self.consumer_count())
+            .field("reserved", &self.reserved())
+            .field("overcommit", &self.overcommit())
+            .field("limit", &self.native.limit())
+            .finish()
+    }
+}
+
+impl<P: NativePool> fmt::Display for NativememPool<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.report())
+    }
+}
+
+/// Bytes in human units (`1.5 MiB`), as nativemem prints them.
+pub(crate) fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,186 @@
+//! The pool's own contract, one scenario per test, against the core backend: registration,
+//! exact totals after every step, over-commit, fairness, limits.
+
+use std::sync::Arc;
+
+use datafusion_common::DataFusionError;
+use datafusion_execution::memory_pool::{MemoryConsumer, MemoryLimit, MemoryPool};
+use nativemem_core::{CapacityListener, MemoryConfig, MemoryManager};
+use nativemem_datafusion::{NativememPool, Policy};
+
+const MIB: usize = 1 << 20;
+
+fn setup(limit: Option<u64>) -> (MemoryManager, Arc<CapacityListener>, Arc<dyn MemoryPool>) {
+    let l = Arc::new(CapacityListener::unlimited());
+    let config = MemoryConfig::default()
+        .with_reservation_block(MIB as u64)
+        .with_task_limit(limit);
+    let m = MemoryManager::new("task", config, l.clone()).unwrap();
+    let pool: Arc<dyn MemoryPool> = Arc::new(NativememPool::new(m.pool("datafusion").unwrap()));
+    (m, l, pool)
+}
+
+#[test]
+fn consumers_are_charged_by_name_and_give_everything_back() {
+    let (m, l, pool) = setup(None);
+    let sort = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&pool);
+    sort.try_grow(3 * MIB).unwrap();
+    assert_eq!((pool.reserved(), m.used() as usize), (3 * MIB, 3 * MIB));
+    let report = m.usage_report().to_string();
+    assert!(report.contains("ExternalSorter[0]"), "{report}");
+    // A split reservation belongs to the same consumer.
+    let half = sort.split(MIB);
+    assert_eq!((sort.size(), half.size()), (2 * MIB, MIB));
+    assert_eq!(m.used() as usize, 3 * MIB);
+    drop(half);
+    assert_eq!((pool.reserved(), m.used() as usize), (2 * MIB, 2 * MIB));
+    sort.shrink(MIB);
+    assert_eq!((pool.reserved(), m.used() as usize), (MIB, MIB));
+    drop(sort);
+    assert_eq!((pool.reserved(), m.used()), (0, 0));
+    assert!(matches!(pool.memory_limit(), MemoryLimit::Unknown));
+    assert!(m.close().unwrap().is_empty());
+    assert_eq!(l.reserved(), 0);
+}
+
+#[test]
+fn limit_refuses_with_resources_exhausted_and_nativemem_report() {
+    let (m, _l, pool) = setup(Some(4 * MIB as u64));
+    assert!(matches!(pool.memory_limit(), MemoryLimit::Finite(l) if l == 4 * MIB));
+    let r = MemoryConsumer::new("HashJoinInput").register(&pool);
+    r.try_grow(3 * MIB).unwrap();
+    let err = r.try_grow(2 * MIB).unwrap_err();
+    let DataFusionError::ResourcesExhausted(text) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(text.contains("HashJoinInput"), "{text}");
+    assert!(text.contains("Native memory of 'task'"), "{text}");
+    // Nothing changed.
+    assert_eq!(
+        (r.size(), pool.reserved(), m.used() as usize),
+        (3 * MIB, 3 * MIB, 3 * MIB)
+    );
+    drop(r);
+    assert!(m.close().unwrap().is_empty());
+}
+
+#[test]
+fn infallible_grow_over_the_limit_is_overcommit_counted_and_paid_back() {
+    let (m, _l, pool) = setup(Some(4 * MIB as u64));
+    let native = NativememPool::new(m.pool("datafusion").unwrap());
+    let native = Arc::new(native);
+    let dyn_pool: Arc<dyn MemoryPool> = native.clone();
+    let r = MemoryConsumer::new("RepartitionExec").register(&dyn_pool);
+    r.grow(3 * MIB);
+    r.grow(2 * MIB); // nativemem refuses: over-commit
+    assert_eq!(r.size(), 5 * MIB);
+    assert_eq!(native.reserved(), 5 * MIB);
+    assert_eq!(native.overcommit(), 2 * MIB as u64);
+    assert_eq!(m.used() as usize, 3 * MIB, "over-commit is not charged");
+    assert!(
+        native.report().contains("2.0 MiB over-committed"),
+        "{}",
+        native.report()
+    );
+    // The next fallible grow must first pay the over-commit: refused while it cannot.
+    assert!(r.try_grow(MIB).is_err());
+    assert_eq!(native.overcommit(), 2 * MIB as u64);
+    // Shrinks give the over-commit back first.
+    r.shrink(2 * MIB);
+    assert_eq!(native.overcommit(), 0);
+    assert_eq!((native.reserved(), m.used() as usize), (3 * MIB, 3 * MIB));
+    r.try_grow(MIB).unwrap();
+    assert_eq!((native.reserved(), m.used() as usize), (4 * MIB, 4 * MIB));
+    drop(r);
+    assert_eq!((native.reserved(), m.used()), (0, 0));
+    drop(pool);
+    drop(dyn_pool);
+    drop(native);
+    assert!(m.close().unwrap().is_empty());
+}
+
+#[test]
+fn unspillable_memory_shrinks_the_spillable_share_but_never_below_what_is_left() {
+    let (m, _l, pool) = setup(Some(8 * MIB as u64));
+    let sort = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&pool);
+    let merge = MemoryConsumer::new("ExternalSorterMerge[0]").register(&pool);
+    // Unspillable memory is bounded by nativemem's limit only.
+    merge.try_grow(6 * MIB).unwrap();
+    // The spillable consumer gets all that is left: (8 - 6) / 1 active.
+    sort.try_grow(2 * MIB).unwrap();
+    let err = sort.try_grow(1).unwrap_err();
+    assert!(
+        err.to_string().contains("over its fair share 2.0 MiB"),
+        "{err}"
+    );
+    drop((sort, merge));
+    assert_eq!(m.used(), 0);
+    assert!(m.close().unwrap().is_empty());
+}
+
+#[test]
+fn shares_count_consumers_not_reservations_and_idle_consumers_do_not_count() {
+    let (m, _l, pool) = setup(Some(8 * MIB as u64));
+    let a = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&pool);
+    let b = MemoryConsumer::new("ExternalSorter[1]")
+        .with_can_spill(true)
+        .register(&pool);
+    let _idle = MemoryConsumer::new("ExternalSorter[2]")
+        .with_can_spill(true)
+        .register(&pool);
+    b.try_grow(2 * MIB).unwrap(); // two active spillable consumers: 4 MiB each (the idle one: 0)
+    a.try_grow(3 * MIB).unwrap();
+    // A's second reservation counts against A's share: 3 + 1 fits, 3 + 2 does not (it would
+    // leave B, 2 MiB under its share, less than that: 6 + 1 + 2 > 8).
+    let a2 = a.new_empty();
+    a2.try_grow(MIB).unwrap();
+    let err = a2.try_grow(MIB).unwrap_err();
+    assert!(err.to_string().contains("ExternalSorter[0]"), "{err}");
+    assert!(
+        err.to_string().contains("over its fair share 4.0 MiB"),
+        "{err}"
+    );
+    assert_eq!(
+        (a.size() + a2.size(), m.used() as usize),
+        (4 * MIB, 6 * MIB)
+    );
+    // B going idle makes A the only active one: its share is the whole limit.
+    b.free();
+    a2.try_grow(2 * MIB).unwrap();
+    assert_eq!(m.used() as usize, 6 * MIB);
+    drop((a, a2, b));
+    assert_eq!((pool.reserved(), m.used()), (0, 0));
+    assert!(m.close().unwrap().is_empty());
+}
+
+#[test]
+fn greedy_policy_refuses_only_on_nativemem_limits() {
+    let (m, _l, _) = setup(Some(8 * MIB as u64));
+    let pool: Arc<dyn MemoryPool> = Arc::new(NativememPool::with_policy(
+        m.pool("greedy").unwrap(),
+        Policy::Greedy,
+    ));
+    let a = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&pool);
+    let b = MemoryConsumer::new("ExternalSorter[1]")
+        .with_can_spill(true)
+        .register(&pool);
+    b.try_grow(2 * MIB).unwrap();
+    // Fair share would stop A at 4 MiB; first come, first served lets it take all that is left.
+    a.try_grow(6 * MIB).unwrap();
+    let err = b.try_grow(1).unwrap_err();
+    assert!(!err.to_string().contains("fair share"), "{err}");
+    assert!(err.to_string().contains("ExternalSorter[1]"), "{err}");
+    assert_eq!(m.used() as usize, 8 * MIB);
+    drop((a, b));
+    drop(pool);
+    assert_eq!(m.used(), 0);
+    assert!(m.close().unwrap().is_empty());
+}

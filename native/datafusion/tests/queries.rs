@@ -1,0 +1,262 @@
+//! Real DataFusion queries on data DataFusion generates (`generate_series`), each run twice:
+//! unbounded, and under a nativemem task limit small enough that the operators must spill.
+//! Results must be identical, DataFusion's spill metrics must show spills, the task's peak must
+//! stay under the limit, and every counter must be 0 after the query and after the manager closes.
+//!
+//! Run in release (scripts/test.sh does): `cargo test --release -p nativemem-datafusion`.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::datatypes::Int64Type;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::error::DataFusionError;
+use datafusion::execution::memory_pool::MemoryPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::physical_plan::{collect, ExecutionPlan};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use nativemem_core::{CapacityListener, MemoryConfig, MemoryManager};
+use nativemem_datafusion::{ClientPool, NativePool, NativememPool};
+
+const MIB: u64 = 1 << 20;
+
+/// What a query produced, reduced so that two runs compare exactly: row count, and an
+/// order-sensitive and an order-insensitive checksum of every Int64 cell.
+#[derive(Debug, PartialEq, Eq)]
+struct Digest {
+    rows: usize,
+    ordered: u64,
+    unordered: u64,
+}
+
+fn digest(batches: &[RecordBatch]) -> Digest {
+    let mut d = Digest {
+        rows: 0,
+        ordered: 0xcbf29ce484222325,
+        unordered: 0,
+    };
+    for b in batches {
+        d.rows += b.num_rows();
+        for row in 0..b.num_rows() {
+            let mut h: u64 = 0;
+            for col in b.columns() {
+                let v = if col.is_null(row) {
+                    u64::MAX
+                } else {
+                    col.as_primitive::<Int64Type>().value(row) as u64
+                };
+                h = h.wrapping_mul(0x100000001b3).wrapping_add(v);
+            }
+            d.ordered = (d.ordered ^ h).wrapping_mul(0x100000001b3);
+            d.unordered = d.unordered.wrapping_add(h.wrapping_mul(0x9e3779b97f4a7c15));
+        }
+    }
+    d
+}
+
+/// Spill count and spilled bytes over the whole plan (DataFusion's metrics).
+fn spills(plan: &Arc<dyn ExecutionPlan>) -> (usize, usize) {
+    let (mut count, mut bytes) = (0, 0);
+    if let Some(m) = plan.metrics() {
+        count += m.spill_count().unwrap_or(0);
+        bytes += m.spilled_bytes().unwrap_or(0);
+    }
+    for child in plan.children() {
+        let (c, b) = spills(child);
+        count += c;
+        bytes += b;
+    }
+    (count, bytes)
+}
+
+struct Run {
+    digest: Digest,
+    spill_count: usize,
+    spilled_bytes: usize,
+}
+
+async fn run_on<P: NativePool>(
+    pool: Arc<NativememPool<P>>,
+    partitions: usize,
+    sql: &str,
+) -> Result<Run, DataFusionError> {
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_pool(pool.clone())
+        .build_arc()?;
+    // Sorts reserve this much per partition up front for their merge (DataFusion's default is
+    // 10 MiB); 2 MiB keeps the limits below meaningful with several partitions.
+    let config = SessionConfig::new()
+        .with_target_partitions(partitions)
+        .with_batch_size(8192)
+        .with_sort_spill_reservation_bytes(2 << 20);
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    let plan = ctx.sql(sql).await?.create_physical_plan().await?;
+    let batches = collect(plan.clone(), ctx.task_ctx()).await?;
+    let (spill_count, spilled_bytes) = spills(&plan);
+    drop(plan);
+    drop(ctx);
+    Ok(Run {
+        digest: digest(&batches),
+        spill_count,
+        spilled_bytes,
+    })
+}
+
+fn manager(limit: Option<u64>) -> (MemoryManager, Arc<CapacityListener>) {
+    let listener = Arc::new(CapacityListener::unlimited());
+    let config = MemoryConfig::default()
+        .with_reservation_block(MIB)
+        .with_task_limit(limit);
+    let m = MemoryManager::new("df-task", config, listener.clone()).unwrap();
+    (m, listener)
+}
+
+/// Runs `sql` with the core backend under `limit`, checking the accounting around it.
+async fn run_core(
+    limit: Option<u64>,
+    partitions: usize,
+    sql: &str,
+) -> Result<Run, DataFusionError> {
+    let (m, listener) = manager(limit);
+    let pool = Arc::new(NativememPool::new(m.pool("datafusion").unwrap()));
+    let result = run_on(pool.clone(), partitions, sql).await;
+    if let Err(e) = &result {
+        println!("query failed under {limit:?}: {e}");
+        // A failed query's partition tasks are cancelled asynchronously: let them unwind.
+        let started = std::time::Instant::now();
+        while pool.consumer_count() > 0 && started.elapsed() < std::time::Duration::from_secs(10) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+    // Every consumer gave its memory back, in DataFusion's view and in nativemem's.
+    assert_eq!(pool.reserved(), 0, "{}", pool.report());
+    assert_eq!(pool.consumer_count(), 0, "{}", pool.report());
+    assert_eq!(pool.overcommit(), 0, "{}", pool.report());
+    assert_eq!(m.used(), 0, "{}", m.usage_report());
+    if let Some(limit) = limit {
+        assert!(
+            m.peak() <= limit,
+            "peak {} over the limit {limit}",
+            m.peak()
+        );
+    }
+    let report = m.close().unwrap();
+    assert!(report.is_empty(), "{report}");
+    assert_eq!(listener.reserved(), 0);
+    result
+}
+
+/// The query twice, unbounded and under `limit`: same result (in the same order when the query
+/// orders it), and spills under the limit.
+async fn same_result_and_spills(limit: u64, partitions: usize, sql: &str, ordered: bool) {
+    let free = run_core(None, partitions, sql).await.unwrap();
+    assert_eq!(free.spill_count, 0, "unbounded run spilled");
+    let limited = run_core(Some(limit), partitions, sql).await.unwrap();
+    println!(
+        "{} MiB limit, {partitions} partition(s): {} rows, {} spills, {} spilled",
+        limit / MIB,
+        limited.digest.rows,
+        limited.spill_count,
+        limited.spilled_bytes
+    );
+    assert_eq!(
+        limited.digest.rows, free.digest.rows,
+        "row counts differ under the limit"
+    );
+    assert_eq!(
+        limited.digest.unordered, free.digest.unordered,
+        "results differ under the limit"
+    );
+    if ordered {
+        assert_eq!(
+            limited.digest.ordered, free.digest.ordered,
+            "order differs under the limit"
+        );
+    }
+    assert!(limited.spill_count > 0, "no spill under {limit} bytes");
+}
+
+const SORT: &str = "SELECT v FROM (SELECT (value * 7919) % 10000019 AS v FROM generate_series(1, 6000000)) ORDER BY v";
+const GROUP_BY: &str = "SELECT value % 1000000 AS k, count(*) AS n, sum(value) AS s \
+                        FROM generate_series(1, 3000000) GROUP BY value % 1000000";
+const JOIN: &str = "SELECT count(*) AS n, sum(a.value + b.value) AS s FROM generate_series(1, 1000000) a \
+                    JOIN (SELECT value * 2 AS value FROM generate_series(1, 1000000)) b ON a.value = b.value";
+const MIXED: &str = "SELECT k, n, s FROM (SELECT value % 1000000 AS k, count(*) AS n, sum(value) AS s \
+                     FROM generate_series(1, 4000000) GROUP BY value % 1000000) g \
+                     JOIN (SELECT value AS id FROM generate_series(0, 999999, 5)) f ON g.k = f.id ORDER BY s, k";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_by_millions_of_rows_spills_under_the_limit() {
+    same_result_and_spills(24 * MIB, 1, SORT, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_by_a_million_groups_spills_under_the_limit() {
+    same_result_and_spills(24 * MIB, 1, GROUP_BY, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_join_gives_the_same_result_under_a_limit_it_fits() {
+    // A hash join cannot spill: the limit leaves room for its build side; the result must match.
+    let free = run_core(None, 2, JOIN).await.unwrap();
+    let limited = run_core(Some(96 * MIB), 2, JOIN).await.unwrap();
+    assert_eq!(limited.digest, free.digest);
+    assert_eq!(limited.digest.rows, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_query_on_several_partitions_spills_under_the_limit() {
+    same_result_and_spills(64 * MIB, 4, MIXED, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impossible_limit_is_resources_exhausted_with_the_report() {
+    let err = match run_core(Some(64 * 1024), 1, SORT).await {
+        Ok(_) => panic!("a 64 KiB limit cannot sort millions of rows"),
+        Err(e) => e,
+    };
+    let text = err.to_string();
+    assert!(
+        matches!(err.find_root(), DataFusionError::ResourcesExhausted(_)),
+        "{err:?}"
+    );
+    assert!(text.contains("Native memory of 'df-task'"), "{text}");
+    assert!(text.contains("datafusion"), "{text}");
+}
+
+/// Through the engine ABI: a manager made with the client (as Java would make it), the pool a
+/// `ClientPool`. Same query, same result as through the core, and spills under the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_client_the_same_pool_spills_and_returns_everything() {
+    use nativemem_client::{Api, ManagerOptions};
+    let table = nativemem_jni::nativemem_api(nativemem_client::sys::NM_ABI_VERSION);
+    // SAFETY: the provider's table, a static of the linked library.
+    let api = unsafe { Api::from_ptr(table) }.unwrap();
+    let free = run_core(None, 1, SORT).await.unwrap();
+    let mm = api
+        .create_manager(
+            "df-client",
+            ManagerOptions {
+                reservation_block: Some(MIB),
+                task_limit: Some(24 * MIB),
+            },
+            None,
+        )
+        .unwrap();
+    let pool = Arc::new(NativememPool::new(
+        ClientPool::open(mm.acquire().unwrap(), "datafusion", None).unwrap(),
+    ));
+    assert_eq!(pool.native().limit(), Some(24 * MIB));
+    let limited = run_on(pool.clone(), 1, SORT).await.unwrap();
+    assert_eq!(limited.digest, free.digest);
+    assert!(limited.spill_count > 0);
+    assert_eq!(pool.reserved(), 0);
+    let lease = mm.acquire().unwrap();
+    let stats = lease.stats().unwrap();
+    assert_eq!(stats.used, 0);
+    assert!(stats.peak <= 24 * MIB, "{stats:?}");
+    drop(lease);
+    drop(pool); // releases the pool's lease
+    let report = mm.close().unwrap();
+    assert_eq!(report.leaked_bytes, 0, "{}", report.report);
+}
