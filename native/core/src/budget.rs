@@ -78,6 +78,10 @@ struct Counters {
     spilled_bytes: AtomicU64,
     reserve_calls: AtomicU64,
     unreserve_calls: AtomicU64,
+    /// Bytes of forced charges that the cushion did not cover when they were made (cumulative).
+    overcommitted_total: AtomicU64,
+    /// Highest over-commit seen (see `Budget::overcommitted`).
+    overcommit_peak: AtomicU64,
 }
 
 /// A snapshot of [`Counters`] and the live allocation count, for `ManagerStats`.
@@ -87,6 +91,8 @@ pub(crate) struct CounterSnapshot {
     pub(crate) reserve_calls: u64,
     pub(crate) unreserve_calls: u64,
     pub(crate) live_allocations: u64,
+    pub(crate) overcommitted_total: u64,
+    pub(crate) overcommit_peak: u64,
 }
 
 /// The part of a reservation the manager can see (for reports and for close).
@@ -119,6 +125,13 @@ pub(crate) struct Budget {
     /// room, or `reclaim` counting exactly what it hands back. While > 0, memory freed by spillers
     /// stays in the cushion instead of being handed back by hysteresis.
     held_spills: AtomicU64,
+    /// Over-commit still owed, as far as forced charges know: raised by the part of a forced
+    /// charge the cushion did not cover (`force_grow`), lowered when a grow's grant pays for it.
+    /// A *hint*, never trusted alone: releases also cover over-commit without touching it, so
+    /// every reader caps it by what is really uncovered now (`root.used - reserved`). It sizes
+    /// the deficit of the next grow that calls the listener (which so pays the over-commit, or
+    /// spills, or fails) and the `overcommitted` read-out.
+    overcommit: AtomicU64,
     closed: AtomicBool,
     /// Next consumer id.
     ids: AtomicU64,
@@ -145,6 +158,7 @@ impl Budget {
             reserved: AtomicU64::new(0),
             claims: AtomicU64::new(0),
             held_spills: AtomicU64::new(0),
+            overcommit: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             ids: AtomicU64::new(1),
             consumers: Mutex::new(HashMap::new()),
@@ -186,6 +200,8 @@ impl Budget {
             reserve_calls: c.reserve_calls.load(Ordering::Relaxed),
             unreserve_calls: c.unreserve_calls.load(Ordering::Relaxed),
             live_allocations: self.allocs.len() as u64,
+            overcommitted_total: c.overcommitted_total.load(Ordering::Relaxed),
+            overcommit_peak: c.overcommit_peak.load(Ordering::Relaxed),
         }
     }
 
@@ -349,9 +365,13 @@ impl Budget {
                 self.grown(node, spilled);
                 return Ok(());
             }
-            // What is uncovered now, at most this grow's own bytes: every other grow in flight
-            // covers its own (by this same check, or by its own grant).
-            let deficit = bytes.min(root_now - reserved);
+            // What is uncovered now, at most this grow's own bytes plus the over-commit still
+            // owed: every other grow in flight covers its own (by this same check, or by its own
+            // grant), and over-commit is paid by the next grow that reaches the listener (this
+            // one), which so reserves it from Spark, or spills, or fails.
+            // Relaxed: a hint, capped by what is really uncovered (see `overcommit`).
+            let owed = self.overcommit.load(Ordering::Relaxed);
+            let deficit = bytes.saturating_add(owed).min(root_now - reserved);
             let (requested, granted) = match self.reserve_from_listener(deficit) {
                 Ok(r) => r,
                 Err(e) => {
@@ -360,6 +380,9 @@ impl Budget {
                 }
             };
             if granted >= deficit {
+                if deficit > bytes {
+                    self.paid_overcommit(deficit - bytes);
+                }
                 self.grown(node, spilled);
                 return Ok(());
             }
@@ -383,6 +406,75 @@ impl Budget {
                 OomReason::ListenerDenied { requested, granted },
             ));
         }
+    }
+
+    /// Charges `bytes` to `node` (and ancestors) at once, whatever the limits and the cushion:
+    /// never calls the listener or a spiller, takes no lock and never waits (a few atomics). What
+    /// the cushion does not cover is **over-commit**: counted (`overcommitted`, the usage
+    /// report), and paid by the next fallible grow of the task that reaches the listener (it
+    /// reserves the over-commit with its own bytes, or spills, or fails); a pool pushed over its
+    /// limit refuses grows until enough is released. Returns the over-committed part of `bytes`.
+    ///
+    /// For code that cannot fail or call out: a global allocator's flush (`nativemem-track`).
+    /// Errors only if the manager is closed or `bytes` is above [`MAX_REQUEST_BYTES`] (nothing is
+    /// charged then).
+    pub(crate) fn force_grow(&self, node: &Arc<PoolNode>, bytes: u64) -> Result<u64> {
+        if bytes > MAX_REQUEST_BYTES {
+            return Err(MemoryError::InvalidArgument(format!(
+                "forced charge of {bytes} bytes exceeds the maximum of {MAX_REQUEST_BYTES} bytes"
+            )));
+        }
+        self.check_open()?;
+        node.force_charge(bytes);
+        // Acquire (both), as in `grow`: a `reserved` that includes a grant comes with a root
+        // that includes the grant's charge, so `uncovered` never counts bytes already covered.
+        let reserved = self.reserved.load(Ordering::Acquire);
+        let root_now = self.root.used.load(Ordering::Acquire);
+        let uncovered = root_now.saturating_sub(reserved).min(bytes);
+        if uncovered > 0 {
+            // Relaxed (all): a hint and statistics (see `overcommit`, `Counters`).
+            let owed = self.overcommit.fetch_add(uncovered, Ordering::Relaxed) + uncovered;
+            saturating_add(&self.counters.overcommitted_total, uncovered);
+            let now = owed.min(root_now.saturating_sub(reserved));
+            self.counters
+                .overcommit_peak
+                .fetch_max(now, Ordering::Relaxed);
+        }
+        node.record_peaks();
+        Ok(uncovered)
+    }
+
+    /// Takes back `bytes` charged to `node` without calling the listener: the bytes go to the
+    /// cushion, and are handed back by the next release that finds surplus, by Spark's reclaim
+    /// or by `close`. The counterpart of `force_grow` for code that must not call out.
+    ///
+    /// If `close` runs concurrently the bytes may stay reserved in the closed manager until
+    /// `close` is called again (it is idempotent and retries the hand-back); close is meant to
+    /// run when no other thread uses the manager.
+    pub(crate) fn release_quiet(&self, node: &PoolNode, bytes: u64) {
+        node.uncharge(bytes);
+    }
+
+    /// Over-commit now: bytes charged by `force_grow` beyond the reserve and not yet paid for or
+    /// released. Exact when no grow is in flight.
+    pub(crate) fn overcommitted(&self) -> u64 {
+        // Relaxed (all): a read-out (see `overcommit`).
+        let uncovered = self
+            .root
+            .used
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.reserved.load(Ordering::Relaxed));
+        self.overcommit.load(Ordering::Relaxed).min(uncovered)
+    }
+
+    /// A grow's grant paid `bytes` of over-commit.
+    fn paid_overcommit(&self, bytes: u64) {
+        // Relaxed: a hint (see `overcommit`); saturating, since releases may have covered part.
+        let _ = self
+            .overcommit
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(bytes))
+            });
     }
 
     /// Bookkeeping after a successful grow: peaks, and if the grow spilled, surplus that the
@@ -730,6 +822,8 @@ impl Budget {
             // Relaxed (both): report statistics (see above).
             spill_count: self.counters.spill_count.load(Ordering::Relaxed),
             spilled_bytes: self.counters.spilled_bytes.load(Ordering::Relaxed),
+            overcommitted: self.overcommitted(),
+            overcommitted_total: self.counters.overcommitted_total.load(Ordering::Relaxed),
             pools,
             top_consumers: consumers,
         }

@@ -73,6 +73,17 @@
 //! drops the guard before calling any spiller. The test `spiller_reentering_the_manager_does_not_deadlock`
 //! exercises the re-entrant path.
 //!
+//! ## Over-commit (forced grows)
+//! Code that can neither fail nor call out — a global allocator charging what an engine's
+//! threads allocate (`nativemem-track`) — uses [`Reservation::force_grow`]: it charges every pool
+//! level with one RMW each, ignoring limits, and never calls the listener or a spiller. What the
+//! cushion does not cover is *over-commit*: shown in [`ManagerStats::overcommitted`] and the usage
+//! report, and **paid by the next fallible grow** of the task that reaches the listener, which
+//! reserves the over-commit together with its own bytes (or spills, or fails with the report).
+//! A pool pushed over its limit refuses grows until enough is released. While over-committed
+//! there is no cushion, so nothing is handed back. [`Reservation::force_shrink`] releases
+//! without an upcall (the bytes stay as cushion until the next release, a reclaim or close).
+//!
 //! ## Exactness
 //! Every failing call leaves every counter as it was. Over-release is an error, never a panic and
 //! never a negative counter. `reserved` changes only by what the listener granted or accepted back,

@@ -30,6 +30,15 @@ pub struct ManagerStats {
     pub unreserve_calls: u64,
     /// Live allocations made through `Pool::allocate`.
     pub live_allocations: u64,
+    /// Over-commit now: bytes charged by forced grows ([`Reservation::force_grow`]) beyond what
+    /// was reserved from the listener, not yet paid for by a grow or released.
+    ///
+    /// [`Reservation::force_grow`]: crate::Reservation::force_grow
+    pub overcommitted: u64,
+    /// Highest [`overcommitted`](Self::overcommitted) seen.
+    pub overcommit_peak: u64,
+    /// Bytes forced grows over-committed so far (cumulative).
+    pub overcommitted_total: u64,
 }
 
 /// The memory manager of one task attempt. Cheap to clone (a shared handle); `Send + Sync`.
@@ -158,6 +167,9 @@ impl MemoryManager {
             reserve_calls: c.reserve_calls,
             unreserve_calls: c.unreserve_calls,
             live_allocations: c.live_allocations,
+            overcommitted: self.budget.overcommitted(),
+            overcommit_peak: c.overcommit_peak,
+            overcommitted_total: c.overcommitted_total,
         }
     }
 

@@ -54,6 +54,12 @@ pub struct UsageReport {
     pub spill_count: u64,
     /// Bytes freed by spills so far.
     pub spilled_bytes: u64,
+    /// Over-commit now: bytes charged without the listener's cover by a forced grow
+    /// ([`Reservation::force_grow`](crate::Reservation::force_grow), e.g. a tracking allocator)
+    /// and not yet paid for by a grow or released.
+    pub overcommitted: u64,
+    /// Bytes forced grows over-committed so far (cumulative).
+    pub overcommitted_total: u64,
     /// Every pool, parents before children.
     pub pools: Vec<PoolUsage>,
     /// The largest consumers, largest first (at most [`UsageReport::TOP_CONSUMERS`]).
@@ -86,6 +92,14 @@ impl fmt::Display for UsageReport {
             self.spill_count,
             human(self.spilled_bytes),
         )?;
+        if self.overcommitted > 0 || self.overcommitted_total > 0 {
+            writeln!(
+                f,
+                "Over-committed: {} now, {} so far (forced charges beyond what was reserved; the next grow pays them)",
+                human(self.overcommitted),
+                human(self.overcommitted_total),
+            )?;
+        }
         writeln!(f, "Pools:")?;
         for p in &self.pools {
             let name = p.path.rsplit('/').next().unwrap_or(&p.path);

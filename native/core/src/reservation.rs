@@ -74,6 +74,52 @@ impl Reservation {
         Ok(())
     }
 
+    /// Grows by `bytes` at once, **whatever the limits and the cushion**: never calls the
+    /// listener (the JVM) or a spiller, takes no lock, never waits. The part the reserved
+    /// cushion does not cover is over-commit (returned, and counted in
+    /// [`ManagerStats::overcommitted`](crate::ManagerStats::overcommitted) and the usage report);
+    /// the next [`try_grow`](Self::try_grow) of the task that reaches the listener reserves it
+    /// along with its own bytes, or spills, or fails. A pool pushed above its limit refuses grows
+    /// until enough is released.
+    ///
+    /// This is for code that can neither fail nor call out, such as a global allocator's flush
+    /// (`nativemem-track`); everything else should use `try_grow`. Errors (nothing changes):
+    /// [`MemoryError::Closed`], or `bytes` above [`MAX_REQUEST_BYTES`](crate::MAX_REQUEST_BYTES).
+    pub fn force_grow(&self, bytes: u64) -> Result<u64> {
+        if bytes == 0 {
+            return Ok(0);
+        }
+        let over = self.budget.force_grow(&self.state.node, bytes)?;
+        // Release: as in `try_grow` (edge 4 in `budget`).
+        let now = self.state.size.fetch_add(bytes, Ordering::Release) + bytes;
+        // Relaxed (both): the peak is a statistic; `fetch_max` keeps it monotonic.
+        if now > self.state.peak.load(Ordering::Relaxed) {
+            self.state.peak.fetch_max(now, Ordering::Relaxed);
+        }
+        Ok(over)
+    }
+
+    /// Shrinks by up to `bytes` (what it holds, if less) **without calling the listener**: the
+    /// bytes stay reserved as cushion, handed back by the next release that finds surplus, by
+    /// Spark's reclaim or by the manager's close. Returns the bytes released. Never fails: after
+    /// the manager's close emptied the reservation it releases 0. The counterpart of
+    /// [`force_grow`](Self::force_grow).
+    pub fn force_shrink(&self, bytes: u64) -> u64 {
+        // Acquire on success: the charge behind these bytes comes before the uncharge (edge 4).
+        // Relaxed on failure and for the first guess: the value only feeds the next attempt.
+        let taken = self
+            .state
+            .size
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |cur| {
+                Some(cur - bytes.min(cur))
+            })
+            .map_or(0, |prev| bytes.min(prev));
+        if taken > 0 {
+            self.budget.release_quiet(&self.state.node, taken);
+        }
+        taken
+    }
+
     /// Shrinks by `bytes`. Shrinking by more than is held is an error and changes nothing.
     ///
     /// The bytes always leave the pool; an error other than `InvalidArgument` means only that

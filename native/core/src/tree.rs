@@ -139,6 +139,24 @@ impl PoolNode {
         Ok(root_used)
     }
 
+    /// Adds `bytes` to this node and every ancestor whatever their limits (an over-commit: see
+    /// `Budget::force_grow`). Never fails; a level may end above its limit, and a later charge of
+    /// that level is then refused until enough is released. Returns the root's new `used`. The
+    /// root's RMW acquires, as in [`PoolNode::charge_one`]; below the root, `Relaxed` (module
+    /// docs). Callers keep `bytes <= MAX_REQUEST_BYTES` so no counter can overflow.
+    pub(crate) fn force_charge(&self, bytes: u64) -> u64 {
+        let mut root_used = 0;
+        for node in self.lineage() {
+            let order = if node.is_root() {
+                Ordering::Acquire
+            } else {
+                Ordering::Relaxed
+            };
+            root_used = node.used.fetch_add(bytes, order).wrapping_add(bytes);
+        }
+        root_used
+    }
+
     /// Raises the peaks of this node and its ancestors to their current usage. Called once a grow
     /// has fully succeeded, so a refused or rolled-back charge of this thread never shows as a
     /// peak (a concurrent thread's in-flight charge may: peaks are high-water marks of charges).
