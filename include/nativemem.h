@@ -303,7 +303,48 @@ typedef struct nm_api {
      * spill request returns). For embedders that play Spark's role for a manager of their own.
      */
     nm_status (*manager_reclaim)(nm_lease lease, uint64_t target, uint64_t *returned, char **err);
+
+    /* ---- forced charges: memory the engine allocated without asking (appended to version 1) -- */
+    /*
+     * For code that can neither fail nor call Spark: a malloc hook or a global allocator that
+     * charges what a task's threads allocate (see "Untracked native memory" in the README, and
+     * nativemem-track for Rust engines). Present when the table's struct_size covers them: test
+     * with NM_API_HAS(api, reservation_force_grow) before use if the engine may run with an older
+     * library (nm_api_check already guarantees it for a library at least as new as this header).
+     *
+     * Both are safe to call from inside a malloc hook *if* the hook has a thread-local guard
+     * against re-entry: this library allocates (with its own malloc) during the call, so a hook
+     * that replaces the process's malloc sees those calls; with err == NULL no message is made.
+     */
+
+    /**
+     * Grows `r` by `bytes` at once, whatever the pool limits and the memory reserved from Spark:
+     * never calls the JVM or a spill callback, never waits for another call. The part not covered
+     * by the bytes already reserved from Spark is over-commit: *overcommitted (may be NULL) gets
+     * it; it shows in the usage report ("Over-committed: ...") and the next reservation_try_grow
+     * or allocate of the task that needs Spark reserves it with its own bytes (or spills, or
+     * fails with NM_ERR_OUT_OF_MEMORY). A pool pushed over its limit refuses grows until enough is
+     * released. Fails (nothing changes): handles, NM_ERR_CLOSED, NM_ERR_INVALID_ARGUMENT (bytes >
+     * 2^62). Batch: call it per megabyte of change, not per malloc.
+     */
+    nm_status (*reservation_force_grow)(nm_reservation r, uint64_t bytes, uint64_t *overcommitted,
+                                        char **err);
+    /**
+     * Shrinks `r` by up to `bytes` (what it holds, if less) without calling the JVM: the bytes
+     * stay reserved from Spark as cushion until a later release, Spark's spill request or the
+     * manager's close gives them back. *released (may be NULL) gets the bytes released (0 once
+     * the manager's close emptied the reservation). Fails only on handles and NM_ERR_CLOSED.
+     */
+    nm_status (*reservation_force_shrink)(nm_reservation r, uint64_t bytes, uint64_t *released,
+                                          char **err);
 } nm_api;
+
+/** Size of version 1's first table (before the forced charges were appended). */
+#define NM_API_V1_SIZE 208u
+
+/** True if the table `api` has the field `member` (an older library's table may end before). */
+#define NM_API_HAS(api, member)                                                                   \
+    ((api)->struct_size >= offsetof(nm_api, member) + sizeof(((nm_api *)0)->member))
 
 /**
  * The table of the library, if it supports `min_version`; NULL otherwise. Exported by

@@ -37,7 +37,10 @@ NM_STATIC_ASSERT(offsetof(nm_api, manager_create) == 176, "manager_create");
 NM_STATIC_ASSERT(offsetof(nm_api, manager_close) == 184, "manager_close");
 NM_STATIC_ASSERT(offsetof(nm_api, manager_spill) == 192, "manager_spill");
 NM_STATIC_ASSERT(offsetof(nm_api, manager_reclaim) == 200, "manager_reclaim");
-NM_STATIC_ASSERT(sizeof(nm_api) == 208, "nm_api size (version 1)");
+NM_STATIC_ASSERT(offsetof(nm_api, reservation_force_grow) == NM_API_V1_SIZE,
+                 "forced charges appended after version 1's first table");
+NM_STATIC_ASSERT(offsetof(nm_api, reservation_force_shrink) == 216, "reservation_force_shrink");
+NM_STATIC_ASSERT(sizeof(nm_api) == 224, "nm_api size (version 1 with forced charges)");
 
 /* The status codes are part of the ABI: never renumbered. */
 NM_STATIC_ASSERT(NM_OK == 0 && NM_ERR_INVALID_ARGUMENT == 1 && NM_ERR_STALE_HANDLE == 2 &&
@@ -48,3 +51,12 @@ NM_STATIC_ASSERT(NM_OK == 0 && NM_ERR_INVALID_ARGUMENT == 1 && NM_ERR_STALE_HAND
 
 /* nm_api_check refuses a NULL table (an inline function of the header: it must compile). */
 int nm_header_check_null_table(void) { return nm_api_check(NULL) == NM_ERR_UNSUPPORTED; }
+
+/* NM_API_HAS tells a version-1 table of the first size from one with the forced charges. */
+int nm_header_check_has(void) {
+    nm_api t;
+    t.struct_size = NM_API_V1_SIZE;
+    int old_lacks = !NM_API_HAS(&t, reservation_force_grow);
+    t.struct_size = (uint32_t)sizeof(nm_api);
+    return old_lacks && NM_API_HAS(&t, reservation_force_shrink) && NM_API_HAS(&t, manager_reclaim);
+}

@@ -222,6 +222,36 @@ impl Reservation {
         })
     }
 
+    /// Grows by `bytes` at once, whatever the limits and what was reserved from Spark: never
+    /// calls the JVM or a spiller, never waits. Returns the over-committed part (not covered by
+    /// the reserved cushion), which the task's next fallible grow pays (see
+    /// `reservation_force_grow` in the header). For code that can neither fail nor call out, such
+    /// as a global allocator's flush (`nativemem-track`); everything else uses
+    /// [`try_grow`](Self::try_grow). Errors (nothing changes): stale handle, closed manager,
+    /// `bytes` above 2^62.
+    pub fn force_grow(&self, bytes: u64) -> Result<u64> {
+        let mut over = 0u64;
+        self.api.call(|err| {
+            // SAFETY: the table refuses bad handles by code; `over` and `err` are writable.
+            unsafe { (self.api.raw().reservation_force_grow)(self.handle, bytes, &mut over, err) }
+        })?;
+        Ok(over)
+    }
+
+    /// Shrinks by up to `bytes` (what it holds, if less) without calling the JVM; returns the
+    /// bytes released (0 after the manager's close emptied it). The counterpart of
+    /// [`force_grow`](Self::force_grow).
+    pub fn force_shrink(&self, bytes: u64) -> Result<u64> {
+        let mut released = 0u64;
+        self.api.call(|err| {
+            // SAFETY: the table refuses bad handles by code; `released` and `err` are writable.
+            unsafe {
+                (self.api.raw().reservation_force_shrink)(self.handle, bytes, &mut released, err)
+            }
+        })?;
+        Ok(released)
+    }
+
     /// The current size.
     pub fn size(&self) -> Result<u64> {
         let mut out = 0u64;

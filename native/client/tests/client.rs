@@ -170,6 +170,59 @@ fn reservation_grow_shrink_resize_free_and_drop_keep_exact_totals() {
 }
 
 #[test]
+fn forced_grow_and_shrink_never_ask_spark_and_the_next_grow_pays_the_overcommit() {
+    let (mm, listener) = manager("forced", MIB, 8 * MIB);
+    let lease = mm.acquire().unwrap();
+    let pool = lease.pool("engine/untracked", None).unwrap();
+    let t = pool.reservation("tracked").unwrap();
+
+    // Nothing reserved yet: all of it is over-commit, and Spark was not asked.
+    assert_eq!(t.force_grow(3 * MIB / 2).unwrap(), 3 * MIB / 2);
+    assert_eq!(listener.reserve_calls.load(Ordering::SeqCst), 0);
+    let m = lease.stats().unwrap();
+    assert_eq!((m.used, m.reserved), (3 * MIB / 2, 0));
+    let report = lease.usage_report().unwrap();
+    assert!(report.contains("Over-committed: 1.5 MiB now"), "{report}");
+
+    // The next fallible grow reserves its own bytes and the over-commit, in whole blocks.
+    let r = pool.reservation("op").unwrap();
+    r.try_grow(KIB).unwrap();
+    assert_eq!(listener.reserve_calls.load(Ordering::SeqCst), 1);
+    let m = lease.stats().unwrap();
+    assert_eq!((m.used, m.reserved), (3 * MIB / 2 + KIB, 2 * MIB));
+    assert!(!lease.usage_report().unwrap().contains("MiB now"));
+
+    // A shrink without upcall saturates at the size; the bytes stay reserved as cushion.
+    assert_eq!(t.force_shrink(2 * MIB).unwrap(), 3 * MIB / 2);
+    assert_eq!(t.size().unwrap(), 0);
+    let m = lease.stats().unwrap();
+    assert_eq!((m.used, m.reserved), (KIB, 2 * MIB));
+
+    // Over-commit Spark cannot cover makes the next grow fail; nothing changes.
+    t.force_grow(9 * MIB).unwrap();
+    let e = r.try_grow(KIB).unwrap_err();
+    assert_eq!(e.code, Code::OutOfMemory, "{e}");
+    assert_eq!(r.size().unwrap(), KIB);
+    assert_eq!(t.force_shrink(9 * MIB).unwrap(), 9 * MIB);
+
+    // Bad handles are codes, never crashes.
+    let forged = api().raw();
+    let mut out = 7u64;
+    // SAFETY: a forged handle is refused by code; `out` is writable and err may be null.
+    let status = unsafe { (forged.reservation_force_grow)(12345, 1, &mut out, ptr::null_mut()) };
+    assert_ne!(status, sys::NM_OK);
+    assert_eq!(out, 7);
+    // SAFETY: as above.
+    let status =
+        unsafe { (forged.reservation_force_shrink)(0, 1, ptr::null_mut(), ptr::null_mut()) };
+    assert_eq!(status, sys::NM_ERR_INVALID_HANDLE);
+
+    drop((r, t, pool));
+    lease.release().unwrap();
+    close_clean(mm, &listener);
+}
+
+#[test]
 fn pool_limit_is_reported_enforced_and_fixed_at_creation() {
     let (mm, listener) = manager("limits", MIB, 64 * MIB);
     let lease = mm.acquire().unwrap();

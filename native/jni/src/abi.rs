@@ -90,6 +90,8 @@ pub(crate) static API: NmApi = NmApi {
     manager_close: nm_manager_close,
     manager_spill: nm_manager_spill,
     manager_reclaim: nm_manager_reclaim,
+    reservation_force_grow: nm_reservation_force_grow,
+    reservation_force_shrink: nm_reservation_force_shrink,
 };
 
 /// The table if this library supports `min_version`, else null. Also exported as the C symbol
@@ -598,6 +600,35 @@ unsafe extern "C" fn nm_reservation_free(
     run(err, || {
         let bytes = registry::with_reservation(handle_arg(r), |res| Ok(res.free()))?;
         put_opt(freed, bytes);
+        Ok(())
+    })
+}
+
+/// A forced grow (`Reservation::force_grow`): never calls the listener or a spiller. Only the
+/// handle lookup and the call count of the manager are done around it (no wait, no upcall).
+unsafe extern "C" fn nm_reservation_force_grow(
+    r: nm_reservation,
+    bytes: u64,
+    overcommitted: *mut u64,
+    err: Err,
+) -> nm_status {
+    run(err, || {
+        let over = registry::with_reservation(handle_arg(r), |res| Ok(res.force_grow(bytes)?))?;
+        put_opt(overcommitted, over);
+        Ok(())
+    })
+}
+
+/// A shrink without upcall (`Reservation::force_shrink`).
+unsafe extern "C" fn nm_reservation_force_shrink(
+    r: nm_reservation,
+    bytes: u64,
+    released: *mut u64,
+    err: Err,
+) -> nm_status {
+    run(err, || {
+        let taken = registry::with_reservation(handle_arg(r), |res| Ok(res.force_shrink(bytes)))?;
+        put_opt(released, taken);
         Ok(())
     })
 }

@@ -205,7 +205,25 @@ pub struct NmApi {
         returned: *mut u64,
         err: Err,
     ) -> nm_status,
+
+    // Appended to version 1 (forced charges); present when `struct_size` covers them.
+    pub reservation_force_grow: unsafe extern "C" fn(
+        r: nm_reservation,
+        bytes: u64,
+        overcommitted: *mut u64,
+        err: Err,
+    ) -> nm_status,
+    pub reservation_force_shrink: unsafe extern "C" fn(
+        r: nm_reservation,
+        bytes: u64,
+        released: *mut u64,
+        err: Err,
+    ) -> nm_status,
 }
+
+/// `NM_API_V1_SIZE`: the size of version 1's first table, before the forced charges were
+/// appended (`reservation_force_grow` starts there).
+pub const NM_API_V1_SIZE: u32 = 208;
 
 impl NmApi {
     /// What `nm_api_check` of the header does: true if a table with this header can be used by a
@@ -235,6 +253,11 @@ mod tests {
         assert_eq!(offset_of!(NmApi, acquire), 16);
         assert_eq!(offset_of!(NmApi, manager_close), 8 + 8 * 22);
         assert_eq!(offset_of!(NmApi, manager_reclaim), 8 + 8 * 24);
-        assert_eq!(size_of::<NmApi>(), 8 + 8 * 25);
+        assert_eq!(
+            offset_of!(NmApi, reservation_force_grow),
+            NM_API_V1_SIZE as usize
+        );
+        assert_eq!(offset_of!(NmApi, reservation_force_shrink), 8 + 8 * 26);
+        assert_eq!(size_of::<NmApi>(), 8 + 8 * 27);
     }
 }
