@@ -12,6 +12,10 @@
 #   core  criterion benches of nativemem-core (native/core/benches/core.rs), read back from
 #         criterion's estimates.json: grow+shrink pair vs two atomic RMW pairs; allocate+free vs
 #         the system allocator, 64 B .. 1 MiB.
+#   track criterion bench of nativemem-track (native/track/benches/track.rs): alloc+free of one
+#         block through the tracking global allocator on a thread bound to a pool vs the wrapped
+#         system allocator with the same layout, 64 B .. 1 MiB; also the system allocator asked
+#         for the tracker's size (block + 16-byte header) and an unbound thread, in the notes.
 #   jni   the Java harness org.nativemem.bench.JniBench (tests/spark/java), in a Spark task
 #         (local[1], real TaskMemoryManager, OFF_HEAP): native 64 KiB grows through nativemem vs
 #         one JVM upcall per grow; upcalls per GiB; create+close of a manager vs a JNI downcall.
@@ -35,12 +39,12 @@ parts=()
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;;
-    core|jni|sort|datafusion) parts+=("$arg") ;;
+    core|track|jni|sort|datafusion) parts+=("$arg") ;;
     -h|--help) usage; exit 0 ;;
     *) echo "bench.sh: unknown argument '$arg'" >&2; usage >&2; exit 2 ;;
   esac
 done
-[ ${#parts[@]} -gt 0 ] || parts=(core jni sort datafusion)
+[ ${#parts[@]} -gt 0 ] || parts=(core track jni sort datafusion)
 want() { local p; for p in "${parts[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
 
 BENCH_DIR="${BENCH_DIR:-$ROOT/target/bench}"
@@ -125,6 +129,35 @@ core_part() {
     fi
     row "core: Pool::allocate+free, $label" "$(fmt_ns "$nm")" "system alloc+free: $(fmt_ns "$sys")" \
         "$(ratio "$nm" "$sys")" "≤ 1.3×" "$(met "$nm / $sys <= 1.3")"
+  done
+}
+
+# ---- 1b. tracking allocator (criterion) ------------------------------------------------------------
+track_part() {
+  local log="$BENCH_DIR/track.log" crit="$BENCH_DIR/criterion-track"
+  rm -rf "$crit"
+  step "track: cargo bench -p nativemem-track --bench track (log: ${log#"$ROOT"/})"
+  local env_quick=()
+  [ "$quick" = 1 ] && env_quick=(NATIVEMEM_BENCH_QUICK=1)
+  if ! env ${env_quick[@]+"${env_quick[@]}"} CRITERION_HOME="$crit" \
+      cargo bench -p nativemem-track --bench track >"$log" 2>&1; then
+    fail_part track "$log"; return
+  fi
+  test_est() { # group/bench -> ns
+    local f="$crit/$1/new/estimates.json"
+    [ -f "$f" ] || { echo "bench.sh: $f missing" >&2; return 1; }
+    sed -E "s/.*\"$BENCH_ESTIMATE\":\{\"confidence_interval\":\{[^}]*\},\"point_estimate\":([-0-9.eE+]+).*/\1/" "$f"
+  }
+  local size label sys hdr tr ub
+  for size in 64 4096 65536 1048576; do
+    case $size in 64) label="64 B" ;; 4096) label="4 KiB" ;; 65536) label="64 KiB" ;; 1048576) label="1 MiB" ;; esac
+    if ! { sys="$(test_est "track_alloc_free/system/$size")" && hdr="$(test_est "track_alloc_free/system_with_header/$size")" &&
+           tr="$(test_est "track_alloc_free/tracked/$size")" && ub="$(test_est "track_alloc_free/unbound/$size")"; }; then
+      fail_part track "$log"; return
+    fi
+    row "track: alloc+free on a tracked thread, $label" "$(fmt_ns "$tr")" "wrapped system alloc+free: $(fmt_ns "$sys")" \
+        "$(ratio "$tr" "$sys")" "≤ 1.2×" "$(met "$tr / $sys <= 1.2")"
+    notes+=("track $label: system asked for block + header $(fmt_ns "$hdr") (tracked / that: $(ratio "$tr" "$hdr")); unbound thread $(fmt_ns "$ub") ($(ratio "$ub" "$sys"))")
   done
 }
 
@@ -242,6 +275,7 @@ datafusion_part() {
 }
 
 want core && core_part
+want track && track_part
 want jni && jni_part
 want sort && sort_part
 want datafusion && datafusion_part

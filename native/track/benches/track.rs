@@ -41,6 +41,24 @@ fn alloc_free(c: &mut Criterion) {
                 }
             })
         });
+        // The wrapped allocator asked for what the tracking allocator asks it for (the block
+        // plus its 16-byte header, aligned to 16): separates the allocator's own cost of the
+        // larger size from the tracking's bookkeeping.
+        let outer = Layout::from_size_align(size + 16, 16).unwrap();
+        g.bench_with_input(
+            BenchmarkId::new("system_with_header", size),
+            &size,
+            |b, _| {
+                b.iter(|| {
+                    // SAFETY: as above.
+                    unsafe {
+                        let p = System.alloc(outer);
+                        black_box(p);
+                        System.dealloc(p, outer);
+                    }
+                })
+            },
+        );
         g.bench_with_input(BenchmarkId::new("tracked", size), &size, |b, _| {
             let _guard = tracker.track_thread();
             b.iter(|| {

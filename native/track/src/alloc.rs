@@ -15,7 +15,9 @@
 //! A thread bound to a tracker adds each block's size to a local delta (a `Cell`, no atomic) and
 //! sends it to the account when it passes the tracker's threshold (1 MiB by default, as Doris
 //! does), so the pool follows the thread within the threshold and the cost of an allocation is a
-//! thread-local read, a compare and a store (see the bench row in `scripts/bench.sh`). A free of
+//! thread-local read, a compare and a store (see the bench row in `scripts/bench.sh`). A flush
+//! sends whole multiples of the threshold and keeps the remainder in the batch, so a block of
+//! about the threshold's size allocated and freed in a loop does not flush every time. A free of
 //! a block of the thread's own account goes to the same delta; a free of another account's block
 //! (another thread's, or after the scope) is applied to that account's shared counters.
 //!
@@ -36,18 +38,45 @@ use crate::account::{retire, Account};
 pub(crate) struct Local {
     /// The account this thread is bound to (null: none). The binding owns one reference.
     pub(crate) account: Cell<*const Account>,
+    /// `account` unless tracking is suspended (then null): the one field the fast path reads.
+    active: Cell<*const Account>,
     /// Bytes allocated minus freed on this thread for `account`, not yet sent to it.
     pub(crate) delta: Cell<i64>,
     /// `account`'s threshold (cached: no dereference on the fast path).
     pub(crate) limit: Cell<i64>,
     /// True while tracking is suspended (a flush is calling the sink, or [`crate::untracked`]).
-    pub(crate) busy: Cell<bool>,
+    busy: Cell<bool>,
+}
+
+impl Local {
+    /// Suspends (`true`) or resumes tracking; returns the previous state.
+    pub(crate) fn set_busy(&self, busy: bool) -> bool {
+        let was = self.busy.replace(busy);
+        self.active.set(if busy {
+            ptr::null()
+        } else {
+            self.account.get()
+        });
+        was
+    }
+
+    /// Binds the thread to `account` (null: unbound) with its threshold; returns the previous
+    /// binding. The caller has sent the local delta.
+    pub(crate) fn bind(&self, account: *const Account, limit: i64) -> *const Account {
+        let prev = self.account.replace(account);
+        self.limit.set(limit);
+        if !self.busy.get() {
+            self.active.set(account);
+        }
+        prev
+    }
 }
 
 thread_local! {
     pub(crate) static LOCAL: Local = const {
         Local {
             account: Cell::new(ptr::null()),
+            active: Cell::new(ptr::null()),
             delta: Cell::new(0),
             limit: Cell::new(0),
             busy: Cell::new(false),
@@ -55,22 +84,37 @@ thread_local! {
     };
 }
 
-/// Sends this thread's local delta to its account (tracking suspended meanwhile).
+/// Sends this thread's whole local delta to its account (tracking suspended meanwhile).
 pub(crate) fn flush_local(l: &Local) {
+    send(l, l.delta.replace(0));
+}
+
+/// The fast path's flush, once the delta passed the threshold: sends the whole multiples of the
+/// threshold and keeps the remainder (smaller than the threshold) in the batch. So a block of
+/// about the threshold's size allocated and freed in a loop does not flush on every call, and
+/// the pool still follows the thread within the threshold.
+#[cold]
+fn flush_excess(l: &Local) {
+    let delta = l.delta.get();
+    let keep = delta % l.limit.get().max(1);
+    l.delta.set(keep);
+    send(l, delta - keep);
+}
+
+fn send(l: &Local, delta: i64) {
     let account = l.account.get();
-    let delta = l.delta.replace(0);
     if account.is_null() || delta == 0 {
         return;
     }
-    let was_busy = l.busy.replace(true);
+    let was_busy = l.set_busy(true);
     // SAFETY: the binding holds a reference, so the account is live; and the state cannot reach
     // 0 (that reference is in it).
     let a = unsafe { &*account };
-    a.apply(delta, !was_busy);
+    let _ = a.apply(delta, !was_busy);
     if !was_busy {
         a.push();
     }
-    l.busy.set(was_busy);
+    l.set_busy(was_busy);
 }
 
 /// Charges `bytes` of a new block on this thread; returns the account to write in its header
@@ -79,14 +123,14 @@ pub(crate) fn flush_local(l: &Local) {
 fn charge_here(bytes: usize) -> *const Account {
     LOCAL
         .try_with(|l| {
-            let account = l.account.get();
-            if account.is_null() || l.busy.get() {
-                return ptr::null();
+            let account = l.active.get();
+            if account.is_null() {
+                return account;
             }
             let delta = l.delta.get() + bytes as i64;
             l.delta.set(delta);
             if delta > l.limit.get() {
-                flush_local(l);
+                flush_excess(l);
             }
             account
         })
@@ -98,13 +142,13 @@ fn charge_here(bytes: usize) -> *const Account {
 fn change(account: *const Account, bytes: i64) {
     let local = LOCAL
         .try_with(|l| {
-            if l.account.get() != account || l.busy.get() {
+            if l.active.get() != account {
                 return false;
             }
             let delta = l.delta.get() + bytes;
             l.delta.set(delta);
             if delta.unsigned_abs() > l.limit.get() as u64 {
-                flush_local(l);
+                flush_excess(l);
             }
             true
         })
@@ -119,7 +163,7 @@ fn change(account: *const Account, bytes: i64) {
 fn change_shared(account: *const Account, bytes: i64) {
     // Suspend tracking while the sink may be called; without thread-locals (thread exit), never
     // call it.
-    let may_call = LOCAL.try_with(|l| !l.busy.replace(true)).unwrap_or(false);
+    let may_call = LOCAL.try_with(|l| !l.set_busy(true)).unwrap_or(false);
     // SAFETY: a block's header holds its account, and a live block counts in the account's
     // state, so the account is live until this block's bytes are taken out below.
     let a = unsafe { &*account };
@@ -129,7 +173,7 @@ fn change_shared(account: *const Account, bytes: i64) {
         unsafe { retire(account, may_call, true) };
     }
     if may_call {
-        let _ = LOCAL.try_with(|l| l.busy.set(false));
+        let _ = LOCAL.try_with(|l| l.set_busy(false));
     }
 }
 

@@ -161,9 +161,7 @@ impl ThreadGuard {
             // The batch so far belongs to the previous binding.
             flush_local(l);
             tracker.account().acquire_ref();
-            let prev = l.account.replace(account);
-            l.limit.set(tracker.account().threshold);
-            prev
+            l.bind(account, tracker.account().threshold)
         });
         match bound {
             Ok(prev) => ThreadGuard {
@@ -212,14 +210,13 @@ impl Drop for ThreadGuard {
                 return false;
             }
             flush_local(l);
-            l.account.set(self.prev);
             let limit = if self.prev.is_null() {
                 0
             } else {
                 // SAFETY: the restored binding owns a reference to `prev`.
                 unsafe { &*self.prev }.threshold
             };
-            l.limit.set(limit);
+            l.bind(self.prev, limit);
             true
         });
         if restored == Ok(true) {
@@ -236,18 +233,18 @@ pub fn untracked<R>(f: impl FnOnce() -> R) -> R {
     impl Drop for Restore {
         fn drop(&mut self) {
             let was = self.0;
-            let _ = LOCAL.try_with(|l| l.busy.set(was));
+            let _ = LOCAL.try_with(|l| l.set_busy(was));
         }
     }
-    let was = LOCAL.try_with(|l| l.busy.replace(true)).unwrap_or(true);
+    let was = LOCAL.try_with(|l| l.set_busy(true)).unwrap_or(true);
     let _restore = Restore(was);
     f()
 }
 
 fn untracked_in(l: &Local, f: impl FnOnce()) {
-    let was = l.busy.replace(true);
+    let was = l.set_busy(true);
     f();
-    l.busy.set(was);
+    l.set_busy(was);
 }
 
 /// Frees the bookkeeping of trackers whose last tracked block was freed inside the allocator

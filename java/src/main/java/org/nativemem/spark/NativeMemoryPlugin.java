@@ -5,6 +5,9 @@ import java.util.Collections;
 import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Map;
+import java.util.concurrent.Executors;
+import java.util.concurrent.ScheduledExecutorService;
+import java.util.concurrent.TimeUnit;
 import java.util.function.ToLongFunction;
 
 import org.apache.spark.SparkContext;
@@ -56,6 +59,16 @@ import com.codahale.metrics.MetricRegistry;
  *   <tr><td>{@code arrowReclaimedAtCloseBytes}</td><td>Arrow bytes still open when their task ended</td></tr>
  * </table>
  *
+ * <p>And the process view ({@link ExecutorMemory}, sampled every second on a daemon thread and on
+ * gauge reads, never more often), each with a {@code ...PeakBytes} twin (peak over the executor's
+ * life), listed in {@link #PROCESS_METRIC_NAMES}: {@code processRssBytes} (the resident set the
+ * container limit applies to), {@code jvmHeapUsedBytes}, {@code jvmHeapCommittedBytes},
+ * {@code jvmDirectBytes}, {@code nativeTrackedBytes} (nativemem's accounted bytes) and
+ * {@code untrackedNativeBytes} (rss - heap committed - direct - nativemem). At executor shutdown the
+ * plugin logs a one-line recommendation for {@code spark.executor.memoryOverhead} and
+ * {@code spark.memory.offHeap.size} from the peaks, with the arithmetic ({@link #recommendation()}
+ * gives it on demand).
+ *
  * <p>The plugin is optional for {@link TaskNativeMemory} to work (the library then loads at the
  * first task that uses it), but without it there is no early check and no metrics.
  */
@@ -90,6 +103,36 @@ public final class NativeMemoryPlugin implements SparkPlugin {
         m.put("arrowReclaimedAtCloseBytes", ExecutorNativeMemoryStats::arrowReclaimedAtCloseBytes);
         return Collections.unmodifiableMap(m);
     }
+
+    /** The process gauges (see {@link ExecutorMemory}): name to the value it reads. */
+    private static final Map<String, ToLongFunction<ExecutorMemory>> PROCESS_METRICS = processMetrics();
+
+    /** Names of the process gauges registered by the executor plugin, in registration order. */
+    public static final List<String> PROCESS_METRIC_NAMES =
+            Collections.unmodifiableList(new ArrayList<>(PROCESS_METRICS.keySet()));
+
+    private static Map<String, ToLongFunction<ExecutorMemory>> processMetrics() {
+        Map<String, ToLongFunction<ExecutorMemory>> m = new LinkedHashMap<>();
+        m.put("processRssBytes", e -> e.sampleIfDue().rssBytes);
+        m.put("jvmHeapUsedBytes", e -> e.sampleIfDue().heapUsedBytes);
+        m.put("jvmHeapCommittedBytes", e -> e.sampleIfDue().heapCommittedBytes);
+        m.put("jvmDirectBytes", e -> e.sampleIfDue().directBytes);
+        m.put("nativeTrackedBytes", e -> e.sampleIfDue().nativeBytes);
+        m.put("untrackedNativeBytes", e -> e.sampleIfDue().untrackedBytes);
+        m.put("processRssPeakBytes", e -> e.peaks().rssBytes);
+        m.put("jvmHeapUsedPeakBytes", e -> e.peaks().heapUsedBytes);
+        m.put("jvmHeapCommittedPeakBytes", e -> e.peaks().heapCommittedBytes);
+        m.put("jvmDirectPeakBytes", e -> e.peaks().directBytes);
+        m.put("nativeTrackedPeakBytes", e -> e.peaks().nativeBytes);
+        m.put("untrackedNativePeakBytes", e -> e.peaks().untrackedBytes);
+        return Collections.unmodifiableMap(m);
+    }
+
+    /** The executor's memory settings, for the recommendation (set at init). */
+    private static volatile boolean offHeapEnabled;
+    private static volatile long configuredOverheadBytes = -1;
+    private static volatile long configuredOffHeapBytes;
+    private static volatile ScheduledExecutorService sampler;
 
     /** The registry the executor plugin of this JVM registered its gauges in (null before init). */
     private static volatile MetricRegistry executorRegistry;
@@ -133,6 +176,39 @@ public final class NativeMemoryPlugin implements SparkPlugin {
         return values;
     }
 
+    /**
+     * Reads the executor plugin's process gauges back from its registry.
+     *
+     * @return gauge name to value, in {@link #PROCESS_METRIC_NAMES} order; empty before init
+     */
+    public static Map<String, Long> processMetrics() {
+        MetricRegistry registry = executorRegistry;
+        if (registry == null) {
+            return Collections.emptyMap();
+        }
+        Map<String, Metric> metrics = registry.getMetrics();
+        Map<String, Long> values = new LinkedHashMap<>();
+        for (String name : PROCESS_METRIC_NAMES) {
+            Metric metric = metrics.get(name);
+            if (metric instanceof Gauge) {
+                Object value = ((Gauge<?>) metric).getValue();
+                values.put(name, value instanceof Number ? ((Number) value).longValue() : null);
+            }
+        }
+        return values;
+    }
+
+    /**
+     * The sizing recommendation for this executor from what it observed so far (see
+     * {@link ExecutorMemory}): one line, with the arithmetic. Logged by the executor plugin at
+     * shutdown; callable at any time (outside an executor, with the defaults of the settings).
+     *
+     * @return e.g. {@code spark.executor.memoryOverhead=1229m (...), spark.memory.offHeap.size=564m (...)}
+     */
+    public static String recommendation() {
+        return ExecutorMemory.get().recommendation(offHeapEnabled, configuredOverheadBytes, configuredOffHeapBytes);
+    }
+
     /** @return the id of the executor whose plugin initialized in this JVM, or null */
     public static String executorId() {
         return executorId;
@@ -173,6 +249,11 @@ public final class NativeMemoryPlugin implements SparkPlugin {
             }
             MetricRegistry registry = ctx.metricRegistry();
             registerGauges(registry);
+            offHeapEnabled = ctx.conf().getBoolean("spark.memory.offHeap.enabled", false);
+            configuredOffHeapBytes = ctx.conf().getSizeAsBytes("spark.memory.offHeap.size", "0");
+            configuredOverheadBytes = ctx.conf().contains("spark.executor.memoryOverhead")
+                    ? ctx.conf().getSizeAsMb("spark.executor.memoryOverhead", "0") << 20 : -1;
+            startSampler();
             executorRegistry = registry;
             executorId = ctx.executorID();
             LOG.info("nativemem: executor {}: native library loaded from {}; {}", ctx.executorID(),
@@ -181,6 +262,17 @@ public final class NativeMemoryPlugin implements SparkPlugin {
 
         @Override
         public void shutdown() {
+            ScheduledExecutorService s = sampler;
+            sampler = null;
+            if (s != null) {
+                s.shutdownNow();
+            }
+            try {
+                ExecutorMemory.get().sample();
+                LOG.info("nativemem: executor {} memory recommendation: {}", executorId, recommendation());
+            } catch (RuntimeException e) {
+                LOG.warn("nativemem: executor {}: no memory recommendation", executorId, e);
+            }
             ExecutorNativeMemoryStats stats = TaskNativeMemory.executorStats();
             if (stats.liveManagers() > 0) {
                 LOG.warn("nativemem: executor {} shutting down with {} task managers still open: {}", executorId,
@@ -191,7 +283,35 @@ public final class NativeMemoryPlugin implements SparkPlugin {
         }
     }
 
+    /** Samples the process view every {@link ExecutorMemory#DEFAULT_SAMPLE_INTERVAL_MS} on a daemon thread. */
+    private static synchronized void startSampler() {
+        if (sampler != null) {
+            return;
+        }
+        ScheduledExecutorService s = Executors.newSingleThreadScheduledExecutor(r -> {
+            Thread t = new Thread(r, "nativemem-memory-sampler");
+            t.setDaemon(true);
+            return t;
+        });
+        s.scheduleWithFixedDelay(() -> {
+            try {
+                ExecutorMemory.get().sampleIfDue();
+            } catch (RuntimeException e) {
+                LOG.debug("nativemem: memory sample failed", e);
+            }
+        }, 0, ExecutorMemory.DEFAULT_SAMPLE_INTERVAL_MS, TimeUnit.MILLISECONDS);
+        sampler = s;
+    }
+
     private static void registerGauges(MetricRegistry registry) {
+        for (final Map.Entry<String, ToLongFunction<ExecutorMemory>> m : PROCESS_METRICS.entrySet()) {
+            registry.register(m.getKey(), new Gauge<Long>() {
+                @Override
+                public Long getValue() {
+                    return m.getValue().applyAsLong(ExecutorMemory.get());
+                }
+            });
+        }
         for (final Map.Entry<String, ToLongFunction<ExecutorNativeMemoryStats>> m : METRICS.entrySet()) {
             registry.register(m.getKey(), new Gauge<Long>() {
                 @Override

@@ -445,6 +445,13 @@ public final class TaskNativeMemory {
 
         /** The completion listener: close, account, hand the peak to Spark's task metrics. */
         private void complete(boolean exceptionOnLeak) {
+            // The process view at the task's end, while its manager still counts as nativemem's
+            // (not yet closed): what the task held is not mistaken for untracked memory.
+            try {
+                ExecutorMemory.get().sampleIfDue();
+            } catch (RuntimeException e) {
+                LOG.debug("nativemem: {}: memory sample failed", name, e);
+            }
             NativeMemoryManager m;
             List<TaskResource> toClose;
             synchronized (this) {
