@@ -57,8 +57,9 @@
 //!   operator asking before a big step) reserves it from Spark, or spills, or fails with the
 //!   report. Frees are forced shrinks: the bytes stay reserved as cushion.
 //! - **Re-entrancy**: a flush runs with tracking suspended on its thread (a thread-local flag):
-//!   allocations nativemem makes meanwhile are not charged and cannot flush again; see [`alloc`]'s
-//!   docs. [`untracked`] suspends tracking for engine code (e.g. a cache shared by all tasks).
+//!   allocations nativemem makes meanwhile are not charged and cannot flush again (the `alloc`
+//!   module's docs). [`untracked`] suspends tracking for engine code (e.g. a cache shared by all
+//!   tasks).
 //! - **Lifetime**: a tracker's bookkeeping (its account and reservation) lives while any handle,
 //!   binding or tracked block does; after the task's manager closes, flushes are refused (counted
 //!   in [`TrackerStats::refused`]) and frees are harmless.
