@@ -1617,3 +1617,173 @@ JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeEmbedded(
     return long_array(env, v, 12);
 }
 
+
+/* ---- untracked memory: a malloc hook's batching over the forced charges -------------------------- */
+
+/*
+ * What a C/C++ engine's allocation hook does with reservation_force_grow / _force_shrink (see the
+ * header and the README, "Untracked native memory"): it charges the task's pool for what the
+ * engine mallocs, batched (one call per HOOK_BATCH bytes of change, not one per malloc), never
+ * failing the malloc and never calling Spark. `plain` is memory the engine mallocs without the hook:
+ * nativemem never sees it; the executor's "untracked" gauge does.
+ */
+#define HOOK_BATCH (1u << 20)
+#define HOOK_BLOCK (1u << 20)
+
+typedef struct untracked {
+    const nm_api *api;
+    nm_pool pool;
+    nm_reservation res;
+    int64_t delta;          /* hook batch: bytes malloc'd minus freed, not yet charged */
+    uint64_t overcommitted; /* what the forced grows reported as over-commit */
+    uint64_t force_calls;
+    uint64_t released;      /* what the forced shrinks released */
+    void *plain;
+    uint64_t plain_bytes;
+    void **blocks;
+    size_t nblocks;
+} untracked;
+
+static void hook_flush(untracked *u) {
+    if (u->delta > 0) {
+        uint64_t over = 0;
+        if (u->api->reservation_force_grow(u->res, (uint64_t)u->delta, &over, NULL) == NM_OK) {
+            u->overcommitted += over;
+        }
+        u->force_calls++;
+    } else if (u->delta < 0) {
+        uint64_t released = 0;
+        if (u->api->reservation_force_shrink(u->res, (uint64_t)(-u->delta), &released, NULL) == NM_OK) {
+            u->released += released;
+        }
+        u->force_calls++;
+    }
+    u->delta = 0;
+}
+
+static void *hook_malloc(untracked *u, size_t size) {
+    void *p = malloc(size);
+    if (p != NULL) {
+        u->delta += (int64_t)size;
+        if (u->delta > (int64_t)HOOK_BATCH) {
+            hook_flush(u);
+        }
+    }
+    return p;
+}
+
+static void hook_free(untracked *u, void *p, size_t size) {
+    if (p == NULL) {
+        return;
+    }
+    free(p);
+    u->delta -= (int64_t)size;
+    if (u->delta < -(int64_t)HOOK_BATCH) {
+        hook_flush(u);
+    }
+}
+
+/* Mallocs `plain_bytes` without the hook and `tracked_bytes` in 1 MiB blocks through it, all
+ * written (resident). Returns the holder. */
+JNIEXPORT jlong JNICALL Java_org_nativemem_engine_CEngine_nativeUntrackedOpen(
+    JNIEnv *env, jclass cls, jlong api_address, jlong manager, jlong plain_bytes, jlong tracked_bytes) {
+    UNUSED(cls);
+    const nm_api *api = api_of(api_address);
+    if (nm_api_check(api) != NM_OK || !NM_API_HAS(api, reservation_force_shrink)) {
+        throw_status(env, NULL, NM_ERR_UNSUPPORTED, NULL, "nm_api_check");
+        return 0;
+    }
+    if (plain_bytes < 0 || tracked_bytes < 0) {
+        throw_state(env, "negative size");
+        return 0;
+    }
+    untracked *u = calloc(1, sizeof *u);
+    if (u == NULL) {
+        throw_state(env, "calloc(untracked)");
+        return 0;
+    }
+    u->api = api;
+    char *err = NULL;
+    nm_lease lease = 0;
+    nm_status st = api->acquire((nm_manager)manager, &lease, &err);
+    if (st != NM_OK) {
+        free(u);
+        throw_status(env, api, st, err, "acquire");
+        return 0;
+    }
+    st = api->pool_open(lease, "c-engine/untracked", -1, &u->pool, &err);
+    if (st == NM_OK) {
+        st = api->reservation_new(u->pool, "c malloc hook", &u->res, &err);
+        if (st != NM_OK) {
+            api->pool_close(u->pool, NULL);
+        }
+    }
+    api->release(lease, NULL);
+    if (st != NM_OK) {
+        free(u);
+        throw_status(env, api, st, err, "pool_open/reservation_new");
+        return 0;
+    }
+    u->plain_bytes = (uint64_t)plain_bytes;
+    u->plain = plain_bytes > 0 ? malloc((size_t)plain_bytes) : NULL;
+    if (u->plain != NULL) {
+        memset(u->plain, 0x5a, (size_t)plain_bytes);
+    }
+    size_t n = (size_t)(((uint64_t)tracked_bytes + HOOK_BLOCK - 1) / HOOK_BLOCK);
+    u->blocks = n > 0 ? calloc(n, sizeof *u->blocks) : NULL;
+    for (size_t i = 0; u->blocks != NULL && i < n; i++) {
+        u->blocks[i] = hook_malloc(u, HOOK_BLOCK);
+        if (u->blocks[i] == NULL) {
+            break;
+        }
+        memset(u->blocks[i], (int)i, HOOK_BLOCK);
+        u->nblocks++;
+    }
+    hook_flush(u); /* a hook would flush at its thread's end; here: so the pool is exact now */
+    return (jlong)(uintptr_t)u;
+}
+
+/* {plain bytes held, hooked bytes held, over-committed reported, forced calls, reservation size}. */
+JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeUntrackedStats(JNIEnv *env,
+                                                                                  jclass cls,
+                                                                                  jlong ptr) {
+    UNUSED(cls);
+    untracked *u = (untracked *)(uintptr_t)ptr;
+    if (u == NULL) {
+        throw_state(env, "no untracked holder");
+        return NULL;
+    }
+    uint64_t size = 0;
+    nm_status st = u->api->reservation_size(u->res, &size, NULL);
+    int64_t out[5] = {
+        u->plain != NULL ? (int64_t)u->plain_bytes : 0, (int64_t)(u->nblocks * (uint64_t)HOOK_BLOCK),
+        (int64_t)u->overcommitted, (int64_t)u->force_calls, st == NM_OK ? (int64_t)size : -(int64_t)st,
+    };
+    return long_array(env, out, 5);
+}
+
+/* Frees everything (the hooked blocks through the hook), closes the handles. Returns {bytes the
+ * forced shrinks released, forced calls in all, reservation size after the frees}. */
+JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeUntrackedClose(JNIEnv *env,
+                                                                                  jclass cls,
+                                                                                  jlong ptr) {
+    UNUSED(cls);
+    untracked *u = (untracked *)(uintptr_t)ptr;
+    if (u == NULL) {
+        throw_state(env, "no untracked holder");
+        return NULL;
+    }
+    for (size_t i = 0; i < u->nblocks; i++) {
+        hook_free(u, u->blocks[i], HOOK_BLOCK);
+    }
+    hook_flush(u);
+    uint64_t size = 0;
+    nm_status st = u->api->reservation_size(u->res, &size, NULL);
+    int64_t out[3] = {(int64_t)u->released, (int64_t)u->force_calls, st == NM_OK ? (int64_t)size : -(int64_t)st};
+    u->api->reservation_close(u->res, NULL);
+    u->api->pool_close(u->pool, NULL);
+    free(u->blocks);
+    free(u->plain);
+    free(u);
+    return long_array(env, out, 3);
+}

@@ -804,4 +804,39 @@ public class CEngineTest {
         assertTrue(m.closeResult().text(), m.closeResult().isClean());
         assertAllReturned("foreign", l);
     }
+
+    // ---- forced charges: a C malloc hook (reservation_force_grow / reservation_force_shrink) -----------
+
+    @Test
+    public void aMallocHookChargesThePoolWithoutAskingTheListenerAndTheNextGrowPaysTheOvercommit() {
+        Listener l = new Listener(8 * BLOCK);
+        NativeMemoryManager m = manager("c-hook", l);
+        long h = CEngine.openUntracked(m, 4 * MIB, 12 * BLOCK);
+        try {
+            long[] st = CEngine.untrackedStats(h);
+            assertEquals(4 * MIB, st[0]);
+            assertEquals(12 * BLOCK, st[1]);
+            assertEquals("all of it over-committed: nothing was reserved", 12 * BLOCK, st[2]);
+            assertTrue("batched per MiB: " + st[3], st[3] >= 1 && st[3] <= 12 * BLOCK / MIB);
+            assertEquals(12 * BLOCK, st[4]);
+            assertEquals("the listener was never called", 0, l.reserveCalls.get());
+            assertEquals(12 * BLOCK, m.usedBytes());
+            assertTrue(m.usageReport(), m.usageReport().contains("Over-committed"));
+            // The next fallible grow must reserve the over-commit too: more than the listener has.
+            try {
+                m.reserve("operator", KIB).close();
+                fail("a grow over un-payable over-commit succeeded");
+            } catch (NativeMemoryException e) {
+                assertTrue(e.getMessage(), e.getMessage().contains("Over-committed"));
+            }
+        } finally {
+            long[] done = CEngine.closeUntracked(h);
+            assertEquals(12 * BLOCK, done[0]);
+            assertEquals(0, done[2]);
+        }
+        assertEquals(0, m.usedBytes());
+        m.reserve("operator", KIB).close();
+        m.close();
+        assertEquals(0, l.reserved.get());
+    }
 }

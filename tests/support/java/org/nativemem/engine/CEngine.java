@@ -382,6 +382,34 @@ public final class CEngine implements AutoCloseable {
 
     // ---- natives (tests/c/engine.c) ------------------------------------------------------------
 
+    /**
+     * Untracked memory (tests/c/engine.c, "a malloc hook's batching"): mallocs {@code plainBytes}
+     * that nativemem never sees, and {@code trackedBytes} in 1 MiB blocks through a hook that charges
+     * the task's pool {@code c-engine/untracked} with {@code reservation_force_grow}, batched per MiB
+     * (never asking Spark: over-commit). All written, so resident.
+     *
+     * @return the holder, for {@link #untrackedStats} and {@link #closeUntracked}
+     */
+    public static long openUntracked(NativeMemoryManager manager, long plainBytes, long trackedBytes) {
+        return nativeUntrackedOpen(NativeMemoryManager.nativeApi(), manager.handle(), plainBytes, trackedBytes);
+    }
+
+    /** @return {plain bytes held, hooked bytes held, over-committed reported, forced calls, reservation size} */
+    public static long[] untrackedStats(long holder) {
+        return nativeUntrackedStats(holder);
+    }
+
+    /** Frees both (the hooked blocks through the hook). @return {released by forced shrinks, forced calls, size after} */
+    public static long[] closeUntracked(long holder) {
+        return nativeUntrackedClose(holder);
+    }
+
+    private static native long nativeUntrackedOpen(long api, long manager, long plainBytes, long trackedBytes);
+
+    private static native long[] nativeUntrackedStats(long holder);
+
+    private static native long[] nativeUntrackedClose(long holder);
+
     private static native long nativeOpen(long api, long manager, String poolPath, long poolLimit);
 
     private static native long[] nativeAllocate(long engine, int count, long size, long indexBytes);

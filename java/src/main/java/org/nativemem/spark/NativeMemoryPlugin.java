@@ -105,13 +105,13 @@ public final class NativeMemoryPlugin implements SparkPlugin {
     }
 
     /** The process gauges (see {@link ExecutorMemory}): name to the value it reads. */
-    private static final Map<String, ToLongFunction<ExecutorMemory>> PROCESS_METRICS = processMetrics();
+    private static final Map<String, ToLongFunction<ExecutorMemory>> PROCESS_METRICS = processGauges();
 
     /** Names of the process gauges registered by the executor plugin, in registration order. */
     public static final List<String> PROCESS_METRIC_NAMES =
             Collections.unmodifiableList(new ArrayList<>(PROCESS_METRICS.keySet()));
 
-    private static Map<String, ToLongFunction<ExecutorMemory>> processMetrics() {
+    private static Map<String, ToLongFunction<ExecutorMemory>> processGauges() {
         Map<String, ToLongFunction<ExecutorMemory>> m = new LinkedHashMap<>();
         m.put("processRssBytes", e -> e.sampleIfDue().rssBytes);
         m.put("jvmHeapUsedBytes", e -> e.sampleIfDue().heapUsedBytes);

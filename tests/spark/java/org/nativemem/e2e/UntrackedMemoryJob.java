@@ -1,0 +1,207 @@
+package org.nativemem.e2e;
+
+import static org.nativemem.e2e.E2e.check;
+import static org.nativemem.e2e.E2e.checkEq;
+
+import java.io.Serializable;
+import java.util.List;
+import java.util.Map;
+import java.util.TreeMap;
+import java.util.regex.Matcher;
+import java.util.regex.Pattern;
+
+import org.apache.spark.SparkEnv;
+import org.apache.spark.api.java.JavaSparkContext;
+import org.apache.spark.sql.SparkSession;
+import org.nativemem.NativeMemoryManager;
+import org.nativemem.NativeOutOfMemoryException;
+import org.nativemem.NativeReservation;
+import org.nativemem.engine.CEngine;
+import org.nativemem.spark.ExecutorMemory;
+import org.nativemem.spark.NativeMemoryPlugin;
+import org.nativemem.spark.NativeMemorySparkConf;
+import org.nativemem.spark.TaskNativeMemory;
+
+/**
+ * Untracked native memory in Spark (issue 17): tasks of the C engine (tests/c/engine.c, its own
+ * library) malloc memory nativemem never sees, and malloc more through a hook that charges the
+ * task's pool with the forced charges of the engine ABI ({@code reservation_force_grow}, batched
+ * per MiB: never asking Spark). Run with the plugin, {@code spark.memory.offHeap.enabled=true} and
+ * {@code spark.memory.offHeap.size=64m} on local[2] and local-cluster[2,1,1024], Spark 3.5 and 4.0.
+ *
+ * <p>{@value #JOBS} one-task jobs (one at a time, so each task's measurements are its own), each:
+ * <ol>
+ *   <li>samples the executor's process view ({@link ExecutorMemory}), mallocs {@value #PLAIN_MIB} MiB
+ *       plain and {@value #HOOKED_MIB} MiB through the hook (written: resident), samples again:
+ *       nativemem's bytes grew by exactly the hooked bytes, the untracked bytes (rss - heap committed
+ *       - direct - nativemem) by at least {@value #MIN_UNTRACKED_MIB} MiB;
+ *   <li>the hooked bytes are over-commit (Spark was never asked), shown in the usage report; the
+ *       task's next fallible grow must pay it and cannot (96 MiB over a 64m off-heap pool): it fails
+ *       with a {@link NativeOutOfMemoryException} naming the over-commit; after the engine frees its
+ *       memory, the same grow succeeds;
+ *   <li>the recommendation ({@link NativeMemoryPlugin#recommendation()}) asks for
+ *       {@code spark.memory.offHeap.size >= 106m} (the 96 MiB nativemem peak + 10%) and
+ *       {@code spark.executor.memoryOverhead} at least the plain 192 MiB.
+ * </ol>
+ * Then, in every executor JVM: the plugin's process gauges are registered and read the same peaks
+ * (rss, nativemem >= 96 MiB, untracked), nativemem's live bytes are back to 0, and no native memory,
+ * manager or byte held from Spark is left ({@link E2e#assertNoLeak}).
+ */
+public final class UntrackedMemoryJob {
+    static final String PREFIX = "UntrackedMemoryJob";
+    static final int JOBS = 2;
+    static final long PLAIN_MIB = 192;
+    static final long HOOKED_MIB = 96;
+    static final long MIN_UNTRACKED_MIB = 128;
+
+    private UntrackedMemoryJob() {
+    }
+
+    /** What one task measured. */
+    static final class TaskResult implements Serializable {
+        private static final long serialVersionUID = 1L;
+        String executorId;
+        long nativeDelta;
+        long untrackedDelta;
+        long overcommitted;
+        long forcedCalls;
+        String oomMessage;
+        String recommendation;
+    }
+
+    public static void main(String[] args) throws Exception {
+        long start = System.nanoTime();
+        SparkSession spark = SparkSession.builder().appName("nativemem-e2e-untracked").getOrCreate();
+        try {
+            JavaSparkContext jsc = JavaSparkContext.fromSparkContext(spark.sparkContext());
+            check(jsc.getConf().get("spark.plugins", "").contains(NativeMemoryPlugin.class.getName()),
+                    "spark.plugins enables " + NativeMemoryPlugin.class.getName());
+            NativeMemorySparkConf settings = NativeMemorySparkConf.fromSparkConf(jsc.getConf());
+            check(settings.offHeapEnabled(), "spark.memory.offHeap.enabled=true");
+            int executors = E2e.executorCount(jsc.master());
+
+            String lastRecommendation = null;
+            for (int job = 0; job < JOBS; job++) {
+                TaskResult r = jsc.parallelize(CEngineJob.seeds(1), 1).map(i -> untrackedTask()).collect().get(0);
+                System.out.printf("%s job %d on executor %s: nativemem +%d MiB (%d forced calls, %d MiB"
+                        + " over-committed), untracked +%d MiB; the next grow failed: %s%n", PREFIX, job,
+                        r.executorId, r.nativeDelta / E2e.MiB, r.forcedCalls, r.overcommitted / E2e.MiB,
+                        r.untrackedDelta / E2e.MiB, firstLine(r.oomMessage));
+                System.out.printf("%s executor %s recommendation: %s%n", PREFIX, r.executorId, r.recommendation);
+                lastRecommendation = r.recommendation;
+            }
+
+            // The process gauges of every executor, read back from the plugin's registry.
+            Map<String, Map<String, Long>> gauges = new TreeMap<>();
+            for (int round = 0; round < 10 && gauges.size() < executors; round++) {
+                int n = 4 * executors;
+                List<Object[]> got = jsc.parallelize(CEngineJob.seeds(n), n).map(i -> {
+                    Thread.sleep(50);
+                    return new Object[] {SparkEnv.get().executorId(), new TreeMap<>(NativeMemoryPlugin.processMetrics())};
+                }).collect();
+                for (Object[] g : got) {
+                    @SuppressWarnings("unchecked")
+                    Map<String, Long> values = (Map<String, Long>) g[1];
+                    gauges.put((String) g[0], values);
+                }
+            }
+            checkEq(executors, gauges.size(), "process gauges from every executor: " + gauges);
+            long nativePeak = 0;
+            long untrackedPeak = 0;
+            for (Map.Entry<String, Map<String, Long>> e : gauges.entrySet()) {
+                Map<String, Long> g = e.getValue();
+                for (String name : NativeMemoryPlugin.PROCESS_METRIC_NAMES) {
+                    check(g.get(name) != null, "gauge " + name + " on executor " + e.getKey() + ": " + g);
+                }
+                check(g.get("processRssBytes") > 0, "rss read from /proc on executor " + e.getKey() + ": " + g);
+                checkEq(0, g.get("nativeTrackedBytes"), "nativemem bytes after the tasks, executor " + e.getKey());
+                check(g.get("processRssPeakBytes") >= g.get("nativeTrackedPeakBytes"),
+                        "rss peak covers the nativemem peak on executor " + e.getKey() + ": " + g);
+                nativePeak = Math.max(nativePeak, g.get("nativeTrackedPeakBytes"));
+                untrackedPeak = Math.max(untrackedPeak, g.get("untrackedNativePeakBytes"));
+            }
+            check(nativePeak >= HOOKED_MIB * E2e.MiB, "a nativemem peak >= the hooked bytes in the gauges: " + gauges);
+            check(untrackedPeak >= MIN_UNTRACKED_MIB * E2e.MiB,
+                    "an untracked peak >= " + MIN_UNTRACKED_MIB + " MiB in the gauges: " + gauges);
+            E2e.assertNoLeak(jsc, executors, "after the untracked-memory tasks");
+
+            System.out.printf("PASS %s: Spark %s, %s: %d tasks malloc'd %d MiB untracked + %d MiB through a"
+                    + " forced-charge hook: gauges show nativemem peak %d MiB and untracked peak %d MiB on %d"
+                    + " executor(s); over-commit failed the next grow and was paid after the free; recommendation: %s"
+                    + " (%.1f s)%n", PREFIX, spark.version(), jsc.master(), JOBS, PLAIN_MIB, HOOKED_MIB,
+                    nativePeak / E2e.MiB, untrackedPeak / E2e.MiB, executors, lastRecommendation,
+                    (System.nanoTime() - start) / 1e9);
+        } finally {
+            spark.stop();
+        }
+    }
+
+    static TaskResult untrackedTask() {
+        TaskResult r = new TaskResult();
+        r.executorId = SparkEnv.get().executorId();
+        NativeMemoryManager mm = TaskNativeMemory.get();
+        ExecutorMemory view = ExecutorMemory.get();
+        ExecutorMemory.Snapshot before = view.sample();
+        long holder = CEngine.openUntracked(mm, PLAIN_MIB * E2e.MiB, HOOKED_MIB * E2e.MiB);
+        boolean closed = false;
+        try {
+            long[] st = CEngine.untrackedStats(holder);
+            ExecutorMemory.Snapshot after = view.sample();
+            checkEq(PLAIN_MIB * E2e.MiB, st[0], "plain bytes held");
+            checkEq(HOOKED_MIB * E2e.MiB, st[1], "hooked bytes held");
+            checkEq(HOOKED_MIB * E2e.MiB, st[4], "the hook's reservation holds exactly the hooked bytes");
+            r.overcommitted = st[2];
+            r.forcedCalls = st[3];
+            check(st[3] >= 1 && st[3] <= HOOKED_MIB, "batched: " + st[3] + " forced calls for " + HOOKED_MIB + " MiB");
+            check(st[2] > 0, "the hooked bytes are over-commit (Spark was not asked)");
+            r.nativeDelta = after.nativeBytes - before.nativeBytes;
+            r.untrackedDelta = after.untrackedBytes - before.untrackedBytes;
+            checkEq(HOOKED_MIB * E2e.MiB, r.nativeDelta, "nativemem's bytes grew by the hooked bytes: " + after);
+            check(r.untrackedDelta >= MIN_UNTRACKED_MIB * E2e.MiB,
+                    "the plain malloc shows as untracked: " + before + " -> " + after);
+            check(mm.usageReport().contains("Over-committed"), "usage report shows the over-commit: " + mm.usageReport());
+
+            // The next fallible grow pays the over-commit: 96 MiB over a 64m off-heap pool cannot.
+            try (NativeReservation res = mm.reserve("operator", E2e.MiB)) {
+                throw new AssertionError("e2e check failed: a grow over un-payable over-commit succeeded: " + res);
+            } catch (NativeOutOfMemoryException e) {
+                r.oomMessage = e.getMessage();
+                check(e.getMessage().contains("Over-committed"), "the OOM names the over-commit: " + e.getMessage());
+            }
+            r.recommendation = NativeMemoryPlugin.recommendation();
+            long offHeap = megabytes(r.recommendation, "spark.memory.offHeap.size=");
+            long overhead = megabytes(r.recommendation, "spark.executor.memoryOverhead=");
+            check(offHeap >= HOOKED_MIB * 11 / 10, "offHeap.size recommendation covers the nativemem peak: "
+                    + r.recommendation);
+            check(overhead >= PLAIN_MIB, "memoryOverhead recommendation covers the plain malloc: " + r.recommendation);
+
+            long[] done = CEngine.closeUntracked(holder);
+            closed = true;
+            checkEq(0, done[2], "the hook's frees released every byte");
+            checkEq(HOOKED_MIB * E2e.MiB, done[0], "released by the forced shrinks");
+            // Freed: nothing is owed any more, and the same grow succeeds.
+            try (NativeReservation res = mm.reserve("operator", E2e.MiB)) {
+                checkEq(E2e.MiB, res.size(), "the grow after the free");
+            }
+        } finally {
+            if (!closed) {
+                CEngine.closeUntracked(holder);
+            }
+        }
+        return r;
+    }
+
+    static long megabytes(String line, String key) {
+        Matcher m = Pattern.compile(Pattern.quote(key) + "(\\d+)m").matcher(line);
+        check(m.find(), "'" + key + "<n>m' in: " + line);
+        return Long.parseLong(m.group(1));
+    }
+
+    static String firstLine(String s) {
+        if (s == null) {
+            return "(none)";
+        }
+        int nl = s.indexOf('\n');
+        return nl < 0 ? s : s.substring(0, nl) + " ...";
+    }
+}
