@@ -155,6 +155,8 @@ public class ExecutorMemoryTest {
         assertTrue(ExecutorMemory.recommend(s.peaks(), true, -1, 0)
                 .startsWith("spark.executor.memoryOverhead=384m (peak of rss - heap committed - nativemem: "));
         assertTrue(ExecutorMemory.recommend(s.peaks(), true, -1, 0).contains("Spark's minimum 384m"));
+        assertTrue(ExecutorMemory.recommend(s.peaks(), true, -1, 64 * MIB)
+                .contains("spark.memory.offHeap.size: no nativemem use observed on this executor (now 64m)"));
     }
 
     @Test

@@ -265,9 +265,14 @@ public final class ExecutorMemory {
                     .append(", untracked ").append(Sizes.human(at.untrackedBytes)).append("] + ").append(MARGIN_PERCENT)
                     .append("%").append(overhead == MIN_OVERHEAD_BYTES ? ", Spark's minimum 384m" : "")
                     .append("; now ").append(currentOverhead < 0 ? "default" : currentOverhead / MIB + "m").append("), ");
-            b.append("spark.memory.offHeap.size=").append(offHeap / MIB).append("m (nativemem peak ")
-                    .append(Sizes.human(p.nativeBytes)).append(" + ").append(MARGIN_PERCENT).append("%; now ")
-                    .append(currentOffHeap / MIB).append("m)");
+            if (p.nativeBytes > 0) {
+                b.append("spark.memory.offHeap.size=").append(offHeap / MIB).append("m (nativemem peak ")
+                        .append(Sizes.human(p.nativeBytes)).append(" + ").append(MARGIN_PERCENT).append("%; now ")
+                        .append(currentOffHeap / MIB).append("m)");
+            } else {
+                b.append("spark.memory.offHeap.size: no nativemem use observed on this executor (now ")
+                        .append(currentOffHeap / MIB).append("m)");
+            }
         } else {
             Snapshot at = p.atPeakBeyondHeap;
             long beyond = at.beyondHeapBytes();
