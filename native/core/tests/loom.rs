@@ -96,3 +96,37 @@ fn concurrent_reclaim_and_grow_keep_the_listener_exact() {
         assert_eq!(l.reserved(), 0);
     });
 }
+
+#[test]
+fn a_forced_grow_racing_a_surplus_release_is_never_handed_back() {
+    loom::model(|| {
+        let (m, l) = manager(u64::MAX, None);
+        let big = m.root().reservation("big");
+        big.try_grow(3 * BLOCK).unwrap();
+        let forced = m.root().reservation("forced");
+        let t = thread::spawn(move || {
+            // Leaves 3 blocks of cushion: it hands 2 back unless the forced grow took them.
+            big.shrink(3 * BLOCK).unwrap();
+            drop(big);
+        });
+        forced.force_grow(2 * BLOCK).unwrap();
+        t.join().unwrap();
+        // Whatever the order, the forced bytes are charged, and what is not reserved for them
+        // is over-commit (never a byte of `reserved` below `used` unaccounted for).
+        assert_eq!(m.used(), 2 * BLOCK);
+        assert_eq!(l.reserved(), m.reserved());
+        assert_eq!(
+            m.stats().overcommitted,
+            m.used().saturating_sub(m.reserved())
+        );
+        // The next fallible grow pays whatever is over-committed.
+        let r = m.root().reservation("op");
+        r.try_grow(1).unwrap();
+        assert_quiescent(&m, &l, 2 * BLOCK + 1);
+        assert_eq!(m.stats().overcommitted, 0);
+        assert_eq!(forced.force_shrink(2 * BLOCK), 2 * BLOCK);
+        drop((r, forced));
+        m.close().unwrap();
+        assert_eq!((m.reserved(), l.reserved()), (0, 0));
+    });
+}
