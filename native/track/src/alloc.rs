@@ -189,7 +189,14 @@ fn header(align: usize) -> usize {
 fn outer(layout: Layout) -> Option<(Layout, usize)> {
     let h = header(layout.align());
     let size = layout.size().checked_add(h)?;
-    Some((Layout::from_size_align(size, h).ok()?, h))
+    // `Layout::from_size_align`'s checks, minus the power-of-two test: `h` is the larger of 16
+    // and an alignment, both powers of two.
+    if size > isize::MAX as usize - (h - 1) {
+        return None;
+    }
+    // SAFETY: `h` is a non-zero power of two and `size` rounded up to it does not overflow isize
+    // (checked just above).
+    Some((unsafe { Layout::from_size_align_unchecked(size, h) }, h))
 }
 
 /// A global allocator that charges what threads bound to a [`Tracker`](crate::Tracker) allocate
