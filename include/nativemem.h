@@ -26,7 +26,9 @@
  * against NM_ABI_VERSION N works with any library whose table has abi_version >= N and
  * struct_size >= sizeof(the nm_api it was compiled with); check both once (nm_api_check does).
  * Fields are never removed or reordered; a change that cannot be additive gets a new major
- * version and a new table. Structs the engine passes in (nm_spiller_vtable, nm_listener) carry
+ * version and a new table. Functions appended within a version (the forced charges after
+ * manager_reclaim) can be tested one by one with NM_API_HAS(api, field), for an engine that must
+ * also run with an older library of the same version (its table ends at NM_API_V1_SIZE). Structs the engine passes in (nm_spiller_vtable, nm_listener) carry
  * their own struct_size, so an engine built against an older header keeps working.
  *
  * ## Handles

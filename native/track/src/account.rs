@@ -21,6 +21,7 @@
 //! it touches: when `state` reaches 0 every change is in `unflushed` and no other thread will
 //! touch the account again, so the retiring thread owns it.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, Ordering};
 
@@ -32,9 +33,10 @@ pub(crate) const REF: i64 = 1 << 48;
 /// the `core` feature, for [`nativemem_core::Reservation`].
 ///
 /// Both methods are called from inside the global allocator (with tracking suspended on the
-/// calling thread): they must not call the JVM, block on a lock the allocating code may hold, or
-/// panic. Both of nativemem's forced calls qualify: a few atomics in the core, plus a handle
-/// lookup through the engine ABI.
+/// calling thread): they must not call the JVM or block on a lock the allocating code may hold.
+/// Both of nativemem's forced calls qualify: a few atomics in the core, plus a handle lookup
+/// through the engine ABI. A panic is caught (an allocator must not unwind): a charge that panics
+/// counts as refused, a credit as releasing nothing.
 pub trait Sink: Send + Sync + 'static {
     /// Charges `bytes` whatever the limits; returns the over-committed part, or `None` if the
     /// pool is gone (its manager closed): the bytes are then not charged.
@@ -146,7 +148,9 @@ impl Account {
         let mut sent = self.sent.load(Ordering::Relaxed);
         let mut keep = 0;
         if u > 0 {
-            match self.sink.charge(u as u64) {
+            let charged =
+                catch_unwind(AssertUnwindSafe(|| self.sink.charge(u as u64))).unwrap_or(None);
+            match charged {
                 Some(over) => {
                     sent += u;
                     // Relaxed (both): statistics.
@@ -164,7 +168,9 @@ impl Account {
             let want = (-u).min(sent);
             keep = u + want;
             if want > 0 {
-                self.sink.credit(want as u64);
+                // What the sink released is not used: `sent` follows what was asked, so a pool
+                // that lost bytes (its manager closed) is never credited twice.
+                let _ = catch_unwind(AssertUnwindSafe(|| self.sink.credit(want as u64)));
                 sent -= want;
                 // Relaxed: a statistic.
                 self.flushes.fetch_add(1, Ordering::Relaxed);

@@ -323,3 +323,29 @@ fn closing_the_manager_under_live_tracked_memory_is_reported_and_later_frees_are
     tracker.flush();
     assert_eq!((m.used(), m.reserved()), (0, 0));
 }
+
+/// A sink that panics: the allocator must neither unwind nor lose its own bookkeeping.
+struct PanickingSink;
+
+impl Sink for PanickingSink {
+    fn charge(&self, _bytes: u64) -> Option<u64> {
+        panic!("sink bug");
+    }
+    fn credit(&self, _bytes: u64) -> u64 {
+        panic!("sink bug");
+    }
+}
+
+#[test]
+fn a_panicking_sink_is_contained_and_counted_as_refused() {
+    let tracker = Tracker::with_threshold(PanickingSink, 1);
+    let v = {
+        let _g = tracker.track_thread();
+        vec![0u8; 4096]
+    };
+    drop(v);
+    tracker.flush();
+    let s = tracker.stats();
+    assert!(s.refused >= 4096, "{s:?}");
+    assert_eq!(s.charged, 0);
+}
