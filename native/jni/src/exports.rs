@@ -192,8 +192,8 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeUsageReport<
 }
 
 /// `static native long[] nativeStats(long handle)`: used, peak, reserved, spillCount,
-/// spilledBytes, reserveCalls, unreserveCalls, liveAllocations (the order of
-/// `NativeMemoryStats`).
+/// spilledBytes, reserveCalls, unreserveCalls, liveAllocations, overcommittedBytes,
+/// overcommitPeakBytes, overcommittedTotalBytes (the order of `NativeMemoryStats`).
 #[no_mangle]
 pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeStats<'l>(
     mut env: JNIEnv<'l>,
@@ -211,6 +211,9 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeStats<'l>(
             s.reserve_calls,
             s.unreserve_calls,
             s.live_allocations,
+            s.overcommitted,
+            s.overcommit_peak,
+            s.overcommitted_total,
         ]
         .map(to_jlong);
         new_jlong_array(env, &values)

@@ -821,6 +821,8 @@ public class CEngineTest {
             assertEquals(12 * BLOCK, st[4]);
             assertEquals("the listener was never called", 0, l.reserveCalls.get());
             assertEquals(12 * BLOCK, m.usedBytes());
+            assertEquals(12 * BLOCK, m.stats().overcommittedBytes());
+            assertEquals(12 * BLOCK, m.stats().overcommittedTotalBytes());
             assertTrue(m.usageReport(), m.usageReport().contains("Over-committed"));
             // The next fallible grow must reserve the over-commit too: more than the listener has.
             try {
@@ -835,6 +837,8 @@ public class CEngineTest {
             assertEquals(0, done[2]);
         }
         assertEquals(0, m.usedBytes());
+        assertEquals(0, m.stats().overcommittedBytes());
+        assertEquals(12 * BLOCK, m.stats().overcommitPeakBytes());
         m.reserve("operator", KIB).close();
         m.close();
         assertEquals(0, l.reserved.get());

@@ -8,7 +8,7 @@ package org.nativemem;
  */
 public final class NativeMemoryStats {
     /** Number of values {@link NativeMemoryManager} reads from the native library. */
-    static final int FIELDS = 8;
+    static final int FIELDS = 11;
 
     private final long usedBytes;
     private final long peakBytes;
@@ -18,6 +18,9 @@ public final class NativeMemoryStats {
     private final long reserveCalls;
     private final long unreserveCalls;
     private final long liveAllocations;
+    private final long overcommittedBytes;
+    private final long overcommitPeakBytes;
+    private final long overcommittedTotalBytes;
 
     private NativeMemoryStats(long[] v) {
         this.usedBytes = v[0];
@@ -28,6 +31,9 @@ public final class NativeMemoryStats {
         this.reserveCalls = v[5];
         this.unreserveCalls = v[6];
         this.liveAllocations = v[7];
+        this.overcommittedBytes = v[8];
+        this.overcommitPeakBytes = v[9];
+        this.overcommittedTotalBytes = v[10];
     }
 
     static NativeMemoryStats fromArray(long[] values) {
@@ -78,11 +84,31 @@ public final class NativeMemoryStats {
         return liveAllocations;
     }
 
+    /**
+     * @return bytes charged by forced grows (an engine's tracking allocator or malloc hook, which
+     *     cannot fail or call the JVM) beyond what was reserved from the listener, not yet paid
+     *     for: the task's next fallible grow reserves them with its own bytes, or spills, or fails
+     */
+    public long overcommittedBytes() {
+        return overcommittedBytes;
+    }
+
+    /** @return the highest {@link #overcommittedBytes()} seen */
+    public long overcommitPeakBytes() {
+        return overcommitPeakBytes;
+    }
+
+    /** @return bytes forced grows over-committed so far (cumulative) */
+    public long overcommittedTotalBytes() {
+        return overcommittedTotalBytes;
+    }
+
     @Override
     public String toString() {
         return "NativeMemoryStats{used=" + usedBytes + ", peak=" + peakBytes + ", reserved=" + reservedBytes
                 + ", spillCount=" + spillCount + ", spilledBytes=" + spilledBytes
                 + ", reserveCalls=" + reserveCalls + ", unreserveCalls=" + unreserveCalls
-                + ", liveAllocations=" + liveAllocations + "}";
+                + ", liveAllocations=" + liveAllocations + ", overcommitted=" + overcommittedBytes
+                + ", overcommitPeak=" + overcommitPeakBytes + ", overcommittedTotal=" + overcommittedTotalBytes + "}";
     }
 }

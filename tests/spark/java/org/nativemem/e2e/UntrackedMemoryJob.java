@@ -172,6 +172,7 @@ public final class UntrackedMemoryJob {
             check(r.untrackedDelta >= (PLAIN_MIB - HOOKED_MIB - SLACK_MIB) * E2e.MiB,
                     "the plain malloc shows as untracked: " + before + " -> " + after);
             check(mm.usageReport().contains("Over-committed"), "usage report shows the over-commit: " + mm.usageReport());
+            checkEq(HOOKED_MIB * E2e.MiB, mm.stats().overcommittedBytes(), "the manager's stats show the over-commit");
 
             // The next fallible grow pays the over-commit: 96 MiB over a 64m off-heap pool cannot.
             try (NativeReservation res = mm.reserve("operator", E2e.MiB)) {
