@@ -804,6 +804,84 @@ pub extern "system" fn Java_org_nativemem_examples_NativeSorter_nativeLiveSorter
     run_export(&mut env, 0, |_| Ok(to_jlong(live_sorters() as u64)))
 }
 
+// ---- TrackedBuild: an engine's untracked allocations, charged by the tracking allocator ---------
+
+/// Hash-map bucket bytes of a `HashMap<u64, u64>` of `capacity` (hashbrown: 16-byte slots plus one
+/// control byte per bucket and a group of trailing control bytes), and its header.
+fn map_bytes(capacity: usize) -> u64 {
+    let buckets = (capacity * 8 / 7).next_power_of_two() as u64;
+    buckets * 17 + 16 + 16
+}
+
+/// `static native long[] nativeTrackedBuild(long api, long manager, long entries)`: on a thread
+/// it spawns and binds to a tracker of the task's pool `engine/tracked`, builds a
+/// `HashMap<u64, u64>` of `entries` entries and a `Vec<u64>` of as many, with no reservation call.
+/// Returns {pool used while held (the thread's batch may lag by < 1 MiB), the bytes the map and
+/// the vector hold (headers included), pool used once the binding ended, pool used after the map
+/// and vector were freed after the scope, flushes, over-committed bytes the tracker reported,
+/// tracking allocator installed (1/0), pool used before}.
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_examples_TrackedBuild_nativeTrackedBuild<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+    api: jlong,
+    manager: jlong,
+    entries: jlong,
+) -> jlongArray {
+    run_export(&mut env, std::ptr::null_mut(), |env| {
+        let entries = non_negative("entries", entries)? as usize;
+        // SAFETY: `api` is what Java's NativeMemoryManager.nativeApi() returned (the Java side
+        // passes nothing else); 0 is refused by code.
+        let api = unsafe { Api::from_address(api) }?;
+        let lease = api.acquire(manager)?;
+        let pool = lease.pool("engine/tracked", None)?;
+        let tracker = nativemem_track::Tracker::for_pool(&pool, "hash build")?;
+        let worker = tracker.clone();
+        let probe = pool.stats()?;
+        let pool_for_thread = &pool;
+        let values = std::thread::scope(|s| {
+            s.spawn(move || -> Result<[u64; 6]> {
+                let guard = worker.track_thread();
+                let mut map: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+                let mut vec: Vec<u64> = Vec::new();
+                for k in 0..entries as u64 {
+                    map.insert(k, k ^ 0x5a5a);
+                    vec.push(k);
+                }
+                let holds = map_bytes(map.capacity()) + vec.capacity() as u64 * 8 + 16;
+                let used_held = pool_for_thread.stats()?.used;
+                drop(guard);
+                let used_exact = pool_for_thread.stats()?.used;
+                drop((map, vec)); // freed after the scope: credited to the same pool
+                worker.flush();
+                let used_after = pool_for_thread.stats()?.used;
+                Ok([used_held, holds, used_exact, used_after, 0, 0])
+            })
+            .join()
+            .map_err(|p| Error::Panic(panic_message(p.as_ref())))?
+        })?;
+        let stats = tracker.stats();
+        drop((tracker, pool));
+        nativemem_track::collect();
+        lease.release()?;
+        let installed = cfg!(feature = "tracking-allocator") as u64;
+        let out = [
+            values[0],
+            values[1],
+            values[2],
+            values[3],
+            stats.flushes,
+            stats.overcommitted,
+            installed,
+            probe.used,
+        ]
+        .map(|v| v.min(i64::MAX as u64) as jlong);
+        let array = env.new_long_array(jsize(out.len())?)?;
+        env.set_long_array_region(&array, 0, &out)?;
+        Ok(array.into_raw())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -65,6 +65,13 @@
 //! See the [`sort`] module for the design: what is charged, the concurrency model and the lock
 //! rule, leases, and the spill files.
 
+/// With the `tracking-allocator` feature (the library Gradle builds), every allocation of this
+/// library goes through nativemem-track: threads bound to a task's pool charge it (see
+/// `TrackedBuild` in module `java`); other threads pay only the header and a thread-local read.
+#[cfg(feature = "tracking-allocator")]
+#[global_allocator]
+static ALLOC: nativemem_track::TrackingAllocator = nativemem_track::TrackingAllocator::system();
+
 mod chunk;
 mod error;
 mod java;

@@ -17,6 +17,7 @@ import org.nativemem.NativeMemoryManager;
 import org.nativemem.NativeOutOfMemoryException;
 import org.nativemem.NativeReservation;
 import org.nativemem.engine.CEngine;
+import org.nativemem.examples.TrackedBuild;
 import org.nativemem.spark.ExecutorMemory;
 import org.nativemem.spark.NativeMemoryPlugin;
 import org.nativemem.spark.NativeMemorySparkConf;
@@ -45,7 +46,13 @@ import org.nativemem.spark.TaskNativeMemory;
  *       {@code spark.memory.offHeap.size >= 106m} (the 96 MiB nativemem peak + 10%) and
  *       {@code spark.executor.memoryOverhead} at least the plain 192 MiB.
  * </ol>
- * Then, in every executor JVM: the plugin's process gauges are registered and read the same peaks
+ * Then a Rust engine ({@code libnativemem_examples}, built with nativemem-track's tracking allocator
+ * as its global allocator) builds a {@code HashMap} and a {@code Vec} of 4 Mi entries on a tracked
+ * native thread with no reservation call ({@link TrackedBuild}): the task's pool follows within the
+ * 1 MiB flush threshold, is exact when the binding ends, and is credited when the memory is freed
+ * after the scope.
+ *
+ * <p>Then, in every executor JVM: the plugin's process gauges are registered and read the same peaks
  * (rss, nativemem >= 96 MiB, untracked), nativemem's live bytes are back to 0, and no native memory,
  * manager or byte held from Spark is left ({@link E2e#assertNoLeak}).
  */
@@ -55,6 +62,8 @@ public final class UntrackedMemoryJob {
     static final long PLAIN_MIB = 192;
     static final long HOOKED_MIB = 96;
     static final long MIN_UNTRACKED_MIB = 128;
+    /** Entries of the Rust engine's tracked HashMap and Vec (~136 MiB of map, 64 MiB of vector). */
+    static final long TRACKED_ENTRIES = 4L << 20;
     /** Room for the heap, the JIT and other threads moving the rss between two samples. */
     static final long SLACK_MIB = 32;
 
@@ -71,6 +80,7 @@ public final class UntrackedMemoryJob {
         long forcedCalls;
         String oomMessage;
         String recommendation;
+        long[] tracked;
     }
 
     public static void main(String[] args) throws Exception {
@@ -92,6 +102,13 @@ public final class UntrackedMemoryJob {
                         r.executorId, r.nativeDelta / E2e.MiB, r.forcedCalls, r.overcommitted / E2e.MiB,
                         r.untrackedDelta / E2e.MiB, firstLine(r.oomMessage));
                 System.out.printf("%s executor %s recommendation: %s%n", PREFIX, r.executorId, r.recommendation);
+                System.out.printf("%s job %d: Rust engine on a tracked thread: HashMap + Vec held %d MiB; pool %d MiB"
+                        + " while held (batched, %d flushes, %d MiB over-committed), %d MiB once the binding ended,"
+                        + " %d MiB after the free%n", PREFIX, job, r.tracked[TrackedBuild.HELD_BYTES] / E2e.MiB,
+                        (r.tracked[TrackedBuild.USED_WHILE_HELD] - r.tracked[TrackedBuild.USED_BEFORE]) / E2e.MiB,
+                        r.tracked[TrackedBuild.FLUSHES], r.tracked[TrackedBuild.OVERCOMMITTED] / E2e.MiB,
+                        (r.tracked[TrackedBuild.USED_AFTER_SCOPE] - r.tracked[TrackedBuild.USED_BEFORE]) / E2e.MiB,
+                        (r.tracked[TrackedBuild.USED_AFTER_FREE] - r.tracked[TrackedBuild.USED_BEFORE]) / E2e.MiB);
                 lastRecommendation = r.recommendation;
             }
 
@@ -196,6 +213,25 @@ public final class UntrackedMemoryJob {
             try (NativeReservation res = mm.reserve("operator", E2e.MiB)) {
                 checkEq(E2e.MiB, res.size(), "the grow after the free");
             }
+
+            // A Rust engine (libnativemem_examples, TrackingAllocator as its global allocator)
+            // builds a HashMap and a Vec on a tracked thread, asking nobody.
+            long[] t = TrackedBuild.build(mm, TRACKED_ENTRIES);
+            r.tracked = t;
+            checkEq(1, t[TrackedBuild.ALLOCATOR_INSTALLED], "the example library has the tracking allocator");
+            long held = t[TrackedBuild.HELD_BYTES];
+            long usedBefore = t[TrackedBuild.USED_BEFORE];
+            check(held >= 64 * E2e.MiB, "the build held " + held);
+            check(Math.abs(t[TrackedBuild.USED_WHILE_HELD] - usedBefore - held) <= E2e.MiB + 64 * 1024,
+                    "the pool follows the tracked thread within the flush threshold: " + java.util.Arrays.toString(t));
+            check(t[TrackedBuild.USED_AFTER_SCOPE] - usedBefore >= held
+                    && t[TrackedBuild.USED_AFTER_SCOPE] - usedBefore <= held + 64 * 1024,
+                    "exact (plus the thread's small bookkeeping) once the binding ended: " + java.util.Arrays.toString(t));
+            checkEq(usedBefore, t[TrackedBuild.USED_AFTER_FREE], "credited when freed after the scope");
+            // Batched: at most one flush per MiB of change (the map and vector grow by doubling, so
+            // most flushes carry one large block), never one per allocation.
+            check(t[TrackedBuild.FLUSHES] >= 1 && t[TrackedBuild.FLUSHES] <= 2 * held / E2e.MiB + 64,
+                    "batched flushes: " + java.util.Arrays.toString(t));
         } finally {
             if (!closed) {
                 CEngine.closeUntracked(holder);
