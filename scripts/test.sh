@@ -6,8 +6,10 @@
 #   cargo-fmt       cargo fmt --all -- --check
 #   cargo-clippy    cargo clippy --workspace --all-targets -- -D warnings
 #   cargo-clippy-testlib  the same for nativemem-jni with the `testing` feature (test library)
-#   cargo-test      cargo test --workspace (but nativemem-datafusion)
-#   cargo-test-datafusion  cargo test --release -p nativemem-datafusion: real DataFusion queries
+#   cargo-test      cargo test --workspace (but the two DataFusion crates)
+#   cargo-test-datafusion  cargo test --release -p nativemem-datafusion: real DataFusion queries;
+#                   then cargo build --release -p nativemem-df-engine (the DataFusion engine library
+#                   Gradle packs: the same DataFusion artifacts, built once)
 #   cargo-loom      loom model check of the core (RUSTFLAGS="--cfg loom")
 #   c-header        include/nativemem.h compiles as C11 and C++17; layout pinned (tests/c/header_check.c)
 #   gradle          gradle cleanTest test assemble: JUnit tests (tests/java) + build/libs/*.jar
@@ -113,11 +115,15 @@ run_suite cargo-clippy "$SUITE_TIMEOUT" cargo clippy --workspace --all-targets -
 # The test hooks and bench harness exist only with the `testing` feature (the test library).
 run_suite cargo-clippy-testlib "$SUITE_TIMEOUT" cargo clippy -p nativemem-jni --features testing --all-targets \
   --color "$color" -- -D warnings
-run_suite cargo-test "$SUITE_TIMEOUT" cargo test --workspace --exclude nativemem-datafusion --color "$color"
+run_suite cargo-test "$SUITE_TIMEOUT" cargo test --workspace --exclude nativemem-datafusion \
+  --exclude nativemem-df-engine --color "$color"
 # DataFusion's query tests sort and aggregate millions of rows: release only (DataFusion is built in
 # one profile for tests, never debug and release both).
 # Its own time limit: a cold build of DataFusion alone takes ~12 minutes on 2 cores.
-run_suite cargo-test-datafusion "${DATAFUSION_TIMEOUT:-2700}" cargo test --release -p nativemem-datafusion --color "$color"
+# The engine resolves DataFusion with exactly the features of these tests (its Cargo.toml), so its
+# build reuses every DataFusion artifact.
+run_suite cargo-test-datafusion "${DATAFUSION_TIMEOUT:-2700}" bash -c "cargo test --release -p nativemem-datafusion \
+  --color $color && cargo build --release -p nativemem-df-engine --color $color"
 # Model check of the core's lock-free paths (native/core/tests/loom.rs); its own target dir so the
 # --cfg loom build does not invalidate the normal one.
 run_suite cargo-loom "$SUITE_TIMEOUT" env RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 \

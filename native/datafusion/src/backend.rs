@@ -4,6 +4,7 @@
 //! ([`NativememPool`](crate::NativememPool)) is written once, against this trait.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// Why nativemem refused or failed a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +23,20 @@ impl fmt::Display for NativeError {
     }
 }
 
+/// What a [`NativememPool`](crate::NativememPool) registers with nativemem to hear when the task
+/// is asked for memory (see [`NativememPool::answer_spill_requests`](crate::NativememPool::answer_spill_requests)).
+pub trait SpillRequests: Send + Sync + 'static {
+    /// Bytes the spillable consumers that were not asked yet hold.
+    fn spillable_bytes(&self) -> u64;
+    /// Asks consumers for `target` bytes back; returns the bytes freed *now* (DataFusion
+    /// operators spill only in their own `try_grow`, so this is 0: the bytes come back when they
+    /// spill, through their shrinks).
+    fn request(&self, target: u64) -> u64;
+}
+
+/// Keeps a [`SpillRequests`] registered with nativemem; unregisters it on drop.
+pub type SpillRegistration = Box<dyn Send + Sync>;
+
 /// A nativemem pool the DataFusion consumers of one task charge.
 pub trait NativePool: Send + Sync + 'static {
     /// One DataFusion consumer's claim on the pool.
@@ -36,6 +51,14 @@ pub trait NativePool: Send + Sync + 'static {
 
     /// nativemem's usage report of the task (pool tree, consumers), for errors and `Display`.
     fn usage_report(&self) -> String;
+
+    /// Registers `requests` as a spiller of this pool: nativemem calls it when Spark asks the
+    /// task for memory, or when a grow of the task finds no room.
+    fn register_spill_requests(
+        &self,
+        name: &str,
+        requests: Arc<dyn SpillRequests>,
+    ) -> Result<SpillRegistration, NativeError>;
 }
 
 /// A reservation of a [`NativePool`]: accounting only, released on drop.
@@ -52,7 +75,18 @@ pub trait NativeReservation: Send + Sync + 'static {
 #[cfg(feature = "core")]
 mod core_backend {
     use super::*;
-    use nativemem_core::{MemoryError, Pool, Reservation};
+    use nativemem_core::{MemoryError, Pool, Reservation, Spiller};
+
+    struct CoreSpiller(Arc<dyn SpillRequests>);
+
+    impl Spiller for CoreSpiller {
+        fn spillable_bytes(&self) -> u64 {
+            self.0.spillable_bytes()
+        }
+        fn spill(&self, target: u64) -> nativemem_core::Result<u64> {
+            Ok(self.0.request(target))
+        }
+    }
 
     fn native(e: MemoryError) -> NativeError {
         NativeError {
@@ -79,6 +113,16 @@ mod core_backend {
         fn usage_report(&self) -> String {
             self.manager().usage_report().to_string()
         }
+
+        fn register_spill_requests(
+            &self,
+            name: &str,
+            requests: Arc<dyn SpillRequests>,
+        ) -> Result<SpillRegistration, NativeError> {
+            Ok(Box::new(
+                self.register_spiller(name, Arc::new(CoreSpiller(requests))),
+            ))
+        }
     }
 
     impl NativeReservation for Reservation {
@@ -99,7 +143,18 @@ mod core_backend {
 #[cfg(feature = "client")]
 mod client_backend {
     use super::*;
-    use nativemem_client::{Error, Lease, Pool, Reservation};
+    use nativemem_client::{BoxError, Error, Lease, Pool, Reservation, Spiller};
+
+    struct ClientSpiller(Arc<dyn SpillRequests>);
+
+    impl Spiller for ClientSpiller {
+        fn spillable_bytes(&self) -> u64 {
+            self.0.spillable_bytes()
+        }
+        fn spill(&self, target: u64) -> std::result::Result<u64, BoxError> {
+            Ok(self.0.request(target))
+        }
+    }
 
     fn native(e: Error) -> NativeError {
         NativeError {
@@ -156,6 +211,18 @@ mod client_backend {
             self.report
                 .usage_report()
                 .unwrap_or_else(|e| format!("(no usage report: {e})"))
+        }
+
+        fn register_spill_requests(
+            &self,
+            name: &str,
+            requests: Arc<dyn SpillRequests>,
+        ) -> Result<SpillRegistration, NativeError> {
+            let registration = self
+                .pool
+                .register_spiller(name, Arc::new(ClientSpiller(requests)))
+                .map_err(native)?;
+            Ok(Box::new(registration))
         }
     }
 

@@ -74,6 +74,30 @@
 //! nativemem's limits and Spark's budget apply on top, to everyone. Without a known limit only
 //! they apply.
 //!
+//! ## Spark asking DataFusion for memory
+//! DataFusion operators spill only when their own `try_grow` is refused; DataFusion has no hook to
+//! ask them (DataFusion #21422), which is why Comet answers every Spark spill request with 0
+//! (Comet #3873). With [`NativememPool::answer_spill_requests`] the pool registers a spiller with
+//! nativemem, and a request to give memory back (Spark's `spill()` on the task's consumer, or a
+//! grow of the task that finds no room) is answered like this:
+//! 1. nativemem hands back its unused cushion at once (what Spark's `spill()` returns now);
+//! 2. the pool picks spillable DataFusion consumers, largest first, until what they hold covers
+//!    the rest, and refuses each one's **next** `try_grow`: the operator spills, then retries
+//!    (the retry is never refused by a request, and a consumer is not asked again before it has
+//!    grown);
+//! 3. what the operators free goes back to nativemem through their shrinks, and nativemem hands
+//!    it to Spark (its cushion keeps at most two blocks): Spark sees the memory released by the
+//!    task's consumer moments later, and a `TaskMemoryManager` waiting for memory gets it then.
+//!
+//! A request never waits for an operator, whatever thread asks: it cannot deadlock with the task
+//! thread (which may hold Spark's `TaskMemoryManager` monitor, or run the operator itself). What
+//! Spark's `spill()` returns is the cushion only; the rest follows asynchronously, within one
+//! grow of each picked operator. Limits: sorts (`ExternalSorter`) handle a refused grow at every
+//! point where they hold memory; DataFusion's hash aggregation, once it merges its own spill
+//! files (its `ReportError` phase), treats any refused grow as fatal, as it would under a real
+//! shortage: a request landing then fails the query. Engines whose plans aggregate under memory
+//! pressure should leave requests off for those queries or give them a limit instead.
+//!
 //! ## Locks
 //! The pool's lock guards its consumer table and is held only to read or update it: never while
 //! calling nativemem (which may call Spark or a native spiller, which may call back into this
@@ -84,5 +108,5 @@ mod pool;
 
 #[cfg(feature = "client")]
 pub use backend::ClientPool;
-pub use backend::{NativeError, NativePool, NativeReservation};
-pub use pool::{NativememPool, Policy};
+pub use backend::{NativeError, NativePool, NativeReservation, SpillRegistration, SpillRequests};
+pub use pool::{NativememPool, Policy, SpillRequestStats};

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use datafusion_common::{DataFusionError, Result};
 use datafusion_execution::memory_pool::{
@@ -11,7 +11,7 @@ use datafusion_execution::memory_pool::{
 };
 use parking_lot::Mutex;
 
-use crate::backend::{NativeError, NativePool, NativeReservation};
+use crate::backend::{NativeError, NativePool, NativeReservation, SpillRegistration, SpillRequests};
 
 /// One registered DataFusion consumer (one `MemoryConsumer` registration, which all its
 /// reservations share: split and `new_empty` reservations count against the same consumer).
@@ -25,6 +25,83 @@ struct Consumer<R> {
     overcommit: u64,
     /// Bytes this consumer holds as DataFusion sees them (its reservations' sum).
     size: u64,
+    /// The task was asked for memory back and this consumer was picked: its next `try_grow` is
+    /// refused so that it spills (see [`NativememPool::answer_spill_requests`]).
+    asked: bool,
+    /// Refused for a request and not grown since: not asked again until its next successful grow,
+    /// so the grow an operator retries right after spilling is never refused by a request.
+    yielded: bool,
+}
+
+/// The consumer table and the spill-request counters: shared (weakly) with the spiller the pool
+/// registers, which must not keep the pool alive.
+struct Table<R> {
+    consumers: Mutex<HashMap<usize, Consumer<R>>>,
+    requests: AtomicU64,
+    requested_bytes: AtomicU64,
+    yields: AtomicU64,
+    yielded_bytes: AtomicU64,
+}
+
+/// What the pool did for requests to give memory back ([`NativememPool::spill_requests`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpillRequestStats {
+    /// Times nativemem asked the pool for memory (Spark asking the task, or a grow of the task
+    /// finding no room).
+    pub requests: u64,
+    /// Bytes asked for, summed over the requests.
+    pub requested_bytes: u64,
+    /// `try_grow`s refused because their consumer had been asked to give memory back (each made
+    /// the operator spill).
+    pub yields: u64,
+    /// Bytes the refused consumers held when refused (what their spills could give back).
+    pub yielded_bytes: u64,
+}
+
+/// The spiller's side: picks consumers to give memory back.
+struct Requests<R>(Weak<Table<R>>);
+
+impl<R: NativeReservation> SpillRequests for Requests<R> {
+    fn spillable_bytes(&self) -> u64 {
+        let Some(table) = self.0.upgrade() else {
+            return 0;
+        };
+        let consumers = table.consumers.lock();
+        consumers
+            .values()
+            .filter(|c| c.can_spill && !c.asked && !c.yielded)
+            .map(|c| c.size.saturating_sub(c.overcommit))
+            .sum()
+    }
+
+    fn request(&self, target: u64) -> u64 {
+        let Some(table) = self.0.upgrade() else {
+            return 0;
+        };
+        let mut consumers = table.consumers.lock();
+        // The largest spillable consumers first, until what they hold covers the target: the
+        // fewest operators disturbed (Spark's order for its own consumers).
+        let mut candidates: Vec<_> = consumers
+            .values_mut()
+            .filter(|c| c.can_spill && !c.asked && !c.yielded && c.size > 0)
+            .collect();
+        candidates.sort_by(|a, b| b.size.cmp(&a.size));
+        let mut covered = 0u64;
+        for c in candidates {
+            if covered >= target {
+                break;
+            }
+            c.asked = true;
+            covered = covered.saturating_add(c.size);
+        }
+        // Relaxed (both): statistics.
+        table.requests.fetch_add(1, Ordering::Relaxed);
+        table.requested_bytes.fetch_add(target, Ordering::Relaxed);
+        // Nothing is freed now: the operators spill in their next try_grow, and what they free
+        // goes back through their shrinks (to Spark when nativemem's cushion grows past its
+        // hysteresis, see the crate docs).
+        0
+    }
 }
 
 /// Who spills when memory is short (see the crate docs, "Fairness").
@@ -48,7 +125,11 @@ pub enum Policy {
 pub struct NativememPool<P: NativePool> {
     native: P,
     policy: Policy,
-    consumers: Mutex<HashMap<usize, Consumer<P::Reservation>>>,
+    table: Arc<Table<P::Reservation>>,
+    /// The registered spiller, when the pool answers spill requests.
+    spill_registration: Mutex<Option<SpillRegistration>>,
+    /// Peak of `reserved`.
+    peak: AtomicU64,
     /// Sum of the consumers' sizes (DataFusion's view, over-commit included).
     reserved: AtomicU64,
     /// Sum of the consumers' over-commit.
@@ -66,10 +147,60 @@ impl<P: NativePool> NativememPool<P> {
         NativememPool {
             native,
             policy,
-            consumers: Mutex::new(HashMap::new()),
+            table: Arc::new(Table {
+                consumers: Mutex::new(HashMap::new()),
+                requests: AtomicU64::new(0),
+                requested_bytes: AtomicU64::new(0),
+                yields: AtomicU64::new(0),
+                yielded_bytes: AtomicU64::new(0),
+            }),
+            spill_registration: Mutex::new(None),
+            peak: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
             overcommit: AtomicU64::new(0),
         }
+    }
+
+    /// Makes the pool answer nativemem's requests for memory: when Spark asks the task's manager
+    /// for memory (another consumer of the task needs it), or a grow of the task finds no room,
+    /// nativemem asks this pool after handing back its cushion; the pool picks spillable
+    /// DataFusion consumers, largest first, until what they hold covers the request, and refuses
+    /// each one's **next** `try_grow` so that the operator spills (DataFusion operators spill only
+    /// when a grow is refused). The request itself returns at once with 0 bytes freed: the
+    /// operators spill on their own threads, and the bytes they free go back to nativemem through
+    /// their shrinks, and from there to Spark (the cushion's hysteresis hands back whatever
+    /// exceeds two blocks). Never waits, so it cannot deadlock with the thread asking, whatever
+    /// it holds (Spark's `TaskMemoryManager` monitor) or whichever thread runs the operator.
+    /// Idempotent; unregistered when the pool drops.
+    pub fn answer_spill_requests(&self) -> Result<(), NativeError> {
+        let mut registration = self.spill_registration.lock();
+        if registration.is_none() {
+            let requests: Arc<dyn SpillRequests> =
+                Arc::new(Requests(Arc::downgrade(&self.table)));
+            *registration = Some(
+                self.native
+                    .register_spill_requests("datafusion", requests)?,
+            );
+        }
+        Ok(())
+    }
+
+    /// What the pool did for requests to give memory back.
+    pub fn spill_requests(&self) -> SpillRequestStats {
+        let t = &self.table;
+        // Relaxed (all): statistics.
+        SpillRequestStats {
+            requests: t.requests.load(Ordering::Relaxed),
+            requested_bytes: t.requested_bytes.load(Ordering::Relaxed),
+            yields: t.yields.load(Ordering::Relaxed),
+            yielded_bytes: t.yielded_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Peak of [`reserved`](MemoryPool::reserved) over the pool's life.
+    pub fn peak_reserved(&self) -> u64 {
+        // Relaxed: a read-out.
+        self.peak.load(Ordering::Relaxed)
     }
 
     /// The policy deciding who spills.
@@ -90,14 +221,14 @@ impl<P: NativePool> NativememPool<P> {
 
     /// Consumers registered now.
     pub fn consumer_count(&self) -> usize {
-        self.consumers.lock().len()
+        self.table.consumers.lock().len()
     }
 
     /// nativemem's usage report followed by this pool's view: each DataFusion consumer's bytes,
     /// spillability and over-commit.
     pub fn report(&self) -> String {
         let mut out = self.native.usage_report();
-        let consumers = self.consumers.lock();
+        let consumers = self.table.consumers.lock();
         let mut rows: Vec<_> = consumers.values().collect();
         rows.sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.name.cmp(&b.name)));
         out.push_str(&format!(
@@ -129,7 +260,31 @@ impl<P: NativePool> NativememPool<P> {
         consumer: &MemoryConsumer,
         additional: u64,
     ) -> Result<(Arc<P::Reservation>, u64)> {
-        let consumers = self.consumers.lock();
+        let mut consumers = self.table.consumers.lock();
+        if let Some(me) = consumers.get_mut(&consumer.id()) {
+            if me.asked && me.size == 0 {
+                // It gave everything back meanwhile: nothing to spill, nothing to refuse.
+                me.asked = false;
+            } else if me.asked {
+                // Asked to give memory back: this refusal makes the operator spill (once; its
+                // retry after spilling goes through, and it is not asked again before).
+                me.asked = false;
+                me.yielded = true;
+                let held = me.size;
+                // Relaxed (both): statistics.
+                self.table.yields.fetch_add(1, Ordering::Relaxed);
+                self.table.yielded_bytes.fetch_add(held, Ordering::Relaxed);
+                return Err(DataFusionError::ResourcesExhausted(format!(
+                    "Failed to allocate additional {} for {}#{}: the task was asked for memory \
+                     back and this consumer holds {}; spill and retry\n{}",
+                    human(additional),
+                    consumer.name(),
+                    consumer.id(),
+                    human(held),
+                    self.native.usage_report()
+                )));
+            }
+        }
         let Some(me) = consumers.get(&consumer.id()) else {
             return Err(DataFusionError::Internal(format!(
                 "nativemem pool: consumer {}#{} grows without being registered",
@@ -224,16 +379,18 @@ impl<P: NativePool> NativememPool<P> {
     /// given back to nativemem by the caller).
     #[must_use]
     fn grown(&self, id: usize, bytes: u64, overcommit: u64, paid_back: u64) -> u64 {
-        let mut consumers = self.consumers.lock();
+        let mut consumers = self.table.consumers.lock();
         let Some(c) = consumers.get_mut(&id) else {
             // Unregistered meanwhile: its native reservation is gone with what it held.
             return 0;
         };
         let paid = paid_back.min(c.overcommit);
         c.size = c.size.saturating_add(bytes);
+        c.yielded = false;
         c.overcommit = c.overcommit - paid + overcommit;
         // Relaxed (all): read-outs; the consistent values live under the lock, held here.
-        self.reserved.fetch_add(bytes, Ordering::Relaxed);
+        let reserved = self.reserved.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(reserved, Ordering::Relaxed);
         self.overcommit.fetch_add(overcommit, Ordering::Relaxed);
         self.overcommit.fetch_sub(paid, Ordering::Relaxed);
         paid_back - paid
@@ -274,7 +431,7 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
                 return;
             }
         };
-        self.consumers.lock().insert(
+        self.table.consumers.lock().insert(
             consumer.id(),
             Consumer {
                 name: consumer.name().to_string(),
@@ -282,13 +439,15 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
                 native,
                 overcommit: 0,
                 size: 0,
+                asked: false,
+                yielded: false,
             },
         );
     }
 
     fn unregister(&self, consumer: &MemoryConsumer) {
         let removed = {
-            let mut consumers = self.consumers.lock();
+            let mut consumers = self.table.consumers.lock();
             let removed = consumers.remove(&consumer.id());
             if let Some(c) = &removed {
                 // Relaxed (both): read-outs, changed only under this lock.
@@ -307,6 +466,7 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
         let consumer = reservation.consumer();
         let bytes = additional as u64;
         let native = self
+            .table
             .consumers
             .lock()
             .get(&consumer.id())
@@ -332,7 +492,7 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
         let bytes = shrink as u64;
         // Over-commit goes first (it was never charged to nativemem); the rest is native.
         let (native, from_overcommit) = {
-            let mut consumers = self.consumers.lock();
+            let mut consumers = self.table.consumers.lock();
             match consumers.get_mut(&consumer.id()) {
                 Some(c) => {
                     let bytes = bytes.min(c.size);

@@ -184,3 +184,56 @@ fn greedy_policy_refuses_only_on_nativemem_limits() {
     assert_eq!(m.used(), 0);
     assert!(m.close().unwrap().is_empty());
 }
+
+#[test]
+fn spill_requests_make_the_largest_spillable_consumers_spill_at_their_next_grow() {
+    let l = Arc::new(CapacityListener::unlimited());
+    let config = MemoryConfig::default().with_reservation_block(MIB as u64);
+    let m = MemoryManager::new("task", config, l.clone()).unwrap();
+    let native = Arc::new(NativememPool::new(m.pool("datafusion").unwrap()));
+    native.answer_spill_requests().unwrap();
+    native.answer_spill_requests().unwrap(); // idempotent: one spiller
+    assert_eq!(m.spiller_count(), 1);
+    let pool: Arc<dyn MemoryPool> = native.clone();
+    let big = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&pool);
+    let small = MemoryConsumer::new("ExternalSorter[1]")
+        .with_can_spill(true)
+        .register(&pool);
+    let merge = MemoryConsumer::new("ExternalSorterMerge[0]").register(&pool);
+    big.try_grow(6 * MIB).unwrap();
+    small.try_grow(2 * MIB).unwrap();
+    merge.try_grow(MIB).unwrap();
+    // Spark asks the task for 4 MiB: nativemem hands back its cushion (under a block), then asks
+    // the pool for the rest, which picks the largest spillable consumer (6 MiB covers it) and
+    // frees nothing synchronously.
+    let given = m.reclaim(4 * MIB as u64).unwrap();
+    assert!(given < MIB as u64, "{given}");
+    let s = native.spill_requests();
+    assert_eq!((s.requests, s.requested_bytes, s.yields), (1, 4 * MIB as u64 - given, 0));
+    // The unspillable and the small one grow as usual; the big one is refused once.
+    merge.try_grow(1024).unwrap();
+    small.try_grow(1024).unwrap();
+    let err = big.try_grow(1024).unwrap_err();
+    assert!(
+        matches!(err.find_root(), DataFusionError::ResourcesExhausted(_)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("asked for memory back"), "{err}");
+    assert!(err.to_string().contains("ExternalSorter[0]"), "{err}");
+    let s = native.spill_requests();
+    assert_eq!((s.yields, s.yielded_bytes), (1, 6 * MIB as u64));
+    // It spills (frees what it holds): the bytes go back to the listener beyond the hysteresis
+    // (two blocks kept at most), and its retry goes through.
+    let reserved_before = m.reserved();
+    big.free();
+    assert!(m.reserved() <= reserved_before - 4 * MIB as u64, "{}", m.reserved());
+    big.try_grow(1024).unwrap();
+    drop((big, small, merge));
+    drop(pool);
+    drop(native); // unregisters the spiller
+    assert_eq!(m.spiller_count(), 0);
+    assert_eq!(m.used(), 0);
+    assert!(m.close().unwrap().is_empty());
+}

@@ -260,3 +260,55 @@ async fn through_the_client_the_same_pool_spills_and_returns_everything() {
     let report = mm.close().unwrap();
     assert_eq!(report.leaked_bytes, 0, "{}", report.report);
 }
+
+/// Spark → DataFusion: with no limit at all (nothing would make the operators spill), another
+/// thread keeps asking the task for memory back (as Spark does when another consumer of the task
+/// needs it); the pool makes the sorts spill at their next grows. Same results, spills that only
+/// the requests caused, and every counter 0 afterwards. (Sorts only: DataFusion's hash
+/// aggregation treats a refused grow as fatal once it merges its own spill files; see the crate
+/// docs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spill_requests_make_running_queries_spill_with_the_same_results() {
+    for (sql, ordered, partitions) in [(SORT, true, 1), (SORT, true, 2)] {
+        let free = run_core(None, partitions, sql).await.unwrap();
+        let (m, listener) = manager(None);
+        let pool = Arc::new(NativememPool::new(m.pool("datafusion").unwrap()));
+        pool.answer_spill_requests().unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let asker = {
+            let (m, stop) = (m.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut given = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    given += m.reclaim(16 * MIB).unwrap();
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                given
+            })
+        };
+        let asked = run_on(pool.clone(), partitions, sql).await.unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let given = asker.join().unwrap();
+        let s = pool.spill_requests();
+        println!(
+            "asked back: {} requests, {} yields ({} MiB held when refused), {} spills, {} MiB \
+             handed back to the listener by the requests themselves",
+            s.requests,
+            s.yields,
+            s.yielded_bytes / MIB,
+            asked.spill_count,
+            given / MIB
+        );
+        assert!(s.requests > 0 && s.yields > 0, "{s:?}");
+        assert!(asked.spill_count > 0, "no spill although asked");
+        assert_eq!(asked.digest.rows, free.digest.rows);
+        assert_eq!(asked.digest.unordered, free.digest.unordered);
+        if ordered {
+            assert_eq!(asked.digest.ordered, free.digest.ordered);
+        }
+        assert_eq!((pool.reserved(), m.used()), (0, 0), "{}", pool.report());
+        drop(pool);
+        assert!(m.close().unwrap().is_empty());
+        assert_eq!(listener.reserved(), 0);
+    }
+}
