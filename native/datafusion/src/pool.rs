@@ -11,7 +11,9 @@ use datafusion_execution::memory_pool::{
 };
 use parking_lot::Mutex;
 
-use crate::backend::{NativeError, NativePool, NativeReservation, SpillRegistration, SpillRequests};
+use crate::backend::{
+    NativeError, NativePool, NativeReservation, SpillRegistration, SpillRequests,
+};
 
 /// One registered DataFusion consumer (one `MemoryConsumer` registration, which all its
 /// reservations share: split and `new_empty` reservations count against the same consumer).
@@ -85,7 +87,7 @@ impl<R: NativeReservation> SpillRequests for Requests<R> {
             .values_mut()
             .filter(|c| c.can_spill && !c.asked && !c.yielded && c.size > 0)
             .collect();
-        candidates.sort_by(|a, b| b.size.cmp(&a.size));
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.size));
         let mut covered = 0u64;
         for c in candidates {
             if covered >= target {
@@ -175,8 +177,7 @@ impl<P: NativePool> NativememPool<P> {
     pub fn answer_spill_requests(&self) -> Result<(), NativeError> {
         let mut registration = self.spill_registration.lock();
         if registration.is_none() {
-            let requests: Arc<dyn SpillRequests> =
-                Arc::new(Requests(Arc::downgrade(&self.table)));
+            let requests: Arc<dyn SpillRequests> = Arc::new(Requests(Arc::downgrade(&self.table)));
             *registration = Some(
                 self.native
                     .register_spill_requests("datafusion", requests)?,

@@ -211,7 +211,10 @@ fn spill_requests_make_the_largest_spillable_consumers_spill_at_their_next_grow(
     let given = m.reclaim(4 * MIB as u64).unwrap();
     assert!(given < MIB as u64, "{given}");
     let s = native.spill_requests();
-    assert_eq!((s.requests, s.requested_bytes, s.yields), (1, 4 * MIB as u64 - given, 0));
+    assert_eq!(
+        (s.requests, s.requested_bytes, s.yields),
+        (1, 4 * MIB as u64 - given, 0)
+    );
     // The unspillable and the small one grow as usual; the big one is refused once.
     merge.try_grow(1024).unwrap();
     small.try_grow(1024).unwrap();
@@ -228,7 +231,11 @@ fn spill_requests_make_the_largest_spillable_consumers_spill_at_their_next_grow(
     // (two blocks kept at most), and its retry goes through.
     let reserved_before = m.reserved();
     big.free();
-    assert!(m.reserved() <= reserved_before - 4 * MIB as u64, "{}", m.reserved());
+    assert!(
+        m.reserved() <= reserved_before - 4 * MIB as u64,
+        "{}",
+        m.reserved()
+    );
     big.try_grow(1024).unwrap();
     drop((big, small, merge));
     drop(pool);

@@ -512,7 +512,9 @@ pub extern "system" fn Java_org_nativemem_examples_DataFusionTask_nativeStart<'l
 ) {
     run_export(&mut env, (), |_| {
         let query = Query::from_code(query).ok_or_else(|| {
-            Error::InvalidArgument(format!("query must be 0 (ORDER BY) or 1 (GROUP BY), got {query}"))
+            Error::InvalidArgument(format!(
+                "query must be 0 (ORDER BY) or 1 (GROUP BY), got {query}"
+            ))
         })?;
         let rows = u64::try_from(rows)
             .ok()

@@ -85,7 +85,12 @@ impl fmt::Debug for PerCallPool {
 
 impl fmt::Display for PerCallPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "per-call JNI pool ({} reserved, {} calls)", self.reserved(), self.calls())
+        write!(
+            f,
+            "per-call JNI pool ({} reserved, {} calls)",
+            self.reserved(),
+            self.calls()
+        )
     }
 }
 
@@ -100,7 +105,8 @@ impl MemoryPool for PerCallPool {
             log::warn!("per-call pool: grow by {additional}: {e}");
         }
         // Relaxed: this pool's own total.
-        self.reserved.fetch_add(additional as u64, Ordering::Relaxed);
+        self.reserved
+            .fetch_add(additional as u64, Ordering::Relaxed);
     }
 
     fn shrink(&self, _reservation: &MemoryReservation, shrink: usize) {

@@ -71,7 +71,9 @@ pub async fn run(
     rows: u64,
     partitions: usize,
 ) -> Result<Outcome> {
-    let runtime = RuntimeEnvBuilder::new().with_memory_pool(pool).build_arc()?;
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_pool(pool)
+        .build_arc()?;
     let config = SessionConfig::new()
         .with_target_partitions(partitions)
         // The sort's merge reserve: 2 MiB instead of 10, so small task budgets still sort.
