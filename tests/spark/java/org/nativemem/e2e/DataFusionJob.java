@@ -143,8 +143,12 @@ public final class DataFusionJob {
                 problems.check(r.managerPeakBytes > 0, "DataFusion's memory was charged to the task's manager: " + what);
                 problems.check(r.gaugeUsedMax >= MiB, "the plugin's usedBytes gauge saw DataFusion's bytes: " + what);
                 E2e.TaskEnd end = nm.ends.get(r.taskAttemptId);
-                problems.check(end != null && end.peakExecutionMemory >= r.managerPeakBytes,
-                        "Spark's task peak execution memory includes DataFusion's native peak: " + end + ", " + what);
+                // A grow is charged to the manager before its block is reserved from Spark, so the
+                // manager's peak may run ahead of what Spark saw by the grows in flight at that
+                // moment: at most one block per DataFusion thread (2 engine threads, 1 MiB blocks).
+                problems.check(end != null && end.peakExecutionMemory + 2 * MiB >= r.managerPeakBytes,
+                        "Spark's task peak execution memory includes DataFusion's native peak (within the "
+                        + "grows in flight): " + end + ", " + what);
                 jvmSpills += r.jvmSpillsForDataFusion;
                 jvmSpilled += r.jvmSpilledForDataFusion;
                 yields += r.stats.yields();
