@@ -324,19 +324,20 @@ impl<P: NativePool> NativememPool<P> {
             // Unspillable memory cannot be asked back: only nativemem's limits bound it.
             return None;
         }
-        let unspillable: u64 = consumers
-            .values()
-            .filter(|c| !c.can_spill)
-            .map(|c| c.size)
-            .sum();
-        let total: u64 = consumers.values().map(|c| c.size).sum();
-        // Spillable consumers holding memory, plus this one: an idle registered sorter does not
-        // shrink a busy one's share.
-        let active = consumers
-            .iter()
-            .filter(|(cid, c)| c.can_spill && (c.size > 0 || **cid == id))
-            .count()
-            .max(1) as u64;
+        // One pass: unspillable bytes, and the spillable consumers holding memory plus this one
+        // (an idle registered sorter does not shrink a busy one's share). The total is `reserved`,
+        // kept under the same lock.
+        let (mut unspillable, mut active) = (0u64, 0u64);
+        for (cid, c) in consumers {
+            if !c.can_spill {
+                unspillable += c.size;
+            } else if c.size > 0 || *cid == id {
+                active += 1;
+            }
+        }
+        let active = active.max(1);
+        // Relaxed: changed only under the consumers' lock, which the caller holds.
+        let total = self.reserved.load(Ordering::Relaxed);
         let available = limit.saturating_sub(unspillable);
         let share = available / active;
         let wanted = me.size.saturating_add(additional);
