@@ -7,9 +7,9 @@
 #   cargo-clippy    cargo clippy --workspace --all-targets -- -D warnings
 #   cargo-clippy-testlib  the same for nativemem-jni with the `testing` feature (test library)
 #   cargo-test      cargo test --workspace (but the two DataFusion crates)
-#   cargo-test-datafusion  cargo test --release -p nativemem-datafusion: real DataFusion queries;
-#                   then cargo build --release -p nativemem-df-engine (the DataFusion engine library
-#                   Gradle packs: the same DataFusion artifacts, built once)
+#   cargo-test-datafusion  cargo test --profile datafusion -p nativemem-datafusion: real DataFusion
+#                   queries; then cargo build --profile datafusion -p nativemem-df-engine (the DataFusion
+#                   engine library Gradle packs: the same DataFusion artifacts, built once)
 #   cargo-loom      loom model check of the core (RUSTFLAGS="--cfg loom")
 #   c-header        include/nativemem.h compiles as C11 and C++17; layout pinned (tests/c/header_check.c)
 #   gradle          gradle cleanTest test assemble: JUnit tests (tests/java) + build/libs/*.jar
@@ -24,7 +24,7 @@
 #
 # Environment: CI=true (plain output, no colours), SPARK_VERSIONS (default "3.5 4.0"),
 # E2E_TIMEOUT (seconds per Spark run, default 300), SUITE_TIMEOUT (other suites, default 1500),
-# DATAFUSION_TIMEOUT (cargo-test-datafusion, default 2700: it builds DataFusion in release).
+# DATAFUSION_TIMEOUT (cargo-test-datafusion, default 2700: it builds DataFusion).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -117,13 +117,13 @@ run_suite cargo-clippy-testlib "$SUITE_TIMEOUT" cargo clippy -p nativemem-jni --
   --color "$color" -- -D warnings
 run_suite cargo-test "$SUITE_TIMEOUT" cargo test --workspace --exclude nativemem-datafusion \
   --exclude nativemem-df-engine --color "$color"
-# DataFusion's query tests sort and aggregate millions of rows: release only (DataFusion is built in
-# one profile for tests, never debug and release both).
-# Its own time limit: a cold build of DataFusion alone takes ~12 minutes on 2 cores.
-# The engine resolves DataFusion with exactly the features of these tests (its Cargo.toml), so its
-# build reuses every DataFusion artifact.
-run_suite cargo-test-datafusion "${DATAFUSION_TIMEOUT:-2700}" bash -c "cargo test --release -p nativemem-datafusion \
-  --color $color && cargo build --release -p nativemem-df-engine --color $color"
+# DataFusion's query tests sort and aggregate millions of rows: optimised, in the `datafusion` profile
+# (Cargo.toml: release at opt-level 1; DataFusion is built in that one profile, never debug too).
+# Its own time limit: a cold build of DataFusion alone takes ~16 minutes on 2 cores.
+# The engine resolves DataFusion with exactly the features of these tests (its Cargo.toml) in the same
+# profile, so its build reuses every DataFusion artifact.
+run_suite cargo-test-datafusion "${DATAFUSION_TIMEOUT:-2700}" bash -c "cargo test --profile datafusion \
+  -p nativemem-datafusion --color $color && cargo build --profile datafusion -p nativemem-df-engine --color $color"
 # Model check of the core's lock-free paths (native/core/tests/loom.rs); its own target dir so the
 # --cfg loom build does not invalidate the normal one.
 run_suite cargo-loom "$SUITE_TIMEOUT" env RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 \

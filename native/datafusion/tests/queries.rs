@@ -3,7 +3,7 @@
 //! Results must be identical, DataFusion's spill metrics must show spills, the task's peak must
 //! stay under the limit, and every counter must be 0 after the query and after the manager closes.
 //!
-//! Run in release (scripts/test.sh does): `cargo test --release -p nativemem-datafusion`.
+//! Run optimised (scripts/test.sh does): `cargo test --profile datafusion -p nativemem-datafusion`.
 
 use std::sync::Arc;
 
