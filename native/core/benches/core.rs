@@ -1,5 +1,8 @@
 //! Core fast-path benchmarks. Every figure has a baseline measured in the same run:
-//! - a grow+shrink pair against the floor of two atomic read-modify-write pairs;
+//! - a grow+shrink pair against the floor of two atomic read-modify-write pairs, in exact mode
+//!   (every grow charges every pool level) and with a reservation quantum (the fast path);
+//! - the same pair on 1, 2 and 4 threads of one manager, each on its own reservation (time per
+//!   pair per thread: wall time / pairs each thread made);
 //! - `Pool::allocate` + `free` against `std::alloc::alloc` + `dealloc` of the same layout.
 //!
 //! `scripts/bench.sh` reads criterion's estimates and prints the ratios.
@@ -11,15 +14,43 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use nativemem_core::{CapacityListener, MemoryConfig, MemoryManager};
+use nativemem_core::{
+    CapacityListener, MemoryConfig, MemoryManager, RECOMMENDED_RESERVATION_QUANTUM_BYTES,
+};
 
 fn manager() -> MemoryManager {
-    MemoryManager::new(
-        "bench",
-        MemoryConfig::default(),
-        Arc::new(CapacityListener::unlimited()),
-    )
-    .unwrap()
+    manager_with(MemoryConfig::default())
+}
+
+fn manager_with(config: MemoryConfig) -> MemoryManager {
+    MemoryManager::new("bench", config, Arc::new(CapacityListener::unlimited())).unwrap()
+}
+
+/// `threads` threads, each with its own reservation of its own pool on `m`, each making `iters`
+/// grow+shrink pairs of 64 bytes, started together; returns the wall time.
+fn pairs_on_threads(m: &MemoryManager, threads: usize, iters: u64) -> Duration {
+    let barrier = Arc::new(std::sync::Barrier::new(threads + 1));
+    let handles: Vec<_> = (0..threads)
+        .map(|i| {
+            let r = m.pool(&format!("t{i}")).unwrap().reservation("bench");
+            r.try_grow(1024).unwrap(); // charged once: the pairs below run on slack
+            r.shrink(1024).unwrap();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                for _ in 0..iters {
+                    r.try_grow(black_box(64)).unwrap();
+                    r.shrink(black_box(64)).unwrap();
+                }
+            })
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    for h in handles {
+        h.join().unwrap();
+    }
+    start.elapsed()
 }
 
 fn grow_shrink(c: &mut Criterion) {
@@ -57,32 +88,39 @@ fn grow_shrink(c: &mut Criterion) {
             r3.shrink(black_box(64)).unwrap();
         })
     });
-    // Two threads on one manager (same root, separate leaves): time per pair on this thread
-    // while another thread hammers the same manager.
-    g.bench_function("two_threads_one_manager", |b| {
-        b.iter_custom(|iters| {
-            let other = m.pool("other").unwrap().reservation("other");
-            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let s2 = stop.clone();
-            let h = std::thread::spawn(move || {
-                while !s2.load(Ordering::Relaxed) {
-                    for _ in 0..1000 {
-                        other.try_grow(64).unwrap();
-                        other.shrink(64).unwrap();
-                    }
-                }
-            });
-            let start = Instant::now();
-            for _ in 0..iters {
-                r1.try_grow(black_box(64)).unwrap();
-                r1.shrink(black_box(64)).unwrap();
-            }
-            let t = start.elapsed();
-            stop.store(true, Ordering::Relaxed);
-            h.join().unwrap();
-            t
+    // Quantum mode (the fast path): the pair runs on the reservation's slack.
+    let mq = manager_with(
+        MemoryConfig::default().with_reservation_quantum(RECOMMENDED_RESERVATION_QUANTUM_BYTES),
+    );
+    let rq1 = mq.root().child("op", None).unwrap().reservation("bench");
+    rq1.try_grow(1 << 20).unwrap();
+    g.bench_function("quantum_one_level_pool", |b| {
+        b.iter(|| {
+            rq1.try_grow(black_box(64)).unwrap();
+            rq1.shrink(black_box(64)).unwrap();
         })
     });
+    let rq3 = mq
+        .pool("stage/operator")
+        .unwrap()
+        .child("buffers", Some(1 << 40))
+        .unwrap()
+        .reservation("bench");
+    rq3.try_grow(1 << 20).unwrap();
+    g.bench_function("quantum_three_level_pool_with_limit", |b| {
+        b.iter(|| {
+            rq3.try_grow(black_box(64)).unwrap();
+            rq3.shrink(black_box(64)).unwrap();
+        })
+    });
+    for threads in [1usize, 2, 4] {
+        g.bench_function(format!("quantum_threads_{threads}"), |b| {
+            b.iter_custom(|iters| pairs_on_threads(&mq, threads, iters))
+        });
+        g.bench_function(format!("exact_threads_{threads}"), |b| {
+            b.iter_custom(|iters| pairs_on_threads(&m, threads, iters))
+        });
+    }
     g.finish();
 }
 

@@ -31,10 +31,22 @@
 //! 5. **Close ↔ release (`SeqCst`).** `close` sets `closed` then reads the root; a release
 //!    uncharges the root then reads `closed`. That is a store-buffering pair: only a single total
 //!    order guarantees that one of them sees the other, so bytes released during a close are
-//!    handed back by the releaser or by `close`. These four accesses are the only `SeqCst`
-//!    ones. On aarch64 a `SeqCst` RMW is the same `ldaddal`/`casal`/`swpal` as `AcqRel`, and a
+//!    handed back by the releaser or by `close`. On aarch64 a `SeqCst` RMW is the same `ldaddal`/`casal`/`swpal` as `AcqRel`, and a
 //!    `SeqCst` load is `ldar`, which is also what `Acquire` compiles to unless the target has
 //!    RCpc (`ldapr`); so this costs nothing over acquire/release on the release path.
+//!
+//! 6. **Quantum mode: grow ↔ trim (`SeqCst`).** With a reservation quantum a grow first raises
+//!    the reservation's `size`, then reads its `charged`, and is done if `size <= charged`
+//!    (one RMW and one load, on the reservation's own cache line). A trim (taking slack back:
+//!    a shrink past two quanta, `free`, `reclaim`, a grow refused elsewhere) lowers `charged`
+//!    with a CAS, then re-reads `size`, and puts the bytes back if `size` is now above the new
+//!    `charged`. Another store-buffering pair: in the single total order either the grow's load
+//!    comes after the trim's CAS (it sees the lowered `charged` and covers itself on the slow
+//!    path) or the trim's re-read comes after the grow's RMW (it sees the grow and puts the
+//!    bytes back). So a trim never takes bytes a grow counted on. On x86 a `SeqCst` RMW is the
+//!    `lock` instruction any RMW is and a `SeqCst` load a plain `mov`: the fast path pays
+//!    nothing for it. `charged` only rises after the pool charge and only falls before the
+//!    uncharge (edge 4 for quantum mode).
 //!
 //! No other decision reads two counters that other threads write without one of these edges,
 //! so nothing else needs a single total order.
@@ -96,16 +108,51 @@ pub(crate) struct CounterSnapshot {
 }
 
 /// The part of a reservation the manager can see (for reports and for close).
+///
+/// Aligned to 128 bytes (two cache lines, the unit x86's adjacent-line prefetcher pulls in): the
+/// reservation's hot counters share no line with another reservation's, so two threads growing
+/// their own reservations never bounce a line between cores.
+#[repr(align(128))]
 pub(crate) struct ConsumerState {
+    /// Bytes held. Changed only by RMWs so a concurrent close and shrink each release disjoint
+    /// bytes. Exact mode (`quantum == 0`): raised with `Release` after the pool charge and taken
+    /// out with `Acquire` before the uncharge (edge 4 of the module docs). Quantum mode: raised
+    /// with `SeqCst` *before* it is known to be covered (edge 6).
+    pub(crate) size: AtomicU64,
+    /// Quantum mode only (0 in exact mode): bytes charged to the pool tree for this reservation,
+    /// `>= size` whenever no grow is in flight; `charged - size` is the slack. Raised (`SeqCst`)
+    /// only after the pool charge and lowered (`SeqCst`) only before the uncharge (edge 4), and
+    /// in a store-buffering pair with `size` (edge 6).
+    pub(crate) charged: AtomicU64,
+    /// Highest `size`; `Relaxed` (a statistic).
+    pub(crate) peak: AtomicU64,
+    /// The manager's [`MemoryConfig::reservation_quantum`] (copied: the fast path reads no other
+    /// line).
+    pub(crate) quantum: u64,
     pub(crate) id: u64,
     pub(crate) name: String,
     pub(crate) node: Arc<PoolNode>,
-    /// Bytes held. Changed only by RMWs so a concurrent close and shrink each release disjoint
-    /// bytes; raised with `Release` after the pool charge and taken out with `Acquire` before
-    /// the uncharge (edge 4 of the module docs).
-    pub(crate) size: AtomicU64,
-    /// Highest `size`; `Relaxed` (a statistic).
-    pub(crate) peak: AtomicU64,
+}
+
+impl ConsumerState {
+    /// Raises the peak to `now` (a statistic).
+    #[inline]
+    pub(crate) fn note_peak(&self, now: u64) {
+        // Relaxed (both): the peak is a statistic; `fetch_max` keeps it monotonic.
+        if now > self.peak.load(Ordering::Relaxed) {
+            self.peak.fetch_max(now, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How [`Budget::trim`] returns slack to the pools.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TrimMode {
+    /// Like a release: surplus cushion beyond the hysteresis band goes back to the listener.
+    Release,
+    /// The bytes stay in the cushion (for a grow that wants them, for `reclaim`, which hands
+    /// back exactly, and for forced shrinks, which must not call out).
+    Quiet,
 }
 
 /// The shared state of one manager (one task attempt). See the module docs.
@@ -225,11 +272,13 @@ impl Budget {
         // Relaxed: ids need only be unique, which RMW atomicity alone guarantees.
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let state = Arc::new(ConsumerState {
+            size: AtomicU64::new(0),
+            charged: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+            quantum: self.config.reservation_quantum,
             id,
             name: format!("{name}#{id}"),
             node,
-            size: AtomicU64::new(0),
-            peak: AtomicU64::new(0),
         });
         self.consumers.lock().insert(id, state.clone());
         state
@@ -243,6 +292,10 @@ impl Budget {
     /// What the listener's owner calls when it wants memory back (see `MemoryManager::reclaim`).
     pub(crate) fn reclaim(&self, target: u64) -> Result<u64> {
         let mut given = self.release_unused(target)?;
+        if given < target && self.trim_all(None) > 0 {
+            // Reservations' slack is unused memory: it goes before any operator spills.
+            given += self.release_unused(target - given)?;
+        }
         if given < target {
             // What the spill frees stays in the cushion (no hysteresis hand-back on the way), so
             // the second release hands back exactly this call's bytes: the count reported to the
@@ -278,6 +331,24 @@ impl Budget {
     /// release runs in: the root RMW acquires what the hand-back released (edge 1 of the module
     /// docs), so the `reserved` it reads is never one the hand-back already lowered.
     pub(crate) fn grow(&self, node: &Arc<PoolNode>, consumer: &str, bytes: u64) -> Result<()> {
+        self.grow_at_least(node, consumer, bytes, bytes, bytes, None)
+            .map(|_| ())
+    }
+
+    /// Like [`grow`](Self::grow), for a reservation in quantum mode: charges `bytes` (its need
+    /// rounded up to the quantum) if that fits as it is, else falls back to `min_bytes` (the
+    /// need) before taking back slack, spilling or failing. Returns the bytes charged. `asked`
+    /// is what the consumer asked for (for the error); `owner` is the growing reservation,
+    /// whose slack is already counted in the need (and must not be taken back under it).
+    pub(crate) fn grow_at_least(
+        &self,
+        node: &Arc<PoolNode>,
+        consumer: &str,
+        mut bytes: u64,
+        min_bytes: u64,
+        asked: u64,
+        owner: Option<u64>,
+    ) -> Result<u64> {
         if bytes > MAX_REQUEST_BYTES {
             return Err(MemoryError::InvalidArgument(format!(
                 "request of {bytes} bytes for '{consumer}' exceeds the maximum of {MAX_REQUEST_BYTES} bytes"
@@ -285,12 +356,14 @@ impl Budget {
         }
         self.check_open()?;
         let mut spilled = false;
+        // Reservations' slack (quantum mode) is taken back once, before anything is spilled.
+        let mut trimmed = false;
         let mut claim_retries = 0;
         let mut claim_wait: Option<std::time::Instant> = None;
         loop {
             // 1. Pool limits, leaf to root; all or nothing.
-            match node.charge(bytes) {
-                Ok(_) => {}
+            let charged_root = match node.charge(bytes) {
+                Ok(root) => root,
                 Err(refusal) => {
                     let limit = refusal.node.limit.unwrap_or(u64::MAX);
                     // Bytes being handed back are claimed on the root (bypassing its limit) for
@@ -320,15 +393,28 @@ impl Budget {
                             continue;
                         }
                     }
+                    if bytes > min_bytes {
+                        // The quantum's rounding does not fit: ask for the need alone.
+                        bytes = min_bytes;
+                        continue;
+                    }
+                    if !trimmed {
+                        trimmed = true;
+                        if self.trim_all(owner) > 0 {
+                            continue;
+                        }
+                    }
                     if !spilled {
                         spilled = true;
                         let need = real_used.saturating_add(bytes).saturating_sub(limit);
                         if self.spill_held(need, Some(&refusal.node))? > 0 {
                             continue;
                         }
-                    } else if let Err(e) = self.release_surplus() {
-                        // What the spill freed stayed in the cushion for the retry, which was
-                        // refused again: beyond the hysteresis band it goes back to the listener.
+                    }
+                    if let Err(e) = self.release_surplus() {
+                        // What a spill or a trim freed stayed in the cushion for the retry, which
+                        // was refused again: beyond the hysteresis band it goes back to the
+                        // listener.
                         log::warn!(
                             "[{}] handing back surplus after a refused grow: {e}",
                             self.name
@@ -337,7 +423,7 @@ impl Budget {
                     return Err(self.oom(
                         consumer,
                         node,
-                        bytes,
+                        asked,
                         OomReason::PoolLimit {
                             pool: refusal.node.path.clone(),
                             limit,
@@ -359,11 +445,17 @@ impl Budget {
             // every grant this value includes; and with a hand-back's Release (edge 1).
             let reserved = self.reserved.load(Ordering::Acquire);
             // Acquire: the charges behind the grants read above are visible (program order after
-            // the Acquire above); a newer value only makes this check stricter.
-            let root_now = self.root.used.load(Ordering::Acquire);
+            // the Acquire above).
+            //
+            // And never below the value this grow's own charge returned: a hand-back may
+            // un-claim its bytes between the two loads (after `reserved` was read without its
+            // `unreserve`), which lowers the root; the charge's own value still counts that
+            // claim, so it is the one to compare with the `reserved` read before the un-claim.
+            // (Found by the loom model `a_grow_on_slack_racing_a_reclaim_of_that_slack_is_always_covered`.)
+            let root_now = self.root.used.load(Ordering::Acquire).max(charged_root);
             if root_now <= reserved {
-                self.grown(node, spilled);
-                return Ok(());
+                self.grown(node, spilled || trimmed);
+                return Ok(bytes);
             }
             // What is uncovered now, at most this grow's own bytes plus the over-commit still
             // owed: every other grow in flight covers its own (by this same check, or by its own
@@ -383,10 +475,21 @@ impl Budget {
                 if deficit > bytes {
                     self.paid_overcommit(deficit - bytes);
                 }
-                self.grown(node, spilled);
-                return Ok(());
+                self.grown(node, spilled || trimmed);
+                return Ok(bytes);
             }
             node.uncharge(bytes);
+            if bytes > min_bytes {
+                // What was granted stays in the cushion; retry with the need alone.
+                bytes = min_bytes;
+                continue;
+            }
+            if !trimmed {
+                trimmed = true;
+                if self.trim_all(owner) > 0 {
+                    continue;
+                }
+            }
             if !spilled {
                 spilled = true;
                 if self.spill_held(deficit - granted, None)? > 0 {
@@ -402,7 +505,7 @@ impl Budget {
             return Err(self.oom(
                 consumer,
                 node,
-                bytes,
+                asked,
                 OomReason::ListenerDenied { requested, granted },
             ));
         }
@@ -477,8 +580,8 @@ impl Budget {
             });
     }
 
-    /// Bookkeeping after a successful grow: peaks, and if the grow spilled, surplus that the
-    /// spill left beyond the hysteresis band goes back to the listener now.
+    /// Bookkeeping after a successful grow: peaks, and if the grow spilled or took slack back,
+    /// surplus that left beyond the hysteresis band goes back to the listener now.
     fn grown(&self, node: &PoolNode, spilled: bool) {
         node.record_peaks();
         if spilled {
@@ -562,6 +665,59 @@ impl Budget {
             self.release_surplus()?;
         }
         Ok(())
+    }
+
+    /// Quantum mode: takes `state`'s slack above `keep` bytes back from the pools (and, in
+    /// [`TrimMode::Release`], hands surplus cushion back to the listener like any release).
+    /// Returns the bytes taken. Never takes bytes a concurrent grow of the same reservation
+    /// may have counted on (edge 6 of the module docs): it lowers `charged`, then re-reads
+    /// `size`; if a grow raised `size` above the new `charged` meanwhile, the bytes are put back
+    /// (the pools still hold them) and nothing is taken.
+    pub(crate) fn trim(&self, state: &ConsumerState, keep: u64, mode: TrimMode) -> Result<u64> {
+        loop {
+            // SeqCst (all four accesses): edge 6, a store-buffering pair with a grow's `size`
+            // RMW and `charged` load; either the grow sees the lowered `charged` (and covers
+            // itself) or this re-read sees its `size`.
+            let charged = state.charged.load(Ordering::SeqCst);
+            let floor = state.size.load(Ordering::SeqCst).saturating_add(keep);
+            if charged <= floor {
+                return Ok(0);
+            }
+            if state
+                .charged
+                .compare_exchange(charged, floor, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                continue;
+            }
+            crate::sync::test_point("trim:lowered");
+            if state.size.load(Ordering::SeqCst) > floor {
+                // A grow raced this trim and may have counted on the old `charged`.
+                state.charged.fetch_add(charged - floor, Ordering::SeqCst);
+                return Ok(0);
+            }
+            let taken = charged - floor;
+            match mode {
+                TrimMode::Quiet => self.release_quiet(&state.node, taken),
+                TrimMode::Release => self.release(&state.node, taken)?,
+            }
+            return Ok(taken);
+        }
+    }
+
+    /// Takes every reservation's slack (but `skip`'s) back into the cushion (quantum mode; 0 in
+    /// exact mode). Runs before a grow is refused or operators are spilled, and on `reclaim`.
+    fn trim_all(&self, skip: Option<u64>) -> u64 {
+        if self.config.reservation_quantum == 0 {
+            return 0;
+        }
+        // Copied under the registry lock, trimmed without it (the lock rule).
+        let consumers: Vec<Arc<ConsumerState>> = self.consumers.lock().values().cloned().collect();
+        consumers
+            .iter()
+            .filter(|c| Some(c.id) != skip)
+            .map(|c| self.trim(c, 0, TrimMode::Quiet).unwrap_or(0))
+            .sum()
     }
 
     fn high_water(&self) -> u64 {
@@ -864,10 +1020,16 @@ impl Budget {
         }
         let consumers: Vec<Arc<ConsumerState>> = self.consumers.lock().values().cloned().collect();
         for c in consumers {
-            // Acquire: the pool charge behind these bytes comes before the uncharge (edge 4).
-            let bytes = c.size.swap(0, Ordering::Acquire);
+            // Acquire (exact mode) / SeqCst (quantum mode, edge 6): the pool charge behind these
+            // bytes comes before the uncharge (edge 4).
+            let bytes = c.size.swap(0, Ordering::SeqCst);
+            // In quantum mode the pools carry `charged` (held + slack); 0 in exact mode.
+            let charged = c.charged.swap(0, Ordering::SeqCst);
+            let in_pools = if c.quantum == 0 { bytes } else { charged };
+            if in_pools > 0 {
+                c.node.uncharge(in_pools);
+            }
             if bytes > 0 {
-                c.node.uncharge(bytes);
                 report.add(LeakKind::Reservation, &c.name, &c.node.path, bytes);
             }
         }

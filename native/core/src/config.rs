@@ -6,6 +6,10 @@ use crate::error::{MemoryError, Result};
 /// JVM) for memory. 8 MiB means at most 128 listener calls per GiB grown.
 pub const DEFAULT_RESERVATION_BLOCK_BYTES: u64 = 8 << 20;
 
+/// A reservation quantum that makes the grow/shrink fast path touch no shared counter in steady
+/// state (see [`MemoryConfig::reservation_quantum`]): 1 MiB, like Velox's smallest quantum.
+pub const RECOMMENDED_RESERVATION_QUANTUM_BYTES: u64 = 1 << 20;
+
 /// Configuration of one [`MemoryManager`](crate::MemoryManager). Immutable once the manager is built.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemoryConfig {
@@ -14,6 +18,18 @@ pub struct MemoryConfig {
     /// Upper bound on the bytes the task may use, enforced by the root pool. `None`: no limit
     /// besides what the listener grants.
     pub task_limit: Option<u64>,
+    /// Per-reservation slack, in bytes (0, the default: exact accounting, every grow charges
+    /// every pool level). With a quantum `q > 0` a reservation charges its pools in multiples of
+    /// `q` and serves grows and shrinks from what it already charged: the common `try_grow` /
+    /// `shrink` is one atomic read-modify-write on the reservation's own cache line, shared with
+    /// no other reservation or thread. The cost, bounded: a pool's `used` and `peak` may run
+    /// ahead of what its consumers hold by **at most `2 * q` per live reservation** (slack above
+    /// `2 * q` is given back by the shrink that creates it, down to `q`); consumers' sizes, the
+    /// usage report's consumer lines and leak reports stay exact; what consumers hold never
+    /// exceeds a limit. Slack is taken back from every reservation before a grow is refused or
+    /// operators are spilled, and when Spark reclaims memory. See
+    /// [`RECOMMENDED_RESERVATION_QUANTUM_BYTES`].
+    pub reservation_quantum: u64,
 }
 
 impl Default for MemoryConfig {
@@ -21,6 +37,7 @@ impl Default for MemoryConfig {
         MemoryConfig {
             reservation_block: DEFAULT_RESERVATION_BLOCK_BYTES,
             task_limit: None,
+            reservation_quantum: 0,
         }
     }
 }
@@ -38,12 +55,25 @@ impl MemoryConfig {
         self
     }
 
-    /// Checks the values: the block must be in `1..=2^62` bytes.
+    /// Returns a copy with the reservation quantum set, in bytes (0: exact accounting). See
+    /// [`MemoryConfig::reservation_quantum`].
+    pub fn with_reservation_quantum(mut self, bytes: u64) -> Self {
+        self.reservation_quantum = bytes;
+        self
+    }
+
+    /// Checks the values: the block must be in `1..=2^62` bytes, the quantum at most 2^40 bytes.
     pub fn validate(&self) -> Result<()> {
         if self.reservation_block == 0 || self.reservation_block > (1 << 62) {
             return Err(MemoryError::InvalidArgument(format!(
                 "reservation block must be between 1 byte and 4 EiB, got {} bytes",
                 self.reservation_block
+            )));
+        }
+        if self.reservation_quantum > (1 << 40) {
+            return Err(MemoryError::InvalidArgument(format!(
+                "reservation quantum must be at most 1 TiB, got {} bytes",
+                self.reservation_quantum
             )));
         }
         if let Some(limit) = self.task_limit {

@@ -131,7 +131,9 @@ mod tree;
 mod units;
 
 pub use budget::MAX_REQUEST_BYTES;
-pub use config::{MemoryConfig, DEFAULT_RESERVATION_BLOCK_BYTES};
+pub use config::{
+    MemoryConfig, DEFAULT_RESERVATION_BLOCK_BYTES, RECOMMENDED_RESERVATION_QUANTUM_BYTES,
+};
 pub use error::{ListenerError, MemoryError, OomReason, OutOfMemory, Result};
 pub use listener::{CapacityListener, ReservationListener};
 pub use manager::{ManagerStats, MemoryManager};

@@ -3,7 +3,7 @@
 use crate::sync::Ordering;
 use std::sync::Arc;
 
-use crate::budget::{Budget, ConsumerState};
+use crate::budget::{Budget, ConsumerState, TrimMode, MAX_REQUEST_BYTES};
 use crate::error::{MemoryError, Result};
 use crate::tree::PoolNode;
 use crate::units::human;
@@ -58,20 +58,88 @@ impl Reservation {
     /// Grows by `bytes`, charging the pool and its ancestors and reserving from the listener if
     /// the cushion is short (spilling native consumers if the listener grants too little). On
     /// error nothing changes.
+    ///
+    /// With a [reservation quantum](crate::MemoryConfig::reservation_quantum) a grow that fits
+    /// in what this reservation already charged is one atomic read-modify-write on its own
+    /// cache line and one load; only a grow past it charges the pools (its need rounded up to
+    /// the quantum).
+    #[inline]
     pub fn try_grow(&self, bytes: u64) -> Result<()> {
         if bytes == 0 {
             return Ok(());
         }
+        let st = &*self.state;
+        if st.quantum == 0 || bytes > MAX_REQUEST_BYTES {
+            return self.grow_exact(bytes);
+        }
+        // SeqCst (both): edge 6 of `budget`, a store-buffering pair with `Budget::trim`: either
+        // this load sees a trim's lowered `charged`, or the trim's re-read sees this `size`.
+        let now = st.size.fetch_add(bytes, Ordering::SeqCst) + bytes;
+        if now <= st.charged.load(Ordering::SeqCst) {
+            st.note_peak(now);
+            return Ok(());
+        }
+        self.cover(bytes)
+    }
+
+    /// Exact mode: every grow charges the pools.
+    fn grow_exact(&self, bytes: u64) -> Result<()> {
         self.budget
             .grow(&self.state.node, &self.state.name, bytes)?;
         // Release: whoever takes these bytes out (a shrink or close on another thread) must see
         // the pool charge above before it uncharges (edge 4 in `budget`).
         let now = self.state.size.fetch_add(bytes, Ordering::Release) + bytes;
-        // Relaxed (both): the peak is a statistic; `fetch_max` keeps it monotonic.
-        if now > self.state.peak.load(Ordering::Relaxed) {
-            self.state.peak.fetch_max(now, Ordering::Relaxed);
-        }
+        self.state.note_peak(now);
         Ok(())
+    }
+
+    /// Quantum mode, the slow path: `size` was raised by `bytes` above `charged`. Takes the
+    /// bytes back out (so reports and errors never show bytes in flight), charges the pools for
+    /// the need rounded up to the quantum (the need alone if that does not fit), then grows on
+    /// the new slack; on error nothing changes.
+    #[cold]
+    fn cover(&self, bytes: u64) -> Result<()> {
+        let st = &*self.state;
+        // SeqCst (all accesses below): edge 6, as in `try_grow`.
+        self.take_back(bytes);
+        loop {
+            let charged = st.charged.load(Ordering::SeqCst);
+            let wanted = st.size.load(Ordering::SeqCst) + bytes;
+            if wanted <= charged {
+                // Fits now (another thread charged, or the first try raced a shrink).
+                let now = st.size.fetch_add(bytes, Ordering::SeqCst) + bytes;
+                if now <= st.charged.load(Ordering::SeqCst) {
+                    st.note_peak(now);
+                    return Ok(());
+                }
+                self.take_back(bytes);
+                continue;
+            }
+            let need = wanted - charged;
+            let rounded = wanted
+                .div_ceil(st.quantum)
+                .checked_mul(st.quantum)
+                .map_or(need, |target| target - charged);
+            let charged_now =
+                self.budget
+                    .grow_at_least(&st.node, &st.name, rounded, need, bytes, Some(st.id))?;
+            crate::sync::test_point("cover:charged");
+            // After the pool charge (edge 4).
+            st.charged.fetch_add(charged_now, Ordering::SeqCst);
+        }
+    }
+
+    /// Takes back `bytes` this thread added to `size` and could not cover. Saturating: a
+    /// `close` racing the grow may have emptied the reservation meanwhile (close is meant to run
+    /// alone, but a race must never wrap a counter).
+    fn take_back(&self, bytes: u64) {
+        // SeqCst: edge 6. Relaxed on failure: the value only feeds the next attempt.
+        let _ = self
+            .state
+            .size
+            .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |cur| {
+                Some(cur.saturating_sub(bytes))
+            });
     }
 
     /// Grows by `bytes` at once, **whatever the limits and the cushion**: never calls the
@@ -90,12 +158,14 @@ impl Reservation {
             return Ok(0);
         }
         let over = self.budget.force_grow(&self.state.node, bytes)?;
-        // Release: as in `try_grow` (edge 4 in `budget`).
-        let now = self.state.size.fetch_add(bytes, Ordering::Release) + bytes;
-        // Relaxed (both): the peak is a statistic; `fetch_max` keeps it monotonic.
-        if now > self.state.peak.load(Ordering::Relaxed) {
-            self.state.peak.fetch_max(now, Ordering::Relaxed);
+        if self.state.quantum > 0 {
+            // SeqCst: after the pool charge and before `size`, so the bytes are never seen
+            // uncovered (edges 4 and 6).
+            self.state.charged.fetch_add(bytes, Ordering::SeqCst);
         }
+        // Release: as in `try_grow` (edge 4 in `budget`); SeqCst for edge 6 in quantum mode.
+        let now = self.state.size.fetch_add(bytes, Ordering::SeqCst) + bytes;
+        self.state.note_peak(now);
         Ok(over)
     }
 
@@ -115,9 +185,30 @@ impl Reservation {
             })
             .map_or(0, |prev| bytes.min(prev));
         if taken > 0 {
-            self.budget.release_quiet(&self.state.node, taken);
+            if self.state.quantum == 0 {
+                self.budget.release_quiet(&self.state.node, taken);
+            } else {
+                // The bytes become slack; beyond two quanta it goes back to the pools (quietly:
+                // a forced shrink never calls out). A quiet trim never fails.
+                let _ = self.trim_surplus(TrimMode::Quiet);
+            }
         }
         taken
+    }
+
+    /// Quantum mode: slack above two quanta goes back to the pools, down to one quantum.
+    #[inline]
+    fn trim_surplus(&self, mode: TrimMode) -> Result<()> {
+        let st = &*self.state;
+        // Relaxed (both): only decides whether to try; `Budget::trim` re-reads with SeqCst.
+        let slack = st
+            .charged
+            .load(Ordering::Relaxed)
+            .saturating_sub(st.size.load(Ordering::Relaxed));
+        if slack > st.quantum.saturating_mul(2) {
+            self.budget.trim(st, st.quantum, mode)?;
+        }
+        Ok(())
     }
 
     /// Shrinks by `bytes`. Shrinking by more than is held is an error and changes nothing.
@@ -140,17 +231,22 @@ impl Reservation {
                     human(cur)
                 )));
             }
-            // Acquire on success: the charge behind these bytes comes before the uncharge below
-            // (edge 4). Relaxed on failure: the value only feeds the next attempt.
+            // SeqCst on success: the charge behind these bytes comes before the uncharge below
+            // (edge 4, which needs Acquire), and edge 6 in quantum mode. Relaxed on failure:
+            // the value only feeds the next attempt.
             match self.state.size.compare_exchange(
                 cur,
                 cur - bytes,
-                Ordering::Acquire,
+                Ordering::SeqCst,
                 Ordering::Relaxed,
             ) {
                 Ok(_) => break,
                 Err(actual) => cur = actual,
             }
+        }
+        if self.state.quantum > 0 {
+            // The bytes become slack, served to the next grows; beyond two quanta it goes back.
+            return self.trim_surplus(TrimMode::Release);
         }
         self.budget.release(&self.state.node, bytes)
     }
@@ -167,8 +263,20 @@ impl Reservation {
 
     /// Releases everything held; returns the bytes released.
     pub fn free(&self) -> u64 {
-        // Acquire: the charge behind these bytes comes before the uncharge (edge 4).
-        let bytes = self.state.size.swap(0, Ordering::Acquire);
+        // Acquire: the charge behind these bytes comes before the uncharge (edge 4); SeqCst for
+        // edge 6 in quantum mode.
+        let bytes = self.state.size.swap(0, Ordering::SeqCst);
+        if self.state.quantum > 0 {
+            // Everything charged goes back, the slack too.
+            if let Err(e) = self.budget.trim(&self.state, 0, TrimMode::Release) {
+                log::warn!(
+                    "[{}] freeing reservation '{}': {e}",
+                    self.budget.name,
+                    self.state.name
+                );
+            }
+            return bytes;
+        }
         if bytes > 0 {
             if let Err(e) = self.budget.release(&self.state.node, bytes) {
                 log::warn!(

@@ -1,0 +1,269 @@
+//! Quantum mode (`MemoryConfig::reservation_quantum`): reservations charge their pools in quanta
+//! and serve grows and shrinks from their slack. Every test states the bound it relies on: a
+//! pool's `used` runs ahead of what its consumers hold by at most two quanta per live
+//! reservation, consumers' sizes and leak reports are exact, limits hold, and slack is taken
+//! back before a grow is refused, before anything spills and when Spark reclaims.
+
+use super::*;
+
+const Q: u64 = 64 << 10;
+
+fn quantum_manager(capacity: u64, limit: Option<u64>) -> (MemoryManager, Arc<CapacityListener>) {
+    let l = Arc::new(CapacityListener::new(capacity));
+    let config = MemoryConfig::default()
+        .with_reservation_block(MIB)
+        .with_reservation_quantum(Q)
+        .with_task_limit(limit);
+    (manager_with(l.clone(), config), l)
+}
+
+#[test]
+fn grows_within_the_slack_touch_neither_pools_nor_listener() {
+    let (m, l) = quantum_manager(u64::MAX, None);
+    let pool = m.pool("op").unwrap();
+    let r = pool.reservation("sort");
+    r.try_grow(100).unwrap();
+    // The need rounded up to the quantum is charged once.
+    assert_eq!((r.size(), pool.used(), m.used()), (100, Q, Q));
+    let calls = l.reserve_calls();
+    for _ in 0..10_000 {
+        r.try_grow(64).unwrap();
+        r.shrink(64).unwrap();
+    }
+    assert_eq!((r.size(), pool.used(), l.reserve_calls()), (100, Q, calls));
+    // The usage report shows what the consumer holds, exactly.
+    let report = m.usage_report();
+    assert_eq!(report.top_consumers[0].used, 100);
+    assert_eq!(report.top_consumers[0].peak, 164);
+    // Growing past the slack charges the next quanta.
+    r.try_grow(Q).unwrap();
+    assert_eq!((r.size(), pool.used()), (Q + 100, 2 * Q));
+    drop(r);
+    assert_eq!((pool.used(), m.used()), (0, 0));
+    m.close().unwrap();
+    assert_eq!((m.reserved(), l.reserved()), (0, 0));
+}
+
+#[test]
+fn slack_is_bounded_by_two_quanta_per_reservation() {
+    let (m, _l) = quantum_manager(u64::MAX, None);
+    let pool = m.pool("op").unwrap();
+    let r = pool.reservation("r");
+    r.try_grow(10 * Q + 1).unwrap();
+    assert_eq!(pool.used(), 11 * Q);
+    // Shrinking to 1 byte leaves 11 quanta - 1 of slack: above two quanta, so it goes back down
+    // to one quantum over what is held.
+    r.shrink(10 * Q).unwrap();
+    assert_eq!((r.size(), pool.used()), (1, 1 + Q));
+    // Small shrinks never leave more than two quanta.
+    r.try_grow(3 * Q).unwrap();
+    for _ in 0..3 * Q / 4096 {
+        r.shrink(4096).unwrap();
+        assert!(
+            pool.used() - r.size() <= 2 * Q,
+            "slack {}",
+            pool.used() - r.size()
+        );
+    }
+    m.close().unwrap();
+}
+
+#[test]
+fn slack_never_refuses_a_grow_that_exact_accounting_would_allow() {
+    let (m, _l) = quantum_manager(u64::MAX, None);
+    let pool = m.root().child("limited", Some(3 * Q)).unwrap();
+    let a = pool.reservation("a");
+    let b = pool.reservation("b");
+    a.try_grow(Q / 2).unwrap();
+    b.try_grow(Q / 2).unwrap();
+    assert_eq!(pool.used(), 2 * Q); // each holds half a quantum of slack
+                                    // 2 quanta exactly still fit (the holders use one quantum); rounding is dropped, then the
+                                    // others' slack is taken back, before anything is refused.
+    let c = pool.reservation("c");
+    c.try_grow(2 * Q).unwrap();
+    assert_eq!((a.size(), b.size(), c.size()), (Q / 2, Q / 2, 2 * Q));
+    assert_eq!(pool.used(), 3 * Q);
+    // One byte more is refused: what consumers hold never exceeds the limit.
+    let e = c.try_grow(1).unwrap_err();
+    assert!(matches!(e, MemoryError::OutOfMemory(_)), "{e}");
+    assert_eq!((c.size(), pool.used()), (2 * Q, 3 * Q));
+    // The slack of a and b came back: their next grows charge again, and fit.
+    a.shrink(Q / 2).unwrap();
+    b.try_grow(Q / 2).unwrap();
+    assert_eq!(pool.used(), 3 * Q);
+    drop((a, b, c));
+    assert_eq!(pool.used(), 0);
+    m.close().unwrap();
+}
+
+#[test]
+fn the_listener_is_never_asked_for_slack_it_cannot_grant() {
+    // Capacity for exactly 2 quanta + 1 byte in blocks of 1 quantum: the third reservation's
+    // grow needs the slack of the first two.
+    let l = Arc::new(CapacityListener::new(3 * Q));
+    let config = MemoryConfig::default()
+        .with_reservation_block(Q)
+        .with_reservation_quantum(Q);
+    let m = manager_with(l.clone(), config);
+    let a = m.root().reservation("a");
+    let b = m.root().reservation("b");
+    a.try_grow(1).unwrap();
+    b.try_grow(1).unwrap();
+    assert_eq!(m.used(), 2 * Q);
+    let c = m.root().reservation("c");
+    c.try_grow(3 * Q - 2).unwrap();
+    assert_eq!(m.used(), 3 * Q);
+    assert!(c.try_grow(1).is_err());
+    assert_eq!(
+        (c.size(), m.reserved(), l.reserved()),
+        (3 * Q - 2, 3 * Q, 3 * Q)
+    );
+    drop((a, b, c));
+    m.close().unwrap();
+    assert_eq!(l.reserved(), 0);
+}
+
+#[test]
+fn reclaim_takes_the_slack_back_before_spilling() {
+    let (m, l) = quantum_manager(u64::MAX, None);
+    let pool = m.pool("op").unwrap();
+    let spiller = HoldingSpiller::new(&pool, "spillable", 100);
+    let _reg = pool.register_spiller("spillable", spiller.clone());
+    let r = pool.reservation("r");
+    r.try_grow(Q + 1).unwrap();
+    assert_eq!(pool.used(), 3 * Q);
+    let reserved = m.reserved();
+    // Everything but what consumers hold: the cushion and both reservations' slack.
+    let want = reserved - (Q + 101);
+    assert_eq!(m.reclaim(want).unwrap(), want);
+    assert_eq!(
+        spiller.calls.load(Ordering::Relaxed),
+        0,
+        "slack goes before a spill"
+    );
+    assert_eq!(
+        (pool.used(), m.reserved(), l.reserved()),
+        (Q + 101, Q + 101, Q + 101)
+    );
+    // The reservations still work: their next grows charge again.
+    r.try_grow(10).unwrap();
+    assert_eq!(r.size(), Q + 11);
+    drop(r);
+    m.close().unwrap();
+    assert_eq!(l.reserved(), 0);
+}
+
+#[test]
+fn close_reports_what_consumers_held_and_returns_the_slack() {
+    let (m, l) = quantum_manager(u64::MAX, None);
+    let r = m.pool("op").unwrap().reservation("leaky");
+    r.try_grow(1000).unwrap();
+    let report = m.close().unwrap();
+    assert_eq!(report.total_bytes(), 1000);
+    assert_eq!((m.used(), m.reserved(), l.reserved()), (0, 0, 0));
+    // After close: grows fail, shrinks and drops change nothing.
+    assert!(matches!(r.try_grow(1), Err(MemoryError::Closed { .. })));
+    assert_eq!(r.size(), 0);
+    drop(r);
+    assert_eq!((m.used(), l.reserved()), (0, 0));
+}
+
+#[test]
+fn refused_grows_change_nothing() {
+    let (m, l) = quantum_manager(4 * MIB, Some(4 * MIB));
+    let r = m.pool("op").unwrap().reservation("r");
+    r.try_grow(100).unwrap();
+    let (used, reserved) = (m.used(), m.reserved());
+    let e = r.try_grow(5 * MIB).unwrap_err();
+    assert!(matches!(e, MemoryError::OutOfMemory(_)), "{e}");
+    assert_eq!(r.size(), 100);
+    assert!(m.used() <= used && m.reserved() <= reserved);
+    assert!(r.try_grow(u64::MAX).is_err());
+    assert!(r.shrink(101).is_err());
+    assert_eq!(r.size(), 100);
+    drop(r);
+    m.close().unwrap();
+    assert_eq!(l.reserved(), 0);
+}
+
+#[test]
+fn forced_grows_and_shrinks_keep_the_slack_bounded() {
+    let (m, l) = quantum_manager(u64::MAX, None);
+    let pool = m.pool("track").unwrap();
+    let r = pool.reservation("thread");
+    r.try_grow(10).unwrap();
+    r.force_grow(5 * Q).unwrap();
+    assert_eq!((r.size(), pool.used()), (5 * Q + 10, 6 * Q));
+    assert_eq!(r.force_shrink(5 * Q), 5 * Q);
+    assert_eq!(r.size(), 10);
+    assert!(pool.used() - r.size() <= 2 * Q);
+    let calls = l.unreserve_calls();
+    assert_eq!(r.force_shrink(100), 10);
+    assert_eq!(
+        l.unreserve_calls(),
+        calls,
+        "a forced shrink never calls the listener"
+    );
+    drop(r);
+    assert_eq!(pool.used(), 0);
+    m.close().unwrap();
+    assert_eq!(l.reserved(), 0);
+}
+
+#[test]
+fn threads_growing_one_reservation_and_others_while_spark_reclaims_stay_exact() {
+    let (m, l) = quantum_manager(u64::MAX, Some(1 << 30));
+    let shared = Arc::new(m.pool("shared").unwrap().reservation("shared"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for t in 0..4u64 {
+        let shared = shared.clone();
+        let own = m.pool(&format!("t{t}")).unwrap().reservation("own");
+        handles.push(std::thread::spawn(move || {
+            for i in 0..20_000u64 {
+                let n = 1 + (i * 7919 + t) % (3 * Q);
+                shared.try_grow(n).unwrap();
+                own.try_grow(n).unwrap();
+                shared.shrink(n).unwrap();
+                if i % 3 == 0 {
+                    own.free();
+                } else {
+                    own.shrink(n).unwrap();
+                }
+            }
+            own.size()
+        }));
+    }
+    let reclaimer = {
+        let m = m.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            loop {
+                m.reclaim(Q).unwrap();
+                n += 1;
+                if stop.load(Ordering::Relaxed) {
+                    return n;
+                }
+                std::thread::yield_now();
+            }
+        })
+    };
+    for h in handles {
+        assert_eq!(h.join().unwrap(), 0);
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(reclaimer.join().unwrap() > 0);
+    assert_eq!(shared.size(), 0);
+    assert!(
+        m.used() <= 2 * Q,
+        "only the shared reservation's slack is left: {}",
+        m.used()
+    );
+    assert_eq!(l.reserved(), m.reserved());
+    drop(shared);
+    assert_eq!(m.used(), 0);
+    let report = m.close().unwrap();
+    assert!(report.is_empty(), "{report}");
+    assert_eq!((m.reserved(), l.reserved()), (0, 0));
+}
