@@ -10,8 +10,9 @@
 #
 # Parts:
 #   core  criterion benches of nativemem-core (native/core/benches/core.rs), read back from
-#         criterion's estimates.json: grow+shrink pair vs two atomic RMW pairs; allocate+free vs
-#         the system allocator, 64 B .. 1 MiB.
+#         criterion's estimates.json: grow+shrink pair vs two atomic RMW pairs, with a 1 MiB
+#         reservation quantum (the fast path) and exact; the pair on 1, 2 and 4 threads of one
+#         manager (per thread, ratio to 1 thread); allocate+free vs the system allocator, 64 B .. 1 MiB.
 #   track nativemem-track's bench (native/track/benches/track.rs, its own harness): alloc+free of
 #         one block through the tracking global allocator on a thread bound to a pool vs the
 #         wrapped system allocator with the same layout, 64 B .. 1 MiB, measured back to back in
@@ -112,16 +113,31 @@ core_part() {
     [ -f "$f" ] || { echo "bench.sh: $f missing" >&2; return 1; }
     sed -E "s/.*\"$BENCH_ESTIMATE\":\{\"confidence_interval\":\{[^}]*\},\"point_estimate\":([-0-9.eE+]+).*/\1/" "$f"
   }
-  local base one three two
+  local base one three q1 q3 t1 t2 t4 e1 e2 e4
   if ! { base="$(est grow_shrink/baseline_two_atomic_rmw_pairs)" && one="$(est grow_shrink/one_level_pool)" &&
-         three="$(est grow_shrink/three_level_pool_with_limit)" && two="$(est grow_shrink/two_threads_one_manager)"; }; then
+         three="$(est grow_shrink/three_level_pool_with_limit)" && q1="$(est grow_shrink/quantum_one_level_pool)" &&
+         q3="$(est grow_shrink/quantum_three_level_pool_with_limit)" &&
+         t1="$(est grow_shrink/quantum_threads_1)" && t2="$(est grow_shrink/quantum_threads_2)" &&
+         t4="$(est grow_shrink/quantum_threads_4)" && e1="$(est grow_shrink/exact_threads_1)" &&
+         e2="$(est grow_shrink/exact_threads_2)" && e4="$(est grow_shrink/exact_threads_4)"; }; then
     fail_part core "$log"; return
   fi
   local b="two atomic RMW pairs: $(fmt_ns "$base")"
-  row "core: try_grow+shrink pair in the cushion, 1-level pool" "$(fmt_ns "$one")" "$b" "$(ratio "$one" "$base")" \
-      "≤ 25 ns" "$(met "$one <= 25")"
-  row "core: same, 3-level pool path with a limit" "$(fmt_ns "$three")" "$b" "$(ratio "$three" "$base")" "—" "—"
-  row "core: same, 2 threads on one manager (per pair, one thread)" "$(fmt_ns "$two")" "$b" "$(ratio "$two" "$base")" "—" "—"
+  row "core: try_grow+shrink pair, 1-level pool, 1 MiB reservation quantum (the fast path)" "$(fmt_ns "$q1")" "$b" \
+      "$(ratio "$q1" "$base")" "≤ 10 ns" "$(met "$q1 <= 10")"
+  row "core: same, 3-level pool path with a limit, 1 MiB quantum" "$(fmt_ns "$q3")" "$b" "$(ratio "$q3" "$base")" \
+      "≤ 10 ns" "$(met "$q3 <= 10")"
+  row "core: same, exact accounting (quantum 0: every level charged), 1-level pool" "$(fmt_ns "$one")" "$b" \
+      "$(ratio "$one" "$base")" "—" "—"
+  row "core: same, exact accounting, 3-level pool path with a limit" "$(fmt_ns "$three")" "$b" \
+      "$(ratio "$three" "$base")" "—" "—"
+  local cores; cores="$(nproc)"
+  row "core: pair per thread, 2 threads on one manager (own reservations), 1 MiB quantum" "$(fmt_ns "$t2")" \
+      "1 thread: $(fmt_ns "$t1")" "$(ratio "$t2" "$t1")" "≤ 1.5×" "$(met "$t2 / $t1 <= 1.5")"
+  row "core: pair per thread, 4 threads on one manager, 1 MiB quantum ($cores cores: ideal $(awk -v c="$cores" 'BEGIN { printf "%.1f", (4 > c ? 4 / c : 1) }')×)" \
+      "$(fmt_ns "$t4")" "1 thread: $(fmt_ns "$t1")" "$(ratio "$t4" "$t1")" "—" "—"
+  row "core: pair per thread, 2 / 4 threads on one manager, exact accounting" "$(fmt_ns "$e2") / $(fmt_ns "$e4")" \
+      "1 thread: $(fmt_ns "$e1")" "$(ratio "$e2" "$e1") / $(ratio "$e4" "$e1")" "—" "—"
   local size label sys nm
   for size in 64 4096 65536 1048576; do
     case $size in 64) label="64 B" ;; 4096) label="4 KiB" ;; 65536) label="64 KiB" ;; 1048576) label="1 MiB" ;; esac
@@ -180,7 +196,7 @@ jni_part() {
     fail_part jni "$log"; return
   fi
   local speedup; speedup="$(calc "$pg / $nm")"
-  row "jni: native 64 KiB grow, nativemem (8 MiB blocks), Spark $spark TaskMemoryManager ($mode)" \
+  row "jni: native 64 KiB grow, nativemem (8 MiB blocks, 1 MiB quantum), Spark $spark TaskMemoryManager ($mode)" \
       "$(fmt_ns "$nm")/grow" "one upcall per grow (Comet's design): $(fmt_ns "$pg")/grow" \
       "$(awk -v s="$speedup" 'BEGIN { printf "%.1f× faster", s }')" "≥ 20× faster" "$(met "$speedup >= 20")"
   local res_max=$(( res_cold > res ? res_cold : res ))

@@ -51,7 +51,8 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeApiAddress<'
 }
 
 /// `static native long nativeCreate(String name, ReservationListener listener,
-/// long reservationBlockBytes, long taskLimitBytes /* -1: none */, long closeTimeoutMillis)`.
+/// long reservationBlockBytes, long taskLimitBytes /* -1: none */, long closeTimeoutMillis,
+/// long reservationQuantumBytes /* 0: exact accounting */)`.
 #[no_mangle]
 pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeCreate<'l>(
     mut env: JNIEnv<'l>,
@@ -61,6 +62,7 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeCreate<'l>(
     reservation_block: jlong,
     task_limit: jlong,
     close_timeout_millis: jlong,
+    reservation_quantum: jlong,
 ) -> jlong {
     run_export(&mut env, 0, |env| {
         let name = string_arg(env, &name, "name")?;
@@ -77,7 +79,8 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeCreate<'l>(
         let timeout = Duration::from_millis(non_negative("close timeout", close_timeout_millis)?);
         let config = MemoryConfig::default()
             .with_reservation_block(reservation_block as u64)
-            .with_task_limit(task_limit);
+            .with_task_limit(task_limit)
+            .with_reservation_quantum(non_negative("reservation quantum", reservation_quantum)?);
         registry::create_manager(name, config, Arc::new(listener), timeout)
     })
 }

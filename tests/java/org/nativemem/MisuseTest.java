@@ -76,13 +76,16 @@ public class MisuseTest extends NativeTestSupport {
         // The native side validates too (the natives are reachable only from this package).
         exactly("native: zero block", IllegalArgumentException.class,
                 "reservation block size must be > 0 bytes, got 0",
-                () -> NativeMemoryManager.nativeCreate("x", listener, 0, -1, 0));
+                () -> NativeMemoryManager.nativeCreate("x", listener, 0, -1, 0, 0));
         exactly("native: bad task limit", IllegalArgumentException.class, "task limit must be >= 0, got -2",
-                () -> NativeMemoryManager.nativeCreate("x", listener, MIB, -2, 0));
+                () -> NativeMemoryManager.nativeCreate("x", listener, MIB, -2, 0, 0));
         exactly("native: null name", NullPointerException.class, "name must not be null",
-                () -> NativeMemoryManager.nativeCreate(null, listener, MIB, -1, 0));
+                () -> NativeMemoryManager.nativeCreate(null, listener, MIB, -1, 0, 0));
         exactly("native: null listener", NullPointerException.class, "listener must not be null",
-                () -> NativeMemoryManager.nativeCreate("x", null, MIB, -1, 0));
+                () -> NativeMemoryManager.nativeCreate("x", null, MIB, -1, 0, 0));
+        exactly("native: negative quantum", IllegalArgumentException.class,
+                "reservation quantum must be >= 0, got -3",
+                () -> NativeMemoryManager.nativeCreate("x", listener, MIB, -1, 0, -3));
 
         // ---- arguments ------------------------------------------------------------------
         exactly("reserve negative", IllegalArgumentException.class, "bytes must be >= 0, got -1",

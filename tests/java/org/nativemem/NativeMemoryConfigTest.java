@@ -19,8 +19,9 @@ public class NativeMemoryConfigTest {
         assertEquals(8L << 20, d.reservationBlockSize());
         assertEquals(OptionalLong.empty(), d.taskLimit());
         assertEquals(10_000L, d.closeTimeoutMillis());
-        assertEquals("NativeMemoryConfig{reservationBlockSize=8388608, taskLimit=none, closeTimeoutMillis=10000}",
-                d.toString());
+        assertEquals(0L, d.reservationQuantum());
+        assertEquals("NativeMemoryConfig{reservationBlockSize=8388608, taskLimit=none, closeTimeoutMillis=10000,"
+                + " reservationQuantum=0}", d.toString());
     }
 
     @Test
@@ -36,6 +37,12 @@ public class NativeMemoryConfigTest {
         assertEquals(OptionalLong.of(0), d.withTaskLimit(0).taskLimit());
         assertEquals(OptionalLong.empty(), c.withoutTaskLimit().taskLimit());
         assertEquals(1L << 62, d.withReservationBlockSize(1L << 62).reservationBlockSize());
+        NativeMemoryConfig q = c.withReservationQuantum(NativeMemoryConfig.RECOMMENDED_RESERVATION_QUANTUM_BYTES);
+        assertEquals(1L << 20, q.reservationQuantum());
+        assertEquals(0L, c.reservationQuantum());
+        assertEquals(1 << 20, q.withTaskLimit(5).reservationQuantum()); // kept by every wither
+        assertEquals(1L << 40, d.withReservationQuantum(1L << 40).reservationQuantum());
+        assertNotEquals(c, q);
     }
 
     @Test
@@ -69,6 +76,15 @@ public class NativeMemoryConfigTest {
             throw new AssertionError("accepted task limit -1");
         } catch (IllegalArgumentException e) {
             assertEquals("task limit must be >= 0 bytes, got -1", e.getMessage());
+        }
+        for (long bad : new long[] {-1, (1L << 40) + 1}) {
+            try {
+                d.withReservationQuantum(bad);
+                throw new AssertionError("accepted quantum " + bad);
+            } catch (IllegalArgumentException e) {
+                assertEquals("reservation quantum must be between 0 and 1099511627776 bytes, got " + bad,
+                        e.getMessage());
+            }
         }
         try {
             d.withCloseTimeoutMillis(Long.MIN_VALUE);

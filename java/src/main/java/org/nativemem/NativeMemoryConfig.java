@@ -9,7 +9,8 @@ import java.util.OptionalLong;
  * <pre>{@code
  * NativeMemoryConfig config = NativeMemoryConfig.defaults()
  *     .withReservationBlockSize(16L << 20)   // ask the listener for 16 MiB at a time
- *     .withTaskLimit(2L << 30);              // never use more than 2 GiB natively
+ *     .withTaskLimit(2L << 30)               // never use more than 2 GiB natively
+ *     .withReservationQuantum(1L << 20);     // the fast path: reservations charge 1 MiB at a time
  * }</pre>
  *
  * Every {@code with...} method validates its argument and throws
@@ -22,25 +23,33 @@ public final class NativeMemoryConfig {
     public static final long DEFAULT_RESERVATION_BLOCK_BYTES = 8L << 20;
     /** Largest reservation block accepted: 2^62 bytes. */
     public static final long MAX_RESERVATION_BLOCK_BYTES = 1L << 62;
+    /** Largest reservation quantum accepted: 1 TiB. */
+    public static final long MAX_RESERVATION_QUANTUM_BYTES = 1L << 40;
+    /** The quantum that makes native grows and shrinks touch no shared counter: 1 MiB. */
+    public static final long RECOMMENDED_RESERVATION_QUANTUM_BYTES = 1L << 20;
     /** Default time {@link NativeMemoryManager#close()} waits for calls in progress: 10 s. */
     public static final long DEFAULT_CLOSE_TIMEOUT_MILLIS = 10_000L;
 
     private static final long NO_LIMIT = -1L;
     private static final NativeMemoryConfig DEFAULTS =
-            new NativeMemoryConfig(DEFAULT_RESERVATION_BLOCK_BYTES, NO_LIMIT, DEFAULT_CLOSE_TIMEOUT_MILLIS);
+            new NativeMemoryConfig(DEFAULT_RESERVATION_BLOCK_BYTES, NO_LIMIT, DEFAULT_CLOSE_TIMEOUT_MILLIS, 0L);
 
     private final long reservationBlockBytes;
     private final long taskLimitBytes;
     private final long closeTimeoutMillis;
+    private final long reservationQuantumBytes;
 
-    private NativeMemoryConfig(long reservationBlockBytes, long taskLimitBytes, long closeTimeoutMillis) {
+    private NativeMemoryConfig(long reservationBlockBytes, long taskLimitBytes, long closeTimeoutMillis,
+            long reservationQuantumBytes) {
         this.reservationBlockBytes = reservationBlockBytes;
         this.taskLimitBytes = taskLimitBytes;
         this.closeTimeoutMillis = closeTimeoutMillis;
+        this.reservationQuantumBytes = reservationQuantumBytes;
     }
 
     /**
-     * @return the defaults: 8 MiB blocks, no task limit, 10 s close timeout
+     * @return the defaults: 8 MiB blocks, no task limit, 10 s close timeout, exact accounting
+     *     (no reservation quantum)
      */
     public static NativeMemoryConfig defaults() {
         return DEFAULTS;
@@ -59,7 +68,7 @@ public final class NativeMemoryConfig {
             throw new IllegalArgumentException("reservation block size must be between 1 and "
                     + MAX_RESERVATION_BLOCK_BYTES + " bytes, got " + bytes);
         }
-        return new NativeMemoryConfig(bytes, taskLimitBytes, closeTimeoutMillis);
+        return new NativeMemoryConfig(bytes, taskLimitBytes, closeTimeoutMillis, reservationQuantumBytes);
     }
 
     /**
@@ -75,14 +84,14 @@ public final class NativeMemoryConfig {
         if (bytes < 0) {
             throw new IllegalArgumentException("task limit must be >= 0 bytes, got " + bytes);
         }
-        return new NativeMemoryConfig(reservationBlockBytes, bytes, closeTimeoutMillis);
+        return new NativeMemoryConfig(reservationBlockBytes, bytes, closeTimeoutMillis, reservationQuantumBytes);
     }
 
     /**
      * @return a copy without a task limit (only the listener bounds the memory)
      */
     public NativeMemoryConfig withoutTaskLimit() {
-        return new NativeMemoryConfig(reservationBlockBytes, NO_LIMIT, closeTimeoutMillis);
+        return new NativeMemoryConfig(reservationBlockBytes, NO_LIMIT, closeTimeoutMillis, reservationQuantumBytes);
     }
 
     /**
@@ -98,7 +107,34 @@ public final class NativeMemoryConfig {
         if (millis < 0) {
             throw new IllegalArgumentException("close timeout must be >= 0 ms, got " + millis);
         }
-        return new NativeMemoryConfig(reservationBlockBytes, taskLimitBytes, millis);
+        return new NativeMemoryConfig(reservationBlockBytes, taskLimitBytes, millis, reservationQuantumBytes);
+    }
+
+    /**
+     * Sets the reservation quantum: native reservations charge their pools in multiples of it and
+     * serve grows and shrinks from what they already charged, so the common grow or shrink is one
+     * atomic operation on the reservation's own cache line (no pool counter, no other thread's
+     * line). The bound it costs: a pool's used and peak may run ahead of what its consumers hold
+     * by at most two quanta per live reservation; consumers' sizes, reports and leak reports stay
+     * exact, limits hold, and the slack is taken back before a grow is refused, before operators
+     * spill and when Spark asks for memory. 0 (the default) is exact accounting.
+     *
+     * @param bytes the quantum in bytes, from 0 to {@link #MAX_RESERVATION_QUANTUM_BYTES};
+     *     {@link #RECOMMENDED_RESERVATION_QUANTUM_BYTES} is a good start
+     * @return a copy with the quantum set
+     * @throws IllegalArgumentException if {@code bytes} is out of range
+     */
+    public NativeMemoryConfig withReservationQuantum(long bytes) {
+        if (bytes < 0 || bytes > MAX_RESERVATION_QUANTUM_BYTES) {
+            throw new IllegalArgumentException("reservation quantum must be between 0 and "
+                    + MAX_RESERVATION_QUANTUM_BYTES + " bytes, got " + bytes);
+        }
+        return new NativeMemoryConfig(reservationBlockBytes, taskLimitBytes, closeTimeoutMillis, bytes);
+    }
+
+    /** @return the reservation quantum in bytes (0: exact accounting) */
+    public long reservationQuantum() {
+        return reservationQuantumBytes;
     }
 
     /** @return the reservation block size in bytes */
@@ -132,20 +168,23 @@ public final class NativeMemoryConfig {
         NativeMemoryConfig other = (NativeMemoryConfig) o;
         return reservationBlockBytes == other.reservationBlockBytes
                 && taskLimitBytes == other.taskLimitBytes
-                && closeTimeoutMillis == other.closeTimeoutMillis;
+                && closeTimeoutMillis == other.closeTimeoutMillis
+                && reservationQuantumBytes == other.reservationQuantumBytes;
     }
 
     @Override
     public int hashCode() {
         int h = Long.hashCode(reservationBlockBytes);
         h = 31 * h + Long.hashCode(taskLimitBytes);
-        return 31 * h + Long.hashCode(closeTimeoutMillis);
+        h = 31 * h + Long.hashCode(closeTimeoutMillis);
+        return 31 * h + Long.hashCode(reservationQuantumBytes);
     }
 
     @Override
     public String toString() {
         return "NativeMemoryConfig{reservationBlockSize=" + reservationBlockBytes
                 + ", taskLimit=" + (taskLimitBytes == NO_LIMIT ? "none" : Long.toString(taskLimitBytes))
-                + ", closeTimeoutMillis=" + closeTimeoutMillis + "}";
+                + ", closeTimeoutMillis=" + closeTimeoutMillis
+                + ", reservationQuantum=" + reservationQuantumBytes + "}";
     }
 }

@@ -91,7 +91,7 @@ public final class NativeMemoryManager implements AutoCloseable {
         Objects.requireNonNull(config, "config");
         NativeLibraryLoader.load();
         long handle = nativeCreate(name, listener, config.reservationBlockSize(), config.taskLimitOrMinusOne(),
-                config.closeTimeoutMillis());
+                config.closeTimeoutMillis(), config.reservationQuantum());
         return new NativeMemoryManager(handle, name, config);
     }
 
@@ -348,7 +348,7 @@ public final class NativeMemoryManager implements AutoCloseable {
     static native long nativeApiAddress();
 
     static native long nativeCreate(String name, ReservationListener listener, long reservationBlockBytes,
-            long taskLimitBytes, long closeTimeoutMillis);
+            long taskLimitBytes, long closeTimeoutMillis, long reservationQuantumBytes);
 
     /** Returns {String text, long[] numbers, String[] names}: see NativeCloseReport.fromNative. */
     static native Object[] nativeClose(long handle);

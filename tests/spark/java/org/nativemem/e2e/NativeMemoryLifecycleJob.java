@@ -113,6 +113,7 @@ public final class NativeMemoryLifecycleJob {
         ok.put(NativeMemorySparkConf.RESERVATION_BLOCK_SIZE, "16m");
         ok.put(NativeMemorySparkConf.TASK_LIMIT, "2g");
         ok.put(NativeMemorySparkConf.LOG_USAGE_ON_OOM, "false");
+        ok.put(NativeMemorySparkConf.RESERVATION_QUANTUM, "1m");
         ok.put("spark.executor.memory", "1g"); // not ours: ignored
         NativeMemorySparkConf c = NativeMemorySparkConf.parse(ok);
         checkEq(16 * MiB, c.reservationBlockSizeBytes(), "16m");
@@ -120,6 +121,12 @@ public final class NativeMemoryLifecycleJob {
         check(!c.logUsageOnOom(), "false");
         checkEq(16 * MiB, c.toNativeConfig().reservationBlockSize(), "native config block");
         checkEq(2048 * MiB, c.toNativeConfig().taskLimit().getAsLong(), "native config limit");
+        checkEq(MiB, c.reservationQuantumBytes(), "1m quantum");
+        checkEq(MiB, c.toNativeConfig().reservationQuantum(), "native config quantum");
+        checkEq(0, NativeMemorySparkConf.defaults().toNativeConfig().reservationQuantum(), "default: exact");
+        checkEq(0, NativeMemorySparkConf.parse(
+                Collections.singletonMap(NativeMemorySparkConf.RESERVATION_QUANTUM, "0")).reservationQuantumBytes(),
+                "quantum 0");
         checkEq(12345, NativeMemorySparkConf.parse(
                 Collections.singletonMap(NativeMemorySparkConf.RESERVATION_BLOCK_SIZE, "12345"))
                 .reservationBlockSizeBytes(), "plain bytes");
@@ -129,6 +136,8 @@ public final class NativeMemoryLifecycleJob {
         bad(NativeMemorySparkConf.RESERVATION_BLOCK_SIZE, "1.5m", "1.5m");
         bad(NativeMemorySparkConf.TASK_LIMIT, "-1", "spark.nativemem.taskLimit='-1'");
         bad(NativeMemorySparkConf.LOG_USAGE_ON_OOM, "yes", "true or false");
+        bad(NativeMemorySparkConf.RESERVATION_QUANTUM, "2t", "at most 1099511627776 bytes");
+        bad(NativeMemorySparkConf.RESERVATION_QUANTUM, "-1m", "spark.nativemem.reservationQuantum='-1m'");
         bad("spark.nativemem.tasklimit", "1g", "unknown setting spark.nativemem.tasklimit");
     }
 

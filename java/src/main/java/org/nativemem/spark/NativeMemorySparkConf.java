@@ -24,6 +24,12 @@ import scala.Tuple2;
  *       <td>bytes a task's native manager asks Spark for at a time (a Spark size string:
  *       {@code 8m}, {@code 64k}, {@code 1g}, plain numbers are bytes). Larger blocks mean fewer
  *       JVM calls and more memory held from Spark ahead of use.</td></tr>
+ *   <tr><td>{@value #RESERVATION_QUANTUM}</td><td>{@value #DEFAULT_RESERVATION_QUANTUM}</td>
+ *       <td>per-reservation slack of native operators ({@code 1m} recommended; {@code 0}: exact
+ *       accounting). With a quantum, a native grow or shrink that fits in what its reservation
+ *       already charged touches no shared counter; pools may then run ahead of what consumers
+ *       hold by at most two quanta per live reservation (taken back before anything is refused
+ *       or spilled, and when Spark asks for memory).</td></tr>
  *   <tr><td>{@value #TASK_LIMIT}</td><td>none</td>
  *       <td>upper bound on the native memory one task attempt may use, whatever Spark would
  *       grant; a request beyond it (after spilling) fails with
@@ -48,6 +54,10 @@ public final class NativeMemorySparkConf {
     public static final String RESERVATION_BLOCK_SIZE = "spark.nativemem.reservationBlockSize";
     /** Default of {@link #RESERVATION_BLOCK_SIZE}: 8 MiB. */
     public static final String DEFAULT_RESERVATION_BLOCK_SIZE = "8m";
+    /** Reservation quantum key. */
+    public static final String RESERVATION_QUANTUM = "spark.nativemem.reservationQuantum";
+    /** Default of {@link #RESERVATION_QUANTUM}: 0, exact accounting. */
+    public static final String DEFAULT_RESERVATION_QUANTUM = "0";
     /** Task limit key (no default: unlimited). */
     public static final String TASK_LIMIT = "spark.nativemem.taskLimit";
     /** Arrow block size key. */
@@ -63,7 +73,8 @@ public final class NativeMemorySparkConf {
 
     /** Every key this class knows, sorted. */
     public static final List<String> KEYS = Collections.unmodifiableList(
-            Arrays.asList(ARROW_BLOCK_SIZE, LOG_USAGE_ON_OOM, RESERVATION_BLOCK_SIZE, TASK_LIMIT));
+            Arrays.asList(ARROW_BLOCK_SIZE, LOG_USAGE_ON_OOM, RESERVATION_BLOCK_SIZE, RESERVATION_QUANTUM,
+                    TASK_LIMIT));
 
     private static final NativeMemorySparkConf DEFAULTS = parse(Collections.<String, String>emptyMap());
 
@@ -73,16 +84,19 @@ public final class NativeMemorySparkConf {
     private final boolean logUsageOnOom;
     private final boolean offHeapEnabled;
     private final long arrowBlockSizeBytes;
+    private final long reservationQuantumBytes;
     private final NativeMemoryConfig nativeConfig;
 
     private NativeMemorySparkConf(long reservationBlockSizeBytes, long taskLimitBytes, boolean logUsageOnOom,
-            boolean offHeapEnabled, long arrowBlockSizeBytes) {
+            boolean offHeapEnabled, long arrowBlockSizeBytes, long reservationQuantumBytes) {
         this.reservationBlockSizeBytes = reservationBlockSizeBytes;
+        this.reservationQuantumBytes = reservationQuantumBytes;
         this.arrowBlockSizeBytes = arrowBlockSizeBytes;
         this.taskLimitBytes = taskLimitBytes;
         this.logUsageOnOom = logUsageOnOom;
         this.offHeapEnabled = offHeapEnabled;
-        NativeMemoryConfig c = NativeMemoryConfig.defaults().withReservationBlockSize(reservationBlockSizeBytes);
+        NativeMemoryConfig c = NativeMemoryConfig.defaults().withReservationBlockSize(reservationBlockSizeBytes)
+                .withReservationQuantum(reservationQuantumBytes);
         this.nativeConfig = taskLimitBytes < 0 ? c : c.withTaskLimit(taskLimitBytes);
     }
 
@@ -129,16 +143,29 @@ public final class NativeMemorySparkConf {
             throw invalid(RESERVATION_BLOCK_SIZE, settings.get(RESERVATION_BLOCK_SIZE),
                     "at most " + NativeMemoryConfig.MAX_RESERVATION_BLOCK_BYTES + " bytes");
         }
+        long quantum = sizeOrZero(settings, RESERVATION_QUANTUM, DEFAULT_RESERVATION_QUANTUM);
+        if (quantum > NativeMemoryConfig.MAX_RESERVATION_QUANTUM_BYTES) {
+            throw invalid(RESERVATION_QUANTUM, settings.get(RESERVATION_QUANTUM),
+                    "at most " + NativeMemoryConfig.MAX_RESERVATION_QUANTUM_BYTES + " bytes");
+        }
         long limit = settings.get(TASK_LIMIT) == null ? -1 : size(settings, TASK_LIMIT, null);
         boolean log = bool(settings, LOG_USAGE_ON_OOM, DEFAULT_LOG_USAGE_ON_OOM);
         long arrowBlock = size(settings, ARROW_BLOCK_SIZE, DEFAULT_ARROW_BLOCK_SIZE);
         // Spark itself validates its own key; an unparsable value is left for Spark to report.
         String offHeap = settings.get(SPARK_OFF_HEAP_ENABLED);
         boolean offHeapEnabled = offHeap != null && offHeap.trim().equalsIgnoreCase("true");
-        return new NativeMemorySparkConf(block, limit, log, offHeapEnabled, arrowBlock);
+        return new NativeMemorySparkConf(block, limit, log, offHeapEnabled, arrowBlock, quantum);
     }
 
     private static long size(Map<String, String> settings, String key, String dflt) {
+        long bytes = sizeOrZero(settings, key, dflt);
+        if (bytes == 0) {
+            throw invalid(key, settings.get(key) == null ? dflt : settings.get(key), "a size greater than 0");
+        }
+        return bytes;
+    }
+
+    private static long sizeOrZero(Map<String, String> settings, String key, String dflt) {
         String value = settings.get(key);
         if (value == null) {
             value = dflt;
@@ -149,8 +176,8 @@ public final class NativeMemorySparkConf {
         } catch (RuntimeException e) {
             throw invalid(key, value, "a size such as 8m, 64k, 1g or a number of bytes (" + e.getMessage() + ")");
         }
-        if (bytes <= 0) {
-            throw invalid(key, value, "a size greater than 0");
+        if (bytes < 0) {
+            throw invalid(key, value, "a size of 0 or more");
         }
         return bytes;
     }
@@ -177,6 +204,11 @@ public final class NativeMemorySparkConf {
     /** @return bytes a task's manager asks Spark for at a time */
     public long reservationBlockSizeBytes() {
         return reservationBlockSizeBytes;
+    }
+
+    /** @return the per-reservation slack of native operators in bytes (0: exact accounting) */
+    public long reservationQuantumBytes() {
+        return reservationQuantumBytes;
     }
 
     /** @return bytes the task's Arrow allocator charges to the native manager at a time */
@@ -210,6 +242,7 @@ public final class NativeMemorySparkConf {
         return RESERVATION_BLOCK_SIZE + "=" + Sizes.human(reservationBlockSizeBytes) + ", " + TASK_LIMIT + "="
                 + (taskLimitBytes < 0 ? "none" : Sizes.human(taskLimitBytes)) + ", " + LOG_USAGE_ON_OOM + "="
                 + logUsageOnOom + ", " + ARROW_BLOCK_SIZE + "=" + Sizes.human(arrowBlockSizeBytes) + ", "
-                + SPARK_OFF_HEAP_ENABLED + "=" + offHeapEnabled;
+                + SPARK_OFF_HEAP_ENABLED + "=" + offHeapEnabled + ", " + RESERVATION_QUANTUM + "="
+                + Sizes.human(reservationQuantumBytes);
     }
 }

@@ -1,0 +1,70 @@
+package org.nativemem;
+
+import static org.junit.Assert.assertEquals;
+import static org.junit.Assert.assertTrue;
+
+import org.junit.Test;
+
+/**
+ * A manager created from Java with a reservation quantum (the fast path): reservations charge the
+ * pools a quantum at a time and serve grows and shrinks from their slack; sizes and leak reports
+ * stay exact; Spark's reclaim gets the slack; close returns everything.
+ */
+public class ReservationQuantumTest extends NativeTestSupport {
+    private static final long QUANTUM = 256 * KIB;
+
+    private NativeMemoryManager quantumManager(String name, CountingListener listener) {
+        return manager(name, listener, smallBlocks().withReservationQuantum(QUANTUM));
+    }
+
+    @Test
+    public void growsWithinTheSlackMakeNoListenerCallsAndSizesStayExact() {
+        CountingListener listener = new CountingListener();
+        NativeMemoryManager m = quantumManager("quantum-1", listener);
+        assertEquals(QUANTUM, m.config().reservationQuantum());
+        NativeReservation r = m.reserve("scan", "reader", 100);
+        assertEquals(100, r.size());
+        assertEquals("one quantum charged", QUANTUM, m.usedBytes());
+        int reserves = listener.reserveCalls.get();
+        for (int i = 0; i < 10_000; i++) {
+            r.grow(64);
+            r.shrink(64);
+        }
+        assertEquals(100, r.size());
+        assertEquals(QUANTUM, m.usedBytes());
+        assertEquals(reserves, listener.reserveCalls.get());
+        assertContains(m.usageReport(), "used 100 B");
+        // Past the slack: the next quanta; shrinking far gives all but one quantum back.
+        r.grow(3 * QUANTUM);
+        assertEquals(4 * QUANTUM, m.usedBytes());
+        r.shrink(3 * QUANTUM);
+        assertEquals(100 + QUANTUM, m.usedBytes());
+        assertTrue("pools run ahead by at most two quanta", m.usedBytes() - r.size() <= 2 * QUANTUM);
+        r.close();
+        assertEquals(0, m.usedBytes());
+        m.close();
+        assertEquals(0, listener.reserved.get());
+    }
+
+    @Test
+    public void sparksReclaimTakesTheSlackAndCloseReportsExactLeaks() {
+        CountingListener listener = new CountingListener();
+        NativeMemoryManager m = quantumManager("quantum-2", listener);
+        NativeReservation a = m.reserve("a", 1000);
+        NativeReservation b = m.reserve("b", 1000);
+        assertEquals(2 * QUANTUM, m.usedBytes());
+        long reserved = m.reservedBytes();
+        // Everything but the 2000 bytes the consumers hold goes back to Spark.
+        assertEquals(reserved - 2000, m.reclaim(Long.MAX_VALUE));
+        assertEquals(2000, m.usedBytes());
+        assertEquals(2000, listener.reserved.get());
+        // Still usable after the reclaim.
+        a.grow(24);
+        assertEquals(1024, a.size());
+        b.close();
+        m.close();
+        NativeCloseReport report = m.closeResult();
+        assertEquals("leaked: what a held, not its slack", 1024, report.leakedBytes());
+        assertEquals(0, listener.reserved.get());
+    }
+}
