@@ -89,6 +89,11 @@
 //!    it to Spark (its cushion keeps at most two blocks): Spark sees the memory released by the
 //!    task's consumer moments later, and a `TaskMemoryManager` waiting for memory gets it then.
 //!
+//! A consumer that cannot spill (a sort's merge of its spill files) fails its query when a grow
+//! is refused. When its grow finds no room and the request that refusal made picked spillable
+//! consumers, it waits for them (up to 5 s, retrying every 2 ms, no lock held) instead of
+//! failing: their spills free the memory it needs. Only that consumer's thread waits.
+//!
 //! A request never waits for an operator, whatever thread asks: it cannot deadlock with the task
 //! thread (which may hold Spark's `TaskMemoryManager` monitor, or run the operator itself). What
 //! Spark's `spill()` returns is the cushion only; the rest follows asynchronously, within one

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use datafusion_common::{DataFusionError, Result};
 use datafusion_execution::memory_pool::{
@@ -14,6 +15,13 @@ use parking_lot::Mutex;
 use crate::backend::{
     NativeError, NativePool, NativeReservation, SpillRegistration, SpillRequests,
 };
+
+/// How long a consumer that cannot spill (a merge) waits, after the task found no room, for the
+/// spillable consumers asked to give memory back to do so (see [`NativememPool`]'s `try_grow`).
+const UNSPILLABLE_WAIT: Duration = Duration::from_secs(5);
+
+/// The pause between two tries of that wait.
+const UNSPILLABLE_RETRY: Duration = Duration::from_millis(2);
 
 /// One registered DataFusion consumer (one `MemoryConsumer` registration, which all its
 /// reservations share: split and `new_empty` reservations count against the same consumer).
@@ -43,6 +51,7 @@ struct Table<R> {
     requested_bytes: AtomicU64,
     yields: AtomicU64,
     yielded_bytes: AtomicU64,
+    unspillable_waits: AtomicU64,
 }
 
 /// What the pool did for requests to give memory back ([`NativememPool::spill_requests`]).
@@ -58,6 +67,9 @@ pub struct SpillRequestStats {
     pub yields: u64,
     /// Bytes the refused consumers held when refused (what their spills could give back).
     pub yielded_bytes: u64,
+    /// Pauses of consumers that cannot spill (merges), waiting for asked consumers to spill
+    /// instead of failing their query (2 ms each).
+    pub unspillable_waits: u64,
 }
 
 /// The spiller's side: picks consumers to give memory back.
@@ -155,6 +167,7 @@ impl<P: NativePool> NativememPool<P> {
                 requested_bytes: AtomicU64::new(0),
                 yields: AtomicU64::new(0),
                 yielded_bytes: AtomicU64::new(0),
+                unspillable_waits: AtomicU64::new(0),
             }),
             spill_registration: Mutex::new(None),
             peak: AtomicU64::new(0),
@@ -195,6 +208,7 @@ impl<P: NativePool> NativememPool<P> {
             requested_bytes: t.requested_bytes.load(Ordering::Relaxed),
             yields: t.yields.load(Ordering::Relaxed),
             yielded_bytes: t.yielded_bytes.load(Ordering::Relaxed),
+            unspillable_waits: t.unspillable_waits.load(Ordering::Relaxed),
         }
     }
 
@@ -252,6 +266,15 @@ impl<P: NativePool> NativememPool<P> {
             ));
         }
         out
+    }
+
+    /// True while a spillable consumer other than `me` has been asked to give memory back and
+    /// still holds memory (it spills on its next `try_grow`, or is spilling now).
+    fn relief_pending(&self, me: usize) -> bool {
+        let consumers = self.table.consumers.lock();
+        consumers
+            .iter()
+            .any(|(&id, c)| id != me && c.can_spill && c.size > 0 && (c.asked || c.yielded))
     }
 
     /// The consumer's native reservation, and whether the fair-share policy lets it grow by
@@ -530,9 +553,23 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
         // Over-commit this consumer still owes is charged first: it makes this grow spill or
         // fail rather than letting the over-commit go on (no lock held: may call Spark, spill).
         let total = bytes.saturating_add(owed);
-        native
-            .try_grow(total)
-            .map_err(|e| exhausted(e, consumer, bytes))?;
+        let mut waiting: Option<Instant> = None;
+        while let Err(e) = native.try_grow(total) {
+            // A consumer that cannot spill (a sort's merge) fails its query on a refusal. If the
+            // refusal asked spillable consumers to give memory back (answer_spill_requests),
+            // their spills are on their way: wait for them, boundedly, instead of failing. No
+            // lock is held while waiting, and the operators spill on their own threads.
+            let started = *waiting.get_or_insert_with(Instant::now);
+            if consumer.can_spill()
+                || started.elapsed() >= UNSPILLABLE_WAIT
+                || !self.relief_pending(consumer.id())
+            {
+                return Err(exhausted(e, consumer, bytes));
+            }
+            // Relaxed: a statistic.
+            self.table.unspillable_waits.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(UNSPILLABLE_RETRY);
+        }
         let excess = self.grown(consumer.id(), bytes, 0, owed);
         if excess > 0 {
             if let Err(e) = native.shrink(excess) {

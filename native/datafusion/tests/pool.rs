@@ -244,3 +244,73 @@ fn spill_requests_make_the_largest_spillable_consumers_spill_at_their_next_grow(
     assert_eq!(m.used(), 0);
     assert!(m.close().unwrap().is_empty());
 }
+
+#[test]
+fn an_unspillable_grow_finding_no_room_waits_for_the_asked_consumers_to_spill() {
+    // The task's budget is 8 MiB: a sort holds 6, its merge 1; the merge needs 3 more. Its grow
+    // finds no room, asks the pool for memory back (the sort is picked), and waits for the sort
+    // to spill instead of failing the query.
+    let l = Arc::new(CapacityListener::new(8 * MIB as u64));
+    let config = MemoryConfig::default().with_reservation_block(MIB as u64);
+    let m = MemoryManager::new("task", config, l.clone()).unwrap();
+    let native = Arc::new(NativememPool::with_policy(
+        m.pool("datafusion").unwrap(),
+        Policy::Greedy,
+    ));
+    native.answer_spill_requests().unwrap();
+    let pool: Arc<dyn MemoryPool> = native.clone();
+    let sort = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&pool);
+    let merge = MemoryConsumer::new("ExternalSorterMerge[0]").register(&pool);
+    sort.try_grow(6 * MIB).unwrap();
+    merge.try_grow(MIB).unwrap();
+    let sorter = std::thread::spawn(move || {
+        // The sort keeps growing a little until it is refused (asked to give memory back), then
+        // spills: frees what it holds, and its retry goes through.
+        let started = std::time::Instant::now();
+        while sort.try_grow(1024).is_ok() {
+            sort.shrink(1024);
+            assert!(started.elapsed().as_secs() < 5, "the sort was never asked");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        sort.free();
+        sort.try_grow(1024).unwrap();
+        sort
+    });
+    merge.try_grow(3 * MIB).unwrap();
+    let sort = sorter.join().unwrap();
+    let s = native.spill_requests();
+    assert!(s.yields >= 1 && s.unspillable_waits >= 1, "{s:?}");
+    assert_eq!(merge.size(), 4 * MIB);
+    drop((sort, merge));
+    drop(pool);
+    drop(native);
+    assert_eq!(m.used(), 0);
+    assert!(m.close().unwrap().is_empty());
+    assert_eq!(l.reserved(), 0);
+}
+
+#[test]
+fn an_unspillable_grow_fails_at_once_when_no_spillable_consumer_can_give_memory_back() {
+    let l = Arc::new(CapacityListener::new(4 * MIB as u64));
+    let config = MemoryConfig::default().with_reservation_block(MIB as u64);
+    let m = MemoryManager::new("task", config, l.clone()).unwrap();
+    let native = Arc::new(NativememPool::new(m.pool("datafusion").unwrap()));
+    native.answer_spill_requests().unwrap();
+    let pool: Arc<dyn MemoryPool> = native.clone();
+    let merge = MemoryConsumer::new("ExternalSorterMerge[0]").register(&pool);
+    merge.try_grow(3 * MIB).unwrap();
+    let started = std::time::Instant::now();
+    let err = merge.try_grow(2 * MIB).unwrap_err();
+    assert!(
+        matches!(err.find_root(), DataFusionError::ResourcesExhausted(_)),
+        "{err}"
+    );
+    assert!(started.elapsed().as_millis() < 1000, "waited for nothing");
+    assert_eq!(native.spill_requests().unspillable_waits, 0);
+    drop(merge);
+    drop(pool);
+    drop(native);
+    assert!(m.close().unwrap().is_empty());
+}
