@@ -135,6 +135,16 @@ pub(crate) struct ConsumerState {
 }
 
 impl ConsumerState {
+    /// Quantum mode: the quantum of a reservation holding `size` bytes. It grows with the
+    /// reservation, like Velox's (1, 4, 8 MiB): 1/16 of the size rounded up to a power of two,
+    /// between the configured quantum `q` and `8 * q`. So a reservation's slack (below two of
+    /// its quanta) stays under `max(2 * q, size / 4)` and never above `16 * q`, while a large
+    /// reservation growing in small steps charges its pools rarely.
+    #[inline]
+    pub(crate) fn quantum_for(&self, size: u64) -> u64 {
+        quantum_for(self.quantum, size)
+    }
+
     /// Raises the peak to `now` (a statistic).
     #[inline]
     pub(crate) fn note_peak(&self, now: u64) {
@@ -143,6 +153,14 @@ impl ConsumerState {
             self.peak.fetch_max(now, Ordering::Relaxed);
         }
     }
+}
+
+/// See [`ConsumerState::quantum_for`].
+pub(crate) fn quantum_for(q: u64, size: u64) -> u64 {
+    (size / 16)
+        .checked_next_power_of_two()
+        .unwrap_or(u64::MAX)
+        .clamp(q, q.saturating_mul(8))
 }
 
 /// How [`Budget::trim`] returns slack to the pools.
@@ -292,16 +310,22 @@ impl Budget {
     /// What the listener's owner calls when it wants memory back (see `MemoryManager::reclaim`).
     pub(crate) fn reclaim(&self, target: u64) -> Result<u64> {
         let mut given = self.release_unused(target)?;
+        let mut refilled = false;
         if given < target && self.trim_all(None) > 0 {
             // Reservations' slack is unused memory: it goes before any operator spills.
+            refilled = true;
             given += self.release_unused(target - given)?;
         }
         if given < target {
             // What the spill frees stays in the cushion (no hysteresis hand-back on the way), so
             // the second release hands back exactly this call's bytes: the count reported to the
             // listener's owner never includes bytes other threads gave back meanwhile.
+            refilled = true;
             self.spill_held(target - given, None)?;
             given += self.release_unused(target - given)?;
+        }
+        if refilled {
+            // What the slack or the spill left beyond the hysteresis band goes back too.
             if let Err(e) = self.release_surplus() {
                 log::warn!("[{}] handing back surplus after a reclaim: {e}", self.name);
             }

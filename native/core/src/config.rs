@@ -20,11 +20,14 @@ pub struct MemoryConfig {
     pub task_limit: Option<u64>,
     /// Per-reservation slack, in bytes (0, the default: exact accounting, every grow charges
     /// every pool level). With a quantum `q > 0` a reservation charges its pools in multiples of
-    /// `q` and serves grows and shrinks from what it already charged: the common `try_grow` /
-    /// `shrink` is one atomic read-modify-write on the reservation's own cache line, shared with
-    /// no other reservation or thread. The cost, bounded: a pool's `used` and `peak` may run
-    /// ahead of what its consumers hold by **at most `2 * q` per live reservation** (slack above
-    /// `2 * q` is given back by the shrink that creates it, down to `q`); consumers' sizes, the
+    /// its quantum and serves grows and shrinks from what it already charged: the common
+    /// `try_grow` / `shrink` is one atomic read-modify-write on the reservation's own cache line,
+    /// shared with no other reservation or thread. A reservation's quantum grows with it, like
+    /// Velox's: `q` up to `16 * q` held, then 1/16 of its size rounded up to a power of two, at
+    /// most `8 * q`. The cost, bounded: a pool's `used` and `peak` may run ahead of what its
+    /// consumers hold by **at most two quanta per live reservation: `max(2 * q, size / 4)`, never
+    /// more than `16 * q`** (slack above two quanta is given back by the shrink that creates it,
+    /// down to one); consumers' sizes, the
     /// usage report's consumer lines and leak reports stay exact; what consumers hold never
     /// exceeds a limit. Slack is taken back from every reservation before a grow is refused or
     /// operators are spilled, and when Spark reclaims memory. See

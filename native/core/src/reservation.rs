@@ -116,9 +116,10 @@ impl Reservation {
                 continue;
             }
             let need = wanted - charged;
+            let quantum = st.quantum_for(wanted);
             let rounded = wanted
-                .div_ceil(st.quantum)
-                .checked_mul(st.quantum)
+                .div_ceil(quantum)
+                .checked_mul(quantum)
                 .map_or(need, |target| target - charged);
             let charged_now =
                 self.budget
@@ -196,17 +197,19 @@ impl Reservation {
         taken
     }
 
-    /// Quantum mode: slack above two quanta goes back to the pools, down to one quantum.
+    /// Quantum mode: slack above two quanta goes back to the pools, down to one quantum (the
+    /// quantum of the size held, see `ConsumerState::quantum_for`).
     #[inline]
     fn trim_surplus(&self, mode: TrimMode) -> Result<()> {
         let st = &*self.state;
         // Relaxed (both): only decides whether to try; `Budget::trim` re-reads with SeqCst.
-        let slack = st
-            .charged
-            .load(Ordering::Relaxed)
-            .saturating_sub(st.size.load(Ordering::Relaxed));
+        let size = st.size.load(Ordering::Relaxed);
+        let slack = st.charged.load(Ordering::Relaxed).saturating_sub(size);
         if slack > st.quantum.saturating_mul(2) {
-            self.budget.trim(st, st.quantum, mode)?;
+            let quantum = st.quantum_for(size);
+            if slack > quantum.saturating_mul(2) {
+                self.budget.trim(st, quantum, mode)?;
+            }
         }
         Ok(())
     }
@@ -215,6 +218,7 @@ impl Reservation {
     ///
     /// The bytes always leave the pool; an error other than `InvalidArgument` means only that
     /// handing surplus cushion back to the listener failed (it stays reserved and is retried).
+    #[inline]
     pub fn shrink(&self, bytes: u64) -> Result<()> {
         if bytes == 0 {
             return Ok(());

@@ -267,3 +267,40 @@ fn threads_growing_one_reservation_and_others_while_spark_reclaims_stay_exact() 
     assert!(report.is_empty(), "{report}");
     assert_eq!((m.reserved(), l.reserved()), (0, 0));
 }
+
+#[test]
+fn a_reservation_s_quantum_grows_with_it_and_its_slack_stays_bounded() {
+    let (m, l) = quantum_manager(u64::MAX, None);
+    let pool = m.pool("op").unwrap();
+    let r = pool.reservation("big");
+    // Up to 16 quanta held the quantum is Q; beyond, 1/16 of the size (a power of two), at
+    // most 8 Q: a reservation growing to 1 GiB in 64 KiB steps charges its pools far less often.
+    let calls_before = l.reserve_calls();
+    let mut charges = 0;
+    let mut last = pool.used();
+    for _ in 0..(1 << 14) {
+        r.try_grow(64 << 10).unwrap();
+        if pool.used() != last {
+            charges += 1;
+            last = pool.used();
+        }
+        let slack = pool.used() - r.size();
+        assert!(slack < 2 * 8 * Q, "slack {slack} at {}", r.size());
+        assert!(
+            slack <= (2 * Q).max(r.size() / 4),
+            "slack {slack} at {}",
+            r.size()
+        );
+    }
+    assert_eq!(r.size(), 1 << 30);
+    // 1 GiB / 512 KiB (8 Q) = 2048 charges at most once past 64 Q... far fewer than 16,384.
+    assert!(charges <= 2200, "{charges} charges");
+    // One listener call per block (1 MiB here) at most, as without a quantum.
+    assert!(l.reserve_calls() - calls_before <= (1 << 30) / MIB);
+    // Shrinking to a small size gives the large quanta back.
+    r.shrink((1 << 30) - 100).unwrap();
+    assert!(pool.used() <= 100 + Q, "{}", pool.used());
+    drop(r);
+    m.close().unwrap();
+    assert_eq!(l.reserved(), 0);
+}
