@@ -66,6 +66,15 @@ fn grow_shrink(c: &mut Criterion) {
             cushion.fetch_add(black_box(64), Ordering::AcqRel);
         })
     });
+    // The floor of a reservation's fast path: one RMW each way on one counter (a grow and a
+    // shrink of the reservation's own size), as the quantum path does.
+    let own = AtomicU64::new(1 << 30);
+    g.bench_function("baseline_one_atomic_rmw_pair", |b| {
+        b.iter(|| {
+            own.fetch_add(black_box(64), Ordering::SeqCst);
+            own.fetch_sub(black_box(64), Ordering::SeqCst);
+        })
+    });
     let m = manager();
     let one = m.root().child("op", None).unwrap();
     let r1 = one.reservation("bench");

@@ -206,10 +206,18 @@ impl Reservation {
         let size = st.size.load(Ordering::Relaxed);
         let slack = st.charged.load(Ordering::Relaxed).saturating_sub(size);
         if slack > st.quantum.saturating_mul(2) {
-            let quantum = st.quantum_for(size);
-            if slack > quantum.saturating_mul(2) {
-                self.budget.trim(st, quantum, mode)?;
-            }
+            return self.trim_to_quantum(size, slack, mode);
+        }
+        Ok(())
+    }
+
+    /// The rare part of `trim_surplus`: slack above two of the base quanta.
+    #[cold]
+    fn trim_to_quantum(&self, size: u64, slack: u64, mode: TrimMode) -> Result<()> {
+        let st = &*self.state;
+        let quantum = st.quantum_for(size);
+        if slack > quantum.saturating_mul(2) {
+            self.budget.trim(st, quantum, mode)?;
         }
         Ok(())
     }
@@ -227,13 +235,7 @@ impl Reservation {
         let mut cur = self.state.size.load(Ordering::Relaxed);
         loop {
             if bytes > cur {
-                return Err(MemoryError::InvalidArgument(format!(
-                    "cannot shrink reservation '{}' in pool '{}' by {} ({bytes} bytes): it holds {} ({cur} bytes)",
-                    self.state.name,
-                    self.state.node.path,
-                    human(bytes),
-                    human(cur)
-                )));
+                return Err(self.over_release(bytes, cur));
             }
             // SeqCst on success: the charge behind these bytes comes before the uncharge below
             // (edge 4, which needs Acquire), and edge 6 in quantum mode. Relaxed on failure:
@@ -253,6 +255,18 @@ impl Reservation {
             return self.trim_surplus(TrimMode::Release);
         }
         self.budget.release(&self.state.node, bytes)
+    }
+
+    /// The error of a shrink by more than is held.
+    #[cold]
+    fn over_release(&self, bytes: u64, held: u64) -> MemoryError {
+        MemoryError::InvalidArgument(format!(
+            "cannot shrink reservation '{}' in pool '{}' by {} ({bytes} bytes): it holds {} ({held} bytes)",
+            self.state.name,
+            self.state.node.path,
+            human(bytes),
+            human(held)
+        ))
     }
 
     /// Grows or shrinks to exactly `new_size` bytes. On a refused grow nothing changes.
