@@ -53,6 +53,18 @@
 //! table of live allocations (one short lock per allocate/free, which the manager needs to free
 //! leaks at close).
 //!
+//! ## Reservation quantum (the fast path)
+//! With [`MemoryConfig::reservation_quantum`] `q > 0`, a reservation charges the pools in quanta
+//! and keeps what it charged beyond what it holds as *slack*: a grow that fits is one RMW on the
+//! reservation's own `size` and one load of its `charged` (both on its own 128-byte-aligned
+//! state, no pool counter, no root), a shrink one CAS. A grow past the slack charges its need
+//! rounded up to the reservation's quantum (which grows with it, up to `8 * q`); a shrink leaving
+//! more than two quanta gives the excess back. Slack is *trimmed* (taken back from the pools)
+//! before a grow is refused, before spillers run and on `reclaim`, so it never causes a refusal
+//! or a spill exact accounting would not. A trim races a grow on the same reservation without a
+//! lock: see edge 6 in the `budget` module docs. Bound: a pool's `used` exceeds what its
+//! consumers hold by at most two quanta per live reservation.
+//!
 //! ## Blocks and hysteresis
 //! The listener is asked for whole blocks ([`MemoryConfig::reservation_block`], 8 MiB by default),
 //! so a task growing by 1 GiB makes at most 128 upcalls instead of one per grow. Bytes go back to
