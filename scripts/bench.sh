@@ -208,6 +208,24 @@ jni_part() {
   row "jni: NativeMemoryManager create+close with a Spark listener" "$(fmt_ns "$cc")" \
       "empty JNI downcall: $(fmt_ns "$noop")" "$(ratio "$cc" "$noop")" "≤ 20 µs" "$(met "$cc <= 20000")"
   notes+=("jni: all upcalls per GiB, reserve + unreserve: new manager $up_cold, steady state $up; per-grow $(group "$pg_up").")
+  # The same grows in two concurrent tasks of one executor: Spark's memory-manager lock is shared.
+  local log2="$BENCH_DIR/jni-2tasks.log"
+  step "jni: spark-submit $SPARK_VERSION JniBench --tasks 2 on local[2] (log: ${log2#"$ROOT"/})"
+  { local q=(); [ "$quick" = 1 ] && q=(--quick)
+    NATIVEMEM_JAR="$BENCH_DIR/nativemem.jar" NATIVEMEM_LIBRARY="$BENCH_DIR/libnativemem_jni.so" \
+      bash scripts/spark-submit.sh "$SPARK_VERSION" --master 'local[2]' \
+      --conf spark.memory.offHeap.enabled=true --conf spark.memory.offHeap.size=4g \
+      --class org.nativemem.bench.JniBench "$BENCH_DIR/nativemem-e2e.jar" --tasks 2 ${q[@]+"${q[@]}"}; } >"$log2" 2>&1 ||
+    { fail_part jni-2tasks "$log2"; return; }
+  local nm2 pg2
+  mean() { awk -v k="$1" '$1 == "BENCH" && $2 == k { s += $3; n++ } END { if (n < 2) exit 1; printf "%.2f", s / n }' "$log2"; }
+  if ! { nm2="$(mean grow_nativemem_ns)" && pg2="$(mean grow_pergrow_ns)"; }; then
+    fail_part jni-2tasks "$log2"; return
+  fi
+  speedup="$(calc "$pg2 / $nm2")"
+  row "jni: same, 2 concurrent tasks on local[2] (Spark's memory-manager lock shared; mean of the tasks' medians)" \
+      "$(fmt_ns "$nm2")/grow" "one upcall per grow: $(fmt_ns "$pg2")/grow" \
+      "$(awk -v s="$speedup" 'BEGIN { printf "%.1f× faster", s }')" "≥ 20× faster" "$(met "$speedup >= 20")"
   notes+=("jni rounds (ns/grow): nativemem $(awk '$1 == "BENCH_ROUNDS" && $2 == "grow_nativemem_ns" { print $3 }' "$log"); per-grow $(awk '$1 == "BENCH_ROUNDS" && $2 == "grow_pergrow_ns" { print $3 }' "$log")")
 }
 

@@ -64,37 +64,49 @@ public final class JniBench {
 
     public static void main(String[] args) {
         final boolean quick = Arrays.asList(args).contains("--quick");
+        // --tasks N: N tasks run the grow measurement at once (use local[N]), contending for
+        // Spark's memory manager; each prints its own BENCH lines.
+        int tasks = 1;
+        for (int i = 0; i + 1 < args.length; i++) {
+            if (args[i].equals("--tasks")) {
+                tasks = Integer.parseInt(args[i + 1]);
+            }
+        }
         SparkSession spark = SparkSession.builder().appName("nativemem-jni-bench").getOrCreate();
         try {
             JavaSparkContext jsc = JavaSparkContext.fromSparkContext(spark.sparkContext());
-            List<String> lines = jsc.parallelize(Collections.singletonList(quick), 1)
-                    .map(JniBench::inTask)
-                    .collect()
-                    .get(0);
+            List<List<String>> perTask;
+            if (tasks == 1) {
+                perTask = jsc.parallelize(Collections.singletonList(quick), 1).map(JniBench::inTask).collect();
+            } else {
+                perTask = jsc.parallelize(Collections.nCopies(tasks, quick), tasks).map(JniBench::growsInTask)
+                        .collect();
+            }
             System.out.println("BENCH spark_version " + spark.version());
             System.out.println("BENCH master " + spark.sparkContext().master());
-            for (String line : lines) {
-                System.out.println(line);
+            System.out.println("BENCH tasks " + tasks);
+            for (List<String> lines : perTask) {
+                for (String line : lines) {
+                    System.out.println(line);
+                }
             }
         } finally {
             spark.stop();
         }
     }
 
+    /** Only the grow measurement, in the current task (for several concurrent tasks). */
+    static List<String> growsInTask(boolean quick) {
+        TaskMemoryManager tmm = taskMemoryManager();
+        Results out = new Results();
+        grows(tmm, tmm.getTungstenMemoryMode(), quick ? 1 : 10, quick ? 3 : 21, out);
+        return out.lines;
+    }
+
     /** Runs every measurement in the current Spark task; returns the result lines. */
     static List<String> inTask(boolean quick) {
-        TaskContext ctx = TaskContext.get();
-        if (ctx == null) {
-            throw new IllegalStateException("JniBench must run inside a Spark task");
-        }
-        TaskMemoryManager tmm = ctx.taskMemoryManager();
+        TaskMemoryManager tmm = taskMemoryManager();
         MemoryMode mode = tmm.getTungstenMemoryMode();
-        if (mode != MemoryMode.OFF_HEAP) {
-            // Each design holds 1 GiB at the end of a round: more than a default driver heap's
-            // execution memory. OFF_HEAP is also the mode nativemem recommends for native memory.
-            throw new IllegalStateException("JniBench needs spark.memory.offHeap.enabled=true and"
-                    + " spark.memory.offHeap.size=2g (each round grows 1 GiB of execution memory)");
-        }
         int warmup = quick ? 1 : 10;
         int rounds = quick ? 3 : 21;
         Results out = new Results();
@@ -105,6 +117,22 @@ public final class JniBench {
         grows(tmm, mode, warmup, rounds, out);
         createClose(tmm, mode, warmup, rounds, quick ? 200 : 2000, out);
         return out.lines;
+    }
+
+    /** The current task's memory manager, OFF_HEAP. */
+    static TaskMemoryManager taskMemoryManager() {
+        TaskContext ctx = TaskContext.get();
+        if (ctx == null) {
+            throw new IllegalStateException("JniBench must run inside a Spark task");
+        }
+        TaskMemoryManager tmm = ctx.taskMemoryManager();
+        if (tmm.getTungstenMemoryMode() != MemoryMode.OFF_HEAP) {
+            // Each design holds 1 GiB at the end of a round: more than a default driver heap's
+            // execution memory. OFF_HEAP is also the mode nativemem recommends for native memory.
+            throw new IllegalStateException("JniBench needs spark.memory.offHeap.enabled=true and"
+                    + " spark.memory.offHeap.size=2g per task (each round grows 1 GiB of execution memory)");
+        }
+        return tmm;
     }
 
     private static void grows(TaskMemoryManager tmm, MemoryMode mode, int warmup, int rounds, Results out) {
