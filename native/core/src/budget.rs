@@ -417,16 +417,8 @@ impl Budget {
                             continue;
                         }
                     }
-                    if bytes > min_bytes {
-                        // The quantum's rounding does not fit: ask for the need alone.
-                        bytes = min_bytes;
+                    if self.cheap_remedy(&mut bytes, min_bytes, &mut trimmed, owner) {
                         continue;
-                    }
-                    if !trimmed {
-                        trimmed = true;
-                        if self.trim_all(owner) > 0 {
-                            continue;
-                        }
                     }
                     if !spilled {
                         spilled = true;
@@ -503,16 +495,9 @@ impl Budget {
                 return Ok(bytes);
             }
             node.uncharge(bytes);
-            if bytes > min_bytes {
-                // What was granted stays in the cushion; retry with the need alone.
-                bytes = min_bytes;
+            // (What was granted stays in the cushion for the retry.)
+            if self.cheap_remedy(&mut bytes, min_bytes, &mut trimmed, owner) {
                 continue;
-            }
-            if !trimmed {
-                trimmed = true;
-                if self.trim_all(owner) > 0 {
-                    continue;
-                }
             }
             if !spilled {
                 spilled = true;
@@ -533,6 +518,27 @@ impl Budget {
                 OomReason::ListenerDenied { requested, granted },
             ));
         }
+    }
+
+    /// The first remedies of a refused grow, cheapest first: drop the quantum's rounding (ask for
+    /// the need alone), then take every other reservation's slack back (once). True: retry.
+    /// Spilling comes after these.
+    fn cheap_remedy(
+        &self,
+        bytes: &mut u64,
+        min_bytes: u64,
+        trimmed: &mut bool,
+        owner: Option<u64>,
+    ) -> bool {
+        if *bytes > min_bytes {
+            *bytes = min_bytes;
+            return true;
+        }
+        if !*trimmed {
+            *trimmed = true;
+            return self.trim_all(owner) > 0;
+        }
+        false
     }
 
     /// Charges `bytes` to `node` (and ancestors) at once, whatever the limits and the cushion:
