@@ -143,7 +143,10 @@ public final class NativeMemorySparkConf {
             throw invalid(RESERVATION_BLOCK_SIZE, settings.get(RESERVATION_BLOCK_SIZE),
                     "at most " + NativeMemoryConfig.MAX_RESERVATION_BLOCK_BYTES + " bytes");
         }
-        long quantum = sizeOrZero(settings, RESERVATION_QUANTUM, DEFAULT_RESERVATION_QUANTUM);
+        long quantum = rawSize(settings, RESERVATION_QUANTUM, DEFAULT_RESERVATION_QUANTUM);
+        if (quantum < 0) {
+            throw invalid(RESERVATION_QUANTUM, settings.get(RESERVATION_QUANTUM), "a size of 0 or more");
+        }
         if (quantum > NativeMemoryConfig.MAX_RESERVATION_QUANTUM_BYTES) {
             throw invalid(RESERVATION_QUANTUM, settings.get(RESERVATION_QUANTUM),
                     "at most " + NativeMemoryConfig.MAX_RESERVATION_QUANTUM_BYTES + " bytes");
@@ -158,14 +161,15 @@ public final class NativeMemorySparkConf {
     }
 
     private static long size(Map<String, String> settings, String key, String dflt) {
-        long bytes = sizeOrZero(settings, key, dflt);
-        if (bytes == 0) {
+        long bytes = rawSize(settings, key, dflt);
+        if (bytes <= 0) {
             throw invalid(key, settings.get(key) == null ? dflt : settings.get(key), "a size greater than 0");
         }
         return bytes;
     }
 
-    private static long sizeOrZero(Map<String, String> settings, String key, String dflt) {
+    /** The size {@code key} is set to (or {@code dflt}), as parsed: possibly 0 or negative. */
+    private static long rawSize(Map<String, String> settings, String key, String dflt) {
         String value = settings.get(key);
         if (value == null) {
             value = dflt;
@@ -175,9 +179,6 @@ public final class NativeMemorySparkConf {
             bytes = JavaUtils.byteStringAsBytes(value);
         } catch (RuntimeException e) {
             throw invalid(key, value, "a size such as 8m, 64k, 1g or a number of bytes (" + e.getMessage() + ")");
-        }
-        if (bytes < 0) {
-            throw invalid(key, value, "a size of 0 or more");
         }
         return bytes;
     }
