@@ -91,8 +91,9 @@
 //!
 //! A consumer that cannot spill (a sort's merge of its spill files) fails its query when a grow
 //! is refused. When its grow finds no room and the request that refusal made picked spillable
-//! consumers, it waits for them (up to 5 s, retrying every 2 ms, no lock held) instead of
-//! failing: their spills free the memory it needs. Only that consumer's thread waits.
+//! consumers, it waits for them (up to 5 s, no lock held; it retries each time they have
+//! released memory, so waiting never asks more consumers to spill) instead of failing: their
+//! spills free the memory it needs. Only that consumer's thread waits.
 //!
 //! A request never waits for an operator, whatever thread asks: it cannot deadlock with the task
 //! thread (which may hold Spark's `TaskMemoryManager` monitor, or run the operator itself). What

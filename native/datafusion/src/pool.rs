@@ -20,7 +20,7 @@ use crate::backend::{
 /// spillable consumers asked to give memory back to do so (see [`NativememPool`]'s `try_grow`).
 const UNSPILLABLE_WAIT: Duration = Duration::from_secs(5);
 
-/// The pause between two tries of that wait.
+/// How often that wait looks whether the asked consumers released memory.
 const UNSPILLABLE_RETRY: Duration = Duration::from_millis(2);
 
 /// One registered DataFusion consumer (one `MemoryConsumer` registration, which all its
@@ -268,13 +268,15 @@ impl<P: NativePool> NativememPool<P> {
         out
     }
 
-    /// True while a spillable consumer other than `me` has been asked to give memory back and
-    /// still holds memory (it spills on its next `try_grow`, or is spilling now).
-    fn relief_pending(&self, me: usize) -> bool {
+    /// The bytes held by spillable consumers other than `me` that were asked to give memory back
+    /// (they spill on their next `try_grow`, or are spilling now); `None` if there are none.
+    fn relief_pending(&self, me: usize) -> Option<u64> {
         let consumers = self.table.consumers.lock();
         consumers
             .iter()
-            .any(|(&id, c)| id != me && c.can_spill && c.size > 0 && (c.asked || c.yielded))
+            .filter(|(&id, c)| id != me && c.can_spill && c.size > 0 && (c.asked || c.yielded))
+            .map(|(_, c)| c.size)
+            .reduce(u64::saturating_add)
     }
 
     /// The consumer's native reservation, and whether the fair-share policy lets it grow by
@@ -558,17 +560,23 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
             // A consumer that cannot spill (a sort's merge) fails its query on a refusal. If the
             // refusal asked spillable consumers to give memory back (answer_spill_requests),
             // their spills are on their way: wait for them, boundedly, instead of failing. No
-            // lock is held while waiting, and the operators spill on their own threads.
+            // lock is held while waiting, and the operators spill on their own threads. The grow
+            // is retried only once they released something, so the wait does not turn into a
+            // stream of requests asking ever more consumers to spill.
             let started = *waiting.get_or_insert_with(Instant::now);
-            if consumer.can_spill()
-                || started.elapsed() >= UNSPILLABLE_WAIT
-                || !self.relief_pending(consumer.id())
-            {
+            let relief = self.relief_pending(consumer.id());
+            if consumer.can_spill() || started.elapsed() >= UNSPILLABLE_WAIT || relief.is_none() {
                 return Err(exhausted(e, consumer, bytes));
             }
-            // Relaxed: a statistic.
-            self.table.unspillable_waits.fetch_add(1, Ordering::Relaxed);
-            std::thread::sleep(UNSPILLABLE_RETRY);
+            while started.elapsed() < UNSPILLABLE_WAIT {
+                // Relaxed: a statistic.
+                self.table.unspillable_waits.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(UNSPILLABLE_RETRY);
+                match self.relief_pending(consumer.id()) {
+                    Some(held) if Some(held) >= relief => {}
+                    _ => break, // they released memory (or are done): retry the grow
+                }
+            }
         }
         let excess = self.grown(consumer.id(), bytes, 0, owed);
         if excess > 0 {
