@@ -178,20 +178,21 @@ impl Reservation {
     pub fn force_shrink(&self, bytes: u64) -> u64 {
         // Acquire on success: the charge behind these bytes comes before the uncharge (edge 4).
         // Relaxed on failure and for the first guess: the value only feeds the next attempt.
-        let taken = self
+        let prev = self
             .state
             .size
             .fetch_update(Ordering::Acquire, Ordering::Relaxed, |cur| {
                 Some(cur - bytes.min(cur))
             })
-            .map_or(0, |prev| bytes.min(prev));
+            .unwrap_or(0);
+        let taken = bytes.min(prev);
         if taken > 0 {
             if self.state.quantum == 0 {
                 self.budget.release_quiet(&self.state.node, taken);
             } else {
                 // The bytes become slack; beyond two quanta it goes back to the pools (quietly:
                 // a forced shrink never calls out). A quiet trim never fails.
-                let _ = self.trim_surplus(TrimMode::Quiet);
+                let _ = self.trim_surplus(prev - taken, TrimMode::Quiet);
             }
         }
         taken
@@ -200,10 +201,10 @@ impl Reservation {
     /// Quantum mode: slack above two quanta goes back to the pools, down to one quantum (the
     /// quantum of the size held, see `ConsumerState::quantum_for`).
     #[inline]
-    fn trim_surplus(&self, mode: TrimMode) -> Result<()> {
+    fn trim_surplus(&self, size: u64, mode: TrimMode) -> Result<()> {
         let st = &*self.state;
-        // Relaxed (both): only decides whether to try; `Budget::trim` re-reads with SeqCst.
-        let size = st.size.load(Ordering::Relaxed);
+        // `size`: what this thread's shrink left. Relaxed: only decides whether to try;
+        // `Budget::trim` re-reads both counters with SeqCst.
         let slack = st.charged.load(Ordering::Relaxed).saturating_sub(size);
         if slack > st.quantum.saturating_mul(2) {
             return self.trim_to_quantum(size, slack, mode);
@@ -252,7 +253,7 @@ impl Reservation {
         }
         if self.state.quantum > 0 {
             // The bytes become slack, served to the next grows; beyond two quanta it goes back.
-            return self.trim_surplus(TrimMode::Release);
+            return self.trim_surplus(cur - bytes, TrimMode::Release);
         }
         self.budget.release(&self.state.node, bytes)
     }

@@ -874,13 +874,13 @@ mod model {
     use super::*;
     use proptest::prelude::*;
 
-    const BLOCK: u64 = 1000;
-    const CAPACITY: u64 = 20_000;
+    pub(super) const BLOCK: u64 = 1000;
+    pub(super) const CAPACITY: u64 = 20_000;
     // Pools: 0 root (limit 15_000), 1 root/a (limit 6_000), 2 root/a/b, 3 root/c.
-    const PARENT: [Option<usize>; 4] = [None, Some(0), Some(1), Some(0)];
-    const LIMIT: [Option<u64>; 4] = [Some(15_000), Some(6_000), None, None];
+    pub(super) const PARENT: [Option<usize>; 4] = [None, Some(0), Some(1), Some(0)];
+    pub(super) const LIMIT: [Option<u64>; 4] = [Some(15_000), Some(6_000), None, None];
     // Reservations live in pools 2, 2, 3, 1.
-    const RES_POOL: [usize; 4] = [2, 2, 3, 1];
+    pub(super) const RES_POOL: [usize; 4] = [2, 2, 3, 1];
 
     #[derive(Clone, Debug)]
     enum Op {
@@ -901,7 +901,7 @@ mod model {
         ]
     }
 
-    fn lineage(p: usize) -> Vec<usize> {
+    pub(super) fn lineage(p: usize) -> Vec<usize> {
         std::iter::successors(Some(p), |&q| PARENT[q]).collect()
     }
 
@@ -992,15 +992,12 @@ mod quantum_model {
     //! exact model (slack never refuses a grow exact accounting allows), sizes are exact, and
     //! each pool runs ahead of what its consumers hold by at most two quanta per reservation
     //! (each reservation's quantum for what it holds).
+    use super::model::{lineage, BLOCK, CAPACITY, LIMIT, RES_POOL};
     use super::*;
     use proptest::prelude::*;
 
-    const BLOCK: u64 = 1000;
+    // The exact model's tree, limits, listener and reservations.
     const QUANTUM: u64 = 700; // not a divisor of the block: rounding is exercised
-    const CAPACITY: u64 = 20_000;
-    const PARENT: [Option<usize>; 4] = [None, Some(0), Some(1), Some(0)];
-    const LIMIT: [Option<u64>; 4] = [Some(15_000), Some(6_000), None, None];
-    const RES_POOL: [usize; 4] = [2, 2, 3, 1];
 
     #[derive(Clone, Debug)]
     enum Op {
@@ -1021,10 +1018,6 @@ mod quantum_model {
             2 => (0..8usize).prop_map(Op::FreeAlloc),
             1 => (0..4_000u64).prop_map(Op::Reclaim),
         ]
-    }
-
-    fn lineage(p: usize) -> Vec<usize> {
-        std::iter::successors(Some(p), |&q| PARENT[q]).collect()
     }
 
     proptest! {
