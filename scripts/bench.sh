@@ -11,7 +11,8 @@
 # Parts:
 #   core  criterion benches of nativemem-core (native/core/benches/core.rs), read back from
 #         criterion's estimates.json: grow+shrink pair vs two atomic RMW pairs, with a 1 MiB
-#         reservation quantum (the fast path) and exact; the pair on 1, 2 and 4 threads of one
+#         reservation quantum (the fast path: exclusive `&mut` and shared `&self`) and exact; the
+#         pair on 1, 2 and 4 threads of one
 #         manager (per thread, ratio to 1 thread); allocate+free vs the system allocator, 64 B .. 1 MiB.
 #   track nativemem-track's bench (native/track/benches/track.rs, its own harness): alloc+free of
 #         one block through the tracking global allocator on a thread bound to a pool vs the
@@ -113,19 +114,24 @@ core_part() {
     [ -f "$f" ] || { echo "bench.sh: $f missing" >&2; return 1; }
     sed -E "s/.*\"$BENCH_ESTIMATE\":\{\"confidence_interval\":\{[^}]*\},\"point_estimate\":([-0-9.eE+]+).*/\1/" "$f"
   }
-  local base base1 one three q1 q3 t1 t2 t4 e1 e2 e4
+  local base base1 one three q1 q3 t1 t2 t4 e1 e2 e4 x1 xt1 xt2 xt4
   if ! { base="$(est grow_shrink/baseline_two_atomic_rmw_pairs)" && one="$(est grow_shrink/one_level_pool)" &&
          base1="$(est grow_shrink/baseline_one_atomic_rmw_pair)" &&
          three="$(est grow_shrink/three_level_pool_with_limit)" && q1="$(est grow_shrink/quantum_one_level_pool)" &&
          q3="$(est grow_shrink/quantum_three_level_pool_with_limit)" &&
          t1="$(est grow_shrink/quantum_threads_1)" && t2="$(est grow_shrink/quantum_threads_2)" &&
          t4="$(est grow_shrink/quantum_threads_4)" && e1="$(est grow_shrink/exact_threads_1)" &&
-         e2="$(est grow_shrink/exact_threads_2)" && e4="$(est grow_shrink/exact_threads_4)"; }; then
+         e2="$(est grow_shrink/exact_threads_2)" && e4="$(est grow_shrink/exact_threads_4)" &&
+         x1="$(est grow_shrink/quantum_exclusive_one_level_pool)" &&
+         xt1="$(est grow_shrink/quantum_exclusive_threads_1)" && xt2="$(est grow_shrink/quantum_exclusive_threads_2)" &&
+         xt4="$(est grow_shrink/quantum_exclusive_threads_4)"; }; then
     fail_part core "$log"; return
   fi
   local b="two atomic RMW pairs: $(fmt_ns "$base")"
   local b1="one atomic RMW pair, one counter (the floor of a shared reservation): $(fmt_ns "$base1")"
-  row "core: try_grow+shrink pair, 1-level pool, 1 MiB reservation quantum (the fast path)" "$(fmt_ns "$q1")" "$b1" \
+  row "core: try_grow_exclusive+shrink_exclusive pair (&mut: no RMW), 1-level pool, 1 MiB quantum (the fast path)" \
+      "$(fmt_ns "$x1")" "$b1" "$(ratio "$x1" "$base1")" "≤ 10 ns" "$(met "$x1 <= 10")"
+  row "core: try_grow+shrink pair (&self, shared by threads: one RMW each way), same pool and quantum" "$(fmt_ns "$q1")" "$b1" \
       "$(ratio "$q1" "$base1")" "≤ 10 ns" "$(met "$q1 <= 10")"
   row "core: same, 3-level pool path with a limit, 1 MiB quantum" "$(fmt_ns "$q3")" "$b1" "$(ratio "$q3" "$base1")" \
       "≤ 10 ns" "$(met "$q3 <= 10")"
@@ -138,6 +144,8 @@ core_part() {
       "1 thread: $(fmt_ns "$t1")" "$(ratio "$t2" "$t1")" "≤ 1.5×" "$(met "$t2 / $t1 <= 1.5")"
   row "core: pair per thread, 4 threads on one manager, 1 MiB quantum ($cores cores: ideal $(awk -v c="$cores" 'BEGIN { printf "%.1f", (4 > c ? 4 / c : 1) }')×)" \
       "$(fmt_ns "$t4")" "1 thread: $(fmt_ns "$t1")" "$(ratio "$t4" "$t1")" "—" "—"
+  row "core: exclusive pair per thread, 2 / 4 threads on one manager, 1 MiB quantum" "$(fmt_ns "$xt2") / $(fmt_ns "$xt4")" \
+      "1 thread: $(fmt_ns "$xt1")" "$(ratio "$xt2" "$xt1") / $(ratio "$xt4" "$xt1")" "≤ 1.5× (2 threads)" "$(met "$xt2 / $xt1 <= 1.5")"
   row "core: pair per thread, 2 / 4 threads on one manager, exact accounting" "$(fmt_ns "$e2") / $(fmt_ns "$e4")" \
       "1 thread: $(fmt_ns "$e1")" "$(ratio "$e2" "$e1") / $(ratio "$e4" "$e1")" "—" "—"
   local size label sys nm

@@ -1,6 +1,7 @@
 //! Core fast-path benchmarks. Every figure has a baseline measured in the same run:
 //! - a grow+shrink pair against the floor of two atomic read-modify-write pairs, in exact mode
-//!   (every grow charges every pool level) and with a reservation quantum (the fast path);
+//!   (every grow charges every pool level) and with a reservation quantum (the fast path), on a
+//!   shared reservation (`&self`: one RMW each way) and an exclusive one (`&mut`: none);
 //! - the same pair on 1, 2 and 4 threads of one manager, each on its own reservation (time per
 //!   pair per thread: wall time / pairs each thread made);
 //! - `Pool::allocate` + `free` against `std::alloc::alloc` + `dealloc` of the same layout.
@@ -27,20 +28,26 @@ fn manager_with(config: MemoryConfig) -> MemoryManager {
 }
 
 /// `threads` threads, each with its own reservation of its own pool on `m`, each making `iters`
-/// grow+shrink pairs of 64 bytes, started together; returns the wall time.
-fn pairs_on_threads(m: &MemoryManager, threads: usize, iters: u64) -> Duration {
+/// grow+shrink pairs of 64 bytes (through the `_exclusive` methods if `exclusive`), started
+/// together; returns the wall time.
+fn pairs_on_threads(m: &MemoryManager, threads: usize, iters: u64, exclusive: bool) -> Duration {
     let barrier = Arc::new(std::sync::Barrier::new(threads + 1));
     let handles: Vec<_> = (0..threads)
         .map(|i| {
-            let r = m.pool(&format!("t{i}")).unwrap().reservation("bench");
+            let mut r = m.pool(&format!("t{i}")).unwrap().reservation("bench");
             r.try_grow(1024).unwrap(); // charged once: the pairs below run on slack
             r.shrink(1024).unwrap();
             let barrier = barrier.clone();
             std::thread::spawn(move || {
                 barrier.wait();
                 for _ in 0..iters {
-                    r.try_grow(black_box(64)).unwrap();
-                    r.shrink(black_box(64)).unwrap();
+                    if exclusive {
+                        r.try_grow_exclusive(black_box(64)).unwrap();
+                        r.shrink_exclusive(black_box(64)).unwrap();
+                    } else {
+                        r.try_grow(black_box(64)).unwrap();
+                        r.shrink(black_box(64)).unwrap();
+                    }
                 }
             })
         })
@@ -122,12 +129,24 @@ fn grow_shrink(c: &mut Criterion) {
             rq3.shrink(black_box(64)).unwrap();
         })
     });
+    // The exclusive path (`&mut`): no RMW, no fence instruction on the slack.
+    let mut rx1 = mq.root().child("op-x", None).unwrap().reservation("bench");
+    rx1.try_grow_exclusive(1 << 20).unwrap();
+    g.bench_function("quantum_exclusive_one_level_pool", |b| {
+        b.iter(|| {
+            rx1.try_grow_exclusive(black_box(64)).unwrap();
+            rx1.shrink_exclusive(black_box(64)).unwrap();
+        })
+    });
     for threads in [1usize, 2, 4] {
         g.bench_function(format!("quantum_threads_{threads}"), |b| {
-            b.iter_custom(|iters| pairs_on_threads(&mq, threads, iters))
+            b.iter_custom(|iters| pairs_on_threads(&mq, threads, iters, false))
+        });
+        g.bench_function(format!("quantum_exclusive_threads_{threads}"), |b| {
+            b.iter_custom(|iters| pairs_on_threads(&mq, threads, iters, true))
         });
         g.bench_function(format!("exact_threads_{threads}"), |b| {
-            b.iter_custom(|iters| pairs_on_threads(&m, threads, iters))
+            b.iter_custom(|iters| pairs_on_threads(&m, threads, iters, false))
         });
     }
     g.finish();

@@ -48,6 +48,16 @@
 //!    nothing for it. `charged` only rises after the pool charge and only falls before the
 //!    uncharge (edge 4 for quantum mode).
 //!
+//!    The exclusive path (`Reservation::try_grow_exclusive`, for a caller holding `&mut`) makes
+//!    the same pair without the RMW: `size` has one writer, so the grow loads it, stores the new
+//!    value and reads `charged` with `Relaxed` accesses separated by `barrier::light` (a
+//!    compiler fence). The StoreLoad barrier that pair needs is paid by the other side: a trim
+//!    that may run on another thread than the reservation's user (`trim_all`: before a refusal,
+//!    before spilling, on `reclaim`) lowers every `charged`, then calls `barrier::heavy` (one
+//!    `membarrier` system call for all of them), then re-reads the sizes. A trim by the
+//!    reservation's own methods (`shrink`, `free`) needs no fence: `&mut` means no exclusive grow
+//!    of that reservation runs meanwhile.
+//!
 //! No other decision reads two counters that other threads write without one of these edges,
 //! so nothing else needs a single total order.
 
@@ -115,7 +125,8 @@ pub(crate) struct CounterSnapshot {
 #[repr(align(128))]
 pub(crate) struct ConsumerState {
     /// Bytes held. Changed only by RMWs so a concurrent close and shrink each release disjoint
-    /// bytes. Exact mode (`quantum == 0`): raised with `Release` after the pool charge and taken
+    /// bytes, except on the exclusive path (quantum mode, `&mut`: one writer, plain stores; the
+    /// pools carry `charged` there, which only RMWs change). Exact mode (`quantum == 0`): raised with `Release` after the pool charge and taken
     /// out with `Acquire` before the uncharge (edge 4 of the module docs). Quantum mode: raised
     /// with `SeqCst` *before* it is known to be covered (edge 6).
     pub(crate) size: AtomicU64,
@@ -704,49 +715,61 @@ impl Budget {
     /// `size`; if a grow raised `size` above the new `charged` meanwhile, the bytes are put back
     /// (the pools still hold them) and nothing is taken.
     pub(crate) fn trim(&self, state: &ConsumerState, keep: u64, mode: TrimMode) -> Result<u64> {
-        loop {
-            // SeqCst (all four accesses): edge 6, a store-buffering pair with a grow's `size`
-            // RMW and `charged` load; either the grow sees the lowered `charged` (and covers
-            // itself) or this re-read sees its `size`.
-            let charged = state.charged.load(Ordering::SeqCst);
-            let floor = state.size.load(Ordering::SeqCst).saturating_add(keep);
-            if charged <= floor {
-                return Ok(0);
-            }
-            if state
-                .charged
-                .compare_exchange(charged, floor, Ordering::SeqCst, Ordering::SeqCst)
-                .is_err()
-            {
-                continue;
-            }
-            crate::sync::test_point("trim:lowered");
-            if state.size.load(Ordering::SeqCst) > floor {
-                // A grow raced this trim and may have counted on the old `charged`.
-                state.charged.fetch_add(charged - floor, Ordering::SeqCst);
-                return Ok(0);
-            }
-            let taken = charged - floor;
+        let Some((charged, floor)) = lower_charged(state, keep) else {
+            return Ok(0);
+        };
+        crate::sync::test_point("trim:lowered");
+        let taken = settle_trim(state, charged, floor);
+        if taken > 0 {
             match mode {
                 TrimMode::Quiet => self.release_quiet(&state.node, taken),
                 TrimMode::Release => self.release(&state.node, taken)?,
             }
-            return Ok(taken);
         }
+        Ok(taken)
     }
 
     /// Takes every reservation's slack (but `skip`'s) back into the cushion (quantum mode; 0 in
     /// exact mode). Runs before a grow is refused or operators are spilled, and on `reclaim`.
+    ///
+    /// Unlike [`trim`](Self::trim), called by a reservation's own methods, this runs on another
+    /// thread than the reservations' users, who may be on the exclusive path (plain stores, see
+    /// `barrier`): so it lowers every `charged` first, then makes one heavy fence for them all,
+    /// then re-reads each `size`.
     fn trim_all(&self, skip: Option<u64>) -> u64 {
         if self.config.reservation_quantum == 0 {
             return 0;
         }
         // Copied under the registry lock, trimmed without it (the lock rule).
         let consumers: Vec<Arc<ConsumerState>> = self.consumers.lock().values().cloned().collect();
-        consumers
+        let lowered: Vec<(&ConsumerState, u64, u64)> = consumers
             .iter()
             .filter(|c| Some(c.id) != skip)
-            .map(|c| self.trim(c, 0, TrimMode::Quiet).unwrap_or(0))
+            .filter_map(|c| lower_charged(c, 0).map(|(charged, floor)| (&**c, charged, floor)))
+            .collect();
+        if lowered.is_empty() {
+            return 0;
+        }
+        crate::sync::test_point("trim_all:lowered");
+        if !crate::barrier::heavy() {
+            // Without the fence an exclusive grow may have counted on the old `charged`: put
+            // everything back (the slack stays, nothing is lost).
+            log::warn!("[{}] membarrier failed: slack not trimmed", self.name);
+            for (state, charged, floor) in lowered {
+                // SeqCst: edge 6, as in `settle_trim`.
+                state.charged.fetch_add(charged - floor, Ordering::SeqCst);
+            }
+            return 0;
+        }
+        lowered
+            .into_iter()
+            .map(|(state, charged, floor)| {
+                let taken = settle_trim(state, charged, floor);
+                if taken > 0 {
+                    self.release_quiet(&state.node, taken);
+                }
+                taken
+            })
             .sum()
     }
 
@@ -1081,6 +1104,40 @@ impl Drop for Budget {
             }
         }
     }
+}
+
+/// A trim's first step: lowers `state.charged` to `size + keep`. Returns the `charged` it
+/// replaced and the floor it set, or `None` if there was nothing above the floor.
+fn lower_charged(state: &ConsumerState, keep: u64) -> Option<(u64, u64)> {
+    loop {
+        // SeqCst (all accesses here and in `settle_trim`): edge 6, a store-buffering pair with a
+        // grow's `size` store and `charged` load; either the grow sees the lowered `charged`
+        // (and covers itself) or the trim's re-read sees its `size`. (The exclusive path's grow
+        // stores `size` plainly: its trimmers on other threads add a heavy fence, see `barrier`.)
+        let charged = state.charged.load(Ordering::SeqCst);
+        let floor = state.size.load(Ordering::SeqCst).saturating_add(keep);
+        if charged <= floor {
+            return None;
+        }
+        if state
+            .charged
+            .compare_exchange(charged, floor, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            return Some((charged, floor));
+        }
+    }
+}
+
+/// A trim's last step: re-reads `size`; if a grow raced the lowering (and may have counted on
+/// the old `charged`) puts the bytes back and returns 0, else returns the bytes taken, which the
+/// caller releases to the pools.
+fn settle_trim(state: &ConsumerState, charged: u64, floor: u64) -> u64 {
+    if state.size.load(Ordering::SeqCst) > floor {
+        state.charged.fetch_add(charged - floor, Ordering::SeqCst);
+        return 0;
+    }
+    charged - floor
 }
 
 /// Adds `n` to a statistics counter, stopping at `u64::MAX` instead of wrapping.

@@ -129,6 +129,7 @@
 //! ```
 
 mod alloc;
+mod barrier;
 mod budget;
 mod config;
 mod error;

@@ -11,8 +11,11 @@ use crate::units::human;
 /// A claim of bytes on a pool, in the style of DataFusion's `MemoryReservation`: grow it before
 /// allocating, shrink it after freeing; whatever it holds is released when it is dropped.
 ///
-/// All methods take `&self` and are safe to call from several threads (the size is atomic), so a
-/// binding can share one reservation without a lock around calls that reach the listener.
+/// All methods but the `_exclusive` pair take `&self` and are safe to call from several threads
+/// (the size is atomic), so a binding can share one reservation without a lock around calls that
+/// reach the listener. A caller that owns the reservation (`&mut`) can use
+/// [`try_grow_exclusive`](Self::try_grow_exclusive) / [`shrink_exclusive`](Self::shrink_exclusive),
+/// whose fast path makes no atomic read-modify-write.
 ///
 /// Failing calls change nothing: a refused `try_grow` leaves the reservation, every pool and the
 /// listener as they were; an over-release (`shrink` by more than is held) is an error, never a
@@ -80,6 +83,62 @@ impl Reservation {
             return Ok(());
         }
         self.cover(bytes)
+    }
+
+    /// Grows like [`try_grow`](Self::try_grow), for a caller that holds the reservation
+    /// exclusively (`&mut`, as DataFusion's `MemoryReservation::try_grow` does): with a
+    /// [reservation quantum](crate::MemoryConfig::reservation_quantum), a grow that fits in the
+    /// slack makes **no atomic read-modify-write and no fence instruction**: a load and a plain
+    /// store of its own `size` and a load of its `charged`. `&mut` makes this thread the only
+    /// writer of `size`, so the RMW is not needed for atomicity; the store-load ordering against
+    /// a concurrent trim (edge 6 of `budget`) is paid by the trimming thread (a `membarrier`
+    /// system call, see `barrier`), which trims only before refusing a grow, before spilling and
+    /// on Spark's reclaim. In exact mode (quantum 0) it is `try_grow`.
+    #[inline]
+    pub fn try_grow_exclusive(&mut self, bytes: u64) -> Result<()> {
+        let st = &*self.state;
+        if bytes == 0 {
+            return Ok(());
+        }
+        if st.quantum == 0 || bytes > MAX_REQUEST_BYTES {
+            return self.try_grow(bytes);
+        }
+        // Relaxed (all three): the only writer is this thread (`&mut self`; the manager's close
+        // also swaps `size`, after which a stale value here only makes the grow fail below).
+        // The store must precede the `charged` load against a trim: `barrier::light` pairs with
+        // the trimmer's `barrier::heavy` (edge 6).
+        let now = st.size.load(Ordering::Relaxed) + bytes;
+        st.size.store(now, Ordering::Relaxed);
+        crate::barrier::light();
+        if now <= st.charged.load(Ordering::Relaxed) {
+            st.note_peak(now);
+            return Ok(());
+        }
+        self.cover(bytes)
+    }
+
+    /// Shrinks like [`shrink`](Self::shrink), for a caller that holds the reservation
+    /// exclusively: with a reservation quantum, a shrink that leaves the slack below two quanta
+    /// is a load and a plain store of its own `size` (see
+    /// [`try_grow_exclusive`](Self::try_grow_exclusive)). Shrinking by more than is held is an
+    /// error and changes nothing.
+    #[inline]
+    pub fn shrink_exclusive(&mut self, bytes: u64) -> Result<()> {
+        let st = &*self.state;
+        if bytes == 0 {
+            return Ok(());
+        }
+        if st.quantum == 0 {
+            return self.shrink(bytes);
+        }
+        // Relaxed: the only writer is this thread (see `try_grow_exclusive`). Lowering `size`
+        // needs no fence: a trim that reads the old, larger value only trims less.
+        let cur = st.size.load(Ordering::Relaxed);
+        if bytes > cur {
+            return Err(self.over_release(bytes, cur));
+        }
+        st.size.store(cur - bytes, Ordering::Relaxed);
+        self.trim_surplus(cur - bytes, TrimMode::Release)
     }
 
     /// Exact mode: every grow charges the pools.

@@ -224,3 +224,39 @@ fn close_while_a_thread_works_on_its_slack_leaves_nothing_behind() {
         assert_eq!((m.used(), m.reserved(), l.reserved()), (0, 0, 0));
     });
 }
+
+#[test]
+fn an_exclusive_grow_on_slack_racing_a_reclaim_of_that_slack_is_always_covered() {
+    loom::model(|| {
+        let (m, l) = quantum_manager();
+        let mut r = m.root().reservation("r");
+        r.try_grow_exclusive(1).unwrap(); // charges one quantum: 3 bytes of slack
+                                          // The exclusive fast path (plain store, light fence) against the reclaim's lowering,
+                                          // heavy fence and re-read (`barrier`: both fences are `fence(SeqCst)` under loom).
+        let t = thread::spawn(move || {
+            r.try_grow_exclusive(2).unwrap();
+            r.shrink_exclusive(1).unwrap();
+            r
+        });
+        let given = m.reclaim(u64::MAX).unwrap();
+        let r = t.join().unwrap();
+        assert_eq!(r.size(), 2);
+        assert!(
+            m.used() >= 2 && m.used() <= 2 + 2 * BLOCK,
+            "used {}",
+            m.used()
+        );
+        assert!(
+            m.reserved() >= m.used(),
+            "{} > {}; given {given}; {}",
+            m.used(),
+            m.reserved(),
+            m.usage_report()
+        );
+        assert_eq!(l.reserved(), m.reserved());
+        drop(r);
+        assert_eq!(m.used(), 0);
+        m.close().unwrap();
+        assert_eq!((m.reserved(), l.reserved()), (0, 0));
+    });
+}

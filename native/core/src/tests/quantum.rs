@@ -304,3 +304,152 @@ fn a_reservation_s_quantum_grows_with_it_and_its_slack_stays_bounded() {
     m.close().unwrap();
     assert_eq!(l.reserved(), 0);
 }
+
+#[test]
+fn exclusive_grows_and_shrinks_within_the_slack_touch_neither_pools_nor_listener() {
+    let (m, l) = quantum_manager(u64::MAX, None);
+    let pool = m.pool("op").unwrap();
+    let mut r = pool.reservation("sort");
+    r.try_grow_exclusive(100).unwrap();
+    assert_eq!((r.size(), pool.used(), m.used()), (100, Q, Q));
+    let calls = l.reserve_calls();
+    for _ in 0..10_000 {
+        r.try_grow_exclusive(64).unwrap();
+        r.shrink_exclusive(64).unwrap();
+    }
+    assert_eq!((r.size(), r.peak(), pool.used()), (100, 164, Q));
+    assert_eq!(l.reserve_calls(), calls);
+    // Over-releasing is an error that changes nothing, as on the shared path.
+    let err = r.shrink_exclusive(101).unwrap_err();
+    assert!(matches!(err, MemoryError::InvalidArgument(_)), "{err}");
+    assert_eq!(r.size(), 100);
+    // Past the slack: the next quanta are charged; a large shrink gives the surplus back.
+    r.try_grow_exclusive(3 * Q).unwrap();
+    assert_eq!((r.size(), pool.used()), (3 * Q + 100, 4 * Q));
+    r.shrink_exclusive(3 * Q).unwrap();
+    assert_eq!((r.size(), pool.used()), (100, 100 + Q));
+    // The shared and exclusive paths mix on one reservation.
+    r.try_grow(50).unwrap();
+    r.shrink_exclusive(150).unwrap();
+    assert_eq!(r.size(), 0);
+    drop(r);
+    assert_eq!((pool.used(), m.used()), (0, 0));
+    m.close().unwrap();
+    assert_eq!((m.reserved(), l.reserved()), (0, 0));
+}
+
+#[test]
+fn exclusive_grows_are_refused_like_shared_ones_and_exact_mode_charges_every_grow() {
+    // A limit: the slack never refuses what exact accounting allows, and a refusal changes nothing.
+    let (m, _l) = quantum_manager(u64::MAX, None);
+    let pool = m.root().child("capped", Some(2 * Q)).unwrap();
+    let mut a = pool.reservation("a");
+    let mut b = pool.reservation("b");
+    a.try_grow_exclusive(1).unwrap(); // charges one quantum
+    b.try_grow_exclusive(Q).unwrap(); // fits only once a's slack is trimmed
+    assert_eq!(b.size(), Q);
+    let err = a.try_grow_exclusive(Q).unwrap_err();
+    assert!(matches!(err, MemoryError::OutOfMemory(_)), "{err}");
+    assert_eq!((a.size(), b.size()), (1, Q));
+    assert!(pool.used() <= 2 * Q);
+    drop((a, b));
+    m.close().unwrap();
+
+    // Exact mode: the exclusive methods are the shared ones.
+    let l = Arc::new(CapacityListener::new(u64::MAX));
+    let m = manager_with(l, MemoryConfig::default().with_reservation_block(MIB));
+    let pool = m.pool("op").unwrap();
+    let mut r = pool.reservation("r");
+    r.try_grow_exclusive(100).unwrap();
+    assert_eq!(pool.used(), 100);
+    r.shrink_exclusive(40).unwrap();
+    assert_eq!(pool.used(), 60);
+    drop(r);
+    assert_eq!(m.used(), 0);
+}
+
+#[test]
+fn a_grow_between_a_reclaim_s_lowering_and_its_re_read_keeps_its_bytes() {
+    let (m, l) = quantum_manager(u64::MAX, None);
+    let pool = m.pool("op").unwrap();
+    let mut r = pool.reservation("r");
+    r.try_grow_exclusive(100).unwrap();
+    assert_eq!(pool.used(), Q);
+    // Stop the reclaim after it lowered every `charged` and before its fence and re-read; grow
+    // there (the interleaving a grow that read the old `charged` produces).
+    let mut r = Some(r);
+    let grown = Arc::new(AtomicBool::new(false));
+    let _hook = {
+        let grown = grown.clone();
+        crate::sync::test_points::set(move |point| {
+            if point == "trim_all:lowered" {
+                if let Some(mut r) = r.take() {
+                    r.try_grow_exclusive(10).unwrap();
+                    grown.store(true, Ordering::Relaxed);
+                    std::mem::forget(r); // keep its bytes: the test checks them below
+                }
+            }
+        })
+    };
+    m.reclaim(u64::MAX).unwrap();
+    assert!(grown.load(Ordering::Relaxed));
+    // The grow found the lowered `charged` (100) and charged up to one quantum (Q - 100 more);
+    // the reclaim's re-read saw 110 > 100 and put back the Q - 100 it had lowered, releasing
+    // nothing: the pools carry both (a reclaim that released them would leave Q).
+    assert_eq!(pool.used(), 2 * Q - 100);
+    assert!(m.reserved() >= m.used());
+    assert_eq!(l.reserved(), m.reserved());
+    let report = m.close().unwrap();
+    assert_eq!(report.total_bytes(), 110, "{report}");
+    assert_eq!((m.reserved(), l.reserved()), (0, 0));
+}
+
+#[test]
+fn threads_on_the_exclusive_path_while_spark_reclaims_stay_exact() {
+    let (m, l) = quantum_manager(u64::MAX, Some(1 << 30));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for t in 0..4u64 {
+        let mut own = m.pool(&format!("t{t}")).unwrap().reservation("own");
+        handles.push(std::thread::spawn(move || {
+            let mut held = 0u64;
+            for i in 0..50_000u64 {
+                let n = 1 + (i * 7919 + t) % (3 * Q);
+                own.try_grow_exclusive(n).unwrap();
+                held += n;
+                assert_eq!(own.size(), held);
+                let back = if i % 2 == 0 { n } else { held / 2 };
+                own.shrink_exclusive(back).unwrap();
+                held -= back;
+                assert!(own.pool().used() >= held);
+            }
+            own.shrink_exclusive(held).unwrap();
+            own.size()
+        }));
+    }
+    let reclaimer = {
+        let m = m.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            loop {
+                m.reclaim(Q).unwrap();
+                n += 1;
+                if stop.load(Ordering::Relaxed) {
+                    return n;
+                }
+                std::thread::yield_now();
+            }
+        })
+    };
+    for h in handles {
+        assert_eq!(h.join().unwrap(), 0);
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(reclaimer.join().unwrap() > 0);
+    assert_eq!(m.used(), 0);
+    assert_eq!(l.reserved(), m.reserved());
+    let report = m.close().unwrap();
+    assert!(report.is_empty(), "{report}");
+    assert_eq!((m.reserved(), l.reserved()), (0, 0));
+}
