@@ -4,7 +4,8 @@
 //!   shared reservation (`&self`: one RMW each way) and an exclusive one (`&mut`: none);
 //! - the same pair on 1, 2 and 4 threads of one manager, each on its own reservation (time per
 //!   pair per thread: wall time / pairs each thread made);
-//! - `Pool::allocate` + `free` against `std::alloc::alloc` + `dealloc` of the same layout.
+//! - `Pool::allocate` + `free` against `std::alloc::alloc` + `dealloc` of the same layout, exact
+//!   and with a reservation quantum (allocations charged through the pool's allocation slack).
 //!
 //! `scripts/bench.sh` reads criterion's estimates and prints the ratios.
 
@@ -160,6 +161,14 @@ fn allocate_free(c: &mut Criterion) {
     let warm = pool.reservation("warm");
     warm.try_grow(4 << 20).unwrap();
     drop(warm);
+    // Quantum mode: allocations are charged through the pool's allocation slack.
+    let mq = manager_with(
+        MemoryConfig::default().with_reservation_quantum(RECOMMENDED_RESERVATION_QUANTUM_BYTES),
+    );
+    let qpool = mq.pool("alloc").unwrap();
+    let warm = qpool.reservation("warm");
+    warm.try_grow(4 << 20).unwrap();
+    drop(warm);
     for size in [64usize, 4 << 10, 64 << 10, 1 << 20] {
         let layout = Layout::from_size_align(size, 16).unwrap();
         g.bench_with_input(BenchmarkId::new("system", size), &size, |b, _| {
@@ -172,6 +181,28 @@ fn allocate_free(c: &mut Criterion) {
                 }
             })
         });
+        // The floor of any design whose record and accounting are shared by the task's threads:
+        // the system allocator plus four uncontended atomic RMWs (record in and out, charge and
+        // release), on two counters.
+        let (bytes, records) = (AtomicU64::new(0), AtomicU64::new(0));
+        g.bench_with_input(
+            BenchmarkId::new("system_plus_four_rmw", size),
+            &size,
+            |b, &size| {
+                b.iter(|| {
+                    // SAFETY: as above.
+                    unsafe {
+                        bytes.fetch_add(size as u64, Ordering::SeqCst);
+                        let p = std::alloc::alloc(layout);
+                        records.fetch_add(1, Ordering::AcqRel);
+                        black_box(p);
+                        records.fetch_sub(1, Ordering::AcqRel);
+                        std::alloc::dealloc(p, layout);
+                        bytes.fetch_sub(size as u64, Ordering::SeqCst);
+                    }
+                })
+            },
+        );
         g.bench_with_input(BenchmarkId::new("nativemem", size), &size, |b, &size| {
             b.iter(|| {
                 let p = pool.allocate(size, 16).unwrap();
@@ -179,6 +210,17 @@ fn allocate_free(c: &mut Criterion) {
                 pool.free(p).unwrap();
             })
         });
+        g.bench_with_input(
+            BenchmarkId::new("nativemem_quantum", size),
+            &size,
+            |b, &size| {
+                b.iter(|| {
+                    let p = qpool.allocate(size, 16).unwrap();
+                    black_box(p);
+                    qpool.free(p).unwrap();
+                })
+            },
+        );
     }
     g.finish();
 }

@@ -1,16 +1,19 @@
 //! The table of live allocations made through `Pool::allocate`.
 //!
 //! The manager must know every live allocation so `close` can free what an operator leaked and
-//! say where it came from. The table is sharded by address (16 mutex-protected maps with a cheap
-//! multiplicative hash) so threads allocating concurrently rarely meet on one lock; each lock is
-//! held only for a map insert or remove, never across a call to the listener or a spiller.
+//! say where it came from, and so `free` can refuse a pointer it did not hand out (or already
+//! took back) without reading the memory behind it. The table is sharded by address (16 maps
+//! with a cheap multiplicative hash) so threads allocating concurrently rarely meet on one lock;
+//! each lock is a spin lock (`sync::SpinMutex`, unlocked by a plain store: one locked
+//! instruction per allocate or free instead of the two of a mutex), held only for a map insert
+//! or remove, never across a call to the listener or a spiller.
 
 use std::alloc::Layout;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-use crate::sync::Mutex;
+use crate::sync::SpinMutex;
 
 use crate::tree::PoolNode;
 
@@ -81,19 +84,19 @@ impl Hasher for AddrHasher {
 type AddrMap = HashMap<usize, AllocMeta, BuildHasherDefault<AddrHasher>>;
 
 pub(crate) struct AllocTable {
-    shards: [Mutex<AddrMap>; SHARDS],
+    shards: [SpinMutex<AddrMap>; SHARDS],
 }
 
 impl Default for AllocTable {
     fn default() -> Self {
         AllocTable {
-            shards: std::array::from_fn(|_| Mutex::new(AddrMap::default())),
+            shards: std::array::from_fn(|_| SpinMutex::new(AddrMap::default())),
         }
     }
 }
 
 impl AllocTable {
-    fn shard(&self, addr: usize) -> &Mutex<AddrMap> {
+    fn shard(&self, addr: usize) -> &SpinMutex<AddrMap> {
         // Drop the low bits (alignment) and mix so neighbouring blocks land on different shards.
         let h = ((addr >> 4) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60;
         &self.shards[h as usize % SHARDS]

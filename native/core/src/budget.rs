@@ -373,7 +373,8 @@ impl Budget {
     /// Like [`grow`](Self::grow), for a reservation in quantum mode: charges `bytes` (its need
     /// rounded up to the quantum) if that fits as it is, else falls back to `min_bytes` (the
     /// need) before taking back slack, spilling or failing. Returns the bytes charged. `asked`
-    /// is what the consumer asked for (for the error); `owner` is the growing reservation,
+    /// is what the consumer asked for (for the error); `owner` is the growing slack (a
+    /// reservation's or a pool's allocations'),
     /// whose slack is already counted in the need (and must not be taken back under it).
     pub(crate) fn grow_at_least(
         &self,
@@ -382,7 +383,7 @@ impl Budget {
         mut bytes: u64,
         min_bytes: u64,
         asked: u64,
-        owner: Option<u64>,
+        owner: Option<SlackId>,
     ) -> Result<u64> {
         if bytes > MAX_REQUEST_BYTES {
             return Err(MemoryError::InvalidArgument(format!(
@@ -539,7 +540,7 @@ impl Budget {
         bytes: &mut u64,
         min_bytes: u64,
         trimmed: &mut bool,
-        owner: Option<u64>,
+        owner: Option<SlackId>,
     ) -> bool {
         if *bytes > min_bytes {
             *bytes = min_bytes;
@@ -708,6 +709,47 @@ impl Budget {
         Ok(())
     }
 
+    /// Quantum mode, the slow path of a grow on slack (a reservation's, or a pool's allocations'):
+    /// `size` was raised by `bytes` above `charged`. Takes the bytes back out (so reports and
+    /// errors never show bytes in flight), charges the pools for the need rounded up to the
+    /// quantum (the need alone if that does not fit), then grows on the new slack; on error
+    /// nothing changes. Returns the size this grow left (for the peak).
+    pub(crate) fn cover(&self, slack: Slack<'_>, bytes: u64) -> Result<u64> {
+        let Slack { size, charged, .. } = slack;
+        // SeqCst (all accesses below): edge 6, as in `Reservation::try_grow`.
+        take_back(size, bytes);
+        loop {
+            let have = charged.load(Ordering::SeqCst);
+            let wanted = size.load(Ordering::SeqCst) + bytes;
+            if wanted <= have {
+                // Fits now (another thread charged, or the first try raced a shrink).
+                let now = size.fetch_add(bytes, Ordering::SeqCst) + bytes;
+                if now <= charged.load(Ordering::SeqCst) {
+                    return Ok(now);
+                }
+                take_back(size, bytes);
+                continue;
+            }
+            let need = wanted - have;
+            let quantum = quantum_for(self.config.reservation_quantum, wanted);
+            let rounded = wanted
+                .div_ceil(quantum)
+                .checked_mul(quantum)
+                .map_or(need, |target| target - have);
+            let charged_now = self.grow_at_least(
+                slack.node,
+                slack.consumer,
+                rounded,
+                need,
+                bytes,
+                Some(slack.owner),
+            )?;
+            crate::sync::test_point("cover:charged");
+            // After the pool charge (edge 4).
+            charged.fetch_add(charged_now, Ordering::SeqCst);
+        }
+    }
+
     /// Quantum mode: takes `state`'s slack above `keep` bytes back from the pools (and, in
     /// [`TrimMode::Release`], hands surplus cushion back to the listener like any release).
     /// Returns the bytes taken. Never takes bytes a concurrent grow of the same reservation
@@ -715,15 +757,28 @@ impl Budget {
     /// `size`; if a grow raised `size` above the new `charged` meanwhile, the bytes are put back
     /// (the pools still hold them) and nothing is taken.
     pub(crate) fn trim(&self, state: &ConsumerState, keep: u64, mode: TrimMode) -> Result<u64> {
-        let Some((charged, floor)) = lower_charged(state, keep) else {
+        self.trim_counters(&state.size, &state.charged, &state.node, keep, mode)
+    }
+
+    /// [`trim`](Self::trim) on any pair of slack counters (a reservation's, a pool's
+    /// allocations'), charged to `node`.
+    fn trim_counters(
+        &self,
+        size: &AtomicU64,
+        charged: &AtomicU64,
+        node: &PoolNode,
+        keep: u64,
+        mode: TrimMode,
+    ) -> Result<u64> {
+        let Some((was, floor)) = lower_charged(size, charged, keep) else {
             return Ok(0);
         };
         crate::sync::test_point("trim:lowered");
-        let taken = settle_trim(state, charged, floor);
+        let taken = settle_trim(size, charged, was, floor);
         if taken > 0 {
             match mode {
-                TrimMode::Quiet => self.release_quiet(&state.node, taken),
-                TrimMode::Release => self.release(&state.node, taken)?,
+                TrimMode::Quiet => self.release_quiet(node, taken),
+                TrimMode::Release => self.release(node, taken)?,
             }
         }
         Ok(taken)
@@ -736,16 +791,29 @@ impl Budget {
     /// thread than the reservations' users, who may be on the exclusive path (plain stores, see
     /// `barrier`): so it lowers every `charged` first, then makes one heavy fence for them all,
     /// then re-reads each `size`.
-    fn trim_all(&self, skip: Option<u64>) -> u64 {
+    fn trim_all(&self, skip: Option<SlackId>) -> u64 {
         if self.config.reservation_quantum == 0 {
             return 0;
         }
         // Copied under the registry lock, trimmed without it (the lock rule).
         let consumers: Vec<Arc<ConsumerState>> = self.consumers.lock().values().cloned().collect();
-        let lowered: Vec<(&ConsumerState, u64, u64)> = consumers
+        let mut nodes = Vec::new();
+        self.root.walk(0, &mut nodes);
+        // Every reservation's slack (but `skip`'s), and every pool's allocations' slack.
+        let lowered: Vec<(&AtomicU64, &AtomicU64, &PoolNode, u64, u64)> = consumers
             .iter()
-            .filter(|c| Some(c.id) != skip)
-            .filter_map(|c| lower_charged(c, 0).map(|(charged, floor)| (&**c, charged, floor)))
+            .filter(|c| skip != Some(SlackId::Reservation(c.id)))
+            .map(|c| (&c.size, &c.charged, &*c.node))
+            .chain(
+                nodes
+                    .iter()
+                    .filter(|(_, n)| skip != Some(SlackId::Allocations(Arc::as_ptr(n) as usize)))
+                    .map(|(_, n)| (&n.alloc.size, &n.alloc.charged, &**n)),
+            )
+            .filter_map(|(size, charged, node)| {
+                lower_charged(size, charged, 0)
+                    .map(|(was, floor)| (size, charged, node, was, floor))
+            })
             .collect();
         if lowered.is_empty() {
             return 0;
@@ -755,18 +823,18 @@ impl Budget {
             // Without the fence an exclusive grow may have counted on the old `charged`: put
             // everything back (the slack stays, nothing is lost).
             log::warn!("[{}] membarrier failed: slack not trimmed", self.name);
-            for (state, charged, floor) in lowered {
+            for (_, charged, _, was, floor) in lowered {
                 // SeqCst: edge 6, as in `settle_trim`.
-                state.charged.fetch_add(charged - floor, Ordering::SeqCst);
+                charged.fetch_add(was - floor, Ordering::SeqCst);
             }
             return 0;
         }
         lowered
             .into_iter()
-            .map(|(state, charged, floor)| {
-                let taken = settle_trim(state, charged, floor);
+            .map(|(size, charged, node, was, floor)| {
+                let taken = settle_trim(size, charged, was, floor);
                 if taken > 0 {
-                    self.release_quiet(&state.node, taken);
+                    self.release_quiet(node, taken);
                 }
                 taken
             })
@@ -890,6 +958,66 @@ impl Budget {
         Ok(outcome.freed)
     }
 
+    /// Charges an allocation of `bytes` to `node`. Exact mode: a grow of the pools. Quantum
+    /// mode: a grow on the pool's allocations' slack (`PoolNode::alloc`), one RMW and one load
+    /// on the pool's own allocation line when it fits, the protocol of a reservation's slack
+    /// otherwise (`cover`, edge 6). The pool's allocations are shared by every thread allocating
+    /// from it, so there is no exclusive path here.
+    #[inline]
+    fn alloc_charge(&self, node: &Arc<PoolNode>, bytes: u64) -> Result<()> {
+        if self.config.reservation_quantum == 0 {
+            return self.grow(node, "allocations", bytes);
+        }
+        let a = &node.alloc;
+        // SeqCst (both): edge 6, as in `Reservation::try_grow`.
+        let now = a.size.fetch_add(bytes, Ordering::SeqCst) + bytes;
+        if now <= a.charged.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.cover(
+            Slack {
+                size: &a.size,
+                charged: &a.charged,
+                node,
+                consumer: "allocations",
+                owner: SlackId::Allocations(Arc::as_ptr(node) as usize),
+            },
+            bytes,
+        )
+        .map(|_| ())
+    }
+
+    /// Takes back the bytes of a freed allocation (the counterpart of `alloc_charge`). Quantum
+    /// mode: they become the pool's allocation slack; beyond two quanta it goes back to the pools
+    /// (down to one quantum), as a reservation's shrink does.
+    #[inline]
+    fn alloc_release(&self, node: &PoolNode, bytes: u64) -> Result<()> {
+        let q = self.config.reservation_quantum;
+        if q == 0 {
+            return self.release(node, bytes);
+        }
+        let a = &node.alloc;
+        // SeqCst on success: edge 4 (the charge before the uncharge a trim makes) and edge 6.
+        // Saturating: a racing `close` may have emptied it. Relaxed on failure: the value only
+        // feeds the next attempt.
+        let prev = a
+            .size
+            .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |cur| {
+                Some(cur.saturating_sub(bytes))
+            })
+            .unwrap_or(0);
+        let left = prev.saturating_sub(bytes);
+        // Relaxed: only decides whether to try; the trim re-reads both counters with SeqCst.
+        let slack = a.charged.load(Ordering::Relaxed).saturating_sub(left);
+        if slack > q.saturating_mul(2) {
+            let quantum = quantum_for(q, left);
+            if slack > quantum.saturating_mul(2) {
+                self.trim_counters(&a.size, &a.charged, node, quantum, TrimMode::Release)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Allocates and records a block charged to `node`; `owned` blocks belong to an
     /// [`Allocation`](crate::Allocation) value (see `AllocMeta::owned`).
     pub(crate) fn allocate(
@@ -909,12 +1037,12 @@ impl Budget {
                 "cannot allocate 0 bytes".to_string(),
             ));
         }
-        self.grow(node, "allocations", size as u64)?;
+        self.alloc_charge(node, size as u64)?;
         // SAFETY: `layout` has a non-zero size (checked above) and a valid power-of-two alignment
         // (checked by `Layout::from_size_align`).
         let raw = unsafe { std::alloc::alloc(layout) };
         let Some(ptr) = NonNull::new(raw) else {
-            if let Err(e) = self.release(node, size as u64) {
+            if let Err(e) = self.alloc_release(node, size as u64) {
                 log::warn!("[{}] releasing a failed allocation: {e}", self.name);
             }
             return Err(self.oom("allocations", node, size as u64, OomReason::SystemAllocator));
@@ -944,7 +1072,7 @@ impl Budget {
         // was still in the live table, which we just removed it from, so it is freed exactly once.
         unsafe { std::alloc::dealloc(ptr.as_ptr(), meta.layout) };
         let size = meta.layout.size() as u64;
-        self.release(meta.node(), size)?;
+        self.alloc_release(meta.node(), size)?;
         Ok(size as usize)
     }
 
@@ -956,7 +1084,7 @@ impl Budget {
         // `Allocation` being dropped, the only code that frees owned blocks.
         unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) };
         if let Some(meta) = meta {
-            if let Err(e) = self.release(meta.node(), layout.size() as u64) {
+            if let Err(e) = self.alloc_release(meta.node(), layout.size() as u64) {
                 log::warn!("[{}] freeing an allocation: {e}", self.name);
             }
         }
@@ -1052,9 +1180,13 @@ impl Budget {
             return Ok(report);
         }
         self.spillers.clear();
+        let quantum = self.config.reservation_quantum > 0;
         for (addr, meta) in self.allocs.drain() {
             let size = meta.layout.size() as u64;
-            meta.node().uncharge(size);
+            if !quantum {
+                // Quantum mode: the pools carry each pool's allocation `charged`, taken below.
+                meta.node().uncharge(size);
+            }
             if meta.owned {
                 // Its `Allocation` value still owns the memory and frees it when dropped.
                 report.add(
@@ -1070,6 +1202,18 @@ impl Budget {
             // free it again.
             unsafe { std::alloc::dealloc(addr as *mut u8, meta.layout) };
             report.add(LeakKind::Allocation, "allocations", &meta.node().path, size);
+        }
+        if quantum {
+            let mut nodes = Vec::new();
+            self.root.walk(0, &mut nodes);
+            for (_, n) in nodes {
+                // SeqCst: edge 6 and edge 4, as for a reservation's counters below.
+                n.alloc.size.swap(0, Ordering::SeqCst);
+                let charged = n.alloc.charged.swap(0, Ordering::SeqCst);
+                if charged > 0 {
+                    n.uncharge(charged);
+                }
+            }
         }
         let consumers: Vec<Arc<ConsumerState>> = self.consumers.lock().values().cloned().collect();
         for c in consumers {
@@ -1108,23 +1252,22 @@ impl Drop for Budget {
 
 /// A trim's first step: lowers `state.charged` to `size + keep`. Returns the `charged` it
 /// replaced and the floor it set, or `None` if there was nothing above the floor.
-fn lower_charged(state: &ConsumerState, keep: u64) -> Option<(u64, u64)> {
+fn lower_charged(size: &AtomicU64, charged: &AtomicU64, keep: u64) -> Option<(u64, u64)> {
     loop {
         // SeqCst (all accesses here and in `settle_trim`): edge 6, a store-buffering pair with a
         // grow's `size` store and `charged` load; either the grow sees the lowered `charged`
         // (and covers itself) or the trim's re-read sees its `size`. (The exclusive path's grow
         // stores `size` plainly: its trimmers on other threads add a heavy fence, see `barrier`.)
-        let charged = state.charged.load(Ordering::SeqCst);
-        let floor = state.size.load(Ordering::SeqCst).saturating_add(keep);
-        if charged <= floor {
+        let was = charged.load(Ordering::SeqCst);
+        let floor = size.load(Ordering::SeqCst).saturating_add(keep);
+        if was <= floor {
             return None;
         }
-        if state
-            .charged
-            .compare_exchange(charged, floor, Ordering::SeqCst, Ordering::SeqCst)
+        if charged
+            .compare_exchange(was, floor, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
         {
-            return Some((charged, floor));
+            return Some((was, floor));
         }
     }
 }
@@ -1132,12 +1275,43 @@ fn lower_charged(state: &ConsumerState, keep: u64) -> Option<(u64, u64)> {
 /// A trim's last step: re-reads `size`; if a grow raced the lowering (and may have counted on
 /// the old `charged`) puts the bytes back and returns 0, else returns the bytes taken, which the
 /// caller releases to the pools.
-fn settle_trim(state: &ConsumerState, charged: u64, floor: u64) -> u64 {
-    if state.size.load(Ordering::SeqCst) > floor {
-        state.charged.fetch_add(charged - floor, Ordering::SeqCst);
+fn settle_trim(size: &AtomicU64, charged: &AtomicU64, was: u64, floor: u64) -> u64 {
+    if size.load(Ordering::SeqCst) > floor {
+        charged.fetch_add(was - floor, Ordering::SeqCst);
         return 0;
     }
-    charged - floor
+    was - floor
+}
+
+/// Takes back `bytes` a grow added to `size` and could not cover. Saturating: a `close` racing
+/// the grow may have emptied the counter meanwhile (close is meant to run alone, but a race must
+/// never wrap a counter).
+fn take_back(size: &AtomicU64, bytes: u64) {
+    // SeqCst: edge 6. Relaxed on failure: the value only feeds the next attempt.
+    let _ = size.fetch_update(Ordering::SeqCst, Ordering::Relaxed, |cur| {
+        Some(cur.saturating_sub(bytes))
+    });
+}
+
+/// The counters a quantum-mode grow works on (a reservation's, or a pool's allocations'), with
+/// what its pool charge needs.
+pub(crate) struct Slack<'a> {
+    pub(crate) size: &'a AtomicU64,
+    pub(crate) charged: &'a AtomicU64,
+    pub(crate) node: &'a Arc<PoolNode>,
+    /// For errors and logs.
+    pub(crate) consumer: &'a str,
+    /// The slack growing, already counted in the need (it must not be taken back under it).
+    pub(crate) owner: SlackId,
+}
+
+/// Which slack a quantum-mode grow is covering (see `Slack::owner`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum SlackId {
+    /// A reservation, by consumer id.
+    Reservation(u64),
+    /// A pool's allocations, by the pool node's address (nodes live as long as the budget).
+    Allocations(usize),
 }
 
 /// Adds `n` to a statistics counter, stopping at `u64::MAX` instead of wrapping.

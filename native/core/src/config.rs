@@ -22,12 +22,16 @@ pub struct MemoryConfig {
     /// every pool level). With a quantum `q > 0` a reservation charges its pools in multiples of
     /// its quantum and serves grows and shrinks from what it already charged: the common
     /// `try_grow` / `shrink` is one atomic read-modify-write on the reservation's own cache line,
-    /// shared with no other reservation or thread. A reservation's quantum grows with it, like
+    /// shared with no other reservation or thread (none at all through
+    /// [`Reservation::try_grow_exclusive`](crate::Reservation::try_grow_exclusive) on `&mut`).
+    /// `Pool::allocate` charges the same way, through a slack per pool for its allocations.
+    /// A reservation's quantum grows with it, like
     /// Velox's: `q` up to `16 * q` held, then 1/16 of its size rounded up to a power of two, at
     /// most `8 * q`. The cost, bounded: a pool's `used` and `peak` may run ahead of what its
-    /// consumers hold by **at most two quanta per live reservation: `max(2 * q, size / 4)`, never
-    /// more than `16 * q`** (slack above two quanta is given back by the shrink that creates it,
-    /// down to one); consumers' sizes, the
+    /// consumers hold by **at most two quanta per live reservation and per pool with
+    /// allocations at or below it: `max(2 * q, size / 4)`, never more than `16 * q`** (slack
+    /// above two quanta is given back by the shrink or free that creates it, down to one);
+    /// consumers' sizes, the
     /// usage report's consumer lines and leak reports stay exact; what consumers hold never
     /// exceeds a limit. Slack is taken back from every reservation before a grow is refused or
     /// operators are spilled, and when Spark reclaims memory. See

@@ -50,8 +50,8 @@
 //! and serialize the task's threads. Locks are used only off the fast path: the
 //! pool tree's child lists (pool creation), the reservation registry (reservation creation and
 //! drop), the spiller registry (register, and copying the list at spill time) and the sharded
-//! table of live allocations (one short lock per allocate/free, which the manager needs to free
-//! leaks at close).
+//! table of live allocations (one short spin lock per allocate/free, whose unlock is a plain
+//! store; the manager needs the table to free leaks at close and to refuse unknown pointers).
 //!
 //! ## Reservation quantum (the fast path)
 //! With [`MemoryConfig::reservation_quantum`] `q > 0`, a reservation charges the pools in quanta
@@ -62,8 +62,16 @@
 //! more than two quanta gives the excess back. Slack is *trimmed* (taken back from the pools)
 //! before a grow is refused, before spillers run and on `reclaim`, so it never causes a refusal
 //! or a spill exact accounting would not. A trim races a grow on the same reservation without a
-//! lock: see edge 6 in the `budget` module docs. Bound: a pool's `used` exceeds what its
-//! consumers hold by at most two quanta per live reservation.
+//! lock: see edge 6 in the `budget` module docs. `Pool::allocate` charges through a slack of
+//! the pool's own for its allocations, with the same protocol. Bound: a pool's `used` exceeds
+//! what its consumers hold by at most two quanta per live reservation and per pool with
+//! allocations (at or below it).
+//!
+//! A caller holding a reservation exclusively (`&mut`, as DataFusion's operators hold theirs)
+//! can use [`Reservation::try_grow_exclusive`] / [`Reservation::shrink_exclusive`]: on the slack
+//! they make no atomic read-modify-write and no fence instruction (one writer: a load, a plain
+//! store, a load). The store-load ordering against a trim is paid by the trimming thread with
+//! one `membarrier` system call per round of trims (the `barrier` module).
 //!
 //! ## Blocks and hysteresis
 //! The listener is asked for whole blocks ([`MemoryConfig::reservation_block`], 8 MiB by default),

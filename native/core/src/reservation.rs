@@ -3,7 +3,7 @@
 use crate::sync::Ordering;
 use std::sync::Arc;
 
-use crate::budget::{Budget, ConsumerState, TrimMode, MAX_REQUEST_BYTES};
+use crate::budget::{Budget, ConsumerState, Slack, SlackId, TrimMode, MAX_REQUEST_BYTES};
 use crate::error::{MemoryError, Result};
 use crate::tree::PoolNode;
 use crate::units::human;
@@ -152,54 +152,23 @@ impl Reservation {
         Ok(())
     }
 
-    /// Quantum mode, the slow path: `size` was raised by `bytes` above `charged`. Takes the
-    /// bytes back out (so reports and errors never show bytes in flight), charges the pools for
-    /// the need rounded up to the quantum (the need alone if that does not fit), then grows on
-    /// the new slack; on error nothing changes.
+    /// Quantum mode, the slow path: `size` was raised by `bytes` above `charged` (see
+    /// `Budget::cover`).
     #[cold]
     fn cover(&self, bytes: u64) -> Result<()> {
         let st = &*self.state;
-        // SeqCst (all accesses below): edge 6, as in `try_grow`.
-        self.take_back(bytes);
-        loop {
-            let charged = st.charged.load(Ordering::SeqCst);
-            let wanted = st.size.load(Ordering::SeqCst) + bytes;
-            if wanted <= charged {
-                // Fits now (another thread charged, or the first try raced a shrink).
-                let now = st.size.fetch_add(bytes, Ordering::SeqCst) + bytes;
-                if now <= st.charged.load(Ordering::SeqCst) {
-                    st.note_peak(now);
-                    return Ok(());
-                }
-                self.take_back(bytes);
-                continue;
-            }
-            let need = wanted - charged;
-            let quantum = st.quantum_for(wanted);
-            let rounded = wanted
-                .div_ceil(quantum)
-                .checked_mul(quantum)
-                .map_or(need, |target| target - charged);
-            let charged_now =
-                self.budget
-                    .grow_at_least(&st.node, &st.name, rounded, need, bytes, Some(st.id))?;
-            crate::sync::test_point("cover:charged");
-            // After the pool charge (edge 4).
-            st.charged.fetch_add(charged_now, Ordering::SeqCst);
-        }
-    }
-
-    /// Takes back `bytes` this thread added to `size` and could not cover. Saturating: a
-    /// `close` racing the grow may have emptied the reservation meanwhile (close is meant to run
-    /// alone, but a race must never wrap a counter).
-    fn take_back(&self, bytes: u64) {
-        // SeqCst: edge 6. Relaxed on failure: the value only feeds the next attempt.
-        let _ = self
-            .state
-            .size
-            .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |cur| {
-                Some(cur.saturating_sub(bytes))
-            });
+        let now = self.budget.cover(
+            Slack {
+                size: &st.size,
+                charged: &st.charged,
+                node: &st.node,
+                consumer: &st.name,
+                owner: SlackId::Reservation(st.id),
+            },
+            bytes,
+        )?;
+        st.note_peak(now);
+        Ok(())
     }
 
     /// Grows by `bytes` at once, **whatever the limits and the cushion**: never calls the

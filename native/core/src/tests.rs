@@ -1095,11 +1095,16 @@ mod quantum_model {
                 for q in 0..4 {
                     let (got, exact) = (pools[q].used(), used[q]);
                     // Two quanta of each reservation charging this pool (its quantum grows
-                    // with what it holds).
+                    // with what it holds), and two of each pool's allocations at or below it.
+                    let alloc_bytes = |p: usize| allocs.iter().filter(|a| a.1 == p).map(|a| a.2).sum::<u64>();
                     let bound: u64 = (0..4)
                         .filter(|&r| lineage(RES_POOL[r]).contains(&q))
                         .map(|r| 2 * crate::budget::quantum_for(QUANTUM, size[r]))
-                        .sum();
+                        .sum::<u64>()
+                        + (0..4)
+                            .filter(|&p| lineage(p).contains(&q))
+                            .map(|p| 2 * crate::budget::quantum_for(QUANTUM, alloc_bytes(p)))
+                            .sum::<u64>();
                     prop_assert!(got >= exact, "pool {}: {} < {}", q, got, exact);
                     prop_assert!(got - exact <= bound, "pool {}: {} over {} (bound {})", q, got, exact, bound);
                     prop_assert!(LIMIT[q].is_none_or(|lim| got <= lim));

@@ -31,6 +31,20 @@ pub(crate) struct PoolNode {
     pub(crate) peak: AtomicU64,
     pub(crate) parent: Option<Arc<PoolNode>>,
     pub(crate) children: Mutex<Vec<Arc<PoolNode>>>,
+    /// Quantum mode: what `Pool::allocate` charged to this pool beyond its live allocations
+    /// (see `Budget::allocate`). Unused (zero) in exact mode.
+    pub(crate) alloc: AllocSlack,
+}
+
+/// The allocations of one pool, in quantum mode: bytes of live allocations (`size`) and bytes
+/// charged to the pools for them (`charged`, `>= size` when no allocation is in flight), with
+/// the protocol of a reservation's slack (edge 6 of `budget`). On its own 128-byte line: pools
+/// allocating on several threads must not bounce the line of `used`.
+#[repr(align(128))]
+#[derive(Default)]
+pub(crate) struct AllocSlack {
+    pub(crate) size: AtomicU64,
+    pub(crate) charged: AtomicU64,
 }
 
 /// The node that refused a charge, with its usage at that moment.
@@ -49,6 +63,7 @@ impl PoolNode {
             peak: AtomicU64::new(0),
             parent: None,
             children: Mutex::new(Vec::new()),
+            alloc: AllocSlack::default(),
         })
     }
 
@@ -83,6 +98,7 @@ impl PoolNode {
             peak: AtomicU64::new(0),
             parent: Some(self.clone()),
             children: Mutex::new(Vec::new()),
+            alloc: AllocSlack::default(),
         });
         children.push(node.clone());
         Ok(node)

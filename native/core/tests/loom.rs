@@ -260,3 +260,35 @@ fn an_exclusive_grow_on_slack_racing_a_reclaim_of_that_slack_is_always_covered()
         assert_eq!((m.reserved(), l.reserved()), (0, 0));
     });
 }
+
+#[test]
+fn an_allocation_on_a_pool_s_slack_racing_a_reclaim_of_that_slack_is_always_covered() {
+    loom::model(|| {
+        let (m, l) = quantum_manager();
+        let pool = m.root();
+        let first = pool.allocate(1, 1).unwrap(); // charges one quantum: 3 bytes of slack
+        let p2 = pool.clone();
+        // Fits in the pool's allocation slack, unless the reclaim took it first.
+        let t = thread::spawn(move || p2.allocate(2, 1).unwrap().as_ptr() as usize);
+        let given = m.reclaim(u64::MAX).unwrap();
+        let second = t.join().unwrap();
+        assert_eq!(m.stats().live_allocations, 2);
+        assert!(
+            m.used() >= 3 && m.used() <= 3 + 2 * BLOCK,
+            "used {}",
+            m.used()
+        );
+        assert!(
+            m.reserved() >= m.used(),
+            "{} > {}; given {given}",
+            m.used(),
+            m.reserved()
+        );
+        assert_eq!(l.reserved(), m.reserved());
+        pool.free(first).unwrap();
+        pool.free(std::ptr::NonNull::new(second as *mut u8).unwrap())
+            .unwrap();
+        m.close().unwrap();
+        assert_eq!((m.used(), m.reserved(), l.reserved()), (0, 0, 0));
+    });
+}

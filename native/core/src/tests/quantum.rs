@@ -453,3 +453,130 @@ fn threads_on_the_exclusive_path_while_spark_reclaims_stay_exact() {
     assert!(report.is_empty(), "{report}");
     assert_eq!((m.reserved(), l.reserved()), (0, 0));
 }
+
+#[test]
+fn allocations_are_charged_through_the_pool_s_slack_and_reported_exactly() {
+    let (m, l) = quantum_manager(u64::MAX, None);
+    let pool = m.pool("op").unwrap();
+    let first = pool.allocate(100, 8).unwrap();
+    // The need rounded up to the quantum is charged once.
+    assert_eq!((pool.used(), m.used()), (Q, Q));
+    let calls = l.reserve_calls();
+    for _ in 0..10_000 {
+        let p = pool.allocate(64, 16).unwrap();
+        assert_eq!(pool.free(p).unwrap(), 64);
+    }
+    assert_eq!((pool.used(), l.reserve_calls()), (Q, calls));
+    // Past the slack: the next quanta; a large free gives the surplus back (down to one).
+    let big = pool.allocate(3 * Q as usize, 8).unwrap();
+    assert_eq!(pool.used(), 4 * Q);
+    pool.free(big).unwrap();
+    assert_eq!(pool.used(), 100 + Q);
+    // The usage report and the leak report show the live bytes, exactly.
+    let report = m.usage_report();
+    let line = report
+        .top_consumers
+        .iter()
+        .find(|c| c.name == "allocations")
+        .unwrap();
+    assert_eq!(line.used, 100);
+    let _leaked = pool.allocate(28, 4).unwrap();
+    let report = m.close().unwrap();
+    assert_eq!(report.total_bytes(), 128, "{report}");
+    assert_eq!(
+        (pool.used(), m.used(), m.reserved(), l.reserved()),
+        (0, 0, 0, 0)
+    );
+    // After close the table is empty: freeing the leaked block again is refused.
+    assert!(pool.free(first).is_err());
+}
+
+#[test]
+fn allocation_slack_is_taken_back_before_a_refusal_and_by_reclaim() {
+    let (m, l) = quantum_manager(u64::MAX, None);
+    let capped = m.root().child("capped", Some(2 * Q)).unwrap();
+    let a = capped.child("a", None).unwrap();
+    let b = capped.child("b", None).unwrap();
+    let small = a.allocate(1, 1).unwrap(); // a's allocations charge one quantum
+                                           // b needs the whole limit but one byte: only once a's allocation slack is trimmed.
+    let large = b.allocate(2 * Q as usize - 1, 8).unwrap();
+    assert_eq!((a.used(), b.used(), capped.used()), (1, 2 * Q - 1, 2 * Q));
+    let err = a.allocate(1, 1).unwrap_err();
+    assert!(matches!(err, MemoryError::OutOfMemory(_)), "{err}");
+    b.free(large).unwrap();
+    // b keeps its slack (below two quanta); Spark's reclaim takes every pool's allocation slack
+    // back, along with the cushion.
+    let want = m.reserved() - 1;
+    assert_eq!(m.reclaim(want).unwrap(), want);
+    assert_eq!((m.used(), m.reserved(), l.reserved()), (1, 1, 1));
+    a.free(small).unwrap();
+    drop((a, b, capped));
+    let report = m.close().unwrap();
+    assert!(report.is_empty(), "{report}");
+    assert_eq!((m.reserved(), l.reserved()), (0, 0));
+}
+
+#[test]
+fn threads_allocating_from_one_pool_while_spark_reclaims_stay_exact() {
+    let (m, l) = quantum_manager(u64::MAX, Some(1 << 30));
+    let pool = m.pool("shared").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let handles: Vec<_> = (0..4u64)
+        .map(|t| {
+            let pool = pool.clone();
+            std::thread::spawn(move || {
+                let mut live = Vec::new();
+                for i in 0..20_000u64 {
+                    let n = 1 + ((i * 7919 + t) % (Q / 2)) as usize;
+                    live.push(pool.allocate(n, 8).unwrap());
+                    if i % 3 != 0 {
+                        let p = live.swap_remove((i as usize * 31) % live.len());
+                        pool.free(p).unwrap();
+                    }
+                }
+                // Blocks allocated here are freed on another thread: hand them over.
+                live.into_iter()
+                    .map(|p| p.as_ptr() as usize)
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let reclaimer = {
+        let m = m.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                m.reclaim(Q).unwrap();
+                n += 1;
+                std::thread::yield_now();
+            }
+            n
+        })
+    };
+    let mut left = Vec::new();
+    for h in handles {
+        left.extend(h.join().unwrap());
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(reclaimer.join().unwrap() > 0);
+    let live: u64 = m
+        .usage_report()
+        .top_consumers
+        .iter()
+        .filter(|c| c.name == "allocations")
+        .map(|c| c.used)
+        .sum();
+    assert!(pool.used() >= live && pool.used() - live <= 2 * 8 * Q);
+    for addr in left {
+        pool.free(std::ptr::NonNull::new(addr as *mut u8).unwrap())
+            .unwrap();
+    }
+    // Nothing live: at most two quanta of slack (a free trims down to one past two).
+    assert!(pool.used() <= 2 * Q, "{}", pool.used());
+    assert_eq!(m.stats().live_allocations, 0);
+    assert_eq!(l.reserved(), m.reserved());
+    let report = m.close().unwrap();
+    assert!(report.is_empty(), "{report}");
+    assert_eq!((m.used(), m.reserved(), l.reserved()), (0, 0, 0));
+}
