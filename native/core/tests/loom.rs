@@ -145,6 +145,24 @@ fn quantum_manager() -> (MemoryManager, Arc<CapacityListener>) {
     (m, l)
 }
 
+/// After a race between work on slack and a reclaim: the pools cover what consumers hold (`held`)
+/// plus at most two quanta, the listener covers the pools, and nothing handed back was in use.
+fn assert_slack_covered(m: &MemoryManager, l: &CapacityListener, held: u64, given: u64) {
+    assert!(
+        m.used() >= held && m.used() <= held + 2 * BLOCK,
+        "used {}",
+        m.used()
+    );
+    assert!(
+        m.reserved() >= m.used(),
+        "{} > {}; given {given}; {}",
+        m.used(),
+        m.reserved(),
+        m.usage_report()
+    );
+    assert_eq!(l.reserved(), m.reserved());
+}
+
 #[test]
 fn a_grow_on_slack_racing_a_reclaim_of_that_slack_is_always_covered() {
     loom::model(|| {
@@ -160,19 +178,7 @@ fn a_grow_on_slack_racing_a_reclaim_of_that_slack_is_always_covered() {
         assert_eq!(r.size(), 3);
         // Whatever the interleaving, the pools cover what the reservation holds, the listener
         // covers the pools, and nothing handed back was in use.
-        assert!(
-            m.used() >= 3 && m.used() <= 3 + 2 * BLOCK,
-            "used {}",
-            m.used()
-        );
-        assert!(
-            m.reserved() >= m.used(),
-            "{} > {}; given {given}; {}",
-            m.used(),
-            m.reserved(),
-            m.usage_report()
-        );
-        assert_eq!(l.reserved(), m.reserved());
+        assert_slack_covered(&m, &l, 3, given);
         assert!(given <= BLOCK);
         drop(r);
         assert_eq!(m.used(), 0);
@@ -241,19 +247,7 @@ fn an_exclusive_grow_on_slack_racing_a_reclaim_of_that_slack_is_always_covered()
         let given = m.reclaim(u64::MAX).unwrap();
         let r = t.join().unwrap();
         assert_eq!(r.size(), 2);
-        assert!(
-            m.used() >= 2 && m.used() <= 2 + 2 * BLOCK,
-            "used {}",
-            m.used()
-        );
-        assert!(
-            m.reserved() >= m.used(),
-            "{} > {}; given {given}; {}",
-            m.used(),
-            m.reserved(),
-            m.usage_report()
-        );
-        assert_eq!(l.reserved(), m.reserved());
+        assert_slack_covered(&m, &l, 2, given);
         drop(r);
         assert_eq!(m.used(), 0);
         m.close().unwrap();
@@ -273,18 +267,7 @@ fn an_allocation_on_a_pool_s_slack_racing_a_reclaim_of_that_slack_is_always_cove
         let given = m.reclaim(u64::MAX).unwrap();
         let second = t.join().unwrap();
         assert_eq!(m.stats().live_allocations, 2);
-        assert!(
-            m.used() >= 3 && m.used() <= 3 + 2 * BLOCK,
-            "used {}",
-            m.used()
-        );
-        assert!(
-            m.reserved() >= m.used(),
-            "{} > {}; given {given}",
-            m.used(),
-            m.reserved()
-        );
-        assert_eq!(l.reserved(), m.reserved());
+        assert_slack_covered(&m, &l, 3, given);
         pool.free(first).unwrap();
         pool.free(std::ptr::NonNull::new(second as *mut u8).unwrap())
             .unwrap();

@@ -17,6 +17,23 @@ fn quantum_manager(capacity: u64, limit: Option<u64>) -> (MemoryManager, Arc<Cap
     (manager_with(l.clone(), config), l)
 }
 
+/// Spark asking for a quantum back, over and over, until `stop`; returns how many times it asked
+/// (at least once).
+fn spawn_reclaimer(m: &MemoryManager, stop: &Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    let (m, stop) = (m.clone(), stop.clone());
+    std::thread::spawn(move || {
+        let mut n = 0u64;
+        loop {
+            m.reclaim(Q).unwrap();
+            n += 1;
+            if stop.load(Ordering::Relaxed) {
+                return n;
+            }
+            std::thread::yield_now();
+        }
+    })
+}
+
 #[test]
 fn grows_within_the_slack_touch_neither_pools_nor_listener() {
     let (m, l) = quantum_manager(u64::MAX, None);
@@ -234,21 +251,7 @@ fn threads_growing_one_reservation_and_others_while_spark_reclaims_stay_exact() 
             own.size()
         }));
     }
-    let reclaimer = {
-        let m = m.clone();
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut n = 0u64;
-            loop {
-                m.reclaim(Q).unwrap();
-                n += 1;
-                if stop.load(Ordering::Relaxed) {
-                    return n;
-                }
-                std::thread::yield_now();
-            }
-        })
-    };
+    let reclaimer = spawn_reclaimer(&m, &stop);
     for h in handles {
         assert_eq!(h.join().unwrap(), 0);
     }
@@ -427,21 +430,7 @@ fn threads_on_the_exclusive_path_while_spark_reclaims_stay_exact() {
             own.size()
         }));
     }
-    let reclaimer = {
-        let m = m.clone();
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut n = 0u64;
-            loop {
-                m.reclaim(Q).unwrap();
-                n += 1;
-                if stop.load(Ordering::Relaxed) {
-                    return n;
-                }
-                std::thread::yield_now();
-            }
-        })
-    };
+    let reclaimer = spawn_reclaimer(&m, &stop);
     for h in handles {
         assert_eq!(h.join().unwrap(), 0);
     }
@@ -541,19 +530,7 @@ fn threads_allocating_from_one_pool_while_spark_reclaims_stay_exact() {
             })
         })
         .collect();
-    let reclaimer = {
-        let m = m.clone();
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                m.reclaim(Q).unwrap();
-                n += 1;
-                std::thread::yield_now();
-            }
-            n
-        })
-    };
+    let reclaimer = spawn_reclaimer(&m, &stop);
     let mut left = Vec::new();
     for h in handles {
         left.extend(h.join().unwrap());
