@@ -126,7 +126,7 @@ run_suite cargo-test-datafusion "${DATAFUSION_TIMEOUT:-2700}" bash -c "cargo tes
   -p nativemem-datafusion --color $color && cargo build --profile datafusion -p nativemem-df-engine --color $color"
 # Model check of the core's lock-free paths (native/core/tests/loom.rs); its own target dir so the
 # --cfg loom build does not invalidate the normal one.
-run_suite cargo-loom "$SUITE_TIMEOUT" env RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 \
+run_suite cargo-loom "$SUITE_TIMEOUT" env RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=4 \
   cargo test -p nativemem-core --test loom --release --target-dir target/loom --color "$color"
 
 # ---- C: the engine ABI header compiles as C11 and C++17 with the layout the library fills in ----------

@@ -570,11 +570,14 @@ impl Budget {
             )));
         }
         self.check_open()?;
-        node.force_charge(bytes);
-        // Acquire (both), as in `grow`: a `reserved` that includes a grant comes with a root
-        // that includes the grant's charge, so `uncovered` never counts bytes already covered.
+        // The root as this charge left it (the RMW acquires), then `reserved` (Acquire), in that
+        // order: a hand-back lowers `reserved` before it un-claims the root, so if this root value
+        // is past the un-claim, the `reserved` read after it is past the lowering; read the other
+        // way round, a racing hand-back could pair a `reserved` not yet lowered with a root
+        // already un-claimed and under-count the over-commit. A grant that `reserved` includes
+        // for a later grow's charge covers this charge too (that grow's root included it).
+        let root_now = node.force_charge(bytes);
         let reserved = self.reserved.load(Ordering::Acquire);
-        let root_now = self.root.used.load(Ordering::Acquire);
         let uncovered = root_now.saturating_sub(reserved).min(bytes);
         if uncovered > 0 {
             // Relaxed (all): a hint and statistics (see `overcommit`, `Counters`).
