@@ -146,16 +146,6 @@ pub(crate) struct ConsumerState {
 }
 
 impl ConsumerState {
-    /// Quantum mode: the quantum of a reservation holding `size` bytes. It grows with the
-    /// reservation, like Velox's (1, 4, 8 MiB): 1/16 of the size rounded up to a power of two,
-    /// between the configured quantum `q` and `8 * q`. So a reservation's slack (below two of
-    /// its quanta) stays under `max(2 * q, size / 4)` and never above `16 * q`, while a large
-    /// reservation growing in small steps charges its pools rarely.
-    #[inline]
-    pub(crate) fn quantum_for(&self, size: u64) -> u64 {
-        quantum_for(self.quantum, size)
-    }
-
     /// Raises the peak to `now` (a statistic).
     #[inline]
     pub(crate) fn note_peak(&self, now: u64) {
@@ -166,7 +156,11 @@ impl ConsumerState {
     }
 }
 
-/// See [`ConsumerState::quantum_for`].
+/// Quantum mode: the quantum of a slack (a reservation's, a pool's allocations') holding `size`
+/// bytes, with `q` configured. It grows with what is held, like Velox's (1, 4, 8 MiB): 1/16 of the
+/// size rounded up to a power of two, between `q` and `8 * q`. So the slack (below two of its
+/// quanta) stays under `max(2 * q, size / 4)` and never above `16 * q`, while a large reservation
+/// growing in small steps charges its pools rarely.
 pub(crate) fn quantum_for(q: u64, size: u64) -> u64 {
     (size / 16)
         .checked_next_power_of_two()
@@ -1010,13 +1004,42 @@ impl Budget {
             })
             .unwrap_or(0);
         let left = prev.saturating_sub(bytes);
+        self.trim_surplus(&a.size, &a.charged, node, left, TrimMode::Release)
+    }
+
+    /// Quantum mode, after a shrink or free left `left` bytes held: slack above two quanta goes
+    /// back to the pools, down to one quantum (the quantum of what is held, see `quantum_for`).
+    #[inline]
+    pub(crate) fn trim_surplus(
+        &self,
+        size: &AtomicU64,
+        charged: &AtomicU64,
+        node: &PoolNode,
+        left: u64,
+        mode: TrimMode,
+    ) -> Result<()> {
         // Relaxed: only decides whether to try; the trim re-reads both counters with SeqCst.
-        let slack = a.charged.load(Ordering::Relaxed).saturating_sub(left);
-        if slack > q.saturating_mul(2) {
-            let quantum = quantum_for(q, left);
-            if slack > quantum.saturating_mul(2) {
-                self.trim_counters(&a.size, &a.charged, node, quantum, TrimMode::Release)?;
-            }
+        let slack = charged.load(Ordering::Relaxed).saturating_sub(left);
+        if slack > self.config.reservation_quantum.saturating_mul(2) {
+            return self.trim_to_quantum(size, charged, node, left, slack, mode);
+        }
+        Ok(())
+    }
+
+    /// The rare part of `trim_surplus`: slack above two of the base quanta.
+    #[cold]
+    fn trim_to_quantum(
+        &self,
+        size: &AtomicU64,
+        charged: &AtomicU64,
+        node: &PoolNode,
+        left: u64,
+        slack: u64,
+        mode: TrimMode,
+    ) -> Result<()> {
+        let quantum = quantum_for(self.config.reservation_quantum, left);
+        if slack > quantum.saturating_mul(2) {
+            self.trim_counters(size, charged, node, quantum, mode)?;
         }
         Ok(())
     }

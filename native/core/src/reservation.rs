@@ -226,29 +226,13 @@ impl Reservation {
         taken
     }
 
-    /// Quantum mode: slack above two quanta goes back to the pools, down to one quantum (the
-    /// quantum of the size held, see `ConsumerState::quantum_for`).
+    /// Quantum mode: slack above two quanta goes back to the pools (see `Budget::trim_surplus`);
+    /// `size` is what this thread's shrink left.
     #[inline]
     fn trim_surplus(&self, size: u64, mode: TrimMode) -> Result<()> {
         let st = &*self.state;
-        // `size`: what this thread's shrink left. Relaxed: only decides whether to try;
-        // `Budget::trim` re-reads both counters with SeqCst.
-        let slack = st.charged.load(Ordering::Relaxed).saturating_sub(size);
-        if slack > st.quantum.saturating_mul(2) {
-            return self.trim_to_quantum(size, slack, mode);
-        }
-        Ok(())
-    }
-
-    /// The rare part of `trim_surplus`: slack above two of the base quanta.
-    #[cold]
-    fn trim_to_quantum(&self, size: u64, slack: u64, mode: TrimMode) -> Result<()> {
-        let st = &*self.state;
-        let quantum = st.quantum_for(size);
-        if slack > quantum.saturating_mul(2) {
-            self.budget.trim(st, quantum, mode)?;
-        }
-        Ok(())
+        self.budget
+            .trim_surplus(&st.size, &st.charged, &st.node, size, mode)
     }
 
     /// Shrinks by `bytes`. Shrinking by more than is held is an error and changes nothing.
