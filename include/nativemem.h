@@ -55,7 +55,9 @@
  *
  * ## Lifetime and close
  * A task's manager is closed by its owner (the Spark task-completion listener). Close:
- *   1. refuses new calls and new leases (NM_ERR_CLOSED / NM_ERR_STALE_HANDLE);
+ *   1. refuses new calls and new leases (NM_ERR_CLOSED / NM_ERR_STALE_HANDLE), on every handle
+ *      of the manager, a lease held elsewhere included; calls that only give back stay allowed
+ *      (the table next to manager_close says which);
  *   2. waits, up to its close timeout (10 s by default), for calls in flight and for held leases
  *      to be released. If the time runs out, close reports it and returns, and the manager's
  *      memory is freed when the last call returns or the last lease is released: never under
@@ -223,8 +225,15 @@ typedef struct nm_api {
     /** A new, empty reservation of `pool` for `consumer` (a name for reports and errors). */
     nm_status (*reservation_new)(nm_pool pool, const char *consumer, nm_reservation *out,
                                  char **err);
-    /** Grows by `bytes`; may reserve from Spark and spill. On NM_ERR_OUT_OF_MEMORY nothing
-     *  changed. */
+    /**
+     * Grows by `bytes`; may reserve from Spark and spill. On NM_ERR_OUT_OF_MEMORY the reservation
+     * and every pool are as they were, but what Spark granted towards the grow (less than asked)
+     * stays reserved as cushion: manager_stats' `reserved` rises by up to that grant, and the
+     * next grow of the task uses it without asking Spark again. It goes back to Spark when Spark
+     * asks (its spill request, manager_reclaim), when a release leaves more than two blocks
+     * unused, or at close. (Handing it back at once would make every retry after a spill ask
+     * Spark again for the bytes it just returned.)
+     */
     nm_status (*reservation_try_grow)(nm_reservation r, uint64_t bytes, char **err);
     /** Shrinks by `bytes`; more than the size is NM_ERR_INVALID_ARGUMENT (nothing changes). */
     nm_status (*reservation_shrink)(nm_reservation r, uint64_t bytes, char **err);
@@ -286,6 +295,38 @@ typedef struct nm_api {
      * Closes a manager made by manager_create (see "Lifetime and close"). *leak_report (may be
      * NULL) gets the leak report text (free it with free_message); *leaked_bytes (may be NULL)
      * the bytes that were still held.
+     *
+     * Every function during and after a close (the same for a manager Java closes). "During":
+     * close has started and waits for a lease or a call on another thread; "after": it returned.
+     *
+     *   function                     during close              after close
+     *   ---------------------------  ------------------------  -------------------
+     *   free_message                 allowed                   allowed
+     *   acquire                      NM_ERR_STALE_HANDLE       NM_ERR_STALE_HANDLE
+     *   release                      allowed (close waits      NM_ERR_STALE_HANDLE
+     *                                for it)                   (it was released)
+     *   manager_stats, usage_report  NM_ERR_CLOSED             NM_ERR_STALE_HANDLE
+     *   pool_open, attach            NM_ERR_CLOSED             NM_ERR_STALE_HANDLE
+     *   manager_spill,
+     *   manager_reclaim              NM_ERR_CLOSED             NM_ERR_STALE_HANDLE
+     *   pool_stats, reservation_new,
+     *   allocate, spiller_register   NM_ERR_CLOSED             NM_ERR_STALE_HANDLE
+     *   reservation_try_grow,
+     *   _try_resize, _size,
+     *   _force_grow                  NM_ERR_CLOSED             NM_ERR_STALE_HANDLE
+     *   reservation_shrink, _free,
+     *   _force_shrink, _close, free  allowed (gives back)      NM_ERR_STALE_HANDLE
+     *   pool_close,
+     *   spiller_unregister, detach   allowed                   NM_ERR_STALE_HANDLE
+     *   manager_create               allowed (another manager) allowed
+     *   manager_close                NM_ERR_STALE_HANDLE       NM_ERR_STALE_HANDLE
+     *
+     * "Allowed" calls that give back release their bytes at once, so an engine can clean up on
+     * one thread while close waits for another (what they release is no leak). A give-back that
+     * races the end of the wait may instead get NM_ERR_CLOSED (reservation_close: NM_OK), the
+     * close having released the object itself. A failed attach or spiller_register leaves its
+     * state or ctx the caller's, as always. (Checked function by function by the provider's test
+     * close_contract.)
      */
     nm_status (*manager_close)(nm_manager manager, char **leak_report, uint64_t *leaked_bytes,
                                char **err);

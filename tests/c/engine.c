@@ -1044,8 +1044,8 @@ static void *holder_main(void *arg) {
         }
         nm_manager_stats ms = {0, 0, 0, 0, 0};
         h->stats_during_close = api->manager_stats(lease, &ms, NULL);
-        h->used_during_close = ms.used;
-        /* Not freed by us (refused while closing): the deferred close frees it, as a leak. */
+        h->used_during_close = ms.used; /* 0 when refused (the manager is closing) */
+        /* A give-back: let in while the close still waits for this lease, so it is no leak. */
         h->free_during_close = p != NULL ? api->free(e->pool, p, NULL, NULL) : NM_ERR_INTERNAL;
         h->pattern_ok_after =
             h->free_during_close != NM_OK && p != NULL && check_pattern(p, h->bytes, 0x77);

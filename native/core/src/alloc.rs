@@ -54,10 +54,11 @@ impl AllocMeta {
 
     /// The pool the allocation is charged to.
     pub(crate) fn node(&self) -> &PoolNode {
-        // SAFETY: pool nodes are never removed from their tree, and the tree is owned by the
-        // manager (`Budget::root` and each node's `children`) whose `AllocTable` holds this entry;
-        // so the node outlives every entry of the table (including during `Budget::drop`, which
-        // drains the table before the fields are dropped).
+        // SAFETY: a pool node stays in its tree (`Budget::root` and each node's `children`) for
+        // as long as the budget whose `AllocTable` holds this entry lives: the tree is taken
+        // apart only at the end of `Budget::drop` (`PoolNode::dismantle`), after its close
+        // drained the table. Every caller is a method of that budget (`free`, `free_owned`,
+        // `close`), so the node outlives every use of the entry.
         unsafe { &*self.node.0 }
     }
 }

@@ -350,7 +350,8 @@ impl Budget {
     }
 
     /// Charges `bytes` to `node` (and ancestors) and makes sure they are covered by the reserved
-    /// cushion. On error nothing changes (apart from memory other spillers freed).
+    /// cushion. On error no pool counter changes; memory other spillers freed and a partial
+    /// grant of the listener stay in the cushion (see `Reservation::try_grow`).
     ///
     /// Why one RMW per level plus a load of `reserved` is enough: every byte handed back to the
     /// listener is first *claimed* on the root counter (`claim_and_give_back`), exactly like a
@@ -1273,6 +1274,10 @@ impl Drop for Budget {
                 log::error!("[{}] closing on drop: {e}", self.name);
             }
         }
+        // The pool tree is a reference cycle (see `tree`): break it, or every pool below the
+        // root outlives the manager. After the close: the allocation table is empty, so no entry
+        // points to a node this frees.
+        self.root.dismantle();
     }
 }
 

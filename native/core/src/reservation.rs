@@ -17,9 +17,10 @@ use crate::units::human;
 /// [`try_grow_exclusive`](Self::try_grow_exclusive) / [`shrink_exclusive`](Self::shrink_exclusive),
 /// whose fast path makes no atomic read-modify-write.
 ///
-/// Failing calls change nothing: a refused `try_grow` leaves the reservation, every pool and the
-/// listener as they were; an over-release (`shrink` by more than is held) is an error, never a
-/// panic and never a negative counter.
+/// Failing calls change nothing the caller holds: a refused `try_grow` leaves the reservation
+/// and every pool as they were (what the listener granted towards it stays reserved as cushion,
+/// see [`try_grow`](Self::try_grow)); an over-release (`shrink` by more than is held) is an
+/// error, never a panic and never a negative counter.
 pub struct Reservation {
     pub(crate) state: Arc<ConsumerState>,
     pub(crate) budget: Arc<Budget>,
@@ -60,7 +61,17 @@ impl Reservation {
 
     /// Grows by `bytes`, charging the pool and its ancestors and reserving from the listener if
     /// the cushion is short (spilling native consumers if the listener grants too little). On
-    /// error nothing changes.
+    /// error the reservation and every pool are as they were.
+    ///
+    /// **A partial grant is kept.** When the listener grants part of what was asked and the
+    /// grow still fails (out of memory), the granted bytes stay reserved as cushion: `reserved`
+    /// rises by up to the grant (the hysteresis rule gives back what is beyond two blocks of
+    /// unused cushion, down to one block), and the listener is not called to take them back at
+    /// once. The next grow of the task uses them without an upcall; Spark gets them back by
+    /// asking ([`MemoryManager::reclaim`](crate::MemoryManager::reclaim), its `spill`), by a
+    /// later release beyond the hysteresis band, or at close. Handing them back at once would
+    /// make a task that retries after spilling ask Spark again for bytes it just returned (a
+    /// reserve/unreserve ping-pong through Spark's memory manager on every refused grow).
     ///
     /// With a [reservation quantum](crate::MemoryConfig::reservation_quantum) a grow that fits
     /// in what this reservation already charged is one atomic read-modify-write on its own

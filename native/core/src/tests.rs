@@ -866,6 +866,76 @@ fn spiller_reentering_the_manager_does_not_deadlock() {
     assert_eq!(l.budget.reserved(), 0);
 }
 
+#[test]
+fn a_grow_refused_after_a_partial_grant_keeps_the_grant_as_cushion() {
+    // Spark has 1.5 blocks for this task; the grow asks for 2.
+    let l = Arc::new(CapacityListener::new(BLOCK + BLOCK / 2));
+    let m = manager_with(l.clone(), MemoryConfig::default());
+    let r = m.pool("op").unwrap().reservation("r");
+    let err = r.try_grow(2 * BLOCK).unwrap_err();
+    assert!(matches!(err, MemoryError::OutOfMemory(_)), "{err}");
+    // Nothing charged, the grant kept as cushion (below the hysteresis band), no unreserve.
+    assert_eq!((r.size(), m.used()), (0, 0));
+    assert_eq!(
+        (m.reserved(), l.reserved()),
+        (BLOCK + BLOCK / 2, BLOCK + BLOCK / 2)
+    );
+    assert_eq!((l.reserve_calls(), l.unreserve_calls()), (1, 0));
+    // The next grow that fits uses it without an upcall.
+    r.try_grow(BLOCK).unwrap();
+    assert_eq!((m.used(), l.reserve_calls()), (BLOCK, 1));
+    // Spark gets it back by asking, or at close.
+    drop(r);
+    assert_eq!(m.reclaim(u64::MAX).unwrap(), BLOCK + BLOCK / 2);
+    assert_eq!((m.reserved(), l.reserved()), (0, 0));
+    m.close().unwrap();
+}
+
+#[test]
+fn a_dropped_manager_frees_its_whole_pool_tree() {
+    let (m, l) = unlimited();
+    let leaf = m.pool("a/b/c/d").unwrap();
+    let side = m.pool("a/x").unwrap().child("y", Some(MIB)).unwrap();
+    let r = leaf.reservation("r");
+    r.try_grow(10).unwrap();
+    let nodes: Vec<std::sync::Weak<crate::tree::PoolNode>> = {
+        let mut all = Vec::new();
+        m.root().node.walk(0, &mut all);
+        all.iter().map(|(_, n)| Arc::downgrade(n)).collect()
+    };
+    assert_eq!(nodes.len(), 7, "root, a, b, c, d, x, y");
+    // Closing does not free the tree: handles may still read it.
+    m.close().unwrap();
+    assert_eq!(leaf.path(), "root/a/b/c/d");
+    assert!(nodes.iter().all(|n| n.upgrade().is_some()));
+    drop((m, side, r));
+    // The leaf handle still holds the budget, so the tree is whole.
+    assert!(nodes.iter().all(|n| n.upgrade().is_some()));
+    drop(leaf);
+    let alive = nodes.iter().filter(|n| n.upgrade().is_some()).count();
+    assert_eq!(alive, 0, "pool nodes outlived their manager");
+    assert_eq!(l.reserved(), 0);
+}
+
+#[test]
+fn a_pool_tree_thousands_deep_is_freed_without_recursion() {
+    let (m, _l) = unlimited();
+    let mut pool = m.root();
+    for _ in 0..5000 {
+        pool = pool.child("p", None).unwrap();
+    }
+    let leaf = Arc::downgrade(&pool.node);
+    let root = Arc::downgrade(&m.root().node);
+    // Run on a small stack: a recursive drop of 5000 levels would overflow it.
+    std::thread::Builder::new()
+        .stack_size(64 * 1024)
+        .spawn(move || drop((m, pool)))
+        .unwrap()
+        .join()
+        .unwrap();
+    assert!(leaf.upgrade().is_none() && root.upgrade().is_none());
+}
+
 mod quantum;
 
 mod model {

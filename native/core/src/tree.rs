@@ -14,6 +14,17 @@
 //! `Relaxed` (on aarch64 a plain `ldadd`/`cas`, no acquire/release barrier). The root's `used`
 //! also takes part in the cross-counter protocol with the manager's `reserved`, so a charge of the
 //! root acquires and an uncharge of the root is `SeqCst` (see [`PoolNode::uncharge`]).
+//!
+//! # Ownership: strong both ways, broken by the budget
+//! A node holds its parent (`parent`, an `Arc`) and its children (`children`, `Arc`s): a
+//! reference cycle, on purpose. The charge path walks `parent` on every grow and release, and a
+//! strong link keeps that walk a plain pointer chase (a `Weak` would cost an upgrade, two
+//! contended RMWs, per level). The cycle is broken by [`PoolNode::dismantle`], which
+//! `Budget::drop` calls on the root: every holder of a node (a `Pool`, a `Reservation` through
+//! its `ConsumerState`, an `Allocation`, a spiller entry, the live-allocation table) also holds the
+//! `Arc<Budget>` of its tree or is owned by it, and only a holder of the budget can add a child
+//! (`child` is reached only through `Pool`), so once the budget is gone no new child can appear
+//! and every node left alive is held from outside and holds only its ancestors.
 
 use crate::sync::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -102,6 +113,24 @@ impl PoolNode {
         });
         children.push(node.clone());
         Ok(node)
+    }
+
+    /// Empties the child lists of this node's whole subtree (breaking the parent/child cycle,
+    /// see the module docs) and drops the nodes no one else holds. Iterative, deepest nodes
+    /// first, so neither the walk nor the drops recurse, however deep the tree: a node is
+    /// dropped while its parent is still held by the list, so no drop cascades up a chain.
+    pub(crate) fn dismantle(&self) {
+        let mut nodes: Vec<Arc<PoolNode>> = std::mem::take(&mut *self.children.lock());
+        let mut at = 0;
+        while at < nodes.len() {
+            let children = std::mem::take(&mut *nodes[at].children.lock());
+            nodes.extend(children);
+            at += 1;
+        }
+        // Parents come before their children in `nodes`: pop from the end.
+        while let Some(node) = nodes.pop() {
+            drop(node);
+        }
     }
 
     /// Iterates this node and its ancestors, leaf first.

@@ -21,7 +21,25 @@
 //!   wrong-kind handle is an error code, never a dereference. Raw pointers are accepted only where
 //!   the header says the caller owns them (`free`'s pointer is validated by the core's table).
 //! - Work on a manager is a counted call (`ManagerEntry::enter`/`pin`): close waits for it and
-//!   never frees memory under it. A lease is a counted call that any thread may end.
+//!   never frees memory under it. A lease is a counted call that any thread may end; a call on a
+//!   lease is counted again on its own.
+//!
+//! # Close, per function
+//! Once a manager is closing (its close waits for calls in flight and leases held on other
+//! threads), new work is refused with `NM_ERR_CLOSED` on every handle of it, leases included:
+//! read-outs (`manager_stats`, `usage_report`, `pool_stats`, `reservation_size`), new objects
+//! (`pool_open`, `reservation_new`, `spiller_register`, `attach`), grows (`reservation_try_grow`,
+//! `_try_resize`, `_force_grow`, `allocate`) and spills (`manager_spill`, `manager_reclaim`).
+//! `acquire` fails with `NM_ERR_STALE_HANDLE` (close removed the manager's handle first).
+//! Calls that only give back stay allowed, so an engine can clean up on another thread while
+//! close waits: `release` (it is what close waits for), `pool_close`, `spiller_unregister`,
+//! `detach` (they touch no memory of the manager), and `reservation_shrink`, `_free`,
+//! `_force_shrink`, `_close` and `free`, which enter as give-backs (`registry::Entry::GiveBack`:
+//! let in while close still waits, so their bytes are released at once and are no leak).
+//! Once the close has run, every handle of the manager is stale (`NM_ERR_STALE_HANDLE`); a
+//! give-back that resolved its handle just before gets `NM_ERR_CLOSED` (`reservation_close`:
+//! `NM_OK`, the close released it). `include/nativemem.h` carries the same table next to
+//! `manager_close`; `tests/close_contract.rs` checks it function by function.
 //! - No lock of this crate is held while a C callback runs (spiller, listener, drop): handles are
 //!   resolved to `Arc`s first and the table locks released.
 //!
@@ -42,7 +60,7 @@ use nativemem_core::{
 use nativemem_sys::*;
 
 use crate::error::{Error, Result};
-use crate::registry::{self, CloseOutcome, ManagerEntry, Pin};
+use crate::registry::{self, CloseOutcome, Entry, ManagerEntry, Pin};
 use nativemem_handles::{HandleError, HandleTable};
 
 /// Leases (kind tag 4).
@@ -408,16 +426,29 @@ unsafe fn read_versioned<T: Copy>(value: *const T, name: &'static str) -> Result
     Ok(unsafe { value.read_unaligned() })
 }
 
-/// Resolves a pool handle and enters its manager.
+/// Resolves a pool handle and enters its manager (new work: refused once it is closing).
 fn with_pool<R>(pool: nm_pool, f: impl FnOnce(&PoolEntry) -> Result<R>) -> Result<R> {
+    with_pool_as(pool, Entry::Work, f)
+}
+
+/// Resolves a pool handle and enters its manager as a call of the kind `kind`.
+fn with_pool_as<R>(
+    pool: nm_pool,
+    kind: Entry,
+    f: impl FnOnce(&PoolEntry) -> Result<R>,
+) -> Result<R> {
     let entry = POOLS.get(handle_arg(pool))?;
-    let _call = entry.owner.enter()?;
+    let _call = entry.owner.enter_as(kind)?;
     f(&entry)
 }
 
+/// Resolves a lease and enters its manager as a call of its own. The lease keeps the manager
+/// from closing, but not from *closing*: once close started waiting for it, every call on it
+/// but `release` is refused (`NM_ERR_CLOSED`), as on any other handle of the manager.
 fn with_lease<R>(lease: nm_lease, f: impl FnOnce(&Arc<ManagerEntry>) -> Result<R>) -> Result<R> {
     let entry = LEASES.get(handle_arg(lease))?;
-    f(entry.pin.entry())
+    let call = entry.pin.entry().enter()?;
+    f(call.entry())
 }
 
 // ---- the functions of the table ------------------------------------------------------------------
@@ -571,7 +602,7 @@ unsafe extern "C" fn nm_reservation_try_grow(r: nm_reservation, bytes: u64, err:
 
 unsafe extern "C" fn nm_reservation_shrink(r: nm_reservation, bytes: u64, err: Err) -> nm_status {
     run(err, || {
-        registry::with_reservation(handle_arg(r), |res| Ok(res.shrink(bytes)?))
+        registry::with_reservation_as(handle_arg(r), Entry::GiveBack, |res| Ok(res.shrink(bytes)?))
     })
 }
 
@@ -598,7 +629,8 @@ unsafe extern "C" fn nm_reservation_free(
     err: Err,
 ) -> nm_status {
     run(err, || {
-        let bytes = registry::with_reservation(handle_arg(r), |res| Ok(res.free()))?;
+        let bytes =
+            registry::with_reservation_as(handle_arg(r), Entry::GiveBack, |res| Ok(res.free()))?;
         put_opt(freed, bytes);
         Ok(())
     })
@@ -627,7 +659,9 @@ unsafe extern "C" fn nm_reservation_force_shrink(
     err: Err,
 ) -> nm_status {
     run(err, || {
-        let taken = registry::with_reservation(handle_arg(r), |res| Ok(res.force_shrink(bytes)))?;
+        let taken = registry::with_reservation_as(handle_arg(r), Entry::GiveBack, |res| {
+            Ok(res.force_shrink(bytes))
+        })?;
         put_opt(released, taken);
         Ok(())
     })
@@ -668,7 +702,7 @@ unsafe extern "C" fn nm_free(pool: nm_pool, p: *mut c_void, size: *mut u64, err:
             return Err(Error::NullArgument("ptr"));
         };
         // The core checks the pointer against its table of live allocations before touching it.
-        let freed = with_pool(pool, |p| Ok(p.pool.free(nn)?))?;
+        let freed = with_pool_as(pool, Entry::GiveBack, |p| Ok(p.pool.free(nn)?))?;
         put_opt(size, freed as u64);
         Ok(())
     })

@@ -15,7 +15,7 @@ use nativemem_core::{LeakKind, LeakReport, MemoryConfig};
 use crate::error::{Error, Result};
 use crate::export::{non_negative, run_export, string_arg, to_jlong};
 use crate::listener::JavaListener;
-use crate::registry::{self, CloseOutcome};
+use crate::registry::{self, CloseOutcome, Entry};
 use crate::ABI_VERSION;
 
 fn new_jstring(env: &mut JNIEnv, s: &str) -> Result<jstring> {
@@ -314,7 +314,9 @@ pub extern "system" fn Java_org_nativemem_NativeReservation_nativeGrow<'l>(
     })
 }
 
-/// `static native void nativeShrink(long reservation, long bytes)`.
+/// `static native void nativeShrink(long reservation, long bytes)`. A give-back, as the engine
+/// ABI's `reservation_shrink` on the same handle: let in while the manager's close waits for
+/// other calls, so the bytes are released at once (no leak).
 #[no_mangle]
 pub extern "system" fn Java_org_nativemem_NativeReservation_nativeShrink<'l>(
     mut env: JNIEnv<'l>,
@@ -324,7 +326,7 @@ pub extern "system" fn Java_org_nativemem_NativeReservation_nativeShrink<'l>(
 ) {
     run_export(&mut env, (), |_| {
         let bytes = non_negative("bytes", bytes)?;
-        registry::with_reservation(handle, |r| Ok(r.shrink(bytes)?))
+        registry::with_reservation_as(handle, Entry::GiveBack, |r| Ok(r.shrink(bytes)?))
     })
 }
 

@@ -72,6 +72,13 @@ mod registry;
 mod testing;
 mod vm;
 
+/// The test library counts its own heap (`NativeTesting.nativeHeapCounts`), so tests count leaks
+/// instead of estimating them from RSS. Never in the product library. A test binary that links
+/// this crate with the `testing` feature gets it as its allocator too (and cannot have another).
+#[cfg(feature = "testing")]
+#[global_allocator]
+static ALLOCATOR: testing::CountingAllocator = testing::CountingAllocator;
+
 /// Version of the contract between this library and the `org.nativemem` classes (native method
 /// signatures, `NativeMemoryStats` and `NativeCloseReport` layouts). The Java loader refuses a
 /// library with another value. (The engine ABI has its own version, `NM_ABI_VERSION`.)

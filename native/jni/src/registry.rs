@@ -21,8 +21,19 @@
 //!
 //! The counter and the two flags live in one atomic word, so "is a close pending" and "was I the
 //! last call" are decided by the same read-modify-write: exactly one thread runs the close.
-//! Entering is a compare-and-swap that refuses once `CLOSING` is set, so after that the count only
-//! goes down.
+//! Entering is a compare-and-swap that refuses once `CLOSING` is set (new work: grows, new
+//! objects, read-outs, spills), with one exception:
+//!
+//! **Giving back while close waits.** A call that only gives memory back (a reservation's
+//! shrink, free, force-shrink or close, an allocation's free: [`Entry::GiveBack`]) is let in
+//! while `CLOSING` is set *if the count is not zero*, i.e. while close is still waiting for
+//! other calls or leases. The count being non-zero means close has not started (it starts only
+//! once the count reached zero), and this call's own increment keeps it from starting until the
+//! call returns, so an engine cleaning up on another thread while close waits releases its
+//! bytes at once (they are not reported as leaks) and nothing is freed under it. Once the count
+//! reached zero the close owns the manager and give-backs are refused too (their objects are
+//! being released by the close). So after `CLOSING` the count can rise again only while it is
+//! above zero; it still reaches zero exactly once.
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
@@ -52,10 +63,63 @@ const CLOSING: u64 = 1 << 63;
 const DEFERRED: u64 = 1 << 62;
 const COUNT_MASK: u64 = DEFERRED - 1;
 
+/// The managers one thread is inside a call of (entry addresses; a manager appears once per
+/// nested call). Inline up to [`CallStack::INLINE`] nested calls, so a thread that calls into the
+/// library (a Spark task thread, an engine's worker) holds no heap memory of it between calls and
+/// the library's live bytes go back to their baseline when managers close, whatever threads
+/// remain; deeper nesting (spillers re-entering spillers) spills into a `Vec`.
+struct CallStack {
+    len: usize,
+    inline: [usize; CallStack::INLINE],
+    more: Vec<usize>,
+}
+
+impl CallStack {
+    const INLINE: usize = 8;
+
+    const fn new() -> CallStack {
+        CallStack {
+            len: 0,
+            inline: [0; CallStack::INLINE],
+            more: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, entry: usize) {
+        if self.len < Self::INLINE {
+            self.inline[self.len] = entry;
+            self.len += 1;
+        } else {
+            self.more.push(entry);
+        }
+    }
+
+    /// Removes the most recent occurrence of `entry`.
+    fn remove(&mut self, entry: usize) {
+        if let Some(pos) = self.more.iter().rposition(|p| *p == entry) {
+            self.more.swap_remove(pos);
+            if self.more.is_empty() {
+                self.more = Vec::new(); // give the heap block back
+            }
+        } else if let Some(pos) = self.inline[..self.len].iter().rposition(|p| *p == entry) {
+            self.inline[pos] = self.inline[self.len - 1];
+            self.len -= 1;
+        }
+    }
+
+    fn count(&self, entry: usize) -> usize {
+        self.inline[..self.len]
+            .iter()
+            .chain(self.more.iter())
+            .filter(|p| **p == entry)
+            .count()
+    }
+}
+
 thread_local! {
-    /// Managers this thread is inside a call of (entry addresses; a manager appears once per
-    /// nested call). Lets `destroy` detect that it would wait for its own thread.
-    static IN_CALL: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    /// Managers this thread is inside a call of. Lets `destroy` detect that it would wait for
+    /// its own thread.
+    static IN_CALL: RefCell<CallStack> = const { RefCell::new(CallStack::new()) };
     /// The manager whose close is dropping its spillers and attached state on this thread (entry
     /// address, 0 if none). Calls on that manager from this thread are let in although it is
     /// closing: a drop callback may still close reservations and free allocations (not a leak).
@@ -119,6 +183,12 @@ impl ManagerEntry {
     /// Counts a call in; refused once the manager is closing (except on the thread running its
     /// close, from a drop callback: see `CLOSING_HERE`). The pin may be dropped on any thread.
     pub(crate) fn pin(self: &Arc<Self>) -> Result<Pin> {
+        self.pin_as(Entry::Work)
+    }
+
+    /// Counts a call of the kind `kind` in (see the module docs: a give-back is let in while
+    /// close still waits for other calls).
+    pub(crate) fn pin_as(self: &Arc<Self>, kind: Entry) -> Result<Pin> {
         let me = Arc::as_ptr(self) as usize;
         let mut cur = self.state.load(Ordering::SeqCst);
         loop {
@@ -129,7 +199,11 @@ impl ManagerEntry {
                         counted: false,
                     });
                 }
-                return Err(self.closed_error());
+                // A give-back while close still waits (count > 0: close has not started and
+                // cannot start before this call leaves); anything else is refused.
+                if kind != Entry::GiveBack || cur & COUNT_MASK == 0 {
+                    return Err(self.closed_error());
+                }
             }
             if cur & COUNT_MASK == COUNT_MASK {
                 return Err(Error::Other("too many calls in flight".into()));
@@ -150,7 +224,12 @@ impl ManagerEntry {
 
     /// Counts a call in on this thread; refused once the manager is closing.
     pub fn enter(self: &Arc<Self>) -> Result<ManagerCall> {
-        let pin = self.pin()?;
+        self.enter_as(Entry::Work)
+    }
+
+    /// Counts a call of the kind `kind` in on this thread (see [`Entry`]).
+    pub(crate) fn enter_as(self: &Arc<Self>, kind: Entry) -> Result<ManagerCall> {
+        let pin = self.pin_as(kind)?;
         let me = Arc::as_ptr(self) as usize;
         let _ = IN_CALL.try_with(|v| {
             if let Ok(mut v) = v.try_borrow_mut() {
@@ -189,10 +268,7 @@ impl ManagerEntry {
     fn calls_on_this_thread(&self) -> usize {
         let me = self as *const ManagerEntry as usize;
         IN_CALL
-            .try_with(|v| {
-                v.try_borrow()
-                    .map(|v| v.iter().filter(|p| **p == me).count())
-            })
+            .try_with(|v| v.try_borrow().map(|v| v.count(me)))
             .ok()
             .and_then(|r| r.ok())
             .unwrap_or(0)
@@ -274,6 +350,16 @@ impl ManagerEntry {
     }
 }
 
+/// What a call does to its manager, which decides whether a closing manager lets it in.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Entry {
+    /// New work (grows, new objects, spills, read-outs): refused once the manager is closing.
+    Work,
+    /// Only gives memory back (shrink, free, close of a reservation, free of an allocation):
+    /// let in while close still waits for other calls (see the module docs).
+    GiveBack,
+}
+
 /// A counted call in flight on a manager that any thread may end (a lease of the engine ABI is
 /// one). While it lives the manager cannot be closed under it.
 pub(crate) struct Pin {
@@ -350,9 +436,7 @@ impl Drop for ManagerCall {
         let me = Arc::as_ptr(&self.pin.entry) as usize;
         let _ = IN_CALL.try_with(|v| {
             if let Ok(mut v) = v.try_borrow_mut() {
-                if let Some(pos) = v.iter().rposition(|p| *p == me) {
-                    v.swap_remove(pos);
-                }
+                v.remove(me);
             }
         });
         // `self.pin` leaves after this.
@@ -500,8 +584,18 @@ pub(crate) fn add_reservation(
 
 /// Runs `f` on the reservation `handle`, counted as a call on its manager.
 pub fn with_reservation<R>(handle: jlong, f: impl FnOnce(&Reservation) -> Result<R>) -> Result<R> {
+    with_reservation_as(handle, Entry::Work, f)
+}
+
+/// Runs `f` on the reservation `handle`, counted as a call of the kind `kind` on its manager:
+/// [`Entry::GiveBack`] for calls that only release bytes (let in while close waits).
+pub(crate) fn with_reservation_as<R>(
+    handle: jlong,
+    kind: Entry,
+    f: impl FnOnce(&Reservation) -> Result<R>,
+) -> Result<R> {
     let entry = RESERVATIONS.get(handle)?;
-    let call = entry.owner.enter()?;
+    let call = entry.owner.enter_as(kind)?;
     let result = f(&entry.reservation);
     // If the reservation was released meanwhile, this is the last reference: drop it (which
     // releases its bytes, possibly through the listener) while the call still counts.
@@ -510,11 +604,12 @@ pub fn with_reservation<R>(handle: jlong, f: impl FnOnce(&Reservation) -> Result
     result
 }
 
-/// Releases the reservation `handle` (Java `NativeReservation.close()`). If its manager is
-/// closing, the manager's close releases it; this returns without error.
+/// Releases the reservation `handle` (Java `NativeReservation.close()`). A give-back: while its
+/// manager's close waits for other calls it still releases at once; once the close runs, the
+/// close releases it and this returns without error.
 pub fn close_reservation(handle: jlong) -> Result<()> {
     let entry = RESERVATIONS.get(handle)?;
-    let Ok(call) = entry.owner.enter() else {
+    let Ok(call) = entry.owner.enter_as(Entry::GiveBack) else {
         return Ok(());
     };
     let removed = RESERVATIONS.remove(handle)?;

@@ -15,10 +15,15 @@
 //!   (`registerAndDropSpiller`);
 //! - resident memory (`allocateTouched`) and `mallocTrim`, to compare the process RSS before and
 //!   after a soak; `setNativeLogLevel` for runs that fail tasks on purpose by the hundred.
+//!
+//! The test library also counts its own heap ([`CountingAllocator`], its global allocator):
+//! `nativeHeapCounts` gives the live blocks and bytes, so a test proves that N create → use →
+//! close cycles leave the library's heap exactly where it was, instead of estimating it from RSS.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::panic::AssertUnwindSafe;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +44,164 @@ use crate::registry::{
 };
 use crate::vm;
 use nativemem_handles::HandleTable;
+
+// ---- the library's own heap, counted -------------------------------------------------------------
+
+/// The global allocator of the test library (installed in `lib.rs` under the `testing` feature,
+/// never in the product): `System`, plus counts of the blocks and bytes this library's Rust code
+/// has live now and has allocated in all. Only this library's allocations pass here (the JVM and
+/// other native libraries have their own allocators), so after N create → use → close cycles the
+/// live counts must be back to their baseline exactly; any difference is memory the library keeps.
+///
+/// Cost: four relaxed atomic adds per allocation and two per free, on one cache line.
+pub struct CountingAllocator;
+
+/// The counters, on their own cache line so they share it with nothing hot.
+#[repr(align(64))]
+struct HeapCounts {
+    /// Signed: a negative value would mean a free of a block this allocator never counted.
+    live_blocks: AtomicI64,
+    live_bytes: AtomicI64,
+    allocations: AtomicU64,
+    allocated_bytes: AtomicU64,
+}
+
+static HEAP: HeapCounts = HeapCounts {
+    live_blocks: AtomicI64::new(0),
+    live_bytes: AtomicI64::new(0),
+    allocations: AtomicU64::new(0),
+    allocated_bytes: AtomicU64::new(0),
+};
+
+/// A block size as a signed count (`Layout` sizes never exceed `isize::MAX`).
+fn signed(size: usize) -> i64 {
+    i64::try_from(size).unwrap_or(i64::MAX)
+}
+
+impl HeapCounts {
+    fn allocated(&self, size: usize) {
+        self.live_blocks.fetch_add(1, Ordering::Relaxed);
+        self.live_bytes.fetch_add(signed(size), Ordering::Relaxed);
+        self.allocations.fetch_add(1, Ordering::Relaxed);
+        self.allocated_bytes
+            .fetch_add(size as u64, Ordering::Relaxed);
+    }
+
+    fn freed(&self, size: usize) {
+        self.live_blocks.fetch_sub(1, Ordering::Relaxed);
+        self.live_bytes.fetch_sub(signed(size), Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged, so `System`'s
+// guarantees (alignment, size, ownership of the returned blocks) hold as they are; the counting
+// around the calls touches only atomics and never allocates (no re-entry into this allocator).
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract for `alloc` (non-zero size) is passed on unchanged.
+        let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            HEAP.allocated(layout.size());
+        }
+        ptr
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as for `alloc`.
+        let ptr = unsafe { System.alloc_zeroed(layout) };
+        if !ptr.is_null() {
+            HEAP.allocated(layout.size());
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller guarantees `ptr` was allocated by this allocator (so by `System`)
+        // with `layout`.
+        unsafe { System.dealloc(ptr, layout) };
+        HEAP.freed(layout.size());
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller guarantees `ptr` came from this allocator (so from `System`) with
+        // `layout`, and that `new_size` is valid for `layout.align()`.
+        let new = unsafe { System.realloc(ptr, layout, new_size) };
+        if !new.is_null() {
+            // The same block, resized: live blocks unchanged; the new size counts as allocated.
+            HEAP.live_bytes
+                .fetch_add(signed(new_size) - signed(layout.size()), Ordering::Relaxed);
+            HEAP.allocations.fetch_add(1, Ordering::Relaxed);
+            HEAP.allocated_bytes
+                .fetch_add(new_size as u64, Ordering::Relaxed);
+        }
+        new
+    }
+}
+
+/// `static native long[] nativeHeapCounts()`: this library's heap as its global allocator counts
+/// it: `{liveBlocks, liveBytes, allocations, allocatedBytes}` (the last two are totals since the
+/// library was loaded; a reallocation counts as one allocation of its new size).
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeTesting_nativeHeapCounts<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+) -> jlongArray {
+    run_export(&mut env, std::ptr::null_mut(), |env| {
+        // Read before anything below allocates (the array is the JVM's, not this library's).
+        let values = [
+            HEAP.live_blocks.load(Ordering::Relaxed),
+            HEAP.live_bytes.load(Ordering::Relaxed),
+            to_jlong(HEAP.allocations.load(Ordering::Relaxed)),
+            to_jlong(HEAP.allocated_bytes.load(Ordering::Relaxed)),
+        ];
+        let array = env.new_long_array(values.len() as i32)?;
+        env.set_long_array_region(&array, 0, &values)?;
+        Ok(array.into_raw())
+    })
+}
+
+/// `static native void parkNativeThreads(int threads)`: starts `threads` native threads that all
+/// wait on one lock-and-condition-variable until every one of them has arrived, then lets them
+/// return, and joins them. For warm-ups before a heap baseline: `parking_lot` keeps a global hash
+/// table of parked threads that grows (for good) when more threads than ever before have parked
+/// at once; this sizes it for `threads`, so a later peak of fewer threads (task threads, native
+/// churn threads) adds nothing to the heap.
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeTesting_parkNativeThreads<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+    threads: jint,
+) {
+    run_export(&mut env, (), |_| {
+        let threads = usize::try_from(non_negative("threads", jlong::from(threads))?)
+            .map_err(|_| Error::InvalidArgument("threads too large".into()))?;
+        let arrived = Arc::new((Mutex::new(0usize), Condvar::new()));
+        let workers: Vec<_> = (0..threads)
+            .map(|i| {
+                let arrived = arrived.clone();
+                std::thread::Builder::new()
+                    .name(format!("nativemem-park-{i}"))
+                    .spawn(move || {
+                        let (count, all_here) = &*arrived;
+                        let mut count = count.lock();
+                        *count += 1;
+                        if *count == threads {
+                            all_here.notify_all();
+                        }
+                        while *count < threads {
+                            all_here.wait(&mut count);
+                        }
+                    })
+            })
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| Error::Other(format!("cannot start a thread: {e}")))?;
+        for w in workers {
+            w.join()
+                .map_err(|p| Error::Panic(crate::export::panic_message(p.as_ref())))?;
+        }
+        Ok(())
+    })
+}
 
 /// `static native void panic(String message)`: panics inside an export.
 #[no_mangle]

@@ -104,6 +104,74 @@ public final class NativeTesting {
      */
     public static native long[] joinNativeChurn(long churn, long timeoutMillis);
 
+    // ---- the library's own heap, counted ---------------------------------------------------------
+
+    /**
+     * The test library's heap as its counting global allocator sees it:
+     * {@code {liveBlocks, liveBytes, allocations, allocatedBytes}} (totals since the library was
+     * loaded). Only the library's own Rust allocations are counted (not the JVM's, not other native
+     * libraries'), so after N create → use → close cycles the live counts must be back to where
+     * they were.
+     */
+    public static native long[] nativeHeapCounts();
+
+    /** Blocks the library has allocated and not freed. */
+    public static long liveNativeBlocks() {
+        return nativeHeapCounts()[0];
+    }
+
+    /** Bytes the library has allocated and not freed. */
+    public static long liveNativeBytes() {
+        return nativeHeapCounts()[1];
+    }
+
+    /**
+     * Polls {@link #nativeHeapCounts()} every 10 ms until the live blocks and bytes equal those of
+     * {@code baseline} or {@code timeoutMillis} passed (native threads of the library may still be
+     * finishing and freeing what they hold); returns the last reading.
+     */
+    public static long[] awaitNativeHeap(long[] baseline, long timeoutMillis) throws InterruptedException {
+        long deadline = System.nanoTime() + timeoutMillis * 1_000_000L;
+        long[] now = nativeHeapCounts();
+        while ((now[0] != baseline[0] || now[1] != baseline[1]) && System.nanoTime() < deadline) {
+            Thread.sleep(10);
+            now = nativeHeapCounts();
+        }
+        return now;
+    }
+
+    /**
+     * Starts {@code threads} native threads that all wait for each other on a lock, then return
+     * (joined here). For warm-ups before a heap baseline: the lock library keeps a global table of
+     * parked threads that grows for good when more threads than ever have parked at once; this
+     * sizes it for {@code threads}, so a later, smaller peak adds nothing.
+     */
+    public static native void parkNativeThreads(int threads);
+
+    /**
+     * The heap once nothing allocates through the library any more: polls every 100 ms until two
+     * readings agree on the live blocks, live bytes and total allocations (native threads left by
+     * earlier work have finished), for up to {@code timeoutMillis}; returns that reading. Throws
+     * {@link IllegalStateException} if the heap did not become quiet in time.
+     */
+    public static long[] quietNativeHeap(long timeoutMillis) throws InterruptedException {
+        long deadline = System.nanoTime() + timeoutMillis * 1_000_000L;
+        long[] last = nativeHeapCounts();
+        while (true) {
+            Thread.sleep(100);
+            long[] now = nativeHeapCounts();
+            if (now[0] == last[0] && now[1] == last[1] && now[2] == last[2]) {
+                return now;
+            }
+            if (System.nanoTime() > deadline) {
+                throw new IllegalStateException("the native library's heap did not become quiet within "
+                        + timeoutMillis + " ms: live blocks " + last[0] + " -> " + now[0] + ", live bytes " + last[1]
+                        + " -> " + now[1] + ", allocations " + last[2] + " -> " + now[2]);
+            }
+            last = now;
+        }
+    }
+
     /**
      * Sets the most verbose level the native library logs at, process-wide ({@code off},
      * {@code error}, {@code warn}, {@code info}, {@code debug}, {@code trace}); returns the previous.

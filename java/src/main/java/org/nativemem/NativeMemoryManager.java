@@ -271,6 +271,25 @@ public final class NativeMemoryManager implements AutoCloseable {
      * <p>Idempotent and thread-safe: only the first call does anything. The manager is closed
      * even if this throws (no new call is accepted).
      *
+     * <p><b>Calls during and after close.</b> "During": close has started and waits for a call
+     * still running on another thread; "after": it returned. At the Java level every method of
+     * this manager and of its {@link NativeReservation}s but the getters and {@code close} throws
+     * {@link IllegalStateException} as soon as {@code close} is called, and
+     * {@link NativeReservation#close()} is then a no-op (this close releases the reservation). The
+     * native calls behind them, given the raw handles, keep the same contract as the engine ABI
+     * (the table next to {@code manager_close} in {@code include/nativemem.h}):
+     * <ul>
+     * <li>on this manager's handle (read-outs, spill, reclaim, release of unused bytes, reserve,
+     *     close): refused during and after, {@code IllegalStateException} "... is stale: it was
+     *     closed or destroyed" (close removes the handle first);
+     * <li>new work on a reservation of this manager (grow, resize, size): refused,
+     *     {@code IllegalStateException} "... is closed" during, "... is stale" after;
+     * <li>giving back on a reservation (shrink, close): allowed during (the bytes are released at
+     *     once and are not reported as a leak), refused as stale after;
+     * <li>calls without a handle (creating another manager, {@link #nativeApi()}, the library's
+     *     ABI version check): always allowed.
+     * </ul>
+     *
      * @throws NativeMemoryException if the listener threw while taking bytes back (its exception
      *     is the cause; native memory is freed, the bytes stay counted on the listener's side), or
      *     if calls in progress did not return within the close timeout (the memory is then freed

@@ -9,6 +9,7 @@ import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Paths;
 import java.util.ArrayList;
+import java.util.HashMap;
 import java.util.List;
 import java.util.Map;
 import java.util.TreeMap;
@@ -217,8 +218,16 @@ final class Soak {
         final long jvmCommittedBytes;
         /** Live threads of the JVM (each has a stack outside the committed heap). */
         final int threads;
+        /**
+         * The native library's own heap, from its counting allocator (test library only): blocks
+         * and bytes live, and allocations made since it was loaded.
+         */
+        final long liveNativeBlocks;
+        final long liveNativeBytes;
+        final long nativeAllocations;
 
-        ExecutorReport(ExecutorNativeMemoryStats s, long rss, long peakRss, long jvmCommitted, int threads) {
+        ExecutorReport(ExecutorNativeMemoryStats s, long rss, long peakRss, long jvmCommitted, int threads,
+                long[] heap) {
             this.executorId = SparkEnv.get().executorId();
             this.liveManagers = s.liveManagers();
             this.usedBytes = s.usedBytes();
@@ -236,15 +245,30 @@ final class Soak {
             this.peakRssBytes = peakRss;
             this.jvmCommittedBytes = jvmCommitted;
             this.threads = threads;
+            this.liveNativeBlocks = heap[0];
+            this.liveNativeBytes = heap[1];
+            this.nativeAllocations = heap[2];
         }
 
-        /** Runs in a task: settles the process memory, then reads everything. */
-        static ExecutorReport take() throws IOException, InterruptedException {
+        /**
+         * Runs in a task: settles the process memory, then reads everything. The library's heap is
+         * read once it is quiet, or, given this executor's {@code heapBaseline} (live blocks and
+         * bytes), once it is back there or {@link #HEAP_SETTLE_MILLIS} passed (native threads of
+         * closed managers may still be returning and freeing what they hold).
+         */
+        static ExecutorReport take(long[] heapBaseline) throws IOException, InterruptedException {
             settle();
+            long[] heap = heapBaseline == null ? NativeTesting.quietNativeHeap(HEAP_QUIET_MILLIS)
+                    : NativeTesting.awaitNativeHeap(heapBaseline, HEAP_SETTLE_MILLIS);
             MemoryMXBean mx = ManagementFactory.getMemoryMXBean();
             long committed = mx.getHeapMemoryUsage().getCommitted() + mx.getNonHeapMemoryUsage().getCommitted();
             return new ExecutorReport(TaskNativeMemory.executorStats(), procStatus("VmRSS"), procStatus("VmHWM"),
-                    committed, ManagementFactory.getThreadMXBean().getThreadCount());
+                    committed, ManagementFactory.getThreadMXBean().getThreadCount(), heap);
+        }
+
+        /** This executor's live heap as a baseline for {@link #take(long[])}. */
+        long[] heapBaseline() {
+            return new long[] {liveNativeBlocks, liveNativeBytes};
         }
 
         /** Native bytes this executor still accounts for (0 when nothing leaked). */
@@ -268,10 +292,12 @@ final class Soak {
             return String.format("executor %s: live managers %d, used %d, reserved %d, held from Spark %d,"
                     + " unreturned %d, close failures %d, managers %d created / %d closed, reclaimed at close"
                     + " %.1f MiB, native OOM task failures %d, successful Spark spills %d, native spills %d;"
+                    + " native library heap %d blocks / %d bytes live (%d allocations so far);"
                     + " RSS %.1f MiB (peak %.1f MiB), JVM committed %.1f MiB, %d threads", executorId, liveManagers,
                     usedBytes, reservedBytes, heldFromSparkBytes, unreturnedBytes, closeFailures, managersCreated,
                     managersClosed,
                     reclaimedAtCloseBytes / (double) MiB, oomFailures, sparkSpillRequests, spillCount,
+                    liveNativeBlocks, liveNativeBytes, nativeAllocations,
                     rssBytes / (double) MiB, peakRssBytes / (double) MiB, jvmCommittedBytes / (double) MiB, threads);
         }
     }
@@ -300,12 +326,28 @@ final class Soak {
         throw new AssertionError("no " + key + " in /proc/self/status");
     }
 
+    /** How long a report waits for the library's heap to become quiet (its baseline reading). */
+    static final long HEAP_QUIET_MILLIS = 30_000;
+    /** How long a report waits for the library's heap to come back to its baseline. */
+    static final long HEAP_SETTLE_MILLIS = 5_000;
+
     /** Runs tasks until every executor reported once; one report per executor (the last). */
     static List<ExecutorReport> executorReports(JavaSparkContext jsc, int executors) {
+        return executorReports(jsc, executors, new HashMap<String, long[]>());
+    }
+
+    /**
+     * Like {@link #executorReports(JavaSparkContext, int)}; each executor with a baseline in
+     * {@code heapBaselines} (by executor id; see {@link ExecutorReport#heapBaseline()}) waits a
+     * bounded time for its library heap to come back to it before reading.
+     */
+    static List<ExecutorReport> executorReports(JavaSparkContext jsc, int executors,
+            HashMap<String, long[]> heapBaselines) {
         Map<String, ExecutorReport> byExecutor = new TreeMap<>();
         for (int round = 0; round < 10 && byExecutor.size() < executors; round++) {
             int n = 2 * executors;
-            for (ExecutorReport r : jsc.parallelize(seeds(n), n).map(i -> ExecutorReport.take()).collect()) {
+            for (ExecutorReport r : jsc.parallelize(seeds(n), n)
+                    .map(i -> ExecutorReport.take(heapBaselines.get(SparkEnv.get().executorId()))).collect()) {
                 byExecutor.put(r.executorId, r);
             }
         }
@@ -338,7 +380,7 @@ final class Soak {
 
         void release(long bytes) {
             synchronized (tmm) {
-                freeMemory(Math.min(bytes, used));
+                freeMemory(Math.min(bytes, getUsed()));
             }
         }
 
@@ -352,7 +394,7 @@ final class Soak {
             if (trigger == this) {
                 return 0;
             }
-            long freed = Math.min(size, used);
+            long freed = Math.min(size, getUsed());
             if (freed > 0) {
                 freeMemory(freed);
                 spills++;
@@ -362,7 +404,7 @@ final class Soak {
 
         @Override
         public String toString() {
-            return "soak-jvm-operator(" + getMode() + ", used " + used + ")";
+            return "soak-jvm-operator(" + getMode() + ", used " + getUsed() + ")";
         }
     }
 
