@@ -31,7 +31,7 @@
 #         per query vs one call per try_grow/grow/shrink.
 #
 # Environment: BENCH_DIR (logs, criterion data, table.md; default target/bench), BENCH_ESTIMATE
-# (criterion estimate: median (default) or mean), SPARK_VERSION (3.5 or 4.0, default 3.5),
+# (criterion estimate: median (default) or mean), SPARK_VERSION (a release of scripts/spark-releases.txt, default 3.5),
 # SORT_KEYS (default 50,000,000; quick 5,000,000), SORT_BUFFER_MIB (16), SORT_ROUNDS (5; quick 1).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -7,7 +7,7 @@
 # prints per task: rows, native peak, bytes spilled, runs, time; then totals and "leaked: 0 B".
 # Exits non-zero if a check fails.
 #
-#   scripts/run-example.sh [job options] [--spark 3.5|4.0] [spark-submit options] [-- job args...]
+#   scripts/run-example.sh [job options] [--spark 3.5|4.0|4.1|4.2|4.3] [spark-submit options] [-- job args...]
 #
 # Job options (passed to SortJob; also accepted after --):
 #   --rows N            rows in all (default 50m; 2000000, 2_000_000, 2m and 500k work)
@@ -17,7 +17,7 @@
 #   --require-spill     fail unless every task spilled (and, with the JVM sort, both directions)
 #   --seed S            random seed (default 42)
 # Script options:
-#   --spark 3.5|4.0     Spark runtime (default 3.5)
+#   --spark <minor>     Spark runtime, one of scripts/spark-releases.txt (default 3.5)
 #   --verbose           keep nativemem's INFO logs (each Spark spill request); default: warnings only
 # Any other option goes to scripts/spark-submit.sh (yours win), e.g. --master 'local[4]' or
 # --conf spark.memory.offHeap.size=96m. Defaults: --master 'local[2]'; SortJob itself sets the

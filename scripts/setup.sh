@@ -7,15 +7,22 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="$ROOT/.cache"
 mkdir -p "$CACHE"
 
-SPARK_35=3.5.9
-SPARK_40=4.0.5
+# The Spark runtimes: scripts/spark-releases.txt, "<minor> <pyspark release> <scope>" per line.
+mapfile -t spark_lines < <(sed -e 's/\r$//' -e '/^[[:space:]]*#/d' -e '/^[[:space:]]*$/d' "$ROOT/scripts/spark-releases.txt")
 spark_ok() { [ -x "$CACHE/$2/pyspark/bin/spark-submit" ] && [ -f "$CACHE/$2/.installed-$1" ]; }
+all_spark_ok() {
+  local line f
+  for line in "${spark_lines[@]}"; do
+    read -r -a f <<<"$line"
+    spark_ok "${f[1]}" "spark-${f[0]}" || return 1
+  done
+}
 
 need_apt=()
 command -v javac >/dev/null 2>&1 || need_apt+=(openjdk-17-jdk-headless)
 command -v gradle >/dev/null 2>&1 || need_apt+=(gradle)
 [ -f /usr/share/java/junit4.jar ] || need_apt+=(junit4)
-if ! { spark_ok "$SPARK_35" spark-3.5 && spark_ok "$SPARK_40" spark-4.0; }; then
+if ! all_spark_ok; then
   python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -42,12 +49,14 @@ install_spark() { # version dir
   python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$dir" "pyspark==$ver"
   touch "$dir/.installed-$ver"
 }
-install_spark "$SPARK_35" spark-3.5 &
-p1=$!
-install_spark "$SPARK_40" spark-4.0 &
-p2=$!
-rc=0
-wait $p1 || rc=1
-wait $p2 || rc=1
+# Two downloads at a time (each ~400-500 MB unpacked).
+rc=0 pids=() installed=()
+for line in "${spark_lines[@]}"; do
+  read -r -a f <<<"$line"
+  install_spark "${f[1]}" "spark-${f[0]}" &
+  pids+=($!) installed+=("${f[1]}")
+  if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}" || rc=1; pids=("${pids[@]:1}"); fi
+done
+for p in ${pids[@]+"${pids[@]}"}; do wait "$p" || rc=1; done
 [ $rc -eq 0 ] || { echo "setup: installing Spark failed" >&2; exit 1; }
-echo "setup: ok (gradle $(gradle --version 2>/dev/null | awk '/^Gradle/{print $2}'), $(cargo --version | cut -d' ' -f1-2), spark $SPARK_35 + $SPARK_40 in .cache)"
+echo "setup: ok (gradle $(gradle --version 2>/dev/null | awk '/^Gradle/{print $2}'), $(cargo --version | cut -d' ' -f1-2), spark ${installed[*]} in .cache)"

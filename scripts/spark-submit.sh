@@ -2,7 +2,9 @@
 # Runs spark-submit from one of the Spark runtimes that scripts/setup.sh installs, with nativemem.jar
 # on --jars (driver and executors), quiet logging and leak checks on.
 #
-#   scripts/spark-submit.sh <3.5|4.0> [spark-submit args...] <app jar> [app args...]
+#   scripts/spark-submit.sh <minor> [spark-submit args...] <app jar> [app args...]
+#
+# <minor> is a Spark release of scripts/spark-releases.txt (3.5, 4.0, 4.1, 4.2, 4.3).
 #
 # e.g. scripts/spark-submit.sh 3.5 --master 'local-cluster[2,1,1024]' \
 #        --conf spark.plugins=org.nativemem.spark.NativeMemoryPlugin \
@@ -16,19 +18,21 @@
 #
 # Environment: NATIVEMEM_JAR (default build/libs/nativemem.jar), NATIVEMEM_LOG4J (log4j2 file),
 # NATIVEMEM_LIBRARY (a native library file to load instead of the jar's, e.g. the test library),
-# SPARK_HOME_3_5 / SPARK_HOME_4_0 (default .cache/spark-<v>/pyspark), JAVA_HOME (default: the
+# SPARK_HOME_<major>_<minor>, e.g. SPARK_HOME_4_3 (default .cache/spark-<minor>/pyspark), JAVA_HOME (default: the
 # java on PATH), SPARK_LOCAL_IP (default 127.0.0.1).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 die() { echo "spark-submit.sh: $*" >&2; exit 2; }
-[ $# -ge 1 ] || die "usage: scripts/spark-submit.sh <3.5|4.0> [spark-submit args...]"
+[ $# -ge 1 ] || die "usage: scripts/spark-submit.sh <minor> [spark-submit args...]"
 version="$1"; shift
-case "$version" in
-  3.5) SPARK_HOME="${SPARK_HOME_3_5:-$ROOT/.cache/spark-3.5/pyspark}" ;;
-  4.0) SPARK_HOME="${SPARK_HOME_4_0:-$ROOT/.cache/spark-4.0/pyspark}" ;;
-  *) die "unknown Spark version '$version' (expected 3.5 or 4.0)" ;;
+known="$(sed -e '/^[[:space:]]*#/d' -e '/^[[:space:]]*$/d' "$ROOT/scripts/spark-releases.txt" | awk '{print $1}' | xargs)"
+case " $known " in
+  *" $version "*) ;;
+  *) die "unknown Spark version '$version' (supported: $known; scripts/spark-releases.txt)" ;;
 esac
+home_var="SPARK_HOME_${version//./_}"
+SPARK_HOME="${!home_var:-$ROOT/.cache/spark-$version/pyspark}"
 [ -x "$SPARK_HOME/bin/spark-submit" ] || die "no Spark $version at $SPARK_HOME: run scripts/setup.sh"
 # pyspark's bin/ scripts find SPARK_HOME through python unless it is set; set it explicitly.
 export SPARK_HOME

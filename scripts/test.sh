@@ -15,14 +15,18 @@
 #   gradle          gradle cleanTest test assemble: JUnit tests (tests/java) + build/libs/*.jar
 #   product-contents scripts/check-product.sh: the release library exports only the allow-list,
 #                   nativemem.jar holds only org.nativemem, org.nativemem.spark and org.nativemem.arrow
-#   e2e:<name>@<v>  every line of tests/spark/tests.txt on Spark <v> in 3.5 4.0
+#   e2e:<name>@<v>  the lines of tests/spark/tests.txt on each Spark release <v> of
+#                   scripts/spark-releases.txt: all of them on a `full` release (the oldest and the
+#                   newest), the lines marked `core` on the others
 #                   (scripts/spark-submit.sh <v> ... build/libs/nativemem-e2e.jar)
 #
 #   scripts/test.sh                  everything
 #   scripts/test.sh 'e2e:*@4.0' ...  only suites whose name matches one of the glob patterns
 #                                    (e2e suites then use the jars already in build/libs)
 #
-# Environment: CI=true (plain output, no colours), SPARK_VERSIONS (default "3.5 4.0"),
+# Environment: CI=true (plain output, no colours), SPARK_VERSIONS (default: every release of
+# scripts/spark-releases.txt, each with its scope; a release named here that is not `full` there
+# runs its `core` lines),
 # E2E_TIMEOUT (seconds per Spark run, default 300), SUITE_TIMEOUT (other suites, default 1500),
 # DATAFUSION_TIMEOUT (cargo-test-datafusion, default 2700: it builds DataFusion).
 set -uo pipefail
@@ -30,7 +34,17 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 patterns=("$@")
-SPARK_VERSIONS="${SPARK_VERSIONS:-3.5 4.0}"
+# "<minor> <pyspark release> <scope>" lines, comments dropped.
+mapfile -t spark_releases < <(sed -e 's/\r$//' -e '/^[[:space:]]*#/d' -e '/^[[:space:]]*$/d' scripts/spark-releases.txt)
+SPARK_VERSIONS="${SPARK_VERSIONS:-$(for l in "${spark_releases[@]}"; do read -r -a f <<<"$l"; printf '%s ' "${f[0]}"; done)}"
+spark_scope() { # minor -> full|core
+  local l f
+  for l in "${spark_releases[@]}"; do
+    read -r -a f <<<"$l"
+    [ "${f[0]}" = "$1" ] && { echo "${f[2]}"; return; }
+  done
+  echo core
+}
 E2E_TIMEOUT="${E2E_TIMEOUT:-300}"
 SUITE_TIMEOUT="${SUITE_TIMEOUT:-1500}"
 
@@ -158,13 +172,15 @@ for line in ${e2e_lines[@]+"${e2e_lines[@]}"}; do
     names+=("tests.txt"); results+=(FAIL); times+=("0.0s"); continue
   fi
   name="${f[0]}" cls="${f[1]}" master="${f[2]}"
-  confs=() app_args=() library=""
+  confs=() app_args=() library="" core=0
   for ((i = 3; i < ${#f[@]}; i++)); do
     if [ "${f[$i]}" = "--" ]; then app_args=("${f[@]:$((i + 1))}"); break; fi
     if [ "${f[$i]}" = testlib ]; then library="$TESTLIB"; continue; fi
+    if [ "${f[$i]}" = core ]; then core=1; continue; fi
     confs+=(--conf "${f[$i]}")
   done
   for v in $SPARK_VERSIONS; do
+    [ "$core" = 1 ] || [ "$(spark_scope "$v")" = full ] || continue
     touch "$marker"
     run_suite "e2e:$name@$v" "$E2E_TIMEOUT" env NATIVEMEM_LIBRARY="$library" \
       bash scripts/spark-submit.sh "$v" --master "$master" \

@@ -560,8 +560,8 @@ public final class DataFusionJob {
 
         void releaseAll() {
             synchronized (tmm) {
-                if (used > 0) {
-                    freeMemory(used);
+                if (getUsed() > 0) {
+                    freeMemory(getUsed());
                 }
             }
         }
@@ -572,7 +572,7 @@ public final class DataFusionJob {
                 return 0;
             }
             synchronized (tmm) {
-                long freed = Math.min(size, used);
+                long freed = Math.min(size, getUsed());
                 if (freed > 0) {
                     freeMemory(freed);
                     spillsForOthers++;
@@ -584,7 +584,7 @@ public final class DataFusionJob {
 
         @Override
         public String toString() {
-            return "e2e-datafusion-jvm-consumer(used " + used + ")";
+            return "e2e-datafusion-jvm-consumer(used " + getUsed() + ")";
         }
     }
 
@@ -620,7 +620,7 @@ public final class DataFusionJob {
         @Override
         public void freeMemory(long size) {
             synchronized (tmm) {
-                long free = Math.min(size, used);
+                long free = Math.min(size, getUsed());
                 unaccountedFreed += size - free;
                 if (free > 0) {
                     super.freeMemory(free);
@@ -630,7 +630,7 @@ public final class DataFusionJob {
 
         long usedNow() {
             synchronized (tmm) {
-                return used;
+                return getUsed();
             }
         }
 
@@ -646,7 +646,7 @@ public final class DataFusionJob {
 
         @Override
         public String toString() {
-            return "e2e-comet-like-consumer(used " + used + ")";
+            return "e2e-comet-like-consumer(used " + getUsed() + ")";
         }
     }
 }

@@ -24,8 +24,8 @@ final class JvmConsumer extends MemoryConsumer {
     }
 
     void releaseAll() {
-        if (used > 0) {
-            freeMemory(used);
+        if (getUsed() > 0) {
+            freeMemory(getUsed());
         }
     }
 
@@ -34,7 +34,7 @@ final class JvmConsumer extends MemoryConsumer {
         if (trigger == this || !spillable) {
             return 0;
         }
-        long freed = Math.min(size, used);
+        long freed = Math.min(size, getUsed());
         if (freed > 0) {
             freeMemory(freed);
             spills++;
@@ -45,6 +45,6 @@ final class JvmConsumer extends MemoryConsumer {
 
     @Override
     public String toString() {
-        return "e2e-jvm-consumer(" + getMode() + ", used " + used + ")";
+        return "e2e-jvm-consumer(" + getMode() + ", used " + getUsed() + ")";
     }
 }

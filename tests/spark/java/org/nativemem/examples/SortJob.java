@@ -37,6 +37,7 @@ import org.apache.spark.util.collection.unsafe.sort.UnsafeSorterIterator;
 import org.nativemem.NativeMemoryManager;
 import org.nativemem.spark.ExecutorNativeMemoryStats;
 import org.nativemem.spark.NativeMemoryPlugin;
+import org.nativemem.spark.SparkApiCheck;
 import org.nativemem.spark.SparkReservationListener;
 import org.nativemem.spark.TaskNativeMemory;
 
@@ -279,6 +280,46 @@ public final class SortJob {
         }
     }
 
+    /**
+     * Spark's {@link UnsafeExternalSorter} for this task, with no spill threshold but memory: its
+     * {@code create} is an internal API that gained parameters across releases (3.5: the element
+     * threshold; 4.1: a size threshold; 4.3: a spill merge factor), so the overload is picked by
+     * its parameter count. The extra ones get the values that keep 3.5's behaviour: no size
+     * threshold ({@code Long.MAX_VALUE}), merge factor -1 (disabled).
+     */
+    static UnsafeExternalSorter createJvmSorter(TaskContext ctx) throws IOException {
+        TaskMemoryManager tmm = ctx.taskMemoryManager();
+        SparkEnv env = SparkEnv.get();
+        Supplier<LongRecordComparator> comparator = () -> LongRecordComparator.INSTANCE;
+        Object[] common = {tmm, env.blockManager(), env.serializerManager(), ctx, comparator,
+                PrefixComparators.LONG, 4096, tmm.pageSizeBytes(), Integer.MAX_VALUE};
+        for (java.lang.reflect.Method m : UnsafeExternalSorter.class.getMethods()) {
+            if (!m.getName().equals("create") || !java.lang.reflect.Modifier.isStatic(m.getModifiers())) {
+                continue;
+            }
+            Object[] args;
+            switch (m.getParameterCount()) {
+                case 10: args = append(common, true); break;                      // 3.5, 4.0
+                case 11: args = append(common, Long.MAX_VALUE, true); break;      // 4.1, 4.2
+                case 12: args = append(common, Long.MAX_VALUE, -1, true); break;  // 4.3
+                default: continue;
+            }
+            try {
+                return (UnsafeExternalSorter) m.invoke(null, args);
+            } catch (ReflectiveOperationException e) {
+                throw new IOException("SortJob: UnsafeExternalSorter.create failed", e);
+            }
+        }
+        throw new IllegalStateException("SortJob: no UnsafeExternalSorter.create overload known for Spark "
+                + SparkApiCheck.sparkVersion(UnsafeExternalSorter.class.getClassLoader()));
+    }
+
+    private static Object[] append(Object[] head, Object... tail) {
+        Object[] all = java.util.Arrays.copyOf(head, head.length + tail.length);
+        System.arraycopy(tail, 0, all, head.length, tail.length);
+        return all;
+    }
+
     /** The task's sorters and the spill attribution: what spilled while which one was running. */
     static final class Sorters {
         final NativeSorter nativeSorter;
@@ -364,11 +405,7 @@ public final class SortJob {
 
         UnsafeExternalSorter jvm = null;
         if (args.withJvmSort) {
-            TaskMemoryManager tmm = ctx.taskMemoryManager();
-            SparkEnv env = SparkEnv.get();
-            jvm = UnsafeExternalSorter.create(tmm, env.blockManager(), env.serializerManager(), ctx,
-                    () -> LongRecordComparator.INSTANCE, PrefixComparators.LONG, 4096, tmm.pageSizeBytes(),
-                    Integer.MAX_VALUE, true);
+            jvm = createJvmSorter(ctx);
         }
         Checksum in = new Checksum();
         Checksum out = new Checksum();

@@ -28,12 +28,15 @@ import com.codahale.metrics.MetricRegistry;
  * {@code --jars nativemem.jar --conf spark.plugins=org.nativemem.spark.NativeMemoryPlugin}.
  *
  * <h2>Driver</h2>
- * Validates the {@code spark.nativemem.*} settings ({@link NativeMemorySparkConf}) when the
+ * Checks that this Spark has every member of its API that nativemem calls ({@link SparkApiCheck}:
+ * a release that lacks one fails here, naming the Spark version and the members) and validates
+ * the {@code spark.nativemem.*} settings ({@link NativeMemorySparkConf}) when the
  * {@code SparkContext} starts: an unknown key or a bad value fails the application at once with a
  * message naming the key, instead of failing (or being ignored) in every task.
  *
  * <h2>Executor</h2>
- * At executor start: validates the settings again, loads the native library (an executor that
+ * At executor start: checks the Spark API again (executors may run another Spark build), validates
+ * the settings again, loads the native library (an executor that
  * cannot load it fails to start, with the platform and the cause in the message, rather than
  * failing each task later) and registers these gauges in the plugin's metric registry. Spark
  * publishes them through its metrics system as
@@ -218,6 +221,7 @@ public final class NativeMemoryPlugin implements SparkPlugin {
     private static final class Driver implements DriverPlugin {
         @Override
         public Map<String, String> init(SparkContext sc, PluginContext ctx) {
+            SparkApiCheck.verify();
             NativeMemorySparkConf conf = NativeMemorySparkConf.fromSparkConf(sc.getConf());
             LOG.info("nativemem: driver plugin: {}", conf);
             if (!conf.offHeapEnabled()) {
@@ -231,6 +235,7 @@ public final class NativeMemoryPlugin implements SparkPlugin {
     private static final class Executor implements ExecutorPlugin {
         @Override
         public void init(PluginContext ctx, Map<String, String> extraConf) {
+            SparkApiCheck.verify();
             NativeMemorySparkConf conf = NativeMemorySparkConf.fromSparkConf(ctx.conf());
             try {
                 NativeLibraryLoader.load();

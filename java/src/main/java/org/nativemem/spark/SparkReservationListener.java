@@ -37,11 +37,19 @@ import org.slf4j.LoggerFactory;
  *
  * <h2>Threads and locks</h2>
  * {@link #reserve(long)} and {@link #unreserve(long)} may be called from any thread (task threads,
- * native operator threads). Both hold the {@code TaskMemoryManager}'s monitor while they call it
- * and update {@link #getUsed()}: that is the lock Spark itself takes in
- * {@code acquireExecutionMemory}, so the lock order is unchanged and {@code used} is consistent
- * with what Spark reads under the same monitor ({@code MemoryConsumer.acquireMemory} alone is not
- * thread-safe). Spark calls {@link #spill(long, MemoryConsumer)} while holding that monitor;
+ * native operator threads). Both hold the {@code TaskMemoryManager}'s monitor while they call
+ * Spark's public {@code acquireMemory} / {@code freeMemory} (which update {@link #getUsed()}) and
+ * this class's own count: that is the lock Spark itself takes in {@code acquireExecutionMemory},
+ * so the lock order is unchanged and both counts are consistent with what Spark reads under the
+ * same monitor ({@code MemoryConsumer.acquireMemory} alone is not thread-safe before Spark 4.2).
+ *
+ * <h2>Spark versions</h2>
+ * Only public and protected methods of {@code MemoryConsumer} are called, never its fields: the
+ * protected {@code used} field is a {@code long} up to Spark 4.1 and an {@code AtomicLong} from
+ * 4.2, so code that touches it links on one side of that change only. The bytes held from Spark
+ * are counted here ({@link #heldBytes()}), which also keeps counting after the listener is
+ * detached from Spark. {@link SparkApiCheck} verifies at executor start that every member this
+ * package calls exists. Spark calls {@link #spill(long, MemoryConsumer)} while holding that monitor;
  * {@code spill} takes no other lock (the native side holds none during upcalls), so a native
  * thread blocked in {@code reserve} cannot deadlock against it.
  *
@@ -65,8 +73,10 @@ public final class SparkReservationListener extends MemoryConsumer implements Re
     private final String taskName;
     private volatile NativeMemoryManager manager;
     private volatile int state = OPEN;
-    /** Highest {@code used}; guarded by the TaskMemoryManager's monitor. */
-    private long peakUsed;
+    /** Bytes held from Spark now; guarded by the TaskMemoryManager's monitor. */
+    private long held;
+    /** Highest {@code held}; guarded by the TaskMemoryManager's monitor. */
+    private long peakHeld;
     private final AtomicLong spillRequests = new AtomicLong();
     private final AtomicLong spilledBytes = new AtomicLong();
     private final AtomicLong reserveRequests = new AtomicLong();
@@ -166,10 +176,12 @@ public final class SparkReservationListener extends MemoryConsumer implements Re
         reserveRequests.incrementAndGet();
         long granted;
         synchronized (taskMemoryManager) {
-            granted = taskMemoryManager.acquireExecutionMemory(bytes, this);
-            used += granted;
-            if (used > peakUsed) {
-                peakUsed = used;
+            // Spark may call spill(.., this) from inside acquireMemory, on this thread: its
+            // unreserve lowers `held` before this line raises it, as Spark does with `used`.
+            granted = acquireMemory(bytes);
+            held += granted;
+            if (held > peakHeld) {
+                peakHeld = held;
             }
         }
         if (granted < bytes) {
@@ -193,14 +205,14 @@ public final class SparkReservationListener extends MemoryConsumer implements Re
             return;
         }
         synchronized (taskMemoryManager) {
-            if (bytes > used) {
+            if (bytes > held) {
                 throw new IllegalStateException("nativemem: " + taskName + ": asked to release " + bytes
-                        + " bytes but holds only " + used + " bytes from Spark");
+                        + " bytes but holds only " + held + " bytes from Spark");
             }
             if (state != DETACHED) {
-                taskMemoryManager.releaseExecutionMemory(bytes, this);
+                freeMemory(bytes);
             }
-            used -= bytes;
+            held -= bytes;
         }
     }
 
@@ -260,7 +272,7 @@ public final class SparkReservationListener extends MemoryConsumer implements Re
     /** @return the highest {@link #getUsed()} so far: the task's peak native memory held from Spark, bytes */
     public long peakUsedBytes() {
         synchronized (taskMemoryManager) {
-            return peakUsed;
+            return peakHeld;
         }
     }
 
@@ -270,7 +282,7 @@ public final class SparkReservationListener extends MemoryConsumer implements Re
      */
     public long heldBytes() {
         synchronized (taskMemoryManager) {
-            return used;
+            return held;
         }
     }
 

@@ -106,7 +106,8 @@ public final class TaskNativeMemory {
      *
      * @param ctx a running task
      * @return the manager; owned by the task, do not close it
-     * @throws IllegalStateException if the task has completed
+     * @throws IllegalStateException if the task has completed, or this Spark lacks a member of its
+     *     API that nativemem calls ({@link SparkApiCheck})
      * @throws IllegalArgumentException if a {@code spark.nativemem.*} setting is invalid
      * @throws UnsatisfiedLinkError if the native library cannot be loaded
      */
@@ -117,6 +118,7 @@ public final class TaskNativeMemory {
         long id = ctx.taskAttemptId();
         TaskEntry entry = LIVE.get(id);
         if (entry == null) {
+            SparkApiCheck.verify(); // once per JVM; then a volatile read (also without the plugin)
             TaskEntry fresh = new TaskEntry(ctx);
             entry = LIVE.putIfAbsent(id, fresh);
             if (entry == null) {
