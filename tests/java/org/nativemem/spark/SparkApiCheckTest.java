@@ -39,6 +39,9 @@ import org.junit.Test;
  *   <li>The matrix: for each release of {@code scripts/spark-releases.txt}, a class loader over that
  *       runtime's jars (installed by {@code scripts/setup.sh}) and our classes resolves every listed
  *       member, and our classes implement every abstract method of their Spark supertypes.</li>
+ *   <li>The e2e jobs and example engines: every Spark member they link against exists in every
+ *       release. Arrow Java (Spark's, 12.0.1 to 19.0.0): every Arrow member {@code org.nativemem.arrow}
+ *       links against exists, and its Arrow implementations lack no abstract method, on every release.</li>
  *   <li>The check fails, naming the version: the {@code used} field as a {@code long} (what nativemem
  *       read up to 0.x) is reported missing on Spark 4.2 and later.</li>
  * </ul>
@@ -224,6 +227,12 @@ public class SparkApiCheckTest {
     /** The Spark members the classes under {@code dir} link against (see the class docs). */
     private static Set<SparkApiCheck.Member> sparkRefs(File dir, ClassLoader loader, Set<String> implementors,
             Map<SparkApiCheck.Member, String> from) throws Exception {
+        return refs(dir, loader, "org.apache.spark.", implementors, from);
+    }
+
+    /** The members of classes under {@code prefix} that the classes under {@code dir} link against. */
+    private static Set<SparkApiCheck.Member> refs(File dir, ClassLoader loader, String prefix, Set<String> implementors,
+            Map<SparkApiCheck.Member, String> from) throws Exception {
         List<File> files = new ArrayList<>();
         classFiles(dir, files);
         assertTrue("no classes under " + dir, files.size() > 3);
@@ -231,17 +240,17 @@ public class SparkApiCheckTest {
         for (File file : files) {
             ClassRefs refs = read(file);
             for (String supertype : refs.supertypes) {
-                if (isSpark(supertype)) {
+                if (supertype.startsWith(prefix)) {
                     implementors.add(refs.name);
                 }
             }
             for (SparkApiCheck.Member ref : refs.refs) {
                 String declaring;
-                if (isSpark(ref.owner)) {
+                if (ref.owner.startsWith(prefix)) {
                     declaring = ref.owner;
                 } else if (ref.owner.startsWith("org.nativemem.")) {
                     String d = declaringClass(Class.forName(ref.owner, false, loader), ref);
-                    if (d == null || !isSpark(d)) {
+                    if (d == null || !d.startsWith(prefix)) {
                         continue;
                     }
                     declaring = d;
@@ -309,6 +318,35 @@ public class SparkApiCheckTest {
         }
         assertTrue("Spark members the e2e jobs or examples call that a supported Spark lacks: " + failures
                 + " (from " + from + ")", failures.isEmpty());
+    }
+
+    /**
+     * Arrow Java comes from Spark (12.0.1 in 3.5 to 19.0.0 in 4.3) and {@code org.nativemem.arrow}
+     * is compiled against the oldest: every Arrow member it links against must exist in the Arrow
+     * of every supported release.
+     */
+    @Test
+    public void everyArrowMemberNativememCallsExistsInEverySparksArrow() throws Exception {
+        Map<SparkApiCheck.Member, String> from = new LinkedHashMap<>();
+        Set<String> implementors = new TreeSet<>();
+        Set<SparkApiCheck.Member> members = refs(mainClasses(), SparkApiCheck.class.getClassLoader(),
+                "org.apache.arrow.", implementors, from);
+        assertTrue("org.nativemem.arrow calls Arrow: " + members, members.size() > 5);
+        assertTrue("org.nativemem.arrow implements Arrow types: " + implementors, !implementors.isEmpty());
+        List<String> failures = new ArrayList<>();
+        for (String minor : releases().keySet()) {
+            try (URLClassLoader loader = sparkLoader(minor)) {
+                List<String> missing = SparkApiCheck.missing(loader, new ArrayList<>(members),
+                        new ArrayList<>(implementors));
+                System.out.println("SparkApiCheck: Arrow of Spark " + SparkApiCheck.sparkVersion(loader) + ": "
+                        + members.size() + " members, " + implementors.size() + " implementors, " + missing.size()
+                        + " missing");
+                for (String m : missing) {
+                    failures.add("Spark " + minor + ": " + m);
+                }
+            }
+        }
+        assertTrue("Arrow members nativemem calls that a supported Spark's Arrow lacks: " + failures, failures.isEmpty());
     }
 
     @Test
