@@ -1,7 +1,8 @@
 /*
  * nativemem.h: the engine ABI of nativemem, for native engines in their own shared library.
  *
- * A Spark task's memory manager lives in libnativemem_jni.so. Java creates it
+ * A Spark task's memory manager lives in libnativemem_jni.so (the table below is filled by
+ * native/provider, linked into that library). Java creates it
  * (org.nativemem.NativeMemoryManager) and passes two plain integers to the engine:
  *
  *     long api    = NativeMemoryManager.nativeApi();  // address of the nm_api table below
@@ -325,8 +326,8 @@ typedef struct nm_api {
      * one thread while close waits for another (what they release is no leak). A give-back that
      * races the end of the wait may instead get NM_ERR_CLOSED (reservation_close: NM_OK), the
      * close having released the object itself. A failed attach or spiller_register leaves its
-     * state or ctx the caller's, as always. (Checked function by function by the provider's test
-     * close_contract.)
+     * state or ctx the caller's, as always. (Checked function by function by
+     * native/provider/tests/close_contract.rs.)
      */
     nm_status (*manager_close)(nm_manager manager, char **leak_report, uint64_t *leaked_bytes,
                                char **err);

@@ -5,7 +5,8 @@
 # Suites, in order:
 #   cargo-fmt       cargo fmt --all -- --check
 #   cargo-clippy    cargo clippy --workspace --all-targets -- -D warnings
-#   cargo-clippy-testlib  the same for nativemem-jni with the `testing` feature (test library)
+#   cargo-clippy-testlib  the same for nativemem-jni with the `testing` feature (test library; it
+#                   turns on nativemem-provider's `testing` hooks and nativemem-testkit's allocator)
 #   cargo-test      cargo test --workspace (but the two DataFusion crates)
 #   cargo-test-datafusion  cargo test --profile datafusion -p nativemem-datafusion: real DataFusion
 #                   queries; then cargo build --profile datafusion -p nativemem-df-engine (the DataFusion

@@ -66,8 +66,9 @@
 //!
 //! An engine's own tests get a manager with [`Api::create_manager`] (memory from a Rust
 //! [`Listener`], or unlimited) and close it with [`OwnedManager::close`], which returns the leak
-//! report. The table then comes from the `nativemem_api(NM_ABI_VERSION)` export of
-//! `libnativemem_jni` (linked into the test, or found with `dlsym`) passed to [`Api::from_ptr`].
+//! report. The table then comes from `nativemem_provider::api(NM_ABI_VERSION)` (the provider
+//! linked into the test as a dev-dependency) or from the `nativemem_api` export of
+//! `libnativemem_jni` (found with `dlsym`), passed to [`Api::from_ptr`].
 
 mod api;
 mod error;

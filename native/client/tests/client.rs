@@ -1,4 +1,4 @@
-//! The client over the real provider: `nativemem-jni`'s table (its `nativemem_api` export),
+//! The client over the real provider: `nativemem-provider`'s table (`nativemem_provider::api`),
 //! managers made with `Api::create_manager` and a capacity-limited Rust listener. One scenario
 //! per test; totals asserted after every step.
 
@@ -18,7 +18,7 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
 
 fn api() -> Api {
-    let table = nativemem_jni::nativemem_api(sys::NM_ABI_VERSION);
+    let table = nativemem_provider::api(sys::NM_ABI_VERSION);
     // SAFETY: the provider's table is a static of the linked library.
     unsafe { Api::from_ptr(table) }.expect("the provider's table passes the check")
 }
@@ -958,7 +958,7 @@ fn acquire_after_close_is_a_stale_handle() {
 
 /// A copy of the provider's table with other header fields, leaked so it is `'static`.
 fn table_copy(abi_version: u32, struct_size: u32) -> *const NmApi {
-    let table = nativemem_jni::nativemem_api(sys::NM_ABI_VERSION);
+    let table = nativemem_provider::api(sys::NM_ABI_VERSION);
     // SAFETY: the provider's table is valid; NmApi is plain data (numbers and fn pointers), so a
     // bitwise copy is a valid NmApi.
     let mut copy = unsafe { ptr::read(table) };
@@ -1006,11 +1006,11 @@ fn from_ptr_refuses_old_or_small_tables() {
     assert!(newer.is_ok());
 
     // The address Java gives works the same as the pointer.
-    let table = nativemem_jni::nativemem_api(sys::NM_ABI_VERSION);
+    let table = nativemem_provider::api(sys::NM_ABI_VERSION);
     // SAFETY: the provider's static table.
     let api = unsafe { Api::from_address(table as usize as i64) }.unwrap();
     assert!(ptr::eq(api.raw(), table));
-    assert!(nativemem_jni::nativemem_api(sys::NM_ABI_VERSION + 1).is_null());
+    assert!(nativemem_provider::api(sys::NM_ABI_VERSION + 1).is_null());
 }
 
 // ---- threads ---------------------------------------------------------------------------------

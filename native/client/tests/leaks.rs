@@ -14,72 +14,25 @@
 //! Steady state: the provider's handle tables keep their slot storage once grown (capacity, not a
 //! leak); the warm-up lives reach that size, so the assertion after them is exact.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nativemem_client::sys;
 use nativemem_client::{Api, BoxError, Code, Listener, ManagerOptions, Reservation, Spiller};
 
-/// Counts live blocks and bytes of the process (wraps `System`).
-struct Counting;
-
-static BLOCKS: AtomicI64 = AtomicI64::new(0);
-static BYTES: AtomicI64 = AtomicI64::new(0);
-
-// SAFETY: every call forwards to `System` with the caller's arguments, so `System`'s guarantees
-// hold; the counters are plain atomics and allocate nothing.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded with the caller's layout.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            // SeqCst (all counters): a test; no reasoning needed.
-            BLOCKS.fetch_add(1, Ordering::SeqCst);
-            BYTES.fetch_add(layout.size() as i64, Ordering::SeqCst);
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded with the caller's layout.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            BLOCKS.fetch_add(1, Ordering::SeqCst);
-            BYTES.fetch_add(layout.size() as i64, Ordering::SeqCst);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from this allocator (so from `System`) with `layout`.
-        unsafe { System.dealloc(ptr, layout) };
-        BLOCKS.fetch_sub(1, Ordering::SeqCst);
-        BYTES.fetch_sub(layout.size() as i64, Ordering::SeqCst);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded with the caller's arguments.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            BYTES.fetch_add(new_size as i64 - layout.size() as i64, Ordering::SeqCst);
-        }
-        p
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: nativemem_testkit::CountingAllocator = nativemem_testkit::CountingAllocator;
 
+/// Live (blocks, bytes) of the process.
 fn live() -> (i64, i64) {
-    (BLOCKS.load(Ordering::SeqCst), BYTES.load(Ordering::SeqCst))
+    nativemem_testkit::counts().live()
 }
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
 fn api() -> Api {
-    let table = nativemem_jni::nativemem_api(sys::NM_ABI_VERSION);
+    let table = nativemem_provider::api(sys::NM_ABI_VERSION);
     // SAFETY: the provider's table is a static of the linked library.
     unsafe { Api::from_ptr(table) }.expect("the provider's table passes the check")
 }

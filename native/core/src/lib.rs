@@ -1,8 +1,9 @@
 //! # nativemem-core: a per-task native memory manager
 //!
 //! A query engine running native operators inside a JVM (a Spark executor) allocates memory the
-//! JVM cannot see. This crate makes that memory visible and governable, without a JVM: bindings
-//! (the `nativemem-jni` crate) connect it to Spark; engines can embed it directly.
+//! JVM cannot see. This crate makes that memory visible and governable, without a JVM: the
+//! provider (`nativemem-provider`: handles and the engine ABI) and the Java layer over it
+//! (`nativemem-jni`) connect it to Spark; engines can embed it directly.
 //!
 //! ## Model
 //!

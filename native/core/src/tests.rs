@@ -1469,10 +1469,9 @@ fn spill_counters_saturate_instead_of_wrapping() {
     assert_eq!((s.spill_count, s.spilled_bytes), (2, u64::MAX));
 }
 
-/// The module layers, lowest first (see "Modules, in layers" in the crate docs). A module may
-/// name, in code, only `crate::<m>` for a module `m` listed before it; naming the crate root's
-/// re-exports (`crate::MemoryManager`) in code is refused too, since it would hide an upward
-/// import. Comments and doc links are not imports and are skipped.
+/// The module layers, lowest first (see "Modules, in layers" in the crate docs), checked by
+/// `nativemem_testkit::layers::check`: a module may name, in code, only `crate::<m>` for a module
+/// `m` listed before it.
 const LAYERS: [(&str, &str); 14] = [
     ("units", include_str!("units.rs")),
     ("sync", include_str!("sync.rs")),
@@ -1490,7 +1489,6 @@ const LAYERS: [(&str, &str); 14] = [
     ("manager", include_str!("manager.rs")),
 ];
 
-/// Every `crate::<name>` path in the code (not comments) of `source`, with its line number.
 #[test]
 fn force_grow_inside_the_cushion_is_not_overcommit() {
     let (m, l) = unlimited();
@@ -1628,59 +1626,9 @@ fn concurrent_forced_and_fallible_grows_keep_counters_exact() {
     assert_eq!((m.reserved(), l.reserved()), (0, 0));
 }
 
-fn crate_paths(source: &str) -> Vec<(usize, String)> {
-    let mut out = Vec::new();
-    for (n, line) in source.lines().enumerate() {
-        let code = line.trim_start();
-        if code.starts_with("//") {
-            continue;
-        }
-        let code = code.split("//").next().unwrap_or("");
-        let mut rest = code;
-        while let Some(at) = rest.find("crate::") {
-            let after = &rest[at + "crate::".len()..];
-            let name: String = if after.starts_with('{') {
-                "{…}".to_string() // a grouped import: refused, write one path per module
-            } else {
-                after
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .collect()
-            };
-            out.push((n + 1, name));
-            rest = after;
-        }
-    }
-    out
-}
-
 #[test]
 fn module_imports_point_one_way() {
-    let names: Vec<&str> = LAYERS.iter().map(|(name, _)| *name).collect();
-    // Every module of the crate is placed in the layers (tests excepted).
-    for line in include_str!("lib.rs").lines() {
-        if let Some(module) = line.strip_prefix("mod ").and_then(|m| m.strip_suffix(';')) {
-            assert!(
-                module == "tests" || names.contains(&module),
-                "module `{module}` is not in LAYERS: place it in the layer order"
-            );
-        }
-    }
-    let mut violations = Vec::new();
-    for (at, (module, source)) in LAYERS.iter().enumerate() {
-        for (line, name) in crate_paths(source) {
-            match names.iter().position(|n| *n == name) {
-                Some(below) if below < at => {}
-                Some(_) => violations.push(format!(
-                    "{module}.rs:{line}: `crate::{name}` is not below `{module}`"
-                )),
-                None => violations.push(format!(
-                    "{module}.rs:{line}: `crate::{name}` is not a lower module (import from the \
-                     defining module, one path per module)"
-                )),
-            }
-        }
-    }
+    let violations = nativemem_testkit::layers::check(include_str!("lib.rs"), &LAYERS);
     assert!(
         violations.is_empty(),
         "imports must point one way:\n{}",

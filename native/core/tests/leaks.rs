@@ -11,71 +11,19 @@
 //! spillers that free reservations when asked, a spill and a reclaim, a usage report, and a close
 //! that finds a leaked reservation and a leaked allocation; in exact and in quantum mode.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nativemem_core::{
     CapacityListener, MemoryConfig, MemoryError, MemoryManager, Reservation, Spiller,
 };
 
-/// Counts live blocks and bytes of the process.
-struct Counting;
-
-static BLOCKS: AtomicI64 = AtomicI64::new(0);
-static BYTES: AtomicI64 = AtomicI64::new(0);
-
-// SAFETY: every call forwards to `System` with the caller's arguments, so `System`'s guarantees
-// hold; the counters are plain atomics and allocate nothing.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded with the caller's (valid, non-zero-size) layout.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            // Relaxed (all counters): read only after the work, from the same thread or after a
-            // join, which orders them.
-            BLOCKS.fetch_add(1, Ordering::Relaxed);
-            BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as in `alloc`.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            BLOCKS.fetch_add(1, Ordering::Relaxed);
-            BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` was allocated by this allocator (so by `System`) with `layout`.
-        unsafe { System.dealloc(ptr, layout) };
-        BLOCKS.fetch_sub(1, Ordering::Relaxed);
-        BYTES.fetch_sub(layout.size() as i64, Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded with the caller's arguments.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            BYTES.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
-        }
-        p
-    }
-}
-
 #[global_allocator]
-static COUNTING: Counting = Counting;
+static ALLOCATOR: nativemem_testkit::CountingAllocator = nativemem_testkit::CountingAllocator;
 
+/// Live (blocks, bytes) of the process.
 fn live() -> (i64, i64) {
-    (
-        BLOCKS.load(Ordering::Relaxed),
-        BYTES.load(Ordering::Relaxed),
-    )
+    nativemem_testkit::counts().live()
 }
 
 const KIB: u64 = 1024;

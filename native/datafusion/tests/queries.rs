@@ -229,7 +229,7 @@ async fn impossible_limit_is_resources_exhausted_with_the_report() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_the_client_the_same_pool_spills_and_returns_everything() {
     use nativemem_client::{Api, ManagerOptions};
-    let table = nativemem_jni::nativemem_api(nativemem_client::sys::NM_ABI_VERSION);
+    let table = nativemem_provider::api(nativemem_client::sys::NM_ABI_VERSION);
     // SAFETY: the provider's table, a static of the linked library.
     let api = unsafe { Api::from_ptr(table) }.unwrap();
     let free = run_core(None, 1, SORT).await.unwrap();

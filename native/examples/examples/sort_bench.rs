@@ -11,7 +11,7 @@
 //! output is sorted and complete and that the manager closes with no leak.
 //!
 //! The sorter reaches its manager through the engine ABI, as in a Spark task; without a JVM the
-//! table comes from `nativemem-jni` linked into this binary (a dev-dependency) and the manager
+//! table comes from `nativemem-provider` linked into this binary (a dev-dependency) and the manager
 //! from `Api::create_manager` (no listener: unlimited, like a task with memory to spare).
 
 use std::time::Instant;
@@ -95,7 +95,7 @@ fn run(api: Api, keys: u64, buffer_mib: u64, dir: &std::path::Path, accounting: 
 
 fn main() {
     // SAFETY: the provider's table is a static of the linked library.
-    let api = unsafe { Api::from_ptr(nativemem_jni::nativemem_api(sys::NM_ABI_VERSION)) }
+    let api = unsafe { Api::from_ptr(nativemem_provider::api(sys::NM_ABI_VERSION)) }
         .expect("nativemem table");
     let mut args = std::env::args().skip(1);
     let keys: u64 = args.next().map_or(10_000_000, |a| a.parse().expect("KEYS"));

@@ -38,7 +38,7 @@
 //!
 //! // Under Spark: Api::from_address(NativeMemoryManager.nativeApi()) and manager.handle().
 //! // SAFETY: the provider's table is a static of the linked library.
-//! let api = unsafe { Api::from_ptr(nativemem_jni::nativemem_api(sys::NM_ABI_VERSION)) }?;
+//! let api = unsafe { Api::from_ptr(nativemem_provider::api(sys::NM_ABI_VERSION)) }?;
 //! let manager = api.create_manager("task-0", ManagerOptions::default(), None)?;
 //! let pool = TaskPool::open(api, manager.handle(), "sort", Some(3 << 20))?; // room for 3 chunks
 //! let dir = std::env::temp_dir().join(format!("nativemem-doc-{}", std::process::id()));

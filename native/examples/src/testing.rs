@@ -1,5 +1,5 @@
-//! Test support: the table of the provider linked into the test binary (`nativemem-jni`, a
-//! dev-dependency, whose only Rust API is that table), managers made with
+//! Test support: the table of the provider linked into the test binary (`nativemem-provider`,
+//! a dev-dependency), managers made with
 //! [`Api::create_manager`] over a capacity-limited listener, and a [`Competitor`] that makes the
 //! manager spill from another consumer of the task.
 
@@ -10,7 +10,7 @@ use nativemem_client::{Api, BoxError, Listener, ManagerOptions, OwnedManager, Re
 
 /// The provider's table.
 pub(crate) fn api() -> Api {
-    let table = nativemem_jni::nativemem_api(nativemem_client::sys::NM_ABI_VERSION);
+    let table = nativemem_provider::api(nativemem_client::sys::NM_ABI_VERSION);
     // SAFETY: the provider's table is a static of the linked library.
     unsafe { Api::from_ptr(table) }.expect("the provider's table passes the check")
 }

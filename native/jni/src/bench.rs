@@ -17,10 +17,10 @@ use jni::signature::{Primitive, ReturnType};
 use jni::sys::{jint, jlong, jvalue};
 use jni::JNIEnv;
 
-use crate::error::{Error, Result};
-use crate::export::{non_negative, run_export, string_arg, to_jlong};
-use crate::registry::enter_manager;
+use crate::error::{ProviderError, Result};
+use crate::guard::{non_negative, run_export, string_arg, to_jlong};
 use crate::vm;
+use nativemem_provider::registry::enter_manager;
 
 /// `static native long noop(long value)`: returns `value`. The baseline of one JNI downcall, with
 /// the same panic guard every export has.
@@ -63,7 +63,7 @@ pub extern "system" fn Java_org_nativemem_NativeBench_growLoop<'l>(
 /// `static native long upcallPerGrowLoop(ReservationListener listener, long bytesPerGrow,
 /// int count)`: the per-grow design, for comparison: calls `listener.reserve(bytesPerGrow)`
 /// `count` times (one upcall per grow, through the method id cached on a Java thread, as
-/// [`JavaListener`](crate::JavaListener) does), then `listener.unreserve` of the total once;
+/// [`JavaListener`](crate::listener::JavaListener) does), then `listener.unreserve` of the total once;
 /// returns the bytes granted in all. A short grant is an error. Whatever was granted is given back
 /// even on error; a Java exception thrown by `reserve` is set aside for that and rethrown.
 #[no_mangle]
@@ -76,15 +76,16 @@ pub extern "system" fn Java_org_nativemem_NativeBench_upcallPerGrowLoop<'l>(
 ) -> jlong {
     run_export(&mut env, 0, |env| {
         if listener.is_null() {
-            return Err(Error::NullArgument("listener"));
+            return Err(ProviderError::NullArgument("listener").into());
         }
         non_negative("bytesPerGrow", bytes_per_grow)?;
         let count = non_negative("count", jlong::from(count))?;
         let classes = vm::init_classes(env)?;
         if !env.is_instance_of(&listener, vm::as_class(&classes.listener))? {
-            return Err(Error::InvalidArgument(
+            return Err(ProviderError::InvalidArgument(
                 "listener does not implement org.nativemem.ReservationListener".into(),
-            ));
+            )
+            .into());
         }
         let mut granted_total: jlong = 0;
         let mut outcome: Result<()> = Ok(());
@@ -105,10 +106,11 @@ pub extern "system" fn Java_org_nativemem_NativeBench_upcallPerGrowLoop<'l>(
                 Ok(granted) => {
                     granted_total = granted_total.saturating_add(granted.max(0));
                     if granted != bytes_per_grow {
-                        outcome = Err(Error::Other(format!(
+                        outcome = Err(ProviderError::Other(format!(
                             "per-grow baseline: listener granted {granted} of {bytes_per_grow} bytes \
                              after {granted_total} bytes in all"
-                        )));
+                        ))
+                        .into());
                         break;
                     }
                 }

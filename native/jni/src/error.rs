@@ -1,14 +1,17 @@
-//! The binding's error type and the one place that turns it into a Java exception.
+//! The Java layer's error type and the one place that turns it into a Java exception.
+//!
+//! [`Error`] is the provider's error ([`ProviderError`]: core, handles, arguments, close) or a
+//! failed JNI call; the provider knows nothing of Java, so the Java mapping lives here:
 //!
 //! | Rust error                                   | Java exception                               |
 //! |----------------------------------------------|----------------------------------------------|
 //! | `MemoryError::OutOfMemory`                   | `org.nativemem.NativeOutOfMemoryException`, message = the error with the usage report |
-//! | `MemoryError::InvalidArgument`, [`Error::InvalidArgument`] | `IllegalArgumentException`     |
-//! | `MemoryError::Closed`, [`Error::Handle`], [`Error::Closed`] | `IllegalStateException` (naming the handle in hex) |
-//! | [`Error::NullArgument`]                      | `NullPointerException`                       |
+//! | `MemoryError::InvalidArgument`, `ProviderError::InvalidArgument` | `IllegalArgumentException` |
+//! | `MemoryError::Closed`, `ProviderError::Handle`, `ProviderError::Closed` | `IllegalStateException` (naming the handle in hex) |
+//! | `ProviderError::NullArgument`                | `NullPointerException`                       |
 //! | `MemoryError::Listener` caused by a Java throwable that is a `java.lang.Error` | that same `Error`, rethrown unchanged |
 //! | `MemoryError::Listener` caused by any other Java throwable | `NativeMemoryException` with the throwable as its cause |
-//! | everything else, including [`Error::Panic`]  | `org.nativemem.NativeMemoryException`        |
+//! | everything else, including `ProviderError::Panic` | `org.nativemem.NativeMemoryException`   |
 //!
 //! If a Java exception is already pending when an error reaches the export (a JNI call failed
 //! because of it), that exception is kept and nothing else is thrown.
@@ -23,47 +26,41 @@ use crate::listener::UpcallError;
 use crate::vm;
 use nativemem_handles::HandleError;
 
+pub use nativemem_provider::Error as ProviderError;
+
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything an export can fail with. Build it with `?` from [`MemoryError`], [`HandleError`] or
-/// `jni::errors::Error`; [`throw`] maps it to a Java exception.
+/// Everything an export can fail with. Build it with `?` from [`ProviderError`], [`MemoryError`],
+/// [`HandleError`] or `jni::errors::Error`, or with `ProviderError::….into()`; [`throw`] maps it
+/// to a Java exception.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An error of the memory manager.
+    /// An error of the provider: the registry, the core, a handle, an argument.
     #[error(transparent)]
-    Memory(#[from] MemoryError),
-    /// A destroyed, double-destroyed, forged or wrong-kind handle.
-    #[error(transparent)]
-    Handle(#[from] HandleError),
-    /// The object is closed or closing: no new call is accepted.
-    #[error("{0}")]
-    Closed(String),
-    /// A bad argument detected by the binding (negative size, ...).
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// A required argument was `null`; the value names the parameter.
-    #[error("{0} must not be null")]
-    NullArgument(&'static str),
+    Provider(#[from] ProviderError),
     /// A JNI call failed. `jni::errors::Error::JavaException` means a Java exception is pending.
     #[error("JNI call failed: {0}")]
     Jni(#[from] jni::errors::Error),
-    /// Close gave up waiting for calls or leases in flight; the last one to end runs the close.
-    #[error("{0}")]
-    CloseTimedOut(String),
-    /// A Rust panic caught at the export.
-    #[error("native panic: {0}")]
-    Panic(String),
-    /// Anything else.
-    #[error("{0}")]
-    Other(String),
+}
+
+impl From<MemoryError> for Error {
+    fn from(e: MemoryError) -> Self {
+        Error::Provider(e.into())
+    }
+}
+
+impl From<HandleError> for Error {
+    fn from(e: HandleError) -> Self {
+        Error::Provider(e.into())
+    }
 }
 
 impl Error {
     /// The [`JavaException`] this error carries, if a Java listener threw it.
     pub fn java_exception(&self) -> Option<&JavaException> {
         match self {
-            Error::Memory(e) => java_exception_in(e),
+            Error::Provider(ProviderError::Memory(e)) => java_exception_in(e),
             _ => None,
         }
     }
@@ -99,7 +96,7 @@ impl JavaException {
         let classes = vm::classes()?;
         let throwable = env.exception_occurred()?;
         if throwable.is_null() {
-            return Err(Error::Other("no Java exception is pending".into()));
+            return Err(ProviderError::Other("no Java exception is pending".into()).into());
         }
         env.exception_clear()?;
         let is_error = env.is_instance_of(&throwable, vm::as_class(&classes.error))?;
@@ -215,15 +212,16 @@ pub enum JavaExceptionKind {
 /// The mapping of the module table, without JNI.
 pub fn exception_kind(err: &Error) -> JavaExceptionKind {
     use JavaExceptionKind as K;
+    use ProviderError as P;
     match err {
-        Error::Memory(MemoryError::OutOfMemory(_)) => K::OutOfMemory,
-        Error::Memory(MemoryError::InvalidArgument(_)) | Error::InvalidArgument(_) => {
+        Error::Provider(P::Memory(MemoryError::OutOfMemory(_))) => K::OutOfMemory,
+        Error::Provider(P::Memory(MemoryError::InvalidArgument(_)) | P::InvalidArgument(_)) => {
             K::IllegalArgument
         }
-        Error::Memory(MemoryError::Closed { .. }) | Error::Handle(_) | Error::Closed(_) => {
+        Error::Provider(P::Memory(MemoryError::Closed { .. }) | P::Handle(_) | P::Closed(_)) => {
             K::IllegalState
         }
-        Error::NullArgument(_) => K::NullPointer,
+        Error::Provider(P::NullArgument(_)) => K::NullPointer,
         Error::Jni(jni::errors::Error::JavaException) => K::Pending,
         _ => match err.java_exception() {
             Some(ex) if ex.is_error() => K::Rethrow,
@@ -235,9 +233,9 @@ pub fn exception_kind(err: &Error) -> JavaExceptionKind {
 /// The message of the thrown exception.
 pub fn exception_message(err: &Error) -> String {
     match err {
-        Error::Memory(MemoryError::OutOfMemory(oom)) => oom.to_string(),
+        Error::Provider(ProviderError::Memory(MemoryError::OutOfMemory(oom))) => oom.to_string(),
         // Without core's "invalid argument: " prefix: the exception class says it.
-        Error::Memory(MemoryError::InvalidArgument(m)) => m.clone(),
+        Error::Provider(ProviderError::Memory(MemoryError::InvalidArgument(m))) => m.clone(),
         other => other.to_string(),
     }
 }
@@ -267,8 +265,10 @@ fn throw_mapped(env: &mut JNIEnv, err: &Error) -> Result<()> {
         env.throw_new(name, message)?;
         return Ok(());
     };
-    if let (JavaExceptionKind::OutOfMemory, Error::Memory(MemoryError::OutOfMemory(oom))) =
-        (kind, err)
+    if let (
+        JavaExceptionKind::OutOfMemory,
+        Error::Provider(ProviderError::Memory(MemoryError::OutOfMemory(oom))),
+    ) = (kind, err)
     {
         return throw_oom(env, classes, oom, &message);
     }
@@ -383,54 +383,55 @@ mod tests {
             .expect_err("listener grants nothing");
         let oom_text = oom.to_string();
         use JavaExceptionKind as K;
-        let cases: Vec<(Error, K, String)> = vec![
-            (Error::Memory(oom), K::OutOfMemory, oom_text),
+        use ProviderError as P;
+        let provider_cases: Vec<(P, K, String)> = vec![
+            (P::Memory(oom), K::OutOfMemory, oom_text),
             (
-                Error::Memory(MemoryError::InvalidArgument("bad".into())),
+                P::Memory(MemoryError::InvalidArgument("bad".into())),
                 K::IllegalArgument,
                 "bad".into(),
             ),
             (
-                Error::InvalidArgument("bytes must be >= 0, got -1".into()),
+                P::InvalidArgument("bytes must be >= 0, got -1".into()),
                 K::IllegalArgument,
                 "bytes must be >= 0, got -1".into(),
             ),
             (
-                Error::Memory(MemoryError::Closed {
+                P::Memory(MemoryError::Closed {
                     manager: "m".into(),
                 }),
                 K::IllegalState,
                 "memory manager 'm' is closed".into(),
             ),
             (
-                Error::Handle(HandleError::Null {
+                P::Handle(HandleError::Null {
                     kind: "memory manager",
                 }),
                 K::IllegalState,
                 "null memory manager handle (0x0)".into(),
             ),
             (
-                Error::Closed("closing".into()),
+                P::Closed("closing".into()),
                 K::IllegalState,
                 "closing".into(),
             ),
             (
-                Error::NullArgument("name"),
+                P::NullArgument("name"),
                 K::NullPointer,
                 "name must not be null".into(),
             ),
             (
-                Error::Panic("boom".into()),
+                P::Panic("boom".into()),
                 K::NativeMemory,
                 "native panic: boom".into(),
             ),
             (
-                Error::Memory(MemoryError::ListenerContract("x".into())),
+                P::Memory(MemoryError::ListenerContract("x".into())),
                 K::NativeMemory,
                 "reservation listener broke its contract: x".into(),
             ),
             (
-                Error::Memory(MemoryError::Listener {
+                P::Memory(MemoryError::Listener {
                     op: "reserve",
                     bytes: 8,
                     source: "plain".into(),
@@ -439,20 +440,24 @@ mod tests {
                 "reservation listener failed to reserve 8 bytes: plain".into(),
             ),
             (
-                Error::Memory(MemoryError::Spill {
+                P::Memory(MemoryError::Spill {
                     spiller: "s".into(),
                     source: "disk full".into(),
                 }),
                 K::NativeMemory,
                 "spiller 's' failed: disk full".into(),
             ),
-            (
-                Error::Jni(jni::errors::Error::JavaException),
-                K::Pending,
-                "JNI call failed: Java exception was thrown".into(),
-            ),
-            (Error::Other("o".into()), K::NativeMemory, "o".into()),
+            (P::Other("o".into()), K::NativeMemory, "o".into()),
         ];
+        let mut cases: Vec<(Error, K, String)> = provider_cases
+            .into_iter()
+            .map(|(err, kind, msg)| (err.into(), kind, msg))
+            .collect();
+        cases.push((
+            Error::Jni(jni::errors::Error::JavaException),
+            K::Pending,
+            "JNI call failed: Java exception was thrown".into(),
+        ));
         for (err, kind, msg) in cases {
             assert_eq!(exception_kind(&err), kind, "{err:?}");
             assert_eq!(exception_message(&err), msg, "{err:?}");
@@ -468,7 +473,7 @@ mod tests {
             .reservation("reader")
             .try_grow(1 << 20)
             .unwrap_err();
-        let msg = exception_message(&Error::Memory(err));
+        let msg = exception_message(&Error::from(err));
         assert!(
             msg.starts_with("Failed to reserve 1.0 MiB for consumer 'reader#"),
             "{msg}"

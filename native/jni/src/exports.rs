@@ -1,5 +1,5 @@
 //! `Java_org_nativemem_*` exports of the public Java API. Each one resolves its arguments and
-//! calls the registry; errors become Java exceptions in [`run_export`].
+//! calls the provider's registry; errors become Java exceptions in [`run_export`].
 //!
 //! Java side: the `native*` static methods of `NativeMemoryManager`, `NativeReservation` and
 //! `NativeLibraryLoader`; the handle is always the first argument.
@@ -12,19 +12,19 @@ use jni::sys::{jint, jlong, jlongArray, jobjectArray, jstring};
 use jni::JNIEnv;
 use nativemem_core::{LeakKind, LeakReport, MemoryConfig};
 
-use crate::error::{Error, Result};
-use crate::export::{non_negative, run_export, string_arg, to_jlong};
+use crate::error::{ProviderError, Result};
+use crate::guard::{non_negative, run_export, string_arg, to_jlong};
 use crate::listener::JavaListener;
-use crate::registry::{self, CloseOutcome, Entry};
 use crate::ABI_VERSION;
+use nativemem_provider::registry::{self, CloseOutcome, Entry};
 
 fn new_jstring(env: &mut JNIEnv, s: &str) -> Result<jstring> {
     Ok(env.new_string(s)?.into_raw())
 }
 
 fn new_jlong_array(env: &mut JNIEnv, values: &[jlong]) -> Result<jlongArray> {
-    let len =
-        i32::try_from(values.len()).map_err(|_| Error::Other("array too long for Java".into()))?;
+    let len = i32::try_from(values.len())
+        .map_err(|_| ProviderError::Other("array too long for Java".into()))?;
     let array = env.new_long_array(len)?;
     env.set_long_array_region(&array, 0, values)?;
     Ok(array.into_raw())
@@ -46,7 +46,7 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeApiAddress<'
     _class: JClass<'l>,
 ) -> jlong {
     run_export(&mut env, 0, |_| {
-        Ok(crate::abi::api(nativemem_sys::NM_ABI_VERSION) as jlong)
+        Ok(nativemem_provider::api(nativemem_sys::NM_ABI_VERSION) as jlong)
     })
 }
 
@@ -68,9 +68,10 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeCreate<'l>(
         let name = string_arg(env, &name, "name")?;
         let listener = JavaListener::new(env, &listener)?;
         if reservation_block <= 0 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(ProviderError::InvalidArgument(format!(
                 "reservation block size must be > 0 bytes, got {reservation_block}"
-            )));
+            ))
+            .into());
         }
         let task_limit = match task_limit {
             -1 => None,
@@ -81,7 +82,12 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeCreate<'l>(
             .with_reservation_block(reservation_block as u64)
             .with_task_limit(task_limit)
             .with_reservation_quantum(non_negative("reservation quantum", reservation_quantum)?);
-        registry::create_manager(name, config, Arc::new(listener), timeout)
+        Ok(registry::create_manager(
+            name,
+            config,
+            Arc::new(listener),
+            timeout,
+        )?)
     })
 }
 
@@ -125,7 +131,8 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeClose<'l>(
         let string_class = env.find_class("java/lang/String")?;
         let object_class = env.find_class("java/lang/Object")?;
         let len = |n: usize| {
-            i32::try_from(n).map_err(|_| Error::Other("close report too long for Java".into()))
+            i32::try_from(n)
+                .map_err(|_| ProviderError::Other("close report too long for Java".into()))
         };
         let names_array =
             env.new_object_array(len(strings.len())?, &string_class, JObject::null())?;
@@ -153,7 +160,7 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeUsedBytes<'l
     handle: jlong,
 ) -> jlong {
     run_export(&mut env, 0, |_| {
-        registry::with_manager(handle, |m| Ok(to_jlong(m.used())))
+        Ok(registry::with_manager(handle, |m| Ok(to_jlong(m.used())))?)
     })
 }
 
@@ -165,7 +172,7 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativePeakBytes<'l
     handle: jlong,
 ) -> jlong {
     run_export(&mut env, 0, |_| {
-        registry::with_manager(handle, |m| Ok(to_jlong(m.peak())))
+        Ok(registry::with_manager(handle, |m| Ok(to_jlong(m.peak())))?)
     })
 }
 
@@ -177,7 +184,9 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeReservedByte
     handle: jlong,
 ) -> jlong {
     run_export(&mut env, 0, |_| {
-        registry::with_manager(handle, |m| Ok(to_jlong(m.reserved())))
+        Ok(registry::with_manager(handle, |m| {
+            Ok(to_jlong(m.reserved()))
+        })?)
     })
 }
 
@@ -233,7 +242,9 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeSpill<'l>(
 ) -> jlong {
     run_export(&mut env, 0, |_| {
         let bytes = non_negative("bytes", bytes)?;
-        registry::with_manager(handle, |m| Ok(to_jlong(m.spill(bytes)?)))
+        Ok(registry::with_manager(handle, |m| {
+            Ok(to_jlong(m.spill(bytes)?))
+        })?)
     })
 }
 
@@ -247,7 +258,9 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeReleaseUnuse
 ) -> jlong {
     run_export(&mut env, 0, |_| {
         let max = non_negative("maxBytes", max_bytes)?;
-        registry::with_manager(handle, |m| Ok(to_jlong(m.release_unused(max)?)))
+        Ok(registry::with_manager(handle, |m| {
+            Ok(to_jlong(m.release_unused(max)?))
+        })?)
     })
 }
 
@@ -262,7 +275,9 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeReclaim<'l>(
 ) -> jlong {
     run_export(&mut env, 0, |_| {
         let bytes = non_negative("bytes", bytes)?;
-        registry::with_manager(handle, |m| Ok(to_jlong(m.reclaim(bytes)?)))
+        Ok(registry::with_manager(handle, |m| {
+            Ok(to_jlong(m.reclaim(bytes)?))
+        })?)
     })
 }
 
@@ -281,7 +296,9 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeReserve<'l>(
         let pool_path = string_arg(env, &pool_path, "poolPath")?;
         let consumer = string_arg(env, &consumer, "consumer")?;
         let bytes = non_negative("bytes", bytes)?;
-        registry::create_reservation(handle, &pool_path, &consumer, bytes)
+        Ok(registry::create_reservation(
+            handle, &pool_path, &consumer, bytes,
+        )?)
     })
 }
 
@@ -310,7 +327,9 @@ pub extern "system" fn Java_org_nativemem_NativeReservation_nativeGrow<'l>(
 ) {
     run_export(&mut env, (), |_| {
         let bytes = non_negative("bytes", bytes)?;
-        registry::with_reservation(handle, |r| Ok(r.try_grow(bytes)?))
+        Ok(registry::with_reservation(handle, |r| {
+            Ok(r.try_grow(bytes)?)
+        })?)
     })
 }
 
@@ -326,7 +345,11 @@ pub extern "system" fn Java_org_nativemem_NativeReservation_nativeShrink<'l>(
 ) {
     run_export(&mut env, (), |_| {
         let bytes = non_negative("bytes", bytes)?;
-        registry::with_reservation_as(handle, Entry::GiveBack, |r| Ok(r.shrink(bytes)?))
+        Ok(registry::with_reservation_as(
+            handle,
+            Entry::GiveBack,
+            |r| Ok(r.shrink(bytes)?),
+        )?)
     })
 }
 
@@ -340,7 +363,9 @@ pub extern "system" fn Java_org_nativemem_NativeReservation_nativeResize<'l>(
 ) {
     run_export(&mut env, (), |_| {
         let new_size = non_negative("newSize", new_size)?;
-        registry::with_reservation(handle, |r| Ok(r.try_resize(new_size)?))
+        Ok(registry::with_reservation(handle, |r| {
+            Ok(r.try_resize(new_size)?)
+        })?)
     })
 }
 
@@ -352,7 +377,9 @@ pub extern "system" fn Java_org_nativemem_NativeReservation_nativeSize<'l>(
     handle: jlong,
 ) -> jlong {
     run_export(&mut env, 0, |_| {
-        registry::with_reservation(handle, |r| Ok(to_jlong(r.size())))
+        Ok(registry::with_reservation(handle, |r| {
+            Ok(to_jlong(r.size()))
+        })?)
     })
 }
 
@@ -363,5 +390,5 @@ pub extern "system" fn Java_org_nativemem_NativeReservation_nativeClose<'l>(
     _class: JClass<'l>,
     handle: jlong,
 ) {
-    run_export(&mut env, (), |_| registry::close_reservation(handle))
+    run_export(&mut env, (), |_| Ok(registry::close_reservation(handle)?))
 }

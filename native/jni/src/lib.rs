@@ -1,52 +1,53 @@
-//! # nativemem-jni: the JNI binding of nativemem
+//! # nativemem-jni: the Java layer of nativemem
 //!
 //! The cdylib `libnativemem_jni` behind the Java package `org.nativemem`: thin `Java_*` exports
-//! over [`nativemem_core`], a handle table so Java never holds a pointer, and the upcalls that
-//! make a Java `ReservationListener` the budget of a native [`MemoryManager`](nativemem_core::MemoryManager).
+//! over [`nativemem_provider`] (the registry of managers and the engine ABI table), and the
+//! upcalls that make a Java `ReservationListener` the budget of a native
+//! [`MemoryManager`](nativemem_core::MemoryManager).
 //!
 //! ```text
-//!  Java thread                         this crate                              core
-//!  ───────────                         ──────────                              ────
+//!  Java thread                         this crate                  nativemem-provider / core
+//!  ───────────                         ──────────                  ─────────────────────────
 //!  NativeMemoryManager.spill(n) ──▶ Java_..._nativeSpill(handle, n)
 //!                                     run_export: catch_unwind ─┐
-//!                                     MANAGERS.get(handle) ─────┤ stale/forged → IllegalStateException
-//!                                     entry.enter()  (in-flight +1; refused once closing)
-//!                                     manager.spill(n) ──────────────────────▶ spillers, pools
+//!                                     registry::with_manager ───┤ stale/forged → IllegalStateException
+//!                                         (in-flight +1; refused once closing)
+//!                                         manager.spill(n) ──────────────────▶ spillers, pools
 //!                                                                                  │ cushion empty
 //!  ReservationListener.reserve(b) ◀── JavaListener::reserve (attach as daemon, ◀──┘
 //!        (Spark MemoryConsumer)         local frame, cached method id; no lock held)
 //!                                     Result ─▶ error::throw: one mapping to Java exceptions
 //! ```
 //!
-//! ## Two faces
-//! - **Java** (`org.nativemem`): the `Java_*` exports in [`exports`](crate) over the [`registry`].
+//! ## Two faces, one copy of the tables
+//! - **Java** (`org.nativemem`): the `Java_*` exports in `exports` over the provider's registry.
 //! - **Engines in their own library** (`include/nativemem.h`, the `nativemem-client` crate): the
-//!   versioned C function table of [`abi`], reached from Java's `NativeMemoryManager.nativeApi()`
-//!   or the C symbol [`nativemem_api`]. Native code outside this library reaches a manager only
-//!   through it.
+//!   provider's versioned C function table, reached from Java's `NativeMemoryManager.nativeApi()`
+//!   or the C symbol [`nativemem_api`] this library exports.
+//!
+//! The provider is an rlib linked into this cdylib only, so the process has one copy of its
+//! tables. This library decides what it exports: the provider exports no C symbol itself, and
+//! `nativemem_api` is declared here (`scripts/check-product.sh` checks the export list).
 //!
 //! ## Pieces
-//! - handles come from `nativemem-handles`: generation-checked slots (`jlong`, never a pointer).
-//! - [`registry`]: live managers and the objects they own (reservations, and the ABI's pools,
-//!   spillers, attached state), in-flight counting, and a close that never frees under a running
-//!   call or a held lease.
-//! - `listener`: the Java listener as the core's `ReservationListener`.
-//! - `error`: the error type and the single mapping to Java exceptions; `export`: the panic
-//!   guard and argument helpers every export uses.
+//! - `exports`: the `Java_*` exports of the public classes.
+//! - `guard`: the panic guard (`run_export`) and argument helpers every export uses.
+//! - `error`: the provider's error plus JNI failures, and the single mapping to Java exceptions.
+//! - `listener`: the Java listener as the core's `ReservationListener`, handed to the provider's
+//!   registry as `Arc<dyn ReservationListener>`.
 //! - `vm`: the cached `JavaVM`, classes and method ids; daemon attachment of native threads.
 //! - With the `testing` feature only (the test library, never the product): `testing` (test
-//!   hooks of `org.nativemem.NativeTesting`) and `bench` (`org.nativemem.NativeBench`).
+//!   hooks of `org.nativemem.NativeTesting`), `bench` (`org.nativemem.NativeBench`) and the
+//!   counting global allocator of `nativemem-testkit`.
 //!
-//! ## The rlib
-//! The crate is a `cdylib` (the product) and an `rlib` for one purpose: tests of the engine side
-//! (`nativemem-client`, the example operator) link it to get a provider of the table in their
-//! test binary, where it is the only copy. An engine's *library* must never depend on it: a second
-//! copy next to the JVM's has its own, empty handle table (every handle from Java refused). Its
-//! Rust API is therefore just [`nativemem_api`]; everything else is private.
+//! ## A cdylib only
+//! Nothing links this crate as a Rust library: tests that need a provider of the table link
+//! `nativemem-provider`. An engine's library must link neither: a second copy next to the JVM's
+//! has its own, empty handle tables (every handle from Java refused).
 //!
 //! ## Rules for code added to this library
-//! - Every export goes through `run_export` (JNI) or `abi::run` (C): no panic crosses the boundary.
-//! - Reach a manager only through the registry's `with_manager` / `enter_manager` / pins, so close
+//! - Every export goes through `run_export`: no panic crosses the boundary.
+//! - Reach a manager only through the registry's `with_manager` / `enter_manager`, so close
 //!   waits for you.
 //! - Never call `FindClass` from a native thread; resolve classes on a Java thread and cache them.
 //!
@@ -60,24 +61,21 @@ use std::panic::{self, AssertUnwindSafe};
 use jni::sys::{jint, JNI_ERR, JNI_VERSION_1_8};
 use jni::JavaVM;
 
-mod abi;
 #[cfg(feature = "testing")]
 mod bench;
 mod error;
-mod export;
 mod exports;
+mod guard;
 mod listener;
-mod registry;
 #[cfg(feature = "testing")]
 mod testing;
 mod vm;
 
 /// The test library counts its own heap (`NativeTesting.nativeHeapCounts`), so tests count leaks
-/// instead of estimating them from RSS. Never in the product library. A test binary that links
-/// this crate with the `testing` feature gets it as its allocator too (and cannot have another).
+/// instead of estimating them from RSS. Never in the product library.
 #[cfg(feature = "testing")]
 #[global_allocator]
-static ALLOCATOR: testing::CountingAllocator = testing::CountingAllocator;
+static ALLOCATOR: nativemem_testkit::CountingAllocator = nativemem_testkit::CountingAllocator;
 
 /// Version of the contract between this library and the `org.nativemem` classes (native method
 /// signatures, `NativeMemoryStats` and `NativeCloseReport` layouts). The Java loader refuses a
@@ -85,11 +83,12 @@ static ALLOCATOR: testing::CountingAllocator = testing::CountingAllocator;
 const ABI_VERSION: jint = 2;
 
 /// The engine ABI table (`include/nativemem.h`) if this library supports `min_version`, else
-/// null. For C engines in a process that loaded this library `RTLD_GLOBAL`; under a JVM, take the
-/// address from `NativeMemoryManager.nativeApi()` instead (the JVM loads libraries locally).
+/// null: the provider's [`api`](nativemem_provider::api), exported as a C symbol. For C engines in
+/// a process that loaded this library `RTLD_GLOBAL`; under a JVM, take the address from
+/// `NativeMemoryManager.nativeApi()` instead (the JVM loads libraries locally).
 #[no_mangle]
 pub extern "C" fn nativemem_api(min_version: u32) -> *const nativemem_sys::NmApi {
-    abi::api(min_version)
+    nativemem_provider::api(min_version)
 }
 
 /// Environment variable that filters this library's logging (`env_logger` syntax).

@@ -21,7 +21,7 @@ use jni::sys::{jlong, jvalue};
 use jni::JNIEnv;
 use nativemem_core::{ListenerError, ReservationListener};
 
-use crate::error::{Error, JavaException, Result};
+use crate::error::{Error, JavaException, ProviderError, Result};
 use crate::vm;
 
 /// Local references one upcall may create (the result, an exception and its description).
@@ -42,13 +42,14 @@ impl JavaListener {
     /// Wraps `listener` (must implement `org.nativemem.ReservationListener`; checked).
     pub fn new(env: &mut JNIEnv, listener: &JObject) -> Result<JavaListener> {
         if listener.is_null() {
-            return Err(Error::NullArgument("listener"));
+            return Err(ProviderError::NullArgument("listener").into());
         }
         let classes = vm::init_classes(env)?;
         if !env.is_instance_of(listener, vm::as_class(&classes.listener))? {
-            return Err(Error::InvalidArgument(
+            return Err(ProviderError::InvalidArgument(
                 "listener does not implement org.nativemem.ReservationListener".into(),
-            ));
+            )
+            .into());
         }
         Ok(JavaListener {
             listener: env.new_global_ref(listener)?,

@@ -4,7 +4,7 @@
 //! allocations, and upcalls from threads the JVM did not start. The Spark e2e jobs bind the same
 //! exports through their own copy of the class (`tests/spark/java/org/nativemem/NativeTesting.java`).
 //!
-//! Hardening (issue 9) adds faults in each layer and load:
+//! Faults in each layer, and load:
 //! - panics on purpose: in a native spiller (`registerPanickingSpiller`, reached from a Java or
 //!   Spark spill and from a grow that spills), and on the listener's upcall path
 //!   (`createPanickyManager`), besides the export body (`panic`, `panicInCall`);
@@ -16,14 +16,15 @@
 //! - resident memory (`allocateTouched`) and `mallocTrim`, to compare the process RSS before and
 //!   after a soak; `setNativeLogLevel` for runs that fail tasks on purpose by the hundred.
 //!
-//! The test library also counts its own heap ([`CountingAllocator`], its global allocator):
-//! `nativeHeapCounts` gives the live blocks and bytes, so a test proves that N create → use →
-//! close cycles leave the library's heap exactly where it was, instead of estimating it from RSS.
+//! The test library also counts its own heap (`nativemem_testkit::CountingAllocator`, its global
+//! allocator, installed in `lib.rs`): `nativeHeapCounts` gives the live blocks and bytes, so a
+//! test proves that N create → use → close cycles leave the library's heap exactly where it was,
+//! instead of estimating it from RSS. Only this library's allocations pass there (the JVM and
+//! other native libraries have their own allocators).
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::panic::AssertUnwindSafe;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,107 +37,17 @@ use nativemem_core::{
 };
 use parking_lot::{Condvar, Mutex};
 
-use crate::error::{Error, Result};
-use crate::export::{non_negative, run_export, string_arg, to_jlong};
+use crate::error::{ProviderError, Result};
+use crate::guard::{non_negative, run_export, string_arg, to_jlong};
 use crate::listener::JavaListener;
-use crate::registry::{
-    create_manager, enter_manager, with_manager, DEFAULT_CLOSE_TIMEOUT, MANAGERS,
-};
 use crate::vm;
 use nativemem_handles::HandleTable;
+use nativemem_provider::registry::{
+    self, create_manager, enter_manager, with_manager, DEFAULT_CLOSE_TIMEOUT,
+};
+use nativemem_provider::{panic_message, Result as ProviderResult};
 
 // ---- the library's own heap, counted -------------------------------------------------------------
-
-/// The global allocator of the test library (installed in `lib.rs` under the `testing` feature,
-/// never in the product): `System`, plus counts of the blocks and bytes this library's Rust code
-/// has live now and has allocated in all. Only this library's allocations pass here (the JVM and
-/// other native libraries have their own allocators), so after N create → use → close cycles the
-/// live counts must be back to their baseline exactly; any difference is memory the library keeps.
-///
-/// Cost: four relaxed atomic adds per allocation and two per free, on one cache line.
-pub struct CountingAllocator;
-
-/// The counters, on their own cache line so they share it with nothing hot.
-#[repr(align(64))]
-struct HeapCounts {
-    /// Signed: a negative value would mean a free of a block this allocator never counted.
-    live_blocks: AtomicI64,
-    live_bytes: AtomicI64,
-    allocations: AtomicU64,
-    allocated_bytes: AtomicU64,
-}
-
-static HEAP: HeapCounts = HeapCounts {
-    live_blocks: AtomicI64::new(0),
-    live_bytes: AtomicI64::new(0),
-    allocations: AtomicU64::new(0),
-    allocated_bytes: AtomicU64::new(0),
-};
-
-/// A block size as a signed count (`Layout` sizes never exceed `isize::MAX`).
-fn signed(size: usize) -> i64 {
-    i64::try_from(size).unwrap_or(i64::MAX)
-}
-
-impl HeapCounts {
-    fn allocated(&self, size: usize) {
-        self.live_blocks.fetch_add(1, Ordering::Relaxed);
-        self.live_bytes.fetch_add(signed(size), Ordering::Relaxed);
-        self.allocations.fetch_add(1, Ordering::Relaxed);
-        self.allocated_bytes
-            .fetch_add(size as u64, Ordering::Relaxed);
-    }
-
-    fn freed(&self, size: usize) {
-        self.live_blocks.fetch_sub(1, Ordering::Relaxed);
-        self.live_bytes.fetch_sub(signed(size), Ordering::Relaxed);
-    }
-}
-
-// SAFETY: every method forwards to `System` with the caller's arguments unchanged, so `System`'s
-// guarantees (alignment, size, ownership of the returned blocks) hold as they are; the counting
-// around the calls touches only atomics and never allocates (no re-entry into this allocator).
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract for `alloc` (non-zero size) is passed on unchanged.
-        let ptr = unsafe { System.alloc(layout) };
-        if !ptr.is_null() {
-            HEAP.allocated(layout.size());
-        }
-        ptr
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as for `alloc`.
-        let ptr = unsafe { System.alloc_zeroed(layout) };
-        if !ptr.is_null() {
-            HEAP.allocated(layout.size());
-        }
-        ptr
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller guarantees `ptr` was allocated by this allocator (so by `System`)
-        // with `layout`.
-        unsafe { System.dealloc(ptr, layout) };
-        HEAP.freed(layout.size());
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: the caller guarantees `ptr` came from this allocator (so from `System`) with
-        // `layout`, and that `new_size` is valid for `layout.align()`.
-        let new = unsafe { System.realloc(ptr, layout, new_size) };
-        if !new.is_null() {
-            // The same block, resized: live blocks unchanged; the new size counts as allocated.
-            HEAP.live_bytes
-                .fetch_add(signed(new_size) - signed(layout.size()), Ordering::Relaxed);
-            HEAP.allocations.fetch_add(1, Ordering::Relaxed);
-            HEAP.allocated_bytes
-                .fetch_add(new_size as u64, Ordering::Relaxed);
-        }
-        new
-    }
-}
 
 /// `static native long[] nativeHeapCounts()`: this library's heap as its global allocator counts
 /// it: `{liveBlocks, liveBytes, allocations, allocatedBytes}` (the last two are totals since the
@@ -148,11 +59,12 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_nativeHeapCounts<'l>(
 ) -> jlongArray {
     run_export(&mut env, std::ptr::null_mut(), |env| {
         // Read before anything below allocates (the array is the JVM's, not this library's).
+        let heap = nativemem_testkit::counts();
         let values = [
-            HEAP.live_blocks.load(Ordering::Relaxed),
-            HEAP.live_bytes.load(Ordering::Relaxed),
-            to_jlong(HEAP.allocations.load(Ordering::Relaxed)),
-            to_jlong(HEAP.allocated_bytes.load(Ordering::Relaxed)),
+            heap.live_blocks,
+            heap.live_bytes,
+            to_jlong(heap.allocations),
+            to_jlong(heap.allocated_bytes),
         ];
         let array = env.new_long_array(values.len() as i32)?;
         env.set_long_array_region(&array, 0, &values)?;
@@ -174,7 +86,7 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_parkNativeThreads<'l>(
 ) {
     run_export(&mut env, (), |_| {
         let threads = usize::try_from(non_negative("threads", jlong::from(threads))?)
-            .map_err(|_| Error::InvalidArgument("threads too large".into()))?;
+            .map_err(|_| ProviderError::InvalidArgument("threads too large".into()))?;
         let arrived = Arc::new((Mutex::new(0usize), Condvar::new()));
         let workers: Vec<_> = (0..threads)
             .map(|i| {
@@ -194,10 +106,10 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_parkNativeThreads<'l>(
                     })
             })
             .collect::<std::io::Result<_>>()
-            .map_err(|e| Error::Other(format!("cannot start a thread: {e}")))?;
+            .map_err(|e| ProviderError::Other(format!("cannot start a thread: {e}")))?;
         for w in workers {
             w.join()
-                .map_err(|p| Error::Panic(crate::export::panic_message(p.as_ref())))?;
+                .map_err(|p| ProviderError::Panic(panic_message(p.as_ref())))?;
         }
         Ok(())
     })
@@ -226,10 +138,10 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_panicInCall<'l>(
     manager: jlong,
 ) {
     run_export(&mut env, (), |_| {
-        with_manager(manager, |m| -> Result<()> {
+        Ok(with_manager(manager, |m| -> ProviderResult<()> {
             // Deliberate test panic: unwinding must still release the in-flight call.
             panic!("operator bug while holding manager '{}'", m.name());
-        })
+        })?)
     })
 }
 
@@ -241,9 +153,7 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_inFlight<'l>(
     _class: JClass<'l>,
     manager: jlong,
 ) -> jlong {
-    run_export(&mut env, 0, |_| {
-        Ok(to_jlong(MANAGERS.get(manager)?.in_flight()))
-    })
+    run_export(&mut env, 0, |_| Ok(to_jlong(registry::in_flight(manager)?)))
 }
 
 /// A native consumer holding a reservation; a spill frees up to the target, optionally slowly. Its
@@ -361,11 +271,11 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_allocate<'l>(
     run_export(&mut env, 0, |env| {
         let pool = string_arg(env, &pool, "pool")?;
         let size = usize::try_from(non_negative("bytes", bytes)?)
-            .map_err(|_| Error::InvalidArgument("bytes too large".into()))?;
-        with_manager(manager, |m| {
+            .map_err(|_| ProviderError::InvalidArgument("bytes too large".into()))?;
+        Ok(with_manager(manager, |m| {
             let ptr = m.pool(&pool)?.allocate(size, 64)?;
             Ok(ptr.as_ptr() as usize as jlong)
-        })
+        })?)
     })
 }
 
@@ -379,10 +289,12 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_free<'l>(
 ) -> jlong {
     run_export(&mut env, 0, |_| {
         let ptr = NonNull::new(address as usize as *mut u8)
-            .ok_or_else(|| Error::InvalidArgument("address must not be 0".into()))?;
+            .ok_or_else(|| ProviderError::InvalidArgument("address must not be 0".into()))?;
         // The core looks the address up in its table of live allocations before touching it, so a
         // wrong address is an error, never a free of foreign memory.
-        with_manager(manager, |m| Ok(to_jlong(m.root().free(ptr)? as u64)))
+        Ok(with_manager(manager, |m| {
+            Ok(to_jlong(m.root().free(ptr)? as u64))
+        })?)
     })
 }
 
@@ -415,9 +327,10 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_growFromNativeThreads<'l
                     .spawn(move || -> Result<bool> {
                         let was_attached = vm::java_vm()?.get_env().is_ok();
                         if was_attached {
-                            return Err(Error::Other(
+                            return Err(ProviderError::Other(
                                 "a new native thread is already attached".into(),
-                            ));
+                            )
+                            .into());
                         }
                         {
                             let call = enter_manager(manager)?;
@@ -432,7 +345,7 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_growFromNativeThreads<'l
                     })
             })
             .collect::<std::io::Result<_>>()
-            .map_err(|e| Error::Other(format!("cannot start a thread: {e}")))?;
+            .map_err(|e| ProviderError::Other(format!("cannot start a thread: {e}")))?;
         let mut attached = 0;
         let mut first_error = None;
         for w in workers {
@@ -443,7 +356,7 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_growFromNativeThreads<'l
                 }
                 Err(p) => {
                     first_error
-                        .get_or_insert(Error::Panic(crate::export::panic_message(p.as_ref())));
+                        .get_or_insert(ProviderError::Panic(panic_message(p.as_ref())).into());
                 }
             }
         }
@@ -469,7 +382,7 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_registerAndDropSpiller<'
     run_export(&mut env, (), |env| {
         let pool = string_arg(env, &pool, "pool")?;
         let bytes = non_negative("bytes", bytes)?;
-        with_manager(manager, |m| {
+        Ok(with_manager(manager, |m| {
             let pool = m.pool(&pool)?;
             let reservation = pool.reservation("owned-spiller");
             reservation.try_grow(bytes)?;
@@ -485,7 +398,7 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_registerAndDropSpiller<'
             );
             drop(registration);
             Ok(())
-        })
+        })?)
     })
 }
 
@@ -556,7 +469,12 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_createPanickyManager<'l>
             unreserve_calls: AtomicU64::new(0),
         };
         let config = MemoryConfig::default().with_reservation_block(block);
-        create_manager(name, config, Arc::new(listener), DEFAULT_CLOSE_TIMEOUT)
+        Ok(create_manager(
+            name,
+            config,
+            Arc::new(listener),
+            DEFAULT_CLOSE_TIMEOUT,
+        )?)
     })
 }
 
@@ -567,7 +485,11 @@ const PAGE_BYTES: usize = 4096;
 
 /// Allocates `size` bytes in `pool` and writes every page, so the memory is resident (counts in
 /// the process RSS) until freed.
-fn allocate_touched(manager: &MemoryManager, pool: &str, size: usize) -> Result<NonNull<u8>> {
+fn allocate_touched(
+    manager: &MemoryManager,
+    pool: &str,
+    size: usize,
+) -> ProviderResult<NonNull<u8>> {
     let ptr = manager.pool(pool)?.allocate(size, 64)?;
     let mut offset = 0;
     while offset < size {
@@ -593,10 +515,10 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_allocateTouched<'l>(
     run_export(&mut env, 0, |env| {
         let pool = string_arg(env, &pool, "pool")?;
         let size = usize::try_from(non_negative("bytes", bytes)?)
-            .map_err(|_| Error::InvalidArgument("bytes too large".into()))?;
-        with_manager(manager, |m| {
+            .map_err(|_| ProviderError::InvalidArgument("bytes too large".into()))?;
+        Ok(with_manager(manager, |m| {
             Ok(allocate_touched(m, &pool, size)?.as_ptr() as usize as jlong)
-        })
+        })?)
     })
 }
 
@@ -745,12 +667,12 @@ struct ChurnPlan {
 /// attached to it, and the thread keeps only a weak reference that it upgrades inside each call.
 /// So whatever it holds is released either by the thread inside a call or by the manager's close
 /// (attachments are dropped there with no call in flight), never by a thread racing with the close.
-fn churn_thread(plan: &ChurnPlan, churn: &Churn) -> Result<Stop> {
+fn churn_thread(plan: &ChurnPlan, churn: &Churn) -> ProviderResult<Stop> {
     let mut rng = Rng(plan.seed);
     let weak = {
         let call = match enter_manager(plan.manager) {
             Ok(call) => call,
-            Err(Error::Handle(_) | Error::Closed(_)) => return Ok(Stop::Closed),
+            Err(ProviderError::Handle(_) | ProviderError::Closed(_)) => return Ok(Stop::Closed),
             Err(e) => return Err(e),
         };
         let pool = call.manager().pool(&plan.pool)?;
@@ -775,24 +697,26 @@ fn churn_thread(plan: &ChurnPlan, churn: &Churn) -> Result<Stop> {
         }
         let call = match enter_manager(plan.manager) {
             Ok(call) => call,
-            Err(Error::Handle(_) | Error::Closed(_)) => break Stop::Closed,
+            Err(ProviderError::Handle(_) | ProviderError::Closed(_)) => break Stop::Closed,
             Err(e) => return Err(e),
         };
         let Some(reservation) = weak.upgrade() else {
             break Stop::Closed;
         };
-        let step: Result<()> = match rng.next() % 16 {
+        let step: ProviderResult<()> = match rng.next() % 16 {
             0..=8 => {
                 let n = rng.up_to(plan.max_bytes / 8);
                 if reservation.size() + n > plan.max_bytes {
-                    shrink_up_to(&reservation, n).map(drop).map_err(Error::from)
+                    shrink_up_to(&reservation, n)
+                        .map(drop)
+                        .map_err(ProviderError::from)
                 } else {
-                    reservation.try_grow(n).map_err(Error::from)
+                    reservation.try_grow(n).map_err(ProviderError::from)
                 }
             }
             9..=13 => shrink_up_to(&reservation, rng.up_to(reservation.size()))
                 .map(drop)
-                .map_err(Error::from),
+                .map_err(ProviderError::from),
             14 => {
                 let size = rng.up_to(1 << 20) as usize;
                 allocate_touched(call.manager(), &plan.pool, size)
@@ -802,17 +726,17 @@ fn churn_thread(plan: &ChurnPlan, churn: &Churn) -> Result<Stop> {
                 .manager()
                 .spill(rng.up_to(plan.max_bytes))
                 .map(drop)
-                .map_err(Error::from),
+                .map_err(ProviderError::from),
         };
         let outcome = match step {
             Ok(()) => Ok(None),
-            Err(Error::Memory(e)) if e.is_out_of_memory() => {
+            Err(ProviderError::Memory(e)) if e.is_out_of_memory() => {
                 churn.ooms.fetch_add(1, Ordering::SeqCst);
                 shrink_up_to(&reservation, reservation.size() / 2)
                     .map(|_| None)
-                    .map_err(Error::from)
+                    .map_err(ProviderError::from)
             }
-            Err(Error::Memory(MemoryError::Closed { .. })) => Ok(Some(Stop::Closed)),
+            Err(ProviderError::Memory(MemoryError::Closed { .. })) => Ok(Some(Stop::Closed)),
             Err(e) => Err(e),
         };
         drop(reservation);
@@ -896,7 +820,7 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_startNativeChurn<'l>(
                         Ok(Err(e)) => worker.fail(format!("native churn thread {i}: {e}")),
                         Err(p) => worker.fail(format!(
                             "native churn thread {i} panicked: {}",
-                            crate::export::panic_message(p.as_ref())
+                            panic_message(p.as_ref())
                         )),
                     }
                     let mut running = worker.running.lock();
@@ -906,7 +830,9 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_startNativeChurn<'l>(
             if let Err(e) = spawned {
                 *churn.running.lock() -= 1;
                 churn.stop.store(true, Ordering::SeqCst);
-                return Err(Error::Other(format!("cannot start a churn thread: {e}")));
+                return Err(
+                    ProviderError::Other(format!("cannot start a churn thread: {e}")).into(),
+                );
             }
         }
         Ok(handle)
@@ -958,18 +884,19 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_joinNativeChurn<'l>(
             let mut running = c.running.lock();
             while *running > 0 {
                 if c.finished.wait_until(&mut running, deadline).timed_out() && *running > 0 {
-                    return Err(Error::Other(format!(
+                    return Err(ProviderError::Other(format!(
                         "{} native churn thread(s) of manager '{}' still running after {} ms",
                         *running,
                         c.manager,
                         timeout.as_millis()
-                    )));
+                    ))
+                    .into());
                 }
             }
         }
         let _ = CHURNS.remove(churn);
         if let Some(e) = c.first_error.lock().take() {
-            return Err(Error::Other(e));
+            return Err(ProviderError::Other(e).into());
         }
         let values = [
             c.ops.load(Ordering::SeqCst),
@@ -999,7 +926,7 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_setNativeLogLevel<'l>(
         let level = string_arg(env, &level, "level")?;
         let filter = level
             .parse::<log::LevelFilter>()
-            .map_err(|_| Error::InvalidArgument(format!("unknown log level {level:?}")))?;
+            .map_err(|_| ProviderError::InvalidArgument(format!("unknown log level {level:?}")))?;
         let previous = log::max_level();
         log::set_max_level(filter);
         Ok(env

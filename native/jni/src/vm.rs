@@ -18,7 +18,7 @@ use jni::objects::{GlobalRef, JClass, JMethodID};
 use jni::{JNIEnv, JavaVM};
 use once_cell::sync::OnceCell;
 
-use crate::error::{Error, Result};
+use crate::error::{ProviderError, Result};
 
 static VM: OnceCell<JavaVM> = OnceCell::new();
 static CLASSES: OnceCell<JavaClasses> = OnceCell::new();
@@ -114,7 +114,10 @@ pub fn set_java_vm(vm: JavaVM) {
 /// The VM this library was loaded into.
 pub fn java_vm() -> Result<&'static JavaVM> {
     VM.get().ok_or_else(|| {
-        Error::Other("the JavaVM is not known: the library was not loaded by System.load".into())
+        ProviderError::Other(
+            "the JavaVM is not known: the library was not loaded by System.load".into(),
+        )
+        .into()
     })
 }
 
@@ -131,9 +134,10 @@ pub fn attach_current_thread() -> Result<JNIEnv<'static>> {
 fn attach_daemon(vm: &'static JavaVM) -> Result<JNIEnv<'static>> {
     match std::panic::catch_unwind(|| vm.attach_current_thread_as_daemon()) {
         Ok(env) => Ok(env?),
-        Err(_) => Err(Error::Other(
+        Err(_) => Err(ProviderError::Other(
             "cannot attach this thread to the JVM: it is exiting (thread-locals destroyed)".into(),
-        )),
+        )
+        .into()),
     }
 }
 
@@ -149,9 +153,10 @@ pub fn init_classes(env: &mut JNIEnv) -> Result<&'static JavaClasses> {
 /// The cached classes; an error if no Java thread has resolved them yet.
 pub fn classes() -> Result<&'static JavaClasses> {
     CLASSES.get().ok_or_else(|| {
-        Error::Other(
+        ProviderError::Other(
             "org.nativemem classes are not resolved: no NativeMemoryManager was created on a Java thread".into(),
         )
+        .into()
     })
 }
 

@@ -1,7 +1,7 @@
 //! # nativemem-sys: the engine ABI as Rust types
 //!
 //! The `#[repr(C)]` mirror of `include/nativemem.h`, and nothing else: no code, no state. The
-//! provider (`nativemem-jni`, which fills the table) and the consumer (`nativemem-client`, which
+//! provider (`nativemem-provider`, which fills the table) and the consumer (`nativemem-client`, which
 //! wraps it in safe types) both depend on this crate, so the layout is written once on the Rust
 //! side. The header is the contract; a unit test pins the sizes and offsets C sees.
 //!

@@ -67,11 +67,11 @@
 //! In an engine's own cdylib use `default-features = false` (the engine ABI client only). The
 //! `core` feature also charges pools of `nativemem-core` directly.
 //!
-//! **Test binaries that link `libnativemem_jni` statically** (nativemem's own tests) share this
-//! allocator with the library: a flush from inside an allocation the library makes while holding
-//! one of its locks would wait for that lock. Bind threads around engine work, not around calls
-//! into nativemem, there; a real engine loads the library as its own `.so`, whose allocations never
-//! reach this allocator.
+//! **Test binaries that link the provider statically** (`nativemem-provider`, in nativemem's
+//! own tests) share this allocator with it: a flush from inside an allocation the provider makes
+//! while holding one of its locks would wait for that lock. Bind threads around engine work, not
+//! around calls into nativemem, there; a real engine loads the library as its own `.so`, whose
+//! allocations never reach this allocator.
 
 mod account;
 mod alloc;

@@ -1,5 +1,5 @@
 //! The tracking allocator over the engine ABI (what an engine in its own library does): the
-//! provider is `nativemem-jni`'s table, linked into this binary. Tracked work runs on threads
+//! provider is `nativemem-provider`'s table, linked into this binary. Tracked work runs on threads
 //! that call nothing of nativemem while bound (see the crate docs on test binaries that link the
 //! library); the test thread reads the totals.
 
@@ -15,7 +15,7 @@ static ALLOC: TrackingAllocator = TrackingAllocator::system();
 const MIB: u64 = 1 << 20;
 
 fn api() -> Api {
-    let table = nativemem_jni::nativemem_api(sys::NM_ABI_VERSION);
+    let table = nativemem_provider::api(sys::NM_ABI_VERSION);
     // SAFETY: the provider's table is a static of the linked library.
     unsafe { Api::from_ptr(table) }.unwrap()
 }

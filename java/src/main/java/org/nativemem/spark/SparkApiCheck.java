@@ -195,6 +195,21 @@ public final class SparkApiCheck {
     }
 
     /**
+     * {@link #missing(ClassLoader, List, List)} with each member as {@code "owner name descriptor"},
+     * for a check run from a copy of this class that {@code loader} itself loaded: a method-handle
+     * lookup from a class of another loader would tie both loaders to one class per name of the
+     * signature (a loader constraint), and a later load of that name by the other loader fails.
+     */
+    static List<String> missingByName(ClassLoader loader, List<String> members, List<String> implementors) {
+        List<Member> list = new ArrayList<>();
+        for (String member : members) {
+            String[] f = member.split(" ");
+            list.add(new Member(f[0], f[1], f[2]));
+        }
+        return missing(loader, list, implementors);
+    }
+
+    /**
      * Resolves one member the way the JVM links a call site: through a method handle lookup of
      * that member alone (reflection's {@code getDeclaredMethods} would also resolve every other
      * signature of the class, and fail on types Spark does not ship). A member that exists but is

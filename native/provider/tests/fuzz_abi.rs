@@ -34,11 +34,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// With the `testing` feature the library installs the test library's own counting allocator
-/// (a binary has one); the count of this binary is then not taken. Plain `cargo test` takes it.
-#[cfg(not(feature = "testing"))]
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: nativemem_testkit::CountingAllocator = nativemem_testkit::CountingAllocator;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -929,10 +926,6 @@ fn random_calls_from_threads_keep_every_contract() {
         elapsed.as_secs_f64()
     );
     assert!(hist[NM_OK as usize] > 0 && hist[NM_ERR_STALE_HANDLE as usize] > 0);
-    if cfg!(feature = "testing") {
-        println!("leak count not taken: the `testing` feature installs the library's allocator");
-        return;
-    }
     assert_eq!(
         after, before,
         "live (blocks, bytes) not back to the baseline (seed {seed})"

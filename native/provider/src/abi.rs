@@ -1,6 +1,7 @@
-//! The engine ABI: the `nm_api` table of `include/nativemem.h`, filled with this library's
-//! functions. It is how native code in *another* shared library (a Rust engine through
-//! `nativemem-client`, a C/C++ engine through the header) reaches a manager Java created here.
+//! The engine ABI: the `nm_api` table of `include/nativemem.h`, filled with this crate's
+//! functions over the [`registry`]. It is how native code in *another* shared library (a Rust
+//! engine through `nativemem-client`, a C/C++ engine through the header) reaches a manager Java
+//! created in `libnativemem_jni.so`, which links this crate and exports the table.
 //!
 //! ```text
 //!  engine .so                          this module                            registry / core
@@ -10,13 +11,13 @@
 //!  api->pool_open(lease, path) ───▶ manager.pool(path) ─▶ POOLS (owned by the manager)
 //!  api->reservation_try_grow(r) ─▶ RESERVATIONS.get ─▶ owner.enter() ─▶ Reservation::try_grow
 //!  api->spiller_register(pool, vt) ▶ CSpiller (core Spiller over the vtable) ─▶ SPILLERS
-//!  api->attach(lease, state, drop) ▶ STATES: dropped first by the manager's close
+//!  api->attach(lease, state, drop) ▶ STATES: dropped before the core close (registry docs)
 //! ```
 //!
 //! # Rules every function follows
 //! - Its body runs in [`run`]: `*err` is cleared, a panic is caught and becomes
-//!   `NM_ERR_INTERNAL`, an error becomes its code ([`status_of`]) and, if asked for, a message the
-//!   caller frees with `free_message`. Nothing unwinds into C.
+//!   `NM_ERR_INTERNAL`, an error becomes its code ([`Error::status`]) and, if asked for, a
+//!   message the caller frees with `free_message`. Nothing unwinds into C.
 //! - Every object is a generation-checked handle in a [`HandleTable`]: a forged, stale or
 //!   wrong-kind handle is an error code, never a dereference. Raw pointers are accepted only where
 //!   the header says the caller owns them (`free`'s pointer is validated by the core's table).
@@ -39,11 +40,15 @@
 //! Once the close has run, every handle of the manager is stale (`NM_ERR_STALE_HANDLE`); a
 //! give-back that resolved its handle just before gets `NM_ERR_CLOSED` (`reservation_close`:
 //! `NM_OK`, the close released it). `include/nativemem.h` carries the same table next to
-//! `manager_close`; `tests/close_contract.rs` checks it function by function.
+//! `manager_close`; this crate's `tests/close_contract.rs` checks it function by function.
 //! - No lock of this crate is held while a C callback runs (spiller, listener, drop): handles are
 //!   resolved to `Arc`s first and the table locks released.
 //!
-//! Handles are `u64` in C and `jlong` in the tables; a value above `i64::MAX` becomes negative
+//! - Every object a manager owns is recorded with its table and close stage
+//!   (`ManagerEntry::own`): spillers first, attached state before the core close, pools after
+//!   it (see the registry's module docs for the order and why).
+//!
+//! Handles are `u64` in C and `i64` in the tables; a value above `i64::MAX` becomes negative
 //! and is refused as a handle of the wrong kind.
 
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -52,16 +57,15 @@ use std::ptr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jni::sys::jlong;
 use nativemem_core::{
     CapacityListener, ListenerError, MemoryConfig, MemoryError, Pool, ReservationListener, Spiller,
     SpillerRegistration,
 };
 use nativemem_sys::*;
 
-use crate::error::{Error, Result};
-use crate::registry::{self, CloseOutcome, Entry, ManagerEntry, Pin};
-use nativemem_handles::{HandleError, HandleTable};
+use crate::error::{panic_message, Error, Result};
+use crate::registry::{self, CloseOutcome, CloseStage, Entry, ManagerEntry, Pin};
+use nativemem_handles::HandleTable;
 
 /// Leases (kind tag 4).
 static LEASES: HandleTable<LeaseEntry> = HandleTable::new(4, "lease");
@@ -74,13 +78,13 @@ static STATES: HandleTable<StateEntry> = HandleTable::new(7, "attached state");
 
 /// Managers made with `manager_create`: the only ones `manager_close` may close (a manager Java
 /// created is closed by its Java owner, whose `NativeMemoryManager` would otherwise go stale).
-static EMBEDDED: parking_lot::Mutex<Vec<jlong>> = parking_lot::Mutex::new(Vec::new());
+static EMBEDDED: parking_lot::Mutex<Vec<i64>> = parking_lot::Mutex::new(Vec::new());
 
 /// Close timeout of managers made with `manager_create` (as for Java's default).
 const EMBEDDED_CLOSE_TIMEOUT: Duration = registry::DEFAULT_CLOSE_TIMEOUT;
 
 /// The table, a static: its address is valid for the life of the process.
-pub(crate) static API: NmApi = NmApi {
+static API: NmApi = NmApi {
     abi_version: NM_ABI_VERSION,
     struct_size: std::mem::size_of::<NmApi>() as u32,
     free_message: nm_free_message,
@@ -112,8 +116,9 @@ pub(crate) static API: NmApi = NmApi {
     reservation_force_shrink: nm_reservation_force_shrink,
 };
 
-/// The table if this library supports `min_version`, else null. Also exported as the C symbol
-/// `nativemem_api` (see `include/nativemem.h`).
+/// The table if this crate supports `min_version`, else null. `libnativemem_jni.so` exports it
+/// as the C symbol `nativemem_api` (see `include/nativemem.h`); a Rust test that links this
+/// crate calls it directly.
 pub fn api(min_version: u32) -> *const NmApi {
     if min_version <= NM_ABI_VERSION {
         &API
@@ -275,56 +280,7 @@ impl Drop for CListener {
     }
 }
 
-// ---- used by the registry's close ----------------------------------------------------------------
-
-pub(crate) fn is_spiller(handle: jlong) -> bool {
-    SPILLERS.owns(handle)
-}
-
-pub(crate) fn is_state(handle: jlong) -> bool {
-    STATES.owns(handle)
-}
-
-/// Removes the ABI objects among `handles` (spillers, state, pools; others are ignored) and
-/// returns them for the caller to drop, in that order, outside any lock.
-pub(crate) fn remove_owned(handles: Vec<jlong>) -> Vec<Box<dyn std::any::Any>> {
-    let mut out: Vec<Box<dyn std::any::Any>> = Vec::new();
-    for h in handles {
-        if let Ok(s) = SPILLERS.remove(h) {
-            out.push(Box::new(s));
-        } else if let Ok(s) = STATES.remove(h) {
-            out.push(Box::new(s));
-        } else if let Ok(p) = POOLS.remove(h) {
-            out.push(Box::new(p));
-        }
-    }
-    out
-}
-
 // ---- the boundary: errors, arguments ---------------------------------------------------------
-
-/// The status code of an error.
-pub(crate) fn status_of(err: &Error) -> nm_status {
-    match err {
-        Error::Memory(e) => match e {
-            MemoryError::OutOfMemory(_) => NM_ERR_OUT_OF_MEMORY,
-            MemoryError::InvalidArgument(_) => NM_ERR_INVALID_ARGUMENT,
-            MemoryError::Closed { .. } => NM_ERR_CLOSED,
-            MemoryError::Listener { .. } | MemoryError::ListenerContract(_) => NM_ERR_LISTENER,
-            MemoryError::Spill { .. } => NM_ERR_SPILL,
-            MemoryError::UnknownAllocation { .. } => NM_ERR_UNKNOWN_POINTER,
-            #[allow(unreachable_patterns)]
-            _ => NM_ERR_INTERNAL,
-        },
-        Error::Handle(HandleError::Stale { .. }) => NM_ERR_STALE_HANDLE,
-        Error::Handle(HandleError::Full { .. }) => NM_ERR_OUT_OF_MEMORY,
-        Error::Handle(_) => NM_ERR_INVALID_HANDLE,
-        Error::Closed(_) => NM_ERR_CLOSED,
-        Error::InvalidArgument(_) | Error::NullArgument(_) => NM_ERR_INVALID_ARGUMENT,
-        Error::CloseTimedOut(_) => NM_ERR_TIMEOUT,
-        Error::Jni(_) | Error::Panic(_) | Error::Other(_) => NM_ERR_INTERNAL,
-    }
-}
 
 /// A message for C: owned by the caller, freed with `free_message`.
 fn c_message(text: &str) -> *mut c_char {
@@ -340,10 +296,10 @@ fn run(err: Err, body: impl FnOnce() -> Result<()>) -> nm_status {
     }
     let (status, text) = match panic::catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => return NM_OK,
-        Ok(Err(e)) => (status_of(&e), e.to_string()),
+        Ok(Err(e)) => (e.status(), e.to_string()),
         Err(p) => (
             NM_ERR_INTERNAL,
-            format!("native panic: {}", crate::export::panic_message(p.as_ref())),
+            format!("native panic: {}", panic_message(p.as_ref())),
         ),
     };
     if !err.is_null() {
@@ -384,12 +340,12 @@ fn str_arg<'a>(value: *const c_char, name: &'static str) -> Result<&'a str> {
         .map_err(|_| Error::InvalidArgument(format!("{name} is not valid UTF-8")))
 }
 
-fn handle_arg(value: u64) -> jlong {
-    // Handles are positive jlongs; anything above i64::MAX turns negative and is refused.
-    value as jlong
+fn handle_arg(value: u64) -> i64 {
+    // Handles are positive i64s; anything above i64::MAX turns negative and is refused.
+    value as i64
 }
 
-fn to_handle(value: jlong) -> u64 {
+fn to_handle(value: i64) -> u64 {
     value as u64
 }
 
@@ -548,7 +504,7 @@ unsafe extern "C" fn nm_pool_open(
                 owner: owner.clone(),
                 pool,
             }))?;
-            owner.own(h);
+            owner.own(h, CloseStage::AfterClose, &POOLS);
             Ok(h)
         })?;
         put(out, "out", to_handle(handle))
@@ -741,7 +697,7 @@ unsafe extern "C" fn nm_spiller_register(
             }));
             match inserted {
                 Ok(h) => {
-                    p.owner.own(h);
+                    p.owner.own(h, CloseStage::Spillers, &SPILLERS);
                     Ok(h)
                 }
                 Err(e) => {
@@ -791,7 +747,7 @@ unsafe extern "C" fn nm_attach(
             entry
                 .run_drop
                 .store(true, std::sync::atomic::Ordering::Release);
-            owner.own(h);
+            owner.own(h, CloseStage::State, &STATES);
             Ok(h)
         })?;
         put(out, "out", to_handle(h))

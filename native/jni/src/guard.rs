@@ -1,5 +1,6 @@
-//! The shape of every export: resolve arguments, call an inner function returning
-//! [`Result`], map the error in one place ([`throw`]). [`run_export`] adds the panic guard.
+//! The export guard and the argument helpers: the shape of every export is resolve arguments,
+//! call an inner function returning [`Result`], map the error in one place ([`throw`]);
+//! [`run_export`] adds the panic guard. (The exports themselves are in `exports`.)
 //!
 //! ```ignore
 //! #[no_mangle]
@@ -13,14 +14,14 @@
 //! }
 //! ```
 
-use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
 
 use jni::objects::JString;
 use jni::sys::jlong;
 use jni::JNIEnv;
 
-use crate::error::{throw, Error, Result};
+use crate::error::{throw, ProviderError, Result};
+use nativemem_provider::panic_message;
 
 /// Runs an export body: returns its value, or throws the Java exception for its error (or for a
 /// panic, as `NativeMemoryException("native panic: ...")`) and returns `on_error`, which the JVM
@@ -35,7 +36,7 @@ pub fn run_export<'local, R>(
     let err = match panic::catch_unwind(AssertUnwindSafe(|| body(env))) {
         Ok(Ok(value)) => return value,
         Ok(Err(err)) => err,
-        Err(payload) => Error::Panic(panic_message(payload.as_ref())),
+        Err(payload) => ProviderError::Panic(panic_message(payload.as_ref())).into(),
     };
     if panic::catch_unwind(AssertUnwindSafe(|| throw(env, err))).is_err() {
         log::error!("panic while throwing a Java exception; the error is lost");
@@ -43,21 +44,10 @@ pub fn run_export<'local, R>(
     on_error
 }
 
-/// The text of a panic payload (`panic!` with a literal or a formatted message).
-pub fn panic_message(payload: &(dyn Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic with a non-string payload".to_string()
-    }
-}
-
 /// A size argument in bytes: must be `>= 0`.
-pub fn non_negative(name: &str, value: jlong) -> Result<u64> {
+pub fn non_negative(name: &str, value: jlong) -> nativemem_provider::Result<u64> {
     u64::try_from(value)
-        .map_err(|_| Error::InvalidArgument(format!("{name} must be >= 0, got {value}")))
+        .map_err(|_| ProviderError::InvalidArgument(format!("{name} must be >= 0, got {value}")))
 }
 
 /// A byte count for Java (saturating at `Long.MAX_VALUE`, which no count reaches in practice).
@@ -68,7 +58,7 @@ pub fn to_jlong(value: u64) -> jlong {
 /// A non-null `String` argument.
 pub fn string_arg(env: &mut JNIEnv, value: &JString, name: &'static str) -> Result<String> {
     if value.is_null() {
-        return Err(Error::NullArgument(name));
+        return Err(ProviderError::NullArgument(name).into());
     }
     // SAFETY: `value` is a non-null reference to a java.lang.String: the JVM type-checks the
     // arguments of a native method against its declared parameter types (String here).
@@ -79,20 +69,6 @@ pub fn string_arg(env: &mut JNIEnv, value: &JString, name: &'static str) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn panic_messages() {
-        let p = panic::catch_unwind(|| panic!("plain")).unwrap_err();
-        assert_eq!(panic_message(p.as_ref()), "plain");
-        let n = 3;
-        let p = panic::catch_unwind(|| panic!("formatted {n}")).unwrap_err();
-        assert_eq!(panic_message(p.as_ref()), "formatted 3");
-        let p = panic::catch_unwind(|| std::panic::panic_any(5u8)).unwrap_err();
-        assert_eq!(
-            panic_message(p.as_ref()),
-            "a panic with a non-string payload"
-        );
-    }
 
     #[test]
     fn sizes() {

@@ -27,11 +27,8 @@ use std::thread;
 
 use common::*;
 
-/// With the `testing` feature the library installs the test library's own counting allocator
-/// (a binary has one); the count of this binary is then not taken. Plain `cargo test` takes it.
-#[cfg(not(feature = "testing"))]
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: nativemem_testkit::CountingAllocator = nativemem_testkit::CountingAllocator;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -301,10 +298,6 @@ fn manager_lives_through_the_c_abi_free_every_block() {
     // The leaks each close found and freed: r1 (5 MiB) and the raw block (1000 bytes); the
     // third spiller's reservation was emptied by `manager_reclaim`, which spills.
     assert_eq!(leaked, LIVES * (5 * MIB + 1000));
-    if cfg!(feature = "testing") {
-        println!("leak count not taken: the `testing` feature installs the library's allocator");
-        return;
-    }
     assert_eq!(
         after,
         before,

@@ -1,20 +1,25 @@
-//! The live managers and Java reservations of the process, and safe teardown under concurrency.
+//! The live managers and reservations of the process, and safe teardown under concurrency.
+//!
+//! The registry knows the core and the handle tables only: not the engine ABI (`abi`, which
+//! builds on it), not Java. Whoever creates a manager passes its listener as
+//! `Arc<dyn ReservationListener>` (the JNI crate a Java listener, `abi` a C one).
 //!
 //! # In-flight calls and close
 //! Every call on a manager — from an export of this crate or from another crate through
 //! [`enter_manager`] / [`with_manager`] — is counted while it runs ([`ManagerCall`] is the
 //! guard). `destroy` (Java `close()`):
 //!
-//! 1. removes the handle from the table: later lookups throw `IllegalStateException` (stale);
+//! 1. removes the handle from the table: later lookups fail as stale ([`Error::Handle`]: an
+//!    `IllegalStateException` in Java, `NM_ERR_STALE_HANDLE` in C);
 //! 2. sets `CLOSING`: calls that resolved the handle just before but have not entered yet are
-//!    refused with `IllegalStateException`;
+//!    refused ([`Error::Closed`]);
 //! 3. waits, up to the configured close timeout, for the calls in flight to return;
-//! 4. then runs the close: drops resources attached to the manager, closes the core manager
-//!    (frees leaked allocations, empties reservations, hands every reserved byte back through
-//!    the listener) and frees the Java reservations' entries.
+//! 4. then runs the close: drops what the manager owns in the order below, closes the core
+//!    manager (frees leaked allocations, empties reservations, hands every reserved byte back
+//!    through the listener) and forgets the handles of its reservations and pools.
 //!
 //! **Memory is never freed under a running call.** If the wait times out, destroy marks the close
-//! `DEFERRED` and fails with `NativeMemoryException`; the last in-flight call to return runs the
+//! `DEFERRED` and fails ([`Error::CloseTimedOut`]); the last in-flight call to return runs the
 //! close on its own thread. If destroy is called on a thread that is itself inside a call on the
 //! same manager (a listener closing its manager from an upcall), waiting would deadlock, so the
 //! close is deferred at once to when that outer call returns.
@@ -34,27 +39,46 @@
 //! reached zero the close owns the manager and give-backs are refused too (their objects are
 //! being released by the close). So after `CLOSING` the count can rise again only while it is
 //! above zero; it still reaches zero exactly once.
+//!
+//! # What a manager owns, and the order its close drops it in
+//! A manager owns objects in other handle tables: its reservations (here), and the engine ABI's
+//! pools, spillers and attached state (in `abi`). Each is recorded with its table, as an
+//! [`OwnedTable`], and a [`CloseStage`] (`ManagerEntry::own`; `disown` when its user closes it
+//! first), so this module drops them without knowing their types and `abi` depends on the
+//! registry, never the reverse. The close drops, in this order:
+//!
+//! 1. [`CloseStage::Spillers`]: spiller registrations. Their drop callbacks run, and no spill can
+//!    start after, so nothing below is spilled while it is being dropped.
+//! 2. The manager's Rust attachments (`ManagerCall::attach`, test library only).
+//! 3. [`CloseStage::State`]: state engines attached through the ABI (their drop callbacks run).
+//! 4. The core close: frees what is left and reports it as leaked.
+//! 5. [`CloseStage::AfterClose`]: the handles of reservations and pools. Their bytes were released
+//!    (and reported) by the core close; from here they are stale.
+//!
+//! 1 to 3 run on the closing thread with calls on this manager still let in from it
+//! (`CLOSING_HERE`), so memory a drop callback releases (a reservation closed, an allocation
+//! freed) is given back, not reported as a leak. Objects are taken out of their tables first and
+//! dropped with no lock of the registry held: a drop may call back into it.
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use jni::sys::jlong;
 use nativemem_core::{LeakReport, MemoryConfig, MemoryManager, Reservation, ReservationListener};
 use parking_lot::{Condvar, Mutex};
 
-use crate::error::{Error, Result};
+use crate::error::{panic_message, Error, Result};
 use nativemem_handles::HandleTable;
 
 /// Live memory managers (handle kind tag 1).
-pub(crate) static MANAGERS: HandleTable<ManagerEntry> = HandleTable::new(1, "memory manager");
+static MANAGERS: HandleTable<ManagerEntry> = HandleTable::new(1, "memory manager");
 /// Live reservations made from Java or through the engine ABI (handle kind tag 2).
-pub(crate) static RESERVATIONS: HandleTable<ReservationEntry> = HandleTable::new(2, "reservation");
+static RESERVATIONS: HandleTable<ReservationEntry> = HandleTable::new(2, "reservation");
 
 /// Default time `destroy` waits for in-flight calls.
 pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -139,8 +163,9 @@ pub struct ManagerEntry {
     drained: Condvar,
     close_timeout: Duration,
     /// Handles of the objects this manager owns in other tables (reservations, and the engine
-    /// ABI's pools, spillers and state): close removes them, so they go stale with the manager.
-    owned: Mutex<HashSet<jlong>>,
+    /// ABI's pools, spillers and state), with the table and the stage of the close that drops
+    /// them: close removes them, so they go stale with the manager.
+    owned: Mutex<HashMap<i64, (CloseStage, &'static dyn OwnedTable)>>,
     attachments: Mutex<Vec<Box<dyn Any + Send>>>,
 }
 
@@ -163,7 +188,7 @@ impl ManagerEntry {
     }
 
     /// The handle Java holds for it.
-    pub fn handle(&self) -> jlong {
+    pub fn handle(&self) -> i64 {
         self.handle.load(Ordering::Relaxed)
     }
 
@@ -242,13 +267,14 @@ impl ManagerEntry {
         })
     }
 
-    /// Records that this manager owns the object `handle` of another table.
-    pub(crate) fn own(&self, handle: jlong) {
-        self.owned.lock().insert(handle);
+    /// Records that this manager owns the object `handle` of `table`: its close takes it out of
+    /// the table and drops it at `stage`.
+    pub(crate) fn own(&self, handle: i64, stage: CloseStage, table: &'static dyn OwnedTable) {
+        self.owned.lock().insert(handle, (stage, table));
     }
 
     /// Forgets an owned handle (the object was closed by its user).
-    pub(crate) fn disown(&self, handle: jlong) {
+    pub(crate) fn disown(&self, handle: i64) {
         self.owned.lock().remove(&handle);
     }
 
@@ -308,51 +334,76 @@ impl ManagerEntry {
             Err(p) => log::error!(
                 "[{}] deferred close panicked: {}",
                 self.manager.name(),
-                crate::export::panic_message(p.as_ref())
+                panic_message(p.as_ref())
             ),
         }
     }
 
-    /// The close proper; runs exactly once, with no call in flight.
-    ///
-    /// Order: spillers registered through the engine ABI are unregistered (their drop callbacks
-    /// run), then attached state is dropped (Rust attachments and the ABI's `attach`), both on
-    /// this thread with calls on this manager still let in from it, so memory they release is not
-    /// a leak. Then the core close frees what is left and reports it, and every handle the
-    /// manager owned (reservations, pools) is removed: those go stale.
+    /// The close proper; runs exactly once, with no call in flight. The order is the one of the
+    /// module docs ("What a manager owns, and the order its close drops it in").
     fn finish_close(&self) -> Result<LeakReport> {
         let me = self as *const ManagerEntry as usize;
         let previous = CLOSING_HERE.try_with(|c| c.replace(me)).unwrap_or(0);
-        let spillers = self.take_owned(crate::abi::is_spiller);
-        drop(crate::abi::remove_owned(spillers));
+        drop(self.take_owned(CloseStage::Spillers));
         let attachments = std::mem::take(&mut *self.attachments.lock());
         drop(attachments);
-        let states = self.take_owned(crate::abi::is_state);
-        drop(crate::abi::remove_owned(states));
+        drop(self.take_owned(CloseStage::State));
         let _ = CLOSING_HERE.try_with(|c| c.set(previous));
         let result = self.manager.close();
-        // Reservations still open were reported as leaks by the close above (they held bytes);
-        // now forget their handles, and the pool handles. Dropping them releases nothing more.
-        let rest = self.take_owned(|_| true);
-        drop(RESERVATIONS.remove_all(rest.iter().copied()));
-        drop(crate::abi::remove_owned(rest));
+        drop(self.take_owned(CloseStage::AfterClose));
         Ok(result?)
     }
 
-    /// Removes and returns the owned handles that match `which`.
-    fn take_owned(&self, which: impl Fn(jlong) -> bool) -> Vec<jlong> {
-        let mut owned = self.owned.lock();
-        let taken: Vec<jlong> = owned.iter().copied().filter(|h| which(*h)).collect();
-        for h in &taken {
-            owned.remove(h);
-        }
+    /// Takes the objects owned at `stage` out of their tables and returns them, for the caller
+    /// to drop with no lock of the registry held (their drops may call back into it).
+    fn take_owned(&self, stage: CloseStage) -> Vec<Box<dyn Any>> {
+        let mut taken: Vec<(i64, &'static dyn OwnedTable)> = Vec::new();
+        self.owned.lock().retain(|handle, (s, table)| {
+            let take = *s == stage;
+            if take {
+                taken.push((*handle, *table));
+            }
+            !take
+        });
         taken
+            .into_iter()
+            .filter_map(|(h, table)| table.take(h))
+            .collect()
+    }
+}
+
+/// When a manager's close drops an object it owns (see the module docs for why this order).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum CloseStage {
+    /// First: spiller registrations (their drop callbacks run; no spill can start after).
+    Spillers,
+    /// After the manager's Rust attachments, before the core close: state an engine attached.
+    State,
+    /// After the core close: handles that only name what the core close already released
+    /// (reservations, pools). Dropping them releases nothing more.
+    AfterClose,
+}
+
+/// A table of objects a manager owns, outside this module (the engine ABI's pools, spillers and
+/// attached state; the reservations' table here). The manager holds only handles into it, and
+/// its close takes the objects out of it to drop them.
+pub trait OwnedTable: Sync {
+    /// Removes the object `handle` from the table and returns it, for the caller to drop outside
+    /// any lock; `None` if it is gone already (its user closed it first).
+    fn take(&self, handle: i64) -> Option<Box<dyn Any>>;
+}
+
+impl<T: Send + Sync + 'static> OwnedTable for HandleTable<T> {
+    fn take(&self, handle: i64) -> Option<Box<dyn Any>> {
+        self.remove(handle)
+            .ok()
+            .map(|entry| Box::new(entry) as Box<dyn Any>)
     }
 }
 
 /// What a call does to its manager, which decides whether a closing manager lets it in.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Entry {
+pub enum Entry {
     /// New work (grows, new objects, spills, read-outs): refused once the manager is closing.
     Work,
     /// Only gives memory back (shrink, free, close of a reservation, free of an allocation):
@@ -449,7 +500,7 @@ pub fn create_manager(
     config: MemoryConfig,
     listener: Arc<dyn ReservationListener>,
     close_timeout: Duration,
-) -> Result<jlong> {
+) -> Result<i64> {
     let manager = MemoryManager::new(name, config, listener)?;
     let entry = Arc::new(ManagerEntry {
         manager,
@@ -459,7 +510,7 @@ pub fn create_manager(
         drain_lock: Mutex::new(()),
         drained: Condvar::new(),
         close_timeout,
-        owned: Mutex::new(HashSet::new()),
+        owned: Mutex::new(HashMap::new()),
         attachments: Mutex::new(Vec::new()),
     });
     let handle = MANAGERS.insert(entry.clone())?;
@@ -468,13 +519,13 @@ pub fn create_manager(
 }
 
 /// The live manager named by `handle` (not entered).
-pub(crate) fn manager_entry(handle: jlong) -> Result<Arc<ManagerEntry>> {
+pub(crate) fn manager_entry(handle: i64) -> Result<Arc<ManagerEntry>> {
     Ok(MANAGERS.get(handle)?)
 }
 
 /// Starts a call on the manager named by `handle`. Fails with `IllegalStateException` semantics
 /// ([`Error::Handle`] / [`Error::Closed`]) for a destroyed, forged or closing manager.
-pub fn enter_manager(handle: jlong) -> Result<ManagerCall> {
+pub fn enter_manager(handle: i64) -> Result<ManagerCall> {
     MANAGERS.get(handle)?.enter()
 }
 
@@ -487,14 +538,14 @@ pub fn enter_manager(handle: jlong) -> Result<ManagerCall> {
 /// first and then hands every byte back. A core `Reservation` kept elsewhere and dropped by a
 /// native thread *while* the manager closes gives its bytes back only when that drop finishes,
 /// possibly after `close` returned (the Spark plugin would count them as unreturned).
-pub fn with_manager<R>(handle: jlong, f: impl FnOnce(&MemoryManager) -> Result<R>) -> Result<R> {
+pub fn with_manager<R>(handle: i64, f: impl FnOnce(&MemoryManager) -> Result<R>) -> Result<R> {
     let call = enter_manager(handle)?;
     f(call.manager())
 }
 
 /// Destroys the manager named by `handle` (see the module docs). A second destroy of the same
 /// handle fails as stale.
-pub fn destroy_manager(handle: jlong) -> Result<CloseOutcome> {
+pub fn destroy_manager(handle: i64) -> Result<CloseOutcome> {
     let entry = MANAGERS.remove(handle)?;
     entry.state.fetch_or(CLOSING, Ordering::SeqCst);
     let own = entry.calls_on_this_thread();
@@ -551,12 +602,7 @@ impl std::fmt::Debug for ReservationEntry {
 
 /// Creates a reservation of `bytes` in the pool at `pool_path` of the manager `handle`, for
 /// `consumer`; returns its handle. On error nothing is held.
-pub fn create_reservation(
-    handle: jlong,
-    pool_path: &str,
-    consumer: &str,
-    bytes: u64,
-) -> Result<jlong> {
+pub fn create_reservation(handle: i64, pool_path: &str, consumer: &str, bytes: u64) -> Result<i64> {
     let call = enter_manager(handle)?;
     let pool = call.manager().pool(pool_path)?;
     add_reservation(call.entry(), &pool, consumer, bytes)
@@ -569,7 +615,7 @@ pub(crate) fn add_reservation(
     pool: &nativemem_core::Pool,
     consumer: &str,
     bytes: u64,
-) -> Result<jlong> {
+) -> Result<i64> {
     let reservation = pool.reservation(consumer);
     reservation.try_grow(bytes)?;
     let entry = Arc::new(ReservationEntry {
@@ -578,19 +624,19 @@ pub(crate) fn add_reservation(
     });
     // In flight, so the manager's close (which drains `owned`) cannot run between these.
     let rh = RESERVATIONS.insert(entry)?;
-    owner.own(rh);
+    owner.own(rh, CloseStage::AfterClose, &RESERVATIONS);
     Ok(rh)
 }
 
 /// Runs `f` on the reservation `handle`, counted as a call on its manager.
-pub fn with_reservation<R>(handle: jlong, f: impl FnOnce(&Reservation) -> Result<R>) -> Result<R> {
+pub fn with_reservation<R>(handle: i64, f: impl FnOnce(&Reservation) -> Result<R>) -> Result<R> {
     with_reservation_as(handle, Entry::Work, f)
 }
 
 /// Runs `f` on the reservation `handle`, counted as a call of the kind `kind` on its manager:
 /// [`Entry::GiveBack`] for calls that only release bytes (let in while close waits).
-pub(crate) fn with_reservation_as<R>(
-    handle: jlong,
+pub fn with_reservation_as<R>(
+    handle: i64,
     kind: Entry,
     f: impl FnOnce(&Reservation) -> Result<R>,
 ) -> Result<R> {
@@ -607,7 +653,7 @@ pub(crate) fn with_reservation_as<R>(
 /// Releases the reservation `handle` (Java `NativeReservation.close()`). A give-back: while its
 /// manager's close waits for other calls it still releases at once; once the close runs, the
 /// close releases it and this returns without error.
-pub fn close_reservation(handle: jlong) -> Result<()> {
+pub fn close_reservation(handle: i64) -> Result<()> {
     let entry = RESERVATIONS.get(handle)?;
     let Ok(call) = entry.owner.enter_as(Entry::GiveBack) else {
         return Ok(());
@@ -630,13 +676,19 @@ pub fn live_reservations() -> usize {
     RESERVATIONS.live()
 }
 
+/// Calls in flight now on the manager named by `handle` (a diagnostic: it does not enter the
+/// manager, so it works on a busy one).
+pub fn in_flight(handle: i64) -> Result<u64> {
+    Ok(MANAGERS.get(handle)?.in_flight())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use nativemem_core::{CapacityListener, ListenerError};
     use std::sync::mpsc;
 
-    fn new_manager(timeout: Duration) -> (jlong, Arc<CapacityListener>) {
+    fn new_manager(timeout: Duration) -> (i64, Arc<CapacityListener>) {
         let l = Arc::new(CapacityListener::unlimited());
         let h = create_manager("t".into(), MemoryConfig::default(), l.clone(), timeout).unwrap();
         (h, l)

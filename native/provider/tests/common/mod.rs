@@ -1,77 +1,27 @@
-//! Helpers shared by the integration tests of the engine ABI: the table, a counting allocator
-//! (each binary that counts installs it as its own global allocator), and C-style callbacks
-//! (listener, spiller, attached state) whose Rust side counts what happened to them.
+//! Helpers shared by the integration tests of the engine ABI: the table, the live heap of the
+//! binary (a binary that counts installs `nativemem_testkit::CountingAllocator` as its global
+//! allocator), and C-style callbacks (listener, spiller, attached state) whose Rust side counts
+//! what happened to them.
 #![allow(dead_code)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::ffi::{c_char, c_void, CStr};
 use std::ptr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub use nativemem_sys::*;
 
-/// The provider's table (this crate's `nativemem_api` export, the only copy in the binary).
+/// The provider's table (this crate's, the only copy in the binary).
 pub fn api() -> &'static NmApi {
-    let table = nativemem_jni::nativemem_api(NM_ABI_VERSION);
+    let table = nativemem_provider::api(NM_ABI_VERSION);
     assert!(!table.is_null());
     // SAFETY: a pointer to the provider's static table, valid for the life of the process.
     unsafe { &*table }
 }
 
-// ---- counting allocator ------------------------------------------------------------------------
-
-/// Counts live blocks and bytes of the whole process (wraps `System`). A binary that counts
-/// declares `#[global_allocator] static A: common::Counting = common::Counting;`.
-pub struct Counting;
-
-static BLOCKS: AtomicI64 = AtomicI64::new(0);
-static BYTES: AtomicI64 = AtomicI64::new(0);
-
-// SAFETY: every call forwards to `System` with the caller's arguments, so `System`'s guarantees
-// hold; the counters are plain atomics and allocate nothing.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded with the caller's layout.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            // SeqCst (all counters): cheap enough for tests, and no reasoning needed.
-            BLOCKS.fetch_add(1, Ordering::SeqCst);
-            BYTES.fetch_add(layout.size() as i64, Ordering::SeqCst);
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded with the caller's layout.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            BLOCKS.fetch_add(1, Ordering::SeqCst);
-            BYTES.fetch_add(layout.size() as i64, Ordering::SeqCst);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from this allocator (so from `System`) with `layout`.
-        unsafe { System.dealloc(ptr, layout) };
-        BLOCKS.fetch_sub(1, Ordering::SeqCst);
-        BYTES.fetch_sub(layout.size() as i64, Ordering::SeqCst);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded with the caller's arguments.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            BYTES.fetch_add(new_size as i64 - layout.size() as i64, Ordering::SeqCst);
-        }
-        p
-    }
-}
-
-/// Live (blocks, bytes) of the process, if the binary installed [`Counting`].
+/// Live (blocks, bytes) of the process, if the binary installed the counting allocator.
 pub fn live() -> (i64, i64) {
-    (BLOCKS.load(Ordering::SeqCst), BYTES.load(Ordering::SeqCst))
+    nativemem_testkit::counts().live()
 }
 
 // ---- status helpers ------------------------------------------------------------------------
