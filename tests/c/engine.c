@@ -1,14 +1,21 @@
 /*
  * nm_test_engine: a small native engine written in C against include/nativemem.h only.
  *
- * It is "Proof 2" of the engine boundary (DESIGN.md §5): a shared library of its own, built with
- * the system C compiler, that never links libnativemem_jni. Java hands it two integers, the
+ * It shows that an engine needs nothing but the ABI: a shared library of its own, built with the
+ * system C compiler, that never links libnativemem_jni. Java hands it two integers, the
  * address of the nm_api table (NativeMemoryManager.nativeApi()) and a manager handle
  * (manager.handle()), and everything else goes through the table.
  *
  * JNI exports for org.nativemem.engine.CEngine (tests/support/java). Errors become
  * org.nativemem.engine.CEngineException(status, message); every message from the table is freed
  * with api->free_message.
+ *
+ * ## Files
+ * engine.c (this file): what a real engine does: pools, reservations, allocations, a spiller,
+ * attached state, threads the JVM never saw, a lease held across the close, a manager without a
+ * JVM, a malloc hook over forced charges. probes.c: misuse checked at the C level (forged,
+ * wrong-kind and stale handles, bad arguments and vtables, doctored tables). engine_internal.h:
+ * what the two share (the engine struct, JNI helpers).
  *
  * ## The engine
  * One `engine` per CEngine.open: a pool handle, a spillable "index" reservation, spillable
@@ -40,22 +47,13 @@
  */
 #define _POSIX_C_SOURCE 200809L
 
-#include <jni.h>
-
 #include <errno.h>
-#include <pthread.h>
-#include <stdatomic.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-#include "nativemem.h"
-
-#define UNUSED(x) ((void)(x))
-#define ALIGN 64u
-#define EXCEPTION_CLASS "org/nativemem/engine/CEngineException"
+#include "engine_internal.h"
 
 /* ---- process-wide counters (read by the Spark job after the tasks' managers closed) ---------- */
 
@@ -89,7 +87,7 @@ static const char *status_name(nm_status st) {
 }
 
 /* Throws CEngineException(status, "<what>: <message> (<NAME>)") and frees `err` (may be NULL). */
-static void throw_status(JNIEnv *env, const nm_api *api, nm_status st, char *err, const char *what) {
+void throw_status(JNIEnv *env, const nm_api *api, nm_status st, char *err, const char *what) {
     const char *text = err != NULL ? err : "(no message)";
     size_t len = strlen(what) + strlen(text) + 64;
     char *buf = malloc(len);
@@ -117,14 +115,14 @@ static void throw_status(JNIEnv *env, const nm_api *api, nm_status st, char *err
     free(buf);
 }
 
-static void throw_state(JNIEnv *env, const char *what) {
+void throw_state(JNIEnv *env, const char *what) {
     jclass cls = (*env)->FindClass(env, "java/lang/IllegalStateException");
     if (cls != NULL) {
         (*env)->ThrowNew(env, cls, what);
     }
 }
 
-static jlongArray long_array(JNIEnv *env, const int64_t *values, jsize n) {
+jlongArray long_array(JNIEnv *env, const int64_t *values, jsize n) {
     jlong tmp[64];
     if (n > 64) {
         return NULL;
@@ -140,43 +138,7 @@ static jlongArray long_array(JNIEnv *env, const int64_t *values, jsize n) {
     return out;
 }
 
-static const nm_api *api_of(jlong address) {
-    return (const nm_api *)(uintptr_t)address;
-}
-
 /* ---- the engine ------------------------------------------------------------------------------- */
-
-typedef struct buffer {
-    void *ptr;
-    uint64_t size;
-} buffer;
-
-typedef struct engine {
-    const nm_api *api;
-    nm_manager manager;
-    nm_pool pool;
-    nm_spiller spiller;
-    nm_state state;
-    atomic_int refs;
-
-    pthread_mutex_t mu; /* never held across a call into the table */
-    nm_reservation index;   /* 0 once the drop closed it */
-    buffer *bufs;
-    size_t nbufs, cap;
-    uint64_t buf_bytes;     /* bytes in bufs */
-    uint64_t index_bytes;   /* recorded size of `index` (<= its real size) */
-    uint64_t spill_calls, spills, spilled_bytes, spill_errors;
-    uint64_t over_report;   /* misuse: the spill callback claims this much more than it freed */
-    nm_status spill_status; /* misuse: non-zero makes the spill callback fail */
-    uint64_t spiller_dropped, state_dropped;
-    uint64_t drop_freed_bytes, drop_freed_buffers, drop_errors;
-    pthread_t drop_thread;
-    uint64_t leaked_alloc_bytes, leaked_reservation_bytes;
-    void *leak_ptr;
-    nm_reservation leak_res;
-    nm_lease last_lease;    /* the last lease a call released (for the stale-lease probe) */
-    int shut_down;
-} engine;
 
 static void engine_unref(engine *e) {
     if (atomic_fetch_sub(&e->refs, 1) == 1) {
@@ -187,11 +149,11 @@ static void engine_unref(engine *e) {
     }
 }
 
-static nm_status lease_acquire(engine *e, nm_lease *out, char **err) {
+nm_status lease_acquire(engine *e, nm_lease *out, char **err) {
     return e->api->acquire(e->manager, out, err);
 }
 
-static void lease_release(engine *e, nm_lease lease) {
+void lease_release(engine *e, nm_lease lease) {
     nm_status st = e->api->release(lease, NULL);
     pthread_mutex_lock(&e->mu);
     e->last_lease = lease;
@@ -460,7 +422,7 @@ fail_struct:
 
 /* ---- JNI: the engine ------------------------------------------------------------------------------ */
 
-static engine *engine_of(JNIEnv *env, jlong ptr) {
+engine *engine_of(JNIEnv *env, jlong ptr) {
     if (ptr == 0) {
         throw_state(env, "CEngine is closed");
         return NULL;
@@ -1005,15 +967,6 @@ typedef struct holder {
     int drop_ran_here;
 } holder;
 
-static int check_pattern(const unsigned char *p, uint64_t n, unsigned char v) {
-    for (uint64_t i = 0; i < n; i += 4096) {
-        if (p[i] != v) {
-            return 0;
-        }
-    }
-    return p[n - 1] == v;
-}
-
 static void *holder_main(void *arg) {
     holder *h = arg;
     engine *e = h->e;
@@ -1128,372 +1081,6 @@ JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeReleaseHold
     pthread_cond_destroy(&h->cv);
     free(h);
     return long_array(env, out, 12);
-}
-
-/* ---- misuse, checked at the C level ------------------------------------------------------------- */
-
-/* Counts and frees a message. */
-static void count_message(const nm_api *api, char **err, int64_t *messages) {
-    if (*err != NULL) {
-        (*messages)++;
-        api->free_message(*err);
-        *err = NULL;
-    }
-}
-
-/* nm_api_check on the real table and on doctored copies. Returns {real, NULL, abi_version 0,
- * struct_size - 8, struct_size 0, abi_version + 1, struct_size + 64}. */
-JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeApiCheck(JNIEnv *env,
-                                                                            jclass cls,
-                                                                            jlong api_address) {
-    UNUSED(cls);
-    const nm_api *api = api_of(api_address);
-    int64_t out[7];
-    out[0] = nm_api_check(api);
-    out[1] = nm_api_check(NULL);
-    /* A newer library's table is larger than ours: copy into room for that. */
-    unsigned char *room = calloc(1, sizeof(nm_api) + 64);
-    if (room == NULL) {
-        throw_state(env, "calloc");
-        return NULL;
-    }
-    nm_api *copy = (nm_api *)(void *)room;
-    memcpy(copy, api, sizeof(nm_api));
-    copy->abi_version = 0;
-    out[2] = nm_api_check(copy);
-    memcpy(copy, api, sizeof(nm_api));
-    copy->struct_size = (uint32_t)(sizeof(nm_api) - 8);
-    out[3] = nm_api_check(copy);
-    memcpy(copy, api, sizeof(nm_api));
-    copy->struct_size = 0;
-    out[4] = nm_api_check(copy);
-    memcpy(copy, api, sizeof(nm_api));
-    copy->abi_version = NM_ABI_VERSION + 1;
-    out[5] = nm_api_check(copy);
-    memcpy(copy, api, sizeof(nm_api));
-    copy->struct_size = (uint32_t)(sizeof(nm_api) + 64);
-    out[6] = nm_api_check(copy);
-    free(room);
-    return long_array(env, out, 7);
-}
-
-/* Forged, zero and wrong-kind handles and bad arguments on a live manager. See CEngineTest for
- * the meaning of each entry. */
-#define FORGED_FIELDS 24
-JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeForged(JNIEnv *env, jclass cls,
-                                                                          jlong api_address,
-                                                                          jlong manager) {
-    UNUSED(cls);
-    const nm_api *api = api_of(api_address);
-    int64_t v[FORGED_FIELDS];
-    int64_t messages = 0;
-    char *err = NULL;
-    nm_lease l = 0;
-    nm_pool_stats ps;
-    nm_manager_stats ms;
-    uint64_t x = 0;
-    int dummy = 0;
-    nm_manager mgr = (nm_manager)manager;
-    for (int i = 0; i < FORGED_FIELDS; i++) {
-        v[i] = -1;
-    }
-
-    v[0] = api->acquire(0, &l, &err); count_message(api, &err, &messages);
-    v[1] = api->acquire(0x1234, &l, &err); count_message(api, &err, &messages);
-    v[2] = api->acquire(UINT64_MAX, &l, &err); count_message(api, &err, &messages);
-    /* Same kind and slot, a generation the slot has not reached: never issued. */
-    v[3] = api->acquire(mgr + ((uint64_t)1000 << 24), &l, &err); count_message(api, &err, &messages);
-    v[4] = api->pool_stats(0x1234, &ps, &err); count_message(api, &err, &messages);
-    v[5] = api->pool_stats(mgr, &ps, &err); count_message(api, &err, &messages); /* wrong kind */
-    v[6] = api->reservation_try_grow(0, 1, &err); count_message(api, &err, &messages);
-    v[7] = api->free(0x1234, &dummy, &x, &err); count_message(api, &err, &messages);
-    v[8] = api->spiller_unregister(0x1234, &err); count_message(api, &err, &messages);
-    v[9] = api->detach(0x1234, 1, &err); count_message(api, &err, &messages);
-    v[10] = api->release(0x1234, &err); count_message(api, &err, &messages);
-    v[11] = api->manager_stats(mgr, &ms, &err); count_message(api, &err, &messages); /* not a lease */
-    v[12] = api->acquire(mgr, NULL, &err); count_message(api, &err, &messages);
-    v[13] = api->acquire(0x1234, &l, NULL); /* no message wanted: none made, no crash */
-
-    /* Success sets *err to NULL, whatever it held. */
-    err = (char *)&dummy;
-    nm_status st = api->acquire(mgr, &l, &err);
-    v[14] = st == NM_OK && err == NULL;
-    if (st != NM_OK) {
-        throw_state(env, "acquire of the live manager failed");
-        return NULL;
-    }
-    err = NULL;
-    nm_pool pool = 0;
-    nm_reservation r = 0;
-    v[15] = api->pool_open(l, NULL, -1, &pool, &err); count_message(api, &err, &messages);
-    v[16] = api->pool_open(l, "forged//empty", -1, &pool, &err); count_message(api, &err, &messages);
-    v[17] = api->pool_open(l, "forged/limit", -2, &pool, &err); count_message(api, &err, &messages);
-    if (api->pool_open(l, "forged/ok", -1, &pool, NULL) == NM_OK) {
-        void *p = (void *)&dummy;
-        v[18] = api->allocate(pool, 0, 64, &p, &err); count_message(api, &err, &messages);
-        v[19] = p == NULL; /* on failure *out is NULL */
-        v[20] = api->allocate(pool, 64, 3, &p, &err); count_message(api, &err, &messages);
-        if (api->reservation_new(pool, "forged", &r, NULL) == NM_OK) {
-            v[21] = api->reservation_shrink(r, 1, &err); count_message(api, &err, &messages);
-            api->reservation_close(r, NULL);
-        }
-        v[22] = api->reservation_try_grow(pool, 1, &err); count_message(api, &err, &messages);
-        api->pool_close(pool, NULL);
-    }
-    api->release(l, NULL);
-    v[23] = messages;
-    return long_array(env, v, FORGED_FIELDS);
-}
-
-/* A lease released twice. Returns {acquire, release, release again, manager_stats on it}. */
-JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeReleaseTwice(
-    JNIEnv *env, jclass cls, jlong api_address, jlong manager) {
-    UNUSED(cls);
-    const nm_api *api = api_of(api_address);
-    nm_lease l = 0;
-    nm_manager_stats ms;
-    char *err = NULL;
-    int64_t v[4];
-    v[0] = api->acquire((nm_manager)manager, &l, NULL);
-    v[1] = api->release(l, NULL);
-    v[2] = api->release(l, &err);
-    api->free_message(err);
-    err = NULL;
-    v[3] = api->manager_stats(l, &ms, &err);
-    api->free_message(err);
-    return long_array(env, v, 4);
-}
-
-/* Spiller vtables the ABI must refuse, and their ctx must stay the caller's (no drop). */
-static atomic_int g_probe_drops;
-static uint64_t probe_spillable(void *ctx) {
-    UNUSED(ctx);
-    return 0;
-}
-static nm_status probe_spill(void *ctx, uint64_t target, uint64_t *freed) {
-    UNUSED(ctx);
-    UNUSED(target);
-    *freed = 0;
-    return NM_OK;
-}
-static void probe_drop(void *ctx) {
-    UNUSED(ctx);
-    atomic_fetch_add(&g_probe_drops, 1);
-}
-
-/* Returns {struct_size - 8, struct_size 0, spill NULL, spillable_bytes NULL, vtable NULL,
- * name NULL, drops after the refusals, larger struct_size (newer header) accepted, drops after
- * its unregister, unregister again, drops after that}. */
-JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeVtableChecks(
-    JNIEnv *env, jclass cls, jlong api_address, jlong manager) {
-    UNUSED(cls);
-    const nm_api *api = api_of(api_address);
-    int64_t v[11];
-    for (int i = 0; i < 11; i++) {
-        v[i] = -1;
-    }
-    nm_lease l;
-    nm_pool pool;
-    char *err = NULL;
-    nm_status st = api->acquire((nm_manager)manager, &l, &err);
-    if (st != NM_OK) {
-        throw_status(env, api, st, err, "acquire");
-        return NULL;
-    }
-    if ((st = api->pool_open(l, "vtable-probe", -1, &pool, &err)) != NM_OK) {
-        api->release(l, NULL);
-        throw_status(env, api, st, err, "pool_open");
-        return NULL;
-    }
-    atomic_store(&g_probe_drops, 0);
-    int ctx = 0;
-    nm_spiller s = 0;
-    /* A vtable from a newer header: larger, with a field this library does not know (zero). */
-    struct {
-        nm_spiller_vtable vt;
-        void *newer_field;
-    } big;
-    memset(&big, 0, sizeof big);
-    nm_spiller_vtable good = {
-        .struct_size = (uint32_t)sizeof(nm_spiller_vtable),
-        .reserved0 = 0,
-        .ctx = &ctx,
-        .spillable_bytes = probe_spillable,
-        .spill = probe_spill,
-        .drop = probe_drop,
-    };
-    nm_spiller_vtable bad = good;
-    bad.struct_size = (uint32_t)sizeof(nm_spiller_vtable) - 8;
-    v[0] = api->spiller_register(pool, "probe", &bad, &s, &err); api->free_message(err); err = NULL;
-    bad = good;
-    bad.struct_size = 0;
-    v[1] = api->spiller_register(pool, "probe", &bad, &s, &err); api->free_message(err); err = NULL;
-    bad = good;
-    bad.spill = NULL;
-    v[2] = api->spiller_register(pool, "probe", &bad, &s, &err); api->free_message(err); err = NULL;
-    bad = good;
-    bad.spillable_bytes = NULL;
-    v[3] = api->spiller_register(pool, "probe", &bad, &s, &err); api->free_message(err); err = NULL;
-    v[4] = api->spiller_register(pool, "probe", NULL, &s, &err); api->free_message(err); err = NULL;
-    v[5] = api->spiller_register(pool, NULL, &good, &s, &err); api->free_message(err); err = NULL;
-    v[6] = atomic_load(&g_probe_drops);
-    big.vt = good;
-    big.vt.struct_size = (uint32_t)sizeof big;
-    v[7] = api->spiller_register(pool, "probe-newer", &big.vt, &s, &err);
-    api->free_message(err);
-    err = NULL;
-    if (v[7] == NM_OK) {
-        api->spiller_unregister(s, NULL);
-        v[8] = atomic_load(&g_probe_drops);
-        v[9] = api->spiller_unregister(s, &err);
-        api->free_message(err);
-        err = NULL;
-        v[10] = atomic_load(&g_probe_drops);
-    }
-    api->pool_close(pool, NULL);
-    api->release(l, NULL);
-    return long_array(env, v, 11);
-}
-
-/* free() of pointers the manager does not own. Returns {free(malloc'd), malloc'd memory intact
- * afterwards (then freed with free()), pool used before, pool used after the refusals, free of an
- * interior pointer, free(NULL), free of the real allocation, free of it again (double free), pool
- * used at the end}. */
-JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeForeignFree(JNIEnv *env,
-                                                                               jclass cls,
-                                                                               jlong ptr) {
-    UNUSED(cls);
-    engine *e = engine_of(env, ptr);
-    if (e == NULL) {
-        return NULL;
-    }
-    const nm_api *api = e->api;
-    int64_t v[9];
-    char *err = NULL;
-    nm_lease l;
-    nm_status st = lease_acquire(e, &l, &err);
-    if (st != NM_OK) {
-        throw_status(env, api, st, err, "acquire");
-        return NULL;
-    }
-    nm_pool_stats ps = {0, 0, 0};
-    api->pool_stats(e->pool, &ps, NULL);
-    v[2] = (int64_t)ps.used;
-    unsigned char *m = malloc(4096);
-    if (m == NULL) {
-        lease_release(e, l);
-        throw_state(env, "malloc");
-        return NULL;
-    }
-    memset(m, 0xc3, 4096);
-    uint64_t size = 12345;
-    v[0] = api->free(e->pool, m, &size, &err);
-    api->free_message(err);
-    err = NULL;
-    v[1] = check_pattern(m, 4096, 0xc3) && size == 12345;
-    free(m); /* still ours: the C library frees it fine */
-    void *p = NULL;
-    if ((st = api->allocate(e->pool, 8192, ALIGN, &p, &err)) != NM_OK) {
-        lease_release(e, l);
-        throw_status(env, api, st, err, "allocate");
-        return NULL;
-    }
-    v[4] = api->free(e->pool, (unsigned char *)p + 64, NULL, &err);
-    api->free_message(err);
-    err = NULL;
-    v[5] = api->free(e->pool, NULL, NULL, &err);
-    api->free_message(err);
-    err = NULL;
-    api->pool_stats(e->pool, &ps, NULL);
-    v[3] = (int64_t)ps.used;
-    size = 0;
-    v[6] = api->free(e->pool, p, &size, NULL);
-    v[7] = api->free(e->pool, p, NULL, &err); /* double free: refused, nothing touched */
-    api->free_message(err);
-    err = NULL;
-    api->pool_stats(e->pool, &ps, NULL);
-    v[8] = (int64_t)ps.used;
-    lease_release(e, l);
-    return long_array(env, v, 9);
-}
-
-/* Frees an allocation of engine a's manager through engine b's pool (another manager), then
- * through its own. Returns {free through b, free through a}. */
-JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeCrossFree(JNIEnv *env,
-                                                                             jclass cls, jlong pa,
-                                                                             jlong pb) {
-    UNUSED(cls);
-    engine *a = engine_of(env, pa);
-    engine *b = a != NULL ? engine_of(env, pb) : NULL;
-    if (b == NULL) {
-        return NULL;
-    }
-    char *err = NULL;
-    nm_lease la, lb;
-    nm_status st = lease_acquire(a, &la, &err);
-    if (st != NM_OK) {
-        throw_status(env, a->api, st, err, "acquire(a)");
-        return NULL;
-    }
-    if ((st = lease_acquire(b, &lb, &err)) != NM_OK) {
-        lease_release(a, la);
-        throw_status(env, a->api, st, err, "acquire(b)");
-        return NULL;
-    }
-    void *p = NULL;
-    int64_t v[2] = {-1, -1};
-    if ((st = a->api->allocate(a->pool, 1024, ALIGN, &p, &err)) == NM_OK) {
-        v[0] = b->api->free(b->pool, p, NULL, NULL);
-        v[1] = a->api->free(a->pool, p, NULL, NULL);
-    } else {
-        a->api->free_message(err);
-    }
-    lease_release(b, lb);
-    lease_release(a, la);
-    return long_array(env, v, 2);
-}
-
-/* After the manager closed: every handle of the engine is stale. Returns {acquire(manager),
- * pool_stats, allocate, free(leaked pointer), reservation_try_grow(leaked reservation),
- * reservation_close(leaked reservation), spiller_unregister, detach, pool_close,
- * manager_stats(last lease), release(last lease), state drops after (still 1), spiller drops
- * after (still 1)}. */
-JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeStaleProbe(JNIEnv *env,
-                                                                              jclass cls,
-                                                                              jlong ptr) {
-    UNUSED(cls);
-    engine *e = engine_of(env, ptr);
-    if (e == NULL) {
-        return NULL;
-    }
-    const nm_api *api = e->api;
-    int64_t v[13];
-    char *err = NULL;
-    nm_lease l = 0;
-    nm_pool_stats ps;
-    nm_manager_stats ms;
-    void *p = NULL;
-    pthread_mutex_lock(&e->mu);
-    void *leak_ptr = e->leak_ptr;
-    nm_reservation leak_res = e->leak_res;
-    nm_lease last = e->last_lease;
-    pthread_mutex_unlock(&e->mu);
-    v[0] = api->acquire(e->manager, &l, &err); api->free_message(err); err = NULL;
-    v[1] = api->pool_stats(e->pool, &ps, &err); api->free_message(err); err = NULL;
-    v[2] = api->allocate(e->pool, 64, ALIGN, &p, &err); api->free_message(err); err = NULL;
-    v[3] = api->free(e->pool, leak_ptr, NULL, &err); api->free_message(err); err = NULL;
-    v[4] = api->reservation_try_grow(leak_res, 1, &err); api->free_message(err); err = NULL;
-    v[5] = api->reservation_close(leak_res, &err); api->free_message(err); err = NULL;
-    v[6] = api->spiller_unregister(e->spiller, &err); api->free_message(err); err = NULL;
-    v[7] = api->detach(e->state, 1, &err); api->free_message(err); err = NULL;
-    v[8] = api->pool_close(e->pool, &err); api->free_message(err); err = NULL;
-    v[9] = api->manager_stats(last, &ms, &err); api->free_message(err); err = NULL;
-    v[10] = api->release(last, &err); api->free_message(err); err = NULL;
-    pthread_mutex_lock(&e->mu);
-    v[11] = (int64_t)e->state_dropped;
-    v[12] = (int64_t)e->spiller_dropped;
-    pthread_mutex_unlock(&e->mu);
-    return long_array(env, v, 13);
 }
 
 /* ---- a manager without a JVM (manager_create): leak bytes as a number ---------------------------- */
