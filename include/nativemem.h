@@ -26,11 +26,12 @@
  * The table starts with abi_version and struct_size and only grows at its end. An engine built
  * against NM_ABI_VERSION N works with any library whose table has abi_version >= N and
  * struct_size >= sizeof(the nm_api it was compiled with); check both once (nm_api_check does).
- * Fields are never removed or reordered; a change that cannot be additive gets a new major
- * version and a new table. Functions appended within a version (the forced charges after
- * manager_reclaim) can be tested one by one with NM_API_HAS(api, field), for an engine that must
- * also run with an older library of the same version (its table ends at NM_API_V1_SIZE). Structs the engine passes in (nm_spiller_vtable, nm_listener) carry
- * their own struct_size, so an engine built against an older header keeps working.
+ * Fields are never removed or reordered; a change that cannot be additive gets a new table.
+ * Version 1's table ends at NM_API_V1_SIZE, or after the forced charges appended to it; version 2
+ * appends manager_create_with (NM_API_V2_SIZE). An engine that must also run with an older
+ * library tests the newer functions one by one with NM_API_HAS(api, field) instead of calling
+ * nm_api_check. Structs the engine passes in (nm_spiller_vtable, nm_listener, nm_manager_options)
+ * carry their own struct_size, so an engine built against an older header keeps working.
  *
  * ## Handles
  * Every object is named by a 64-bit handle (slot index + generation + kind tag), never by a
@@ -80,8 +81,8 @@
 extern "C" {
 #endif
 
-/** The ABI version this header describes. */
-#define NM_ABI_VERSION 1u
+/** The ABI version this header describes (2: manager_create_with appended to version 1). */
+#define NM_ABI_VERSION 2u
 
 /** Status codes. New codes may be added; treat an unknown non-zero code as an error. */
 typedef int32_t nm_status;
@@ -145,8 +146,8 @@ typedef struct nm_spiller_vtable {
 } nm_spiller_vtable;
 
 /**
- * Where a manager created with manager_create gets its memory (what Spark's MemoryConsumer is for
- * a manager created from Java). Calls come in whole blocks; no nativemem lock is held.
+ * Where a manager created with manager_create(_with) gets its memory (what Spark's MemoryConsumer
+ * is for a manager created from Java). Calls come in whole blocks; no nativemem lock is held.
  */
 typedef struct nm_listener {
     /** sizeof(nm_listener) as compiled by the caller. */
@@ -160,6 +161,44 @@ typedef struct nm_listener {
     /** May be NULL. Called once when the manager is gone. */
     void (*drop)(void *ctx);
 } nm_listener;
+
+/**
+ * The settings of a manager made with manager_create_with (what Java's NativeMemoryManager
+ * builder sets). Start from nm_manager_options_default() and change what you need: every field's
+ * default there is "the library's default". Fields are only ever appended; a struct_size smaller
+ * than this version's struct is refused (NM_ERR_INVALID_ARGUMENT), a larger one (a newer header's)
+ * is read up to this version's fields.
+ */
+typedef struct nm_manager_options {
+    /** sizeof(nm_manager_options) as compiled by the caller. */
+    uint32_t struct_size;
+    uint32_t reserved0; /* 0 */
+    /** Bytes asked of the listener at a time (what it reserves is a multiple); 0: 8 MiB. */
+    uint64_t reservation_block;
+    /** Limit of the whole task in bytes (a grow past it is NM_ERR_OUT_OF_MEMORY); -1: none. */
+    int64_t task_limit;
+    /**
+     * Per-reservation slack in bytes, at most 2^40: a reservation charges its pools in multiples
+     * of its quantum and serves small grows and shrinks from what it charged, so pools' used and
+     * peak may run ahead of what the consumers hold (reservations' sizes, reports and limits stay
+     * exact). 0 (the default): exact accounting.
+     */
+    uint64_t reservation_quantum;
+    /** How long manager_close waits for calls in flight and leases, in ms; -1: 10 s. */
+    int64_t close_timeout_millis;
+} nm_manager_options;
+
+/** The defaults of every setting, with struct_size filled in. */
+static inline nm_manager_options nm_manager_options_default(void) {
+    nm_manager_options o;
+    o.struct_size = (uint32_t)sizeof(nm_manager_options);
+    o.reserved0 = 0;
+    o.reservation_block = 0;
+    o.task_limit = -1;
+    o.reservation_quantum = 0;
+    o.close_timeout_millis = -1;
+    return o;
+}
 
 /** Read-outs of a manager (bytes). */
 typedef struct nm_manager_stats {
@@ -286,14 +325,15 @@ typedef struct nm_api {
 
     /**
      * Creates a manager whose memory comes from `listener` (NULL: unlimited). reservation_block:
-     * 0 for the default (8 MiB); task_limit: -1 for none. The caller owns it: close it with
+     * 0 for the default (8 MiB); task_limit: -1 for none; the other settings are the defaults of
+     * nm_manager_options (manager_create_with takes them all). The caller owns it: close it with
      * manager_close. A manager created from Java is closed by Java, never through this table
      * (manager_close refuses it with NM_ERR_INVALID_ARGUMENT).
      */
     nm_status (*manager_create)(const char *name, uint64_t reservation_block, int64_t task_limit,
                                 const nm_listener *listener, nm_manager *out, char **err);
     /**
-     * Closes a manager made by manager_create (see "Lifetime and close"). *leak_report (may be
+     * Closes a manager made by manager_create(_with) (see "Lifetime and close"). *leak_report (may be
      * NULL) gets the leak report text (free it with free_message); *leaked_bytes (may be NULL)
      * the bytes that were still held.
      *
@@ -319,7 +359,8 @@ typedef struct nm_api {
      *   _force_shrink, _close, free  allowed (gives back)      NM_ERR_STALE_HANDLE
      *   pool_close,
      *   spiller_unregister, detach   allowed                   NM_ERR_STALE_HANDLE
-     *   manager_create               allowed (another manager) allowed
+     *   manager_create,
+ *   manager_create_with          allowed (another manager) allowed
      *   manager_close                NM_ERR_STALE_HANDLE       NM_ERR_STALE_HANDLE
      *
      * "Allowed" calls that give back release their bytes at once, so an engine can clean up on
@@ -381,10 +422,25 @@ typedef struct nm_api {
      */
     nm_status (*reservation_force_shrink)(nm_reservation r, uint64_t bytes, uint64_t *released,
                                           char **err);
+
+    /* ---- version 2 --------------------------------------------------------------------------- */
+
+    /**
+     * manager_create with every setting (see nm_manager_options); options NULL: the defaults.
+     * The manager is the caller's, closed with manager_close, exactly as one of manager_create
+     * (which keeps working, with the defaults for what it does not take). Fails with
+     * NM_ERR_INVALID_ARGUMENT (nothing made, the listener stays the caller's) on a struct_size
+     * below this version's, a non-zero reserved0, or a value out of range.
+     */
+    nm_status (*manager_create_with)(const char *name, const nm_manager_options *options,
+                                     const nm_listener *listener, nm_manager *out, char **err);
 } nm_api;
 
 /** Size of version 1's first table (before the forced charges were appended). */
-#define NM_API_V1_SIZE 208u
+#define NM_API_V1_SIZE ((uint32_t)offsetof(nm_api, reservation_force_grow))
+/** Size of version 2's table (version 1's with the forced charges, then manager_create_with). */
+#define NM_API_V2_SIZE                                                                            \
+    ((uint32_t)(offsetof(nm_api, manager_create_with) + sizeof(((nm_api *)0)->manager_create_with)))
 
 /** True if the table `api` has the field `member` (an older library's table may end before). */
 #define NM_API_HAS(api, member)                                                                   \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmarks (issue 8): prints ONE table in which every figure is set against a baseline measured
+# Benchmarks: prints ONE table in which every figure is set against a baseline measured
 # in the same run, on release builds, plus the machine it ran on. Benchmarks are not tests: a
 # missed target is reported ("no" in the Met column), not an error; the script fails only if a
 # benchmark could not run.

@@ -14,7 +14,7 @@
 #define NM_STATIC_ASSERT(cond, msg) _Static_assert(cond, msg)
 #endif
 
-NM_STATIC_ASSERT(NM_ABI_VERSION == 1u, "this check describes ABI version 1");
+NM_STATIC_ASSERT(NM_ABI_VERSION == 2u, "this check describes ABI version 2");
 NM_STATIC_ASSERT(sizeof(void *) == 8, "the shipped targets are 64-bit");
 
 NM_STATIC_ASSERT(sizeof(nm_spiller_vtable) == 40, "nm_spiller_vtable size");
@@ -23,6 +23,14 @@ NM_STATIC_ASSERT(offsetof(nm_spiller_vtable, drop) == 32, "nm_spiller_vtable.dro
 NM_STATIC_ASSERT(sizeof(nm_listener) == 40, "nm_listener size");
 NM_STATIC_ASSERT(sizeof(nm_manager_stats) == 40, "nm_manager_stats size");
 NM_STATIC_ASSERT(sizeof(nm_pool_stats) == 24, "nm_pool_stats size");
+NM_STATIC_ASSERT(sizeof(nm_manager_options) == 40, "nm_manager_options size");
+NM_STATIC_ASSERT(offsetof(nm_manager_options, reservation_block) == 8,
+                 "nm_manager_options.reservation_block");
+NM_STATIC_ASSERT(offsetof(nm_manager_options, task_limit) == 16, "nm_manager_options.task_limit");
+NM_STATIC_ASSERT(offsetof(nm_manager_options, reservation_quantum) == 24,
+                 "nm_manager_options.reservation_quantum");
+NM_STATIC_ASSERT(offsetof(nm_manager_options, close_timeout_millis) == 32,
+                 "nm_manager_options.close_timeout_millis");
 
 NM_STATIC_ASSERT(offsetof(nm_api, abi_version) == 0, "abi_version first");
 NM_STATIC_ASSERT(offsetof(nm_api, struct_size) == 4, "struct_size second");
@@ -37,10 +45,14 @@ NM_STATIC_ASSERT(offsetof(nm_api, manager_create) == 176, "manager_create");
 NM_STATIC_ASSERT(offsetof(nm_api, manager_close) == 184, "manager_close");
 NM_STATIC_ASSERT(offsetof(nm_api, manager_spill) == 192, "manager_spill");
 NM_STATIC_ASSERT(offsetof(nm_api, manager_reclaim) == 200, "manager_reclaim");
+NM_STATIC_ASSERT(NM_API_V1_SIZE == 208, "version 1's first table: 208 bytes, as always");
 NM_STATIC_ASSERT(offsetof(nm_api, reservation_force_grow) == NM_API_V1_SIZE,
                  "forced charges appended after version 1's first table");
 NM_STATIC_ASSERT(offsetof(nm_api, reservation_force_shrink) == 216, "reservation_force_shrink");
-NM_STATIC_ASSERT(sizeof(nm_api) == 224, "nm_api size (version 1 with forced charges)");
+NM_STATIC_ASSERT(offsetof(nm_api, manager_create_with) == 224,
+                 "manager_create_with appended after version 1 with forced charges (224 bytes)");
+NM_STATIC_ASSERT(NM_API_V2_SIZE == 232, "version 2's table: 232 bytes");
+NM_STATIC_ASSERT(sizeof(nm_api) == NM_API_V2_SIZE, "nm_api size (version 2)");
 
 /* The status codes are part of the ABI: never renumbered. */
 NM_STATIC_ASSERT(NM_OK == 0 && NM_ERR_INVALID_ARGUMENT == 1 && NM_ERR_STALE_HANDLE == 2 &&
@@ -52,11 +64,22 @@ NM_STATIC_ASSERT(NM_OK == 0 && NM_ERR_INVALID_ARGUMENT == 1 && NM_ERR_STALE_HAND
 /* nm_api_check refuses a NULL table (an inline function of the header: it must compile). */
 int nm_header_check_null_table(void) { return nm_api_check(NULL) == NM_ERR_UNSUPPORTED; }
 
-/* NM_API_HAS tells a version-1 table of the first size from one with the forced charges. */
+/* NM_API_HAS tells a version-1 table of the first size from one with the forced charges, and
+ * version 1's whole table from version 2's. */
 int nm_header_check_has(void) {
     nm_api t;
     t.struct_size = NM_API_V1_SIZE;
     int old_lacks = !NM_API_HAS(&t, reservation_force_grow);
-    t.struct_size = (uint32_t)sizeof(nm_api);
-    return old_lacks && NM_API_HAS(&t, reservation_force_shrink) && NM_API_HAS(&t, manager_reclaim);
+    t.struct_size = NM_API_V1_SIZE + 16;
+    int v1_lacks = NM_API_HAS(&t, reservation_force_shrink) && !NM_API_HAS(&t, manager_create_with);
+    t.struct_size = NM_API_V2_SIZE;
+    return old_lacks && v1_lacks && NM_API_HAS(&t, manager_create_with) &&
+           NM_API_HAS(&t, manager_reclaim);
+}
+
+/* The defaults of nm_manager_options (an inline function of the header: it must compile). */
+int nm_header_check_options(void) {
+    nm_manager_options o = nm_manager_options_default();
+    return o.struct_size == sizeof(nm_manager_options) && o.task_limit == -1 &&
+           o.close_timeout_millis == -1 && o.reservation_block == 0;
 }

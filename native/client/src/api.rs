@@ -6,6 +6,7 @@ use std::mem::{self, size_of};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use nativemem_sys as sys;
 use sys::NmApi;
@@ -129,8 +130,7 @@ impl Api {
         listener: Option<Arc<dyn Listener>>,
     ) -> Result<OwnedManager> {
         let name_c = c_string(name, "manager name")?;
-        let task_limit = limit_to_c(options.task_limit, "task_limit")?;
-        let block = options.reservation_block.unwrap_or(0);
+        let c_options = options.to_c()?;
 
         // The listener's ctx is a shell the table owns one strong count of (released by
         // `listener_drop`). The header does not say whether a failed manager_create calls drop,
@@ -151,13 +151,13 @@ impl Api {
 
         let mut handle: sys::nm_manager = 0;
         let result = self.call(|err| {
-            // SAFETY: `name_c` is a live C string, `vtable_ptr` null or a valid nm_listener the
-            // table copies, whose callbacks are sound for the ctx shell; `handle`/`err` writable.
+            // SAFETY: `name_c` is a live C string, `c_options` a whole nm_manager_options of this
+            // version (`Api` checked the table has the function), `vtable_ptr` null or a valid
+            // nm_listener the table copies, whose callbacks are sound for the ctx shell; `handle`/`err` writable.
             unsafe {
-                (self.table.manager_create)(
+                (self.table.manager_create_with)(
                     name_c.as_ptr(),
-                    block,
-                    task_limit,
+                    &c_options,
                     vtable_ptr,
                     &mut handle,
                     err,
@@ -221,6 +221,31 @@ pub struct ManagerOptions {
     pub reservation_block: Option<u64>,
     /// Limit of the whole task in bytes; `None`: no limit.
     pub task_limit: Option<u64>,
+    /// Per-reservation slack in bytes: a reservation charges its pools in multiples of it and
+    /// serves small grows and shrinks from what it charged. 0 (the default): exact accounting.
+    pub reservation_quantum: u64,
+    /// How long [`OwnedManager::close`] waits for calls in flight and leases held elsewhere;
+    /// `None`: the library's default (10 s). Whole milliseconds.
+    pub close_timeout: Option<Duration>,
+}
+
+impl ManagerOptions {
+    /// The options as the ABI's `nm_manager_options`.
+    fn to_c(self) -> Result<sys::NmManagerOptions> {
+        let close_timeout_millis = match self.close_timeout {
+            None => -1,
+            Some(t) => i64::try_from(t.as_millis()).map_err(|_| {
+                Error::invalid_argument(format!("close timeout {t:?} exceeds i64::MAX ms"))
+            })?,
+        };
+        Ok(sys::NmManagerOptions {
+            reservation_block: self.reservation_block.unwrap_or(0),
+            task_limit: limit_to_c(self.task_limit, "task_limit")?,
+            reservation_quantum: self.reservation_quantum,
+            close_timeout_millis,
+            ..sys::NmManagerOptions::default()
+        })
+    }
 }
 
 /// Where a manager made with [`Api::create_manager`] gets its memory (what Spark's

@@ -79,6 +79,7 @@ fn manager(name: &str, block: u64, capacity: u64) -> (OwnedManager, Arc<TestList
         ManagerOptions {
             reservation_block: Some(block),
             task_limit: None,
+            ..ManagerOptions::default()
         },
         capacity,
     )
@@ -315,6 +316,7 @@ fn out_of_memory_under_task_limit_names_the_consumer_and_changes_nothing() {
         ManagerOptions {
             reservation_block: Some(256 * KIB),
             task_limit: Some(MIB),
+            ..ManagerOptions::default()
         },
         64 * MIB,
     );
@@ -881,6 +883,7 @@ fn refused_create_drops_the_listener() {
             ManagerOptions {
                 reservation_block: Some(1 << 63),
                 task_limit: None,
+                ..ManagerOptions::default()
             },
             Some(listener.clone() as Arc<dyn Listener>),
         )

@@ -96,6 +96,7 @@ fn life() -> u64 {
             ManagerOptions {
                 reservation_block: Some(MIB),
                 task_limit: None,
+                ..ManagerOptions::default()
             },
             Some(listener.clone() as Arc<dyn Listener>),
         )

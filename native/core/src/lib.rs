@@ -40,6 +40,40 @@
 //!  Spark needs memory ──▶ reclaim(n): hand back unused cushion, then spill, hand back the rest
 //! ```
 //!
+//! ## Glossary
+//!
+//! The words the code, the C header and the Java classes use, each in one sense only.
+//!
+//! - **block** (`MemoryConfig::reservation_block`, `nm_manager_options.reservation_block`, Java's
+//!   reservation block size; 8 MiB by default): the unit in which the manager asks the listener
+//!   (Spark) for memory and gives it back. What is reserved from the listener is always a
+//!   whole number of blocks, so a task makes one upcall per block, not one per grow.
+//! - **cushion**: bytes reserved from the listener but not used by any consumer
+//!   (`reserved - used`). Grows are served from it without an upcall. It is handed back when a
+//!   release leaves more than two blocks of it (down to one block), when Spark asks (reclaim), or
+//!   at close. What a refused grow was granted stays in it.
+//! - **quantum** (`reservation_quantum`; 0 = exact accounting): the step in which a reservation
+//!   (and a pool's allocations) charge their pools in quantum mode. A reservation's quantum grows
+//!   with its size (from `q` up to `8 * q`).
+//! - **slack**: what a reservation or a pool's allocations have charged to their pools beyond
+//!   what they hold, in quantum mode (at most two quanta each, trimmed back to one by the shrink
+//!   that makes more). Small grows and shrinks are served from it without touching the pools.
+//!   Taken back from every reservation before a grow is refused, before anything is spilled, and
+//!   when Spark reclaims. Pools' `used`/`peak` include it; consumers' sizes and reports do not.
+//! - **claim**: (1) a reservation is a claim of bytes on a pool (accounting only, no memory;
+//!   DataFusion's `MemoryReservation`), and (2) inside the budget, a give-back first *claims* the
+//!   bytes on the root counter so no grow takes them while they go back to the listener. Keep
+//!   "claim" for (2) and say "reservation" for (1) if one sense must go.
+//! - **over-commit**: bytes charged by a forced grow (`force_grow`, `reservation_force_grow`, the
+//!   tracking allocator) that the cushion did not cover: charged without asking Spark, shown in
+//!   the stats and the usage report, and reserved from Spark by the next grow that needs an
+//!   upcall (which pays it together with its own bytes, or spills, or fails).
+//! - **spill vs reclaim**: *spill* (`MemoryManager::spill`, `manager_spill`) asks native spillers
+//!   to free memory; the freed bytes stay reserved as cushion for the task's next grows.
+//!   *Reclaim* (`MemoryManager::reclaim`, `manager_reclaim`, Spark's `MemoryConsumer.spill`)
+//!   gives memory back to the listener: first the unused cushion, then spills for the rest and
+//!   hands that back too; it returns the bytes Spark got back.
+//!
 //! ## Why atomics where
 //! The grow/shrink fast path is lock-free: a charge is one RMW per pool level (a CAS loop where
 //! the level has a limit, a `fetch_add` where it has none), one load of `reserved`, and one RMW on

@@ -239,6 +239,7 @@ async fn through_the_client_the_same_pool_spills_and_returns_everything() {
             ManagerOptions {
                 reservation_block: Some(MIB),
                 task_limit: Some(24 * MIB),
+                ..ManagerOptions::default()
             },
             None,
         )

@@ -1,9 +1,9 @@
 //! `Java_org_nativemem_examples_DataFusionTask_*`: the JNI face of the engine.
 //!
 //! # Lifetime and the manager
-//! A task (handle kind tag 5) belongs to one manager. A query holds a lease of that manager from
-//! `start` until it ends (the `ClientPool` keeps it: DataFusion's threads charge the pool while it
-//! runs), never longer: `await` returns after the query dropped its pool, and `close` cancels a
+//! A task (handle kind tag 64, the first of the engines' range) belongs to one manager. A query
+//! holds a lease of that manager from `start` until it ends (the `ClientPool` keeps it:
+//! DataFusion's threads charge the pool while it runs), never longer: `await` returns after the query dropped its pool, and `close` cancels a
 //! running query and waits for it. Java closes the task before the task's manager (a Spark task
 //! completion listener registered after the manager's runs first); a manager closing under a
 //! running query waits for its lease, time-bounded, as for any engine.
@@ -35,7 +35,7 @@ use datafusion::execution::memory_pool::MemoryPool;
 use jni::objects::{JClass, JObject, JString, JValue};
 use jni::sys::{jboolean, jint, jlong, jlongArray};
 use jni::JNIEnv;
-use nativemem_client::handles::{HandleError, HandleTable};
+use nativemem_client::handles::{kind, HandleError, HandleTable};
 use nativemem_client::{Api, Code};
 use nativemem_datafusion::{ClientPool, NativememPool};
 use parking_lot::Mutex;
@@ -47,8 +47,8 @@ use crate::query::{self, Outcome, Query};
 
 static LOGGING: Once = Once::new();
 
-/// Live tasks (handle kind tag 5).
-static TASKS: HandleTable<Task> = HandleTable::new(5, "DataFusion task");
+/// Live tasks: this library's only table, with the first tag of the range reserved for engines.
+static TASKS: HandleTable<Task> = HandleTable::for_engine(kind::ENGINE_FIRST, "DataFusion task");
 
 /// Number of values in the `long[]` of `nativeAwait` / `nativeStats` (Java's `DataFusionStats`).
 const STATS_LEN: usize = 12;

@@ -14,7 +14,7 @@
 //! ```text
 //!  DataFusionTask (Java)           this library                         nativemem (other .so)
 //!  ─────────────────────           ────────────                         ─────────────────────
-//!  open(mm, pool, partitions) ──▶ Task in a handle table (kind tag 5)
+//!  open(mm, pool, partitions) ──▶ Task in a handle table (kind tag 64)
 //!  start(query, rows) ──────────▶ lease + ClientPool + NativememPool ──▶ pool "datafusion"
 //!                                  query spawned on the engine's tokio
 //!                                  runtime (2 workers, shared per JVM)

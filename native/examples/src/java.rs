@@ -11,7 +11,7 @@
 //!  new(manager, name, dir, opts) ─▶ nativeCreate(api, manager, ...):
 //!                                     Api::from_address, acquire(manager) ─▶ lease for the call
 //!                                     pool (optional limit) ──────────────▶ ExternalSorter::new
-//!                                     SORTERS.insert ─▶ sorter handle (kind tag 3)
+//!                                     SORTERS.insert ─▶ sorter handle (kind tag 64)
 //!                                     lease.attach(CloseWithManager(handle))
 //!  insert(long[], off, len) ──────▶ nativeInsert: lease for the call
 //!                                     GetLongArrayRegion into a reusable
@@ -81,10 +81,10 @@ use nativemem_client::{Api, Attachment, Code, Lease};
 use parking_lot::Mutex;
 
 use crate::{ExternalSorter, SortError, SortedBatches, SorterOptions, SorterStats, TaskPool};
-use nativemem_client::handles::{HandleError, HandleTable};
+use nativemem_client::handles::{kind, HandleError, HandleTable};
 
-/// Live sorters (handle kind tag 3).
-static SORTERS: HandleTable<SorterEntry> = HandleTable::new(3, "sorter");
+/// Live sorters: this library's only table, with the first tag of the range reserved for engines.
+static SORTERS: HandleTable<SorterEntry> = HandleTable::for_engine(kind::ENGINE_FIRST, "sorter");
 
 /// Keys copied from a Java array per piece of an insert: 64 Ki keys, a 512 KiB scratch.
 const INSERT_PIECE_KEYS: usize = 64 << 10;
@@ -919,7 +919,7 @@ mod tests {
         };
         let options = ManagerOptions {
             reservation_block: Some(1 << 20),
-            task_limit: None,
+            ..ManagerOptions::default()
         };
         (manager_with("t", options, l.clone()), l)
     }
@@ -1054,7 +1054,10 @@ mod tests {
             (0, "null sorter handle"),
             (m.handle(), "is not a sorter handle"),
             (-1, "is not a sorter handle"),
-            ((3i64 << 56) | (1 << 24) | 0xff_fff0, "is unknown"),
+            (
+                (i64::from(kind::ENGINE_FIRST) << 56) | (1 << 24) | 0xff_fff0,
+                "is unknown",
+            ),
         ] {
             let err = stats(h).unwrap_err();
             assert!(err.to_string().contains(want), "{h:#x}: {err}");
@@ -1071,6 +1074,35 @@ mod tests {
             "{err}"
         );
         assert_eq!(java_exception(&err).unwrap().0, ILLEGAL_STATE);
+    }
+
+    /// The sorters' table has a tag of the engines' range: a sorter handle passed to the engine
+    /// ABI as a pool (or a pool handle passed as a sorter) is refused as the wrong kind, never
+    /// taken for an object of the other library.
+    #[test]
+    fn a_sorter_handle_is_not_a_pool_handle() {
+        let dir = Dir::new("kinds");
+        let (m, _l) = manager(None);
+        let h = create(api(), m.handle(), args(&dir.0, None)).unwrap();
+        let lease = m.acquire().unwrap();
+        let pool = lease.pool("sort", None).unwrap();
+
+        let raw = api().raw();
+        let mut out = nativemem_client::sys::NmPoolStats::default();
+        // SAFETY: a valid out pointer; a handle of any value is checked by the table.
+        let status = unsafe { (raw.pool_stats)(h as u64, &mut out, std::ptr::null_mut()) };
+        assert_eq!(status, nativemem_client::sys::NM_ERR_INVALID_HANDLE);
+        // SAFETY: as above.
+        let status = unsafe { (raw.pool_close)(h as u64, std::ptr::null_mut()) };
+        assert_eq!(status, nativemem_client::sys::NM_ERR_INVALID_HANDLE);
+
+        let err = stats(pool.as_raw() as jlong).unwrap_err();
+        assert!(err.to_string().contains("is not a sorter handle"), "{err}");
+        assert!(stats(h).is_ok(), "the sorter is untouched");
+        close(h).unwrap();
+        drop(pool);
+        drop(lease);
+        close_clean(m);
     }
 
     #[test]

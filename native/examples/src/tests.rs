@@ -374,6 +374,7 @@ fn spill_requested_by_another_thread_while_inserting() {
     let options = ManagerOptions {
         reservation_block: None,
         task_limit: Some(2 * MIB),
+        ..ManagerOptions::default()
     };
     let m = manager_with("task-7", options, l.clone());
     let pool = pool(&m, "sort", None);
@@ -402,6 +403,7 @@ fn reclaim_by_another_thread_while_inserting_hands_memory_back() {
     let options = ManagerOptions {
         reservation_block: Some(64 * KIB),
         task_limit: None,
+        ..ManagerOptions::default()
     };
     let m = manager_with("task-7", options, l.clone());
     let pool = pool(&m, "sort", None);
@@ -473,6 +475,7 @@ fn spill_inside_listener_upcalls(on_other_thread: bool) {
     let options = ManagerOptions {
         reservation_block: Some(64 * KIB),
         task_limit: Some(UPCALL_TASK_LIMIT),
+        ..ManagerOptions::default()
     };
     let m = manager_with("task-7", options, listener.clone());
     *listener.competitor.lock() = Some((Arc::new(Competitor::new(m.handle())), m.handle()));

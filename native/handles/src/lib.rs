@@ -21,7 +21,10 @@
 //!   object (closed, double-closed) no longer matches and is refused as *stale*; a generation the
 //!   slot has not reached yet is refused as *unknown*;
 //! - the **kind tag** (1..=127) is different per table, so a reservation handle passed where a
-//!   manager handle is expected is refused instead of resolving to an unrelated object.
+//!   manager handle is expected is refused instead of resolving to an unrelated object. The tags
+//!   are split in two ranges (see [`kind`]): 1..=63 for nativemem's own tables, 64..=127 for the
+//!   tables of engines, so an engine's handle handed to nativemem (or the reverse) is refused as
+//!   the wrong kind too. An engine makes its tables with [`HandleTable::for_engine`].
 //!
 //! `0` is never a valid handle (the tag and the generation are never 0). A made-up value is
 //! refused by one of the checks and never dereferenced: resolving a handle is a bounds-checked
@@ -49,6 +52,42 @@ pub const MAX_SLOTS: usize = 1 << INDEX_BITS;
 const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
 const GENERATION_SHIFT: u32 = INDEX_BITS;
 const TAG_SHIFT: u32 = 56;
+
+/// The kind tags of handle tables: which table a handle belongs to.
+///
+/// Tags are unique per table within a process. nativemem's own tables (in
+/// `libnativemem_jni.so`) use [`LIBRARY`]; an engine in its own library uses [`ENGINE`] (through
+/// [`HandleTable::for_engine`], which refuses any other tag), so a handle of an engine's table
+/// passed to the engine ABI, e.g. as a pool, is refused as the wrong kind instead of naming one of
+/// nativemem's objects, and the reverse.
+pub mod kind {
+    use std::ops::RangeInclusive;
+
+    /// Tags of nativemem's own tables.
+    pub const LIBRARY: RangeInclusive<u8> = 1..=63;
+    /// Tags reserved for engines' own tables (an engine numbers its tables from [`ENGINE_FIRST`]).
+    pub const ENGINE: RangeInclusive<u8> = ENGINE_FIRST..=ENGINE_LAST;
+    /// The first tag of an engine's tables.
+    pub const ENGINE_FIRST: u8 = 64;
+    /// The last tag of an engine's tables.
+    pub const ENGINE_LAST: u8 = 127;
+
+    /// Memory managers (`NativeMemoryManager`, `nm_manager`).
+    pub const MANAGER: u8 = 1;
+    /// Reservations made from Java (the registry's).
+    pub const RESERVATION: u8 = 2;
+    // 3 is not used by nativemem's tables.
+    /// Leases of the engine ABI (`nm_lease`).
+    pub const LEASE: u8 = 4;
+    /// Pool handles of the engine ABI (`nm_pool`).
+    pub const POOL: u8 = 5;
+    /// Registered spillers of the engine ABI (`nm_spiller`).
+    pub const SPILLER: u8 = 6;
+    /// Engine state attached to a manager (`nm_state`).
+    pub const STATE: u8 = 7;
+    /// Test-only objects of the JNI layer's `testing` feature.
+    pub const TESTING: u8 = 63;
+}
 
 /// Why a handle was refused. Its `Display` names the handle in hex and the kind of object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,7 +188,8 @@ impl<T> HandleTable<T> {
     /// whose errors call the objects `kind` (e.g. `"memory manager"`).
     ///
     /// A tag outside 1..=127 is a programming error caught at compile time when used in a
-    /// `static` (the `assert!` runs in const evaluation).
+    /// `static` (the `assert!` runs in const evaluation). nativemem's own tables use the tags of
+    /// [`kind`]; an engine's table uses [`HandleTable::for_engine`].
     pub const fn new(tag: u8, kind: &'static str) -> Self {
         assert!(tag >= 1 && tag <= 127, "handle tag must be in 1..=127");
         HandleTable {
@@ -161,6 +201,29 @@ impl<T> HandleTable<T> {
                 live: 0,
             }),
         }
+    }
+
+    /// A table of an engine's own objects: `tag` must be in [`kind::ENGINE`] (64..=127), the
+    /// range nativemem's tables never use, so the engine's handles and nativemem's are refused as
+    /// the wrong kind by each other's tables. Checked at compile time in a `static`:
+    ///
+    /// ```
+    /// use nativemem_handles::{kind, HandleTable};
+    /// static SORTERS: HandleTable<String> = HandleTable::for_engine(kind::ENGINE_FIRST, "sorter");
+    /// # assert!(SORTERS.get(1).is_err());
+    /// ```
+    ///
+    /// ```compile_fail
+    /// use nativemem_handles::{kind, HandleTable};
+    /// // A tag of nativemem's own range (here, its pools') is refused.
+    /// static TASKS: HandleTable<String> = HandleTable::for_engine(kind::POOL, "task");
+    /// ```
+    pub const fn for_engine(tag: u8, kind: &'static str) -> Self {
+        assert!(
+            tag >= kind::ENGINE_FIRST && tag <= kind::ENGINE_LAST,
+            "an engine's handle tag must be in 64..=127 (nativemem_handles::kind::ENGINE)"
+        );
+        Self::new(tag, kind)
     }
 
     /// Number of live handles.
@@ -297,7 +360,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn table() -> HandleTable<u64> {
-        HandleTable::new(5, "thing")
+        HandleTable::new(kind::POOL, "thing")
     }
 
     #[test]
@@ -411,8 +474,8 @@ mod tests {
 
     #[test]
     fn handle_of_another_table_is_the_wrong_kind() {
-        let a: HandleTable<u64> = HandleTable::new(1, "manager");
-        let b: HandleTable<u64> = HandleTable::new(2, "reservation");
+        let a: HandleTable<u64> = HandleTable::new(kind::MANAGER, "manager");
+        let b: HandleTable<u64> = HandleTable::new(kind::RESERVATION, "reservation");
         let ha = a.insert(Arc::new(1)).unwrap();
         let hb = b.insert(Arc::new(2)).unwrap();
         assert!(matches!(b.get(ha), Err(HandleError::WrongKind { .. })));
@@ -424,8 +487,29 @@ mod tests {
     }
 
     #[test]
+    fn an_engine_handle_is_the_wrong_kind_for_every_library_table() {
+        let engine: HandleTable<u64> = HandleTable::for_engine(kind::ENGINE_FIRST, "task");
+        let h = engine.insert(Arc::new(1)).unwrap();
+        for tag in kind::LIBRARY {
+            let t: HandleTable<u64> = HandleTable::new(tag, "pool");
+            assert!(matches!(t.get(h), Err(HandleError::WrongKind { .. })));
+        }
+        let last: HandleTable<u64> = HandleTable::for_engine(kind::ENGINE_LAST, "last");
+        assert!(
+            last.insert(Arc::new(2)).unwrap() > 0,
+            "tag 127 keeps handles positive"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "64..=127")]
+    fn an_engine_table_refuses_a_library_tag() {
+        let _ = HandleTable::<u64>::for_engine(kind::POOL, "task");
+    }
+
+    #[test]
     fn removing_does_not_free_an_object_in_use() {
-        let t: HandleTable<String> = HandleTable::new(3, "s");
+        let t: HandleTable<String> = HandleTable::new(kind::STATE, "s");
         let h = t.insert(Arc::new("alive".to_string())).unwrap();
         let in_use = t.get(h).unwrap();
         let removed = t.remove(h).unwrap();

@@ -41,7 +41,7 @@ use crate::error::{ProviderError, Result};
 use crate::guard::{non_negative, run_export, string_arg, to_jlong};
 use crate::listener::JavaListener;
 use crate::vm;
-use nativemem_handles::HandleTable;
+use nativemem_handles::{kind, HandleTable};
 use nativemem_provider::registry::{
     self, create_manager, enter_manager, with_manager, DEFAULT_CLOSE_TIMEOUT,
 };
@@ -556,7 +556,7 @@ fn malloc_trim() -> jboolean {
 // ---- native threads churning memory in the background ------------------------------------------
 
 /// Live churns (see `startNativeChurn`). Tag 120: far from the tags of the library's own tables.
-static CHURNS: HandleTable<Churn> = HandleTable::new(120, "native churn");
+static CHURNS: HandleTable<Churn> = HandleTable::new(kind::TESTING, "native churn");
 
 /// Native threads growing, shrinking, allocating and spilling on one manager until a deadline,
 /// the manager's close, or an unexpected error. Shared by the threads, the table and the guard

@@ -65,22 +65,23 @@ use nativemem_sys::*;
 
 use crate::error::{panic_message, Error, Result};
 use crate::registry::{self, CloseOutcome, CloseStage, Entry, ManagerEntry, Pin};
-use nativemem_handles::HandleTable;
+use nativemem_handles::{kind, HandleTable};
 
-/// Leases (kind tag 4).
-static LEASES: HandleTable<LeaseEntry> = HandleTable::new(4, "lease");
-/// Pool handles (kind tag 5).
-static POOLS: HandleTable<PoolEntry> = HandleTable::new(5, "pool");
-/// Registered spillers (kind tag 6).
-static SPILLERS: HandleTable<SpillerEntry> = HandleTable::new(6, "spiller");
-/// Attached engine state (kind tag 7).
-static STATES: HandleTable<StateEntry> = HandleTable::new(7, "attached state");
+/// Leases.
+static LEASES: HandleTable<LeaseEntry> = HandleTable::new(kind::LEASE, "lease");
+/// Pool handles.
+static POOLS: HandleTable<PoolEntry> = HandleTable::new(kind::POOL, "pool");
+/// Registered spillers.
+static SPILLERS: HandleTable<SpillerEntry> = HandleTable::new(kind::SPILLER, "spiller");
+/// Attached engine state.
+static STATES: HandleTable<StateEntry> = HandleTable::new(kind::STATE, "attached state");
 
 /// Managers made with `manager_create`: the only ones `manager_close` may close (a manager Java
 /// created is closed by its Java owner, whose `NativeMemoryManager` would otherwise go stale).
 static EMBEDDED: parking_lot::Mutex<Vec<i64>> = parking_lot::Mutex::new(Vec::new());
 
-/// Close timeout of managers made with `manager_create` (as for Java's default).
+/// Close timeout of managers made with `manager_create` (as for Java's default), and of those
+/// made with `manager_create_with` whose options leave it at -1.
 const EMBEDDED_CLOSE_TIMEOUT: Duration = registry::DEFAULT_CLOSE_TIMEOUT;
 
 /// The table, a static: its address is valid for the life of the process.
@@ -114,6 +115,7 @@ static API: NmApi = NmApi {
     manager_reclaim: nm_manager_reclaim,
     reservation_force_grow: nm_reservation_force_grow,
     reservation_force_shrink: nm_reservation_force_shrink,
+    manager_create_with: nm_manager_create_with,
 };
 
 /// The table if this crate supports `min_version`, else null. `libnativemem_jni.so` exports it
@@ -777,42 +779,103 @@ unsafe extern "C" fn nm_manager_create(
     err: Err,
 ) -> nm_status {
     run(err, || {
-        if out.is_null() {
-            return Err(Error::NullArgument("out"));
-        }
-        let name = str_arg(name, "name")?;
-        let mut config = MemoryConfig::default().with_task_limit(limit_arg(task_limit)?);
-        if reservation_block != 0 {
-            config = config.with_reservation_block(reservation_block);
-        }
-        config.validate()?;
-        let mut c_listener: Option<Arc<CListener>> = None;
-        let listener: Arc<dyn ReservationListener> = if listener.is_null() {
-            Arc::new(CapacityListener::unlimited())
-        } else {
-            // SAFETY: non-null here; the header makes it a readable nm_listener whose first
-            // field is its struct_size.
-            let vtable = unsafe { read_versioned(listener, "nm_listener") }?;
-            if vtable.reserve.is_none() || vtable.unreserve.is_none() {
-                return Err(Error::InvalidArgument(
-                    "nm_listener needs reserve and unreserve".into(),
-                ));
-            }
-            let l = Arc::new(CListener {
-                vtable,
-                armed: std::sync::atomic::AtomicBool::new(false),
-            });
-            c_listener = Some(l.clone());
-            l
+        let options = NmManagerOptions {
+            reservation_block,
+            task_limit,
+            ..NmManagerOptions::default()
         };
-        let h =
-            registry::create_manager(name.to_string(), config, listener, EMBEDDED_CLOSE_TIMEOUT)?;
-        if let Some(l) = c_listener {
-            l.armed.store(true, std::sync::atomic::Ordering::Release);
-        }
-        EMBEDDED.lock().push(h);
-        put(out, "out", to_handle(h))
+        // SAFETY: the caller's (header contract), passed on unchanged.
+        unsafe { create_embedded(name, &options, listener, out) }
     })
+}
+
+unsafe extern "C" fn nm_manager_create_with(
+    name: *const c_char,
+    options: *const NmManagerOptions,
+    listener: *const NmListener,
+    out: *mut nm_manager,
+    err: Err,
+) -> nm_status {
+    run(err, || {
+        let options = if options.is_null() {
+            NmManagerOptions::default()
+        } else {
+            // SAFETY: non-null here; the header makes it a readable nm_manager_options whose
+            // first field is its struct_size. A struct_size below this version's is refused.
+            unsafe { read_versioned(options, "nm_manager_options") }?
+        };
+        // SAFETY: the caller's (header contract), passed on unchanged.
+        unsafe { create_embedded(name, &options, listener, out) }
+    })
+}
+
+/// The configuration and close timeout `options` ask for (0 / -1 fields: the defaults).
+fn embedded_config(options: &NmManagerOptions) -> Result<(MemoryConfig, Duration)> {
+    if options.reserved0 != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "nm_manager_options.reserved0 must be 0, got {}",
+            options.reserved0
+        )));
+    }
+    let mut config = MemoryConfig::default()
+        .with_task_limit(limit_arg(options.task_limit)?)
+        .with_reservation_quantum(options.reservation_quantum);
+    if options.reservation_block != 0 {
+        config = config.with_reservation_block(options.reservation_block);
+    }
+    config.validate()?;
+    let close_timeout = match options.close_timeout_millis {
+        -1 => EMBEDDED_CLOSE_TIMEOUT,
+        ms if ms >= 0 => Duration::from_millis(ms as u64),
+        ms => {
+            return Err(Error::InvalidArgument(format!(
+                "close timeout must be >= 0 ms or -1 for the default, got {ms}"
+            )))
+        }
+    };
+    Ok((config, close_timeout))
+}
+
+/// `manager_create` and `manager_create_with`: a manager this table owns (see [`EMBEDDED`]).
+///
+/// # Safety
+/// `name`, `listener` and `out` are the caller's arguments of those functions (header contract).
+unsafe fn create_embedded(
+    name: *const c_char,
+    options: &NmManagerOptions,
+    listener: *const NmListener,
+    out: *mut nm_manager,
+) -> Result<()> {
+    if out.is_null() {
+        return Err(Error::NullArgument("out"));
+    }
+    let name = str_arg(name, "name")?;
+    let (config, close_timeout) = embedded_config(options)?;
+    let mut c_listener: Option<Arc<CListener>> = None;
+    let listener: Arc<dyn ReservationListener> = if listener.is_null() {
+        Arc::new(CapacityListener::unlimited())
+    } else {
+        // SAFETY: non-null here; the header makes it a readable nm_listener whose first
+        // field is its struct_size.
+        let vtable = unsafe { read_versioned(listener, "nm_listener") }?;
+        if vtable.reserve.is_none() || vtable.unreserve.is_none() {
+            return Err(Error::InvalidArgument(
+                "nm_listener needs reserve and unreserve".into(),
+            ));
+        }
+        let l = Arc::new(CListener {
+            vtable,
+            armed: std::sync::atomic::AtomicBool::new(false),
+        });
+        c_listener = Some(l.clone());
+        l
+    };
+    let h = registry::create_manager(name.to_string(), config, listener, close_timeout)?;
+    if let Some(l) = c_listener {
+        l.armed.store(true, std::sync::atomic::Ordering::Release);
+    }
+    EMBEDDED.lock().push(h);
+    put(out, "out", to_handle(h))
 }
 
 unsafe extern "C" fn nm_manager_close(

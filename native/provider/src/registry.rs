@@ -73,12 +73,13 @@ use nativemem_core::{LeakReport, MemoryConfig, MemoryManager, Reservation, Reser
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{panic_message, Error, Result};
-use nativemem_handles::HandleTable;
+use nativemem_handles::{kind, HandleTable};
 
-/// Live memory managers (handle kind tag 1).
-static MANAGERS: HandleTable<ManagerEntry> = HandleTable::new(1, "memory manager");
-/// Live reservations made from Java or through the engine ABI (handle kind tag 2).
-static RESERVATIONS: HandleTable<ReservationEntry> = HandleTable::new(2, "reservation");
+/// Live memory managers.
+static MANAGERS: HandleTable<ManagerEntry> = HandleTable::new(kind::MANAGER, "memory manager");
+/// Live reservations made from Java or through the engine ABI.
+static RESERVATIONS: HandleTable<ReservationEntry> =
+    HandleTable::new(kind::RESERVATION, "reservation");
 
 /// Default time `destroy` waits for in-flight calls.
 pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);

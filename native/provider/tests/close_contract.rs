@@ -418,6 +418,33 @@ fn rows() -> Vec<(&'static str, usize, Expect, Expect, Call)> {
                 status
             },
         ),
+        (
+            "manager_create_with",
+            offset_of!(NmApi, manager_create_with),
+            Ok,
+            Ok,
+            |a, _| {
+                // Another manager: unaffected by this one's close.
+                let options = NmManagerOptions {
+                    reservation_block: MIB,
+                    ..NmManagerOptions::default()
+                };
+                let mut m = 0;
+                // SAFETY: valid arguments (NULL listener: unlimited) and out pointer.
+                let status = unsafe {
+                    (a.manager_create_with)(
+                        cstr!("other"),
+                        &options,
+                        ptr::null(),
+                        &mut m,
+                        ptr::null_mut(),
+                    )
+                };
+                assert_eq!(status, NM_OK);
+                // SAFETY: the manager just made.
+                unsafe { (a.manager_close)(m, ptr::null_mut(), ptr::null_mut(), ptr::null_mut()) }
+            },
+        ),
     ]
 }
 
@@ -616,8 +643,9 @@ fn expect_code(e: Expect) -> nm_status {
     }
 }
 
-/// The regression of the lease calls: before, a closing manager answered them with `NM_OK`
-/// (a new pool handle, new attached state, a spill) while close waited.
+/// A lease held while close waits keeps the manager from closing, not from *closing*: the calls
+/// on it that would start new work (a new pool handle, new attached state, a spill) are refused
+/// with `NM_ERR_CLOSED`, never answered `NM_OK` while close waits.
 #[test]
 fn a_lease_held_while_close_waits_gets_no_new_work() {
     let a = api();

@@ -33,6 +33,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
+use nativemem_handles::kind;
 
 #[global_allocator]
 static ALLOCATOR: nativemem_testkit::CountingAllocator = nativemem_testkit::CountingAllocator;
@@ -123,7 +124,14 @@ enum Kind {
 }
 
 /// The handle kind tags of the provider's tables (see `nativemem-handles`).
-const TAGS: [u64; 6] = [1, 4, 5, 2, 6, 7];
+const TAGS: [u8; 6] = [
+    kind::MANAGER,
+    kind::LEASE,
+    kind::POOL,
+    kind::RESERVATION,
+    kind::SPILLER,
+    kind::STATE,
+];
 
 impl Shared {
     fn list(&self, kind: Kind) -> Vec<u64> {
@@ -155,7 +163,7 @@ impl Shared {
         } else if roll < 94 {
             return rng.next();
         } else {
-            let tag = TAGS[rng.below(6) as usize];
+            let tag = u64::from(TAGS[rng.below(6) as usize]);
             return (tag << 56) | (rng.below(1 << 16) << 24) | rng.below(64);
         };
         let list = self.list(from);

@@ -13,8 +13,9 @@
 
 use core::ffi::{c_char, c_void};
 
-/// The ABI version of this crate and of `include/nativemem.h`.
-pub const NM_ABI_VERSION: u32 = 1;
+/// The ABI version of this crate and of `include/nativemem.h`. Version 2 appended
+/// `manager_create_with` (and its [`NmManagerOptions`]) to version 1's table.
+pub const NM_ABI_VERSION: u32 = 2;
 
 /// Status code: [`NM_OK`] or one of the `NM_ERR_*` codes.
 pub type nm_status = i32;
@@ -80,6 +81,40 @@ pub struct NmListener {
         Option<unsafe extern "C" fn(ctx: *mut c_void, bytes: u64, granted: *mut u64) -> nm_status>,
     pub unreserve: Option<unsafe extern "C" fn(ctx: *mut c_void, bytes: u64) -> nm_status>,
     pub drop: Option<unsafe extern "C" fn(ctx: *mut c_void)>,
+}
+
+/// `nm_manager_options`: the settings of a manager made with `manager_create_with`. Start from
+/// [`NmManagerOptions::default`] (the header's `nm_manager_options_default()`), which holds every
+/// default.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NmManagerOptions {
+    /// `size_of::<NmManagerOptions>()` as compiled by the caller.
+    pub struct_size: u32,
+    /// 0.
+    pub reserved0: u32,
+    /// Bytes asked of the listener at a time; 0: the default (8 MiB).
+    pub reservation_block: u64,
+    /// Limit of the whole task in bytes; -1: none.
+    pub task_limit: i64,
+    /// Per-reservation slack in bytes; 0: exact accounting (the default).
+    pub reservation_quantum: u64,
+    /// How long close waits for calls in flight and leases, in milliseconds; -1: the default
+    /// (10 s).
+    pub close_timeout_millis: i64,
+}
+
+impl Default for NmManagerOptions {
+    fn default() -> Self {
+        NmManagerOptions {
+            struct_size: core::mem::size_of::<NmManagerOptions>() as u32,
+            reserved0: 0,
+            reservation_block: 0,
+            task_limit: -1,
+            reservation_quantum: 0,
+            close_timeout_millis: -1,
+        }
+    }
 }
 
 /// `nm_manager_stats`.
@@ -219,11 +254,25 @@ pub struct NmApi {
         released: *mut u64,
         err: Err,
     ) -> nm_status,
+
+    // Version 2.
+    pub manager_create_with: unsafe extern "C" fn(
+        name: *const c_char,
+        options: *const NmManagerOptions,
+        listener: *const NmListener,
+        out: *mut nm_manager,
+        err: Err,
+    ) -> nm_status,
 }
 
 /// `NM_API_V1_SIZE`: the size of version 1's first table, before the forced charges were
 /// appended (`reservation_force_grow` starts there).
-pub const NM_API_V1_SIZE: u32 = 208;
+pub const NM_API_V1_SIZE: u32 = core::mem::offset_of!(NmApi, reservation_force_grow) as u32;
+
+/// `NM_API_V2_SIZE`: the size of version 2's table (version 1's with the forced charges, then
+/// `manager_create_with`).
+pub const NM_API_V2_SIZE: u32 =
+    (core::mem::offset_of!(NmApi, manager_create_with) + core::mem::size_of::<usize>()) as u32;
 
 impl NmApi {
     /// What `nm_api_check` of the header does: true if a table with this header can be used by a
@@ -257,7 +306,15 @@ mod tests {
             offset_of!(NmApi, reservation_force_grow),
             NM_API_V1_SIZE as usize
         );
+        assert_eq!(NM_API_V1_SIZE, 208);
         assert_eq!(offset_of!(NmApi, reservation_force_shrink), 8 + 8 * 26);
-        assert_eq!(size_of::<NmApi>(), 8 + 8 * 27);
+        assert_eq!(offset_of!(NmApi, manager_create_with), 8 + 8 * 27);
+        assert_eq!(NM_API_V2_SIZE, 232);
+        assert_eq!(size_of::<NmApi>(), NM_API_V2_SIZE as usize);
+        assert_eq!(size_of::<NmManagerOptions>(), 40);
+        assert_eq!(offset_of!(NmManagerOptions, reservation_block), 8);
+        assert_eq!(offset_of!(NmManagerOptions, task_limit), 16);
+        assert_eq!(offset_of!(NmManagerOptions, reservation_quantum), 24);
+        assert_eq!(offset_of!(NmManagerOptions, close_timeout_millis), 32);
     }
 }

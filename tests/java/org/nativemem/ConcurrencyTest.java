@@ -58,7 +58,7 @@ public class ConcurrencyTest extends NativeTestSupport {
     public void manyJavaThreadsOnOneManagerKeepExactTotals() throws Exception {
         final CountingListener listener = new CountingListener();
         final NativeMemoryManager m = manager("busy", listener);
-        final NativeReservation shared = m.reserve("shared", 0);
+        final NativeReservation shared = m.newReservation("shared", 0);
         final int threads = 8;
         final int iterations = 3000;
         final CountDownLatch start = new CountDownLatch(1);
@@ -69,7 +69,7 @@ public class ConcurrencyTest extends NativeTestSupport {
                 Random random = new Random(id);
                 long sharedHeld = 0;
                 start.await();
-                try (NativeReservation own = m.reserve("worker/" + id, 0)) {
+                try (NativeReservation own = m.newReservation("worker/" + id, 0)) {
                     long held = 0;
                     for (int i = 0; i < iterations; i++) {
                         long n = 1 + random.nextInt(256 * 1024);
@@ -110,7 +110,7 @@ public class ConcurrencyTest extends NativeTestSupport {
         }
         shared.close();
         m.close();
-        assertEquals("'busy' closed with no leaks", m.closeReport());
+        assertEquals("'busy' closed with no leaks", m.closeReport().text());
         assertEquals(0, listener.reserved.get());
     }
 
@@ -118,7 +118,7 @@ public class ConcurrencyTest extends NativeTestSupport {
     public void closeWaitsForACallInsideTheListener() throws Exception {
         final BlockingListener listener = new BlockingListener();
         final NativeMemoryManager m = manager("in-flight", listener);
-        final NativeReservation r = m.reserve("p", 0);
+        final NativeReservation r = m.newReservation("p", 0);
         listener.armed.set(true);
         Future<?> grow = pool.submit(() -> {
             r.grow(2 * MIB);
@@ -141,8 +141,8 @@ public class ConcurrencyTest extends NativeTestSupport {
         listener.release.countDown();
         grow.get(10, TimeUnit.SECONDS);
         close.get(10, TimeUnit.SECONDS);
-        assertContains(m.closeReport(), "reservation jvm#");
-        assertContains(m.closeReport(), "in root/p: 2.0 MiB");
+        assertContains(m.closeReport().text(), "reservation jvm#");
+        assertContains(m.closeReport().text(), "in root/p: 2.0 MiB");
         assertEquals("every granted byte came back", 0, listener.reserved.get());
         r.close();
     }
@@ -151,7 +151,7 @@ public class ConcurrencyTest extends NativeTestSupport {
     public void timedOutCloseIsFinishedByTheLastCallNeverUnderIt() throws Exception {
         final BlockingListener listener = new BlockingListener();
         final NativeMemoryManager m = manager("slow", listener, smallBlocks().withCloseTimeoutMillis(100));
-        final NativeReservation r = m.reserve("p", 0);
+        final NativeReservation r = m.newReservation("p", 0);
         listener.armed.set(true);
         Future<?> grow = pool.submit(() -> {
             r.grow(MIB);
@@ -210,7 +210,7 @@ public class ConcurrencyTest extends NativeTestSupport {
                 workers.add(pool.submit(() -> {
                     NativeReservation r = null;
                     try {
-                        r = m.reserve("w" + id, 0);
+                        r = m.newReservation("w" + id, 0);
                         running.countDown();
                         while (true) {
                             r.grow(3 * MIB);
@@ -256,12 +256,12 @@ public class ConcurrencyTest extends NativeTestSupport {
                 NativeMemoryManager mm = self.get();
                 if (mm != null && reserveCalls.get() == 2) {
                     mm.close();
-                    reportSeenInside.set(mm.closeReport());
+                    reportSeenInside.set(mm.closeReport().text());
                 }
             }
         };
         NativeMemoryManager m = manager("self-closing", listener, smallBlocks().withCloseTimeoutMillis(30_000));
-        NativeReservation r = m.reserve("p", MIB);
+        NativeReservation r = m.newReservation("p", MIB);
         self.set(m);
         long started = System.nanoTime();
         r.grow(MIB); // the second reserve call closes the manager from inside the upcall

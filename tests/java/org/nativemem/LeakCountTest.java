@@ -99,7 +99,7 @@ public class LeakCountTest extends NativeTestSupport {
     public void aThreadsFirstCallLeavesNothingOnceTheThreadExits() throws Exception {
         CountingListener listener = new CountingListener();
         NativeMemoryManager mm = track(NativeMemoryManager.create("leak-count-thread", listener, smallBlocks()));
-        mm.reserve("scan/arrow", MIB).close();
+        mm.newReservation("scan/arrow", MIB).close();
         long[] before = NativeTesting.quietNativeHeap(10_000);
         final java.util.concurrent.CountDownLatch called = new java.util.concurrent.CountDownLatch(1);
         final java.util.concurrent.CountDownLatch exit = new java.util.concurrent.CountDownLatch(1);
@@ -107,7 +107,7 @@ public class LeakCountTest extends NativeTestSupport {
                 new java.util.concurrent.atomic.AtomicReference<Throwable>();
         Thread t = new Thread(() -> {
             try {
-                mm.reserve("scan/arrow", MIB).close();
+                mm.newReservation("scan/arrow", MIB).close();
                 mm.spill(MIB);
                 called.countDown();
                 exit.await();
@@ -135,11 +135,11 @@ public class LeakCountTest extends NativeTestSupport {
     private void javaApiCycle(String path, int i) {
         CountingListener listener = new CountingListener();
         NativeMemoryManager mm = track(NativeMemoryManager.create("leak-count-" + i, listener, smallBlocks()));
-        NativeReservation r = mm.reserve(path, "leak-count", 3 * MIB);
+        NativeReservation r = mm.newReservation(path, "leak-count", 3 * MIB);
         r.grow(2 * MIB);
         r.shrink(MIB);
         r.resize(2 * MIB + 512 * KIB);
-        NativeReservation atRoot = mm.reserve("", MIB / 2);
+        NativeReservation atRoot = mm.newReservation("", MIB / 2);
         NativeTesting.registerSpiller(mm.handle(), path, 2 * MIB, 0);
         assertEquals("spilled", 2 * MIB, mm.spill(2 * MIB));
         assertTrue("reclaimed", mm.reclaim(MIB) > 0);

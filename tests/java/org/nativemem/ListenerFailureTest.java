@@ -51,7 +51,7 @@ public class ListenerFailureTest extends NativeTestSupport {
     public void runtimeExceptionFromReserveIsTheCauseAndNothingIsCounted() {
         ThrowingListener listener = new ThrowingListener();
         NativeMemoryManager m = manager("throws", listener);
-        NativeReservation r = m.reserve("p", 0);
+        NativeReservation r = m.newReservation("p", 0);
         IllegalStateException thrown = new IllegalStateException("budget service down");
         listener.reserveFailure.set(thrown);
         NativeMemoryException e = expect(NativeMemoryException.class, () -> r.grow(MIB / 2));
@@ -78,7 +78,7 @@ public class ListenerFailureTest extends NativeTestSupport {
         NativeMemoryManager m = manager("checked", listener);
         IOException thrown = new IOException("disk quota");
         listener.reserveFailure.set(thrown);
-        NativeMemoryException e = expect(NativeMemoryException.class, () -> m.reserve("p", 1));
+        NativeMemoryException e = expect(NativeMemoryException.class, () -> m.newReservation("p", 1));
         assertSame(thrown, e.getCause());
         assertContains(e.getMessage(), "java.io.IOException: disk quota");
         assertEquals(0, m.usedBytes());
@@ -90,7 +90,7 @@ public class ListenerFailureTest extends NativeTestSupport {
         NativeMemoryManager m = manager("error", listener);
         BudgetError thrown = new BudgetError("Unable to acquire 1048576 bytes of memory");
         listener.reserveFailure.set(thrown);
-        BudgetError e = expect(BudgetError.class, () -> m.reserve("p", 1));
+        BudgetError e = expect(BudgetError.class, () -> m.newReservation("p", 1));
         assertSame(thrown, e);
         assertEquals(0, m.usedBytes());
         assertEquals(0, m.reservedBytes());
@@ -107,7 +107,7 @@ public class ListenerFailureTest extends NativeTestSupport {
             }
         };
         NativeMemoryManager m = manager("negative", listener);
-        NativeMemoryException e = expect(NativeMemoryException.class, () -> m.reserve("p", 10));
+        NativeMemoryException e = expect(NativeMemoryException.class, () -> m.newReservation("p", 10));
         assertEquals("reservation listener failed to reserve 1048576 bytes: ReservationListener.reserve(1048576) "
                 + "returned -1; it must return the bytes granted, between 0 and 1048576", e.getMessage());
         assertNull(e.getCause());
@@ -127,7 +127,7 @@ public class ListenerFailureTest extends NativeTestSupport {
             }
         };
         NativeMemoryManager m = manager("greedy", listener);
-        NativeMemoryException e = expect(NativeMemoryException.class, () -> m.reserve("p", 10));
+        NativeMemoryException e = expect(NativeMemoryException.class, () -> m.newReservation("p", 10));
         assertEquals("reservation listener broke its contract: asked for 1048576 bytes, granted 1048581; "
                 + "the grant is kept and will be given back", e.getMessage());
         assertEquals(0, m.usedBytes());
@@ -141,7 +141,7 @@ public class ListenerFailureTest extends NativeTestSupport {
     public void unreserveThrowingAtCloseFailsCloseWithCauseButCloses() {
         ThrowingListener listener = new ThrowingListener();
         NativeMemoryManager m = manager("stuck", listener);
-        NativeReservation r = m.reserve("p", 3 * MIB);
+        NativeReservation r = m.newReservation("p", 3 * MIB);
         RuntimeException thrown = new RuntimeException("consumer already freed");
         listener.unreserveFailure.set(thrown);
         r.close(); // hands surplus back: fails, logged natively; the bytes stay reserved
@@ -161,7 +161,7 @@ public class ListenerFailureTest extends NativeTestSupport {
     public void unreserveThrowingOnShrinkKeepsTheBytesReservedUntilLater() {
         ThrowingListener listener = new ThrowingListener();
         NativeMemoryManager m = manager("shrinky", listener);
-        NativeReservation r = m.reserve("p", 5 * MIB);
+        NativeReservation r = m.newReservation("p", 5 * MIB);
         RuntimeException thrown = new RuntimeException("not now");
         listener.unreserveFailure.set(thrown);
         NativeMemoryException e = expect(NativeMemoryException.class, () -> r.shrink(4 * MIB));
@@ -201,7 +201,7 @@ public class ListenerFailureTest extends NativeTestSupport {
         NativeMemoryManager m = manager("reentrant", listener);
         self.set(m);
         NativeTesting.registerSpiller(m.handle(), "sort", 6 * MIB, 0);
-        NativeReservation r = m.reserve("java", 4 * MIB);
+        NativeReservation r = m.newReservation("java", 4 * MIB);
         assertEquals(4 * MIB, r.size());
         assertTrue("the spiller gave memory", m.stats().spilledBytes() >= 2 * MIB);
         assertEquals(listener.reserved.get(), m.reservedBytes());

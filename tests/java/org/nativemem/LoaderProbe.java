@@ -12,7 +12,7 @@ public final class LoaderProbe {
         try {
             NativeLibraryLoader.load();
             try (NativeMemoryManager m = NativeMemoryManager.create("probe", new CountingListener());
-                    NativeReservation r = m.reserve("p", 1)) {
+                    NativeReservation r = m.newReservation("p", 1)) {
                 if (m.usedBytes() != 1 || r.size() != 1) {
                     throw new AssertionError("used " + m.usedBytes());
                 }

@@ -47,12 +47,12 @@ public class MisuseTest extends NativeTestSupport {
 
         // A live manager and reservation to misuse, and a closed manager / reservation.
         final NativeMemoryManager live = manager("live", listener);
-        final NativeReservation res = live.reserve("p", MIB);
+        final NativeReservation res = live.newReservation("p", MIB);
         final NativeMemoryManager closed = manager("gone", new CountingListener());
         final long staleHandle = closed.handle();
-        final NativeReservation closedRes = closed.reserve("q", 10);
+        final NativeReservation closedRes = closed.newReservation("q", 10);
         closed.close();
-        final NativeReservation released = live.reserve("p", 1);
+        final NativeReservation released = live.newReservation("p", 1);
         released.close();
         final long reservationHandle = reservationHandleOf(live, "p");
 
@@ -89,12 +89,12 @@ public class MisuseTest extends NativeTestSupport {
 
         // ---- arguments ------------------------------------------------------------------
         exactly("reserve negative", IllegalArgumentException.class, "bytes must be >= 0, got -1",
-                () -> live.reserve("p", -1));
+                () -> live.newReservation("p", -1));
         exactly("reserve empty path element", IllegalArgumentException.class,
-                "pool path \"a//b\" has an empty element", () -> live.reserve("a//b", 1));
-        exactly("reserve null path", NullPointerException.class, "poolPath", () -> live.reserve(null, 1));
+                "pool path \"a//b\" has an empty element", () -> live.newReservation("a//b", 1));
+        exactly("reserve null path", NullPointerException.class, "poolPath", () -> live.newReservation(null, 1));
         exactly("reserve null consumer", NullPointerException.class, "consumer",
-                () -> live.reserve("p", null, 1));
+                () -> live.newReservation("p", null, 1));
         exactly("grow negative", IllegalArgumentException.class, "bytes must be >= 0, got -7", () -> res.grow(-7));
         exactly("shrink negative", IllegalArgumentException.class, "bytes must be >= 0, got -7",
                 () -> res.shrink(-7));
@@ -118,7 +118,7 @@ public class MisuseTest extends NativeTestSupport {
         exactly("usageReport after close", IllegalStateException.class, closedMsg, () -> closed.usageReport());
         exactly("stats after close", IllegalStateException.class, closedMsg, () -> closed.stats());
         exactly("spill after close", IllegalStateException.class, closedMsg, () -> closed.spill(1));
-        exactly("reserve after close", IllegalStateException.class, closedMsg, () -> closed.reserve("p", 1));
+        exactly("reserve after close", IllegalStateException.class, closedMsg, () -> closed.newReservation("p", 1));
         exactly("handle after close", IllegalStateException.class, closedMsg, () -> closed.handle());
         exactly("reservation grow after manager close", IllegalStateException.class, closedMsg,
                 () -> closedRes.grow(1));
@@ -165,7 +165,7 @@ public class MisuseTest extends NativeTestSupport {
         // ---- limits ---------------------------------------------------------------------
         final NativeMemoryManager tiny = manager("tiny", new CountingListener(), config.withTaskLimit(100));
         containing("over the task limit", NativeOutOfMemoryException.class,
-                "pool 'root' would exceed its limit of 100 B (used 0 B)", () -> tiny.reserve("p", 101));
+                "pool 'root' would exceed its limit of 100 B (used 0 B)", () -> tiny.newReservation("p", 101));
 
         int checked = 0;
         for (Case c : cases) {
@@ -202,14 +202,14 @@ public class MisuseTest extends NativeTestSupport {
 
     /** The handle of a new 1-byte reservation (released by one of the cases). */
     private static long reservationHandleOf(NativeMemoryManager m, String pool) {
-        return m.reserve(pool, 1).nativeHandle();
+        return m.newReservation(pool, 1).nativeHandle();
     }
 
     private static void freshManagerWorks(String afterCase) {
         CountingListener l = new CountingListener();
         try (NativeMemoryManager m = NativeMemoryManager.create("fresh after " + afterCase, l,
                 NativeMemoryConfig.defaults().withReservationBlockSize(MIB));
-                NativeReservation r = m.reserve("ok", 3 * MIB)) {
+                NativeReservation r = m.newReservation("ok", 3 * MIB)) {
             assertEquals(afterCase, 3 * MIB, m.usedBytes());
             assertEquals(afterCase, 3 * MIB, r.size());
         }

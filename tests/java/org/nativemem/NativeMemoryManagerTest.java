@@ -24,7 +24,7 @@ public class NativeMemoryManagerTest extends NativeTestSupport {
         assertNull(m.closeReport());
         m.close();
         assertTrue(m.isClosed());
-        assertEquals("'task-0' closed with no leaks", m.closeReport());
+        assertEquals("'task-0' closed with no leaks", m.closeReport().text());
         assertEquals(0, listener.reserveCalls.get());
         assertEquals(0, listener.unreserveCalls.get());
     }
@@ -33,14 +33,14 @@ public class NativeMemoryManagerTest extends NativeTestSupport {
     public void closeGivesEveryReservedByteBackAndIsIdempotent() {
         CountingListener listener = new CountingListener();
         NativeMemoryManager m = manager("task-1", listener);
-        NativeReservation r = m.reserve("java/arrow", 3 * MIB + 512 * KIB);
+        NativeReservation r = m.newReservation("java/arrow", 3 * MIB + 512 * KIB);
         assertEquals(3 * MIB + 512 * KIB, m.usedBytes());
         assertEquals("whole blocks", 4 * MIB, m.reservedBytes());
         assertEquals(4 * MIB, listener.reserved.get());
         r.close();
         m.close();
         assertEquals(0, listener.reserved.get());
-        assertEquals("'task-1' closed with no leaks", m.closeReport());
+        assertEquals("'task-1' closed with no leaks", m.closeReport().text());
         int unreserves = listener.unreserveCalls.get();
         m.close();
         m.close();
@@ -53,7 +53,7 @@ public class NativeMemoryManagerTest extends NativeTestSupport {
         CountingListener listener = new CountingListener();
         NativeMemoryManager kept;
         try (NativeMemoryManager m = NativeMemoryManager.create("twr", listener, smallBlocks());
-                NativeReservation r = m.reserve("p", 5 * MIB)) {
+                NativeReservation r = m.newReservation("p", 5 * MIB)) {
             kept = m;
             assertEquals(5 * MIB, r.size());
             assertEquals(5 * MIB, listener.reserved.get());
@@ -66,7 +66,7 @@ public class NativeMemoryManagerTest extends NativeTestSupport {
     public void readOutsFollowGrowAndShrink() {
         CountingListener listener = new CountingListener();
         NativeMemoryManager m = manager("task-2", listener);
-        NativeReservation r = m.reserve("scan", "reader", 0);
+        NativeReservation r = m.newReservation("scan", "reader", 0);
         assertEquals(0, r.size());
         r.grow(5 * MIB);
         assertEquals(5 * MIB, r.size());
@@ -100,7 +100,7 @@ public class NativeMemoryManagerTest extends NativeTestSupport {
     @Test
     public void usageReportShowsTheTreeAndConsumers() {
         NativeMemoryManager m = manager("stage-3 task-17", new CountingListener());
-        NativeReservation r = m.reserve("java/arrow", "buffers", 2 * MIB);
+        NativeReservation r = m.newReservation("java/arrow", "buffers", 2 * MIB);
         String report = m.usageReport();
         assertContains(report, "Native memory of 'stage-3 task-17': used 2.0 MiB, peak 2.0 MiB, reserved 2.0 MiB");
         assertContains(report, "task limit none, block 1.0 MiB");
@@ -116,7 +116,7 @@ public class NativeMemoryManagerTest extends NativeTestSupport {
     public void listenerIsAskedInWholeBlocksOnly() {
         CountingListener listener = new CountingListener();
         NativeMemoryManager m = manager("blocks", listener);
-        NativeReservation r = m.reserve("p", 0);
+        NativeReservation r = m.newReservation("p", 0);
         for (int i = 0; i < 100; i++) {
             r.grow(64 * KIB);
         }
@@ -137,7 +137,7 @@ public class NativeMemoryManagerTest extends NativeTestSupport {
     public void growShrinkLoopAtABlockEdgeMakesNoListenerCalls() {
         CountingListener listener = new CountingListener();
         NativeMemoryManager m = manager("edge", listener);
-        NativeReservation r = m.reserve("p", BLOCK);
+        NativeReservation r = m.newReservation("p", BLOCK);
         int reserves = listener.reserveCalls.get();
         int unreserves = listener.unreserveCalls.get();
         for (int i = 0; i < 1000; i++) {
@@ -154,7 +154,7 @@ public class NativeMemoryManagerTest extends NativeTestSupport {
     public void taskLimitRefusesWithTheUsageReport() {
         CountingListener listener = new CountingListener();
         NativeMemoryManager m = manager("limited", listener, smallBlocks().withTaskLimit(4 * MIB));
-        NativeReservation r = m.reserve("hash", "table", 3 * MIB);
+        NativeReservation r = m.newReservation("hash", "table", 3 * MIB);
         NativeOutOfMemoryException e = expect(NativeOutOfMemoryException.class, () -> r.grow(2 * MIB));
         assertContains(e.getMessage(), "Failed to reserve 2.0 MiB for consumer 'table#");
         assertContains(e.getMessage(), "in pool 'root/hash': pool 'root' would exceed its limit of 4.0 MiB (used 3.0 MiB)");
@@ -171,12 +171,12 @@ public class NativeMemoryManagerTest extends NativeTestSupport {
     public void listenerGrantingTooLittleIsOutOfMemoryAndAccountingStaysExact() {
         CountingListener listener = new CountingListener(2 * MIB);
         NativeMemoryManager m = manager("starved", listener);
-        NativeOutOfMemoryException e = expect(NativeOutOfMemoryException.class, () -> m.reserve("p", 3 * MIB));
+        NativeOutOfMemoryException e = expect(NativeOutOfMemoryException.class, () -> m.newReservation("p", 3 * MIB));
         assertContains(e.getMessage(), "Failed to reserve 3.0 MiB");
         assertContains(e.getMessage(), "the reservation listener granted 2.0 MiB of the 3.0 MiB asked, after spilling");
         assertEquals(0, m.usedBytes());
         assertEquals("what was granted is counted", listener.reserved.get(), m.reservedBytes());
-        NativeReservation r = m.reserve("p", 2 * MIB);
+        NativeReservation r = m.newReservation("p", 2 * MIB);
         assertEquals(2 * MIB, m.usedBytes());
         r.close();
         m.close();
@@ -221,7 +221,7 @@ public class NativeMemoryManagerTest extends NativeTestSupport {
     public void releaseUnusedHandsBackOnlyTheCushion() {
         CountingListener listener = new CountingListener();
         NativeMemoryManager m = manager("cushion", listener);
-        NativeReservation r = m.reserve("p", 2 * MIB + 1);
+        NativeReservation r = m.newReservation("p", 2 * MIB + 1);
         assertEquals(3 * MIB, m.reservedBytes());
         assertEquals(MIB - 1, m.releaseUnused(Long.MAX_VALUE));
         assertEquals(2 * MIB + 1, m.reservedBytes());
@@ -235,7 +235,7 @@ public class NativeMemoryManagerTest extends NativeTestSupport {
         CountingListener listener = new CountingListener(8 * MIB);
         NativeMemoryManager m = manager("shared", listener);
         NativeTesting.registerSpiller(m.handle(), "sort", 6 * MIB, 0);
-        NativeReservation r = m.reserve("java/arrow", 4 * MIB);
+        NativeReservation r = m.newReservation("java/arrow", 4 * MIB);
         assertEquals(4 * MIB, r.size());
         assertEquals(8 * MIB, m.usedBytes());
         assertEquals(1, m.stats().spillCount());
@@ -248,7 +248,7 @@ public class NativeMemoryManagerTest extends NativeTestSupport {
     public void reservationCloseIsIdempotentAndFreesItsBytes() {
         CountingListener listener = new CountingListener();
         NativeMemoryManager m = manager("r", listener);
-        NativeReservation r = m.reserve("p", "c", 3 * MIB);
+        NativeReservation r = m.newReservation("p", "c", 3 * MIB);
         assertEquals("p", r.poolPath());
         assertEquals("c", r.consumer());
         assertSame(m, r.manager());
@@ -259,20 +259,20 @@ public class NativeMemoryManagerTest extends NativeTestSupport {
         r.close();
         assertEquals(0, m.usedBytes());
         m.close();
-        assertEquals("'r' closed with no leaks", m.closeReport());
+        assertEquals("'r' closed with no leaks", m.closeReport().text());
     }
 
     @Test
     public void reservationLeftOpenIsReleasedAndReportedByClose() {
         CountingListener listener = new CountingListener();
         NativeMemoryManager m = manager("leaky", listener);
-        NativeReservation r = m.reserve("java/netty", "pool-chunks", 3 * MIB);
+        NativeReservation r = m.newReservation("java/netty", "pool-chunks", 3 * MIB);
         long address = NativeTesting.allocate(m.handle(), "op/sort", 1000);
         assertTrue(address != 0);
         assertEquals(3 * MIB + 1000, m.usedBytes());
         assertEquals(1, m.stats().liveAllocations());
         m.close();
-        String report = m.closeReport();
+        String report = m.closeReport().text();
         assertContains(report, "'leaky' closed with 3.0 MiB leaked at close (reclaimed):");
         assertContains(report, "1 allocation(s) in root/op/sort: 1000 B");
         assertContains(report, "reservation pool-chunks#");
@@ -293,7 +293,7 @@ public class NativeMemoryManagerTest extends NativeTestSupport {
         assertEquals(0, m.usedBytes());
         assertEquals(0, m.stats().liveAllocations());
         m.close();
-        assertEquals("'alloc' closed with no leaks", m.closeReport());
+        assertEquals("'alloc' closed with no leaks", m.closeReport().text());
     }
 
     @Test

@@ -18,7 +18,7 @@ public class PanicTest extends NativeTestSupport {
         assertEquals("native panic: again", e.getMessage());
         CountingListener listener = new CountingListener();
         try (NativeMemoryManager m = NativeMemoryManager.create("after-panic", listener, smallBlocks());
-                NativeReservation r = m.reserve("p", MIB)) {
+                NativeReservation r = m.newReservation("p", MIB)) {
             assertEquals(MIB, m.usedBytes());
             assertEquals(MIB, r.size());
         }
@@ -29,7 +29,7 @@ public class PanicTest extends NativeTestSupport {
     public void panicDuringAManagerCallReleasesTheCallSoCloseDoesNotWait() {
         CountingListener listener = new CountingListener();
         NativeMemoryManager m = manager("panicky", listener, smallBlocks().withCloseTimeoutMillis(30_000));
-        NativeReservation r = m.reserve("p", 2 * MIB);
+        NativeReservation r = m.newReservation("p", 2 * MIB);
         NativeMemoryException e = expect(NativeMemoryException.class, () -> NativeTesting.panicInCall(m.handle()));
         assertEquals("native panic: operator bug while holding manager 'panicky'", e.getMessage());
         assertEquals(2 * MIB, m.usedBytes());

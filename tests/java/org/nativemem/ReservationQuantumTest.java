@@ -22,7 +22,7 @@ public class ReservationQuantumTest extends NativeTestSupport {
         CountingListener listener = new CountingListener();
         NativeMemoryManager m = quantumManager("quantum-1", listener);
         assertEquals(QUANTUM, m.config().reservationQuantum());
-        NativeReservation r = m.reserve("scan", "reader", 100);
+        NativeReservation r = m.newReservation("scan", "reader", 100);
         assertEquals(100, r.size());
         assertEquals("one quantum charged", QUANTUM, m.usedBytes());
         int reserves = listener.reserveCalls.get();
@@ -50,8 +50,8 @@ public class ReservationQuantumTest extends NativeTestSupport {
     public void sparksReclaimTakesTheSlackAndCloseReportsExactLeaks() {
         CountingListener listener = new CountingListener();
         NativeMemoryManager m = quantumManager("quantum-2", listener);
-        NativeReservation a = m.reserve("a", 1000);
-        NativeReservation b = m.reserve("b", 1000);
+        NativeReservation a = m.newReservation("a", 1000);
+        NativeReservation b = m.newReservation("b", 1000);
         assertEquals(2 * QUANTUM, m.usedBytes());
         long reserved = m.reservedBytes();
         // Everything but the 2000 bytes the consumers hold goes back to Spark.
@@ -63,7 +63,7 @@ public class ReservationQuantumTest extends NativeTestSupport {
         assertEquals(1024, a.size());
         b.close();
         m.close();
-        NativeCloseReport report = m.closeResult();
+        NativeCloseReport report = m.closeReport();
         assertEquals("leaked: what a held, not its slack", 1024, report.leakedBytes());
         assertEquals(0, listener.reserved.get());
     }

@@ -115,7 +115,7 @@ public class NativeAllocationListenerTest extends ArrowTestSupport {
         NativeArrowAllocator a = arrow(mm, MIB);
         BufferAllocator alloc = a.allocator();
         // Another pool of the same manager: Arrow and native share the task's accounting.
-        NativeReservation engine = track(mm.reserve("engine", "native-op", 3 * MIB));
+        NativeReservation engine = track(mm.newReservation("engine", "native-op", 3 * MIB));
         assertAccounting("native only", a, mm, 3 * MIB);
 
         IntVector ints = new IntVector("ints", alloc);

@@ -36,7 +36,7 @@ public class NativeArrowAllocatorTest extends ArrowTestSupport {
         assertEquals(0, a.allocatedBytes());
         assertEquals("the arrow pool is empty", 0, mm.usedBytes());
         mm.close();
-        NativeCloseReport r = mm.closeResult();
+        NativeCloseReport r = mm.closeReport();
         assertNotNull(r);
         assertTrue(r.text(), r.isClean() || !r.hasLeaks());
         assertEquals("every byte back in the budget", 0, budget.held.get());
@@ -83,7 +83,7 @@ public class NativeArrowAllocatorTest extends ArrowTestSupport {
         assertTrue(a.listener().isClosed());
 
         mm.close();
-        NativeCloseReport r = mm.closeResult();
+        NativeCloseReport r = mm.closeReport();
         assertFalse("the manager found no leak of its own: " + r.text(), r.hasLeaks());
         assertEquals(0, budget.held.get());
         // v and b still exist as Java objects, but their memory is gone: never touch them.
@@ -110,7 +110,7 @@ public class NativeArrowAllocatorTest extends ArrowTestSupport {
         NativeArrowAllocator a = NativeArrowAllocator.create(mm, "late", "arrow", MIB);
         ArrowBuf b = a.allocator().buffer(MIB);
         mm.close();
-        NativeCloseReport r = mm.closeResult();
+        NativeCloseReport r = mm.closeReport();
         assertTrue("the open Arrow reservation is a leak for the manager: " + r.text(), r.hasLeaks());
         assertTrue(r.text(), r.text().contains("arrow"));
         b.close(); // Arrow releases after the manager closed: ignored by the listener

@@ -31,7 +31,7 @@ import org.nativemem.ReservationListener;
  * {@link Expect}, a model of nativemem's documented reservation policy (deficits reserved in whole
  * blocks; a release keeps up to two blocks of cushion, above that gives back all but one). After
  * every manager close: 0 bytes left on the listener and the leaks as numbers from
- * {@link NativeMemoryManager#closeResult()} (the text is only printed).
+ * {@link NativeMemoryManager#closeReport()} (the text is only printed).
  *
  * <p>The C-level misuse checks (forged and stale handles, bad vtables, doctored tables, foreign
  * pointers, double release, lying or failing spill callbacks, threads the JVM never saw, a lease
@@ -249,7 +249,7 @@ public class CEngineTest {
         assertEquals("no spill asked", 0, e.stats().spillCalls);
 
         m.close();
-        NativeCloseReport r = m.closeResult();
+        NativeCloseReport r = m.closeReport();
         System.out.println("CEngineTest lifecycle close: " + r.text());
         assertTrue("state the drop released is no leak: " + r.text(), r.isClean());
         assertEquals(0, r.leakedBytes());
@@ -289,7 +289,7 @@ public class CEngineTest {
         assertStatus("a second shutdown does nothing", CEngine.NM_OK, e.shutdown());
 
         m.close();
-        NativeCloseReport r = m.closeResult();
+        NativeCloseReport r = m.closeReport();
         assertTrue(r.text(), r.isClean());
         assertAllReturned("early close", l);
         assertEquals("the manager's close did not drop it again", 1, e.stats().stateDropped);
@@ -314,7 +314,7 @@ public class CEngineTest {
         assertEquals("3 buffers + the forgotten allocation", 4, m.stats().liveAllocations());
 
         m.close();
-        NativeCloseReport r = m.closeResult();
+        NativeCloseReport r = m.closeReport();
         System.out.println("CEngineTest leak close: " + r.text());
         assertTrue(r.hasLeaks());
         assertEquals("leaked bytes: the forgotten allocation + the open reservation", 3 * MIB, r.leakedBytes());
@@ -414,7 +414,7 @@ public class CEngineTest {
         assertEquals("a spiller with 0 spillable bytes is not asked", 2, e.stats().spillCalls);
 
         m.close();
-        assertTrue(m.closeResult().text(), m.closeResult().isClean());
+        assertTrue(m.closeReport().text(), m.closeReport().isClean());
         assertAllReturned("spill", l);
     }
 
@@ -448,7 +448,7 @@ public class CEngineTest {
         assertEquals(s.toString(), 4, s.buffers);
 
         m.close();
-        assertTrue(m.closeResult().text(), m.closeResult().isClean());
+        assertTrue(m.closeReport().text(), m.closeReport().isClean());
         assertAllReturned("grow spill", l);
     }
 
@@ -481,7 +481,7 @@ public class CEngineTest {
         assertEquals(m.reservedBytes(), l.reserved.get());
 
         m.close();
-        assertTrue(m.closeResult().text(), m.closeResult().isClean());
+        assertTrue(m.closeReport().text(), m.closeReport().isClean());
         assertAllReturned("pool limit", l);
     }
 
@@ -508,7 +508,7 @@ public class CEngineTest {
         assertEquals(s.toString(), 3 * MIB, s.spilledBytes);
 
         m.close();
-        assertTrue(m.closeResult().text(), m.closeResult().isClean());
+        assertTrue(m.closeReport().text(), m.closeReport().isClean());
         assertAllReturned("reclaim", l);
     }
 
@@ -554,7 +554,7 @@ public class CEngineTest {
         assertEquals(s.toString(), 8 * MIB, s.spilledBytes);
 
         m.close();
-        assertTrue(m.closeResult().text(), m.closeResult().isClean());
+        assertTrue(m.closeReport().text(), m.closeReport().isClean());
         assertAllReturned("liar", l);
     }
 
@@ -589,7 +589,7 @@ public class CEngineTest {
         assertAccounting("the same grow after the callback recovered", m, l, e, x);
 
         m.close();
-        assertTrue(m.closeResult().text(), m.closeResult().isClean());
+        assertTrue(m.closeReport().text(), m.closeReport().isClean());
         assertAllReturned("failing spill", l);
     }
 
@@ -622,7 +622,7 @@ public class CEngineTest {
 
         long held = s.heldBytes();
         m.close();
-        assertTrue(m.closeResult().text(), m.closeResult().isClean());
+        assertTrue(m.closeReport().text(), m.closeReport().isClean());
         assertEquals(held, e.stats().dropFreedBytes);
         assertAllReturned("threads", l);
     }
@@ -654,7 +654,7 @@ public class CEngineTest {
         assertTrue("close waited its timeout: " + waitedMillis + " ms", waitedMillis >= timeout);
         assertTrue("and not much longer: " + waitedMillis + " ms", waitedMillis < timeout + 5_000);
         assertTrue(m.isClosed());
-        assertNull(m.closeResult());
+        assertNull(m.closeReport());
         assertEquals("nothing freed under the holder", x.reserved, l.reserved.get());
         CEngine.Stats s = e.stats();
         assertStatus("no new lease once closing", CEngine.NM_ERR_STALE_HANDLE, s.leaseStatus);
@@ -694,7 +694,7 @@ public class CEngineTest {
         e.leak(64 * KIB, 64 * KIB);
         long handle = m.handle();
         m.close();
-        assertEquals(128 * KIB, m.closeResult().leakedBytes());
+        assertEquals(128 * KIB, m.closeReport().leakedBytes());
         assertAllReturned("stale", l);
         long[] v = e.staleProbe();
         String[] what = {"acquire(manager)", "pool_stats", "allocate", "free(leaked pointer)",
@@ -734,7 +734,7 @@ public class CEngineTest {
         assertEquals("every failure with err gave a message (freed)", 20, v[23]);
         assertEquals(0, m.usedBytes());
         m.close();
-        assertTrue(m.closeResult().text(), m.closeResult().isClean());
+        assertTrue(m.closeReport().text(), m.closeReport().isClean());
         assertAllReturned("forged", l);
         expectStatus(CEngine.NM_ERR_UNSUPPORTED, () -> CEngine.open(0, 1, "x", -1));
     }
@@ -763,7 +763,7 @@ public class CEngineTest {
         assertStatus("unregister again", CEngine.NM_ERR_STALE_HANDLE, v[9]);
         assertEquals("and no second drop", 1, v[10]);
         m.close();
-        assertTrue(m.closeResult().text(), m.closeResult().isClean());
+        assertTrue(m.closeReport().text(), m.closeReport().isClean());
         assertAllReturned("vtable", l);
     }
 
@@ -777,7 +777,7 @@ public class CEngineTest {
         long t0 = System.nanoTime();
         m.close();
         assertTrue("the released lease does not hold up close", System.nanoTime() - t0 < 5_000_000_000L);
-        assertTrue(m.closeResult().text(), m.closeResult().isClean());
+        assertTrue(m.closeReport().text(), m.closeReport().isClean());
         assertAllReturned("release twice", l);
     }
 
@@ -804,7 +804,7 @@ public class CEngineTest {
         assertEquals(MIB, m.usedBytes());
         assertEquals(0, other.usedBytes());
         m.close();
-        assertTrue(m.closeResult().text(), m.closeResult().isClean());
+        assertTrue(m.closeReport().text(), m.closeReport().isClean());
         assertAllReturned("foreign", l);
     }
 
@@ -829,7 +829,7 @@ public class CEngineTest {
             assertTrue(m.usageReport(), m.usageReport().contains("Over-committed"));
             // The next fallible grow must reserve the over-commit too: more than the listener has.
             try {
-                m.reserve("operator", KIB).close();
+                m.newReservation("operator", KIB).close();
                 fail("a grow over un-payable over-commit succeeded");
             } catch (NativeMemoryException e) {
                 assertTrue(e.getMessage(), e.getMessage().contains("Over-committed"));
@@ -842,7 +842,7 @@ public class CEngineTest {
         assertEquals(0, m.usedBytes());
         assertEquals(0, m.stats().overcommittedBytes());
         assertEquals(12 * BLOCK, m.stats().overcommitPeakBytes());
-        m.reserve("operator", KIB).close();
+        m.newReservation("operator", KIB).close();
         m.close();
         assertEquals(0, l.reserved.get());
     }

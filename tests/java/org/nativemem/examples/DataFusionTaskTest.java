@@ -118,7 +118,7 @@ public class DataFusionTaskTest {
     public void tearDown() {
         for (NativeMemoryManager m : managers) {
             m.close();
-            assertEquals("close report of " + m.name(), "'" + m.name() + "' closed with no leaks", m.closeReport());
+            assertEquals("close report of " + m.name(), "'" + m.name() + "' closed with no leaks", m.closeReport().text());
         }
         for (Listener l : listeners) {
             assertEquals("bytes still reserved from the listener", 0, l.reserved.get());

@@ -88,7 +88,7 @@ public class NativeSorterTest {
     public void tearDown() {
         for (NativeMemoryManager m : managers) {
             m.close();
-            assertEquals("close report of " + m.name(), "'" + m.name() + "' closed with no leaks", m.closeReport());
+            assertEquals("close report of " + m.name(), "'" + m.name() + "' closed with no leaks", m.closeReport().text());
         }
         for (Listener l : listeners) {
             assertEquals("bytes still reserved from the listener", 0, l.reserved.get());
@@ -332,7 +332,7 @@ public class NativeSorterTest {
         assertEquals(liveBefore + 1, NativeSorter.liveSorters());
         m.close();
         assertEquals("the sorter's memory was released before the manager's leak check",
-                "'owner' closed with no leaks", m.closeReport());
+                "'owner' closed with no leaks", m.closeReport().text());
         assertEquals(0, listener.reserved.get());
         assertEquals(liveBefore, NativeSorter.liveSorters());
         assertEquals("its spill files are deleted", 0, spillFiles());
@@ -354,7 +354,7 @@ public class NativeSorterTest {
         assertTrue(it.hasNext());
         assertNotNull(it.next());
         m.close();
-        assertEquals("'mid-output' closed with no leaks", m.closeReport());
+        assertEquals("'mid-output' closed with no leaks", m.closeReport().text());
         expect(IllegalStateException.class, "was closed", it::hasNext);
         assertEquals(0, spillFiles());
         // The native side refuses the handle too: it was removed with the manager.
@@ -433,7 +433,7 @@ public class NativeSorterTest {
         expect(NativeMemoryException.class, "create spill directory",
                 () -> new NativeSorter(m, "s", new File("/proc/nativemem-cannot-create")));
         // The pool exists with no limit: asking for it with a limit is refused.
-        m.reserve("shared", 0).close();
+        m.newReservation("shared", 0).close();
         expect(IllegalArgumentException.class, "shared",
                 () -> new NativeSorter(m, "s", dir, SorterOptions.defaults().withPoolPath("shared").withPoolLimit(MIB)));
 
@@ -463,8 +463,9 @@ public class NativeSorterTest {
     public void badHandlesAreIllegalStateNeverACrash() {
         NativeMemoryManager m = manager("handles");
         long managerHandle = m.handle();
-        long[] forged = {0L, -1L, 1L, managerHandle, (3L << 56) | (1L << 24) | 0xff_fff0L,
-            (3L << 56) | (0x7fff_ffffL << 24)};
+        long sorterTag = 64; // the sorter table's kind tag: the first of the engines' range
+        long[] forged = {0L, -1L, 1L, managerHandle, (sorterTag << 56) | (1L << 24) | 0xff_fff0L,
+            (sorterTag << 56) | (0x7fff_ffffL << 24)};
         String[] messages = {"null sorter handle", "is not a sorter handle", "is not a sorter handle",
             "is not a sorter handle", "is unknown", "is unknown"};
         for (int i = 0; i < forged.length; i++) {

@@ -85,7 +85,7 @@ public class DeadlockStressTest extends HardeningSupport {
         });
         Thread javaUser = daemon("java-user", failure, () -> {
             Random random = new Random(2);
-            try (NativeReservation r = m.reserve("java", 0)) {
+            try (NativeReservation r = m.newReservation("java", 0)) {
                 while (System.nanoTime() < until) {
                     try {
                         r.grow(1 + random.nextInt(2 << 20));

@@ -104,7 +104,7 @@ abstract class HardeningSupport {
     static void freshManagerWorks(String after) {
         Budget l = new Budget();
         try (NativeMemoryManager m = NativeMemoryManager.create("fresh after " + after, l, smallBlocks());
-                NativeReservation r = m.reserve("ok", 3 * MIB)) {
+                NativeReservation r = m.newReservation("ok", 3 * MIB)) {
             assertEquals(after, 3 * MIB, m.usedBytes());
             assertEquals(after, 3 * MIB, r.size());
             assertEquals(after, l.reserved.get(), m.reservedBytes());

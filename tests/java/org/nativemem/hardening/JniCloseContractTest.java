@@ -242,11 +242,11 @@ public class JniCloseContractTest extends HardeningSupport {
         final NativeMemoryManager m = manager(NAME, listener, smallBlocks().withCloseTimeoutMillis(60_000));
         final Fixture f = new Fixture();
         f.manager = m.handle();
-        f.work = Internals.handleOf(m.reserve("contract", "work", WORK_BYTES));
-        f.shrunk = Internals.handleOf(m.reserve("contract", "shrunk", SHRUNK_BYTES));
-        f.closedDuring = Internals.handleOf(m.reserve("contract", "closed-during", CLOSED_DURING_BYTES));
-        final long probe = Internals.handleOf(m.reserve("contract", "probe", 0));
-        final NativeReservation inFlight = m.reserve("contract", "in-flight", 0);
+        f.work = Internals.handleOf(m.newReservation("contract", "work", WORK_BYTES));
+        f.shrunk = Internals.handleOf(m.newReservation("contract", "shrunk", SHRUNK_BYTES));
+        f.closedDuring = Internals.handleOf(m.newReservation("contract", "closed-during", CLOSED_DURING_BYTES));
+        final long probe = Internals.handleOf(m.newReservation("contract", "probe", 0));
+        final NativeReservation inFlight = m.newReservation("contract", "in-flight", 0);
         assertEquals(listener.reserved.get(), m.reservedBytes());
 
         // A call in flight: a grow blocked in the listener's reserve, on its own thread.
@@ -303,7 +303,7 @@ public class JniCloseContractTest extends HardeningSupport {
         // The listener got every byte back; the close reclaimed exactly what was still held: the
         // refused calls changed nothing, the give-backs released at once (no leak).
         assertEquals("every byte granted to the manager came back", 0, listener.reserved.get());
-        NativeCloseReport report = m.closeResult();
+        NativeCloseReport report = m.closeReport();
         assertNotNull("close succeeded", report);
         Map<String, Long> leaked = new TreeMap<String, Long>();
         for (NativeCloseReport.Leak leak : report.leaks()) {

@@ -26,7 +26,7 @@ import org.nativemem.NativeOutOfMemoryException;
 import org.nativemem.NativeReservation;
 
 /**
- * The misuses of issue 9 that {@code org.nativemem.MisuseTest}, {@code ConcurrencyTest} and
+ * The misuses that {@code org.nativemem.MisuseTest}, {@code ConcurrencyTest} and
  * {@code ListenerFailureTest} do not already cover, as one table: zero and huge sizes,
  * over-release (also concurrent), native double free and cross-manager free, stale handles into
  * the test natives, odd names, listeners that grant far more than asked, throw an {@link Error} on
@@ -86,12 +86,12 @@ public class MisuseMatrixTest extends HardeningSupport {
     public void everyMisuseHasItsDocumentedOutcomeAndTheLibraryKeepsWorking() throws Exception {
         final Budget listener = new Budget();
         final NativeMemoryManager live = manager("live", listener);
-        final NativeReservation held = live.reserve("held", 4 * MIB);
+        final NativeReservation held = live.newReservation("held", 4 * MIB);
 
         // ---- zero sizes ----------------------------------------------------------------------
         misuse("zero-byte reserve, grow, shrink and resize change nothing", () -> {
             NativeMemoryStats before = live.stats();
-            try (NativeReservation r = live.reserve("zero", 0)) {
+            try (NativeReservation r = live.newReservation("zero", 0)) {
                 r.grow(0);
                 r.shrink(0);
                 r.resize(0);
@@ -119,7 +119,7 @@ public class MisuseMatrixTest extends HardeningSupport {
         misuse("reserve Long.MAX_VALUE", () -> {
             long used = live.usedBytes();
             IllegalArgumentException e = expect(IllegalArgumentException.class,
-                    () -> live.reserve("huge", Long.MAX_VALUE));
+                    () -> live.newReservation("huge", Long.MAX_VALUE));
             assertTooLarge(e, Long.MAX_VALUE);
             assertEquals("nothing held", used, live.usedBytes());
         });
@@ -137,7 +137,7 @@ public class MisuseMatrixTest extends HardeningSupport {
             Budget small = new Budget(64 * MIB);
             NativeMemoryManager m = manager("budget-64m", small);
             NativeOutOfMemoryException e = expect(NativeOutOfMemoryException.class,
-                    () -> m.reserve("huge", MAX_REQUEST));
+                    () -> m.newReservation("huge", MAX_REQUEST));
             assertContains(e.getMessage(), "Failed to reserve 4.0 EiB for consumer 'jvm#");
             assertContains(e.getMessage(), "the reservation listener granted 64.0 MiB of the 4.0 EiB asked");
             assertEquals(0, m.usedBytes());
@@ -165,14 +165,14 @@ public class MisuseMatrixTest extends HardeningSupport {
         });
         misuse("task limit of 0 bytes", () -> {
             NativeMemoryManager m = manager("limit-0", new Budget(), smallBlocks().withTaskLimit(0));
-            NativeOutOfMemoryException e = expect(NativeOutOfMemoryException.class, () -> m.reserve("p", 1));
+            NativeOutOfMemoryException e = expect(NativeOutOfMemoryException.class, () -> m.newReservation("p", 1));
             assertContains(e.getMessage(), "Failed to reserve 1 B for consumer 'jvm#");
             assertContains(e.getMessage(), "pool 'root' would exceed its limit of 0 B (used 0 B)");
         });
 
         // ---- over-release --------------------------------------------------------------------
         misuse("shrink an empty reservation", () -> {
-            try (NativeReservation r = live.reserve("empty", 0)) {
+            try (NativeReservation r = live.newReservation("empty", 0)) {
                 IllegalArgumentException e = expect(IllegalArgumentException.class, () -> r.shrink(1));
                 assertContains(e.getMessage(), "in pool 'root/empty' by 1 B (1 bytes): it holds 0 B (0 bytes)");
             }
@@ -201,7 +201,7 @@ public class MisuseMatrixTest extends HardeningSupport {
             assertEquals("address must not be 0", e.getMessage());
         });
         misuse("8 threads over-release one reservation at once", () -> {
-            final NativeReservation r = live.reserve("contended", 4 * MIB);
+            final NativeReservation r = live.newReservation("contended", 4 * MIB);
             final long usedBefore = live.usedBytes();
             final CountDownLatch go = new CountDownLatch(1);
             List<Future<Throwable>> shrinks = new ArrayList<Future<Throwable>>();
@@ -236,7 +236,7 @@ public class MisuseMatrixTest extends HardeningSupport {
         // ---- stale handles and closed objects -------------------------------------------------
         final NativeMemoryManager gone = manager("gone", new Budget());
         final long goneHandle = gone.handle();
-        final long goneReservation = Internals.handleOf(gone.reserve("q", MIB));
+        final long goneReservation = Internals.handleOf(gone.newReservation("q", MIB));
         gone.close();
         misuse("a closed manager's reservation handle, natively", () -> {
             IllegalStateException e = expect(IllegalStateException.class,
@@ -258,7 +258,7 @@ public class MisuseMatrixTest extends HardeningSupport {
         });
         misuse("closing twice, and a reservation after its manager", () -> {
             NativeMemoryManager m = manager("twice", new Budget());
-            NativeReservation r = m.reserve("p", MIB);
+            NativeReservation r = m.newReservation("p", MIB);
             m.close();
             m.close();
             r.close();
@@ -270,12 +270,12 @@ public class MisuseMatrixTest extends HardeningSupport {
 
         // ---- names ---------------------------------------------------------------------------
         misuse("control character in a pool name", () -> {
-            IllegalArgumentException e = expect(IllegalArgumentException.class, () -> live.reserve("a\nb", 1));
+            IllegalArgumentException e = expect(IllegalArgumentException.class, () -> live.newReservation("a\nb", 1));
             assertEquals("pool name \"a\\nb\" must be non-empty and contain no '/' or control characters",
                     e.getMessage());
         });
         misuse("trailing slash in a pool path", () -> {
-            IllegalArgumentException e = expect(IllegalArgumentException.class, () -> live.reserve("a/", 1));
+            IllegalArgumentException e = expect(IllegalArgumentException.class, () -> live.newReservation("a/", 1));
             assertEquals("pool path \"a/\" has an empty element", e.getMessage());
         });
         misuse("NUL, emoji and 100 KB names work", () -> {
@@ -286,7 +286,7 @@ public class MisuseMatrixTest extends HardeningSupport {
             for (String name : new String[] {"task\u0000one", "task \uD83D\uDE80 \u00e9", longName.toString()}) {
                 Budget l = new Budget();
                 try (NativeMemoryManager m = NativeMemoryManager.create(name, l, smallBlocks());
-                        NativeReservation r = m.reserve("p", MIB)) {
+                        NativeReservation r = m.newReservation("p", MIB)) {
                     assertContains(m.usageReport(), "Native memory of '" + name + "'");
                     assertEquals(MIB, r.size());
                 }
@@ -305,7 +305,7 @@ public class MisuseMatrixTest extends HardeningSupport {
                 }
             };
             NativeMemoryManager m = manager("greedy", greedy);
-            NativeMemoryException e = expect(NativeMemoryException.class, () -> m.reserve("p", 10));
+            NativeMemoryException e = expect(NativeMemoryException.class, () -> m.newReservation("p", 10));
             assertEquals("reservation listener broke its contract: asked for 1048576 bytes, granted "
                     + "9223372036854775807; the grant is kept and will be given back", e.getMessage());
             assertEquals(0, m.usedBytes());
@@ -377,10 +377,10 @@ public class MisuseMatrixTest extends HardeningSupport {
             final Blocking l = new Blocking();
             final NativeMemoryManager m = manager("blocked", l);
             Internals.registerSpiller(m.handle(), "sort", 2 * MIB, 0);
-            final NativeReservation r = m.reserve("p", 1000 * KIB);
+            final NativeReservation r = m.newReservation("p", 1000 * KIB);
             l.armed.set(true);
             Future<?> blocked = pool.submit(() -> {
-                m.reserve("slow", 8 * MIB).close();
+                m.newReservation("slow", 8 * MIB).close();
                 return null;
             });
             assertTrue(l.entered.await(10, TimeUnit.SECONDS));
@@ -523,7 +523,7 @@ public class MisuseMatrixTest extends HardeningSupport {
                 @Override
                 public Throwable call() {
                     boolean counted = false;
-                    try (NativeReservation r = m.reserve("load", 0)) {
+                    try (NativeReservation r = m.newReservation("load", 0)) {
                         while (true) {
                             r.grow(3 * MIB);
                             work.run();

@@ -50,7 +50,7 @@ public class PanicContainmentTest extends HardeningSupport {
         assertEquals(4 * MIB, m.usedBytes());
         assertEquals(listener.reserved.get(), m.reservedBytes());
         m.close();
-        assertEquals("'spill-panics-exact' closed with no leaks", m.closeReport());
+        assertEquals("'spill-panics-exact' closed with no leaks", m.closeReport().text());
         assertEquals(0, listener.reserved.get());
     }
 
@@ -91,7 +91,7 @@ public class PanicContainmentTest extends HardeningSupport {
 
     private static NativeReservation reclaimPanics(NativeMemoryManager m, Budget listener) {
         Internals.registerPanickingSpiller(m.handle(), "op/sort", 6 * MIB, 1, "spill bug under Spark");
-        NativeReservation r = m.reserve("java", 3 * MIB);
+        NativeReservation r = m.newReservation("java", 3 * MIB);
         r.shrink(2 * MIB); // leaves a 2 MiB cushion, given back before any spiller is asked
         long reservedBefore = m.reservedBytes();
         assertEquals(2 * MIB, reservedBefore - m.usedBytes());
@@ -139,7 +139,7 @@ public class PanicContainmentTest extends HardeningSupport {
 
     private static NativeReservation growSpillPanics(NativeMemoryManager m, Budget listener) {
         Internals.registerPanickingSpiller(m.handle(), "op/sort", 6 * MIB, 1, "spill bug under a grow");
-        NativeReservation r = m.reserve("java", MIB);
+        NativeReservation r = m.newReservation("java", MIB);
         assertEquals(7 * MIB, m.reservedBytes());
         // The listener grants 1 of the 3 MiB needed: the core spills, and the spiller panics.
         NativeMemoryException e = expect(NativeMemoryException.class, () -> r.grow(3 * MIB));
@@ -172,12 +172,12 @@ public class PanicContainmentTest extends HardeningSupport {
         assertEquals(listener.reserved.get(), m.reservedBytes());
         r.close();
         m.close();
-        assertEquals("'reserve-panics-exact' closed with no leaks", m.closeReport());
+        assertEquals("'reserve-panics-exact' closed with no leaks", m.closeReport().text());
         assertEquals(0, listener.reserved.get());
     }
 
     private static NativeReservation reservePanics(NativeMemoryManager m) {
-        NativeReservation r = m.reserve("p", MIB);
+        NativeReservation r = m.newReservation("p", MIB);
         NativeMemoryException e = expect(NativeMemoryException.class, () -> r.grow(2 * MIB));
         assertContains(e.getMessage(), "listener bug (reserve call 2, 2097152 bytes)");
         assertEquals(MIB, r.size());
@@ -208,7 +208,7 @@ public class PanicContainmentTest extends HardeningSupport {
     }
 
     private static NativeReservation unreservePanics(NativeMemoryManager m, Budget listener) {
-        NativeReservation r = m.reserve("p", 5 * MIB);
+        NativeReservation r = m.newReservation("p", 5 * MIB);
         // 4 MiB of cushion is more than two blocks: 3 MiB go back, and that upcall panics.
         NativeMemoryException e = expect(NativeMemoryException.class, () -> r.shrink(4 * MIB));
         assertContains(e.getMessage(), "listener bug (unreserve call 1, 3145728 bytes)");
@@ -221,7 +221,7 @@ public class PanicContainmentTest extends HardeningSupport {
     public void listenerPanicInUnreserveDuringCloseIsContained() {
         Budget listener = new Budget();
         NativeMemoryManager m = panicky("close-panics", listener, 0, 1, "listener bug at close");
-        NativeReservation r = m.reserve("p", MIB);
+        NativeReservation r = m.newReservation("p", MIB);
         r.close(); // an open one outlives the close today: see ...DuringCloseLeavesNoHandle
         NativeMemoryException e = expect(NativeMemoryException.class, m::close);
         assertContains(e.getMessage(), "listener bug at close (unreserve call 1, 1048576 bytes)");
@@ -241,7 +241,7 @@ public class PanicContainmentTest extends HardeningSupport {
     public void listenerPanicInUnreserveDuringCloseLeavesNoHandle() {
         Budget listener = new Budget();
         NativeMemoryManager m = panicky("close-panics-handles", listener, 0, 1, "listener bug at close");
-        NativeReservation r = m.reserve("p", MIB);
+        NativeReservation r = m.newReservation("p", MIB);
         expect(NativeMemoryException.class, m::close);
         expect(IllegalStateException.class, () -> Internals.nativeGrow(Internals.handleOf(r), 1));
         assertEquals(MIB, listener.reserved.get());

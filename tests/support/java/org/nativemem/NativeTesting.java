@@ -50,7 +50,7 @@ public final class NativeTesting {
     public static native int growFromNativeThreads(long manager, String pool, int threads, int iterations,
             long bytesPerGrow);
 
-    // ---- hardening (issue 9): faults in each layer, load, resident memory -----------------------
+    // ---- hardening: faults in each layer, load, resident memory ---------------------------------
 
     /**
      * Like {@link #registerSpiller}, but the first {@code panics} spill calls panic with

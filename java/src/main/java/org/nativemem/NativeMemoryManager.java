@@ -11,7 +11,7 @@ import java.util.concurrent.atomic.AtomicBoolean;
  * <pre>{@code
  * try (NativeMemoryManager mm = NativeMemoryManager.create("stage-3 task-17", listener)) {
  *     long h = mm.handle();                  // give to native operators of this process
- *     try (NativeReservation buffers = mm.reserve("arrow/buffers", 64L << 20)) {
+ *     try (NativeReservation buffers = mm.newReservation("arrow/buffers", 64L << 20)) {
  *         ...                                // JVM off-heap buffers charged to the same budget
  *     }
  * }                                          // frees everything, gives every byte back
@@ -46,7 +46,7 @@ import java.util.concurrent.atomic.AtomicBoolean;
  * listener).
  */
 public final class NativeMemoryManager implements AutoCloseable {
-    /** Consumer name of reservations made with {@link #reserve(String, long)}. */
+    /** Consumer name of reservations made with {@link #newReservation(String, long)}. */
     public static final String DEFAULT_CONSUMER = "jvm";
 
     private final long handle;
@@ -220,7 +220,7 @@ public final class NativeMemoryManager implements AutoCloseable {
     /**
      * Charges {@code bytes} to the pool at {@code poolPath} for memory JVM code owns (Arrow or
      * Netty off-heap buffers), so JVM and native users share limits, spill and the listener's
-     * budget. Same as {@code reserve(poolPath, DEFAULT_CONSUMER, bytes)}.
+     * budget. Same as {@code newReservation(poolPath, DEFAULT_CONSUMER, bytes)}.
      *
      * @param poolPath pool path below the root, e.g. {@code "scan/arrow"}; created if missing;
      *     {@code ""} or {@code "root"} is the root pool
@@ -232,12 +232,12 @@ public final class NativeMemoryManager implements AutoCloseable {
      *     {@code bytes} negative
      * @throws IllegalStateException if the manager is closed
      */
-    public NativeReservation reserve(String poolPath, long bytes) {
-        return reserve(poolPath, DEFAULT_CONSUMER, bytes);
+    public NativeReservation newReservation(String poolPath, long bytes) {
+        return newReservation(poolPath, DEFAULT_CONSUMER, bytes);
     }
 
     /**
-     * Like {@link #reserve(String, long)}, naming the consumer in reports and errors.
+     * Like {@link #newReservation(String, long)}, naming the consumer in reports and errors.
      *
      * @param poolPath pool path below the root; created if missing
      * @param consumer consumer name (the report shows it as {@code name#id})
@@ -248,7 +248,7 @@ public final class NativeMemoryManager implements AutoCloseable {
      * @throws IllegalArgumentException if the path is malformed or {@code bytes} negative
      * @throws IllegalStateException if the manager is closed
      */
-    public NativeReservation reserve(String poolPath, String consumer, long bytes) {
+    public NativeReservation newReservation(String poolPath, String consumer, long bytes) {
         Objects.requireNonNull(poolPath, "poolPath");
         Objects.requireNonNull(consumer, "consumer");
         checkOpen();
@@ -266,7 +266,7 @@ public final class NativeMemoryManager implements AutoCloseable {
      * timeout), frees every native allocation still live, releases every reservation (including
      * open {@link NativeReservation}s), forgets the spillers and gives every reserved byte back
      * through {@link ReservationListener#unreserve(long)}. What it had to reclaim is reported in
-     * {@link #closeResult()} (and logged natively).
+     * {@link #closeReport()} (and logged natively).
      *
      * <p>Idempotent and thread-safe: only the first call does anything. The manager is closed
      * even if this throws (no new call is accepted).
@@ -279,8 +279,8 @@ public final class NativeMemoryManager implements AutoCloseable {
      * native calls behind them, given the raw handles, keep the same contract as the engine ABI
      * (the table next to {@code manager_close} in {@code include/nativemem.h}):
      * <ul>
-     * <li>on this manager's handle (read-outs, spill, reclaim, release of unused bytes, reserve,
-     *     close): refused during and after, {@code IllegalStateException} "... is stale: it was
+     * <li>on this manager's handle (read-outs, spill, reclaim, release of unused bytes, new
+     *     reservations, close): refused during and after, {@code IllegalStateException} "... is stale: it was
      *     closed or destroyed" (close removes the handle first);
      * <li>new work on a reservation of this manager (grow, resize, size): refused,
      *     {@code IllegalStateException} "... is closed" during, "... is stale" after;
@@ -306,20 +306,12 @@ public final class NativeMemoryManager implements AutoCloseable {
 
     /**
      * @return after a successful {@link #close()}: what it reclaimed (leaks by pool and consumer,
-     *     bytes given back to the listener) as fields; {@code null} before close or if close failed
+     *     bytes given back to the listener) as fields, with the readable text for logs in
+     *     {@link NativeCloseReport#text()} (e.g. {@code "'task-1' closed with no leaks"});
+     *     {@code null} before close or if close failed
      */
-    public NativeCloseReport closeResult() {
+    public NativeCloseReport closeReport() {
         return closeReport;
-    }
-
-    /**
-     * @return the readable text of {@link #closeResult()}, e.g.
-     *     {@code "'task-1' closed with no leaks"}, for logs; {@code null} before close or if close
-     *     failed
-     */
-    public String closeReport() {
-        NativeCloseReport r = closeReport;
-        return r == null ? null : r.text();
     }
 
     @Override

@@ -8,7 +8,7 @@ import java.util.concurrent.atomic.AtomicBoolean;
  * {@link #shrink(long)} after freeing, {@link #close()} when done. The bytes count against the
  * pool's and the task's limits and the listener's budget exactly like native memory.
  *
- * <p>Created by {@link NativeMemoryManager#reserve(String, long)}. Thread-safe. Failing calls
+ * <p>Created by {@link NativeMemoryManager#newReservation(String, long)}. Thread-safe. Failing calls
  * change nothing: a refused grow leaves the size as it was, shrinking by more than is held is
  * an {@link IllegalArgumentException}. After {@link #close()}, or after the manager is closed,
  * every method but {@code close}, {@link #isClosed()} and the getters throws

@@ -222,7 +222,7 @@ public final class JniBench {
                 NativeMemoryManager m = NativeMemoryManager.create("jni-bench create", listener);
                 listener.attach(m);
                 m.close();
-                sink += m.closeReport().length();
+                sink += m.closeReport().text().length();
             }
             long dt = System.nanoTime() - t0;
             long t1 = System.nanoTime();

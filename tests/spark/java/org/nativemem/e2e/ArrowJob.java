@@ -218,7 +218,7 @@ public final class ArrowJob {
         JvmConsumer jvm = new JvmConsumer(tmm, MemoryMode.OFF_HEAP);
         long capacity = jvm.acquire(1L << 40);
         check(capacity > 0, "the JVM consumer got memory");
-        NativeReservation nativeOp = mm.reserve("native/op", "e2e-native", 2 * MiB);
+        NativeReservation nativeOp = mm.newReservation("native/op", "e2e-native", 2 * MiB);
         int spillsBefore = jvm.spills; // Spark may have spilled it for the native reservation
 
         // 3. Vectors from the range, batch by batch; the last LIVE_BATCHES stay open.

@@ -31,7 +31,7 @@ import org.nativemem.spark.SparkReservationListener;
 import org.nativemem.spark.TaskNativeMemory;
 
 /**
- * DataFusion inside Spark tasks, and Spark making DataFusion spill (issue 15). Every task runs a
+ * DataFusion inside Spark tasks, and Spark making DataFusion spill. Every task runs a
  * DataFusion query ({@link DataFusionTask}, the engine in its own library
  * {@code libnativemem_df_engine}, from {@code nativemem-examples.jar}) on the task's manager while a
  * JVM {@code MemoryConsumer} of the same task competes for the task's off-heap execution memory.
@@ -252,7 +252,7 @@ public final class DataFusionJob {
         } finally {
             mm.close();
         }
-        check(!mm.closeResult().hasLeaks(), "reference run: " + mm.closeReport());
+        check(!mm.closeReport().hasLeaks(), "reference run: " + mm.closeReport());
         check(s.finished() && s.rows() > 0, "reference run: " + s);
         return s;
     }

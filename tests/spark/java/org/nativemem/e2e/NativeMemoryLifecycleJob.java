@@ -255,7 +255,7 @@ public final class NativeMemoryLifecycleJob {
             check(l != null && l.manager() == mm, "listener attached");
             checkEq(offHeap ? 1 : 0, l.getMode() == MemoryMode.OFF_HEAP ? 1 : 0, "memory mode " + l.getMode());
             checkEq(block, mm.config().reservationBlockSize(), "block size from spark.nativemem.reservationBlockSize");
-            try (NativeReservation r = mm.reserve("e2e/buffers", 20 * MiB)) {
+            try (NativeReservation r = mm.newReservation("e2e/buffers", 20 * MiB)) {
                 checkEq(20 * MiB, mm.usedBytes(), "used after reserve");
                 check(mm.reservedBytes() >= 20 * MiB && mm.reservedBytes() % block == 0,
                         "reserved whole blocks: " + mm.reservedBytes());
@@ -271,7 +271,7 @@ public final class NativeMemoryLifecycleJob {
                         expectThrows(IllegalStateException.class, TaskNativeMemory::get, "outside a Spark task");
                         NativeMemoryManager same = TaskNativeMemory.get(ctx);
                         check(same == mm, "get(ctx) from a task's thread returns the task's manager");
-                        try (NativeReservation w = same.reserve("e2e/worker", 4 * MiB)) {
+                        try (NativeReservation w = same.newReservation("e2e/worker", 4 * MiB)) {
                             checkEq(24 * MiB, mm.usedBytes(), "used with the worker's reservation");
                         }
                     } catch (Throwable t) {
@@ -290,7 +290,7 @@ public final class NativeMemoryLifecycleJob {
                 long heldBefore = l.heldBytes();
                 int attached = NativeTesting.growFromNativeThreads(mm.handle(), "e2e/native-threads", 2, 6, MiB);
                 check(attached >= 1, "a native thread called Spark: " + attached);
-                check(l.peakUsedBytes() > heldBefore, "Spark granted native threads memory");
+                check(l.peakHeldBytes() > heldBefore, "Spark granted native threads memory");
                 checkEq(20 * MiB, mm.usedBytes(), "native threads released theirs");
                 long address = NativeTesting.allocate(mm.handle(), "e2e/alloc", 6 * MiB);
                 checkEq(26 * MiB, mm.usedBytes(), "used with a native allocation");
@@ -307,7 +307,7 @@ public final class NativeMemoryLifecycleJob {
             // Operator state attached to the manager (a registered spiller) is released by its close
             // at task end: not a leak, even with spark.unsafe.exceptionOnMemoryLeak=true.
             NativeTesting.registerSpiller(mm.handle(), "e2e/operator-state", 2 * MiB, 0);
-            return new long[] {ctx.taskAttemptId(), mm.peakBytes(), l.peakUsedBytes()};
+            return new long[] {ctx.taskAttemptId(), mm.peakBytes(), l.peakHeldBytes()};
         }
 
         /**
@@ -320,7 +320,7 @@ public final class NativeMemoryLifecycleJob {
             jsc.parallelize(seeds(tasks), tasks).foreach(i -> {
                 NativeMemoryManager mm = TaskNativeMemory.get();
                 SparkReservationListener l = TaskNativeMemory.listener();
-                NativeReservation r = mm.reserve("e2e/racing", 24 * MiB);
+                NativeReservation r = mm.newReservation("e2e/racing", 24 * MiB);
                 r.shrink(10 * MiB); // leaves a cushion to give back
                 NativeTesting.registerSpiller(mm.handle(), "e2e/racing-spiller", 16 * MiB, 0);
                 SpillRacer.start(l, TaskContext.get().taskMemoryManager());
@@ -345,7 +345,7 @@ public final class NativeMemoryLifecycleJob {
             int mark = tracker.mark(jsc);
             expectThrows(Exception.class, () -> jsc.parallelize(seeds(4), 4).foreach(i -> {
                 NativeMemoryManager mm = TaskNativeMemory.get();
-                mm.reserve("e2e/held", 16 * MiB); // never closed
+                mm.newReservation("e2e/held", 16 * MiB); // never closed
                 NativeTesting.allocate(mm.handle(), "e2e/alloc", 2 * MiB); // never freed
                 NativeTesting.registerSpiller(mm.handle(), "e2e/spiller", 8 * MiB, 0);
                 checkEq(26 * MiB, mm.usedBytes(), "used before the failure");
@@ -369,7 +369,7 @@ public final class NativeMemoryLifecycleJob {
 
         void leaking() throws Exception {
             expectThrows(Exception.class, () -> jsc.parallelize(seeds(1), 1).foreach(i -> {
-                TaskNativeMemory.get().reserve("e2e/forgotten", 3 * MiB); // succeeds, never closed
+                TaskNativeMemory.get().newReservation("e2e/forgotten", 3 * MiB); // succeeds, never closed
             }), "native memory still in use", "e2e/forgotten: 3.0 MiB", "spark.unsafe.exceptionOnMemoryLeak=true");
             tracker.awaitIdle(jsc, 60_000);
             List<E2e.ExecutorReport> reports = E2e.assertNoLeak(jsc, executors, "after leaking tasks");
@@ -387,7 +387,7 @@ public final class NativeMemoryLifecycleJob {
                 try {
                     jsc.parallelize(seeds(slots), slots).foreach(i -> {
                         NativeMemoryManager mm = TaskNativeMemory.get();
-                        mm.reserve("e2e/sleeping", 24 * MiB);
+                        mm.newReservation("e2e/sleeping", 24 * MiB);
                         NativeTesting.registerSpiller(mm.handle(), "e2e/spiller", 8 * MiB, 0);
                         TaskContext ctx = TaskContext.get();
                         new File(path, "task-" + ctx.taskAttemptId()).createNewFile();

@@ -76,7 +76,7 @@ public final class NativeMemorySpillJob {
 
             // An uncaught native OOM fails the task; the failure listener logs and counts it.
             expectThrows(Exception.class, () -> jsc.parallelize(Collections.singletonList(0), 1).foreach(i -> {
-                TaskNativeMemory.get().reserve("e2e/too-big", taskLimit + MiB);
+                TaskNativeMemory.get().newReservation("e2e/too-big", taskLimit + MiB);
             }), "NativeOutOfMemoryException", "e2e/too-big");
             tracker.awaitIdle(jsc, 30_000);
 
@@ -120,7 +120,7 @@ public final class NativeMemorySpillJob {
         check(jvm.acquire(MiB) == 0, "nothing left");
 
         // 2. Native -> Spark: a native reservation makes Spark spill the JVM consumer.
-        NativeReservation a = mm.reserve("e2e/native", 32 * MiB);
+        NativeReservation a = mm.newReservation("e2e/native", 32 * MiB);
         check(jvm.spills >= 1, "the JVM consumer was spilled");
         checkEq(32 * MiB, l.heldBytes(), "Spark granted the native side 32 MiB");
         checkEq(32 * MiB, mm.reservedBytes(), "native reserved");
@@ -156,14 +156,14 @@ public final class NativeMemorySpillJob {
         jvm.spillable = false;
         long usedBefore = mm.usedBytes();
         NativeOutOfMemoryException oom = expectThrows(NativeOutOfMemoryException.class,
-                () -> mm.reserve("e2e/big", 64 * MiB), "e2e/big", "granted");
+                () -> mm.newReservation("e2e/big", 64 * MiB), "e2e/big", "granted");
         check(mm.usedBytes() <= usedBefore, "the refused request left nothing charged");
         checkEq(mm.reservedBytes(), l.heldBytes(), "Spark holds exactly what native reserved after the OOM");
         check(oom.getMessage().contains("e2e/native"), "the usage report lists the pools: " + oom.getMessage());
 
         // 6. The task limit refuses, whatever Spark would grant.
         jvm.spillable = true;
-        expectThrows(NativeOutOfMemoryException.class, () -> mm.reserve("e2e/huge", taskLimit), "e2e/huge",
+        expectThrows(NativeOutOfMemoryException.class, () -> mm.newReservation("e2e/huge", taskLimit), "e2e/huge",
                 "limit");
 
         // MemoryConsumer.spill() (Spark's forced spill: Long.MAX_VALUE) gives back every unused byte.
@@ -181,6 +181,6 @@ public final class NativeMemorySpillJob {
         checkEq(0, mm.usedBytes(), "native used at the end");
         jvm.releaseAll();
         check(l.spillRequests() >= 2, "Spark asked the native side at least twice");
-        return new long[] {capacity, l.peakUsedBytes()};
+        return new long[] {capacity, l.peakHeldBytes()};
     }
 }

@@ -28,7 +28,7 @@ public final class SmokeJob {
             FlatMapFunction<java.util.Iterator<Long>, long[]> task = rows -> {
                 NativeMemoryManager m = TaskNativeMemory.get();
                 long usedWhileHeld;
-                try (NativeReservation r = m.reserve("smoke", MIB)) {
+                try (NativeReservation r = m.newReservation("smoke", MIB)) {
                     usedWhileHeld = m.usedBytes();
                 }
                 long n = 0;

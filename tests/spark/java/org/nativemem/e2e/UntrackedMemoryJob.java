@@ -24,7 +24,7 @@ import org.nativemem.spark.NativeMemorySparkConf;
 import org.nativemem.spark.TaskNativeMemory;
 
 /**
- * Untracked native memory in Spark (issue 17): tasks of the C engine (tests/c/engine.c, its own
+ * Untracked native memory in Spark: tasks of the C engine (tests/c/engine.c, its own
  * library) malloc memory nativemem never sees, and malloc more through a hook that charges the
  * task's pool with the forced charges of the engine ABI ({@code reservation_force_grow}, batched
  * per MiB: never asking Spark). Run with the plugin, {@code spark.memory.offHeap.enabled=true} and
@@ -192,7 +192,7 @@ public final class UntrackedMemoryJob {
             checkEq(HOOKED_MIB * E2e.MiB, mm.stats().overcommittedBytes(), "the manager's stats show the over-commit");
 
             // The next fallible grow pays the over-commit: 96 MiB over a 64m off-heap pool cannot.
-            try (NativeReservation res = mm.reserve("operator", E2e.MiB)) {
+            try (NativeReservation res = mm.newReservation("operator", E2e.MiB)) {
                 throw new AssertionError("e2e check failed: a grow over un-payable over-commit succeeded: " + res);
             } catch (NativeOutOfMemoryException e) {
                 r.oomMessage = e.getMessage();
@@ -210,7 +210,7 @@ public final class UntrackedMemoryJob {
             checkEq(0, done[2], "the hook's frees released every byte");
             checkEq(HOOKED_MIB * E2e.MiB, done[0], "released by the forced shrinks");
             // Freed: nothing is owed any more, and the same grow succeeds.
-            try (NativeReservation res = mm.reserve("operator", E2e.MiB)) {
+            try (NativeReservation res = mm.newReservation("operator", E2e.MiB)) {
                 checkEq(E2e.MiB, res.size(), "the grow after the free");
             }
 

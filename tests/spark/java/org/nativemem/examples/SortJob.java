@@ -34,6 +34,7 @@ import org.apache.spark.util.collection.unsafe.sort.PrefixComparators;
 import org.apache.spark.util.collection.unsafe.sort.RecordComparator;
 import org.apache.spark.util.collection.unsafe.sort.UnsafeExternalSorter;
 import org.apache.spark.util.collection.unsafe.sort.UnsafeSorterIterator;
+import org.nativemem.Bytes;
 import org.nativemem.NativeMemoryManager;
 import org.nativemem.spark.ExecutorNativeMemoryStats;
 import org.nativemem.spark.NativeMemoryPlugin;
@@ -598,10 +599,6 @@ public final class SortJob {
         return m.find() ? Integer.parseInt(m.group(1)) : 1;
     }
 
-    static String human(long bytes) {
-        return SorterStats.human(bytes);
-    }
-
     static double seconds(long nanos) {
         return nanos / 1e9;
     }
@@ -634,7 +631,7 @@ public final class SortJob {
         jsc.sc().addSparkListener(sparkMetrics);
 
         System.out.printf(Locale.ROOT, "SortJob: Spark %s, %s: sorting %,d random longs (%s) in %d partitions, %s%n",
-                spark.version(), master, args.rows, human(args.rows * 8), args.partitions,
+                spark.version(), master, args.rows, Bytes.human(args.rows * 8), args.partitions,
                 args.withJvmSort ? "native sort + Spark's UnsafeExternalSorter in the same tasks" : "native sort");
         System.out.printf(Locale.ROOT, "settings: spark.memory.offHeap.enabled=%s spark.memory.offHeap.size=%s"
                 + " spark.nativemem.reservationBlockSize=%s spark.nativemem.taskLimit=%s%n",
@@ -695,18 +692,18 @@ public final class SortJob {
             SorterStats s = r.nativeStats;
             long[] sm = sparkMetrics.byPartition.get(r.partition);
             check(sm != null, "the SparkListener saw the task of partition " + r.partition);
-            String asks = r.sparkSpillRequests + "/" + human(r.sparkSpillReleased);
+            String asks = r.sparkSpillRequests + "/" + Bytes.human(r.sparkSpillReleased);
             if (args.withJvmSort) {
                 System.out.printf(Locale.ROOT,
                         "%4d %,11d | %10s %10s %5d %8.2f %10s %12s || %10s %10s %10s %10s | %7.2f%n", r.partition,
-                        r.rows, human(s.peakMemoryBytes()), human(s.bytesSpilled()), s.runs(),
-                        seconds(s.spillTimeNanos()), human(r.nativeSpilledForSpark), asks, human(r.jvmPeak),
-                        human(r.jvmSpilled), human(sm[0]), human(r.jvmSpilledForNative), seconds(r.totalNanos));
+                        r.rows, Bytes.human(s.peakMemoryBytes()), Bytes.human(s.bytesSpilled()), s.runs(),
+                        seconds(s.spillTimeNanos()), Bytes.human(r.nativeSpilledForSpark), asks, Bytes.human(r.jvmPeak),
+                        Bytes.human(r.jvmSpilled), Bytes.human(sm[0]), Bytes.human(r.jvmSpilledForNative), seconds(r.totalNanos));
                 expect(failed, sm[0] >= r.jvmSpilled, "Spark's memoryBytesSpilled (" + sm[0] + ") counts the JVM sorter's "
                         + r.jvmSpilled + " bytes, partition " + r.partition);
             } else {
                 System.out.printf(Locale.ROOT, "%4d %,11d | %10s %10s %5d %8.2f %12s | %8.2f %8.2f %7.2f%n",
-                        r.partition, r.rows, human(s.peakMemoryBytes()), human(s.bytesSpilled()), s.runs(),
+                        r.partition, r.rows, Bytes.human(s.peakMemoryBytes()), Bytes.human(s.bytesSpilled()), s.runs(),
                         seconds(s.spillTimeNanos()), asks, seconds(r.insertNanos), seconds(r.outputNanos),
                         seconds(r.totalNanos));
             }
@@ -731,12 +728,12 @@ public final class SortJob {
         if (args.withJvmSort) {
             System.out.printf(Locale.ROOT,
                     "%4s %,11d | %10s %10s %5d %8.2f %10s %12s || %10s %10s %10s %10s | %7.2f%n", "all", rows,
-                    human(maxPeak), human(spilled), runs, seconds(spillNanos), human(forSpark),
-                    asked + "/" + human(released), human(jvmMaxPeak), human(jvmSpilled), human(sparkMetricSpilled),
-                    human(jvmForNative), seconds(taskNanos));
+                    Bytes.human(maxPeak), Bytes.human(spilled), runs, seconds(spillNanos), Bytes.human(forSpark),
+                    asked + "/" + Bytes.human(released), Bytes.human(jvmMaxPeak), Bytes.human(jvmSpilled), Bytes.human(sparkMetricSpilled),
+                    Bytes.human(jvmForNative), seconds(taskNanos));
         } else {
             System.out.printf(Locale.ROOT, "%4s %,11d | %10s %10s %5d %8.2f %12s | %8s %8s %7.2f%n", "all", rows,
-                    human(maxPeak), human(spilled), runs, seconds(spillNanos), asked + "/" + human(released), "", "",
+                    Bytes.human(maxPeak), Bytes.human(spilled), runs, seconds(spillNanos), asked + "/" + Bytes.human(released), "", "",
                     seconds(taskNanos));
         }
         System.out.println("(peak: the most the sorter held at once; Spark asked: spill requests from Spark to the"
@@ -771,8 +768,8 @@ public final class SortJob {
             detail.append(String.format(Locale.ROOT, "%n  executor %s: %d live task managers (%d created, %d closed),"
                     + " %s used, %s reserved, %s held from Spark, %s left to a manager's close, %s not returned to"
                     + " Spark, %d close failures, %d live sorters, %d spill files left", r.executorId, r.liveManagers,
-                    r.managersCreated, r.managersClosed, human(r.usedBytes), human(r.reservedBytes),
-                    human(r.heldFromSparkBytes), human(r.reclaimedAtCloseBytes), human(r.unreturnedBytes),
+                    r.managersCreated, r.managersClosed, Bytes.human(r.usedBytes), Bytes.human(r.reservedBytes),
+                    Bytes.human(r.heldFromSparkBytes), Bytes.human(r.reclaimedAtCloseBytes), Bytes.human(r.unreturnedBytes),
                     r.closeFailures, r.liveSorters, r.spillFilesLeft));
         }
         System.out.println();
@@ -781,13 +778,13 @@ public final class SortJob {
         if (args.withJvmSort) {
             System.out.printf(Locale.ROOT, "spill both ways: Spark -> native %s in %d runs (of %s in %d runs),"
                     + " %d requests got %s back; native -> Spark %s (of %s the JVM sorter spilled; Spark's"
-                    + " memoryBytesSpilled %s)%n", human(forSpark), forSparkRuns, human(spilled), runs, asked,
-                    human(released), human(jvmForNative), human(jvmSpilled), human(sparkMetricSpilled));
+                    + " memoryBytesSpilled %s)%n", Bytes.human(forSpark), forSparkRuns, Bytes.human(spilled), runs, asked,
+                    Bytes.human(released), Bytes.human(jvmForNative), Bytes.human(jvmSpilled), Bytes.human(sparkMetricSpilled));
         } else {
-            System.out.printf(Locale.ROOT, "native: %s spilled in %d runs, largest sorter peak %s%n", human(spilled),
-                    runs, human(maxPeak));
+            System.out.printf(Locale.ROOT, "native: %s spilled in %d runs, largest sorter peak %s%n", Bytes.human(spilled),
+                    runs, Bytes.human(maxPeak));
         }
-        System.out.printf(Locale.ROOT, "leaked: %s%s%n", human(leaked), detail);
+        System.out.printf(Locale.ROOT, "leaked: %s%s%n", Bytes.human(leaked), detail);
         System.out.printf(Locale.ROOT, "time: %.1f s (sort job %.1f s, %.1f s in tasks)%n",
                 seconds(System.nanoTime() - start), seconds(jobNanos), seconds(taskNanos));
 

@@ -19,7 +19,7 @@ import org.nativemem.spark.SparkReservationListener;
 import org.nativemem.spark.TaskNativeMemory;
 
 /**
- * The deadlock the lock rule exists for, provoked in real Spark (issue 9). In each of two
+ * The deadlock the lock rule exists for, provoked in real Spark. In each of two
  * concurrent tasks, for {@link #SECONDS} s:
  * <ul>
  *   <li>4 native threads grow, shrink, allocate and spill on the task's manager (each thread's

@@ -25,7 +25,7 @@ import org.nativemem.spark.SparkReservationListener;
 import org.nativemem.spark.TaskNativeMemory;
 
 /**
- * Fault soak (issue 9): more than a thousand tiny tasks in one application, a seeded share of
+ * Fault soak: more than a thousand tiny tasks in one application, a seeded share of
  * them failing while they hold native memory, and afterwards not one byte left anywhere.
  *
  * <p>Every task takes a reservation, a native allocation whose every page is written (so it is
@@ -304,7 +304,7 @@ public final class FaultSoakJob {
         }
         NativeMemoryManager mm = TaskNativeMemory.get();
         long h = mm.handle();
-        NativeReservation reservation = mm.reserve("soak/buffers", plan.reservation);
+        NativeReservation reservation = mm.newReservation("soak/buffers", plan.reservation);
         long address = NativeTesting.allocateTouched(h, "soak/alloc", plan.touched);
         NativeTesting.registerSpiller(h, "soak/sort", plan.spiller, 0);
         long churn = plan.threads ? NativeTesting.startNativeChurn(h, "soak/threads", 2, plan.threadMillis, 4 * MiB,
@@ -321,7 +321,7 @@ public final class FaultSoakJob {
                 Thread.sleep(30_000); // interrupted by the kill
                 throw new AssertionError("soak: " + where + " was not killed");
             case NATIVE_OOM:
-                mm.reserve("soak/too-big", taskLimit + MiB); // fails the task
+                mm.newReservation("soak/too-big", taskLimit + MiB); // fails the task
                 throw new AssertionError("soak: no native OOM in " + where);
             case SPILL_PANIC:
                 spillPanics(mm, reservation, where); // fails the task
@@ -383,7 +383,7 @@ public final class FaultSoakJob {
                 try {
                     jsc.parallelize(Soak.seeds(2), 2).foreach(p -> {
                         NativeMemoryManager mm = TaskNativeMemory.get();
-                        mm.reserve("soak/cancelled", 12 * MiB);
+                        mm.newReservation("soak/cancelled", 12 * MiB);
                         NativeTesting.allocateTouched(mm.handle(), "soak/cancelled-alloc", 2 * MiB);
                         NativeTesting.registerSpiller(mm.handle(), "soak/cancelled-sort", 4 * MiB, 0);
                         NativeTesting.startNativeChurn(mm.handle(), "soak/cancelled-threads", 2, 60_000, 4 * MiB,

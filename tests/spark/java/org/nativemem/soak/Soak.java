@@ -39,7 +39,7 @@ import org.nativemem.spark.SparkReservationListener;
 import org.nativemem.spark.TaskNativeMemory;
 
 /**
- * Shared pieces of the hardening jobs (issue 9): checks, a driver-side task tracker, executor
+ * Shared pieces of the hardening jobs: checks, a driver-side task tracker, executor
  * read-outs (native stats and process RSS), a thread-safe JVM memory consumer, and a stall
  * watchdog that prints every thread's stack.
  */

@@ -3,6 +3,8 @@ package org.nativemem.examples;
 import java.io.Serializable;
 import java.util.Locale;
 
+import org.nativemem.Bytes;
+
 /**
  * An immutable snapshot of a {@link DataFusionTask}'s last query and of its memory pool, taken by
  * {@link DataFusionTask#stats()} or returned by {@link DataFusionTask#await()}. Sizes in bytes,
@@ -138,8 +140,8 @@ public final class DataFusionStats implements Serializable {
     public String toString() {
         return String.format(Locale.ROOT, "rows %d, digest 0x%016x, %s, %.3f s, peak %s, DataFusion spilled %s in %d"
                 + " spills, asked %d times for %s, %d yields (%s), %d per-call JNI calls", rows, digest,
-                finished ? "finished" : "not finished", elapsedNanos / 1e9, SorterStats.human(peakReservedBytes),
-                SorterStats.human(dfSpilledBytes), dfSpillCount, spillRequests, SorterStats.human(requestedBytes),
-                yields, SorterStats.human(yieldedBytes), perCallCalls);
+                finished ? "finished" : "not finished", elapsedNanos / 1e9, Bytes.human(peakReservedBytes),
+                Bytes.human(dfSpilledBytes), dfSpillCount, spillRequests, Bytes.human(requestedBytes),
+                yields, Bytes.human(yieldedBytes), perCallCalls);
     }
 }

@@ -3,6 +3,8 @@ package org.nativemem.examples;
 import java.io.Serializable;
 import java.util.Locale;
 
+import org.nativemem.Bytes;
+
 /**
  * An immutable snapshot of what a {@link NativeSorter} did, taken by {@link NativeSorter#stats()}.
  * Sizes in bytes, times in nanoseconds. Serializable, so Spark tasks can return it to the driver.
@@ -96,26 +98,6 @@ public final class SorterStats implements Serializable {
     @Override
     public String toString() {
         return String.format(Locale.ROOT, "rows %d, peak memory %s, spilled %s in %d runs (%.3f s)", rowsInserted,
-                human(peakMemoryBytes), human(bytesSpilled), runs, spillTimeNanos / 1e9);
-    }
-
-    /**
-     * A byte count in the units of the native usage reports.
-     *
-     * @param bytes a byte count
-     * @return e.g. {@code "512 B"}, {@code "8.0 MiB"}, {@code "1.5 GiB"}
-     */
-    public static String human(long bytes) {
-        if (bytes < 1024 && bytes > -1024) {
-            return bytes + " B";
-        }
-        String[] units = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
-        double value = Math.abs((double) bytes);
-        int unit = 0;
-        while (value >= 1024 && unit < units.length - 1) {
-            value /= 1024;
-            unit++;
-        }
-        return String.format(Locale.ROOT, "%s%.1f %s", bytes < 0 ? "-" : "", value, units[unit]);
+                Bytes.human(peakMemoryBytes), Bytes.human(bytesSpilled), runs, spillTimeNanos / 1e9);
     }
 }

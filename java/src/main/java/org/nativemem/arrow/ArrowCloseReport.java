@@ -1,5 +1,7 @@
 package org.nativemem.arrow;
 
+import org.nativemem.Bytes;
+
 /**
  * What closing a {@link NativeArrowAllocator} found: buffers still open (a leak), released by the
  * close, with Arrow's own description of them. Immutable.

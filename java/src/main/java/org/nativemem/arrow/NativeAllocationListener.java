@@ -7,6 +7,7 @@ import java.util.concurrent.atomic.AtomicLong;
 import org.apache.arrow.memory.AllocationListener;
 import org.apache.arrow.memory.AllocationOutcome;
 import org.apache.arrow.memory.OutOfMemoryException;
+import org.nativemem.Bytes;
 import org.nativemem.NativeMemoryException;
 import org.nativemem.NativeMemoryManager;
 import org.nativemem.NativeOutOfMemoryException;
@@ -21,7 +22,7 @@ import org.slf4j.LoggerFactory;
  * does that and frees what is leaked); child allocators inherit it.
  *
  * <h2>Blocks: few JNI calls</h2>
- * The bytes are charged through one {@link NativeReservation} ({@code manager.reserve(pool,
+ * The bytes are charged through one {@link NativeReservation} ({@code manager.newReservation(pool,
  * consumer, 0)}), in whole blocks of {@link #blockBytes()} (default 8 MiB): an allocation that
  * fits in the cushion already reserved costs no JNI call. With {@code B} the block size,
  * {@code need} the bytes Arrow holds and {@code R} the reservation's size:
@@ -142,7 +143,7 @@ public final class NativeAllocationListener implements AllocationListener, AutoC
         this.manager = manager;
         this.blockBytes = blockBytes;
         jniCalls.incrementAndGet();
-        this.reservation = manager.reserve(poolPath, consumer, 0);
+        this.reservation = manager.newReservation(poolPath, consumer, 0);
     }
 
     // ---- AllocationListener --------------------------------------------------------------------

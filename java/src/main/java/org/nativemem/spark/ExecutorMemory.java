@@ -14,6 +14,8 @@ import java.nio.file.Paths;
 import java.util.List;
 import java.util.Locale;
 
+import org.nativemem.Bytes;
+
 /**
  * The executor process's memory as YARN or Kubernetes sees it (its resident set), split by who
  * accounts for it, with the peak of each over the executor's life and a sizing recommendation
@@ -145,10 +147,10 @@ public final class ExecutorMemory {
 
         @Override
         public String toString() {
-            return "rss " + Sizes.human(rssBytes) + " (high-water " + Sizes.human(rssHighWaterBytes) + "), heap used "
-                    + Sizes.human(heapUsedBytes) + " of " + Sizes.human(heapCommittedBytes) + " committed, direct "
-                    + Sizes.human(directBytes) + ", nativemem " + Sizes.human(nativeBytes) + ", untracked "
-                    + Sizes.human(untrackedBytes);
+            return "rss " + Bytes.human(rssBytes) + " (high-water " + Bytes.human(rssHighWaterBytes) + "), heap used "
+                    + Bytes.human(heapUsedBytes) + " of " + Bytes.human(heapCommittedBytes) + " committed, direct "
+                    + Bytes.human(directBytes) + ", nativemem " + Bytes.human(nativeBytes) + ", untracked "
+                    + Bytes.human(untrackedBytes);
         }
     }
 
@@ -259,15 +261,15 @@ public final class ExecutorMemory {
             long overhead = Math.max(MIN_OVERHEAD_BYTES, withMargin(beyond));
             long offHeap = withMargin(p.nativeBytes);
             b.append("spark.executor.memoryOverhead=").append(overhead / MIB).append("m (peak of rss - heap committed"
-                    + " - nativemem: ").append(Sizes.human(at.rssBytes)).append(" - ")
-                    .append(Sizes.human(at.heapCommittedBytes)).append(" - ").append(Sizes.human(at.nativeBytes))
-                    .append(" = ").append(Sizes.human(beyond)).append(" [direct ").append(Sizes.human(at.directBytes))
-                    .append(", untracked ").append(Sizes.human(at.untrackedBytes)).append("] + ").append(MARGIN_PERCENT)
+                    + " - nativemem: ").append(Bytes.human(at.rssBytes)).append(" - ")
+                    .append(Bytes.human(at.heapCommittedBytes)).append(" - ").append(Bytes.human(at.nativeBytes))
+                    .append(" = ").append(Bytes.human(beyond)).append(" [direct ").append(Bytes.human(at.directBytes))
+                    .append(", untracked ").append(Bytes.human(at.untrackedBytes)).append("] + ").append(MARGIN_PERCENT)
                     .append("%").append(overhead == MIN_OVERHEAD_BYTES ? ", Spark's minimum 384m" : "")
                     .append("; now ").append(currentOverhead < 0 ? "default" : currentOverhead / MIB + "m").append("), ");
             if (p.nativeBytes > 0) {
                 b.append("spark.memory.offHeap.size=").append(offHeap / MIB).append("m (nativemem peak ")
-                        .append(Sizes.human(p.nativeBytes)).append(" + ").append(MARGIN_PERCENT).append("%; now ")
+                        .append(Bytes.human(p.nativeBytes)).append(" + ").append(MARGIN_PERCENT).append("%; now ")
                         .append(currentOffHeap / MIB).append("m)");
             } else {
                 b.append("spark.memory.offHeap.size: no nativemem use observed on this executor (now ")
@@ -278,10 +280,10 @@ public final class ExecutorMemory {
             long beyond = at.beyondHeapBytes();
             long overhead = Math.max(MIN_OVERHEAD_BYTES, withMargin(beyond));
             b.append("spark.executor.memoryOverhead=").append(overhead / MIB).append("m (peak of rss - heap committed: ")
-                    .append(Sizes.human(at.rssBytes)).append(" - ").append(Sizes.human(at.heapCommittedBytes))
-                    .append(" = ").append(Sizes.human(beyond)).append(" [nativemem ").append(Sizes.human(at.nativeBytes))
-                    .append(", direct ").append(Sizes.human(at.directBytes)).append(", untracked ")
-                    .append(Sizes.human(at.untrackedBytes)).append("] + ").append(MARGIN_PERCENT).append("%")
+                    .append(Bytes.human(at.rssBytes)).append(" - ").append(Bytes.human(at.heapCommittedBytes))
+                    .append(" = ").append(Bytes.human(beyond)).append(" [nativemem ").append(Bytes.human(at.nativeBytes))
+                    .append(", direct ").append(Bytes.human(at.directBytes)).append(", untracked ")
+                    .append(Bytes.human(at.untrackedBytes)).append("] + ").append(MARGIN_PERCENT).append("%")
                     .append(overhead == MIN_OVERHEAD_BYTES ? ", Spark's minimum 384m" : "").append("; now ")
                     .append(currentOverhead < 0 ? "default" : currentOverhead / MIB + "m")
                     .append("); spark.memory.offHeap.enabled=false: nativemem's memory is not in Spark's"
@@ -291,10 +293,10 @@ public final class ExecutorMemory {
         }
         b.append("; ").append(p.samples).append(" samples over ")
                 .append(String.format(Locale.ROOT, "%.1f", p.spanMillis / 1000.0)).append(" s, peaks: rss ")
-                .append(Sizes.human(p.rssBytes)).append(" (kernel high-water ").append(Sizes.human(p.rssHighWaterBytes))
-                .append("), heap committed ").append(Sizes.human(p.heapCommittedBytes)).append(", direct ")
-                .append(Sizes.human(p.directBytes)).append(", nativemem ").append(Sizes.human(p.nativeBytes))
-                .append(", untracked ").append(Sizes.human(p.untrackedBytes));
+                .append(Bytes.human(p.rssBytes)).append(" (kernel high-water ").append(Bytes.human(p.rssHighWaterBytes))
+                .append("), heap committed ").append(Bytes.human(p.heapCommittedBytes)).append(", direct ")
+                .append(Bytes.human(p.directBytes)).append(", nativemem ").append(Bytes.human(p.nativeBytes))
+                .append(", untracked ").append(Bytes.human(p.untrackedBytes));
         return b.toString();
     }
 

@@ -10,6 +10,7 @@ import java.util.TreeMap;
 
 import org.apache.spark.SparkConf;
 import org.apache.spark.network.util.JavaUtils;
+import org.nativemem.Bytes;
 import org.nativemem.NativeMemoryConfig;
 
 import scala.Tuple2;
@@ -240,10 +241,10 @@ public final class NativeMemorySparkConf {
     /** @return the effective settings, one {@code key=value} each, sizes in human units */
     @Override
     public String toString() {
-        return RESERVATION_BLOCK_SIZE + "=" + Sizes.human(reservationBlockSizeBytes) + ", " + TASK_LIMIT + "="
-                + (taskLimitBytes < 0 ? "none" : Sizes.human(taskLimitBytes)) + ", " + LOG_USAGE_ON_OOM + "="
-                + logUsageOnOom + ", " + ARROW_BLOCK_SIZE + "=" + Sizes.human(arrowBlockSizeBytes) + ", "
+        return RESERVATION_BLOCK_SIZE + "=" + Bytes.human(reservationBlockSizeBytes) + ", " + TASK_LIMIT + "="
+                + (taskLimitBytes < 0 ? "none" : Bytes.human(taskLimitBytes)) + ", " + LOG_USAGE_ON_OOM + "="
+                + logUsageOnOom + ", " + ARROW_BLOCK_SIZE + "=" + Bytes.human(arrowBlockSizeBytes) + ", "
                 + SPARK_OFF_HEAP_ENABLED + "=" + offHeapEnabled + ", " + RESERVATION_QUANTUM + "="
-                + Sizes.human(reservationQuantumBytes);
+                + Bytes.human(reservationQuantumBytes);
     }
 }

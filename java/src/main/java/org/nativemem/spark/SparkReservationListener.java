@@ -8,6 +8,7 @@ import org.apache.spark.TaskContext;
 import org.apache.spark.memory.MemoryConsumer;
 import org.apache.spark.memory.MemoryMode;
 import org.apache.spark.memory.TaskMemoryManager;
+import org.nativemem.Bytes;
 import org.nativemem.NativeMemoryException;
 import org.nativemem.NativeMemoryManager;
 import org.nativemem.ReservationListener;
@@ -71,6 +72,8 @@ public final class SparkReservationListener extends MemoryConsumer implements Re
     private static final int DETACHED = 2;
 
     private final String taskName;
+    /** Where Spark's spill requests are counted for the executor (its gauges read them live). */
+    private final ExecutorTotals totals;
     private volatile NativeMemoryManager manager;
     private volatile int state = OPEN;
     /** Bytes held from Spark now; guarded by the TaskMemoryManager's monitor. */
@@ -83,7 +86,8 @@ public final class SparkReservationListener extends MemoryConsumer implements Re
     private final AtomicLong shortGrants = new AtomicLong();
 
     /**
-     * Creates a consumer of {@code tmm} in the given mode.
+     * Creates a consumer of {@code tmm} in the given mode. Spark's spill requests it answers count
+     * in the executor's totals ({@link ExecutorNativeMemoryStats#sparkSpillRequests()}).
      *
      * @param tmm the task's memory manager
      * @param mode {@code OFF_HEAP} only if Spark's off-heap execution memory is enabled
@@ -93,8 +97,13 @@ public final class SparkReservationListener extends MemoryConsumer implements Re
      *     bytes to every request
      */
     public SparkReservationListener(TaskMemoryManager tmm, MemoryMode mode, String taskName) {
+        this(tmm, mode, taskName, ExecutorTotals.EXECUTOR);
+    }
+
+    SparkReservationListener(TaskMemoryManager tmm, MemoryMode mode, String taskName, ExecutorTotals totals) {
         super(tmm, tmm.pageSizeBytes(), mode);
         this.taskName = taskName;
+        this.totals = totals;
         if (mode == MemoryMode.OFF_HEAP && tmm.getTungstenMemoryMode() != MemoryMode.OFF_HEAP) {
             throw new IllegalStateException("nativemem: " + taskName + ": an OFF_HEAP consumer needs "
                     + NativeMemorySparkConf.SPARK_OFF_HEAP_ENABLED + "=true and spark.memory.offHeap.size > 0;"
@@ -111,11 +120,16 @@ public final class SparkReservationListener extends MemoryConsumer implements Re
      * @return a new consumer, not yet attached
      */
     public static SparkReservationListener forTask(TaskContext ctx, NativeMemorySparkConf conf) {
+        return forTask(ctx, conf, ExecutorTotals.EXECUTOR);
+    }
+
+    /** {@link #forTask(TaskContext, NativeMemorySparkConf)}, counting Spark's spill requests in {@code totals}. */
+    static SparkReservationListener forTask(TaskContext ctx, NativeMemorySparkConf conf, ExecutorTotals totals) {
         MemoryMode mode = conf.offHeapEnabled() ? MemoryMode.OFF_HEAP : MemoryMode.ON_HEAP;
         if (mode == MemoryMode.ON_HEAP) {
             warnOnHeapOnce();
         }
-        return new SparkReservationListener(ctx.taskMemoryManager(), mode, taskName(ctx));
+        return new SparkReservationListener(ctx.taskMemoryManager(), mode, taskName(ctx), totals);
     }
 
     /** Logs, once per JVM (driver and executor share one in local mode), that ON_HEAP is used. */
@@ -186,8 +200,8 @@ public final class SparkReservationListener extends MemoryConsumer implements Re
         }
         if (granted < bytes) {
             shortGrants.incrementAndGet();
-            LOG.debug("nativemem: {}: Spark granted {} of {} asked ({})", taskName, Sizes.human(granted),
-                    Sizes.human(bytes), getMode());
+            LOG.debug("nativemem: {}: Spark granted {} of {} asked ({})", taskName, Bytes.human(granted),
+                    Bytes.human(bytes), getMode());
         }
         return granted;
     }
@@ -244,17 +258,17 @@ public final class SparkReservationListener extends MemoryConsumer implements Re
             }
             throw e;
         } catch (NativeMemoryException e) {
-            throw new IOException("nativemem: " + taskName + ": giving " + Sizes.human(size)
+            throw new IOException("nativemem: " + taskName + ": giving " + Bytes.human(size)
                     + " of native memory back to Spark failed: " + e.getMessage(), e);
         }
         spilledBytes.addAndGet(released);
-        TaskNativeMemory.recordSparkSpill(released);
+        totals.sparkSpill(released);
         if (released > 0) {
-            LOG.info("nativemem: {}: Spark asked for {} (for {}), released {}", taskName, Sizes.human(size),
-                    trigger == this ? "itself" : trigger, Sizes.human(released));
+            LOG.info("nativemem: {}: Spark asked for {} (for {}), released {}", taskName, Bytes.human(size),
+                    trigger == this ? "itself" : trigger, Bytes.human(released));
         } else {
             LOG.debug("nativemem: {}: Spark asked for {} (for {}), nothing to release", taskName,
-                    Sizes.human(size), trigger == this ? "itself" : trigger);
+                    Bytes.human(size), trigger == this ? "itself" : trigger);
         }
         return released;
     }
@@ -269,8 +283,8 @@ public final class SparkReservationListener extends MemoryConsumer implements Re
         return taskName;
     }
 
-    /** @return the highest {@link #getUsed()} so far: the task's peak native memory held from Spark, bytes */
-    public long peakUsedBytes() {
+    /** @return the highest {@link #heldBytes()} so far: the task's peak of native memory held from Spark, bytes */
+    public long peakHeldBytes() {
         synchronized (taskMemoryManager) {
             return peakHeld;
         }

@@ -2,6 +2,7 @@ package org.nativemem.spark;
 
 import org.apache.arrow.memory.BufferAllocator;
 import org.apache.spark.TaskContext;
+import org.nativemem.Bytes;
 import org.nativemem.NativeMemoryManager;
 import org.nativemem.arrow.ArrowCloseReport;
 import org.nativemem.arrow.NativeAllocationListener;
@@ -141,7 +142,7 @@ public final class TaskArrowAllocator {
             allocator.close();
             ArrowCloseReport report = allocator.closeReport();
             LOG.debug("nativemem: {}: closed; {} Arrow buffers ({} cumulative, peak {}), {} JNI calls", allocator.name(),
-                    l.allocations(), Sizes.human(l.allocatedTotalBytes()), Sizes.human(l.peakAllocatedBytes()),
+                    l.allocations(), Bytes.human(l.allocatedTotalBytes()), Bytes.human(l.peakAllocatedBytes()),
                     l.jniCalls());
             if (report == null || !report.hasLeaks()) {
                 return null;

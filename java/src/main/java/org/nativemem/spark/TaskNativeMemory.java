@@ -6,7 +6,6 @@ import java.util.HashMap;
 import java.util.List;
 import java.util.Map;
 import java.util.concurrent.ConcurrentHashMap;
-import java.util.concurrent.atomic.AtomicLong;
 import java.util.function.BiFunction;
 
 import org.apache.spark.SparkConf;
@@ -14,6 +13,7 @@ import org.apache.spark.SparkEnv;
 import org.apache.spark.TaskContext;
 import org.apache.spark.util.TaskCompletionListener;
 import org.apache.spark.util.TaskFailureListener;
+import org.nativemem.Bytes;
 import org.nativemem.NativeCloseReport;
 import org.nativemem.NativeMemoryManager;
 import org.nativemem.NativeMemoryStats;
@@ -28,7 +28,7 @@ import org.slf4j.LoggerFactory;
  * // inside a task (mapPartitions, a DataSource reader, a native operator's JNI entry point):
  * NativeMemoryManager mm = TaskNativeMemory.get();
  * long handle = mm.handle();                       // hand to native code of the same task
- * try (NativeReservation r = mm.reserve("scan/arrow", 16L << 20)) { ... }
+ * try (NativeReservation r = mm.newReservation("scan/arrow", 16L << 20)) { ... }
  * }</pre>
  *
  * <h2>Contract</h2>
@@ -61,7 +61,9 @@ import org.slf4j.LoggerFactory;
  * </ul>
  *
  * <p>Executor-wide totals of the live managers and counters since the JVM started are in
- * {@link #executorStats()}, published as metrics by {@link NativeMemoryPlugin}.
+ * {@link #executorStats()}, published as metrics by {@link NativeMemoryPlugin}. This class is the
+ * task lifecycle; the counters are {@link ExecutorTotals}, which it and each task's
+ * {@link SparkReservationListener} record into, and to which it adds the live managers on read.
  */
 public final class TaskNativeMemory {
     private static final Logger LOG = LoggerFactory.getLogger(TaskNativeMemory.class);
@@ -70,18 +72,8 @@ public final class TaskNativeMemory {
     /** Live task managers by task attempt id (unique within an application). */
     private static final ConcurrentHashMap<Long, TaskEntry> LIVE = new ConcurrentHashMap<>();
 
-    private static final AtomicLong CREATED = new AtomicLong();
-    private static final AtomicLong CLOSED = new AtomicLong();
-    private static final AtomicLong MAX_PEAK = new AtomicLong();
-    private static final AtomicLong CLOSED_SPILL_COUNT = new AtomicLong();
-    private static final AtomicLong CLOSED_SPILLED_BYTES = new AtomicLong();
-    private static final AtomicLong SPARK_SPILL_REQUESTS = new AtomicLong();
-    private static final AtomicLong SPARK_SPILLED_BYTES = new AtomicLong();
-    private static final AtomicLong RECLAIMED_AT_CLOSE = new AtomicLong();
-    private static final AtomicLong UNRETURNED = new AtomicLong();
-    private static final AtomicLong CLOSE_FAILURES = new AtomicLong();
-    private static final AtomicLong OOM_FAILURES = new AtomicLong();
-    private static final AtomicLong ARROW_RECLAIMED_AT_CLOSE = new AtomicLong();
+    /** Where the task lifecycle and the tasks' Spark listeners record the executor's counters. */
+    private static final ExecutorTotals TOTALS = ExecutorTotals.EXECUTOR;
 
     private TaskNativeMemory() {
     }
@@ -160,50 +152,11 @@ public final class TaskNativeMemory {
      * @return a snapshot
      */
     public static ExecutorNativeMemoryStats executorStats() {
-        long live = 0;
-        long used = 0;
-        long reserved = 0;
-        long held = 0;
-        long peak = MAX_PEAK.get();
-        long spillCount = CLOSED_SPILL_COUNT.get();
-        long spilledBytes = CLOSED_SPILLED_BYTES.get();
-        long arrowAllocators = 0;
-        long arrowBytes = 0;
+        ExecutorTotals.Sum sum = TOTALS.sum();
         for (TaskEntry entry : LIVE.values()) {
-            NativeMemoryManager m = entry.published;
-            if (m == null || entry.closed) {
-                continue;
-            }
-            for (TaskResource r : entry.resourceList) {
-                long bytes;
-                try {
-                    bytes = r.arrowAllocatedBytes();
-                } catch (RuntimeException closedMeanwhile) {
-                    continue;
-                }
-                if (bytes >= 0) {
-                    arrowAllocators++;
-                    arrowBytes += bytes;
-                }
-            }
-            NativeMemoryStats s;
-            try {
-                s = m.stats();
-            } catch (IllegalStateException closedMeanwhile) {
-                continue;
-            }
-            live++;
-            used += s.usedBytes();
-            reserved += s.reservedBytes();
-            peak = Math.max(peak, s.peakBytes());
-            spillCount += s.spillCount();
-            spilledBytes += s.spilledBytes();
-            held += entry.listener.getUsed();
+            entry.addTo(sum);
         }
-        return new ExecutorNativeMemoryStats(live, used, reserved, held, peak, spillCount, spilledBytes,
-                SPARK_SPILL_REQUESTS.get(), SPARK_SPILLED_BYTES.get(), CREATED.get(), CLOSED.get(),
-                RECLAIMED_AT_CLOSE.get(), UNRETURNED.get(), CLOSE_FAILURES.get(), OOM_FAILURES.get(),
-                arrowAllocators, arrowBytes, ARROW_RECLAIMED_AT_CLOSE.get());
+        return sum.build();
     }
 
     /**
@@ -226,11 +179,6 @@ public final class TaskNativeMemory {
         return entry.resource(m, key, create);
     }
 
-    static void recordSparkSpill(long released) {
-        SPARK_SPILL_REQUESTS.incrementAndGet();
-        SPARK_SPILLED_BYTES.addAndGet(released);
-    }
-
     static TaskContext requireTask(String what) {
         TaskContext ctx = TaskContext.get();
         if (ctx == null) {
@@ -239,13 +187,6 @@ public final class TaskNativeMemory {
                     + " code, or pass the task's TaskContext to get(TaskContext) from threads the task started");
         }
         return ctx;
-    }
-
-    private static void updateMax(AtomicLong max, long value) {
-        long cur = max.get();
-        while (value > cur && !max.compareAndSet(cur, value)) {
-            cur = max.get();
-        }
     }
 
     private static Throwable findOom(Throwable error) {
@@ -309,6 +250,32 @@ public final class TaskNativeMemory {
             }
         }
 
+        /** Adds this task's manager and Arrow allocators to {@code sum}, if the manager is open. */
+        void addTo(ExecutorTotals.Sum sum) {
+            NativeMemoryManager m = published;
+            if (m == null || closed) {
+                return;
+            }
+            for (TaskResource r : resourceList) {
+                long bytes;
+                try {
+                    bytes = r.arrowAllocatedBytes();
+                } catch (RuntimeException closedMeanwhile) {
+                    continue;
+                }
+                if (bytes >= 0) {
+                    sum.addArrowAllocator(bytes);
+                }
+            }
+            NativeMemoryStats s;
+            try {
+                s = m.stats();
+            } catch (IllegalStateException closedMeanwhile) {
+                return;
+            }
+            sum.addManager(s, listener.getUsed());
+        }
+
         @SuppressWarnings("unchecked")
         synchronized <T extends TaskResource> T resource(NativeMemoryManager m, Object key,
                 BiFunction<NativeMemoryManager, NativeMemorySparkConf, T> create) {
@@ -340,7 +307,7 @@ public final class TaskNativeMemory {
                 try {
                     leak = list.get(i).closeAtTaskEnd();
                 } catch (RuntimeException | Error e) {
-                    CLOSE_FAILURES.incrementAndGet();
+                    TOTALS.closeFailed();
                     LOG.error("nativemem: {}: closing a per-task resource ({}) failed", name, list.get(i), e);
                     continue;
                 }
@@ -352,9 +319,9 @@ public final class TaskNativeMemory {
             if (texts.length() == 0) {
                 return null;
             }
-            ARROW_RECLAIMED_AT_CLOSE.addAndGet(bytes);
+            TOTALS.arrowReclaimedAtClose(bytes);
             String what = "nativemem: " + name + (ctx.isFailed() ? " failed" : " succeeded") + " with Arrow buffers"
-                    + " still open (" + Sizes.human(bytes) + "); closing its Arrow allocator freed them: " + texts;
+                    + " still open (" + Bytes.human(bytes) + "); closing its Arrow allocator freed them: " + texts;
             if (ctx.isFailed()) {
                 LOG.info(what);
                 return null;
@@ -372,12 +339,12 @@ public final class TaskNativeMemory {
             SparkConf sparkConf = env.conf();
             NativeMemorySparkConf settings = NativeMemorySparkConf.fromSparkConf(sparkConf);
             boolean exceptionOnLeak = sparkConf.getBoolean(EXCEPTION_ON_LEAK, false);
-            SparkReservationListener l = SparkReservationListener.forTask(ctx, settings);
+            SparkReservationListener l = SparkReservationListener.forTask(ctx, settings, TOTALS);
             NativeMemoryManager m = NativeMemoryManager.create(name, l, settings.toNativeConfig());
             l.attach(m);
             this.listener = l;
             this.conf = settings;
-            CREATED.incrementAndGet();
+            TOTALS.managerCreated();
             // Published before the listeners are registered: Spark runs a completion listener
             // added to a task that completed meanwhile right away, and it must find the manager.
             published = m;
@@ -420,7 +387,7 @@ public final class TaskNativeMemory {
                 if (oom == null) {
                     return;
                 }
-                OOM_FAILURES.incrementAndGet();
+                TOTALS.oomFailure();
                 NativeMemoryManager m = published; // read first: publishes conf and listener
                 if (conf == null || !conf.logUsageOnOom() || m == null) {
                     return;
@@ -437,9 +404,9 @@ public final class TaskNativeMemory {
                         + "Native usage when the task failed:\n{}\n"
                         + "Held from Spark: {} {} (peak {}); Spark spill requests: {} ({} released); "
                         + "Spark granted less than asked {} times.\nEffective config: {}, {}",
-                        name, nl < 0 ? first : first.substring(0, nl), report, Sizes.human(listener.heldBytes()),
-                        listener.getMode(), Sizes.human(listener.peakUsedBytes()), listener.spillRequests(),
-                        Sizes.human(listener.spilledBytes()), listener.shortGrants(), conf, m.config());
+                        name, nl < 0 ? first : first.substring(0, nl), report, Bytes.human(listener.heldBytes()),
+                        listener.getMode(), Bytes.human(listener.peakHeldBytes()), listener.spillRequests(),
+                        Bytes.human(listener.spilledBytes()), listener.shortGrants(), conf, m.config());
             } catch (RuntimeException e) {
                 LOG.warn("nativemem: {}: could not log the native usage on failure", name, e);
             }
@@ -484,19 +451,14 @@ public final class TaskNativeMemory {
                     m.close();
                 } catch (RuntimeException e) {
                     closedOk = false;
-                    CLOSE_FAILURES.incrementAndGet();
+                    TOTALS.closeFailed();
                     LOG.error("nativemem: {}: closing the native memory manager failed; Spark frees what it still"
                             + " holds for the task and reports it as a leak", name, e);
                 }
                 if (before != null) {
-                    CLOSED_SPILL_COUNT.addAndGet(before.spillCount());
-                    CLOSED_SPILLED_BYTES.addAndGet(before.spilledBytes());
-                    updateMax(MAX_PEAK, before.peakBytes());
-                    if (before.usedBytes() > 0) {
-                        RECLAIMED_AT_CLOSE.addAndGet(before.usedBytes());
-                    }
+                    TOTALS.heldAtClose(before);
                 }
-                NativeCloseReport result = m.closeResult();
+                NativeCloseReport result = m.closeReport();
                 String report = result == null ? null : result.text();
                 if (closedOk && result != null && result.hasLeaks()) {
                     // Open reservations or live allocations (operator state attached to the manager
@@ -514,16 +476,16 @@ public final class TaskNativeMemory {
                 }
                 // Spark's "peak execution memory" of the task: what it held from Spark at its peak
                 // (native peak rounded up to reservation blocks).
-                ctx.taskMetrics().incPeakExecutionMemory(l.peakUsedBytes());
+                ctx.taskMetrics().incPeakExecutionMemory(l.peakHeldBytes());
                 long held = l.heldBytes();
                 l.detach();
                 if (held != 0) {
-                    UNRETURNED.addAndGet(held);
-                    LOG.error("nativemem: {}: {} still held from Spark after the close", name, Sizes.human(held));
+                    TOTALS.unreturned(held);
+                    LOG.error("nativemem: {}: {} still held from Spark after the close", name, Bytes.human(held));
                 }
-                CLOSED.incrementAndGet();
+                TOTALS.managerClosed();
                 LOG.debug("nativemem: {}: closed (peak {}, held from Spark at peak {})", name,
-                        before == null ? "?" : Sizes.human(before.peakBytes()), Sizes.human(l.peakUsedBytes()));
+                        before == null ? "?" : Bytes.human(before.peakBytes()), Bytes.human(l.peakHeldBytes()));
             } finally {
                 LIVE.remove(id, this);
             }
