@@ -27,8 +27,9 @@
  * against NM_ABI_VERSION N works with any library whose table has abi_version >= N and
  * struct_size >= sizeof(the nm_api it was compiled with); check both once (nm_api_check does).
  * Fields are never removed or reordered; a change that cannot be additive gets a new table.
- * Version 1's table ends at NM_API_V1_SIZE, or after the forced charges appended to it; version 2
- * appends manager_create_with (NM_API_V2_SIZE). An engine that must also run with an older
+ * Version 1's first table ended at NM_API_V1_SIZE; the forced charges and then
+ * manager_create_with were appended to it (additions keep the version: NM_ABI_VERSION changes
+ * only with a new table). An engine that must also run with an older
  * library tests the newer functions one by one with NM_API_HAS(api, field) instead of calling
  * nm_api_check. Structs the engine passes in (nm_spiller_vtable, nm_listener, nm_manager_options)
  * carry their own struct_size, so an engine built against an older header keeps working.
@@ -82,7 +83,7 @@ extern "C" {
 #endif
 
 /** The ABI version this header describes (2: manager_create_with appended to version 1). */
-#define NM_ABI_VERSION 2u
+#define NM_ABI_VERSION 1u
 
 /** Status codes. New codes may be added; treat an unknown non-zero code as an error. */
 typedef int32_t nm_status;
@@ -423,7 +424,7 @@ typedef struct nm_api {
     nm_status (*reservation_force_shrink)(nm_reservation r, uint64_t bytes, uint64_t *released,
                                           char **err);
 
-    /* ---- version 2 --------------------------------------------------------------------------- */
+    /* ---- appended: creation with options ----------------------------------------------------- */
 
     /**
      * manager_create with every setting (see nm_manager_options); options NULL: the defaults.
@@ -438,9 +439,6 @@ typedef struct nm_api {
 
 /** Size of version 1's first table (before the forced charges were appended). */
 #define NM_API_V1_SIZE ((uint32_t)offsetof(nm_api, reservation_force_grow))
-/** Size of version 2's table (version 1's with the forced charges, then manager_create_with). */
-#define NM_API_V2_SIZE                                                                            \
-    ((uint32_t)(offsetof(nm_api, manager_create_with) + sizeof(((nm_api *)0)->manager_create_with)))
 
 /** True if the table `api` has the field `member` (an older library's table may end before). */
 #define NM_API_HAS(api, member)                                                                   \

@@ -14,7 +14,7 @@
 #define NM_STATIC_ASSERT(cond, msg) _Static_assert(cond, msg)
 #endif
 
-NM_STATIC_ASSERT(NM_ABI_VERSION == 2u, "this check describes ABI version 2");
+NM_STATIC_ASSERT(NM_ABI_VERSION == 1u, "this check describes ABI version 1");
 NM_STATIC_ASSERT(sizeof(void *) == 8, "the shipped targets are 64-bit");
 
 NM_STATIC_ASSERT(sizeof(nm_spiller_vtable) == 40, "nm_spiller_vtable size");
@@ -50,9 +50,8 @@ NM_STATIC_ASSERT(offsetof(nm_api, reservation_force_grow) == NM_API_V1_SIZE,
                  "forced charges appended after version 1's first table");
 NM_STATIC_ASSERT(offsetof(nm_api, reservation_force_shrink) == 216, "reservation_force_shrink");
 NM_STATIC_ASSERT(offsetof(nm_api, manager_create_with) == 224,
-                 "manager_create_with appended after version 1 with forced charges (224 bytes)");
-NM_STATIC_ASSERT(NM_API_V2_SIZE == 232, "version 2's table: 232 bytes");
-NM_STATIC_ASSERT(sizeof(nm_api) == NM_API_V2_SIZE, "nm_api size (version 2)");
+                 "manager_create_with appended after the forced charges (224 bytes)");
+NM_STATIC_ASSERT(sizeof(nm_api) == 232, "nm_api size: 232 bytes");
 
 /* The status codes are part of the ABI: never renumbered. */
 NM_STATIC_ASSERT(NM_OK == 0 && NM_ERR_INVALID_ARGUMENT == 1 && NM_ERR_STALE_HANDLE == 2 &&
@@ -64,15 +63,15 @@ NM_STATIC_ASSERT(NM_OK == 0 && NM_ERR_INVALID_ARGUMENT == 1 && NM_ERR_STALE_HAND
 /* nm_api_check refuses a NULL table (an inline function of the header: it must compile). */
 int nm_header_check_null_table(void) { return nm_api_check(NULL) == NM_ERR_UNSUPPORTED; }
 
-/* NM_API_HAS tells a version-1 table of the first size from one with the forced charges, and
- * version 1's whole table from version 2's. */
+/* NM_API_HAS tells the first table from one with the forced charges, and that one from the
+ * whole table (manager_create_with). */
 int nm_header_check_has(void) {
     nm_api t;
     t.struct_size = NM_API_V1_SIZE;
     int old_lacks = !NM_API_HAS(&t, reservation_force_grow);
     t.struct_size = NM_API_V1_SIZE + 16;
     int v1_lacks = NM_API_HAS(&t, reservation_force_shrink) && !NM_API_HAS(&t, manager_create_with);
-    t.struct_size = NM_API_V2_SIZE;
+    t.struct_size = (uint32_t)sizeof(nm_api);
     return old_lacks && v1_lacks && NM_API_HAS(&t, manager_create_with) &&
            NM_API_HAS(&t, manager_reclaim);
 }

@@ -13,9 +13,10 @@
 
 use core::ffi::{c_char, c_void};
 
-/// The ABI version of this crate and of `include/nativemem.h`. Version 2 appended
-/// `manager_create_with` (and its [`NmManagerOptions`]) to version 1's table.
-pub const NM_ABI_VERSION: u32 = 2;
+/// The ABI version of this crate and of `include/nativemem.h`. Additions at the end of the table
+/// (the forced charges, then `manager_create_with` with its [`NmManagerOptions`]) keep it; it
+/// changes only with a new table.
+pub const NM_ABI_VERSION: u32 = 1;
 
 /// Status code: [`NM_OK`] or one of the `NM_ERR_*` codes.
 pub type nm_status = i32;
@@ -255,7 +256,7 @@ pub struct NmApi {
         err: Err,
     ) -> nm_status,
 
-    // Version 2.
+    // Appended: creation with options.
     pub manager_create_with: unsafe extern "C" fn(
         name: *const c_char,
         options: *const NmManagerOptions,
@@ -268,11 +269,6 @@ pub struct NmApi {
 /// `NM_API_V1_SIZE`: the size of version 1's first table, before the forced charges were
 /// appended (`reservation_force_grow` starts there).
 pub const NM_API_V1_SIZE: u32 = core::mem::offset_of!(NmApi, reservation_force_grow) as u32;
-
-/// `NM_API_V2_SIZE`: the size of version 2's table (version 1's with the forced charges, then
-/// `manager_create_with`).
-pub const NM_API_V2_SIZE: u32 =
-    (core::mem::offset_of!(NmApi, manager_create_with) + core::mem::size_of::<usize>()) as u32;
 
 impl NmApi {
     /// What `nm_api_check` of the header does: true if a table with this header can be used by a
@@ -309,8 +305,7 @@ mod tests {
         assert_eq!(NM_API_V1_SIZE, 208);
         assert_eq!(offset_of!(NmApi, reservation_force_shrink), 8 + 8 * 26);
         assert_eq!(offset_of!(NmApi, manager_create_with), 8 + 8 * 27);
-        assert_eq!(NM_API_V2_SIZE, 232);
-        assert_eq!(size_of::<NmApi>(), NM_API_V2_SIZE as usize);
+        assert_eq!(size_of::<NmApi>(), 232);
         assert_eq!(size_of::<NmManagerOptions>(), 40);
         assert_eq!(offset_of!(NmManagerOptions, reservation_block), 8);
         assert_eq!(offset_of!(NmManagerOptions, task_limit), 16);
