@@ -68,7 +68,10 @@ elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1fs", b - a }'; }
 # a timeout kill the whole suite (rustc, Gradle's test JVM, Spark's executors).
 if [ -t 0 ]; then timeout_opts=(--foreground); else timeout_opts=(); fi
 
-names=() results=() times=()
+names=() results=() times=() reasons=()
+# Each suite's output, also kept whole here (the summary quotes why a suite failed).
+LOG_DIR="$ROOT/target/test-logs"
+rm -rf "$LOG_DIR" && mkdir -p "$LOG_DIR"
 last_rc=0
 passed=0 failed=0
 
@@ -101,10 +104,16 @@ run_suite() { # name timeout command...
   echo
   echo "${bold}=== $name${reset}: $*"
   local start; start="$(now)"
-  timeout "${timeout_opts[@]}" -k 30 "$limit" "$@"
-  last_rc=$?
+  local log="$LOG_DIR/${name//[^A-Za-z0-9@._-]/_}.log"
+  timeout "${timeout_opts[@]}" -k 30 "$limit" "$@" 2>&1 | tee "$log"
+  last_rc=${PIPESTATUS[0]}
   [ "$last_rc" -eq 124 ] && echo "test.sh: $name timed out after ${limit}s"
   record "$name" "$last_rc" "$start"
+  if [ "$last_rc" -ne 0 ]; then
+    # Why it failed, again in the summary (a CI page may show only the end of the output).
+    reasons+=("$name: $(grep -m 3 -E 'check(s)? failed|AssertionError|Exception in thread|^error(\[|:)|panicked|FAILED|test result: FAILED|timed out' "$log" \
+      | cut -c1-400 | tr '\n' ' ')")
+  fi
 }
 
 summary() {
@@ -115,6 +124,10 @@ summary() {
     printf '%s %-40s %8s\n' "${results[$i]}" "${names[$i]}" "${times[$i]}"
   done
   printf 'total %s\n' "$(elapsed "$t0" "$(now)")"
+  if [ ${#reasons[@]} -gt 0 ]; then
+    echo "why (first lines of each failed suite's log; whole logs in ${LOG_DIR#"$ROOT"/}/):"
+    printf '  %s\n' "${reasons[@]}"
+  fi
   echo "$passed passed, $failed failed"
 }
 

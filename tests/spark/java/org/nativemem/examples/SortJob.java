@@ -35,6 +35,7 @@ import org.apache.spark.util.collection.unsafe.sort.RecordComparator;
 import org.apache.spark.util.collection.unsafe.sort.UnsafeExternalSorter;
 import org.apache.spark.util.collection.unsafe.sort.UnsafeSorterIterator;
 import org.nativemem.Bytes;
+import org.nativemem.NativeOutOfMemoryException;
 import org.nativemem.NativeMemoryManager;
 import org.nativemem.spark.ExecutorNativeMemoryStats;
 import org.nativemem.spark.NativeMemoryPlugin;
@@ -195,6 +196,8 @@ public final class SortJob {
         long jvmSpilled;
         /** JVM bytes spilled while the native sorter ran (native memory needs made Spark spill it). */
         long jvmSpilledForNative;
+        /** JVM bytes the task made its JVM sorter spill (input phase) so the native sorter could go on. */
+        long jvmSpilledByTask;
         long insertNanos;
         long outputNanos;
         long totalNanos;
@@ -327,6 +330,8 @@ public final class SortJob {
         final UnsafeExternalSorter jvm;
         final TaskResult r;
         final long[] record = new long[1];
+        /** Set once the JVM sorter's output started: from then on Spark spills it for others. */
+        boolean jvmInputDone;
 
         Sorters(NativeSorter nativeSorter, UnsafeExternalSorter jvm, TaskResult r) {
             this.nativeSorter = nativeSorter;
@@ -361,11 +366,34 @@ public final class SortJob {
             return result;
         }
 
-        void insertNative(long[] batch, int n) {
-            nativeCall(() -> {
-                nativeSorter.insert(batch, 0, n);
-                return null;
-            });
+        /**
+         * Inserts into the native sorter. While the JVM sorter takes input it spills only for itself
+         * (Spark's design), so when it holds all of the task's share the native sorter, spilled empty
+         * for it, cannot get even one chunk: the task then does what an operator beside a Spark
+         * sorter must do, it makes the JVM sorter spill itself and inserts the rest of the batch (the
+         * prefix already buffered is counted by {@code rowsInserted}). Those spills are counted apart
+         * ({@code jvmSpilledByTask}), never as Spark's native → Spark spills.
+         */
+        void insertNative(long[] batch, int n) throws IOException {
+            int from = 0;
+            while (true) {
+                long before = nativeSorter.stats().rowsInserted();
+                final int offset = from;
+                try {
+                    nativeCall(() -> {
+                        nativeSorter.insert(batch, offset, n - offset);
+                        return null;
+                    });
+                    return;
+                } catch (NativeOutOfMemoryException e) {
+                    from += (int) (nativeSorter.stats().rowsInserted() - before);
+                    long spilled = jvm == null || jvmInputDone ? 0 : jvm.spill(Long.MAX_VALUE, jvm);
+                    if (spilled == 0) {
+                        throw e;
+                    }
+                    r.jvmSpilledByTask += spilled;
+                }
+            }
         }
 
         void insertJvm(long[] batch, int n) throws IOException {
@@ -431,6 +459,7 @@ public final class SortJob {
                 }
                 final UnsafeExternalSorter j = jvm;
                 jvmOut = both.jvmCall(j::getSortedIterator);
+                both.jvmInputDone = true;
                 // The same keys again (the output checksum proves it); counted in `in` already.
                 Checksum again = new Checksum();
                 Keys keysB2 = new Keys(args.seed, partition, 1, rows - firstHalf);
@@ -684,6 +713,7 @@ public final class SortJob {
         long released = 0;
         long jvmSpilled = 0;
         long jvmForNative = 0;
+        long jvmByTask = 0;
         long sparkMetricSpilled = 0;
         long jvmMaxPeak = 0;
         long taskNanos = 0;
@@ -718,6 +748,7 @@ public final class SortJob {
             released += r.sparkSpillReleased;
             jvmSpilled += r.jvmSpilled;
             jvmForNative += r.jvmSpilledForNative;
+            jvmByTask += r.jvmSpilledByTask;
             jvmMaxPeak = Math.max(jvmMaxPeak, r.jvmPeak);
             sparkMetricSpilled += sm[0];
             taskNanos += r.totalNanos;
@@ -778,8 +809,10 @@ public final class SortJob {
         if (args.withJvmSort) {
             System.out.printf(Locale.ROOT, "spill both ways: Spark -> native %s in %d runs (of %s in %d runs),"
                     + " %d requests got %s back; native -> Spark %s (of %s the JVM sorter spilled; Spark's"
-                    + " memoryBytesSpilled %s)%n", Bytes.human(forSpark), forSparkRuns, Bytes.human(spilled), runs, asked,
-                    Bytes.human(released), Bytes.human(jvmForNative), Bytes.human(jvmSpilled), Bytes.human(sparkMetricSpilled));
+                    + " memoryBytesSpilled %s); the tasks made the JVM sorter spill itself %s for native input%n",
+                    Bytes.human(forSpark), forSparkRuns, Bytes.human(spilled), runs, asked, Bytes.human(released),
+                    Bytes.human(jvmForNative), Bytes.human(jvmSpilled), Bytes.human(sparkMetricSpilled),
+                    Bytes.human(jvmByTask));
         } else {
             System.out.printf(Locale.ROOT, "native: %s spilled in %d runs, largest sorter peak %s%n", Bytes.human(spilled),
                     runs, Bytes.human(maxPeak));
