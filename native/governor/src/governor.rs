@@ -1,0 +1,426 @@
+//! One sample and what follows from it: [`Governor::tick`]; and the thread that ticks
+//! ([`GovernorThread`]).
+//!
+//! A tick reads the container ([`Probe`]), sets the level ([`Thresholds::level`]), publishes it
+//! in [`Published`] (atomics: a grow consults the last sample with one load, no syscall) and, at
+//! soft pressure or above, climbs the relief ladder, reading the container again after each
+//! step and stopping as soon as usage is under the soft level:
+//!
+//! 1. [`Relief::give_back_idle`]: every task manager hands its idle cushion and slack back to Spark;
+//! 2. [`Relief::trim`]: the allocators return free pages (`malloc_trim`, engines' hooks);
+//! 3. [`Relief::spill`]: native spillers spill, largest first, for what is still over.
+//!
+//! The relief calls run on the governor's thread with no lock of the governor held; what they
+//! call (Spark, spillers) must not wait for the thread of another task (see the provider's
+//! implementation). The level published after the ladder is the level of the last reading, so
+//! hard pressure (refused grows) lasts only while the relief could not bring usage down.
+//!
+//! Entering hard pressure keeps a snapshot ([`Relief::describe`]: per-task usage trees, with the
+//! container figures) in a short history and logs it: a lost executor can be tied to its native
+//! usage from its log. The same history is what a SIGTERM handler prints.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::levels::{Pressure, Thresholds};
+use crate::view::{ContainerView, Probe};
+
+/// What the governor asks of the executor's managers and allocators. Each returns the bytes it
+/// freed or handed back (0 if unknown or none).
+pub trait Relief: Send + Sync {
+    /// Every task manager hands its idle cushion and slack back to Spark.
+    fn give_back_idle(&self) -> u64;
+    /// Allocators return free pages to the kernel.
+    fn trim(&self) -> u64;
+    /// Native spillers spill, largest first, until about `bytes` are freed.
+    fn spill(&self, bytes: u64) -> u64;
+    /// The executor's native usage now (per-task trees), for the kill forensics.
+    fn describe(&self) -> String;
+}
+
+/// The last sample, readable from any thread with atomic loads.
+#[derive(Debug, Default)]
+pub struct Published {
+    pressure: AtomicU8,
+    limit: AtomicU64,
+    usage: AtomicU64,
+    samples: AtomicU64,
+}
+
+impl Published {
+    /// The level of the last sample (one relaxed load).
+    #[inline]
+    pub fn pressure(&self) -> Pressure {
+        Pressure::from_u8(self.pressure.load(Ordering::Relaxed))
+    }
+
+    /// The binding limit of the last sample, bytes (0: none).
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Anonymous usage of the last sample, bytes.
+    pub fn usage(&self) -> u64 {
+        self.usage.load(Ordering::Relaxed)
+    }
+
+    /// Samples taken.
+    pub fn samples(&self) -> u64 {
+        self.samples.load(Ordering::Relaxed)
+    }
+
+    fn store(&self, view: &ContainerView, pressure: Pressure) {
+        self.limit.store(view.limit.unwrap_or(0), Ordering::Relaxed);
+        self.usage.store(view.usage, Ordering::Relaxed);
+        self.pressure.store(pressure as u8, Ordering::Relaxed);
+        self.samples.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts of what the governor did, for gauges.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GovernorStats {
+    /// Samples taken, and their total time (reading the files), nanoseconds.
+    pub samples: u64,
+    pub sample_nanos: u64,
+    /// Samples that failed to read (the previous level is kept).
+    pub sample_errors: u64,
+    /// Times the level rose to soft / to hard.
+    pub soft_entries: u64,
+    pub hard_entries: u64,
+    /// Relief steps taken and the bytes each reported.
+    pub give_backs: u64,
+    pub give_back_bytes: u64,
+    pub trims: u64,
+    pub trim_bytes: u64,
+    pub spills: u64,
+    pub spill_bytes: u64,
+    /// Time from crossing the soft level to usage back under it, last episode and longest, ns.
+    pub last_relief_nanos: u64,
+    pub max_relief_nanos: u64,
+}
+
+/// One entry of the forensics history.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// Milliseconds since the epoch.
+    pub at_millis: u64,
+    pub pressure: Pressure,
+    pub view: ContainerView,
+    /// [`Relief::describe`] then.
+    pub usage: String,
+}
+
+/// Snapshots kept.
+const HISTORY: usize = 4;
+
+/// The governor's state; [`tick`](Governor::tick) takes one sample.
+pub struct Governor {
+    thresholds: Thresholds,
+    probe: Box<dyn Probe>,
+    relief: Arc<dyn Relief>,
+    published: Arc<Published>,
+    pressure: Pressure,
+    last: Option<ContainerView>,
+    /// When usage crossed the soft level (the episode being relieved).
+    soft_since: Option<Instant>,
+    stats: GovernorStats,
+    history: VecDeque<Snapshot>,
+}
+
+impl Governor {
+    /// A governor over `probe`, acting through `relief`, publishing into `published`.
+    pub fn new(
+        thresholds: Thresholds,
+        probe: Box<dyn Probe>,
+        relief: Arc<dyn Relief>,
+        published: Arc<Published>,
+    ) -> Self {
+        Governor {
+            thresholds,
+            probe,
+            relief,
+            published,
+            pressure: Pressure::None,
+            last: None,
+            soft_since: None,
+            stats: GovernorStats::default(),
+            history: VecDeque::with_capacity(HISTORY),
+        }
+    }
+
+    /// Takes a sample at `now`, relieves pressure, and returns how long to wait for the next.
+    pub fn tick(&mut self, now: Instant) -> Duration {
+        let Some(mut view) = self.sample() else {
+            return self.thresholds.min_interval;
+        };
+        let mut level = self.thresholds.level(self.pressure, view.usage, view.limit);
+        self.enter(level, &view, now);
+        if level >= Pressure::Soft {
+            let limit = view.limit.unwrap_or(0);
+            let target = self.thresholds.bytes_at(Pressure::Soft, limit);
+            for step in 0..3 {
+                let freed = match step {
+                    0 => {
+                        let b = self.relief.give_back_idle();
+                        self.stats.give_backs += 1;
+                        self.stats.give_back_bytes += b;
+                        b
+                    }
+                    1 => {
+                        let b = self.relief.trim();
+                        self.stats.trims += 1;
+                        self.stats.trim_bytes += b;
+                        b
+                    }
+                    _ => {
+                        let b = self.relief.spill(view.usage.saturating_sub(target));
+                        self.stats.spills += 1;
+                        self.stats.spill_bytes += b;
+                        b
+                    }
+                };
+                log::debug!("nativemem governor: relief step {step} freed {freed} bytes");
+                match self.sample() {
+                    Some(again) => view = again,
+                    None => break,
+                }
+                level = self.thresholds.level(self.pressure, view.usage, view.limit);
+                if view.usage < target {
+                    break;
+                }
+            }
+            self.enter(level, &view, now);
+        }
+        if level == Pressure::None {
+            if let Some(since) = self.soft_since.take() {
+                let nanos = now.saturating_duration_since(since).as_nanos() as u64;
+                self.stats.last_relief_nanos = nanos;
+                self.stats.max_relief_nanos = self.stats.max_relief_nanos.max(nanos);
+            }
+        }
+        let interval = self.thresholds.interval(view.usage, view.limit);
+        self.last = Some(view);
+        interval
+    }
+
+    /// Publishes `level` and records an entry into soft or hard pressure.
+    fn enter(&mut self, level: Pressure, view: &ContainerView, now: Instant) {
+        let before = self.pressure;
+        if level >= Pressure::Soft && before == Pressure::None {
+            self.stats.soft_entries += 1;
+            self.soft_since.get_or_insert(now);
+            log::info!(
+                "nativemem governor: soft pressure: {} of {} anonymous ({}); giving idle memory back and spilling",
+                view.usage,
+                view.limit.unwrap_or(0),
+                view.limit_from
+            );
+        }
+        if level == Pressure::Hard && before != Pressure::Hard {
+            self.stats.hard_entries += 1;
+            let snapshot = self.snapshot(level, view);
+            log::warn!(
+                "nativemem governor: hard pressure: {} of {} anonymous ({}), page cache {}; refusing native grows \
+                 that need memory from Spark until usage falls. Native usage:\n{}",
+                view.usage,
+                view.limit.unwrap_or(0),
+                view.limit_from,
+                view.cache,
+                snapshot.usage
+            );
+            self.keep(snapshot);
+        }
+        if level < before {
+            log::info!(
+                "nativemem governor: pressure {before} -> {level} ({} of {} anonymous)",
+                view.usage,
+                view.limit.unwrap_or(0)
+            );
+        }
+        self.pressure = level;
+        self.published.store(view, level);
+    }
+
+    fn sample(&mut self) -> Option<ContainerView> {
+        let start = Instant::now();
+        let read = self.probe.read();
+        self.stats.samples += 1;
+        self.stats.sample_nanos += start.elapsed().as_nanos() as u64;
+        match read {
+            Ok(view) => Some(view),
+            Err(e) => {
+                self.stats.sample_errors += 1;
+                if self.stats.sample_errors == 1 {
+                    log::warn!("nativemem governor: cannot read the container's memory: {e} (the level stays {})", self.pressure);
+                }
+                None
+            }
+        }
+    }
+
+    fn snapshot(&self, pressure: Pressure, view: &ContainerView) -> Snapshot {
+        Snapshot {
+            at_millis: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            pressure,
+            view: view.clone(),
+            usage: self.relief.describe(),
+        }
+    }
+
+    fn keep(&mut self, snapshot: Snapshot) {
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(snapshot);
+    }
+
+    /// Records a snapshot now (e.g. on SIGTERM) and returns the history as text, oldest first.
+    pub fn forensics(&mut self) -> String {
+        if let Some(view) = self.last.clone() {
+            let snapshot = self.snapshot(self.pressure, &view);
+            self.keep(snapshot);
+        }
+        let mut out = String::new();
+        for s in &self.history {
+            let _ = writeln!(
+                out,
+                "at {} ms: pressure {}, anonymous {} of limit {} ({}), page cache {}, OOM kills {:?}\n{}",
+                s.at_millis,
+                s.pressure,
+                s.view.usage,
+                s.view.limit.unwrap_or(0),
+                s.view.limit_from,
+                s.view.cache,
+                s.view.oom_kills,
+                s.usage
+            );
+        }
+        out
+    }
+
+    /// What the governor did so far.
+    pub fn stats(&self) -> &GovernorStats {
+        &self.stats
+    }
+
+    /// The level now.
+    pub fn pressure(&self) -> Pressure {
+        self.pressure
+    }
+
+    /// The last reading.
+    pub fn last_view(&self) -> Option<&ContainerView> {
+        self.last.as_ref()
+    }
+}
+
+/// The governor on its own thread, ticking until dropped or [`stop`](GovernorThread::stop)ped.
+pub struct GovernorThread {
+    shared: Arc<ThreadShared>,
+    handle: Option<JoinHandle<()>>,
+}
+
+struct ThreadShared {
+    governor: Mutex<Governor>,
+    /// A copy of the stats after each tick: readers never wait for a tick's relief calls.
+    stats: Mutex<GovernorStats>,
+    stop: AtomicBool,
+    wake: Condvar,
+    sleeping: Mutex<()>,
+}
+
+impl GovernorThread {
+    /// Starts ticking `governor` on a thread named `nativemem-governor`.
+    pub fn start(governor: Governor) -> std::io::Result<GovernorThread> {
+        let shared = Arc::new(ThreadShared {
+            stats: Mutex::new(governor.stats().clone()),
+            governor: Mutex::new(governor),
+            stop: AtomicBool::new(false),
+            wake: Condvar::new(),
+            sleeping: Mutex::new(()),
+        });
+        let s = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("nativemem-governor".into())
+            .spawn(move || {
+                while !s.stop.load(Ordering::Acquire) {
+                    let wait = {
+                        let mut g = s.governor.lock().unwrap_or_else(|p| p.into_inner());
+                        // A panic in a relief call must not end the governor (or cross anything).
+                        let wait =
+                            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                g.tick(Instant::now())
+                            })) {
+                                Ok(wait) => wait,
+                                Err(_) => {
+                                    log::error!(
+                                        "nativemem governor: a sample panicked; trying again later"
+                                    );
+                                    Duration::from_secs(1)
+                                }
+                            };
+                        *s.stats.lock().unwrap_or_else(|p| p.into_inner()) = g.stats().clone();
+                        wait
+                    };
+                    let guard = s.sleeping.lock().unwrap_or_else(|p| p.into_inner());
+                    if s.stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let _ = s.wake.wait_timeout(guard, wait);
+                }
+            })?;
+        Ok(GovernorThread {
+            shared,
+            handle: Some(handle),
+        })
+    }
+
+    /// What the governor did, as of its last tick (never waits for a tick in progress).
+    pub fn stats(&self) -> GovernorStats {
+        self.shared
+            .stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Runs `f` on the governor between ticks (forensics); waits for a tick in progress.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Governor) -> R) -> R {
+        let mut g = self
+            .shared
+            .governor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        {
+            let _g = self
+                .shared
+                .sleeping
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            self.shared.wake.notify_all();
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for GovernorThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
