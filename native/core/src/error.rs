@@ -100,6 +100,12 @@ pub enum OomReason {
     },
     /// The system allocator returned null.
     SystemAllocator,
+    /// The manager's [`GrowGate`](crate::GrowGate) refused new memory (e.g. container pressure),
+    /// and spilling did not free enough.
+    Gate {
+        /// The gate's reason, with its figures.
+        reason: String,
+    },
 }
 
 impl fmt::Display for OomReason {
@@ -118,6 +124,7 @@ impl fmt::Display for OomReason {
                 human(*requested)
             ),
             OomReason::SystemAllocator => write!(f, "the system allocator returned null"),
+            OomReason::Gate { reason } => write!(f, "{reason}, even after spilling"),
         }
     }
 }

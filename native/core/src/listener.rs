@@ -27,6 +27,21 @@ pub trait ReservationListener: Send + Sync {
     fn unreserve(&self, bytes: u64) -> Result<(), ListenerError>;
 }
 
+/// A check a fallible grow passes before it asks the listener for new memory: the seam through
+/// which the executor's container governor (`nativemem-governor`, installed by the provider)
+/// refuses new memory under hard container pressure.
+///
+/// A refusal is treated like a listener that granted nothing, with the gate's reason: the grow
+/// takes slack back and spills native spillers for what it needs (memory already reserved is
+/// used freely), and only if that is not enough fails with
+/// [`OomReason::Gate`](crate::OomReason::Gate). Forced charges never consult the gate, and
+/// grows served from the cushion never reach it. Called with no lock of the manager held; it
+/// must be cheap (it runs before every listener call) and must not call into the manager.
+pub trait GrowGate: Send + Sync {
+    /// `Some(why)` refuses a reservation of `bytes` from the listener now; `None` lets it through.
+    fn refuse(&self, bytes: u64) -> Option<String>;
+}
+
 /// A listener with a fixed capacity, for tests and for embedding without a JVM. Grants what it
 /// has left; `u64::MAX` capacity means unlimited.
 ///

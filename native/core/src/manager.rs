@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::budget::Budget;
 use crate::config::MemoryConfig;
 use crate::error::{MemoryError, Result};
-use crate::listener::ReservationListener;
+use crate::listener::{GrowGate, ReservationListener};
 use crate::pool::Pool;
 use crate::report::{LeakReport, UsageReport};
 
@@ -28,6 +28,8 @@ pub struct ManagerStats {
     pub reserve_calls: u64,
     /// Calls to `listener.unreserve`.
     pub unreserve_calls: u64,
+    /// Listener reservations refused by the manager's [`GrowGate`] (container pressure).
+    pub gate_refusals: u64,
     /// Live allocations made through `Pool::allocate`.
     pub live_allocations: u64,
     /// Over-commit now: bytes charged by forced grows ([`Reservation::force_grow`]) beyond what
@@ -67,8 +69,19 @@ impl MemoryManager {
         config: MemoryConfig,
         listener: Arc<dyn ReservationListener>,
     ) -> Result<MemoryManager> {
+        Self::with_gate(name, config, listener, None)
+    }
+
+    /// Like [`new`](Self::new), with a [`GrowGate`] every fallible grow passes before it asks
+    /// `listener` for new memory (the container governor's seam).
+    pub fn with_gate(
+        name: impl Into<String>,
+        config: MemoryConfig,
+        listener: Arc<dyn ReservationListener>,
+        gate: Option<Arc<dyn GrowGate>>,
+    ) -> Result<MemoryManager> {
         Ok(MemoryManager {
-            budget: Arc::new(Budget::new(name.into(), config, listener)?),
+            budget: Arc::new(Budget::new(name.into(), config, listener, gate)?),
         })
     }
 
@@ -166,6 +179,7 @@ impl MemoryManager {
             spilled_bytes: c.spilled_bytes,
             reserve_calls: c.reserve_calls,
             unreserve_calls: c.unreserve_calls,
+            gate_refusals: c.gate_refusals,
             live_allocations: c.live_allocations,
             overcommitted: self.budget.overcommitted(),
             overcommit_peak: c.overcommit_peak,

@@ -56,6 +56,7 @@ impl Spiller for HoldingSpiller {
 mod alloc;
 mod close;
 mod cushion;
+mod gate;
 mod layers;
 mod listener;
 mod overcommit;

@@ -146,12 +146,22 @@ impl Budget {
             // Relaxed: a hint, capped by what is really uncovered (see `overcommit`).
             let owed = self.overcommit.load(Ordering::Relaxed);
             let deficit = bytes.saturating_add(owed).min(root_now - reserved);
-            let (requested, granted) = match self.reserve_from_listener(deficit) {
-                Ok(r) => r,
-                Err(e) => {
-                    node.uncharge(bytes);
-                    return Err(e);
+            // The gate (container pressure) may refuse new memory: then the listener is not
+            // asked and the ladder below runs as for a listener that granted nothing.
+            let gated = self.gate.as_ref().and_then(|g| g.refuse(deficit));
+            let (requested, granted) = match &gated {
+                Some(_) => {
+                    // Relaxed: a statistic.
+                    self.counters.gate_refusals.fetch_add(1, Ordering::Relaxed);
+                    (deficit, 0)
                 }
+                None => match self.reserve_from_listener(deficit) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        node.uncharge(bytes);
+                        return Err(e);
+                    }
+                },
             };
             if granted >= deficit {
                 if deficit > bytes {
@@ -171,8 +181,9 @@ impl Budget {
                 short: deficit - granted,
                 scope: None,
             };
-            self.remedy(&mut ladder, &mut bytes, refused, || {
-                OomReason::ListenerDenied { requested, granted }
+            self.remedy(&mut ladder, &mut bytes, refused, || match gated {
+                Some(reason) => OomReason::Gate { reason },
+                None => OomReason::ListenerDenied { requested, granted },
             })?;
         }
     }

@@ -83,7 +83,7 @@ use crate::sync::Mutex;
 use crate::alloc::AllocTable;
 use crate::config::MemoryConfig;
 use crate::error::{MemoryError, Result};
-use crate::listener::ReservationListener;
+use crate::listener::{GrowGate, ReservationListener};
 use crate::spill::{Spiller, SpillerRegistration, SpillerRegistry};
 use crate::tree::PoolNode;
 
@@ -110,6 +110,8 @@ struct Counters {
     spilled_bytes: AtomicU64,
     reserve_calls: AtomicU64,
     unreserve_calls: AtomicU64,
+    /// Listener reservations the grow gate refused.
+    gate_refusals: AtomicU64,
     /// Bytes of forced charges that the cushion did not cover when they were made (cumulative).
     overcommitted_total: AtomicU64,
     /// Highest over-commit seen (see `Budget::overcommitted`).
@@ -122,6 +124,7 @@ pub(crate) struct CounterSnapshot {
     pub(crate) spilled_bytes: u64,
     pub(crate) reserve_calls: u64,
     pub(crate) unreserve_calls: u64,
+    pub(crate) gate_refusals: u64,
     pub(crate) live_allocations: u64,
     pub(crate) overcommitted_total: u64,
     pub(crate) overcommit_peak: u64,
@@ -171,6 +174,8 @@ pub(crate) struct Budget {
     pub(crate) name: String,
     config: MemoryConfig,
     listener: Arc<dyn ReservationListener>,
+    /// Consulted before every listener reservation of a fallible grow (see [`GrowGate`]).
+    gate: Option<Arc<dyn GrowGate>>,
     root: Arc<PoolNode>,
     /// Bytes granted by the listener and not handed back. The cushion is `reserved - root.used`:
     /// there is no separate cushion counter, so a grow is one RMW on each pool level plus one
@@ -204,6 +209,7 @@ impl Budget {
         name: String,
         config: MemoryConfig,
         listener: Arc<dyn ReservationListener>,
+        gate: Option<Arc<dyn GrowGate>>,
     ) -> Result<Budget> {
         config.validate()?;
         let root = PoolNode::new_root(config.task_limit);
@@ -211,6 +217,7 @@ impl Budget {
             name,
             config,
             listener,
+            gate,
             root,
             reserved: AtomicU64::new(0),
             claims: AtomicU64::new(0),
@@ -256,6 +263,7 @@ impl Budget {
             spilled_bytes: c.spilled_bytes.load(Ordering::Relaxed),
             reserve_calls: c.reserve_calls.load(Ordering::Relaxed),
             unreserve_calls: c.unreserve_calls.load(Ordering::Relaxed),
+            gate_refusals: c.gate_refusals.load(Ordering::Relaxed),
             live_allocations: self.allocs.len() as u64,
             overcommitted_total: c.overcommitted_total.load(Ordering::Relaxed),
             overcommit_peak: c.overcommit_peak.load(Ordering::Relaxed),
