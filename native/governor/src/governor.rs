@@ -42,7 +42,8 @@ pub trait Relief: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// The last sample, readable from any thread with atomic loads.
+/// The last sample, readable from any thread with atomic loads. A process keeps one in a
+/// `static` ([`Published::new`] is `const`).
 #[derive(Debug, Default)]
 pub struct Published {
     pressure: AtomicU8,
@@ -52,6 +53,16 @@ pub struct Published {
 }
 
 impl Published {
+    /// No sample yet: no pressure, no limit.
+    pub const fn new() -> Self {
+        Published {
+            pressure: AtomicU8::new(0),
+            limit: AtomicU64::new(0),
+            usage: AtomicU64::new(0),
+            samples: AtomicU64::new(0),
+        }
+    }
+
     /// The level of the last sample (one relaxed load).
     #[inline]
     pub fn pressure(&self) -> Pressure {
@@ -71,6 +82,13 @@ impl Published {
     /// Samples taken.
     pub fn samples(&self) -> u64 {
         self.samples.load(Ordering::Relaxed)
+    }
+
+    /// Back to "no pressure, no limit" (a stopped governor).
+    pub fn clear(&self) {
+        self.pressure.store(Pressure::None as u8, Ordering::Relaxed);
+        self.limit.store(0, Ordering::Relaxed);
+        self.usage.store(0, Ordering::Relaxed);
     }
 
     fn store(&self, view: &ContainerView, pressure: Pressure) {
@@ -123,7 +141,7 @@ pub struct Governor {
     thresholds: Thresholds,
     probe: Box<dyn Probe>,
     relief: Arc<dyn Relief>,
-    published: Arc<Published>,
+    published: &'static Published,
     pressure: Pressure,
     last: Option<ContainerView>,
     /// When usage crossed the soft level (the episode being relieved).
@@ -138,7 +156,7 @@ impl Governor {
         thresholds: Thresholds,
         probe: Box<dyn Probe>,
         relief: Arc<dyn Relief>,
-        published: Arc<Published>,
+        published: &'static Published,
     ) -> Self {
         Governor {
             thresholds,

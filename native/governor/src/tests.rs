@@ -120,13 +120,14 @@ impl Relief for FakeRelief {
     }
 }
 
-fn governor(world: &Arc<World>, limit: u64) -> (Governor, Arc<Published>) {
-    let published = Arc::new(Published::default());
+fn governor(world: &Arc<World>, limit: u64) -> (Governor, &'static Published) {
+    // One per test (a process keeps one in a static).
+    let published: &'static Published = Box::leak(Box::new(Published::new()));
     let g = Governor::new(
         Thresholds::default(),
         Box::new(FakeProbe(world.clone(), limit)),
         Arc::new(FakeRelief(world.clone())),
-        published.clone(),
+        published,
     );
     (g, published)
 }

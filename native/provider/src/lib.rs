@@ -41,12 +41,16 @@
 //! ```text
 //!  module     holds                                                 uses (all below it)
 //!  abi        the nm_api table, C listener/spiller/state, leases    registry error
-//!  registry   managers, reservations, calls in flight, close order  error
+//!  governor   the executor's container governor, its relief ladder  registry container error
+//!  registry   managers, reservations, calls in flight, close order  container error
+//!  container  the governor's last sample, the grow gate, live list  -
 //!  error      Error, status codes, panic_message                    -
 //! ```
 
 mod abi;
+mod container;
 mod error;
+pub mod governor;
 pub mod registry;
 
 pub use abi::api;

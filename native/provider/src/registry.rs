@@ -502,7 +502,7 @@ pub fn create_manager(
     listener: Arc<dyn ReservationListener>,
     close_timeout: Duration,
 ) -> Result<i64> {
-    let manager = MemoryManager::new(name, config, listener)?;
+    let manager = MemoryManager::with_gate(name, config, listener, Some(crate::container::gate()))?;
     let entry = Arc::new(ManagerEntry {
         manager,
         handle: AtomicI64::new(0),
@@ -516,6 +516,7 @@ pub fn create_manager(
     });
     let handle = MANAGERS.insert(entry.clone())?;
     entry.handle.store(handle, Ordering::Relaxed);
+    crate::container::register(handle);
     Ok(handle)
 }
 
@@ -548,6 +549,7 @@ pub fn with_manager<R>(handle: i64, f: impl FnOnce(&MemoryManager) -> Result<R>)
 /// handle fails as stale.
 pub fn destroy_manager(handle: i64) -> Result<CloseOutcome> {
     let entry = MANAGERS.remove(handle)?;
+    crate::container::unregister(handle);
     entry.state.fetch_or(CLOSING, Ordering::SeqCst);
     let own = entry.calls_on_this_thread();
     if own == 0 && entry.wait_drained(entry.close_timeout) {

@@ -1,10 +1,12 @@
-//! The provider's layers: imports point one way (`error` ← `registry` ← `abi`, see "Modules, in
+//! The provider's layers: imports point one way (`error` ← `container` ← `registry` ← `governor` ← `abi`, see "Modules, in
 //! layers" in the crate docs), and nothing here imports `jni` (the Java layer is
 //! `nativemem-jni`, built on this crate, never the reverse).
 
-const LAYERS: [(&str, &str); 3] = [
+const LAYERS: [(&str, &str); 5] = [
     ("error", include_str!("../src/error.rs")),
+    ("container", include_str!("../src/container.rs")),
     ("registry", include_str!("../src/registry.rs")),
+    ("governor", include_str!("../src/governor.rs")),
     ("abi", include_str!("../src/abi.rs")),
 ];
 

@@ -1,0 +1,251 @@
+//! The executor's container governor, process-wide: started once per executor (by the Spark
+//! plugin through JNI, or by an embedder), acting on every manager of the registry.
+//!
+//! The relief ladder (see `nativemem_governor`) acts through [`ExecutorRelief`]:
+//!
+//! - give back idle: each manager hands its unused cushion back to its listener (Spark);
+//! - trim: `malloc_trim(0)` (glibc) returns the allocator's free pages to the kernel;
+//! - spill: managers are asked to reclaim (spill and hand back), the largest user first, until
+//!   what was asked is freed.
+//!
+//! Every manager is entered through the registry like any other caller, so a manager that is
+//! closing is skipped (never waited for) and close waits for the governor's call on it. No lock
+//! is held while a manager is called: the list of handles is copied first.
+
+use std::sync::Arc;
+
+use nativemem_core::human;
+use nativemem_governor::{
+    CgroupProbe, ContainerView, FsRoot, Governor, GovernorStats, GovernorThread, Probe, Relief,
+    Thresholds,
+};
+use parking_lot::Mutex;
+
+use crate::container;
+use crate::error::{Error, Result};
+use crate::registry;
+
+/// What a governor is started with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GovernorConfig {
+    /// Levels and sampling bounds.
+    pub thresholds: Thresholds,
+    /// A limit set by the user (`spark.nativemem.containerLimit`), bytes; used beside the cgroup's.
+    pub configured_limit: Option<u64>,
+}
+
+/// How [`start`] went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Started {
+    /// A governor now runs; the first reading of the container.
+    Running(ContainerView),
+    /// One runs already (started by an earlier call).
+    AlreadyRunning,
+    /// No limit applies (no cgroup limit, none configured): nothing to govern. The reading.
+    NoLimit(ContainerView),
+}
+
+static RUNNING: Mutex<Option<GovernorThread>> = Mutex::new(None);
+
+/// Starts the process's governor over its memory cgroup (or, without one, the process's own
+/// memory against the configured limit) unless one runs or no limit applies.
+pub fn start(config: GovernorConfig) -> Result<Started> {
+    let probe = CgroupProbe::new(FsRoot::system(), config.configured_limit);
+    start_with(config.thresholds, Box::new(probe))
+}
+
+/// Like [`start`], reading the container through `probe` (an embedder's own view of its
+/// container, or a test's).
+pub fn start_with(thresholds: Thresholds, mut probe: Box<dyn Probe>) -> Result<Started> {
+    thresholds
+        .validate()
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let mut running = RUNNING.lock();
+    if running.is_some() {
+        return Ok(Started::AlreadyRunning);
+    }
+    let view = probe
+        .read()
+        .map_err(|e| Error::Other(format!("cannot read the container's memory: {e}")))?;
+    if view.limit.is_none() {
+        return Ok(Started::NoLimit(view));
+    }
+    container::set_levels(Some(thresholds));
+    let governor = Governor::new(
+        thresholds,
+        probe,
+        Arc::new(ExecutorRelief),
+        &container::PUBLISHED,
+    );
+    let thread = GovernorThread::start(governor)
+        .map_err(|e| Error::Other(format!("cannot start the governor thread: {e}")))?;
+    *running = Some(thread);
+    Ok(Started::Running(view))
+}
+
+/// Stops the governor, if one runs; grows are no longer refused afterwards.
+pub fn stop() {
+    let thread = RUNNING.lock().take();
+    drop(thread); // joins, with the lock released
+    let p = &container::PUBLISHED;
+    // A stopped governor publishes no pressure.
+    p.clear();
+    container::set_levels(None);
+}
+
+/// The governor's state, for gauges.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GovernorStatus {
+    /// A governor runs.
+    pub running: bool,
+    /// Binding limit and anonymous usage of the last sample, bytes.
+    pub limit: u64,
+    pub usage: u64,
+    /// Level of the last sample.
+    pub pressure: u8,
+    /// What it did.
+    pub stats: GovernorStats,
+    /// Listener reservations refused by the gate, across the executor's managers (live ones).
+    pub live_gate_refusals: u64,
+}
+
+/// The governor's state now.
+pub fn status() -> GovernorStatus {
+    let p = &container::PUBLISHED;
+    let running = RUNNING.lock();
+    let is_running = running.is_some();
+    let stats = running.as_ref().map(|t| t.stats()).unwrap_or_default();
+    drop(running);
+    let mut refusals = 0;
+    for handle in container::managers() {
+        if let Ok(call) = registry::enter_manager(handle) {
+            refusals += call.manager().stats().gate_refusals;
+        }
+    }
+    GovernorStatus {
+        running: is_running,
+        limit: p.limit(),
+        usage: p.usage(),
+        pressure: p.pressure() as u8,
+        stats,
+        live_gate_refusals: refusals,
+    }
+}
+
+/// The forensics history (last snapshots and one taken now), or `None` without a governor.
+pub fn forensics() -> Option<String> {
+    let running = RUNNING.lock();
+    running.as_ref().map(|t| t.with(|g| g.forensics()))
+}
+
+/// The relief ladder over the registry's managers.
+struct ExecutorRelief;
+
+impl ExecutorRelief {
+    /// Runs `f` on each live manager that is not closing; the sum of what it returned.
+    fn each(&self, mut f: impl FnMut(&nativemem_core::MemoryManager) -> u64) -> u64 {
+        let mut total = 0;
+        for handle in container::managers() {
+            // A closing or closed manager refuses the call: skipped, never waited for.
+            if let Ok(call) = registry::enter_manager(handle) {
+                total += f(call.manager());
+            }
+        }
+        total
+    }
+}
+
+impl Relief for ExecutorRelief {
+    fn give_back_idle(&self) -> u64 {
+        self.each(|m| m.release_unused(u64::MAX).unwrap_or(0))
+    }
+
+    fn trim(&self) -> u64 {
+        trim_allocator();
+        0
+    }
+
+    fn spill(&self, bytes: u64) -> u64 {
+        // Largest user first.
+        let mut by_use: Vec<(u64, i64)> = container::managers()
+            .into_iter()
+            .filter_map(|h| {
+                registry::enter_manager(h)
+                    .ok()
+                    .map(|c| (c.manager().used(), h))
+            })
+            .collect();
+        by_use.sort_unstable_by_key(|&(used, _)| std::cmp::Reverse(used));
+        let mut freed = 0u64;
+        for (_, handle) in by_use {
+            if freed >= bytes {
+                break;
+            }
+            if let Ok(call) = registry::enter_manager(handle) {
+                match call.manager().reclaim(bytes - freed) {
+                    Ok(b) => freed += b,
+                    Err(e) => log::warn!(
+                        "nativemem governor: reclaiming from '{}' failed: {e}",
+                        call.manager().name()
+                    ),
+                }
+            }
+        }
+        freed
+    }
+
+    fn describe(&self) -> String {
+        let mut out = String::new();
+        let mut n = 0;
+        self.each(|m| {
+            n += 1;
+            if n <= 8 {
+                out.push_str(&m.usage_report().to_string());
+                out.push('\n');
+            }
+            0
+        });
+        if n > 8 {
+            out.push_str(&format!("... and {} more task manager(s)\n", n - 8));
+        }
+        if n == 0 {
+            out.push_str("no live task manager\n");
+        }
+        out
+    }
+}
+
+/// Asks the allocator to return free pages to the kernel.
+fn trim_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: glibc's malloc_trim takes no pointers and may be called from any thread at any
+        // time; it only walks the allocator's own arenas under their locks.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
+/// Formats a reading for the executor's log.
+pub fn describe_view(view: &ContainerView) -> String {
+    let level = match view.limit {
+        Some(limit) => format!(
+            "limit {} ({}), anonymous {} ({:.0}%), page cache {}",
+            human(limit),
+            view.limit_from,
+            human(view.usage),
+            view.usage as f64 * 100.0 / limit.max(1) as f64,
+            human(view.cache)
+        ),
+        None => format!(
+            "no memory limit (no cgroup limit, {} not set), anonymous {}",
+            nativemem_governor::view::CONFIGURED_LIMIT,
+            human(view.usage)
+        ),
+    };
+    format!("{:?}: {level}", view.source)
+}
