@@ -111,7 +111,7 @@ run_suite() { # name timeout command...
   record "$name" "$last_rc" "$start"
   if [ "$last_rc" -ne 0 ]; then
     # Why it failed, again in the summary (a CI page may show only the end of the output).
-    reasons+=("$name: $(grep -m 3 -E 'check(s)? failed|AssertionError|Exception in thread|^error(\[|:)|panicked|FAILED|test result: FAILED|timed out' "$log" \
+    reasons+=("$name: $(grep -m 3 -E 'check(s)? failed|AssertionError|ComparisonFailure|Exception in thread "main"|^error(\[|:)| FAILED$|^test .* FAILED|test.sh: .* timed out' "$log" \
       | cut -c1-400 | tr '\n' ' ')")
   fi
 }

@@ -31,6 +31,7 @@
 //!
 //! ## Pieces
 //! - `exports`: the `Java_*` exports of the public classes.
+//! - `container`: the `Java_*` exports of `ContainerGovernor` (the executor's container governor).
 //! - `guard`: the panic guard (`run_export`) and argument helpers every export uses.
 //! - `error`: the provider's error plus JNI failures, and the single mapping to Java exceptions.
 //! - `listener`: the Java listener as the core's `ReservationListener`, handed to the provider's
@@ -63,6 +64,7 @@ use jni::JavaVM;
 
 #[cfg(feature = "testing")]
 mod bench;
+mod container;
 mod error;
 mod exports;
 mod guard;

@@ -139,6 +139,23 @@ public class JniCloseContractTest extends HardeningSupport {
         t.put("NativeMemoryManager.nativeLiveHandles()", new Row(Outcome.ALLOWED, Outcome.ALLOWED,
                 (f, p) -> new Object[0],
                 (f, p, r) -> assertEquals("{managers, reservations}", 2, ((long[]) r).length)));
+        // The container governor is process-wide: no handle, unaffected by any manager's close.
+        t.put("ContainerGovernor.nativeStatus()", new Row(Outcome.ALLOWED, Outcome.ALLOWED,
+                (f, p) -> new Object[0],
+                (f, p, r) -> assertEquals("17 figures", 17, ((long[]) r).length)));
+        t.put("ContainerGovernor.nativeForensics()", new Row(Outcome.ALLOWED, Outcome.ALLOWED,
+                (f, p) -> new Object[0],
+                (f, p, r) -> assertTrue("no governor (null) or its history", r == null || r instanceof String)));
+        t.put("ContainerGovernor.nativeStop()", new Row(Outcome.ALLOWED, Outcome.ALLOWED,
+                (f, p) -> new Object[0], NOTHING));
+        t.put("ContainerGovernor.nativeStart(long,double,double,long,long)", new Row(Outcome.ALLOWED,
+                Outcome.ALLOWED,
+                (f, p) -> new Object[] {0L, 0.85, 0.93, 20L, 1000L},
+                (f, p, r) -> {
+                    // Governing (where this machine's cgroup sets a limit) or not: it says which.
+                    assertTrue(String.valueOf(r), ((String) r).contains("governor"));
+                    call("ContainerGovernor.nativeStop");
+                }));
         t.put("NativeMemoryManager.nativeCreate(String,ReservationListener,long,long,long,long)",
                 new Row(Outcome.ALLOWED, Outcome.ALLOWED,
                         (f, p) -> {

@@ -15,6 +15,7 @@ import org.apache.spark.api.plugin.DriverPlugin;
 import org.apache.spark.api.plugin.ExecutorPlugin;
 import org.apache.spark.api.plugin.PluginContext;
 import org.apache.spark.api.plugin.SparkPlugin;
+import org.nativemem.ContainerGovernor;
 import org.nativemem.NativeLibraryLoader;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
@@ -72,6 +73,15 @@ import com.codahale.metrics.MetricRegistry;
  * {@code spark.memory.offHeap.size} from the peaks, with the arithmetic ({@link #recommendation()}
  * gives it on demand).
  *
+ * <p>And the container governor's ({@link ContainerGovernor}, started at executor start unless
+ * {@code spark.nativemem.governor.enabled=false}), listed in {@link #GOVERNOR_METRIC_NAMES}:
+ * {@code containerLimitBytes} (the limit that binds; 0 without one), {@code containerAnonymousBytes},
+ * {@code containerHeadroomBytes}, {@code governorPressure} (0 none, 1 soft, 2 hard),
+ * {@code governorSoftEntries}, {@code governorHardEntries}, {@code governorGiveBackBytes},
+ * {@code governorSpills}, {@code governorSpilledBytes}, {@code governorRefusedGrows},
+ * {@code governorSamples} and {@code governorSampleNanos} (the cost of reading the container).
+ * At shutdown a governor that saw pressure logs its last snapshots of the executor's native usage.
+ *
  * <p>The plugin is optional for {@link TaskNativeMemory} to work (the library then loads at the
  * first task that uses it), but without it there is no early check and no metrics.
  */
@@ -128,6 +138,30 @@ public final class NativeMemoryPlugin implements SparkPlugin {
         m.put("jvmDirectPeakBytes", e -> e.peaks().directBytes);
         m.put("nativeTrackedPeakBytes", e -> e.peaks().nativeBytes);
         m.put("untrackedNativePeakBytes", e -> e.peaks().untrackedBytes);
+        return Collections.unmodifiableMap(m);
+    }
+
+    /** The container governor's gauges: name to the value it reads from a status. */
+    private static final Map<String, ToLongFunction<ContainerGovernor.Status>> GOVERNOR_METRICS = governorGauges();
+
+    /** Names of the container governor's gauges, in registration order. */
+    public static final List<String> GOVERNOR_METRIC_NAMES =
+            Collections.unmodifiableList(new ArrayList<>(GOVERNOR_METRICS.keySet()));
+
+    private static Map<String, ToLongFunction<ContainerGovernor.Status>> governorGauges() {
+        Map<String, ToLongFunction<ContainerGovernor.Status>> m = new LinkedHashMap<>();
+        m.put("containerLimitBytes", ContainerGovernor.Status::limitBytes);
+        m.put("containerAnonymousBytes", ContainerGovernor.Status::anonymousBytes);
+        m.put("containerHeadroomBytes", ContainerGovernor.Status::headroomBytes);
+        m.put("governorPressure", ContainerGovernor.Status::pressure);
+        m.put("governorSoftEntries", ContainerGovernor.Status::softEntries);
+        m.put("governorHardEntries", ContainerGovernor.Status::hardEntries);
+        m.put("governorGiveBackBytes", ContainerGovernor.Status::giveBackBytes);
+        m.put("governorSpills", ContainerGovernor.Status::spills);
+        m.put("governorSpilledBytes", ContainerGovernor.Status::spilledBytes);
+        m.put("governorRefusedGrows", ContainerGovernor.Status::refusedGrows);
+        m.put("governorSamples", ContainerGovernor.Status::samples);
+        m.put("governorSampleNanos", ContainerGovernor.Status::sampleNanos);
         return Collections.unmodifiableMap(m);
     }
 
@@ -263,10 +297,12 @@ public final class NativeMemoryPlugin implements SparkPlugin {
             executorId = ctx.executorID();
             LOG.info("nativemem: executor {}: native library loaded from {}; {}", ctx.executorID(),
                     NativeLibraryLoader.loadedFrom(), conf);
+            startGovernor(ctx.executorID(), conf.governor());
         }
 
         @Override
         public void shutdown() {
+            stopGovernor();
             ScheduledExecutorService s = sampler;
             sampler = null;
             if (s != null) {
@@ -286,6 +322,63 @@ public final class NativeMemoryPlugin implements SparkPlugin {
                 LOG.info("nativemem: executor {} shutting down: {}", executorId, stats);
             }
         }
+    }
+
+    /** Starts the container governor of this executor if enabled; logs what it found. */
+    private static void startGovernor(String executor, NativeMemorySparkConf.Governor g) {
+        if (!g.enabled()) {
+            LOG.info("nativemem: executor {}: no container governor ({}=false)", executor,
+                    NativeMemorySparkConf.GOVERNOR_ENABLED);
+            return;
+        }
+        try {
+            LOG.info("nativemem: executor {}: {}", executor,
+                    ContainerGovernor.start(g.containerLimitBytes(), g.softLevel(), g.hardLevel()));
+        } catch (RuntimeException e) {
+            // The executor works without it, as it did before; say why once.
+            LOG.warn("nativemem: executor {}: the container governor cannot start: {}", executor, e.toString());
+        }
+    }
+
+    /**
+     * Stops the governor; if it ever saw pressure, logs its last snapshots (the executor's native
+     * usage with the container's figures), so a lost executor's log tells what native memory held.
+     */
+    private static void stopGovernor() {
+        try {
+            ContainerGovernor.Status s = ContainerGovernor.status();
+            if (s.running() && s.softEntries() > 0) {
+                LOG.warn("nativemem: executor {}: container governor at shutdown: {}\n{}", executorId, s,
+                        ContainerGovernor.forensics());
+            } else if (s.running()) {
+                LOG.info("nativemem: executor {}: container governor at shutdown: {}", executorId, s);
+            }
+            ContainerGovernor.stop();
+        } catch (RuntimeException | UnsatisfiedLinkError e) {
+            LOG.warn("nativemem: executor {}: stopping the container governor failed", executorId, e);
+        }
+    }
+
+    /**
+     * Reads the container governor's gauges back from the executor plugin's registry.
+     *
+     * @return gauge name to value, in {@link #GOVERNOR_METRIC_NAMES} order; empty before init
+     */
+    public static Map<String, Long> governorMetrics() {
+        MetricRegistry registry = executorRegistry;
+        if (registry == null) {
+            return Collections.emptyMap();
+        }
+        Map<String, Metric> metrics = registry.getMetrics();
+        Map<String, Long> values = new LinkedHashMap<>();
+        for (String name : GOVERNOR_METRIC_NAMES) {
+            Metric metric = metrics.get(name);
+            if (metric instanceof Gauge) {
+                Object value = ((Gauge<?>) metric).getValue();
+                values.put(name, value instanceof Number ? ((Number) value).longValue() : null);
+            }
+        }
+        return values;
     }
 
     /** Samples the process view every {@link ExecutorMemory#DEFAULT_SAMPLE_INTERVAL_MS} on a daemon thread. */
@@ -309,6 +402,14 @@ public final class NativeMemoryPlugin implements SparkPlugin {
     }
 
     private static void registerGauges(MetricRegistry registry) {
+        for (final Map.Entry<String, ToLongFunction<ContainerGovernor.Status>> m : GOVERNOR_METRICS.entrySet()) {
+            registry.register(m.getKey(), new Gauge<Long>() {
+                @Override
+                public Long getValue() {
+                    return m.getValue().applyAsLong(ContainerGovernor.status());
+                }
+            });
+        }
         for (final Map.Entry<String, ToLongFunction<ExecutorMemory>> m : PROCESS_METRICS.entrySet()) {
             registry.register(m.getKey(), new Gauge<Long>() {
                 @Override

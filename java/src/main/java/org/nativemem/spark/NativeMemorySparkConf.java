@@ -11,6 +11,7 @@ import java.util.TreeMap;
 import org.apache.spark.SparkConf;
 import org.apache.spark.network.util.JavaUtils;
 import org.nativemem.Bytes;
+import org.nativemem.ContainerGovernor;
 import org.nativemem.NativeMemoryConfig;
 
 import scala.Tuple2;
@@ -41,6 +42,16 @@ import scala.Tuple2;
  *   <tr><td>{@value #LOG_USAGE_ON_OOM}</td><td>{@code true}</td>
  *       <td>when a task fails with a native out-of-memory error, log the task's native usage
  *       report and the effective configuration.</td></tr>
+ *   <tr><td>{@value #GOVERNOR_ENABLED}</td><td>{@code true}</td>
+ *       <td>run the executor's container governor ({@link org.nativemem.ContainerGovernor}): read
+ *       the container's memory limit and anonymous usage, give idle memory back and spill over the
+ *       soft level, refuse new native memory over the hard level, before the kernel kills the
+ *       executor.</td></tr>
+ *   <tr><td>{@value #CONTAINER_LIMIT}</td><td>none</td>
+ *       <td>a memory limit for the executor's container beside the one its cgroups set (e.g. where
+ *       the cgroup is not visible); the smaller headroom binds.</td></tr>
+ *   <tr><td>{@value #GOVERNOR_SOFT_LEVEL}, {@value #GOVERNOR_HARD_LEVEL}</td><td>0.85, 0.93</td>
+ *       <td>the governor's levels, fractions of the container limit (0 &lt; soft &lt;= hard &lt;= 1).</td></tr>
  * </table>
  *
  * <p>Parsing is strict so a typo fails the application at start instead of being ignored: an
@@ -69,13 +80,21 @@ public final class NativeMemorySparkConf {
     public static final String LOG_USAGE_ON_OOM = "spark.nativemem.logUsageOnOom";
     /** Default of {@link #LOG_USAGE_ON_OOM}. */
     public static final boolean DEFAULT_LOG_USAGE_ON_OOM = true;
+    /** Container governor switch key. */
+    public static final String GOVERNOR_ENABLED = "spark.nativemem.governor.enabled";
+    /** Configured container limit key (no default: the cgroups' limits only). */
+    public static final String CONTAINER_LIMIT = "spark.nativemem.containerLimit";
+    /** Governor soft level key. */
+    public static final String GOVERNOR_SOFT_LEVEL = "spark.nativemem.governor.softLevel";
+    /** Governor hard level key. */
+    public static final String GOVERNOR_HARD_LEVEL = "spark.nativemem.governor.hardLevel";
     /** Spark's switch for off-heap execution memory; decides the consumer's memory mode. */
     public static final String SPARK_OFF_HEAP_ENABLED = "spark.memory.offHeap.enabled";
 
     /** Every key this class knows, sorted. */
     public static final List<String> KEYS = Collections.unmodifiableList(
-            Arrays.asList(ARROW_BLOCK_SIZE, LOG_USAGE_ON_OOM, RESERVATION_BLOCK_SIZE, RESERVATION_QUANTUM,
-                    TASK_LIMIT));
+            Arrays.asList(ARROW_BLOCK_SIZE, CONTAINER_LIMIT, GOVERNOR_ENABLED, GOVERNOR_HARD_LEVEL,
+                    GOVERNOR_SOFT_LEVEL, LOG_USAGE_ON_OOM, RESERVATION_BLOCK_SIZE, RESERVATION_QUANTUM, TASK_LIMIT));
 
     private static final NativeMemorySparkConf DEFAULTS = parse(Collections.<String, String>emptyMap());
 
@@ -87,9 +106,54 @@ public final class NativeMemorySparkConf {
     private final long arrowBlockSizeBytes;
     private final long reservationQuantumBytes;
     private final NativeMemoryConfig nativeConfig;
+    private final Governor governor;
+
+    /** The container governor's settings. Immutable. */
+    public static final class Governor {
+        private final boolean enabled;
+        /** 0: none. */
+        private final long containerLimitBytes;
+        private final double softLevel;
+        private final double hardLevel;
+
+        Governor(boolean enabled, long containerLimitBytes, double softLevel, double hardLevel) {
+            this.enabled = enabled;
+            this.containerLimitBytes = containerLimitBytes;
+            this.softLevel = softLevel;
+            this.hardLevel = hardLevel;
+        }
+
+        /** @return whether the executor runs the container governor */
+        public boolean enabled() {
+            return enabled;
+        }
+
+        /** @return the configured container limit in bytes, 0 for none */
+        public long containerLimitBytes() {
+            return containerLimitBytes;
+        }
+
+        /** @return the soft level, a fraction of the container limit */
+        public double softLevel() {
+            return softLevel;
+        }
+
+        /** @return the hard level, a fraction of the container limit */
+        public double hardLevel() {
+            return hardLevel;
+        }
+
+        @Override
+        public String toString() {
+            return GOVERNOR_ENABLED + "=" + enabled + ", " + CONTAINER_LIMIT + "="
+                    + (containerLimitBytes == 0 ? "none" : Bytes.human(containerLimitBytes)) + ", "
+                    + GOVERNOR_SOFT_LEVEL + "=" + softLevel + ", " + GOVERNOR_HARD_LEVEL + "=" + hardLevel;
+        }
+    }
 
     private NativeMemorySparkConf(long reservationBlockSizeBytes, long taskLimitBytes, boolean logUsageOnOom,
-            boolean offHeapEnabled, long arrowBlockSizeBytes, long reservationQuantumBytes) {
+            boolean offHeapEnabled, long arrowBlockSizeBytes, long reservationQuantumBytes, Governor governor) {
+        this.governor = governor;
         this.reservationBlockSizeBytes = reservationBlockSizeBytes;
         this.reservationQuantumBytes = reservationQuantumBytes;
         this.arrowBlockSizeBytes = arrowBlockSizeBytes;
@@ -158,7 +222,34 @@ public final class NativeMemorySparkConf {
         // Spark itself validates its own key; an unparsable value is left for Spark to report.
         String offHeap = settings.get(SPARK_OFF_HEAP_ENABLED);
         boolean offHeapEnabled = offHeap != null && offHeap.trim().equalsIgnoreCase("true");
-        return new NativeMemorySparkConf(block, limit, log, offHeapEnabled, arrowBlock, quantum);
+        boolean governorOn = bool(settings, GOVERNOR_ENABLED, true);
+        long containerLimit = settings.get(CONTAINER_LIMIT) == null ? 0 : size(settings, CONTAINER_LIMIT, null);
+        double soft = fraction(settings, GOVERNOR_SOFT_LEVEL, ContainerGovernor.DEFAULT_SOFT_LEVEL);
+        double hard = fraction(settings, GOVERNOR_HARD_LEVEL, ContainerGovernor.DEFAULT_HARD_LEVEL);
+        if (hard < soft) {
+            throw invalid(GOVERNOR_HARD_LEVEL, String.valueOf(hard), "a level at or above " + GOVERNOR_SOFT_LEVEL
+                    + "=" + soft);
+        }
+        return new NativeMemorySparkConf(block, limit, log, offHeapEnabled, arrowBlock, quantum,
+                new Governor(governorOn, containerLimit, soft, hard));
+    }
+
+    /** A fraction in (0, 1]. */
+    private static double fraction(Map<String, String> settings, String key, double dflt) {
+        String value = settings.get(key);
+        if (value == null) {
+            return dflt;
+        }
+        double v;
+        try {
+            v = Double.parseDouble(value.trim());
+        } catch (NumberFormatException e) {
+            throw invalid(key, value, "a fraction of the container limit such as 0.85");
+        }
+        if (!(v > 0 && v <= 1)) {
+            throw invalid(key, value, "a fraction in (0, 1]");
+        }
+        return v;
     }
 
     private static long size(Map<String, String> settings, String key, String dflt) {
@@ -233,6 +324,11 @@ public final class NativeMemorySparkConf {
         return offHeapEnabled;
     }
 
+    /** @return the container governor's settings */
+    public Governor governor() {
+        return governor;
+    }
+
     /** @return the native manager configuration these settings describe */
     public NativeMemoryConfig toNativeConfig() {
         return nativeConfig;
@@ -245,6 +341,6 @@ public final class NativeMemorySparkConf {
                 + (taskLimitBytes < 0 ? "none" : Bytes.human(taskLimitBytes)) + ", " + LOG_USAGE_ON_OOM + "="
                 + logUsageOnOom + ", " + ARROW_BLOCK_SIZE + "=" + Bytes.human(arrowBlockSizeBytes) + ", "
                 + SPARK_OFF_HEAP_ENABLED + "=" + offHeapEnabled + ", " + RESERVATION_QUANTUM + "="
-                + Bytes.human(reservationQuantumBytes);
+                + Bytes.human(reservationQuantumBytes) + ", " + governor;
     }
 }
