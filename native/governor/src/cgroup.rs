@@ -87,10 +87,15 @@ pub struct LevelReading {
 /// v1 writes "no limit" as the largest page-aligned `i64`; anything this large is none.
 const V1_UNLIMITED: u64 = 1 << 62;
 
+/// `/proc/self/cgroup` now (what changes when the process is moved to another cgroup).
+pub fn membership(root: &FsRoot) -> Option<String> {
+    root.read(Path::new("/proc/self/cgroup")).ok()
+}
+
 /// Finds the process's memory cgroup; `None` when no memory controller applies (no cgroup
 /// files, the v2 root cgroup, or a v2 hierarchy without the memory controller).
 pub fn locate(root: &FsRoot) -> Option<Cgroup> {
-    let membership = root.read(Path::new("/proc/self/cgroup")).ok()?;
+    let membership = membership(root)?;
     let mounts = root.read(Path::new("/proc/self/mountinfo")).ok()?;
     let mounts = parse_mountinfo(&mounts);
     // v1 first: on a hybrid system the unified mount exists but the memory controller is v1's.

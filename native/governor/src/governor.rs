@@ -8,7 +8,12 @@
 //!
 //! 1. [`Relief::give_back_idle`]: every task manager hands its idle cushion and slack back to Spark;
 //! 2. [`Relief::trim`]: the allocators return free pages (`malloc_trim`, engines' hooks);
-//! 3. [`Relief::spill`]: native spillers spill, largest first, for what is still over.
+//! 3. [`Relief::spill`]: native spillers spill, largest first, for what is still over; a trim
+//!    follows a spill that freed something (what spillers free sits in the allocator until then).
+//!
+//! The next sample comes after the interval [`Thresholds::interval`] gives for the headroom, or
+//! sooner when usage grows fast: before half the time the growth since the last sample would
+//! take to reach the soft level.
 //!
 //! The relief calls run on the governor's thread with no lock of the governor held; what they
 //! call (Spark, spillers) must not wait for the thread of another task (see the provider's
@@ -144,6 +149,8 @@ pub struct Governor {
     published: &'static Published,
     pressure: Pressure,
     last: Option<ContainerView>,
+    /// Time and usage of the last sample (the growth rate sizes the next interval).
+    last_sample: Option<(Instant, u64)>,
     /// When usage crossed the soft level (the episode being relieved).
     soft_since: Option<Instant>,
     stats: GovernorStats,
@@ -165,6 +172,7 @@ impl Governor {
             published,
             pressure: Pressure::None,
             last: None,
+            last_sample: None,
             soft_since: None,
             stats: GovernorStats::default(),
             history: VecDeque::with_capacity(HISTORY),
@@ -199,6 +207,11 @@ impl Governor {
                         let b = self.relief.spill(view.usage.saturating_sub(target));
                         self.stats.spills += 1;
                         self.stats.spill_bytes += b;
+                        if b > 0 {
+                            // What the spillers freed sits in the allocator until trimmed.
+                            self.stats.trim_bytes += self.relief.trim();
+                            self.stats.trims += 1;
+                        }
                         b
                     }
                 };
@@ -221,7 +234,19 @@ impl Governor {
                 self.stats.max_relief_nanos = self.stats.max_relief_nanos.max(nanos);
             }
         }
-        let interval = self.thresholds.interval(view.usage, view.limit);
+        let mut interval = self.thresholds.interval(view.usage, view.limit);
+        // Growing fast: look again before the growth seen since the last sample could reach the
+        // soft level (half the projected time), never more often than `min_interval`.
+        if let (Some((then, before)), Some(limit)) = (self.last_sample, view.limit) {
+            let soft = self.thresholds.bytes_at(Pressure::Soft, limit);
+            let dt = now.saturating_duration_since(then).as_secs_f64();
+            if view.usage > before && view.usage < soft && dt > 0.0 {
+                let rate = (view.usage - before) as f64 / dt;
+                let to_soft = Duration::from_secs_f64((soft - view.usage) as f64 / rate / 2.0);
+                interval = interval.min(to_soft).max(self.thresholds.min_interval);
+            }
+        }
+        self.last_sample = Some((now, view.usage));
         self.last = Some(view);
         interval
     }

@@ -183,8 +183,11 @@ fn hard_pressure_spills_for_what_is_over_and_stays_hard_while_it_cannot() {
     world.usage.store(950, Ordering::SeqCst);
     world.spillable.store(30, Ordering::SeqCst);
     g.tick(now);
-    // Target: soft (850); 950 over it by 100; the spillers only had 30.
-    assert_eq!(calls(&world), ["idle 0", "trim 0", "spill(ask 100) 30"]);
+    // Target: soft (850); 950 over it by 100; the spillers only had 30, then a trim.
+    assert_eq!(
+        calls(&world),
+        ["idle 0", "trim 0", "spill(ask 100) 30", "trim 0"]
+    );
     assert_eq!(
         published.pressure(),
         Pressure::Hard,
@@ -238,4 +241,32 @@ fn the_thread_ticks_until_stopped() {
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(published.samples(), samples, "no sample after stop");
     assert_eq!(thread.stats().give_back_bytes, 80);
+}
+
+#[test]
+fn fast_growth_samples_sooner() {
+    let world = Arc::new(World::default());
+    let (mut g, _) = governor(&world, 1000);
+    let t0 = Instant::now();
+    world.usage.store(100, Ordering::SeqCst);
+    assert_eq!(g.tick(t0), Thresholds::default().max_interval);
+    // 100 -> 400 in 100 ms: 3000/s; 450 to soft (850) takes 150 ms: look again in 75 ms.
+    world.usage.store(400, Ordering::SeqCst);
+    let next = g.tick(t0 + Duration::from_millis(100));
+    assert!(
+        next > Duration::from_millis(70) && next < Duration::from_millis(80),
+        "{next:?}"
+    );
+    // Faster still: never below min_interval.
+    world.usage.store(800, Ordering::SeqCst);
+    assert_eq!(
+        g.tick(t0 + Duration::from_millis(101)),
+        Thresholds::default().min_interval
+    );
+    // Shrinking: the headroom's interval.
+    world.usage.store(100, Ordering::SeqCst);
+    assert_eq!(
+        g.tick(t0 + Duration::from_millis(200)),
+        Thresholds::default().max_interval
+    );
 }

@@ -54,12 +54,15 @@ pub trait Probe: Send {
     fn read(&mut self) -> io::Result<ContainerView>;
 }
 
-/// Reads the process's memory cgroup (located once; limits and usage re-read on every call) or,
-/// without one, `/proc/self/status`.
+/// Reads the process's memory cgroup or, without one, `/proc/self/status`. Limits and usage are
+/// read on every call; the cgroup is located again whenever `/proc/self/cgroup` changed (a
+/// process can be moved to another cgroup while it runs).
 #[derive(Debug)]
 pub struct CgroupProbe {
     root: FsRoot,
     cgroup: Option<Cgroup>,
+    /// `/proc/self/cgroup` when the cgroup was located.
+    membership: Option<String>,
     configured: Option<u64>,
 }
 
@@ -69,11 +72,26 @@ pub const CONFIGURED_LIMIT: &str = "spark.nativemem.containerLimit";
 impl CgroupProbe {
     /// Locates the cgroup under `root`; `configured`: a limit set by the user, bytes.
     pub fn new(root: FsRoot, configured: Option<u64>) -> Self {
+        let membership = cgroup::membership(&root);
         let cgroup = cgroup::locate(&root);
         CgroupProbe {
             root,
             cgroup,
+            membership,
             configured,
+        }
+    }
+
+    /// Locates the cgroup again if the process moved.
+    fn follow_moves(&mut self) {
+        let now = cgroup::membership(&self.root);
+        if now != self.membership {
+            self.cgroup = cgroup::locate(&self.root);
+            self.membership = now;
+            log::info!(
+                "nativemem governor: the process moved to another cgroup: {:?}",
+                self.cgroup.as_ref().map(|c| &c.dirs[0])
+            );
         }
     }
 
@@ -105,6 +123,7 @@ impl CgroupProbe {
 
 impl Probe for CgroupProbe {
     fn read(&mut self) -> io::Result<ContainerView> {
+        self.follow_moves();
         let Some(cgroup) = &self.cgroup else {
             let usage = self.process_anon()?;
             return Ok(ContainerView {

@@ -317,3 +317,32 @@ fn mountinfo_escapes_and_stat_values() {
     assert_eq!(stat_value("anon_thp 9\n", "anon"), None);
     assert_eq!(stat_value("anon x\n", "anon"), None);
 }
+
+#[test]
+fn a_process_moved_to_another_cgroup_is_followed() {
+    let t = Tree::new();
+    t.file("/proc/self/cgroup", "4:memory:/a\n")
+        .file("/proc/self/mountinfo", HYBRID_MOUNTINFO)
+        .file("/sys/fs/cgroup/memory/a/memory.stat", "total_rss 10\n")
+        .file(
+            "/sys/fs/cgroup/memory/a/memory.limit_in_bytes",
+            V1_UNLIMITED_TEXT,
+        )
+        .file(
+            "/sys/fs/cgroup/memory/a/limited/memory.stat",
+            "total_rss 3\n",
+        )
+        .file(
+            "/sys/fs/cgroup/memory/a/limited/memory.limit_in_bytes",
+            "100\n",
+        );
+    let mut probe = CgroupProbe::new(t.root(), None);
+    assert_eq!(probe.read().unwrap().limit, None);
+    t.file("/proc/self/cgroup", "4:memory:/a/limited\n");
+    let view = probe.read().unwrap();
+    assert_eq!((view.limit, view.usage), (Some(100), 3));
+    assert_eq!(
+        probe.cgroup().unwrap().dirs[0],
+        PathBuf::from("/sys/fs/cgroup/memory/a/limited")
+    );
+}
