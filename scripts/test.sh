@@ -16,6 +16,10 @@
 #   gradle          gradle cleanTest test assemble: JUnit tests (tests/java) + build/libs/*.jar
 #   product-contents scripts/check-product.sh: the release library exports only the allow-list,
 #                   nativemem.jar holds only org.nativemem, org.nativemem.spark and org.nativemem.arrow
+#   container:governor@<v>  tests/spark/container-governor.sh on the full releases: the container
+#                   governor in a real memory cgroup, governor off (the kernel OOM-kills the
+#                   executor) and on (the job completes); SKIP (exit 77, counted apart) where no
+#                   memory cgroup can be created
 #   e2e:<name>@<v>  the lines of tests/spark/tests.txt on each Spark release <v> of
 #                   scripts/spark-releases.txt: all of them on a `full` release (the oldest and the
 #                   newest), the lines marked `core` on the others
@@ -73,7 +77,7 @@ names=() results=() times=() reasons=()
 LOG_DIR="$ROOT/target/test-logs"
 rm -rf "$LOG_DIR" && mkdir -p "$LOG_DIR"
 last_rc=0
-passed=0 failed=0
+passed=0 failed=0 skipped=0
 
 selected() { # suite name
   [ ${#patterns[@]} -eq 0 ] && return 0
@@ -91,6 +95,10 @@ record() { # name status(0=pass) start
   if [ "$2" -eq 0 ]; then
     results+=(PASS); passed=$((passed + 1))
     echo "${green}--- PASS $1 ($t)${reset}"
+  elif [ "$2" -eq 77 ]; then
+    # The suite cannot run here (it said why): counted apart, never as passed.
+    results+=(SKIP); skipped=$((skipped + 1))
+    echo "--- SKIP $1 ($t)"
   else
     results+=(FAIL); failed=$((failed + 1))
     echo "${red}--- FAIL $1 ($t, exit $2)${reset}"
@@ -128,6 +136,7 @@ summary() {
     echo "why (first lines of each failed suite's log; whole logs in ${LOG_DIR#"$ROOT"/}/):"
     printf '  %s\n' "${reasons[@]}"
   fi
+  [ "$skipped" -eq 0 ] || echo "$skipped skipped (could not run here; see their SKIP lines)"
   echo "$passed passed, $failed failed"
 }
 
@@ -207,6 +216,13 @@ for line in ${e2e_lines[@]+"${e2e_lines[@]}"}; do
       done
     fi
   done
+done
+
+# The container governor against a real memory cgroup and the kernel's OOM killer, on the full
+# releases (the oldest and the newest): tests/spark/container-governor.sh (root; SKIP elsewhere).
+for v in $SPARK_VERSIONS; do
+  [ "$(spark_scope "$v")" = full ] || continue
+  run_suite "container:governor@$v" "$E2E_TIMEOUT" bash tests/spark/container-governor.sh "$v"
 done
 
 summary

@@ -55,6 +55,10 @@ pub struct Published {
     limit: AtomicU64,
     usage: AtomicU64,
     samples: AtomicU64,
+    /// Native growth noted since the last sample ([`Published::note_growth`]).
+    grown: AtomicU64,
+    /// Growth since the last sample at which to sample at once (half the way to the next level).
+    wake_at: AtomicU64,
 }
 
 impl Published {
@@ -65,7 +69,20 @@ impl Published {
             limit: AtomicU64::new(0),
             usage: AtomicU64::new(0),
             samples: AtomicU64::new(0),
+            grown: AtomicU64::new(0),
+            wake_at: AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// Notes `bytes` of new native memory (a block reserved from Spark); true when the growth
+    /// since the last sample just crossed half the way to the next level, so the caller should
+    /// [`Waker::wake`] the governor: native growth faster than the sampling interval is seen in
+    /// time. One relaxed RMW and one load.
+    #[inline]
+    pub fn note_growth(&self, bytes: u64) -> bool {
+        let before = self.grown.fetch_add(bytes, Ordering::Relaxed);
+        let at = self.wake_at.load(Ordering::Relaxed);
+        before < at && before.saturating_add(bytes) >= at
     }
 
     /// The level of the last sample (one relaxed load).
@@ -94,6 +111,13 @@ impl Published {
         self.pressure.store(Pressure::None as u8, Ordering::Relaxed);
         self.limit.store(0, Ordering::Relaxed);
         self.usage.store(0, Ordering::Relaxed);
+        self.wake_at.store(u64::MAX, Ordering::Relaxed);
+    }
+
+    /// After a sample: growth is counted from 0 again, and `wake_at` bytes of it ask for the next.
+    fn rearm(&self, wake_at: u64) {
+        self.grown.store(0, Ordering::Relaxed);
+        self.wake_at.store(wake_at, Ordering::Relaxed);
     }
 
     fn store(&self, view: &ContainerView, pressure: Pressure) {
@@ -247,6 +271,22 @@ impl Governor {
             }
         }
         self.last_sample = Some((now, view.usage));
+        let wake_at = match view.limit {
+            Some(limit) => {
+                let next = match level {
+                    Pressure::None => self.thresholds.bytes_at(Pressure::Soft, limit),
+                    Pressure::Soft => self.thresholds.bytes_at(Pressure::Hard, limit),
+                    Pressure::Hard => u64::MAX,
+                };
+                if next == u64::MAX {
+                    u64::MAX
+                } else {
+                    (next.saturating_sub(view.usage) / 2).max(1)
+                }
+            }
+            None => u64::MAX,
+        };
+        self.published.rearm(wake_at);
         self.last = Some(view);
         interval
     }
@@ -372,6 +412,8 @@ pub struct GovernorThread {
 }
 
 struct ThreadShared {
+    /// Set by [`Waker::wake`]: sample now instead of waiting out the interval.
+    wake_pending: AtomicBool,
     governor: Mutex<Governor>,
     /// A copy of the stats after each tick: readers never wait for a tick's relief calls.
     stats: Mutex<GovernorStats>,
@@ -384,6 +426,7 @@ impl GovernorThread {
     /// Starts ticking `governor` on a thread named `nativemem-governor`.
     pub fn start(governor: Governor) -> std::io::Result<GovernorThread> {
         let shared = Arc::new(ThreadShared {
+            wake_pending: AtomicBool::new(false),
             stats: Mutex::new(governor.stats().clone()),
             governor: Mutex::new(governor),
             stop: AtomicBool::new(false),
@@ -426,6 +469,11 @@ impl GovernorThread {
         })
     }
 
+    /// A handle that makes the thread sample now.
+    pub fn waker(&self) -> Waker {
+        Waker(self.shared.clone())
+    }
+
     /// What the governor did, as of its last tick (never waits for a tick in progress).
     pub fn stats(&self) -> GovernorStats {
         self.shared
@@ -459,6 +507,26 @@ impl GovernorThread {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// Makes a [`GovernorThread`] sample now (e.g. when native memory grew fast, see
+/// [`Published::note_growth`]). Cheap to clone; waking a stopped thread does nothing.
+#[derive(Clone)]
+pub struct Waker(Arc<ThreadShared>);
+
+impl Waker {
+    /// Asks for a sample now; never waits for the tick itself.
+    pub fn wake(&self) {
+        self.0.wake_pending.store(true, Ordering::Release);
+        let _g = self.0.sleeping.lock().unwrap_or_else(|p| p.into_inner());
+        self.0.wake.notify_all();
+    }
+}
+
+impl std::fmt::Debug for Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Waker")
     }
 }
 

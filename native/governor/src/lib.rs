@@ -27,8 +27,11 @@
 //! ## Cost
 //!
 //! A sample reads two or three small files (tens of microseconds); it runs every second while
-//! usage is under half the limit and every 20 ms from the soft level up. A grow pays one relaxed
-//! atomic load ([`Published::pressure`]).
+//! usage is under half the limit and every 20 ms from the soft level up, sooner while usage grows
+//! fast, and at once when the native memory reserved since the last sample crossed half the way
+//! to the next level ([`Published::note_growth`], which the grow gate calls for every block
+//! reserved from Spark). A grow from the cushion pays nothing; one that reserves a block pays a
+//! relaxed load and a relaxed add.
 
 pub mod cgroup;
 pub mod governor;
@@ -36,7 +39,7 @@ pub mod levels;
 pub mod view;
 
 pub use cgroup::FsRoot;
-pub use governor::{Governor, GovernorStats, GovernorThread, Published, Relief, Snapshot};
+pub use governor::{Governor, GovernorStats, GovernorThread, Published, Relief, Snapshot, Waker};
 pub use levels::{InvalidThresholds, Pressure, Thresholds};
 pub use view::{CgroupProbe, ContainerView, Probe, Source};
 

@@ -270,3 +270,35 @@ fn fast_growth_samples_sooner() {
         Thresholds::default().max_interval
     );
 }
+
+#[test]
+fn native_growth_wakes_the_thread_before_its_interval() {
+    let world = Arc::new(World::default());
+    world.usage.store(100, Ordering::SeqCst);
+    let (g, published) = governor(&world, 1000);
+    let thread = GovernorThread::start(g).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while published.samples() < 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // At 100 of 1000 the interval is 1 s; soft is at 850: half the way is 375 bytes of growth.
+    assert!(!published.note_growth(300), "not yet half the way");
+    assert!(
+        published.note_growth(100),
+        "crossed: the caller wakes the governor"
+    );
+    assert!(!published.note_growth(100), "once per crossing");
+    let samples = published.samples();
+    world.usage.store(900, Ordering::SeqCst);
+    thread.waker().wake();
+    let woke = Instant::now();
+    while published.samples() == samples && woke.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        woke.elapsed() < Duration::from_millis(900),
+        "sampled at once, not after the 1 s interval: {:?}",
+        woke.elapsed()
+    );
+    assert_eq!(published.pressure(), Pressure::Soft);
+}

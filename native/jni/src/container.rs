@@ -14,7 +14,8 @@ use crate::guard::{non_negative, run_export, to_jlong};
 
 /// `static native String nativeStart(long configuredLimitBytes /* 0: none */, double softLevel,
 /// double hardLevel, long minIntervalMillis, long maxIntervalMillis)`: starts the governor unless
-/// one runs or no limit applies; returns what it found, for the executor's log.
+/// one runs or there is neither a memory cgroup nor a configured limit; returns what it found,
+/// for the executor's log.
 #[no_mangle]
 pub extern "system" fn Java_org_nativemem_ContainerGovernor_nativeStart<'l>(
     mut env: JNIEnv<'l>,
@@ -56,7 +57,7 @@ pub extern "system" fn Java_org_nativemem_ContainerGovernor_nativeStart<'l>(
 
 /// `static native long[] nativeStatus()`: {running, limit, anonymous usage, pressure, samples,
 /// sample nanos, sample errors, soft entries, hard entries, give-backs, give-back bytes, trims,
-/// spills, spilled bytes, last relief nanos, longest relief nanos, grow refusals (live managers)}.
+/// spills, spilled bytes, last relief nanos, longest relief nanos, grow refusals so far}.
 #[no_mangle]
 pub extern "system" fn Java_org_nativemem_ContainerGovernor_nativeStatus<'l>(
     mut env: JNIEnv<'l>,
@@ -82,7 +83,7 @@ pub extern "system" fn Java_org_nativemem_ContainerGovernor_nativeStatus<'l>(
             g.spill_bytes,
             g.last_relief_nanos,
             g.max_relief_nanos,
-            s.live_gate_refusals,
+            s.gate_refusals,
         ]
         .map(to_jlong);
         let array = env.new_long_array(values.len() as i32)?;

@@ -6,14 +6,22 @@
 //! gate; the governor (`crate::governor`, above the registry) reads the list and enters the
 //! managers through the registry like any other caller.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use nativemem_core::{human, GrowGate};
-use nativemem_governor::{Pressure, Published, Thresholds};
+use nativemem_governor::{Pressure, Published, Thresholds, Waker};
 use parking_lot::Mutex;
 
 /// The governor's last sample; all zero (no pressure) until a governor runs.
 pub(crate) static PUBLISHED: Published = Published::new();
+
+/// Wakes the running governor (set by `governor::start`, cleared by `stop`).
+static WAKER: Mutex<Option<Waker>> = Mutex::new(None);
+
+pub(crate) fn set_waker(waker: Option<Waker>) {
+    *WAKER.lock() = waker;
+}
 
 /// The levels of the governor that runs (for the gate's message).
 static LEVELS: Mutex<Option<Thresholds>> = Mutex::new(None);
@@ -32,8 +40,17 @@ impl GrowGate for ContainerGate {
     fn refuse(&self, bytes: u64) -> Option<String> {
         let p = &PUBLISHED;
         if p.pressure() != Pressure::Hard {
+            if p.note_growth(bytes) {
+                // Grown fast since the last sample: sample now. Rare (once per crossing), and the
+                // lock is held for a notify only, never while calling anything else.
+                if let Some(w) = WAKER.lock().as_ref() {
+                    w.wake();
+                }
+            }
             return None;
         }
+        // Relaxed: a statistic.
+        REFUSALS.fetch_add(1, Ordering::Relaxed);
         let hard = LEVELS
             .lock()
             .map(|t| format!(" (hard level {:.0}%)", t.hard * 100.0))
@@ -46,6 +63,14 @@ impl GrowGate for ContainerGate {
             human(bytes)
         ))
     }
+}
+
+/// Listener reservations the gate refused, in all managers so far.
+static REFUSALS: AtomicU64 = AtomicU64::new(0);
+
+/// Listener reservations the gate refused so far (process-wide).
+pub(crate) fn refusals() -> u64 {
+    REFUSALS.load(Ordering::Relaxed)
 }
 
 /// The gate to give a new manager.

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use nativemem_core::human;
 use nativemem_governor::{
     CgroupProbe, ContainerView, FsRoot, Governor, GovernorStats, GovernorThread, Probe, Relief,
-    Thresholds,
+    Source, Thresholds,
 };
 use parking_lot::Mutex;
 
@@ -41,7 +41,7 @@ pub enum Started {
     Running(ContainerView),
     /// One runs already (started by an earlier call).
     AlreadyRunning,
-    /// No limit applies (no cgroup limit, none configured): nothing to govern. The reading.
+    /// No memory cgroup and no configured limit: nothing to govern. The reading.
     NoLimit(ContainerView),
 }
 
@@ -67,7 +67,10 @@ pub fn start_with(thresholds: Thresholds, mut probe: Box<dyn Probe>) -> Result<S
     let view = probe
         .read()
         .map_err(|e| Error::Other(format!("cannot read the container's memory: {e}")))?;
-    if view.limit.is_none() {
+    // Without a limit but in a memory cgroup, the governor still samples (every
+    // `max_interval`): a limit set later, or a move into a limited cgroup, is then governed.
+    // Without a cgroup and a configured limit nothing can change: no governor.
+    if view.limit.is_none() && view.source == Source::Process {
         return Ok(Started::NoLimit(view));
     }
     container::set_levels(Some(thresholds));
@@ -79,12 +82,14 @@ pub fn start_with(thresholds: Thresholds, mut probe: Box<dyn Probe>) -> Result<S
     );
     let thread = GovernorThread::start(governor)
         .map_err(|e| Error::Other(format!("cannot start the governor thread: {e}")))?;
+    container::set_waker(Some(thread.waker()));
     *running = Some(thread);
     Ok(Started::Running(view))
 }
 
 /// Stops the governor, if one runs; grows are no longer refused afterwards.
 pub fn stop() {
+    container::set_waker(None);
     let thread = RUNNING.lock().take();
     drop(thread); // joins, with the lock released
     let p = &container::PUBLISHED;
@@ -105,8 +110,8 @@ pub struct GovernorStatus {
     pub pressure: u8,
     /// What it did.
     pub stats: GovernorStats,
-    /// Listener reservations refused by the gate, across the executor's managers (live ones).
-    pub live_gate_refusals: u64,
+    /// Listener reservations refused by the gate so far, in all the executor's managers.
+    pub gate_refusals: u64,
 }
 
 /// The governor's state now.
@@ -116,19 +121,13 @@ pub fn status() -> GovernorStatus {
     let is_running = running.is_some();
     let stats = running.as_ref().map(|t| t.stats()).unwrap_or_default();
     drop(running);
-    let mut refusals = 0;
-    for handle in container::managers() {
-        if let Ok(call) = registry::enter_manager(handle) {
-            refusals += call.manager().stats().gate_refusals;
-        }
-    }
     GovernorStatus {
         running: is_running,
         limit: p.limit(),
         usage: p.usage(),
         pressure: p.pressure() as u8,
         stats,
-        live_gate_refusals: refusals,
+        gate_refusals: container::refusals(),
     }
 }
 
@@ -242,7 +241,7 @@ pub fn describe_view(view: &ContainerView) -> String {
             human(view.cache)
         ),
         None => format!(
-            "no memory limit (no cgroup limit, {} not set), anonymous {}",
+            "no memory limit yet (no cgroup limit, {} not set), anonymous {}",
             nativemem_governor::view::CONFIGURED_LIMIT,
             human(view.usage)
         ),

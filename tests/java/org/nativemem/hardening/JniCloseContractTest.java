@@ -153,7 +153,7 @@ public class JniCloseContractTest extends HardeningSupport {
                 (f, p) -> new Object[] {0L, 0.85, 0.93, 20L, 1000L},
                 (f, p, r) -> {
                     // Governing (where this machine's cgroup sets a limit) or not: it says which.
-                    assertTrue(String.valueOf(r), ((String) r).contains("governor"));
+                    assertTrue(String.valueOf(r), ((String) r).contains("govern"));
                     call("ContainerGovernor.nativeStop");
                 }));
         t.put("NativeMemoryManager.nativeCreate(String,ReservationListener,long,long,long,long)",

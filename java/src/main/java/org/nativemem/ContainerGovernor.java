@@ -12,9 +12,11 @@ package org.nativemem;
  * {@code memory.limit_in_bytes} and {@code hierarchical_memory_limit}) and the configured limit
  * ({@code spark.nativemem.containerLimit}); each compared with the anonymous memory of the cgroup
  * it is set on, never page cache. Without a cgroup the usage is the process's anonymous resident
- * memory. With no limit at all there is nothing to govern and {@link #start} says so. The files
- * are read again on every sample (limits can change at runtime): every second while usage is
- * under half the limit, every 20 ms from the soft level up.
+ * memory. The files are read again on every sample, and the cgroup is found again when the
+ * process moves (limits and membership can change at runtime): every second while usage is under
+ * half the limit (or there is no limit yet), every 20 ms from the soft level up, sooner while
+ * usage grows fast. Outside any memory cgroup and with no configured limit there is nothing to
+ * govern, and {@link #start} says so.
  *
  * <h2>What it does</h2>
  * <ul>
@@ -47,7 +49,8 @@ public final class ContainerGovernor {
     }
 
     /**
-     * Starts the governor unless one runs or no limit applies (loads the native library first).
+     * Starts the governor unless one runs, or there is neither a memory cgroup nor a configured
+     * limit (loads the native library first).
      *
      * @param configuredLimitBytes a limit to apply beside the cgroup's; 0 for none
      * @param softLevel soft level, a fraction of the limit in (0, 1]
@@ -176,7 +179,7 @@ public final class ContainerGovernor {
             return v[15];
         }
 
-        /** @return native grows refused for container pressure, in the tasks running now */
+        /** @return native grows refused for container pressure so far (each then spilled or failed) */
         public long refusedGrows() {
             return v[16];
         }
