@@ -14,7 +14,9 @@
 //! for memory on another thread).
 //!
 //! # Errors and exceptions
-//! Every export catches panics (none crosses JNI) and throws one Java exception per error:
+//! Every export runs under the JNI kit's guard (`nativemem_client::java::run_export`): no panic
+//! crosses JNI, and each error becomes one Java exception by the kit's table, plus this engine's
+//! own exception for a failed query:
 //!
 //! | error                                                  | Java exception                              |
 //! |--------------------------------------------------------|---------------------------------------------|
@@ -25,18 +27,17 @@
 //! | a `null` argument                                      | `NullPointerException`                      |
 //! | anything else (JNI failure, panic)                     | `org.nativemem.NativeMemoryException`       |
 
-use std::any::Any;
-use std::panic::{self, AssertUnwindSafe};
-use std::sync::{Arc, Once, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use datafusion::error::DataFusionError;
 use datafusion::execution::memory_pool::MemoryPool;
-use jni::objects::{JClass, JObject, JString, JValue};
+use jni::objects::{JClass, JObject, JString, JThrowable, JValue};
 use jni::sys::{jboolean, jint, jlong, jlongArray};
 use jni::JNIEnv;
-use nativemem_client::handles::{kind, HandleError, HandleTable};
-use nativemem_client::{Api, Code};
+use nativemem_client::handles::{kind, HandleTable};
+use nativemem_client::java::{long_array, run_export, string_arg, JavaError as Error, Result};
+use nativemem_client::Api;
 use nativemem_datafusion::{ClientPool, NativememPool};
 use parking_lot::Mutex;
 use tokio::runtime::Runtime;
@@ -44,8 +45,6 @@ use tokio::task::JoinHandle;
 
 use crate::per_call::PerCallPool;
 use crate::query::{self, Outcome, Query};
-
-static LOGGING: Once = Once::new();
 
 /// Live tasks: this library's only table, with the first tag of the range reserved for engines.
 static TASKS: HandleTable<Task> = HandleTable::for_engine(kind::ENGINE_FIRST, "DataFusion task");
@@ -69,125 +68,26 @@ fn runtime() -> &'static Runtime {
 
 // ---- errors ------------------------------------------------------------------------------------
 
-type Result<T, E = Error> = std::result::Result<T, E>;
-
-#[derive(Debug)]
-enum Error {
-    Memory(nativemem_client::Error),
-    Handle(HandleError),
-    Query(DataFusionError),
-    State(String),
-    InvalidArgument(String),
-    Null(&'static str),
-    Jni(jni::errors::Error),
-    Panic(String),
-}
-
-impl From<nativemem_client::Error> for Error {
-    fn from(e: nativemem_client::Error) -> Self {
-        Error::Memory(e)
-    }
-}
-impl From<HandleError> for Error {
-    fn from(e: HandleError) -> Self {
-        Error::Handle(e)
-    }
-}
-impl From<jni::errors::Error> for Error {
-    fn from(e: jni::errors::Error) -> Self {
-        Error::Jni(e)
-    }
-}
-impl From<nativemem_datafusion::NativeError> for Error {
-    fn from(e: nativemem_datafusion::NativeError) -> Self {
-        Error::State(format!("nativemem: {e}"))
-    }
-}
-
 const QUERY_EXCEPTION: &str = "org/nativemem/examples/DataFusionQueryException";
-const OUT_OF_MEMORY: &str = "org/nativemem/NativeOutOfMemoryException";
-const NATIVE_MEMORY: &str = "org/nativemem/NativeMemoryException";
-const ILLEGAL_ARGUMENT: &str = "java/lang/IllegalArgumentException";
-const ILLEGAL_STATE: &str = "java/lang/IllegalStateException";
-const NULL_POINTER: &str = "java/lang/NullPointerException";
 
-/// Throws the Java exception for `err` (see the module table), keeping one already pending.
-fn throw(env: &mut JNIEnv, err: Error) {
-    if env.exception_check().unwrap_or(true) {
-        return;
-    }
-    let (class, message) = match &err {
-        Error::Query(e) => {
-            let exhausted = matches!(e.find_root(), DataFusionError::ResourcesExhausted(_));
-            let thrown = env.new_string(e.to_string()).and_then(|msg| {
-                env.new_object(
-                    QUERY_EXCEPTION,
-                    "(Ljava/lang/String;Z)V",
-                    &[JValue::Object(&msg), JValue::Bool(exhausted.into())],
-                )
-            });
-            match thrown {
-                Ok(obj) => {
-                    if let Err(e) = env.throw(jni::objects::JThrowable::from(obj)) {
-                        log::error!("throwing DataFusionQueryException failed ({e}): {err:?}");
-                    }
-                    return;
-                }
-                Err(_) if env.exception_check().unwrap_or(true) => return,
-                Err(_) => (NATIVE_MEMORY, format!("DataFusion query failed: {e}")),
-            }
-        }
-        Error::Memory(e) => match e.code {
-            Code::OutOfMemory => (OUT_OF_MEMORY, e.message.clone()),
-            Code::InvalidArgument => (ILLEGAL_ARGUMENT, e.message.clone()),
-            Code::StaleHandle | Code::InvalidHandle | Code::Closed => {
-                (ILLEGAL_STATE, e.message.clone())
-            }
-            _ => (NATIVE_MEMORY, e.to_string()),
-        },
-        Error::Handle(e) => (ILLEGAL_STATE, e.to_string()),
-        Error::State(m) => (ILLEGAL_STATE, m.clone()),
-        Error::InvalidArgument(m) => (ILLEGAL_ARGUMENT, m.clone()),
-        Error::Null(name) => (NULL_POINTER, format!("{name} must not be null")),
-        Error::Jni(e) => (NATIVE_MEMORY, format!("JNI call failed: {e}")),
-        Error::Panic(m) => (NATIVE_MEMORY, format!("native panic: {m}")),
-    };
-    if let Err(e) = env.throw_new(class, &message) {
-        log::error!("failed to throw {class} ({e}): {message}");
-    }
+/// A failed query as `DataFusionQueryException(message, resourcesExhausted)`.
+fn query_error(e: DataFusionError) -> Error {
+    let exhausted = matches!(e.find_root(), DataFusionError::ResourcesExhausted(_));
+    let message = e.to_string();
+    Error::throw(format!("DataFusion query failed: {message}"), move |env| {
+        let msg = env.new_string(message)?;
+        let obj = env.new_object(
+            QUERY_EXCEPTION,
+            "(Ljava/lang/String;Z)V",
+            &[JValue::Object(&msg), JValue::Bool(exhausted.into())],
+        )?;
+        Ok(JThrowable::from(obj))
+    })
 }
 
-/// Runs an export body; throws for its error or panic and returns `on_error`. No panic leaves it.
-fn run_export<'local, R>(
-    env: &mut JNIEnv<'local>,
-    on_error: R,
-    body: impl FnOnce(&mut JNIEnv<'local>) -> Result<R>,
-) -> R {
-    LOGGING.call_once(|| {
-        // This library's own copy of the `log` facade logs to stderr, filtered by NATIVEMEM_LOG
-        // (default `warn`) as nativemem's own library does.
-        let env = env_logger::Env::new().filter_or("NATIVEMEM_LOG", "warn");
-        let _ = env_logger::Builder::from_env(env).try_init();
-    });
-    let err = match panic::catch_unwind(AssertUnwindSafe(|| body(env))) {
-        Ok(Ok(value)) => return value,
-        Ok(Err(err)) => err,
-        Err(payload) => Error::Panic(panic_message(payload.as_ref())),
-    };
-    if panic::catch_unwind(AssertUnwindSafe(|| throw(env, err))).is_err() {
-        log::error!("panic while throwing a Java exception; the error is lost");
-    }
-    on_error
-}
-
-fn panic_message(payload: &(dyn Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic with a non-string payload".to_string()
-    }
+/// An error of the DataFusion pool's own use of nativemem.
+fn pool_error(e: nativemem_datafusion::NativeError) -> Error {
+    Error::IllegalState(format!("nativemem: {e}"))
 }
 
 // ---- the task ----------------------------------------------------------------------------------
@@ -298,10 +198,10 @@ impl Task {
         {
             let state = self.state.lock();
             if state.closed {
-                return Err(Error::State("the DataFusion task is closed".into()));
+                return Err(Error::IllegalState("the DataFusion task is closed".into()));
             }
             if state.running.is_some() || state.abort.is_some() {
-                return Err(Error::State(
+                return Err(Error::IllegalState(
                     "a query is already running on this DataFusion task".into(),
                 ));
             }
@@ -318,7 +218,7 @@ impl Task {
                     None,
                 )?));
                 if *answer_spill_requests {
-                    pool.answer_spill_requests()?;
+                    pool.answer_spill_requests().map_err(pool_error)?;
                 }
                 (pool.clone(), LivePool::Nativemem(pool))
             }
@@ -335,7 +235,7 @@ impl Task {
         if state.closed {
             // Closed while the pool was being built: stop at once.
             handle.abort();
-            return Err(Error::State("the DataFusion task is closed".into()));
+            return Err(Error::IllegalState("the DataFusion task is closed".into()));
         }
         state.pool = Some(live);
         state.last = None;
@@ -350,12 +250,9 @@ impl Task {
 
     /// Waits for the running query; its outcome or error.
     fn wait(&self) -> Result<[u64; STATS_LEN]> {
-        let running = self
-            .state
-            .lock()
-            .running
-            .take()
-            .ok_or_else(|| Error::State("no query started on this DataFusion task".into()))?;
+        let running = self.state.lock().running.take().ok_or_else(|| {
+            Error::IllegalState("no query started on this DataFusion task".into())
+        })?;
         let joined = runtime().block_on(running.handle);
         {
             let mut state = self.state.lock();
@@ -373,11 +270,11 @@ impl Task {
             }
             Ok(Err(e)) => {
                 state.last = Some(Outcome::default());
-                Err(Error::Query(e))
+                Err(query_error(e))
             }
             Err(e) => {
                 state.last = Some(Outcome::default());
-                Err(Error::State(format!(
+                Err(Error::IllegalState(format!(
                     "the DataFusion query did not finish: {e}"
                 )))
             }
@@ -438,17 +335,6 @@ impl Task {
 
 // ---- exports -----------------------------------------------------------------------------------
 
-fn long_array(env: &mut JNIEnv, values: &[u64; STATS_LEN]) -> Result<jlongArray> {
-    let array = env.new_long_array(STATS_LEN as i32)?;
-    let values: Vec<i64> = values
-        .iter()
-        // Bit-cast: digests use all 64 bits; counts never reach 2^63.
-        .map(|v| *v as i64)
-        .collect();
-    env.set_long_array_region(&array, 0, &values)?;
-    Ok(array.into_raw())
-}
-
 /// `static native long nativeOpen(long api, long manager, String poolPath, int partitions,
 /// boolean answerSpillRequests, Object perCallConsumer)`
 #[no_mangle]
@@ -463,11 +349,7 @@ pub extern "system" fn Java_org_nativemem_examples_DataFusionTask_nativeOpen<'lo
     per_call_consumer: JObject<'local>,
 ) -> jlong {
     run_export(&mut env, 0, |env| {
-        if pool_path.is_null() {
-            return Err(Error::Null("poolPath"));
-        }
-        // SAFETY: a non-null java.lang.String (the JVM type-checks native method arguments).
-        let pool_path: String = unsafe { env.get_string_unchecked(&pool_path) }?.into();
+        let pool_path = string_arg(env, &pool_path, "poolPath")?;
         let partitions = usize::try_from(partitions)
             .ok()
             .filter(|p| (1..=64).contains(p))

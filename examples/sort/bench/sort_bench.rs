@@ -16,8 +16,8 @@
 
 use std::time::Instant;
 
-use nativemem_client::{sys, Api, ManagerOptions};
-use nativemem_examples::{Accounting, ExternalSorter, SorterOptions, TaskPool};
+use nativemem_client::{sys, Api, ManagerOptions, TaskPool};
+use nativemem_examples::{Accounting, ExternalSorter, SorterOptions};
 
 const MIB: u64 = 1 << 20;
 const BATCH_KEYS: usize = 64 << 10;

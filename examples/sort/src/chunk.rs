@@ -20,10 +20,9 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use nativemem_client::{Allocation, Lease};
+use nativemem_client::{Allocation, Lease, TaskPool};
 
 use crate::error::{Result, SortError};
-use crate::task::TaskPool;
 
 /// Alignment of a chunk: a cache line, so sorting never splits a key across lines.
 pub(crate) const CHUNK_ALIGN: usize = 64;

@@ -46,10 +46,9 @@
 //! returns.
 //!
 //! # Errors and exceptions
-//! Every export catches panics (none crosses JNI) and maps its error to one Java exception
-//! ([`java_exception`]), creating the `org.nativemem` exception classes itself by name on the
-//! calling Java thread (`FindClass` there uses the class loader of `NativeSorter`, which sees
-//! `org.nativemem` also when both jars come from Spark's `--jars`):
+//! Every export runs under the JNI kit's guard (`nativemem_client::java::run_export`): no panic
+//! crosses JNI, and each error becomes one Java exception by the kit's table; the sort's own
+//! errors map onto it in [`sort_error`]:
 //!
 //! | error                                               | Java exception                      |
 //! |-----------------------------------------------------|-------------------------------------|
@@ -68,20 +67,22 @@
 //! being handed to Java (at most `batch_keys` keys); like the sorter's own spill write buffer, they
 //! are small fixed buffers.
 
-use std::any::Any;
 use std::mem;
-use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 
 use jni::objects::{JClass, JLongArray, JString};
 use jni::sys::{jint, jlong, jlongArray};
 use jni::JNIEnv;
-use nativemem_client::{Api, Attachment, Code, Lease};
+use nativemem_client::handles::{kind, HandleTable};
+use nativemem_client::java::{
+    non_negative, optional_size, panic_message, run_export, string_arg, to_jlong,
+    JavaError as Error, Result,
+};
+use nativemem_client::{Api, Attachment, Lease, TaskPool};
 use parking_lot::Mutex;
 
-use crate::{ExternalSorter, SortError, SortedBatches, SorterOptions, SorterStats, TaskPool};
-use nativemem_client::handles::{kind, HandleError, HandleTable};
+use crate::{ExternalSorter, SortError, SortedBatches, SorterOptions, SorterStats};
 
 /// Live sorters: this library's only table, with the first tag of the range reserved for engines.
 static SORTERS: HandleTable<SorterEntry> = HandleTable::for_engine(kind::ENGINE_FIRST, "sorter");
@@ -92,174 +93,18 @@ const INSERT_PIECE_KEYS: usize = 64 << 10;
 /// Number of values in the `long[]` of `nativeStats`, in the order of Java's `SorterStats`.
 const STATS_LEN: usize = 8;
 
-/// Environment variable that filters this library's logging (`env_logger` syntax), as for
-/// nativemem's own library.
-const LOG_ENV: &str = "NATIVEMEM_LOG";
-
 // ---- errors ------------------------------------------------------------------------------------
 
-/// Result alias of this module.
-type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Everything an export can fail with; [`java_exception`] maps it to a Java exception.
-#[derive(Debug, thiserror::Error)]
-enum Error {
-    /// An error of the engine ABI (the manager, its pools and memory).
-    #[error(transparent)]
-    Memory(#[from] nativemem_client::Error),
-    /// A closed, forged or wrong-kind sorter handle.
-    #[error(transparent)]
-    Handle(#[from] HandleError),
-    /// The sorter is closed, busy or unusable.
-    #[error("{0}")]
-    Closed(String),
-    /// A bad argument or option.
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// A required argument was `null`; the value names the parameter.
-    #[error("{0} must not be null")]
-    NullArgument(&'static str),
-    /// A JNI call failed. `jni::errors::Error::JavaException` means a Java exception is pending.
-    #[error("JNI call failed: {0}")]
-    Jni(#[from] jni::errors::Error),
-    /// A Rust panic caught at the export.
-    #[error("native panic: {0}")]
-    Panic(String),
-    /// Anything else.
-    #[error("{0}")]
-    Other(String),
-}
-
-/// The sort's errors as this module's: memory errors keep their code, bad options are invalid
-/// arguments, an unusable sorter is an illegal state, I/O and corrupt spill files are plain native
-/// failures.
+/// The sort's errors as the JNI kit's (one Java exception each, see the module table): memory
+/// errors keep their code, bad options are invalid arguments, an unusable sorter is an illegal
+/// state, I/O and corrupt spill files are plain native failures.
 fn sort_error(err: SortError) -> Error {
     match err {
         SortError::Memory(e) => Error::Memory(e),
         SortError::InvalidArgument(msg) => Error::InvalidArgument(msg),
-        e @ SortError::Unusable { .. } => Error::Closed(e.to_string()),
+        e @ SortError::Unusable { .. } => Error::IllegalState(e.to_string()),
         other => Error::Other(other.to_string()),
     }
-}
-
-const OUT_OF_MEMORY: &str = "org/nativemem/NativeOutOfMemoryException";
-const NATIVE_MEMORY: &str = "org/nativemem/NativeMemoryException";
-const ILLEGAL_ARGUMENT: &str = "java/lang/IllegalArgumentException";
-const ILLEGAL_STATE: &str = "java/lang/IllegalStateException";
-const NULL_POINTER: &str = "java/lang/NullPointerException";
-
-/// The Java exception class (JNI name) and message for `err`; `None` if a Java exception is
-/// pending already (a JNI call failed because of it: it is kept).
-fn java_exception(err: &Error) -> Option<(&'static str, String)> {
-    let mapped = match err {
-        Error::Memory(e) => match e.code {
-            // The code is what the exception class says; the message is the library's text.
-            Code::OutOfMemory => (OUT_OF_MEMORY, e.message.clone()),
-            Code::InvalidArgument => (ILLEGAL_ARGUMENT, e.message.clone()),
-            Code::StaleHandle | Code::InvalidHandle | Code::Closed => {
-                (ILLEGAL_STATE, e.message.clone())
-            }
-            _ => (NATIVE_MEMORY, e.to_string()),
-        },
-        Error::Handle(_) | Error::Closed(_) => (ILLEGAL_STATE, err.to_string()),
-        Error::InvalidArgument(_) => (ILLEGAL_ARGUMENT, err.to_string()),
-        Error::NullArgument(_) => (NULL_POINTER, err.to_string()),
-        Error::Jni(jni::errors::Error::JavaException) => return None,
-        Error::Jni(_) | Error::Panic(_) | Error::Other(_) => (NATIVE_MEMORY, err.to_string()),
-    };
-    Some(mapped)
-}
-
-/// Throws the Java exception for `err` (see the module table). Keeps an exception that is
-/// already pending. Never fails: if even throwing fails, the error is logged.
-fn throw(env: &mut JNIEnv, err: Error) {
-    match env.exception_check() {
-        Ok(false) => {}
-        Ok(true) => {
-            log::debug!("keeping the pending Java exception instead of throwing for: {err}");
-            return;
-        }
-        Err(e) => {
-            log::error!("cannot check for a pending Java exception ({e}); dropping error: {err}");
-            return;
-        }
-    }
-    let (class, message) = java_exception(&err).unwrap_or((
-        // A JNI call reported a pending exception that is no longer pending (it was cleared):
-        // report it as a plain failure rather than losing it.
-        NATIVE_MEMORY,
-        "a JNI call failed with a Java exception that is no longer pending".to_string(),
-    ));
-    // FindClass on this (Java) thread: the loader of NativeSorter, which sees org.nativemem.
-    if let Err(e) = env.throw_new(class, &message) {
-        log::error!("failed to throw {class} ({e}) for: {err}");
-    }
-}
-
-// ---- export plumbing ---------------------------------------------------------------------------
-
-static LOGGING: Once = Once::new();
-
-/// Installs the stderr logger unless the process already has one (this library has its own copy
-/// of the `log` facade), filtered by `NATIVEMEM_LOG` (default `warn`).
-fn init_logging() {
-    let env = env_logger::Env::new().filter_or(LOG_ENV, "warn");
-    if env_logger::Builder::from_env(env).try_init().is_err() {
-        log::debug!("a logger is already installed; nativemem-examples logs through it");
-    }
-}
-
-/// Runs an export body: returns its value, or throws the Java exception for its error (or for a
-/// panic, as `NativeMemoryException("native panic: ...")`) and returns `on_error`, which the JVM
-/// ignores because an exception is pending. No panic leaves this function.
-fn run_export<'local, R>(
-    env: &mut JNIEnv<'local>,
-    on_error: R,
-    body: impl FnOnce(&mut JNIEnv<'local>) -> Result<R>,
-) -> R {
-    LOGGING.call_once(init_logging);
-    let err = match panic::catch_unwind(AssertUnwindSafe(|| body(env))) {
-        Ok(Ok(value)) => return value,
-        Ok(Err(err)) => err,
-        Err(payload) => Error::Panic(panic_message(payload.as_ref())),
-    };
-    if panic::catch_unwind(AssertUnwindSafe(|| throw(env, err))).is_err() {
-        log::error!("panic while throwing a Java exception; the error is lost");
-    }
-    on_error
-}
-
-/// The text of a panic payload.
-fn panic_message(payload: &(dyn Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic with a non-string payload".to_string()
-    }
-}
-
-/// A non-null `String` argument.
-fn string_arg(env: &mut JNIEnv, value: &JString, name: &'static str) -> Result<String> {
-    if value.is_null() {
-        return Err(Error::NullArgument(name));
-    }
-    // SAFETY: `value` is a non-null reference to a java.lang.String: the JVM type-checks the
-    // arguments of a native method against its declared parameter types (String here).
-    let s = unsafe { env.get_string_unchecked(value) }?;
-    Ok(s.into())
-}
-
-/// A size argument: must be `>= 0`.
-fn non_negative(name: &str, value: jlong) -> Result<u64> {
-    u64::try_from(value)
-        .map_err(|_| Error::InvalidArgument(format!("{name} must be >= 0, got {value}")))
-}
-
-/// A count for Java (saturating at `Long.MAX_VALUE`).
-fn to_jlong(value: u64) -> jlong {
-    jlong::try_from(value).unwrap_or(jlong::MAX)
 }
 
 // ---- the sorter entries ----------------------------------------------------------------------
@@ -364,7 +209,7 @@ impl Active {
 
 impl SorterEntry {
     fn closed_error(&self) -> Error {
-        Error::Closed(format!("sorter '{}' is closed", self.name))
+        Error::IllegalState(format!("sorter '{}' is closed", self.name))
     }
 
     /// Leases the sorter's manager for the span of a call; a closing or closed manager means a
@@ -385,12 +230,12 @@ impl SorterEntry {
                 State::Idle(active) => active,
                 other => {
                     let err = match &other {
-                        State::Busy => Error::Closed(format!(
+                        State::Busy => Error::IllegalState(format!(
                             "sorter '{}' is in use by another call (a sorter takes one call at a time)",
                             self.name
                         )),
                         State::Broken(why) => {
-                            Error::Closed(format!("sorter '{}' is unusable: {why}", self.name))
+                            Error::IllegalState(format!("sorter '{}' is unusable: {why}", self.name))
                         }
                         _ => self.closed_error(),
                     };
@@ -544,7 +389,7 @@ fn insert(
     let entry = SORTERS.get(handle)?;
     entry.with_active(|a| {
         let Phase::Input(sorter) = &a.phase else {
-            return Err(Error::Closed(format!(
+            return Err(Error::IllegalState(format!(
                 "sorter '{}' is sorted: its input is finished",
                 entry.name
             )));
@@ -633,14 +478,6 @@ fn stats_array(s: &SorterStats) -> [jlong; STATS_LEN] {
         s.peak_memory_bytes,
     ]
     .map(to_jlong)
-}
-
-/// `-1` means none; other values must be >= 0.
-fn optional_size(name: &str, value: jlong) -> Result<Option<u64>> {
-    match value {
-        -1 => Ok(None),
-        v => non_negative(name, v).map(Some),
-    }
 }
 
 fn usize_arg(name: &str, value: jlong) -> Result<usize> {
@@ -886,6 +723,12 @@ pub extern "system" fn Java_org_nativemem_examples_TrackedBuild_nativeTrackedBui
 mod tests {
     use super::*;
     use crate::testing::{api, manager_with, TestListener};
+    use nativemem_client::handles::HandleError;
+    use nativemem_client::java::{
+        exception as java_exception, ILLEGAL_ARGUMENT, ILLEGAL_STATE, NATIVE_MEMORY, NULL_POINTER,
+        OUT_OF_MEMORY,
+    };
+    use nativemem_client::Code;
     use nativemem_client::{ManagerOptions, OwnedManager};
     use std::path::Path;
 
@@ -998,7 +841,7 @@ mod tests {
         expected.sort_unstable();
         assert_eq!(out, expected);
         assert_eq!(stats(h).unwrap().rows_output, 200_000);
-        assert!(matches!(insert_all(h, &[1]), Err(Error::Closed(_))));
+        assert!(matches!(insert_all(h, &[1]), Err(Error::IllegalState(_))));
         close(h).unwrap();
         assert!(matches!(stats(h), Err(Error::Handle(_))));
         assert!(matches!(close(h), Err(Error::Handle(_))));
@@ -1227,7 +1070,7 @@ mod tests {
                 ILLEGAL_STATE,
                 "null sorter handle (0x0)",
             ),
-            (Error::Closed("busy".into()), ILLEGAL_STATE, "busy"),
+            (Error::IllegalState("busy".into()), ILLEGAL_STATE, "busy"),
             (
                 Error::InvalidArgument("chunkBytes must be >= 0, got -8".into()),
                 ILLEGAL_ARGUMENT,

@@ -19,8 +19,9 @@
 //! ```
 //!
 //! - [`ExternalSorter`]: a spilling external sort of 64-bit keys. Its buffer is memory
-//!   allocated in 1 MiB chunks from a [`TaskPool`] (a pool of the task's manager), so the manager
-//!   sees it, limits it and can ask for it back; it registers a
+//!   allocated in 1 MiB chunks from a [`TaskPool`](nativemem_client::TaskPool) (a pool of the
+//!   task's manager, leased per call), so the manager sees it, limits it and can ask for it
+//!   back; it registers a
 //!   [`Spiller`](nativemem_client::Spiller) that writes the buffer to a temp file as a sorted run
 //!   and frees it, whether the request comes from its own thread (a pool limit hit while
 //!   inserting) or from Spark on a JVM thread; its output is a pull-based k-way merge of the
@@ -29,12 +30,13 @@
 //!   sorters, a lease per call, the sorter tied to its manager with
 //!   [`Lease::attach`](nativemem_client::Lease::attach) so the manager's close drops it.
 //!
-//! Without a JVM (tests, `examples/sort_bench.rs`) the table comes from the provider linked into
+//! Without a JVM (tests, `bench/sort_bench.rs`) the table comes from the provider linked into
 //! the binary and the manager from [`Api::create_manager`](nativemem_client::Api::create_manager):
 //!
 //! ```
 //! use nativemem_client::{sys, Api, ManagerOptions};
-//! use nativemem_examples::{ExternalSorter, SorterOptions, TaskPool};
+//! use nativemem_client::TaskPool;
+//! use nativemem_examples::{ExternalSorter, SorterOptions};
 //!
 //! // Under Spark: Api::from_address(NativeMemoryManager.nativeApi()) and manager.handle().
 //! // SAFETY: the provider's table is a static of the linked library.
@@ -78,14 +80,12 @@ mod java;
 mod merge;
 mod run;
 pub mod sort;
-mod task;
 
 pub use error::{Result, SortError};
 pub use sort::{
     Accounting, ExternalSorter, SortedBatches, SorterOptions, SorterStats, DEFAULT_BATCH_KEYS,
     DEFAULT_CHUNK_BYTES, DEFAULT_READ_BUFFER_BYTES, DEFAULT_WRITE_BUFFER_BYTES,
 };
-pub use task::{human, HumanBytes, TaskPool};
 
 #[cfg(test)]
 mod testing;

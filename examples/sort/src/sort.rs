@@ -100,14 +100,14 @@ use std::sync::{Arc, Weak};
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
-use nativemem_client::{BoxError, Code, Reservation, Spiller, SpillerRegistration};
+use nativemem_client::{BoxError, Code, Reservation, Spiller, SpillerRegistration, TaskPool};
+use nativemem_core::human;
 use parking_lot::{Condvar, Mutex};
 
 use crate::chunk::{Chunk, ChunkSource};
 use crate::error::{Result, SortError};
 use crate::merge::{KeySource, Merger, SliceSource};
 use crate::run::{RunReader, RunWriter, SpillFile};
-use crate::task::{human, TaskPool};
 
 const KEY_BYTES: usize = std::mem::size_of::<i64>();
 

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use nativemem_client::{BoxError, Listener, ManagerOptions, ManagerStats, OwnedManager};
+use nativemem_client::{BoxError, Listener, ManagerOptions, ManagerStats, OwnedManager, TaskPool};
+use nativemem_core::human;
 use parking_lot::Mutex;
 
 use crate::sort::registered_spillers;

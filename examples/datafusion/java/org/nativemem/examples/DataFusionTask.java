@@ -3,12 +3,12 @@ package org.nativemem.examples;
 import java.lang.reflect.Method;
 import java.lang.reflect.Modifier;
 import java.util.Objects;
-import java.util.concurrent.atomic.AtomicBoolean;
 
 import org.apache.spark.TaskContext;
 import org.apache.spark.util.TaskCompletionListener;
 import org.nativemem.EngineLibrary;
 import org.nativemem.NativeMemoryManager;
+import org.nativemem.NativeObject;
 import org.nativemem.NativeOutOfMemoryException;
 
 /**
@@ -94,7 +94,7 @@ import org.nativemem.NativeOutOfMemoryException;
  * Not charged to the pool: DataFusion's memory outside its pool accounting (plan, small buffers
  * of streams, the Tokio runtime).
  */
-public final class DataFusionTask implements AutoCloseable {
+public final class DataFusionTask extends NativeObject {
     /** System property naming a library file to load instead of the packed one. */
     public static final String LIBRARY_PATH_PROPERTY = "nativemem.dfengine.library.path";
     /** Default pool path: {@code datafusion}, directly below the task's root pool. */
@@ -136,18 +136,14 @@ public final class DataFusionTask implements AutoCloseable {
         }
     }
 
-    private final NativeMemoryManager manager;
-    private final long handle;
     private final String poolPath;
     private final int partitions;
     private final boolean answerSpillRequests;
     private final Object perCallConsumer;
-    private final AtomicBoolean closed = new AtomicBoolean();
 
     private DataFusionTask(NativeMemoryManager manager, long handle, String poolPath, int partitions,
             boolean answerSpillRequests, Object perCallConsumer) {
-        this.manager = manager;
-        this.handle = handle;
+        super(manager, handle);
         this.poolPath = poolPath;
         this.partitions = partitions;
         this.answerSpillRequests = answerSpillRequests;
@@ -245,7 +241,7 @@ public final class DataFusionTask implements AutoCloseable {
             throw new IllegalArgumentException("DataFusionTask: rows must be >= 1, got " + rows);
         }
         checkOpen();
-        nativeStart(handle, query.id(), rows);
+        nativeStart(handle(), query.id(), rows);
     }
 
     /**
@@ -258,7 +254,7 @@ public final class DataFusionTask implements AutoCloseable {
      */
     public DataFusionStats await() {
         checkOpen();
-        return DataFusionStats.fromArray(nativeAwait(handle));
+        return DataFusionStats.fromArray(nativeAwait(handle()));
     }
 
     /**
@@ -268,12 +264,7 @@ public final class DataFusionTask implements AutoCloseable {
      */
     public DataFusionStats stats() {
         checkOpen();
-        return DataFusionStats.fromArray(nativeStats(handle));
-    }
-
-    /** @return the manager the task was opened on */
-    public NativeMemoryManager manager() {
-        return manager;
+        return DataFusionStats.fromArray(nativeStats(handle()));
     }
 
     /** @return the pool path given at open */
@@ -296,50 +287,41 @@ public final class DataFusionTask implements AutoCloseable {
         return perCallConsumer;
     }
 
-    /** @return true once {@link #close()} was called or the manager is closed */
-    public boolean isClosed() {
-        return closed.get() || manager.isClosed();
-    }
-
     /**
-     * Cancels a running query, waits for DataFusion to stop and releases all its memory.
-     * Idempotent and thread-safe: the first call does the work, later ones return at once.
+     * Cancels a running query, waits for DataFusion to stop and releases all its memory
+     * ({@link NativeObject#close()}: idempotent and thread-safe, the first call does the work).
      */
     @Override
-    public void close() {
-        if (!closed.compareAndSet(false, true)) {
-            return;
-        }
-        try {
-            nativeClose(handle);
-        } catch (IllegalStateException e) {
-            // A stale handle: only acceptable if the manager's close disposed of the engine already.
-            if (!manager.isClosed()) {
-                throw e;
-            }
-        }
+    protected void closeNative() {
+        nativeClose(handle());
+    }
+
+    /** The manager's close does not dispose of the engine's task: closing it is needed anyway. */
+    @Override
+    protected boolean closedWithManager() {
+        return false;
+    }
+
+    @Override
+    protected String describe() {
+        return "DataFusionTask on '" + manager().name() + "'";
+    }
+
+    @Override
+    protected IllegalStateException managerClosed() {
+        return new IllegalStateException(describe() + " is closed: its NativeMemoryManager was closed");
     }
 
     @Override
     public String toString() {
-        return "DataFusionTask{manager='" + manager.name() + "', pool='" + poolPath + "', partitions=" + partitions
+        return "DataFusionTask{manager='" + manager().name() + "', pool='" + poolPath + "', partitions=" + partitions
                 + (perCallConsumer != null ? ", per-call" : answerSpillRequests ? ", answers spill requests" : "")
-                + ", handle=" + String.format("0x%016x", handle) + (isClosed() ? ", closed" : "") + "}";
+                + ", handle=" + hexHandle() + (isClosed() ? ", closed" : "") + "}";
     }
 
     /** The native handle (package-private: for tests of handle misuse). */
     long nativeHandle() {
-        return handle;
-    }
-
-    private void checkOpen() {
-        if (closed.get()) {
-            throw new IllegalStateException("DataFusionTask on '" + manager.name() + "' is closed");
-        }
-        if (manager.isClosed()) {
-            throw new IllegalStateException("DataFusionTask on '" + manager.name()
-                    + "' is closed: its NativeMemoryManager was closed");
-        }
+        return handle();
     }
 
     /** The per-call pool calls these two by name and signature through JNI: fail early here. */

@@ -9,6 +9,7 @@ import java.util.concurrent.atomic.AtomicBoolean;
 
 import org.nativemem.NativeMemoryException;
 import org.nativemem.NativeMemoryManager;
+import org.nativemem.NativeObject;
 import org.nativemem.NativeOutOfMemoryException;
 
 /**
@@ -69,13 +70,10 @@ import org.nativemem.NativeOutOfMemoryException;
  * Not charged to the pool: a 512 KiB insert scratch, the spill write buffer and the output
  * batch being copied to Java.
  */
-public final class NativeSorter implements AutoCloseable {
-    private final NativeMemoryManager manager;
-    private final long handle;
+public final class NativeSorter extends NativeObject {
     private final String name;
     private final File spillDir;
     private final SorterOptions options;
-    private final AtomicBoolean closed = new AtomicBoolean();
     private final AtomicBoolean sortedCalled = new AtomicBoolean();
 
     /**
@@ -110,13 +108,21 @@ public final class NativeSorter implements AutoCloseable {
      * @throws UnsatisfiedLinkError if a native library cannot be loaded
      */
     public NativeSorter(NativeMemoryManager manager, String name, File spillDir, SorterOptions options) {
-        this.manager = Objects.requireNonNull(manager, "manager");
-        this.name = Objects.requireNonNull(name, "name");
-        this.spillDir = Objects.requireNonNull(spillDir, "spillDir");
-        this.options = Objects.requireNonNull(options, "options");
+        super(manager, create(manager, name, spillDir, options));
+        this.name = name;
+        this.spillDir = spillDir;
+        this.options = options;
+    }
+
+    /** Checks the arguments and creates the native sorter; its handle. */
+    private static long create(NativeMemoryManager manager, String name, File spillDir, SorterOptions options) {
+        Objects.requireNonNull(manager, "manager");
+        Objects.requireNonNull(name, "name");
+        Objects.requireNonNull(spillDir, "spillDir");
+        Objects.requireNonNull(options, "options");
         long managerHandle = manager.handle();
         ExamplesLibraryLoader.load();
-        this.handle = nativeCreate(NativeMemoryManager.nativeApi(), managerHandle, name, spillDir.getPath(),
+        return nativeCreate(NativeMemoryManager.nativeApi(), managerHandle, name, spillDir.getPath(),
                 options.poolPath(), options.poolLimitOrMinusOne(), options.chunkBytes(), options.batchKeys(),
                 options.maxBufferOrMinusOne(), options.readBufferBytes(), options.writeBufferBytes());
     }
@@ -156,7 +162,7 @@ public final class NativeSorter implements AutoCloseable {
                     + ") out of bounds for length " + batch.length);
         }
         checkOpen();
-        nativeInsert(handle, batch, off, len);
+        nativeInsert(handle(), batch, off, len);
     }
 
     /**
@@ -180,7 +186,7 @@ public final class NativeSorter implements AutoCloseable {
         if (!sortedCalled.compareAndSet(false, true)) {
             throw new IllegalStateException("NativeSorter '" + name + "': sorted() was already called");
         }
-        nativeFinish(handle);
+        nativeFinish(handle());
         return new Batches();
     }
 
@@ -200,7 +206,7 @@ public final class NativeSorter implements AutoCloseable {
     public int nextBatch(long[] out) {
         Objects.requireNonNull(out, "out");
         checkOpen();
-        return nativeNextBatch(handle, out);
+        return nativeNextBatch(handle(), out);
     }
 
     /**
@@ -210,7 +216,7 @@ public final class NativeSorter implements AutoCloseable {
      */
     public SorterStats stats() {
         checkOpen();
-        return SorterStats.fromArray(nativeStats(handle));
+        return SorterStats.fromArray(nativeStats(handle()));
     }
 
     /** @return the name given at creation */
@@ -228,34 +234,19 @@ public final class NativeSorter implements AutoCloseable {
         return options;
     }
 
-    /** @return the manager the sorter's memory is charged to */
-    public NativeMemoryManager manager() {
-        return manager;
-    }
-
-    /** @return true once this sorter or its manager is closed */
-    public boolean isClosed() {
-        return closed.get() || manager.isClosed();
-    }
-
     /**
-     * Frees the sorter's memory and deletes its spill files. Idempotent and thread-safe; a no-op
-     * once the manager is closed (the manager closed the sorter). If another thread's call is
-     * running, that call finishes and the sorter is freed when it returns.
+     * Frees the sorter's memory and deletes its spill files ({@link NativeObject#close()}:
+     * idempotent and thread-safe; a no-op once the manager is closed, which closed the sorter). If
+     * another thread's call is running, that call finishes and the sorter is freed when it returns.
      */
     @Override
-    public void close() {
-        if (!closed.compareAndSet(false, true) || manager.isClosed()) {
-            return;
-        }
-        try {
-            nativeClose(handle);
-        } catch (IllegalStateException e) {
-            // The manager was closed after the check above and closed this sorter itself.
-            if (!manager.isClosed()) {
-                throw e;
-            }
-        }
+    protected void closeNative() {
+        nativeClose(handle());
+    }
+
+    @Override
+    protected String describe() {
+        return "NativeSorter '" + name + "'";
     }
 
     /**
@@ -272,23 +263,13 @@ public final class NativeSorter implements AutoCloseable {
 
     @Override
     public String toString() {
-        return "NativeSorter{name='" + name + "', manager='" + manager.name() + "', handle="
-                + String.format("0x%016x", handle) + (isClosed() ? ", closed" : "") + "}";
+        return "NativeSorter{name='" + name + "', manager='" + manager().name() + "', handle=" + hexHandle()
+                + (isClosed() ? ", closed" : "") + "}";
     }
 
     /** The native handle (package-private: for tests of handle misuse). */
     long nativeHandle() {
-        return handle;
-    }
-
-    private void checkOpen() {
-        if (closed.get()) {
-            throw new IllegalStateException("NativeSorter '" + name + "' is closed");
-        }
-        if (manager.isClosed()) {
-            throw new IllegalStateException("NativeSorter '" + name + "' is closed: its NativeMemoryManager '"
-                    + manager.name() + "' was closed");
-        }
+        return handle();
     }
 
     /** The iterator of {@link #sorted()}: reads one batch ahead. */

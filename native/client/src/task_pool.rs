@@ -1,10 +1,13 @@
-//! [`TaskPool`]: a pool of a task's memory manager as an operator holds it across calls, and
-//! [`human`] byte sizes.
+//! [`TaskPool`]: a pool of a task's memory manager as an engine's operator holds it across
+//! calls, leasing the manager per call.
 
 use std::fmt;
 use std::sync::Arc;
 
-use nativemem_client::{Api, Lease, Pool, PoolStats};
+use crate::api::Api;
+use crate::error::Result;
+use crate::lease::Lease;
+use crate::pool::{Pool, PoolStats};
 
 /// A pool of a task's memory manager, held by an operator for its whole life: the pool handle,
 /// plus the table and the manager's handle, so each call of the operator can pin the manager
@@ -32,12 +35,7 @@ impl TaskPool {
     ///
     /// Errors: those of [`Api::acquire`] (the manager is closed, the handle is not a manager's)
     /// and of [`Lease::pool`] (a bad path, an existing pool asked for another limit).
-    pub fn open(
-        api: Api,
-        manager: i64,
-        path: &str,
-        limit: Option<u64>,
-    ) -> nativemem_client::Result<TaskPool> {
+    pub fn open(api: Api, manager: i64, path: &str, limit: Option<u64>) -> Result<TaskPool> {
         let lease = api.acquire(manager)?;
         let pool = lease.pool(path, limit)?;
         lease.release()?;
@@ -74,12 +72,12 @@ impl TaskPool {
     }
 
     /// Pins the manager open for a span of work; fails once it is closing or closed.
-    pub fn lease(&self) -> nativemem_client::Result<Lease> {
+    pub fn lease(&self) -> Result<Lease> {
         self.api.acquire(self.manager)
     }
 
     /// used / peak / limit of the pool, in bytes.
-    pub fn stats(&self) -> nativemem_client::Result<PoolStats> {
+    pub fn stats(&self) -> Result<PoolStats> {
         self.pool.stats()
     }
 }
@@ -91,31 +89,4 @@ impl fmt::Debug for TaskPool {
             .field("pool", &self.pool)
             .finish()
     }
-}
-
-/// A byte count in binary units with one decimal: `512 B`, `1.5 KiB`, `8.0 MiB` (the format of
-/// nativemem's own reports).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HumanBytes(pub u64);
-
-impl fmt::Display for HumanBytes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-        let b = self.0;
-        if b < 1024 {
-            return write!(f, "{b} B");
-        }
-        let mut value = b as f64 / 1024.0;
-        let mut unit = 0;
-        while value >= 1024.0 && unit + 1 < UNITS.len() {
-            value /= 1024.0;
-            unit += 1;
-        }
-        write!(f, "{value:.1} {}", UNITS[unit])
-    }
-}
-
-/// Shorthand for `HumanBytes(bytes)`.
-pub fn human(bytes: u64) -> HumanBytes {
-    HumanBytes(bytes)
 }
