@@ -23,7 +23,7 @@
 #   jni   the Java harness org.nativemem.bench.JniBench (tests/spark/java), in a Spark task
 #         (local[1], real TaskMemoryManager, OFF_HEAP): native 64 KiB grows through nativemem vs
 #         one JVM upcall per grow; upcalls per GiB; create+close of a manager vs a JNI downcall.
-#   sort  the example external sort (native/examples/examples/sort_bench.rs) with accounting on
+#   sort  the example external sort (examples/sort/bench/sort_bench.rs) with accounting on
 #         vs off, SORT_ROUNDS processes; the figure is the median of the per-process ratios.
 #   datafusion  DataFusion sort and aggregation (native/datafusion/examples/df_bench.rs) on
 #         nativemem's pool vs DataFusion's, same 64 MiB limit and policy (Greedy vs GreedyMemoryPool,

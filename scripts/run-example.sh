@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main example: installs what is missing, builds the jars, and runs the Spark job
-# org.nativemem.examples.SortJob in local mode (nativemem.jar and nativemem-examples.jar, the
+# org.nativemem.examples.SortJob (examples/sort) in local mode (nativemem.jar and nativemem-examples.jar, the
 # sorter's classes and its own native library, on --jars). Every task sorts its share of N random longs
 # (default 50 million) with a native external sort (NativeSorter) under the task's native memory
 # manager, with Spark memory small enough that the sorts spill, checks the output, and the driver

@@ -10,10 +10,12 @@
 #   cargo-test      cargo test --workspace (but the two DataFusion crates)
 #   cargo-test-datafusion  cargo test --profile datafusion -p nativemem-datafusion: real DataFusion
 #                   queries; then cargo build --profile datafusion -p nativemem-df-engine (the DataFusion
-#                   engine library Gradle packs: the same DataFusion artifacts, built once)
+#                   example engine, examples/datafusion, whose library Gradle packs: the same DataFusion
+#                   artifacts, built once)
 #   cargo-loom      loom model check of the core (RUSTFLAGS="--cfg loom")
 #   c-header        include/nativemem.h compiles as C11 and C++17; layout pinned (tests/c/header_check.c)
-#   gradle          gradle cleanTest test assemble: JUnit tests (tests/java) + build/libs/*.jar
+#   gradle          gradle cleanTest test assemble: JUnit tests (tests/java, examples/*/tests) +
+#                   build/libs/*.jar
 #   product-contents scripts/check-product.sh: the release library exports only the allow-list,
 #                   nativemem.jar holds only org.nativemem, org.nativemem.spark and org.nativemem.arrow
 #   container:governor@<v>  tests/spark/container-governor.sh on the full releases: the container

@@ -11,9 +11,8 @@ use std::time::Duration;
 use nativemem_sys as sys;
 use sys::NmApi;
 
+use crate::error::BoxError;
 use crate::error::{check, take_message, Code, Error, Result};
-use crate::lease::Lease;
-use crate::BoxError;
 
 /// The nativemem function table of the process, checked once: a `Copy` handle on a
 /// `&'static NmApi`.
@@ -101,23 +100,7 @@ impl Api {
         let mut message: *mut c_char = ptr::null_mut();
         let status = f(&mut message);
         // SAFETY: `message` is null or what this table's function stored through `err`.
-        unsafe { check(self, status, message) }
-    }
-
-    /// Pins the manager `manager` (the `long` Java's `NativeMemoryManager.handle()` returns, or
-    /// [`OwnedManager::handle`]) open for the life of the returned [`Lease`].
-    ///
-    /// Errors: [`Code::StaleHandle`] (closed), [`Code::InvalidHandle`] (0, forged, another
-    /// kind), [`Code::Closed`] (closing).
-    pub fn acquire(self, manager: i64) -> Result<Lease> {
-        let manager = handle_from_java(manager);
-        let mut lease: sys::nm_lease = 0;
-        self.call(|err| {
-            // SAFETY: the table refuses any bad handle by code; `lease` and `err` are valid for
-            // writes during the call.
-            unsafe { (self.table.acquire)(manager, &mut lease, err) }
-        })?;
-        Ok(Lease::new(self, lease))
+        unsafe { check(self.table, status, message) }
     }
 
     /// Creates a manager that is not Spark's: its memory comes from `listener` (`None`:
@@ -313,7 +296,7 @@ unsafe extern "C" fn listener_reserve(
         Err(panic) => {
             log::error!(
                 "listener panicked reserving {bytes} bytes: {}",
-                panic_text(&panic)
+                panic_message(&panic)
             );
             sys::NM_ERR_LISTENER
         }
@@ -336,7 +319,7 @@ unsafe extern "C" fn listener_unreserve(ctx: *mut c_void, bytes: u64) -> sys::nm
         Err(panic) => {
             log::error!(
                 "listener panicked taking back {bytes} bytes: {}",
-                panic_text(&panic)
+                panic_message(&panic)
             );
             sys::NM_ERR_LISTENER
         }
@@ -352,18 +335,19 @@ unsafe extern "C" fn listener_drop(ctx: *mut c_void) {
         drop(shell);
     }));
     if let Err(panic) = outcome {
-        log::error!("dropping a listener panicked: {}", panic_text(&panic));
+        log::error!("dropping a listener panicked: {}", panic_message(&panic));
     }
 }
 
-/// The message of a caught panic, for logs.
-pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+/// The text of a caught panic (`panic!` with a literal or a formatted message), for logs and
+/// the exceptions of the JNI kit (`java`).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = panic.downcast_ref::<String>() {
         s.clone()
     } else {
-        "(non-string panic payload)".to_owned()
+        "a panic with a non-string payload".to_owned()
     }
 }
 
@@ -405,11 +389,6 @@ impl OwnedManager {
         self.api
     }
 
-    /// Pins the manager open ([`Api::acquire`] of this manager).
-    pub fn acquire(&self) -> Result<Lease> {
-        self.api.acquire(self.handle())
-    }
-
     /// Closes the manager: waits for leases and calls in flight (bounded), drops spillers and
     /// attached state, frees what was leaked and reports it, gives every reserved byte back to
     /// the listener. [`Code::Timeout`] if leases were still held at the time limit (memory is
@@ -430,7 +409,7 @@ impl OwnedManager {
             unsafe { (self.api.table.manager_close)(self.handle, &mut report, &mut leaked, err) }
         });
         // SAFETY: `report` is null or a string the table returned for us to free.
-        let report = unsafe { take_message(self.api, report) }.unwrap_or_default();
+        let report = unsafe { take_message(self.api.raw(), report) }.unwrap_or_default();
         result.map(|()| CloseReport {
             leaked_bytes: leaked,
             report,

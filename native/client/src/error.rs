@@ -5,7 +5,8 @@ use std::fmt;
 
 use nativemem_sys as sys;
 
-use crate::Api;
+/// The error type callbacks (`Spiller::spill`, `Listener`) return.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Result of every fallible call of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -158,8 +159,8 @@ impl std::error::Error for Error {}
 /// table's `free_message`. Null gives `None`.
 ///
 /// # Safety
-/// `message` is null or a NUL-terminated string the table `api` returned and nobody freed.
-pub(crate) unsafe fn take_message(api: Api, message: *mut c_char) -> Option<String> {
+/// `message` is null or a NUL-terminated string `table` returned and nobody freed.
+pub(crate) unsafe fn take_message(table: &sys::NmApi, message: *mut c_char) -> Option<String> {
     if message.is_null() {
         return None;
     }
@@ -168,7 +169,7 @@ pub(crate) unsafe fn take_message(api: Api, message: *mut c_char) -> Option<Stri
         .to_string_lossy()
         .into_owned();
     // SAFETY: the string came from this table and is freed exactly once, here.
-    unsafe { (api.raw().free_message)(message) };
+    unsafe { (table.free_message)(message) };
     Some(text)
 }
 
@@ -176,11 +177,15 @@ pub(crate) unsafe fn take_message(api: Api, message: *mut c_char) -> Option<Stri
 /// the table's message (freed here) or, if the table gave none, the code's description.
 ///
 /// # Safety
-/// `message` is null or a message the table `api` returned through `err` and nobody freed.
-pub(crate) unsafe fn check(api: Api, status: sys::nm_status, message: *mut c_char) -> Result<()> {
+/// `message` is null or a message `table` returned through `err` and nobody freed.
+pub(crate) unsafe fn check(
+    table: &sys::NmApi,
+    status: sys::nm_status,
+    message: *mut c_char,
+) -> Result<()> {
     // SAFETY: forwarded from the caller; freed even on success (the header sets it to NULL then,
     // but a non-null one would otherwise leak).
-    let text = unsafe { take_message(api, message) };
+    let text = unsafe { take_message(table, message) };
     if status == sys::NM_OK {
         return Ok(());
     }

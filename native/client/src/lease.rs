@@ -10,9 +10,35 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use nativemem_sys as sys;
 
-use crate::api::{c_string, limit_to_c, panic_text, Api};
+use crate::api::{c_string, handle_from_java, limit_to_c, panic_message, Api, OwnedManager};
 use crate::error::{take_message, Result};
 use crate::pool::{Pool, PoolHandle};
+
+// Leases are made here, not in `api`, so that `api` stays below this module.
+impl Api {
+    /// Pins the manager `manager` (the `long` Java's `NativeMemoryManager.handle()` returns, or
+    /// [`OwnedManager::handle`]) open for the life of the returned [`Lease`].
+    ///
+    /// Errors: [`Code::StaleHandle`] (closed), [`Code::InvalidHandle`] (0, forged, another
+    /// kind), [`Code::Closed`] (closing).
+    pub fn acquire(self, manager: i64) -> Result<Lease> {
+        let manager = handle_from_java(manager);
+        let mut lease: sys::nm_lease = 0;
+        self.call(|err| {
+            // SAFETY: the table refuses any bad handle by code; `lease` and `err` are valid for
+            // writes during the call.
+            unsafe { (self.raw().acquire)(manager, &mut lease, err) }
+        })?;
+        Ok(Lease::new(self, lease))
+    }
+}
+
+impl OwnedManager {
+    /// Pins the manager open ([`Api::acquire`] of this manager).
+    pub fn acquire(&self) -> Result<Lease> {
+        self.api().acquire(self.handle())
+    }
+}
 
 /// A task's manager pinned open: while any lease is held, the manager's close waits for it
 /// (bounded by the library's close timeout). Released on drop (errors logged) or with
@@ -117,7 +143,7 @@ impl Lease {
             unsafe { (self.api.raw().usage_report)(self.handle, &mut report, err) }
         })?;
         // SAFETY: on success `report` is null or a string the table made for us to free.
-        Ok(unsafe { take_message(self.api, report) }.unwrap_or_default())
+        Ok(unsafe { take_message(self.api.raw(), report) }.unwrap_or_default())
     }
 
     /// Asks the manager's spillers to free `target` bytes (smallest that covers, else the
@@ -220,7 +246,10 @@ unsafe extern "C" fn attachment_drop<T>(state: *mut c_void) {
         drop(shell);
     }));
     if let Err(panic) = outcome {
-        log::error!("dropping attached state panicked: {}", panic_text(&panic));
+        log::error!(
+            "dropping attached state panicked: {}",
+            panic_message(&panic)
+        );
     }
 }
 
@@ -263,8 +292,8 @@ impl<T: Send + 'static> Attachment<T> {
         let shell = unsafe { Arc::from_raw(self.state as *const AttachShell<T>) };
         let value = take_shell(&shell);
         value.ok_or_else(|| {
-            crate::Error::new(
-                crate::Code::StaleHandle,
+            crate::error::Error::new(
+                crate::error::Code::StaleHandle,
                 "attached state was already dropped",
             )
         })

@@ -70,17 +70,41 @@
 //! linked into the test as a dev-dependency) or from the `nativemem_api` export of
 //! `libnativemem_jni` (found with `dlsym`), passed to [`Api::from_ptr`].
 
+//! ## For an engine's JNI exports
+//!
+//! - [`TaskPool`]: a pool an operator holds across calls, leasing the manager per call.
+//! - With the `jni` feature, [`java`]: the export guard that turns errors and panics into Java
+//!   exceptions (one table), argument helpers and the library's logging set-up.
+//!
+//! ## Modules, in layers
+//!
+//! Each module imports only modules above it in this list (`tests/layers.rs` checks it):
+//!
+//! | module      | holds                                                             |
+//! |-------------|-------------------------------------------------------------------|
+//! | `error`     | [`Error`], [`Code`], the one status → `Result` conversion          |
+//! | `api`       | [`Api`] (the checked table), managers without a JVM, [`Listener`]  |
+//! | `spill`     | [`Spiller`] and its registration                                   |
+//! | `pool`      | [`Pool`], [`Reservation`], [`Allocation`]                          |
+//! | `lease`     | [`Lease`] (and [`Api::acquire`]), [`Attachment`]                   |
+//! | `task_pool` | [`TaskPool`]                                                       |
+//! | `java`      | the JNI kit (feature `jni`)                                        |
+
 mod api;
 mod error;
+#[cfg(feature = "jni")]
+pub mod java;
 mod lease;
 mod pool;
 mod spill;
+mod task_pool;
 
 pub use api::{Api, CloseReport, Listener, ManagerOptions, OwnedManager};
-pub use error::{Code, Error, Result};
+pub use error::{BoxError, Code, Error, Result};
 pub use lease::{Attachment, Lease, ManagerStats};
 pub use pool::{Allocation, Pool, PoolStats, Reservation};
 pub use spill::{Spiller, SpillerRegistration};
+pub use task_pool::TaskPool;
 
 /// Re-export of the raw ABI types (for [`Api::raw`] and the `as_raw` handles).
 pub use nativemem_sys as sys;
@@ -89,6 +113,3 @@ pub use nativemem_sys as sys;
 /// holds as a `long`: a closed or forged handle is an error, never a crash. Each library has its
 /// own tables; this is code, not a second copy of nativemem's state.
 pub use nativemem_handles as handles;
-
-/// The error type callbacks ([`Spiller::spill`], [`Listener`]) return.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

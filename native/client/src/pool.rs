@@ -140,7 +140,7 @@ impl Pool {
         })?;
         let ptr = NonNull::new(out.cast::<u8>()).ok_or_else(|| {
             Error::new(
-                crate::Code::Internal,
+                crate::error::Code::Internal,
                 format!("allocate of {size} bytes returned NM_OK and a null pointer"),
             )
         })?;

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use nativemem_sys as sys;
 
-use crate::api::{c_string, panic_text, Api};
+use crate::api::{c_string, panic_message, Api};
+use crate::error::BoxError;
 use crate::error::Result;
-use crate::BoxError;
 
 /// A native consumer that can free memory when asked: by a grow of the same task that finds no
 /// room, or by Spark asking the task for memory.
@@ -144,7 +144,7 @@ unsafe extern "C" fn spiller_spillable_bytes(ctx: *mut c_void) -> u64 {
         Err(panic) => {
             log::error!(
                 "spiller panicked in spillable_bytes (counted as 0): {}",
-                panic_text(&panic)
+                panic_message(&panic)
             );
             0
         }
@@ -173,7 +173,7 @@ unsafe extern "C" fn spiller_spill(
         Err(panic) => {
             log::error!(
                 "spiller panicked spilling {target} bytes: {}",
-                panic_text(&panic)
+                panic_message(&panic)
             );
             sys::NM_ERR_SPILL
         }
@@ -184,6 +184,6 @@ unsafe extern "C" fn spiller_drop(ctx: *mut c_void) {
     // SAFETY: ctx is the Box `register` leaked; the table calls drop exactly once, last.
     let boxed = unsafe { Box::from_raw(ctx as *mut Ctx) };
     if let Err(panic) = catch_unwind(AssertUnwindSafe(move || drop(boxed))) {
-        log::error!("dropping a spiller panicked: {}", panic_text(&panic));
+        log::error!("dropping a spiller panicked: {}", panic_message(&panic));
     }
 }

@@ -10,6 +10,7 @@ use datafusion_common::{DataFusionError, Result};
 use datafusion_execution::memory_pool::{
     MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation,
 };
+use nativemem_core::human;
 use parking_lot::Mutex;
 
 use crate::backend::{
@@ -618,21 +619,5 @@ impl<P: NativePool> fmt::Debug for NativememPool<P> {
 impl<P: NativePool> fmt::Display for NativememPool<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.report())
-    }
-}
-
-/// Bytes in human units (`1.5 MiB`), as nativemem prints them.
-pub(crate) fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
     }
 }

@@ -15,8 +15,12 @@ use nativemem_core::{LeakKind, LeakReport, MemoryConfig};
 use crate::error::{ProviderError, Result};
 use crate::guard::{non_negative, run_export, string_arg, to_jlong};
 use crate::listener::JavaListener;
-use crate::ABI_VERSION;
 use nativemem_provider::registry::{self, CloseOutcome, Entry};
+
+/// Version of the contract between this library and the `org.nativemem` classes (native method
+/// signatures, `NativeMemoryStats` and `NativeCloseReport` layouts). The Java loader refuses a
+/// library with another value. (The engine ABI has its own version, `NM_ABI_VERSION`.)
+const ABI_VERSION: jint = 2;
 
 fn new_jstring(env: &mut JNIEnv, s: &str) -> Result<jstring> {
     Ok(env.new_string(s)?.into_raw())

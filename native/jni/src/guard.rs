@@ -20,7 +20,8 @@ use jni::objects::JString;
 use jni::sys::jlong;
 use jni::JNIEnv;
 
-use crate::error::{throw, ProviderError, Result};
+use crate::error::{ProviderError, Result};
+use crate::exception::throw;
 use nativemem_provider::panic_message;
 
 /// Runs an export body: returns its value, or throws the Java exception for its error (or for a

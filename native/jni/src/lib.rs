@@ -16,7 +16,7 @@
 //!                                                                                  │ cushion empty
 //!  ReservationListener.reserve(b) ◀── JavaListener::reserve (attach as daemon, ◀──┘
 //!        (Spark MemoryConsumer)         local frame, cached method id; no lock held)
-//!                                     Result ─▶ error::throw: one mapping to Java exceptions
+//!                                     Result ─▶ exception::throw: one mapping to Java exceptions
 //! ```
 //!
 //! ## Two faces, one copy of the tables
@@ -33,13 +33,20 @@
 //! - `exports`: the `Java_*` exports of the public classes.
 //! - `container`: the `Java_*` exports of `ContainerGovernor` (the executor's container governor).
 //! - `guard`: the panic guard (`run_export`) and argument helpers every export uses.
-//! - `error`: the provider's error plus JNI failures, and the single mapping to Java exceptions.
+//! - `error`: the provider's error plus JNI failures.
+//! - `exception`: the single mapping of an error to a Java exception, and the Java throwables a
+//!   listener upcall caught.
 //! - `listener`: the Java listener as the core's `ReservationListener`, handed to the provider's
 //!   registry as `Arc<dyn ReservationListener>`.
 //! - `vm`: the cached `JavaVM`, classes and method ids; daemon attachment of native threads.
 //! - With the `testing` feature only (the test library, never the product): `testing` (test
 //!   hooks of `org.nativemem.NativeTesting`), `bench` (`org.nativemem.NativeBench`) and the
 //!   counting global allocator of `nativemem-testkit`.
+//!
+//! ## Modules, in layers
+//!
+//! Each module imports only modules before it (`tests.rs` checks it): `error`, `vm`,
+//! `exception`, `listener`, `guard`, `exports`, `container`, `bench`, `testing`.
 //!
 //! ## A cdylib only
 //! Nothing links this crate as a Rust library: tests that need a provider of the table link
@@ -66,11 +73,14 @@ use jni::JavaVM;
 mod bench;
 mod container;
 mod error;
+mod exception;
 mod exports;
 mod guard;
 mod listener;
 #[cfg(feature = "testing")]
 mod testing;
+#[cfg(test)]
+mod tests;
 mod vm;
 
 /// The test library counts its own heap (`NativeTesting.nativeHeapCounts`), so tests count leaks
@@ -78,11 +88,6 @@ mod vm;
 #[cfg(feature = "testing")]
 #[global_allocator]
 static ALLOCATOR: nativemem_testkit::CountingAllocator = nativemem_testkit::CountingAllocator;
-
-/// Version of the contract between this library and the `org.nativemem` classes (native method
-/// signatures, `NativeMemoryStats` and `NativeCloseReport` layouts). The Java loader refuses a
-/// library with another value. (The engine ABI has its own version, `NM_ABI_VERSION`.)
-const ABI_VERSION: jint = 2;
 
 /// The engine ABI table (`include/nativemem.h`) if this library supports `min_version`, else
 /// null: the provider's [`api`](nativemem_provider::api), exported as a C symbol. For C engines in

@@ -21,7 +21,8 @@ use jni::sys::{jlong, jvalue};
 use jni::JNIEnv;
 use nativemem_core::{ListenerError, ReservationListener};
 
-use crate::error::{Error, JavaException, ProviderError, Result};
+use crate::error::{ProviderError, Result};
+use crate::exception::{JavaException, UpcallError};
 use crate::vm;
 
 /// Local references one upcall may create (the result, an exception and its description).
@@ -141,50 +142,5 @@ impl ReservationListener for JavaListener {
 impl Drop for JavaListener {
     fn drop(&mut self) {
         vm::attach_for_drop();
-    }
-}
-
-/// Why an upcall failed. It is the `source` of `MemoryError::Listener`.
-#[derive(Debug)]
-pub enum UpcallError {
-    /// The Java listener threw.
-    Java(JavaException),
-    /// The listener returned a value outside its contract.
-    Contract(String),
-    /// The binding could not make the call (no VM, JNI failure).
-    Binding(String),
-}
-
-impl UpcallError {
-    fn binding(e: Error) -> UpcallError {
-        UpcallError::Binding(e.to_string())
-    }
-
-    fn jni(e: jni::errors::Error) -> UpcallError {
-        UpcallError::Binding(format!("JNI call failed: {e}"))
-    }
-}
-
-impl From<jni::errors::Error> for UpcallError {
-    fn from(e: jni::errors::Error) -> Self {
-        UpcallError::jni(e)
-    }
-}
-
-impl std::fmt::Display for UpcallError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            UpcallError::Java(ex) => write!(f, "{ex}"),
-            UpcallError::Contract(m) | UpcallError::Binding(m) => f.write_str(m),
-        }
-    }
-}
-
-impl std::error::Error for UpcallError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            UpcallError::Java(ex) => Some(ex),
-            _ => None,
-        }
     }
 }

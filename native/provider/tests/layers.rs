@@ -12,12 +12,7 @@ const LAYERS: [(&str, &str); 5] = [
 
 #[test]
 fn module_imports_point_one_way() {
-    let violations = nativemem_testkit::layers::check(include_str!("../src/lib.rs"), &LAYERS);
-    assert!(
-        violations.is_empty(),
-        "imports must point one way:\n{}",
-        violations.join("\n")
-    );
+    nativemem_testkit::layers::assert_one_way(include_str!("../src/lib.rs"), &LAYERS);
 }
 
 #[test]

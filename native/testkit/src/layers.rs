@@ -9,8 +9,7 @@
 //!     ("error", include_str!("../src/error.rs")),
 //!     ("registry", include_str!("../src/registry.rs")),
 //! ];
-//! let violations = nativemem_testkit::layers::check(include_str!("../src/lib.rs"), &LAYERS);
-//! assert!(violations.is_empty(), "imports must point one way:\n{}", violations.join("\n"));
+//! nativemem_testkit::layers::assert_one_way(include_str!("../src/lib.rs"), &LAYERS);
 //! ```
 
 /// Every `crate::<name>` path in the code (not comments) of `source`, with its line number.
@@ -71,6 +70,16 @@ pub fn check(lib_rs: &str, layers: &[(&str, &str)]) -> Vec<String> {
         }
     }
     violations
+}
+
+/// The test each crate runs: panics listing every violation of [`check`].
+pub fn assert_one_way(lib_rs: &str, layers: &[(&str, &str)]) {
+    let violations = check(lib_rs, layers);
+    assert!(
+        violations.is_empty(),
+        "imports must point one way:\n{}",
+        violations.join("\n")
+    );
 }
 
 #[cfg(test)]

@@ -35,10 +35,5 @@ const LAYERS: [(&str, &str); 14] = [
 
 #[test]
 fn module_imports_point_one_way() {
-    let violations = nativemem_testkit::layers::check(include_str!("../lib.rs"), &LAYERS);
-    assert!(
-        violations.is_empty(),
-        "imports must point one way:\n{}",
-        violations.join("\n")
-    );
+    nativemem_testkit::layers::assert_one_way(include_str!("../lib.rs"), &LAYERS);
 }

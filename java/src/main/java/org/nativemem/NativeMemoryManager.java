@@ -343,9 +343,13 @@ public final class NativeMemoryManager implements AutoCloseable {
 
     void checkOpen() {
         if (closed.get()) {
-            throw new IllegalStateException("NativeMemoryManager '" + name + "' (handle " + hex(handle)
-                    + ") is closed");
+            throw closedException();
         }
+    }
+
+    /** The exception of a call on this manager, or on what belongs to it, once it is closed. */
+    IllegalStateException closedException() {
+        return new IllegalStateException("NativeMemoryManager '" + name + "' (handle " + hex(handle) + ") is closed");
     }
 
     /** A handle as the native library prints it: {@code 0x} and 16 hex digits. */

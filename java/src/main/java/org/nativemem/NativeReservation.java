@@ -1,7 +1,5 @@
 package org.nativemem;
 
-import java.util.concurrent.atomic.AtomicBoolean;
-
 /**
  * A claim of bytes on a pool of a {@link NativeMemoryManager}, for memory JVM code owns (Arrow
  * or Netty off-heap buffers, direct byte buffers): {@link #grow(long)} before allocating,
@@ -14,16 +12,12 @@ import java.util.concurrent.atomic.AtomicBoolean;
  * every method but {@code close}, {@link #isClosed()} and the getters throws
  * {@link IllegalStateException}.
  */
-public final class NativeReservation implements AutoCloseable {
-    private final NativeMemoryManager manager;
-    private final long handle;
+public final class NativeReservation extends NativeObject {
     private final String poolPath;
     private final String consumer;
-    private final AtomicBoolean closed = new AtomicBoolean();
 
     NativeReservation(NativeMemoryManager manager, long handle, String poolPath, String consumer) {
-        this.manager = manager;
-        this.handle = handle;
+        super(manager, handle);
         this.poolPath = poolPath;
         this.consumer = consumer;
     }
@@ -40,7 +34,7 @@ public final class NativeReservation implements AutoCloseable {
      */
     public void grow(long bytes) {
         checkOpen();
-        nativeGrow(handle, bytes);
+        nativeGrow(handle(), bytes);
     }
 
     /**
@@ -56,7 +50,7 @@ public final class NativeReservation implements AutoCloseable {
      */
     public void shrink(long bytes) {
         checkOpen();
-        nativeShrink(handle, bytes);
+        nativeShrink(handle(), bytes);
     }
 
     /**
@@ -69,7 +63,7 @@ public final class NativeReservation implements AutoCloseable {
      */
     public void resize(long newSize) {
         checkOpen();
-        nativeResize(handle, newSize);
+        nativeResize(handle(), newSize);
     }
 
     /**
@@ -78,7 +72,7 @@ public final class NativeReservation implements AutoCloseable {
      */
     public long size() {
         checkOpen();
-        return nativeSize(handle);
+        return nativeSize(handle());
     }
 
     /** @return the pool path given at creation */
@@ -93,52 +87,35 @@ public final class NativeReservation implements AutoCloseable {
 
     /** The native handle (package-private: for tests of handle misuse). */
     long nativeHandle() {
-        return handle;
-    }
-
-    /** @return the manager this reservation charges */
-    public NativeMemoryManager manager() {
-        return manager;
-    }
-
-    /** @return true once this reservation or its manager is closed */
-    public boolean isClosed() {
-        return closed.get() || manager.isClosed();
+        return handle();
     }
 
     /**
-     * Releases everything held. Idempotent and thread-safe; a no-op once the manager is closed
-     * (the manager released it). Never fails because of the listener: if it throws while taking
-     * surplus bytes back, that is logged natively and the bytes stay reserved, offered again at
-     * the next release or at the manager's close.
+     * Releases everything held ({@link NativeObject#close()}: idempotent and thread-safe; a no-op
+     * once the manager is closed, which released it). Never fails because of the listener: if it
+     * throws while taking surplus bytes back, that is logged natively and the bytes stay
+     * reserved, offered again at the next release or at the manager's close.
      */
     @Override
-    public void close() {
-        if (!closed.compareAndSet(false, true) || manager.isClosed()) {
-            return;
-        }
-        try {
-            nativeClose(handle);
-        } catch (IllegalStateException e) {
-            // The manager was closed after the check above and released this reservation itself.
-            if (!manager.isClosed()) {
-                throw e;
-            }
-        }
+    protected void closeNative() {
+        nativeClose(handle());
+    }
+
+    @Override
+    protected String describe() {
+        return "NativeReservation '" + consumer + "' in pool '" + poolPath + "' (handle " + hexHandle() + ")";
+    }
+
+    /** The manager's own message: the reservation is usable as long as its manager is. */
+    @Override
+    protected IllegalStateException managerClosed() {
+        return manager().closedException();
     }
 
     @Override
     public String toString() {
-        return "NativeReservation{consumer='" + consumer + "', pool='" + poolPath + "', handle="
-                + NativeMemoryManager.hex(handle) + (isClosed() ? ", closed" : "") + "}";
-    }
-
-    private void checkOpen() {
-        if (closed.get()) {
-            throw new IllegalStateException("NativeReservation '" + consumer + "' in pool '" + poolPath
-                    + "' (handle " + NativeMemoryManager.hex(handle) + ") is closed");
-        }
-        manager.checkOpen();
+        return "NativeReservation{consumer='" + consumer + "', pool='" + poolPath + "', handle=" + hexHandle()
+                + (isClosed() ? ", closed" : "") + "}";
     }
 
     // Native methods: the reservation handle first. Package-private for tests; not API.

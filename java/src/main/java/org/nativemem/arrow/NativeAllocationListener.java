@@ -1,7 +1,6 @@
 package org.nativemem.arrow;
 
 import java.util.Objects;
-import java.util.concurrent.atomic.AtomicBoolean;
 import java.util.concurrent.atomic.AtomicLong;
 
 import org.apache.arrow.memory.AllocationListener;
@@ -10,6 +9,7 @@ import org.apache.arrow.memory.OutOfMemoryException;
 import org.nativemem.Bytes;
 import org.nativemem.NativeMemoryException;
 import org.nativemem.NativeMemoryManager;
+import org.nativemem.NativeObject;
 import org.nativemem.NativeOutOfMemoryException;
 import org.nativemem.NativeReservation;
 import org.slf4j.Logger;
@@ -76,7 +76,7 @@ import org.slf4j.LoggerFactory;
  * report releases afterwards (buffers closed late); they are ignored. Allocating after close
  * throws {@link IllegalStateException}.
  */
-public final class NativeAllocationListener implements AllocationListener, AutoCloseable {
+public final class NativeAllocationListener extends NativeObject implements AllocationListener {
     private static final Logger LOG = LoggerFactory.getLogger(NativeAllocationListener.class);
 
     /** Default block size: 8 MiB, like the manager's reservation block. */
@@ -86,10 +86,8 @@ public final class NativeAllocationListener implements AllocationListener, AutoC
     /** Default consumer name in nativemem's reports. */
     public static final String DEFAULT_CONSUMER = "arrow-java";
 
-    private final NativeMemoryManager manager;
     private final NativeReservation reservation;
     private final long blockBytes;
-    private final AtomicBoolean closed = new AtomicBoolean();
     private final AtomicLong jniCalls = new AtomicLong();
 
     private final Object lock = new Object();
@@ -134,13 +132,13 @@ public final class NativeAllocationListener implements AllocationListener, AutoC
      * @throws IllegalStateException if the manager is closed
      */
     public NativeAllocationListener(NativeMemoryManager manager, String poolPath, String consumer, long blockBytes) {
-        Objects.requireNonNull(manager, "manager");
+        // No handle of its own: the native object is the reservation, closed by closeNative().
+        super(manager, 0);
         Objects.requireNonNull(poolPath, "poolPath");
         Objects.requireNonNull(consumer, "consumer");
         if (blockBytes <= 0) {
             throw new IllegalArgumentException("nativemem: Arrow block size must be > 0, got " + blockBytes);
         }
-        this.manager = manager;
         this.blockBytes = blockBytes;
         jniCalls.incrementAndGet();
         this.reservation = manager.newReservation(poolPath, consumer, 0);
@@ -167,7 +165,7 @@ public final class NativeAllocationListener implements AllocationListener, AutoC
                 refusals++;
             }
             throw new OutOfMemoryException("nativemem: Arrow allocation of " + size + " bytes (" + Bytes.human(size)
-                    + ") refused in pool '" + reservation.poolPath() + "' of '" + manager.name() + "': "
+                    + ") refused in pool '" + reservation.poolPath() + "' of '" + manager().name() + "': "
                     + e.getMessage(), e);
         }
     }
@@ -196,7 +194,7 @@ public final class NativeAllocationListener implements AllocationListener, AutoC
                 allocatedTotal += size;
             }
             LOG.warn("nativemem: {} bytes Arrow allocated without onPreAllocation could not be charged to pool '{}'"
-                    + " of '{}'; counted as uncharged until released", size, reservation.poolPath(), manager.name(),
+                    + " of '{}'; counted as uncharged until released", size, reservation.poolPath(), manager().name(),
                     e);
         }
     }
@@ -227,7 +225,7 @@ public final class NativeAllocationListener implements AllocationListener, AutoC
         long growBy;
         long exact;
         synchronized (lock) {
-            checkOpen();
+            checkNotClosed();
             if (take(size, announced)) {
                 return;
             }
@@ -238,9 +236,7 @@ public final class NativeAllocationListener implements AllocationListener, AutoC
             long grown = grow(growBy, exact);
             synchronized (lock) {
                 reserved += grown;
-                if (closed.get()) {
-                    throw closedError();
-                }
+                checkNotClosed();
                 if (take(size, announced)) {
                     return;
                 }
@@ -300,7 +296,7 @@ public final class NativeAllocationListener implements AllocationListener, AutoC
             live -= size;
             uncharged = Math.min(uncharged, live);
             pending = Math.min(pending, live);
-            if (closed.get()) {
+            if (closeCalled()) {
                 return;
             }
             long need = need();
@@ -320,7 +316,7 @@ public final class NativeAllocationListener implements AllocationListener, AutoC
                 // The reservation did shrink; the listener (Spark) failed to take bytes back and
                 // the manager offers them again later.
                 LOG.warn("nativemem: returning {} of Arrow cushion in pool '{}' of '{}' failed", Bytes.human(shrinkBy),
-                        reservation.poolPath(), manager.name(), e);
+                        reservation.poolPath(), manager().name(), e);
             }
         }
     }
@@ -335,15 +331,10 @@ public final class NativeAllocationListener implements AllocationListener, AutoC
         return blocks * blockBytes;
     }
 
-    private void checkOpen() {
-        if (closed.get()) {
-            throw closedError();
-        }
-    }
-
-    private IllegalStateException closedError() {
-        return new IllegalStateException("nativemem: the Arrow allocation listener of pool '" + reservation.poolPath()
-                + "' of '" + manager.name() + "' is closed");
+    @Override
+    protected String describe() {
+        return "nativemem: the Arrow allocation listener of pool '" + reservation.poolPath() + "' of '"
+                + manager().name() + "'";
     }
 
     // ---- read-outs -----------------------------------------------------------------------------
@@ -369,14 +360,14 @@ public final class NativeAllocationListener implements AllocationListener, AutoC
      */
     public long reservedBytes() {
         synchronized (lock) {
-            return closed.get() ? 0 : reserved;
+            return closeCalled() ? 0 : reserved;
         }
     }
 
     /** @return bytes reserved and not used by Arrow: {@code reservedBytes() - allocatedBytes()} */
     public long cushionBytes() {
         synchronized (lock) {
-            return closed.get() ? 0 : reserved - need();
+            return closeCalled() ? 0 : reserved - need();
         }
     }
 
@@ -432,11 +423,6 @@ public final class NativeAllocationListener implements AllocationListener, AutoC
         }
     }
 
-    /** @return the manager this listener charges */
-    public NativeMemoryManager manager() {
-        return manager;
-    }
-
     /** @return the pool path bytes are charged to */
     public String poolPath() {
         return reservation.poolPath();
@@ -447,33 +433,31 @@ public final class NativeAllocationListener implements AllocationListener, AutoC
         return reservation;
     }
 
-    /** @return true once {@link #close()} was called or the manager closed */
-    public boolean isClosed() {
-        return closed.get() || manager.isClosed();
-    }
-
     /**
      * Releases the reservation: every byte charged goes back to the pool, whatever Arrow still
-     * holds. Idempotent and thread-safe; a no-op once the manager is closed (its close released
-     * the reservation).
+     * holds ({@link NativeObject#close()}: idempotent and thread-safe; the reservation's close is a
+     * no-op once the manager is closed, which released it).
      */
     @Override
-    public void close() {
-        if (!closed.compareAndSet(false, true)) {
-            return;
-        }
-        if (!manager.isClosed()) {
+    protected void closeNative() {
+        if (!manager().isClosed()) {
             jniCalls.incrementAndGet();
         }
         reservation.close();
     }
 
+    /** The reservation's own close knows the manager's state: always delegate to it. */
+    @Override
+    protected boolean closedWithManager() {
+        return false;
+    }
+
     @Override
     public String toString() {
         synchronized (lock) {
-            return "NativeAllocationListener{pool='" + reservation.poolPath() + "', manager='" + manager.name()
-                    + "', allocated=" + live + ", reserved=" + (closed.get() ? 0 : reserved) + ", block=" + blockBytes
-                    + ", allocations=" + allocations + ", jniCalls=" + jniCalls.get() + (closed.get() ? ", closed" : "")
+            return "NativeAllocationListener{pool='" + reservation.poolPath() + "', manager='" + manager().name()
+                    + "', allocated=" + live + ", reserved=" + (closeCalled() ? 0 : reserved) + ", block=" + blockBytes
+                    + ", allocations=" + allocations + ", jniCalls=" + jniCalls.get() + (closeCalled() ? ", closed" : "")
                     + "}";
         }
     }
