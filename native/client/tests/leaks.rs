@@ -12,7 +12,9 @@
 //! stats, usage report, reclaim → every handle dropped → `OwnedManager::close`.
 //!
 //! Steady state: the provider's handle tables keep their slot storage once grown (capacity, not a
-//! leak); the warm-up lives reach that size, so the assertion after them is exact.
+//! leak); the warm-up lives reach that size, so the count after them is exact. Should anything
+//! stay after a batch of lives all the same, a second batch must not grow it: a leak grows with
+//! every life, state initialized once does not.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -178,22 +180,40 @@ fn manager_lives_through_the_client_free_every_block() {
     for _ in 0..3 {
         life();
     }
-    let before = live();
     const LIVES: u64 = 200;
-    let mut leaked = 0;
-    for _ in 0..LIVES {
-        leaked += life();
+    let batch = || {
+        let mut leaked = 0;
+        for _ in 0..LIVES {
+            leaked += life();
+        }
+        // What each close found and freed: r1 (5 MiB) and the kept allocation (1000 bytes).
+        assert_eq!(leaked, LIVES * (5 * MIB + 1000));
+        live()
+    };
+    let before = live();
+    let after = batch();
+    if after == before {
+        return;
     }
-    let after = live();
-    // What each close found and freed: r1 (5 MiB) and the kept allocation (1000 bytes).
-    assert_eq!(leaked, LIVES * (5 * MIB + 1000));
+    // Something stayed. A leak grows with every life; process state initialized once (seen on
+    // a loaded machine: a few blocks the first time a slow path runs) does not. So a second
+    // batch must leave the count exactly where the first one did.
+    let again = batch();
     assert_eq!(
+        again,
         after,
-        before,
-        "live (blocks, bytes) after {LIVES} manager lives through the client: {} blocks and {} \
-         bytes not freed ({} bytes per manager)",
+        "live (blocks, bytes) after {LIVES} more manager lives through the client: {} blocks and \
+         {} bytes not freed ({} bytes per manager); the first {LIVES} left {} blocks, {} bytes",
+        again.0 - after.0,
+        again.1 - after.1,
+        (again.1 - after.1) / LIVES as i64,
         after.0 - before.0,
-        after.1 - before.1,
-        (after.1 - before.1) / LIVES as i64
+        after.1 - before.1
+    );
+    println!(
+        "leaks: the first {LIVES} lives left {} blocks ({} bytes) that {LIVES} more did not grow: \
+         state initialized once, not a leak",
+        after.0 - before.0,
+        after.1 - before.1
     );
 }
