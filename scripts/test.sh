@@ -11,7 +11,7 @@
 #   cargo-test-datafusion  cargo test --profile datafusion -p nativemem-datafusion: real DataFusion
 #                   queries; then cargo build --profile datafusion -p nativemem-df-engine (the DataFusion
 #                   engine library Gradle packs: the same DataFusion artifacts, built once)
-#   cargo-loom      loom model check of the core (RUSTFLAGS="--cfg loom")
+#   cargo-loom      loom model check of the core and the handle tables (RUSTFLAGS="--cfg loom")
 #   c-header        include/nativemem.h compiles as C11 and C++17; layout pinned (tests/c/header_check.c)
 #   gradle          gradle cleanTest test assemble: JUnit tests (tests/java) + build/libs/*.jar
 #   product-contents scripts/check-product.sh: the release library exports only the allow-list,
@@ -139,10 +139,11 @@ run_suite cargo-test "$SUITE_TIMEOUT" cargo test --workspace --exclude nativemem
 # profile, so its build reuses every DataFusion artifact.
 run_suite cargo-test-datafusion "${DATAFUSION_TIMEOUT:-2700}" bash -c "cargo test --profile datafusion \
   -p nativemem-datafusion --color $color && cargo build --profile datafusion -p nativemem-df-engine --color $color"
-# Model check of the core's lock-free paths (native/core/tests/loom.rs); its own target dir so the
+# Model check of the lock-free paths: the core's accounting (native/core/tests/loom.rs) and the
+# handle tables' pins and close protocol (native/handles/tests/loom.rs); its own target dir so the
 # --cfg loom build does not invalidate the normal one.
 run_suite cargo-loom "$SUITE_TIMEOUT" env RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=4 \
-  cargo test -p nativemem-core --test loom --release --target-dir target/loom --color "$color"
+  cargo test -p nativemem-core -p nativemem-handles --test loom --release --target-dir target/loom --color "$color"
 
 # ---- C: the engine ABI header compiles as C11 and C++17 with the layout the library fills in ----------
 run_suite c-header "$SUITE_TIMEOUT" bash -c \
