@@ -12,7 +12,8 @@
 #                   queries; then cargo build --profile datafusion -p nativemem-df-engine (the DataFusion
 #                   engine library Gradle packs: the same DataFusion artifacts, built once)
 #   cargo-loom      loom model check of the core and the handle tables (RUSTFLAGS="--cfg loom")
-#   c-header        include/nativemem.h compiles as C11 and C++17; layout pinned (tests/c/header_check.c)
+#   c-header        include/nativemem.h compiles as C11 and C++17; layout pinned (tests/c/header_check.c);
+#                   the ABI bench harness (tests/c/bench_abi.c) compiles
 #   gradle          gradle cleanTest test assemble: JUnit tests (tests/java) + build/libs/*.jar
 #   product-contents scripts/check-product.sh: the release library exports only the allow-list,
 #                   nativemem.jar holds only org.nativemem, org.nativemem.spark and org.nativemem.arrow
@@ -148,7 +149,8 @@ run_suite cargo-loom "$SUITE_TIMEOUT" env RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMP
 # ---- C: the engine ABI header compiles as C11 and C++17 with the layout the library fills in ----------
 run_suite c-header "$SUITE_TIMEOUT" bash -c \
   'cc -std=c11 -Wall -Wextra -Werror -pedantic -Iinclude -fsyntax-only tests/c/header_check.c &&
-   c++ -std=c++17 -Wall -Wextra -Werror -Iinclude -x c++ -fsyntax-only tests/c/header_check.c'
+   c++ -std=c++17 -Wall -Wextra -Werror -Iinclude -x c++ -fsyntax-only tests/c/header_check.c &&
+   cc -std=c11 -Wall -Wextra -Werror -Iinclude -fsyntax-only tests/c/bench_abi.c'
 
 # ---- JVM: JUnit tests and jars ---------------------------------------------------------------------
 # No stale jars: if the build fails, the e2e runs must fail rather than test old code.
