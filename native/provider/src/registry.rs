@@ -1228,6 +1228,60 @@ mod tests {
         assert_eq!(l.reserved(), 0);
     }
 
+    /// Close with no or a tiny timeout while threads grow, shrink, give back and close their own
+    /// reservations: whether close finishes at once or is deferred, it runs exactly once, after
+    /// the last call, and every byte goes back to the listener.
+    #[test]
+    fn deferred_closes_under_reservation_calls_always_finish() {
+        for round in 0..40u64 {
+            let (h, l) = new_manager(Duration::from_millis(round % 3));
+            let entry = MANAGERS.get(h).unwrap();
+            let workers: Vec<_> = (0..3)
+                .map(|t| {
+                    std::thread::spawn(move || {
+                        let mut r = match create_reservation(h, &format!("w{t}"), "c", 0) {
+                            Ok(r) => r,
+                            Err(_) => return,
+                        };
+                        for i in 0u64.. {
+                            let step = with_reservation(r, |res| {
+                                res.try_grow(4096)?;
+                                Ok(())
+                            })
+                            .and_then(|()| {
+                                with_reservation_as(r, Entry::GiveBack, |res| Ok(res.shrink(2048)?))
+                            })
+                            .and_then(|()| {
+                                if i % 7 == 6 {
+                                    close_reservation(r)?;
+                                    r = create_reservation(h, &format!("w{t}"), "c", 0)?;
+                                }
+                                Ok(())
+                            });
+                            match step {
+                                Ok(()) => {}
+                                Err(Error::Handle(_)) | Err(Error::Closed(_)) => return,
+                                Err(e) => panic!("unexpected {e}"),
+                            }
+                        }
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_micros(200 + 100 * (round % 5)));
+            match destroy_manager(h) {
+                // Deferred in about a quarter of the rounds (timeout 0-2 ms).
+                Ok(CloseOutcome::Closed(_)) | Err(Error::CloseTimedOut(_)) => {}
+                other => panic!("round {round}: {other:?}"),
+            }
+            for w in workers {
+                w.join().unwrap();
+            }
+            assert!(entry.manager().is_closed(), "round {round}: never closed");
+            assert_eq!(l.reserved(), 0, "round {round}");
+            assert_eq!(entry.in_flight(), 0);
+        }
+    }
+
     #[test]
     fn many_threads_and_concurrent_close_never_use_a_closed_manager() {
         for _ in 0..20 {
