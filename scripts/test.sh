@@ -12,8 +12,9 @@
 #                   queries; then cargo build --profile datafusion -p nativemem-df-engine (the DataFusion
 #                   example engine, examples/datafusion, whose library Gradle packs: the same DataFusion
 #                   artifacts, built once)
-#   cargo-loom      loom model check of the core (RUSTFLAGS="--cfg loom")
-#   c-header        include/nativemem.h compiles as C11 and C++17; layout pinned (tests/c/header_check.c)
+#   cargo-loom      loom model check of the core and the handle tables (RUSTFLAGS="--cfg loom")
+#   c-header        include/nativemem.h compiles as C11 and C++17; layout pinned (tests/c/header_check.c);
+#                   the ABI bench harness (tests/c/bench_abi.c) compiles
 #   gradle          gradle cleanTest test assemble: JUnit tests (tests/java, examples/*/tests) +
 #                   build/libs/*.jar
 #   product-contents scripts/check-product.sh: the release library exports only the allow-list,
@@ -163,15 +164,17 @@ run_suite cargo-test "$SUITE_TIMEOUT" cargo test --workspace --exclude nativemem
 # profile, so its build reuses every DataFusion artifact.
 run_suite cargo-test-datafusion "${DATAFUSION_TIMEOUT:-2700}" bash -c "cargo test --profile datafusion \
   -p nativemem-datafusion --color $color && cargo build --profile datafusion -p nativemem-df-engine --color $color"
-# Model check of the core's lock-free paths (native/core/tests/loom.rs); its own target dir so the
+# Model check of the lock-free paths: the core's accounting (native/core/tests/loom.rs) and the
+# handle tables' pins and close protocol (native/handles/tests/loom.rs); its own target dir so the
 # --cfg loom build does not invalidate the normal one.
 run_suite cargo-loom "$SUITE_TIMEOUT" env RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=4 \
-  cargo test -p nativemem-core --test loom --release --target-dir target/loom --color "$color"
+  cargo test -p nativemem-core -p nativemem-handles --test loom --release --target-dir target/loom --color "$color"
 
 # ---- C: the engine ABI header compiles as C11 and C++17 with the layout the library fills in ----------
 run_suite c-header "$SUITE_TIMEOUT" bash -c \
   'cc -std=c11 -Wall -Wextra -Werror -pedantic -Iinclude -fsyntax-only tests/c/header_check.c &&
-   c++ -std=c++17 -Wall -Wextra -Werror -Iinclude -x c++ -fsyntax-only tests/c/header_check.c'
+   c++ -std=c++17 -Wall -Wextra -Werror -Iinclude -x c++ -fsyntax-only tests/c/header_check.c &&
+   cc -std=c11 -Wall -Wextra -Werror -Iinclude -fsyntax-only tests/c/bench_abi.c'
 
 # ---- JVM: JUnit tests and jars ---------------------------------------------------------------------
 # No stale jars: if the build fails, the e2e runs must fail rather than test old code.

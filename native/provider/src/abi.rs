@@ -9,7 +9,7 @@
 //!  api = NativeMemoryManager.nativeApi()  (address of API, a static)
 //!  api->acquire(handle, &lease) ──▶ MANAGERS.get ─▶ entry.pin() ─▶ LEASES ─▶ close waits for it
 //!  api->pool_open(lease, path) ───▶ manager.pool(path) ─▶ POOLS (owned by the manager)
-//!  api->reservation_try_grow(r) ─▶ RESERVATIONS.get ─▶ owner.enter() ─▶ Reservation::try_grow
+//!  api->reservation_try_grow(r) ─▶ RESERVATIONS.pin ─▶ owner's state read ─▶ Reservation::try_grow
 //!  api->spiller_register(pool, vt) ▶ CSpiller (core Spiller over the vtable) ─▶ SPILLERS
 //!  api->attach(lease, state, drop) ▶ STATES: dropped before the core close (registry docs)
 //! ```
@@ -21,9 +21,11 @@
 //! - Every object is a generation-checked handle in a [`HandleTable`]: a forged, stale or
 //!   wrong-kind handle is an error code, never a dereference. Raw pointers are accepted only where
 //!   the header says the caller owns them (`free`'s pointer is validated by the core's table).
-//! - Work on a manager is a counted call (`ManagerEntry::enter`/`pin`): close waits for it and
-//!   never frees memory under it. A lease is a counted call that any thread may end; a call on a
-//!   lease is counted again on its own.
+//! - Work on a manager is a counted call: close waits for it and never frees memory under it.
+//!   Calls on a reservation or a pool handle are counted by pinning that object's slot
+//!   (`registry::ObjectCall`: no process-wide write, no write to the manager); a lease is a
+//!   count on the manager that any thread may end, and a call on a lease is counted again on its
+//!   own (see the registry's module docs).
 //!
 //! # Close, per function
 //! Once a manager is closing (its close waits for calls in flight and leases held on other
@@ -41,8 +43,9 @@
 //! give-back that resolved its handle just before gets `NM_ERR_CLOSED` (`reservation_close`:
 //! `NM_OK`, the close released it). `include/nativemem.h` carries the same table next to
 //! `manager_close`; this crate's `tests/close_contract.rs` checks it function by function.
-//! - No lock of this crate is held while a C callback runs (spiller, listener, drop): handles are
-//!   resolved to `Arc`s first and the table locks released.
+//! - No lock of this crate is held while a C callback runs (spiller, listener, drop): resolving a
+//!   handle takes no lock (a pin of its slot), and the tables' allocation locks are released
+//!   before any object is dropped.
 //!
 //! - Every object a manager owns is recorded with its table and close stage
 //!   (`ManagerEntry::own`): spillers first, attached state before the core close, pools after
@@ -64,7 +67,9 @@ use nativemem_core::{
 use nativemem_sys::*;
 
 use crate::error::{panic_message, Error, Result};
-use crate::registry::{self, CloseOutcome, CloseStage, Entry, ManagerEntry, Pin};
+use crate::registry::{
+    self, CloseOutcome, CloseStage, Entry, ManagerEntry, ObjectCall, Owned, Pin,
+};
 use nativemem_handles::{kind, HandleTable};
 
 /// Leases.
@@ -140,6 +145,12 @@ struct LeaseEntry {
 struct PoolEntry {
     owner: Arc<ManagerEntry>,
     pool: Pool,
+}
+
+impl Owned for PoolEntry {
+    fn owner(&self) -> &Arc<ManagerEntry> {
+        &self.owner
+    }
 }
 
 /// A registered spiller: unregistered (and its vtable's `drop` run, once no spill is running)
@@ -395,9 +406,9 @@ fn with_pool_as<R>(
     kind: Entry,
     f: impl FnOnce(&PoolEntry) -> Result<R>,
 ) -> Result<R> {
-    let entry = POOLS.get(handle_arg(pool))?;
-    let _call = entry.owner.enter_as(kind)?;
-    f(&entry)
+    // Pins the pool handle, no `Arc` clone and no write to the manager (registry module docs).
+    let call = ObjectCall::enter(&POOLS, handle_arg(pool), kind)?;
+    f(&call)
 }
 
 /// Resolves a lease and enters its manager as a call of its own. The lease keeps the manager
@@ -515,8 +526,13 @@ unsafe extern "C" fn nm_pool_open(
 
 unsafe extern "C" fn nm_pool_close(pool: nm_pool, err: Err) -> nm_status {
     run(err, || {
-        let entry = POOLS.remove(handle_arg(pool))?;
-        entry.owner.disown(handle_arg(pool));
+        let removed = POOLS.remove_counted(handle_arg(pool))?;
+        registry::after_removal(
+            &removed.value.owner,
+            handle_arg(pool),
+            removed.others_pinned,
+            removed.watched,
+        );
         Ok(())
     })
 }
@@ -717,8 +733,14 @@ unsafe extern "C" fn nm_spiller_register(
 
 unsafe extern "C" fn nm_spiller_unregister(spiller: nm_spiller, err: Err) -> nm_status {
     run(err, || {
-        let entry = SPILLERS.remove(handle_arg(spiller))?;
-        entry.owner.disown(handle_arg(spiller));
+        let removed = SPILLERS.remove_counted(handle_arg(spiller))?;
+        registry::after_removal(
+            &removed.value.owner,
+            handle_arg(spiller),
+            removed.others_pinned,
+            removed.watched,
+        );
+        let entry = removed.value;
         // Unregisters; `drop(ctx)` runs once no spill of it is running (the core drops the
         // spiller outside its lock).
         drop(entry);
@@ -758,10 +780,16 @@ unsafe extern "C" fn nm_attach(
 
 unsafe extern "C" fn nm_detach(handle: nm_state, run_drop: i32, err: Err) -> nm_status {
     run(err, || {
-        let entry = STATES.remove(handle_arg(handle))?;
-        if let Some(owner) = entry.owner.upgrade() {
-            owner.disown(handle_arg(handle));
+        let removed = STATES.remove_counted(handle_arg(handle))?;
+        if let Some(owner) = removed.value.owner.upgrade() {
+            registry::after_removal(
+                &owner,
+                handle_arg(handle),
+                removed.others_pinned,
+                removed.watched,
+            );
         }
+        let entry = removed.value;
         entry
             .run_drop
             .store(run_drop != 0, std::sync::atomic::Ordering::Release);

@@ -5,40 +5,59 @@
 //! `Arc<dyn ReservationListener>` (the JNI crate a Java listener, `abi` a C one).
 //!
 //! # In-flight calls and close
-//! Every call on a manager — from an export of this crate or from another crate through
-//! [`enter_manager`] / [`with_manager`] — is counted while it runs ([`ManagerCall`] is the
-//! guard). `destroy` (Java `close()`):
+//! Every call on a manager is counted while it runs, in one of two places:
+//!
+//! - **on the object** — the hot calls, on a reservation (Java's `NativeReservation`, the ABI's
+//!   `reservation_*`) or a pool handle (`allocate`, `free`, `pool_stats`, ...): the call pins the
+//!   object's slot in its handle table ([`nativemem_handles::HandleTable::pin`]), one
+//!   read-modify-write on that slot's own cache line, then *reads* its manager's state word.
+//!   Nothing process-wide and nothing of the manager is written, so the calls of two tasks, or of
+//!   two threads of one task on their own objects, share no written cache line. The object's
+//!   `Arc` is not cloned: the pin keeps it alive.
+//! - **on the manager** — calls through [`enter_manager`] / [`with_manager`] (Java's read-outs,
+//!   `create_reservation`) and the ABI's leases: the count in the manager's state word
+//!   ([`ManagerCall`] and `Pin` are the guards). A lease is a count any thread may end.
+//!
+//! The manager's calls in flight are that count plus the pins of every object it owns
+//! (`ManagerEntry::in_flight`). `destroy` (Java `close()`):
 //!
 //! 1. removes the handle from the table: later lookups fail as stale ([`Error::Handle`]: an
 //!    `IllegalStateException` in Java, `NM_ERR_STALE_HANDLE` in C);
-//! 2. sets `CLOSING`: calls that resolved the handle just before but have not entered yet are
-//!    refused ([`Error::Closed`]);
-//! 3. waits, up to the configured close timeout, for the calls in flight to return;
-//! 4. then runs the close: drops what the manager owns in the order below, closes the core
+//! 2. sets `CLOSING`: calls that resolved a handle just before but have not been admitted yet
+//!    are refused ([`Error::Closed`]);
+//! 3. waits, up to the configured close timeout, for the calls in flight to return (it polls:
+//!    a returning call signals nothing, so the hot path stays a pin and a release);
+//! 4. sets `RUNNING` and checks again that nothing is in flight;
+//! 5. then runs the close: drops what the manager owns in the order below, closes the core
 //!    manager (frees leaked allocations, empties reservations, hands every reserved byte back
 //!    through the listener) and forgets the handles of its reservations and pools.
+//!
+//! A pinned call increments its pin and then reads the state word; the close stores its flag and
+//! then reads the pins. Both `SeqCst`: in the single order of those four accesses either the call
+//! sees the flag or the close sees the pin (store buffering, Dekker), so no call is admitted
+//! unseen. `tests/loom.rs` of nativemem-handles model-checks this protocol.
 //!
 //! **Memory is never freed under a running call.** If the wait times out, destroy marks the close
 //! `DEFERRED` and fails ([`Error::CloseTimedOut`]); the last in-flight call to return runs the
 //! close on its own thread. If destroy is called on a thread that is itself inside a call on the
 //! same manager (a listener closing its manager from an upcall), waiting would deadlock, so the
-//! close is deferred at once to when that outer call returns.
-//!
-//! The counter and the two flags live in one atomic word, so "is a close pending" and "was I the
-//! last call" are decided by the same read-modify-write: exactly one thread runs the close.
-//! Entering is a compare-and-swap that refuses once `CLOSING` is set (new work: grows, new
-//! objects, read-outs, spills), with one exception:
+//! close is deferred at once to when that outer call returns. Finding "the last call" without a
+//! shared counter: a deferring close marks every object with pins `WATCH`
+//! ([`nativemem_handles::HandleTable::watch`]), and every call admitted or refused while `CLOSING`
+//! marks its own; the release that ends a watched object's pins reports it, and that thread
+//! looks the manager up in `DEFERRED_CLOSES` (the list holds it alive, so a returning call never
+//! touches a manager that may be gone) and runs the close if nothing is in flight any more. A
+//! manager-level call sees `DEFERRED` in the result of its own decrement. `close_claimed` makes
+//! the close run exactly once whoever gets there.
 //!
 //! **Giving back while close waits.** A call that only gives memory back (a reservation's
 //! shrink, free, force-shrink or close, an allocation's free: [`Entry::GiveBack`]) is let in
-//! while `CLOSING` is set *if the count is not zero*, i.e. while close is still waiting for
-//! other calls or leases. The count being non-zero means close has not started (it starts only
-//! once the count reached zero), and this call's own increment keeps it from starting until the
-//! call returns, so an engine cleaning up on another thread while close waits releases its
-//! bytes at once (they are not reported as leaks) and nothing is freed under it. Once the count
-//! reached zero the close owns the manager and give-backs are refused too (their objects are
-//! being released by the close). So after `CLOSING` the count can rise again only while it is
-//! above zero; it still reaches zero exactly once.
+//! while `CLOSING` is set *until `RUNNING` is*, i.e. while close is still waiting for other calls
+//! or leases, so an engine cleaning up on another thread while close waits releases its bytes at
+//! once (they are not reported as leaks) and nothing is freed under it: close sets `RUNNING`
+//! only after seeing nothing in flight, and checks again after setting it, so a give-back
+//! admitted just before is waited for. Once `RUNNING` is set the close owns the manager and
+//! give-backs are refused too (their objects are being released by the close).
 //!
 //! # What a manager owns, and the order its close drops it in
 //! A manager owns objects in other handle tables: its reservations (here), and the engine ABI's
@@ -64,16 +83,17 @@ use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::mem::ManuallyDrop;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nativemem_core::{LeakReport, MemoryConfig, MemoryManager, Reservation, ReservationListener};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 
 use crate::error::{panic_message, Error, Result};
-use nativemem_handles::{kind, HandleTable};
+use nativemem_handles::{kind, HandleTable, Pinned};
 
 /// Live memory managers.
 static MANAGERS: HandleTable<ManagerEntry> = HandleTable::new(kind::MANAGER, "memory manager");
@@ -86,7 +106,26 @@ pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 const CLOSING: u64 = 1 << 63;
 const DEFERRED: u64 = 1 << 62;
-const COUNT_MASK: u64 = DEFERRED - 1;
+/// The close owns the manager: give-backs are refused too.
+const RUNNING: u64 = 1 << 61;
+const COUNT_MASK: u64 = RUNNING - 1;
+
+/// Managers whose close was deferred to their last call in flight (see the module docs). Holding
+/// them here keeps them alive for the release that finds them by address; a close removes its
+/// manager once it ran.
+static DEFERRED_CLOSES: Mutex<Vec<Arc<ManagerEntry>>> = Mutex::new(Vec::new());
+
+/// The manager state word on its own pair of cache lines: pinned calls on all of a manager's
+/// objects read it, and nothing else on the line is written while calls run.
+#[repr(align(128))]
+struct StateWord(AtomicU64);
+
+impl std::ops::Deref for StateWord {
+    type Target = AtomicU64;
+    fn deref(&self) -> &AtomicU64 {
+        &self.0
+    }
+}
 
 /// The managers one thread is inside a call of (entry addresses; a manager appears once per
 /// nested call). Inline up to [`CallStack::INLINE`] nested calls, so a thread that calls into the
@@ -156,12 +195,10 @@ thread_local! {
 pub struct ManagerEntry {
     manager: MemoryManager,
     handle: AtomicI64,
-    /// In-flight count | CLOSING | DEFERRED. All accesses `SeqCst`: the close protocol relies on
-    /// the single modification order of this word, and the cost is irrelevant next to a JNI call.
-    state: AtomicU64,
+    /// Manager-level calls in flight | CLOSING | DEFERRED | RUNNING. All accesses `SeqCst`: the
+    /// close protocol relies on one total order of this word and the objects' pins (module docs).
+    state: StateWord,
     close_claimed: AtomicBool,
-    drain_lock: Mutex<()>,
-    drained: Condvar,
     close_timeout: Duration,
     /// Handles of the objects this manager owns in other tables (reservations, and the engine
     /// ABI's pools, spillers and state), with the table and the stage of the close that drops
@@ -193,9 +230,31 @@ impl ManagerEntry {
         self.handle.load(Ordering::Relaxed)
     }
 
-    /// Calls in flight now.
+    /// Calls in flight now: on the manager, and pinned on the objects it owns.
     pub fn in_flight(&self) -> u64 {
-        self.state.load(Ordering::SeqCst) & COUNT_MASK
+        let own = self.state.load(Ordering::SeqCst) & COUNT_MASK;
+        let owned = self.owned.lock();
+        own + owned
+            .iter()
+            .map(|(h, (_, table))| table.in_flight(*h))
+            .sum::<u64>()
+    }
+
+    /// Nothing in flight: no manager-level call and no pin on an object it owns.
+    fn drained(&self) -> bool {
+        if self.state.load(Ordering::SeqCst) & COUNT_MASK != 0 {
+            return false;
+        }
+        let owned = self.owned.lock();
+        owned.iter().all(|(h, (_, table))| table.in_flight(*h) == 0)
+    }
+
+    /// Marks every object with calls in flight WATCH (a deferring close: see the module docs).
+    fn watch_owned(&self) {
+        let owned = self.owned.lock();
+        for (h, (_, table)) in owned.iter() {
+            table.watch(*h);
+        }
     }
 
     fn closed_error(&self) -> Error {
@@ -225,9 +284,9 @@ impl ManagerEntry {
                         counted: false,
                     });
                 }
-                // A give-back while close still waits (count > 0: close has not started and
-                // cannot start before this call leaves); anything else is refused.
-                if kind != Entry::GiveBack || cur & COUNT_MASK == 0 {
+                // A give-back while close still waits (not RUNNING: close has not started, and
+                // checks again for calls in flight after setting it); anything else is refused.
+                if kind != Entry::GiveBack || cur & RUNNING != 0 {
                     return Err(self.closed_error());
                 }
             }
@@ -279,17 +338,11 @@ impl ManagerEntry {
         self.owned.lock().remove(&handle);
     }
 
-    fn leave(&self) {
+    /// Ends a manager-level call; true if a deferred close is pending (the caller, which holds
+    /// the entry's `Arc`, then runs [`finish_deferred`]).
+    fn leave(&self) -> bool {
         let prev = self.state.fetch_sub(1, Ordering::SeqCst);
-        if prev & CLOSING != 0 && prev & COUNT_MASK == 1 {
-            {
-                let _guard = self.drain_lock.lock();
-                self.drained.notify_all();
-            }
-            if prev & DEFERRED != 0 {
-                self.run_deferred_close();
-            }
-        }
+        prev & CLOSING != 0 && prev & DEFERRED != 0
     }
 
     fn calls_on_this_thread(&self) -> usize {
@@ -301,16 +354,32 @@ impl ManagerEntry {
             .unwrap_or(0)
     }
 
-    /// Waits until no call is in flight or the deadline passes; true if drained.
+    /// Waits until no call is in flight, sets `RUNNING`, and checks again (a give-back admitted
+    /// before `RUNNING` is waited for); true once drained with `RUNNING` set, false if the
+    /// deadline passes first. Polls, backing off from yields to 1 ms sleeps: a returning call
+    /// signals nothing (see the module docs).
     fn wait_drained(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut guard = self.drain_lock.lock();
-        while self.in_flight() != 0 {
-            if self.drained.wait_until(&mut guard, deadline).timed_out() {
-                return self.in_flight() == 0;
+        let mut round = 0u32;
+        loop {
+            if self.drained() {
+                if self.state.fetch_or(RUNNING, Ordering::SeqCst) & RUNNING != 0 {
+                    return true;
+                }
+                // Just set: check again for a give-back admitted before it.
+                continue;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            round += 1;
+            if round < 16 {
+                std::thread::yield_now();
+            } else {
+                let micros = 1u64 << (round - 16).min(10);
+                std::thread::sleep(Duration::from_micros(micros).min(deadline - Instant::now()));
             }
         }
-        true
     }
 
     /// Runs the close if no other thread has claimed it. Returns `None` if another did.
@@ -321,23 +390,17 @@ impl ManagerEntry {
         Some(self.finish_close())
     }
 
-    /// Runs in `ManagerCall::drop`, possibly while a panic unwinds: a panic here would abort the
-    /// process, so it is caught and logged.
-    fn run_deferred_close(&self) {
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.claim_and_close()));
-        match outcome {
-            Ok(Some(Ok(report))) => log::info!(
-                "[{}] deferred close done after the last in-flight call returned: {report}",
-                self.manager.name()
-            ),
-            Ok(Some(Err(e))) => log::error!("[{}] deferred close failed: {e}", self.manager.name()),
-            Ok(None) => {}
-            Err(p) => log::error!(
-                "[{}] deferred close panicked: {}",
-                self.manager.name(),
-                panic_message(p.as_ref())
-            ),
+    /// A deferred close, if nothing is in flight any more: sets `RUNNING`, checks again, and
+    /// runs the close unless another thread claimed it. `None` if it did not run here.
+    fn close_if_drained(&self) -> Option<Result<LeakReport>> {
+        if !self.drained() {
+            return None;
         }
+        if self.state.fetch_or(RUNNING, Ordering::SeqCst) & RUNNING == 0 && !self.drained() {
+            // A give-back admitted just before RUNNING: its release (watched) comes back here.
+            return None;
+        }
+        self.claim_and_close()
     }
 
     /// The close proper; runs exactly once, with no call in flight. The order is the one of the
@@ -392,6 +455,13 @@ pub trait OwnedTable: Sync {
     /// Removes the object `handle` from the table and returns it, for the caller to drop outside
     /// any lock; `None` if it is gone already (its user closed it first).
     fn take(&self, handle: i64) -> Option<Box<dyn Any>>;
+
+    /// Calls in flight pinning the object `handle` (also after its removal, until they end).
+    fn in_flight(&self, handle: i64) -> u64;
+
+    /// Marks the object `handle` so that the release ending its pins reports it (see the module
+    /// docs); false if nothing pins it.
+    fn watch(&self, handle: i64) -> bool;
 }
 
 impl<T: Send + Sync + 'static> OwnedTable for HandleTable<T> {
@@ -399,6 +469,14 @@ impl<T: Send + Sync + 'static> OwnedTable for HandleTable<T> {
         self.remove(handle)
             .ok()
             .map(|entry| Box::new(entry) as Box<dyn Any>)
+    }
+
+    fn in_flight(&self, handle: i64) -> u64 {
+        HandleTable::in_flight(self, handle)
+    }
+
+    fn watch(&self, handle: i64) -> bool {
+        HandleTable::watch(self, handle)
     }
 }
 
@@ -410,6 +488,158 @@ pub enum Entry {
     /// Only gives memory back (shrink, free, close of a reservation, free of an allocation):
     /// let in while close still waits for other calls (see the module docs).
     GiveBack,
+}
+
+/// Runs a deferred close of `entry` if nothing is in flight any more (see the module docs), and
+/// forgets it in `DEFERRED_CLOSES` once it ran. Runs when a call returns, possibly while a panic
+/// unwinds: a panic here would abort the process, so it is caught and logged.
+fn finish_deferred(entry: &Arc<ManagerEntry>) {
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| entry.close_if_drained()));
+    let ran = !matches!(outcome, Ok(None));
+    match outcome {
+        Ok(Some(Ok(report))) => log::info!(
+            "[{}] deferred close done after the last in-flight call returned: {report}",
+            entry.manager.name()
+        ),
+        Ok(Some(Err(e))) => log::error!("[{}] deferred close failed: {e}", entry.manager.name()),
+        Ok(None) => {}
+        Err(p) => log::error!(
+            "[{}] deferred close panicked: {}",
+            entry.manager.name(),
+            panic_message(p.as_ref())
+        ),
+    }
+    if ran {
+        forget_deferred(entry);
+    }
+}
+
+/// Drops `entry` from `DEFERRED_CLOSES` (the caller holds an `Arc` of it, so this drop is never
+/// the last one, and no drop runs under the list's lock).
+fn forget_deferred(entry: &Arc<ManagerEntry>) {
+    let removed: Vec<Arc<ManagerEntry>> = {
+        let mut list = DEFERRED_CLOSES.lock();
+        let (gone, kept) = std::mem::take(&mut *list)
+            .into_iter()
+            .partition(|e| Arc::ptr_eq(e, entry));
+        *list = kept;
+        gone
+    };
+    drop(removed);
+}
+
+/// After the release of a watched object of the manager at `owner` (an address, never
+/// dereferenced): if that manager's close is deferred, it is in `DEFERRED_CLOSES` (which keeps it
+/// alive) and may be finished now.
+fn after_watched_release(owner: usize) {
+    let entry = DEFERRED_CLOSES
+        .lock()
+        .iter()
+        .find(|e| Arc::as_ptr(e) as usize == owner)
+        .cloned();
+    if let Some(entry) = entry {
+        finish_deferred(&entry);
+    }
+}
+
+/// An object of a manager in one of the tables whose calls pin it (reservations here, pool
+/// handles in `abi`): its owner is what a call on it is admitted by.
+pub(crate) trait Owned: Send + Sync + 'static {
+    /// The manager that owns the object.
+    fn owner(&self) -> &Arc<ManagerEntry>;
+}
+
+/// A call in flight on an object (see the module docs: counted by the object's pin, admitted by
+/// its manager's state). Derefs to the object. Drop it on the thread that made it.
+pub(crate) struct ObjectCall<T: Owned> {
+    pinned: ManuallyDrop<Pinned<'static, T>>,
+    /// Address of the owner's entry: a lookup key after the pin is gone, never dereferenced then.
+    owner: usize,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl<T: Owned> ObjectCall<T> {
+    /// Pins the object `handle` of `table` and admits the call by its manager's state: refused
+    /// once the manager is closing, except a give-back before `RUNNING` (and calls from the
+    /// closing thread's drop callbacks).
+    pub(crate) fn enter(table: &'static HandleTable<T>, handle: i64, kind: Entry) -> Result<Self> {
+        let pinned = table.pin(handle)?;
+        let owner = pinned.owner();
+        let me = Arc::as_ptr(owner) as usize;
+        // SeqCst, after the pin's SeqCst increment: see the module docs (Dekker).
+        let state = owner.state.load(Ordering::SeqCst);
+        if state & CLOSING != 0 {
+            // Whatever the answer, this release may be the one a deferred close waits for.
+            pinned.watch();
+            let here = CLOSING_HERE.try_with(Cell::get).ok() == Some(me);
+            if !here && (kind != Entry::GiveBack || state & RUNNING != 0) {
+                let err = owner.closed_error();
+                if pinned.release() {
+                    after_watched_release(me);
+                }
+                return Err(err);
+            }
+        }
+        let _ = IN_CALL.try_with(|v| {
+            if let Ok(mut v) = v.try_borrow_mut() {
+                v.push(me);
+            }
+        });
+        Ok(ObjectCall {
+            pinned: ManuallyDrop::new(pinned),
+            owner: me,
+            _not_send: PhantomData,
+        })
+    }
+
+    /// Removes the object from its table (its handle goes stale) while this call is in flight;
+    /// returns whether other calls still had it pinned. It is dropped when the last call on it
+    /// returns (this one at the latest), still counted in flight.
+    pub(crate) fn unlink(&self, handle: i64) -> Result<bool> {
+        let (value, others) = self.pinned.unlink(handle)?;
+        drop(value);
+        Ok(others)
+    }
+}
+
+impl ObjectCall<ReservationEntry> {
+    fn reservation_owner(&self) -> &Arc<ManagerEntry> {
+        &self.pinned.owner
+    }
+}
+
+impl<T: Owned> std::ops::Deref for ObjectCall<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.pinned
+    }
+}
+
+impl<T: Owned> Drop for ObjectCall<T> {
+    fn drop(&mut self) {
+        let _ = IN_CALL.try_with(|v| {
+            if let Ok(mut v) = v.try_borrow_mut() {
+                v.remove(self.owner);
+            }
+        });
+        // SAFETY: taken once, here; the field is not used after.
+        let pinned = unsafe { ManuallyDrop::take(&mut self.pinned) };
+        if pinned.release() {
+            after_watched_release(self.owner);
+        }
+    }
+}
+
+/// After a removal from an owned table outside a call (`pool_close`, `spiller_unregister`,
+/// `detach`): forgets the handle in its owner unless calls still pin it, and finishes a deferred
+/// close if the removal's release was watched.
+pub(crate) fn after_removal(owner: &Arc<ManagerEntry>, handle: i64, others: bool, watched: bool) {
+    if !others {
+        owner.disown(handle);
+    }
+    if watched && owner.state.load(Ordering::SeqCst) & DEFERRED != 0 {
+        finish_deferred(owner);
+    }
 }
 
 /// A counted call in flight on a manager that any thread may end (a lease of the engine ABI is
@@ -428,8 +658,8 @@ impl Pin {
 
 impl Drop for Pin {
     fn drop(&mut self) {
-        if self.counted {
-            self.entry.leave();
+        if self.counted && self.entry.leave() {
+            finish_deferred(&self.entry);
         }
     }
 }
@@ -506,10 +736,8 @@ pub fn create_manager(
     let entry = Arc::new(ManagerEntry {
         manager,
         handle: AtomicI64::new(0),
-        state: AtomicU64::new(0),
+        state: StateWord(AtomicU64::new(0)),
         close_claimed: AtomicBool::new(false),
-        drain_lock: Mutex::new(()),
-        drained: Condvar::new(),
         close_timeout,
         owned: Mutex::new(HashMap::new()),
         attachments: Mutex::new(Vec::new()),
@@ -553,21 +781,22 @@ pub fn destroy_manager(handle: i64) -> Result<CloseOutcome> {
     entry.state.fetch_or(CLOSING, Ordering::SeqCst);
     let own = entry.calls_on_this_thread();
     if own == 0 && entry.wait_drained(entry.close_timeout) {
-        // Drained and CLOSING: no call can start, nobody else claims.
+        // Drained and RUNNING: no call can be admitted, nobody else claims.
         return match entry.claim_and_close() {
             Some(r) => r.map(CloseOutcome::Closed),
             None => Err(Error::Other("memory manager close claimed twice".into())),
         };
     }
-    let prev = entry.state.fetch_or(DEFERRED, Ordering::SeqCst);
-    let in_flight = prev & COUNT_MASK;
-    if in_flight == 0 {
-        // The last call returned between the wait and the flag: it did not see DEFERRED.
-        return match entry.claim_and_close() {
-            Some(r) => r.map(CloseOutcome::Closed),
-            None => Err(Error::Other("memory manager close claimed twice".into())),
-        };
+    // Defer to the last call in flight (module docs): watch the objects with pins, flag, list,
+    // then check once more (the last call may have returned before it could see any of it).
+    entry.watch_owned();
+    entry.state.fetch_or(DEFERRED, Ordering::SeqCst);
+    DEFERRED_CLOSES.lock().push(entry.clone());
+    if let Some(result) = entry.close_if_drained() {
+        forget_deferred(&entry);
+        return result.map(CloseOutcome::Closed);
     }
+    let in_flight = entry.in_flight();
     if own > 0 {
         log::debug!(
             "[{}] close requested from inside a call on the same thread; deferred to its return",
@@ -637,36 +866,44 @@ pub fn with_reservation<R>(handle: i64, f: impl FnOnce(&Reservation) -> Result<R
 }
 
 /// Runs `f` on the reservation `handle`, counted as a call of the kind `kind` on its manager:
-/// [`Entry::GiveBack`] for calls that only release bytes (let in while close waits).
+/// [`Entry::GiveBack`] for calls that only release bytes (let in while close waits). The call
+/// pins the reservation (module docs); if the reservation is released meanwhile, the end of the
+/// last call on it drops it (which releases its bytes, possibly through the listener) while that
+/// call still counts.
 pub fn with_reservation_as<R>(
     handle: i64,
     kind: Entry,
     f: impl FnOnce(&Reservation) -> Result<R>,
 ) -> Result<R> {
-    let entry = RESERVATIONS.get(handle)?;
-    let call = entry.owner.enter_as(kind)?;
-    let result = f(&entry.reservation);
-    // If the reservation was released meanwhile, this is the last reference: drop it (which
-    // releases its bytes, possibly through the listener) while the call still counts.
-    drop(entry);
-    drop(call);
-    result
+    let call = ObjectCall::enter(&RESERVATIONS, handle, kind)?;
+    f(&call.reservation)
 }
 
 /// Releases the reservation `handle` (Java `NativeReservation.close()`). A give-back: while its
 /// manager's close waits for other calls it still releases at once; once the close runs, the
 /// close releases it and this returns without error.
 pub fn close_reservation(handle: i64) -> Result<()> {
-    let entry = RESERVATIONS.get(handle)?;
-    let Ok(call) = entry.owner.enter_as(Entry::GiveBack) else {
-        return Ok(());
+    let call = match ObjectCall::enter(&RESERVATIONS, handle, Entry::GiveBack) {
+        Ok(call) => call,
+        Err(Error::Closed(_)) => return Ok(()),
+        Err(e) => return Err(e),
     };
-    let removed = RESERVATIONS.remove(handle)?;
-    entry.owner.disown(handle);
-    drop(removed);
-    drop(entry);
+    // Kept to forget the handle after the reservation is gone (this call no longer pins it then).
+    let owner = call.reservation_owner().clone();
+    let others = call.unlink(handle)?;
+    // Ends the call: the last pin drops the reservation, releasing its bytes, still in flight.
     drop(call);
+    if !others {
+        owner.disown(handle);
+    }
+    // Otherwise the handle stays in `owned` until the close: its pins are still in flight.
     Ok(())
+}
+
+impl Owned for ReservationEntry {
+    fn owner(&self) -> &Arc<ManagerEntry> {
+        &self.owner
+    }
 }
 
 /// Live manager handles in the process.
@@ -878,6 +1115,173 @@ mod tests {
         let err = destroy_manager(h).unwrap_err();
         assert!(err.to_string().contains("failed to unreserve"), "{err}");
         assert!(matches!(enter_manager(h), Err(Error::Handle(_))));
+    }
+
+    #[test]
+    fn a_timed_out_close_is_finished_by_the_last_reservation_call() {
+        let (h, l) = new_manager(Duration::from_millis(50));
+        let r = create_reservation(h, "p", "c", 10).unwrap();
+        let (entered_tx, entered_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let worker = std::thread::spawn(move || {
+            with_reservation(r, |res| {
+                entered_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                res.try_grow(5)?;
+                Ok(res.size())
+            })
+        });
+        entered_rx.recv().unwrap();
+        let entry = MANAGERS.get(h).unwrap();
+        assert_eq!(
+            entry.in_flight(),
+            1,
+            "the reservation's pin counts for its manager"
+        );
+        let err = destroy_manager(h).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("timed out after 50 ms: 1 call(s) still in progress"),
+            "{err}"
+        );
+        assert!(!entry.manager().is_closed(), "closed under a running call");
+        // New work on the reservation is refused while the close is pending.
+        assert!(matches!(
+            with_reservation(r, |res| Ok(res.try_grow(1)?)),
+            Err(Error::Closed(_))
+        ));
+        go_tx.send(()).unwrap();
+        assert_eq!(worker.join().unwrap().unwrap(), 15);
+        assert!(entry.manager().is_closed(), "the last call ran the close");
+        assert_eq!(l.reserved(), 0);
+        assert!(matches!(
+            with_reservation(r, |res| Ok(res.size())),
+            Err(Error::Handle(_))
+        ));
+    }
+
+    #[test]
+    fn close_waits_for_a_call_on_a_reservation_closed_meanwhile() {
+        let (h, l) = new_manager(Duration::from_secs(10));
+        let r = create_reservation(h, "p", "c", 100).unwrap();
+        let (entered_tx, entered_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let worker = std::thread::spawn(move || {
+            with_reservation(r, |res| {
+                entered_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                res.try_grow(1)?;
+                Ok(res.size())
+            })
+        });
+        entered_rx.recv().unwrap();
+        // Closed by its user while a call on it runs: stale at once, dropped when the call ends.
+        close_reservation(r).unwrap();
+        assert!(matches!(close_reservation(r), Err(Error::Handle(_))));
+        assert_eq!(with_manager(h, |m| Ok(m.used())).unwrap(), 100);
+        let entry = MANAGERS.get(h).unwrap();
+        let closer = std::thread::spawn(move || destroy_manager(h));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!closer.is_finished(), "close must wait for the call");
+        assert!(!entry.manager().is_closed());
+        go_tx.send(()).unwrap();
+        assert_eq!(worker.join().unwrap().unwrap(), 101);
+        let CloseOutcome::Closed(report) = closer.join().unwrap().unwrap() else {
+            panic!("not closed")
+        };
+        assert!(
+            report.is_empty(),
+            "released by its last call, not leaked: {report}"
+        );
+        assert_eq!(l.reserved(), 0);
+    }
+
+    #[test]
+    fn a_give_back_is_admitted_while_close_waits_and_refused_once_it_runs() {
+        let (h, l) = new_manager(Duration::from_secs(10));
+        let r = create_reservation(h, "p", "c", 100).unwrap();
+        let (entered_tx, entered_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let worker = std::thread::spawn(move || {
+            with_manager(h, |_| {
+                entered_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                Ok(())
+            })
+        });
+        entered_rx.recv().unwrap();
+        let closer = std::thread::spawn(move || destroy_manager(h));
+        while with_reservation(r, |res| Ok(res.size())).is_ok() {
+            std::thread::yield_now();
+        }
+        // CLOSING: new work refused, a give-back let in (released at once, no leak).
+        assert!(matches!(
+            with_reservation(r, |res| Ok(res.try_grow(1)?)),
+            Err(Error::Closed(_))
+        ));
+        with_reservation_as(r, Entry::GiveBack, |res| Ok(res.shrink(40)?)).unwrap();
+        close_reservation(r).unwrap();
+        go_tx.send(()).unwrap();
+        worker.join().unwrap().unwrap();
+        let CloseOutcome::Closed(report) = closer.join().unwrap().unwrap() else {
+            panic!("not closed")
+        };
+        assert!(report.is_empty(), "{report}");
+        assert_eq!(l.reserved(), 0);
+    }
+
+    /// Close with no or a tiny timeout while threads grow, shrink, give back and close their own
+    /// reservations: whether close finishes at once or is deferred, it runs exactly once, after
+    /// the last call, and every byte goes back to the listener.
+    #[test]
+    fn deferred_closes_under_reservation_calls_always_finish() {
+        for round in 0..40u64 {
+            let (h, l) = new_manager(Duration::from_millis(round % 3));
+            let entry = MANAGERS.get(h).unwrap();
+            let workers: Vec<_> = (0..3)
+                .map(|t| {
+                    std::thread::spawn(move || {
+                        let mut r = match create_reservation(h, &format!("w{t}"), "c", 0) {
+                            Ok(r) => r,
+                            Err(_) => return,
+                        };
+                        for i in 0u64.. {
+                            let step = with_reservation(r, |res| {
+                                res.try_grow(4096)?;
+                                Ok(())
+                            })
+                            .and_then(|()| {
+                                with_reservation_as(r, Entry::GiveBack, |res| Ok(res.shrink(2048)?))
+                            })
+                            .and_then(|()| {
+                                if i % 7 == 6 {
+                                    close_reservation(r)?;
+                                    r = create_reservation(h, &format!("w{t}"), "c", 0)?;
+                                }
+                                Ok(())
+                            });
+                            match step {
+                                Ok(()) => {}
+                                Err(Error::Handle(_)) | Err(Error::Closed(_)) => return,
+                                Err(e) => panic!("unexpected {e}"),
+                            }
+                        }
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_micros(200 + 100 * (round % 5)));
+            match destroy_manager(h) {
+                // Deferred in about a quarter of the rounds (timeout 0-2 ms).
+                Ok(CloseOutcome::Closed(_)) | Err(Error::CloseTimedOut(_)) => {}
+                other => panic!("round {round}: {other:?}"),
+            }
+            for w in workers {
+                w.join().unwrap();
+            }
+            assert!(entry.manager().is_closed(), "round {round}: never closed");
+            assert_eq!(l.reserved(), 0, "round {round}");
+            assert_eq!(entry.in_flight(), 0);
+        }
     }
 
     #[test]
