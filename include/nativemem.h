@@ -27,8 +27,8 @@
  * against NM_ABI_VERSION N works with any library whose table has abi_version >= N and
  * struct_size >= sizeof(the nm_api it was compiled with); check both once (nm_api_check does).
  * Fields are never removed or reordered; a change that cannot be additive gets a new table.
- * Version 1's first table ended at NM_API_V1_SIZE; the forced charges and then
- * manager_create_with were appended to it (additions keep the version: NM_ABI_VERSION changes
+ * Version 1's first table ended at NM_API_V1_SIZE; the forced charges, manager_create_with
+ * and the trim hooks were appended to it (additions keep the version: NM_ABI_VERSION changes
  * only with a new table). An engine that must also run with an older
  * library tests the newer functions one by one with NM_API_HAS(api, field) instead of calling
  * nm_api_check. Structs the engine passes in (nm_spiller_vtable, nm_listener, nm_manager_options)
@@ -82,7 +82,7 @@
 extern "C" {
 #endif
 
-/** The ABI version this header describes (2: manager_create_with appended to version 1). */
+/** The ABI version this header describes (1; functions appended to its table keep it). */
 #define NM_ABI_VERSION 1u
 
 /** Status codes. New codes may be added; treat an unknown non-zero code as an error. */
@@ -435,6 +435,26 @@ typedef struct nm_api {
      */
     nm_status (*manager_create_with)(const char *name, const nm_manager_options *options,
                                      const nm_listener *listener, nm_manager *out, char **err);
+
+    /* ---- appended: the container governor's allocator trim hooks ------------------------------ */
+
+    /**
+     * Registers `trim`, which the executor's container governor calls under container memory
+     * pressure, after this library's own malloc_trim and again after native spills freed memory:
+     * it makes the engine's own allocator return free pages to the kernel (mimalloc:
+     * mi_collect(true); jemalloc: mallctl("arena.<MALLCTL_ARENAS_ALL>.purge")) and returns the
+     * bytes it released if it knows them, else 0. Called on the governor's thread, with no lock of
+     * this library held; it must not call back into this table. Process-wide, not per manager:
+     * register once per engine library. *out_id gets the id for trim_hook_unregister. `drop` (may
+     * be NULL) runs with `ctx` once the hook is unregistered and no call of it runs (possibly on
+     * the governor's thread, after trim_hook_unregister returned): unload the engine's library
+     * only after it ran. Fails with NM_ERR_INVALID_ARGUMENT (trim or out_id NULL; nothing kept).
+     */
+    nm_status (*trim_hook_register)(uint64_t (*trim)(void *ctx), void *ctx, void (*drop)(void *ctx),
+                                    uint64_t *out_id, char **err);
+    /** Unregisters a trim hook (see trim_hook_register for when its drop runs). Fails with
+     *  NM_ERR_INVALID_HANDLE for an id that is not registered. */
+    nm_status (*trim_hook_unregister)(uint64_t id, char **err);
 } nm_api;
 
 /** Size of version 1's first table (before the forced charges were appended). */

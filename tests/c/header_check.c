@@ -51,7 +51,10 @@ NM_STATIC_ASSERT(offsetof(nm_api, reservation_force_grow) == NM_API_V1_SIZE,
 NM_STATIC_ASSERT(offsetof(nm_api, reservation_force_shrink) == 216, "reservation_force_shrink");
 NM_STATIC_ASSERT(offsetof(nm_api, manager_create_with) == 224,
                  "manager_create_with appended after the forced charges (224 bytes)");
-NM_STATIC_ASSERT(sizeof(nm_api) == 232, "nm_api size: 232 bytes");
+NM_STATIC_ASSERT(offsetof(nm_api, trim_hook_register) == 232,
+                 "trim hooks appended after manager_create_with (232 bytes)");
+NM_STATIC_ASSERT(offsetof(nm_api, trim_hook_unregister) == 240, "trim_hook_unregister");
+NM_STATIC_ASSERT(sizeof(nm_api) == 248, "nm_api size: 248 bytes");
 
 /* The status codes are part of the ABI: never renumbered. */
 NM_STATIC_ASSERT(NM_OK == 0 && NM_ERR_INVALID_ARGUMENT == 1 && NM_ERR_STALE_HANDLE == 2 &&
@@ -63,8 +66,8 @@ NM_STATIC_ASSERT(NM_OK == 0 && NM_ERR_INVALID_ARGUMENT == 1 && NM_ERR_STALE_HAND
 /* nm_api_check refuses a NULL table (an inline function of the header: it must compile). */
 int nm_header_check_null_table(void) { return nm_api_check(NULL) == NM_ERR_UNSUPPORTED; }
 
-/* NM_API_HAS tells the first table from one with the forced charges, and that one from the
- * whole table (manager_create_with). */
+/* NM_API_HAS tells the first table from one with the forced charges, that one from one with
+ * manager_create_with, and that one from the whole table (the trim hooks). */
 int nm_header_check_has(void) {
     nm_api t;
     t.struct_size = NM_API_V1_SIZE;
@@ -72,7 +75,10 @@ int nm_header_check_has(void) {
     t.struct_size = NM_API_V1_SIZE + 16;
     int v1_lacks = NM_API_HAS(&t, reservation_force_shrink) && !NM_API_HAS(&t, manager_create_with);
     t.struct_size = (uint32_t)sizeof(nm_api);
-    return old_lacks && v1_lacks && NM_API_HAS(&t, manager_create_with) &&
+    int options_only = (t.struct_size = 232, NM_API_HAS(&t, manager_create_with) &&
+                                                   !NM_API_HAS(&t, trim_hook_register));
+    t.struct_size = (uint32_t)sizeof(nm_api);
+    return old_lacks && v1_lacks && options_only && NM_API_HAS(&t, trim_hook_unregister) &&
            NM_API_HAS(&t, manager_reclaim);
 }
 

@@ -121,6 +121,8 @@ static API: NmApi = NmApi {
     reservation_force_grow: nm_reservation_force_grow,
     reservation_force_shrink: nm_reservation_force_shrink,
     manager_create_with: nm_manager_create_with,
+    trim_hook_register: nm_trim_hook_register,
+    trim_hook_unregister: nm_trim_hook_unregister,
 };
 
 /// The table if this crate supports `min_version`, else null. `libnativemem_jni.so` exports it
@@ -834,6 +836,41 @@ unsafe extern "C" fn nm_manager_create_with(
         };
         // SAFETY: the caller's (header contract), passed on unchanged.
         unsafe { create_embedded(name, &options, listener, out) }
+    })
+}
+
+unsafe extern "C" fn nm_trim_hook_register(
+    trim: Option<unsafe extern "C" fn(ctx: *mut c_void) -> u64>,
+    ctx: *mut c_void,
+    drop: Option<unsafe extern "C" fn(ctx: *mut c_void)>,
+    out_id: *mut u64,
+    err: Err,
+) -> nm_status {
+    run(err, || {
+        let (Some(trim), false) = (trim, out_id.is_null()) else {
+            return Err(Error::InvalidArgument(
+                "trim_hook_register needs a trim function and an out_id".into(),
+            ));
+        };
+        // SAFETY: the engine's functions and ctx, under the header's contract.
+        let hook = unsafe { crate::governor::TrimHook::new(trim, ctx, drop) };
+        let id = crate::governor::register_trim_hook(hook);
+        // SAFETY: non-null, the caller's out parameter (header contract).
+        unsafe { *out_id = id };
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn nm_trim_hook_unregister(id: u64, err: Err) -> nm_status {
+    run(err, || {
+        if crate::governor::unregister_trim_hook(id) {
+            Ok(())
+        } else {
+            Err(Error::Handle(nativemem_handles::HandleError::Unknown {
+                handle: id as i64,
+                kind: "trim hook",
+            }))
+        }
     })
 }
 

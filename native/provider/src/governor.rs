@@ -4,7 +4,9 @@
 //! The relief ladder (see `nativemem_governor`) acts through [`ExecutorRelief`]:
 //!
 //! - give back idle: each manager hands its unused cushion back to its listener (Spark);
-//! - trim: `malloc_trim(0)` (glibc) returns the allocator's free pages to the kernel;
+//! - trim: `malloc_trim(0)` (glibc) returns the allocator's free pages to the kernel, and every
+//!   engine's trim hook (`trim_hook_register` of the ABI: mimalloc's collect, jemalloc's purge)
+//!   does the same for the engine's own allocator;
 //! - spill: managers are asked to reclaim (spill and hand back), the largest user first, until
 //!   what was asked is freed.
 //!
@@ -160,8 +162,7 @@ impl Relief for ExecutorRelief {
     }
 
     fn trim(&self) -> u64 {
-        trim_allocator();
-        0
+        trim_now()
     }
 
     fn spill(&self, bytes: u64) -> u64 {
@@ -212,6 +213,91 @@ impl Relief for ExecutorRelief {
         }
         out
     }
+}
+
+/// An engine's allocator trim hook (`trim_hook_register` of the ABI).
+pub(crate) struct TrimHook {
+    trim: unsafe extern "C" fn(ctx: *mut std::ffi::c_void) -> u64,
+    ctx: *mut std::ffi::c_void,
+    drop: Option<unsafe extern "C" fn(ctx: *mut std::ffi::c_void)>,
+}
+
+// SAFETY: the header makes `trim` callable from the governor's thread and `drop` from any
+// thread; `ctx` is only passed back to them, never dereferenced here.
+unsafe impl Send for TrimHook {}
+// SAFETY: as above; calls are never concurrent with `drop` (it runs when the last Arc goes).
+unsafe impl Sync for TrimHook {}
+
+impl TrimHook {
+    /// # Safety
+    /// `trim`, `ctx` and `drop` must follow `trim_hook_register`'s contract in the header.
+    pub(crate) unsafe fn new(
+        trim: unsafe extern "C" fn(ctx: *mut std::ffi::c_void) -> u64,
+        ctx: *mut std::ffi::c_void,
+        drop: Option<unsafe extern "C" fn(ctx: *mut std::ffi::c_void)>,
+    ) -> Self {
+        TrimHook { trim, ctx, drop }
+    }
+}
+
+impl Drop for TrimHook {
+    fn drop(&mut self) {
+        if let Some(drop) = self.drop {
+            // SAFETY: the engine's drop, called once, when no call of `trim` runs (last Arc).
+            // A panic cannot come from C; a foreign unwind is not caught (header contract).
+            unsafe { drop(self.ctx) }
+        }
+    }
+}
+
+/// The registered trim hooks: called with the list copied, so no lock is held while an engine
+/// runs; a hook unregistered meanwhile is dropped when its last call returns.
+static TRIM_HOOKS: Mutex<Vec<(u64, Arc<TrimHook>)>> = Mutex::new(Vec::new());
+static NEXT_TRIM_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Registers an engine's trim hook; returns its id.
+pub(crate) fn register_trim_hook(hook: TrimHook) -> u64 {
+    let id = NEXT_TRIM_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    TRIM_HOOKS.lock().push((id, Arc::new(hook)));
+    id
+}
+
+/// Unregisters a trim hook; false if `id` is not registered.
+pub(crate) fn unregister_trim_hook(id: u64) -> bool {
+    let removed = {
+        let mut hooks = TRIM_HOOKS.lock();
+        let at = hooks.iter().position(|(i, _)| *i == id);
+        let removed = at.map(|i| hooks.swap_remove(i));
+        if hooks.is_empty() {
+            *hooks = Vec::new(); // no buffer kept (leak tests count bytes)
+        }
+        removed
+    };
+    // Dropped here, with the lock released: the engine's drop runs now unless a call is in flight.
+    removed.is_some()
+}
+
+/// Trim hooks registered now.
+pub fn trim_hooks() -> usize {
+    TRIM_HOOKS.lock().len()
+}
+
+/// Calls every engine's trim hook; the bytes they report.
+fn call_trim_hooks() -> u64 {
+    let hooks: Vec<Arc<TrimHook>> = TRIM_HOOKS.lock().iter().map(|(_, h)| h.clone()).collect();
+    let mut total = 0u64;
+    for h in hooks {
+        // SAFETY: the engine's function with its ctx (header contract); no lock held.
+        total = total.saturating_add(unsafe { (h.trim)(h.ctx) });
+    }
+    total
+}
+
+/// Asks the allocators to return free pages to the kernel: this library's (glibc's
+/// `malloc_trim`) and every engine's trim hook. Returns the bytes the hooks reported.
+pub fn trim_now() -> u64 {
+    trim_allocator();
+    call_trim_hooks()
 }
 
 /// Asks the allocator to return free pages to the kernel.

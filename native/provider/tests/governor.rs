@@ -15,6 +15,21 @@ use nativemem_provider::governor::{self, Started};
 use nativemem_provider::registry;
 
 const MIB: u64 = 1 << 20;
+
+/// An engine's trim hook through the ABI: counts its calls and its drop.
+static TRIMS: AtomicU64 = AtomicU64::new(0);
+static TRIM_DROPS: AtomicU64 = AtomicU64::new(0);
+
+unsafe extern "C" fn engine_trim(ctx: *mut std::ffi::c_void) -> u64 {
+    assert_eq!(ctx as usize, 0x5eed, "the engine's ctx comes back");
+    TRIMS.fetch_add(1, Ordering::SeqCst);
+    4096
+}
+
+unsafe extern "C" fn engine_trim_drop(ctx: *mut std::ffi::c_void) {
+    assert_eq!(ctx as usize, 0x5eed);
+    TRIM_DROPS.fetch_add(1, Ordering::SeqCst);
+}
 const LIMIT: u64 = 1000 * MIB;
 
 /// The container: its anonymous usage is what the test says plus what the managers use.
@@ -111,6 +126,36 @@ fn governor_relieves_and_gates_the_registry_managers() {
     let small = registry::create_reservation(handles[1], "op", "op", 10 * MIB).unwrap();
     assert_eq!(listeners[1].reserved(), block);
 
+    // An engine registers its allocator's trim hook through the table.
+    // SAFETY: the provider's static table; valid function pointers and out parameters.
+    let api = unsafe { &*nativemem_provider::api(nativemem_sys::NM_ABI_VERSION) };
+    let mut trim_id = 0u64;
+    let st = unsafe {
+        (api.trim_hook_register)(
+            Some(engine_trim),
+            0x5eed as *mut std::ffi::c_void,
+            Some(engine_trim_drop),
+            &mut trim_id,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(st, nativemem_sys::NM_OK);
+    assert_eq!(governor::trim_hooks(), 1);
+    let refused = unsafe {
+        (api.trim_hook_register)(
+            None,
+            std::ptr::null_mut(),
+            None,
+            &mut 0,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(
+        refused,
+        nativemem_sys::NM_ERR_INVALID_ARGUMENT,
+        "no trim function"
+    );
+
     // No pressure (410 of 1000 MiB): the governor starts, nothing happens.
     let started = governor::start_with(
         Thresholds::default(),
@@ -148,6 +193,12 @@ fn governor_relieves_and_gates_the_registry_managers() {
         "task 1's idle 54 MiB went back to Spark"
     );
     assert!(status.stats.give_back_bytes >= 54 * MIB, "{status:?}");
+    assert!(
+        TRIMS.load(Ordering::SeqCst) >= 2,
+        "the engine's trim ran (after the trim step and the spill)"
+    );
+    assert!(status.stats.trim_bytes >= 2 * 4096, "{status:?}");
+    assert_eq!(TRIM_DROPS.load(Ordering::SeqCst), 0);
     assert_eq!(
         registry::with_manager(handles[0], |m| Ok(m.used())).unwrap(),
         0
@@ -197,6 +248,14 @@ fn governor_relieves_and_gates_the_registry_managers() {
         .lock()
         .unwrap()
         .retain(|&h| h != handles[1]);
+
+    // The engine unregisters its hook: its drop runs (no call in flight), a second time is refused.
+    let st = unsafe { (api.trim_hook_unregister)(trim_id, std::ptr::null_mut()) };
+    assert_eq!(st, nativemem_sys::NM_OK);
+    assert_eq!(TRIM_DROPS.load(Ordering::SeqCst), 1);
+    assert_eq!(governor::trim_hooks(), 0);
+    let again = unsafe { (api.trim_hook_unregister)(trim_id, std::ptr::null_mut()) };
+    assert_eq!(again, nativemem_sys::NM_ERR_INVALID_HANDLE);
 
     // Stopped: no refusal any more.
     governor::stop();

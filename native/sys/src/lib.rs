@@ -14,7 +14,7 @@
 use core::ffi::{c_char, c_void};
 
 /// The ABI version of this crate and of `include/nativemem.h`. Additions at the end of the table
-/// (the forced charges, then `manager_create_with` with its [`NmManagerOptions`]) keep it; it
+/// (the forced charges, `manager_create_with` with its [`NmManagerOptions`], the trim hooks) keep it; it
 /// changes only with a new table.
 pub const NM_ABI_VERSION: u32 = 1;
 
@@ -264,6 +264,16 @@ pub struct NmApi {
         out: *mut nm_manager,
         err: Err,
     ) -> nm_status,
+
+    // Appended: the container governor's allocator trim hooks.
+    pub trim_hook_register: unsafe extern "C" fn(
+        trim: Option<unsafe extern "C" fn(ctx: *mut c_void) -> u64>,
+        ctx: *mut c_void,
+        drop: Option<unsafe extern "C" fn(ctx: *mut c_void)>,
+        out_id: *mut u64,
+        err: Err,
+    ) -> nm_status,
+    pub trim_hook_unregister: unsafe extern "C" fn(id: u64, err: Err) -> nm_status,
 }
 
 /// `NM_API_V1_SIZE`: the size of version 1's first table, before the forced charges were
@@ -305,7 +315,9 @@ mod tests {
         assert_eq!(NM_API_V1_SIZE, 208);
         assert_eq!(offset_of!(NmApi, reservation_force_shrink), 8 + 8 * 26);
         assert_eq!(offset_of!(NmApi, manager_create_with), 8 + 8 * 27);
-        assert_eq!(size_of::<NmApi>(), 232);
+        assert_eq!(offset_of!(NmApi, trim_hook_register), 232);
+        assert_eq!(offset_of!(NmApi, trim_hook_unregister), 240);
+        assert_eq!(size_of::<NmApi>(), 248);
         assert_eq!(size_of::<NmManagerOptions>(), 40);
         assert_eq!(offset_of!(NmManagerOptions, reservation_block), 8);
         assert_eq!(offset_of!(NmManagerOptions, task_limit), 16);
