@@ -87,6 +87,15 @@ pub struct LevelReading {
 /// v1 writes "no limit" as the largest page-aligned `i64`; anything this large is none.
 const V1_UNLIMITED: u64 = 1 << 62;
 
+/// Keeps the smaller of `limit` and `bytes` (with the file that set it).
+fn consider(limit: &mut Option<(u64, &'static str)>, bytes: Option<u64>, file: &'static str) {
+    if let Some(b) = bytes {
+        if limit.is_none_or(|(l, _)| b < l) {
+            *limit = Some((b, file));
+        }
+    }
+}
+
 /// `/proc/self/cgroup` now (what changes when the process is moved to another cgroup).
 pub fn membership(root: &FsRoot) -> Option<String> {
     root.read(Path::new("/proc/self/cgroup")).ok()
@@ -133,13 +142,14 @@ pub fn locate(root: &FsRoot) -> Option<Cgroup> {
 }
 
 impl Cgroup {
-    /// Reads every directory (own first). A directory whose statistics cannot be read is left
-    /// out; an error only if the own directory cannot be read.
+    /// Reads the own directory and every ancestor that sets a limit (own first). An ancestor
+    /// whose files cannot be read is left out; an error only if the own directory cannot be read.
     pub fn levels(&self) -> io::Result<Vec<LevelReading>> {
-        let mut out = Vec::with_capacity(self.dirs.len());
+        let mut out = Vec::with_capacity(2);
         for (i, dir) in self.dirs.iter().enumerate() {
             match self.level(dir, i == 0) {
-                Ok(level) => out.push(level),
+                Ok(Some(level)) => out.push(level),
+                Ok(None) => {}
                 Err(e) if i == 0 => return Err(e),
                 Err(_) => {} // an ancestor without memory files (e.g. the v1 mount root): no limit there
             }
@@ -147,27 +157,33 @@ impl Cgroup {
         Ok(out)
     }
 
-    fn level(&self, dir: &Path, own: bool) -> io::Result<LevelReading> {
-        let stat = self.root.read(&dir.join("memory.stat"))?;
-        let value = |key: &str| stat_value(&stat, key);
+    /// One directory's reading; `None` for an ancestor without a limit (its statistics are not
+    /// read: they are the costly part of a sample, and only a limit makes them matter).
+    fn level(&self, dir: &Path, own: bool) -> io::Result<Option<LevelReading>> {
         let mut limit: Option<(u64, &'static str)> = None;
-        let mut consider = |bytes: Option<u64>, file: &'static str| {
-            if let Some(b) = bytes {
-                if limit.is_none_or(|(l, _)| b < l) {
-                    limit = Some((b, file));
-                }
-            }
-        };
         match self.version {
             Version::V2 => {
-                consider(self.read_limit_v2(dir, "memory.max"), "memory.max");
-                consider(self.read_limit_v2(dir, "memory.high"), "memory.high");
-                Ok(LevelReading {
+                consider(
+                    &mut limit,
+                    self.read_limit_v2(dir, "memory.max"),
+                    "memory.max",
+                );
+                consider(
+                    &mut limit,
+                    self.read_limit_v2(dir, "memory.high"),
+                    "memory.high",
+                );
+                if !own && limit.is_none() {
+                    return Ok(None);
+                }
+                let stat = self.root.read(&dir.join("memory.stat"))?;
+                let value = |key: &str| stat_value(&stat, key);
+                Ok(Some(LevelReading {
                     dir: dir.to_path_buf(),
                     limit,
                     anon: value("anon").unwrap_or(0),
                     cache: value("file").unwrap_or(0),
-                })
+                }))
             }
             Version::V1 => {
                 let own_limit = self
@@ -176,20 +192,26 @@ impl Cgroup {
                     .ok()
                     .and_then(|s| s.trim().parse::<u64>().ok())
                     .filter(|&b| b < V1_UNLIMITED);
-                consider(own_limit, "memory.limit_in_bytes");
+                consider(&mut limit, own_limit, "memory.limit_in_bytes");
+                if !own && limit.is_none() {
+                    return Ok(None);
+                }
+                let stat = self.root.read(&dir.join("memory.stat"))?;
+                let value = |key: &str| stat_value(&stat, key);
                 if own {
                     // Covers ancestors the mount does not show (a container's view of v1).
                     consider(
+                        &mut limit,
                         value("hierarchical_memory_limit").filter(|&b| b < V1_UNLIMITED),
                         "hierarchical_memory_limit",
                     );
                 }
-                Ok(LevelReading {
+                Ok(Some(LevelReading {
                     dir: dir.to_path_buf(),
                     limit,
                     anon: value("total_rss").or_else(|| value("rss")).unwrap_or(0),
                     cache: value("total_cache").or_else(|| value("cache")).unwrap_or(0),
-                })
+                }))
             }
         }
     }

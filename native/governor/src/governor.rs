@@ -175,6 +175,8 @@ pub struct Governor {
     last: Option<ContainerView>,
     /// Time and usage of the last sample (the growth rate sizes the next interval).
     last_sample: Option<(Instant, u64)>,
+    /// The last relief round of this episode: when, usage after it, bytes it freed.
+    last_round: Option<(Instant, u64, u64)>,
     /// When usage crossed the soft level (the episode being relieved).
     soft_since: Option<Instant>,
     stats: GovernorStats,
@@ -197,6 +199,7 @@ impl Governor {
             pressure: Pressure::None,
             last: None,
             last_sample: None,
+            last_round: None,
             soft_since: None,
             stats: GovernorStats::default(),
             history: VecDeque::with_capacity(HISTORY),
@@ -210,9 +213,10 @@ impl Governor {
         };
         let mut level = self.thresholds.level(self.pressure, view.usage, view.limit);
         self.enter(level, &view, now);
-        if level >= Pressure::Soft {
+        if level >= Pressure::Soft && self.relief_due(now, &view) {
             let limit = view.limit.unwrap_or(0);
             let target = self.thresholds.bytes_at(Pressure::Soft, limit);
+            let mut round_freed = 0u64;
             for step in 0..3 {
                 let freed = match step {
                     0 => {
@@ -239,6 +243,7 @@ impl Governor {
                         b
                     }
                 };
+                round_freed = round_freed.saturating_add(freed);
                 log::debug!("nativemem governor: relief step {step} freed {freed} bytes");
                 match self.sample() {
                     Some(again) => view = again,
@@ -249,9 +254,11 @@ impl Governor {
                     break;
                 }
             }
+            self.last_round = Some((now, view.usage, round_freed));
             self.enter(level, &view, now);
         }
         if level == Pressure::None {
+            self.last_round = None;
             if let Some(since) = self.soft_since.take() {
                 let nanos = now.saturating_duration_since(since).as_nanos() as u64;
                 self.stats.last_relief_nanos = nanos;
@@ -289,6 +296,23 @@ impl Governor {
         self.published.rearm(wake_at);
         self.last = Some(view);
         interval
+    }
+
+    /// Whether to climb the relief ladder at this sample: always the first time in an episode, and
+    /// after a round that freed something; after a round that freed nothing (nothing idle,
+    /// nothing spillable: the pressure is not native memory's), only once usage rose by 1% of
+    /// the limit or `max_interval` passed, so a container full of memory nobody can give back
+    /// does not cost a trim and a walk of every manager every `min_interval`.
+    fn relief_due(&self, now: Instant, view: &ContainerView) -> bool {
+        match self.last_round {
+            None => true,
+            Some((_, _, freed)) if freed > 0 => true,
+            Some((at, usage, _)) => {
+                let step = view.limit.unwrap_or(0) / 100;
+                view.usage > usage.saturating_add(step)
+                    || now.saturating_duration_since(at) >= self.thresholds.max_interval
+            }
+        }
     }
 
     /// Publishes `level` and records an entry into soft or hard pressure.

@@ -302,3 +302,35 @@ fn native_growth_wakes_the_thread_before_its_interval() {
     );
     assert_eq!(published.pressure(), Pressure::Soft);
 }
+
+#[test]
+fn a_round_that_freed_nothing_is_not_repeated_every_sample() {
+    let world = Arc::new(World::default());
+    let (mut g, _) = governor(&world, 1000);
+    let t0 = Instant::now();
+    world.usage.store(950, Ordering::SeqCst);
+    g.tick(t0);
+    assert_eq!(calls(&world), ["idle 0", "trim 0", "spill(ask 100) 0"]);
+    // Nothing could be freed: 20 ms later, same usage: no round.
+    g.tick(t0 + Duration::from_millis(20));
+    assert!(calls(&world).is_empty());
+    // Usage rose by over 1% of the limit: a round again.
+    world.usage.store(962, Ordering::SeqCst);
+    g.tick(t0 + Duration::from_millis(40));
+    assert_eq!(calls(&world).len(), 3);
+    // Or after max_interval.
+    g.tick(t0 + Duration::from_millis(60));
+    assert!(calls(&world).is_empty());
+    g.tick(t0 + Duration::from_millis(1100));
+    assert_eq!(calls(&world).len(), 3);
+    // A round that freed something is repeated at the next sample.
+    world.spillable.store(5, Ordering::SeqCst);
+    g.tick(t0 + Duration::from_millis(2200));
+    assert_eq!(calls(&world).len(), 4, "freed: a trim follows the spill");
+    g.tick(t0 + Duration::from_millis(2220));
+    assert_eq!(
+        calls(&world).len(),
+        3,
+        "the last round freed 5 bytes: another one"
+    );
+}

@@ -263,6 +263,39 @@ public final class NativeMemoryPlugin implements SparkPlugin {
             }
             return Collections.emptyMap();
         }
+
+        /** Container pressure reports from executors: logged, and kept for {@link #containerPressureReports()}. */
+        @Override
+        public Object receive(Object message) {
+            if (message instanceof ContainerPressureReport) {
+                ContainerPressureReport r = (ContainerPressureReport) message;
+                LOG.warn("nativemem: executor {} reports container memory pressure ({}): {}", r.executorId(),
+                        r.reason(), r.text());
+                synchronized (REPORTS) {
+                    if (REPORTS.size() == MAX_REPORTS) {
+                        REPORTS.remove(0);
+                    }
+                    REPORTS.add(r);
+                }
+            }
+            return null;
+        }
+    }
+
+    /** The last reports the driver plugin of this JVM received, oldest first. */
+    private static final List<ContainerPressureReport> REPORTS = new ArrayList<>();
+    private static final int MAX_REPORTS = 32;
+
+    /**
+     * The container pressure reports this JVM's driver plugin received from executors (the last
+     * {@value #MAX_REPORTS}), oldest first. For tests and diagnostics; each is also in the driver's log.
+     *
+     * @return a copy
+     */
+    public static List<ContainerPressureReport> containerPressureReports() {
+        synchronized (REPORTS) {
+            return new ArrayList<>(REPORTS);
+        }
     }
 
     /** Executor side: library, settings, metrics. */
@@ -298,6 +331,8 @@ public final class NativeMemoryPlugin implements SparkPlugin {
             LOG.info("nativemem: executor {}: native library loaded from {}; {}", ctx.executorID(),
                     NativeLibraryLoader.loadedFrom(), conf);
             startGovernor(ctx.executorID(), conf.governor());
+            pluginContext = ctx;
+            installTerminationReport();
         }
 
         @Override
@@ -324,6 +359,67 @@ public final class NativeMemoryPlugin implements SparkPlugin {
         }
     }
 
+    /** The executor plugin's context (null before init), to send reports to the driver. */
+    private static volatile PluginContext pluginContext;
+    /** Hard-pressure episodes already reported to the driver. */
+    private static long reportedHardEntries;
+    private static volatile boolean shutDown;
+
+    /**
+     * Called every second by the sampler: when the governor entered hard pressure since the last
+     * report, sends the driver a {@link ContainerPressureReport} (logged there).
+     */
+    private static synchronized void reportHardPressure() {
+        ContainerGovernor.Status s = ContainerGovernor.status();
+        if (!s.running() || s.hardEntries() <= reportedHardEntries) {
+            return;
+        }
+        reportedHardEntries = s.hardEntries();
+        send("hard pressure", s);
+    }
+
+    private static void send(String reason, ContainerGovernor.Status s) {
+        PluginContext ctx = pluginContext;
+        if (ctx == null) {
+            return;
+        }
+        String forensics = ContainerGovernor.forensics();
+        try {
+            ctx.send(new ContainerPressureReport(executorId, reason, s + "\n" + (forensics == null ? "" : forensics)));
+        } catch (Exception e) {
+            LOG.warn("nativemem: executor {}: cannot send the container pressure report to the driver: {}",
+                    executorId, e.toString());
+        }
+    }
+
+    /**
+     * YARN and Kubernetes send SIGTERM before SIGKILL: if the governor saw pressure, log its last
+     * snapshots and send them to the driver (best effort: the JVM is going away) so a lost executor
+     * can be tied to its native usage. Not after an orderly plugin shutdown, which logs them itself.
+     */
+    private static void installTerminationReport() {
+        Thread hook = new Thread(() -> {
+            if (shutDown) {
+                return;
+            }
+            try {
+                ContainerGovernor.Status s = ContainerGovernor.status();
+                if (s.running() && s.softEntries() > 0) {
+                    LOG.warn("nativemem: executor {} terminating after container pressure: {}\n{}", executorId, s,
+                            ContainerGovernor.forensics());
+                    send("terminating", s);
+                }
+            } catch (RuntimeException | UnsatisfiedLinkError e) {
+                // The JVM is exiting; nothing more to do.
+            }
+        }, "nativemem-termination-report");
+        try {
+            Runtime.getRuntime().addShutdownHook(hook);
+        } catch (IllegalStateException alreadyShuttingDown) {
+            // Nothing to report to.
+        }
+    }
+
     /** Starts the container governor of this executor if enabled; logs what it found. */
     private static void startGovernor(String executor, NativeMemorySparkConf.Governor g) {
         if (!g.enabled()) {
@@ -345,6 +441,7 @@ public final class NativeMemoryPlugin implements SparkPlugin {
      * usage with the container's figures), so a lost executor's log tells what native memory held.
      */
     private static void stopGovernor() {
+        shutDown = true;
         try {
             ContainerGovernor.Status s = ContainerGovernor.status();
             if (s.running() && s.softEntries() > 0) {
@@ -396,6 +493,11 @@ public final class NativeMemoryPlugin implements SparkPlugin {
                 ExecutorMemory.get().sampleIfDue();
             } catch (RuntimeException e) {
                 LOG.debug("nativemem: memory sample failed", e);
+            }
+            try {
+                reportHardPressure();
+            } catch (RuntimeException | UnsatisfiedLinkError e) {
+                LOG.debug("nativemem: container pressure report failed", e);
             }
         }, 0, ExecutorMemory.DEFAULT_SAMPLE_INTERVAL_MS, TimeUnit.MILLISECONDS);
         sampler = s;

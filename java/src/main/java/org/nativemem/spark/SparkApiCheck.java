@@ -107,6 +107,7 @@ public final class SparkApiCheck {
             m(PLUGIN_CTX, "executorID", "()" + STR),
             m(PLUGIN_CTX, "hostname", "()" + STR),
             m(PLUGIN_CTX, "metricRegistry", "()Lcom/codahale/metrics/MetricRegistry;"),
+            m(PLUGIN_CTX, "send", "(Ljava/lang/Object;)V"),
             m("org.apache.spark.executor.TaskMetrics", "incPeakExecutionMemory", "(J)V"),
             m(CONSUMER, "<init>", "(Lorg/apache/spark/memory/TaskMemoryManager;J" + MODE + ")V"),
             m(CONSUMER, "taskMemoryManager", "Lorg/apache/spark/memory/TaskMemoryManager;"),
