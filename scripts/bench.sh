@@ -33,6 +33,11 @@
 #         reservations), 1 MiB quantum, best of 5; baselines of the same run: the core's shared
 #         pair (criterion, grow_shrink/quantum_one_level_pool), malloc+free, the 1-thread figure.
 #         ABI_LIBRARY picks another library (e.g. an earlier build, to compare).
+#   governor the container governor's cost: the example sort in Spark (SortJob, local[2], native
+#         sort with spills) and a plain Spark SQL aggregation (SqlBench: no native operator), each
+#         with the governor on (spark.nativemem.containerLimit=64g: it runs and samples; never
+#         under pressure) vs off, GOVERNOR_ROUNDS (5) rounds in alternating order (median per-round
+#         ratio); target <= 1.01x. GOVERNOR_SORT_ROWS (40m), GOVERNOR_SQL_ROWS (150000000).
 #   datafusion  DataFusion sort and aggregation (native/datafusion/examples/df_bench.rs) on
 #         nativemem's pool vs DataFusion's, same 64 MiB limit and policy (Greedy vs GreedyMemoryPool,
 #         FairShare vs FairSpillPool), DF_ROUNDS rounds in rotating order (medians); listener calls
@@ -51,12 +56,12 @@ parts=()
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;;
-    core|track|jni|sort|datafusion|abi) parts+=("$arg") ;;
+    core|track|jni|sort|datafusion|abi|governor) parts+=("$arg") ;;
     -h|--help) usage; exit 0 ;;
     *) echo "bench.sh: unknown argument '$arg'" >&2; usage >&2; exit 2 ;;
   esac
 done
-[ ${#parts[@]} -gt 0 ] || parts=(core abi track jni sort datafusion)
+[ ${#parts[@]} -gt 0 ] || parts=(core abi track jni sort governor datafusion)
 want() { local p; for p in "${parts[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
 
 BENCH_DIR="${BENCH_DIR:-$ROOT/target/bench}"
@@ -354,6 +359,54 @@ sort_part() {
   notes+=("sort: accounting on/off total time per process: $rs (the figure is their median; times are medians of $SORT_ROUNDS processes)")
 }
 
+# ---- the container governor on vs off, in Spark ------------------------------------------------------
+governor_part() {
+  local log="$BENCH_DIR/governor.log" rounds="${GOVERNOR_ROUNDS:-$([ "$quick" = 1 ] && echo 1 || echo 5)}"
+  local sort_rows sql_rows
+  sort_rows="${GOVERNOR_SORT_ROWS:-$([ "$quick" = 1 ] && echo 2m || echo 40m)}"
+  sql_rows="${GOVERNOR_SQL_ROWS:-$([ "$quick" = 1 ] && echo 4000000 || echo 150000000)}"
+  step "governor: $rounds round(s) of the Spark sort ($sort_rows rows) and SQL ($sql_rows rows), governor on vs off (log: ${log#"$ROOT"/})"
+  : >"$log"
+  if [ ! -f build/libs/nativemem-e2e.jar ] || [ ! -f build/libs/nativemem-examples.jar ]; then
+    if ! GRADLE_USER_HOME="$ROOT/.cache/gradle" gradle --offline --no-daemon --console=plain -q assemble >>"$log" 2>&1; then
+      fail_part governor "$log"; return
+    fi
+  fi
+  one() { # workload on|off -> seconds
+    local enabled=false extra=()
+    [ "$2" = on ] && enabled=true extra=(--conf spark.nativemem.containerLimit=64g)
+    local out
+    if [ "$1" = sort ]; then
+      out="$(bash scripts/spark-submit.sh "$SPARK_VERSION" --master 'local[2]'         --conf spark.jars=build/libs/nativemem-examples.jar --conf spark.plugins=org.nativemem.spark.NativeMemoryPlugin         --conf spark.memory.offHeap.enabled=true --conf spark.memory.offHeap.size=64m         --conf spark.nativemem.governor.enabled=$enabled "${extra[@]}"         --class org.nativemem.examples.SortJob build/libs/nativemem-e2e.jar --rows "$sort_rows" --partitions 2 2>>"$log")" || return 1
+      awk '/^time: / { for (i = 1; i <= NF; i++) if ($i == "job") { print $(i + 1); exit } }' <<<"$out"
+    else
+      out="$(bash scripts/spark-submit.sh "$SPARK_VERSION" --master 'local[2]'         --conf spark.plugins=org.nativemem.spark.NativeMemoryPlugin         --conf spark.nativemem.governor.enabled=$enabled "${extra[@]}"         --class org.nativemem.bench.SqlBench build/libs/nativemem-e2e.jar --rows "$sql_rows" 2>>"$log")" || return 1
+      awk '/^sql job / { print $3; exit }' <<<"$out"
+    fi
+  }
+  local w i on off r ratios first
+  for w in sort sql; do
+    ratios=()
+    for ((i = 1; i <= rounds; i++)); do
+      if [ $((i % 2)) -eq 1 ]; then first=on; else first=off; fi
+      if [ "$first" = on ]; then on="$(one $w on)" && off="$(one $w off)" || { fail_part governor "$log"; return; }
+      else off="$(one $w off)" && on="$(one $w on)" || { fail_part governor "$log"; return; }; fi
+      [ -n "$on" ] && [ -n "$off" ] || { fail_part governor "$log"; return; }
+      echo "$w round $i: on $on s, off $off s" >>"$log"
+      ratios+=("$(calc "$on / $off")")
+    done
+    r="$(printf '%s\n' "${ratios[@]}" | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }')"
+    local label="the example sort in Spark ($sort_rows rows, spills both ways)"
+    [ "$w" = sql ] && label="plain Spark SQL aggregation + sort ($sql_rows rows, no native operator)"
+    row "governor: $label, governor on" "$(grep "^$w round" "$log" | tail -1 | awk '{ print $5 " s" }')" \
+      "governor off: $(grep "^$w round" "$log" | tail -1 | awk '{ print $8 " s" }')" \
+      "$(awk -v r="$r" 'BEGIN { printf "%.3f× (%+.1f%%)", r, (r - 1) * 100 }')" "≤ 1.01×" \
+      "$(if [ "$(printf '%s\n' "${ratios[@]}" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { print (hi - lo > 0.05) }')" = 1 ]; then
+           echo "**noisy**: per-round ratios spread over 5%, re-run on an idle machine"; else met "$r <= 1.01"; fi)"
+    notes+=("governor ($w): on/off per round: ${ratios[*]} (median shown; $rounds rounds, alternating order)")
+  done
+}
+
 # ---- 4. DataFusion: nativemem's pool vs GreedyMemoryPool --------------------------------------------
 datafusion_part() {
   local log="$BENCH_DIR/datafusion.log"
@@ -389,6 +442,7 @@ want core && core_part
 want track && track_part
 want jni && jni_part
 want sort && sort_part
+want governor && governor_part
 want datafusion && datafusion_part
 
 # ---- the table -------------------------------------------------------------------------------------

@@ -163,7 +163,8 @@ run_suite cargo-test "$SUITE_TIMEOUT" cargo test --workspace --exclude nativemem
 # The engine resolves DataFusion with exactly the features of these tests (its Cargo.toml) in the same
 # profile, so its build reuses every DataFusion artifact.
 run_suite cargo-test-datafusion "${DATAFUSION_TIMEOUT:-2700}" bash -c "cargo test --profile datafusion \
-  -p nativemem-datafusion --color $color && cargo build --profile datafusion -p nativemem-df-engine --color $color"
+  -p nativemem-datafusion --color $color && cargo build --profile datafusion -p nativemem-df-engine --color $color \
+  && cargo test --profile datafusion -p nativemem-df-engine --test layers --color $color"
 # Model check of the lock-free paths: the core's accounting (native/core/tests/loom.rs) and the
 # handle tables' pins and close protocol (native/handles/tests/loom.rs); its own target dir so the
 # --cfg loom build does not invalidate the normal one.

@@ -82,7 +82,8 @@ use nativemem_client::java::{
 use nativemem_client::{Api, Attachment, Lease, TaskPool};
 use parking_lot::Mutex;
 
-use crate::{ExternalSorter, SortError, SortedBatches, SorterOptions, SorterStats};
+use crate::error::SortError;
+use crate::sort::{ExternalSorter, SortedBatches, SorterOptions, SorterStats};
 
 /// Live sorters: this library's only table, with the first tag of the range reserved for engines.
 static SORTERS: HandleTable<SorterEntry> = HandleTable::for_engine(kind::ENGINE_FIRST, "sorter");

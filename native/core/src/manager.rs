@@ -155,6 +155,14 @@ impl MemoryManager {
         self.budget.release_unused(max)
     }
 
+    /// Hands back to the listener everything the task holds idle: the slack of its reservations
+    /// and pools (quantum mode) and the whole unused cushion; no spiller is asked. What the
+    /// executor's container governor asks of every task under pressure. Returns the bytes handed
+    /// back.
+    pub fn release_idle(&self) -> Result<u64> {
+        self.budget.release_idle()
+    }
+
     /// What the listener's owner calls when it wants memory back (Spark's `spill`): first hands
     /// back unused cushion, then spills native consumers for the rest and hands that back too.
     /// Returns the bytes this call handed back to the listener (never 0 because of block

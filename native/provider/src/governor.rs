@@ -3,7 +3,8 @@
 //!
 //! The relief ladder (see `nativemem_governor`) acts through [`ExecutorRelief`]:
 //!
-//! - give back idle: each manager hands its unused cushion back to its listener (Spark);
+//! - give back idle: each manager hands its reservations' slack and its unused cushion back to
+//!   its listener (Spark);
 //! - trim: `malloc_trim(0)` (glibc) returns the allocator's free pages to the kernel, and every
 //!   engine's trim hook (`trim_hook_register` of the ABI: mimalloc's collect, jemalloc's purge)
 //!   does the same for the engine's own allocator;
@@ -158,7 +159,7 @@ impl ExecutorRelief {
 
 impl Relief for ExecutorRelief {
     fn give_back_idle(&self) -> u64 {
-        self.each(|m| m.release_unused(u64::MAX).unwrap_or(0))
+        self.each(|m| m.release_idle().unwrap_or(0))
     }
 
     fn trim(&self) -> u64 {

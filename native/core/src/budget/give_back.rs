@@ -61,6 +61,13 @@ impl Budget {
         }
     }
 
+    /// Takes every reservation's and pool's slack back into the cushion, then hands the whole
+    /// cushion back; returns bytes handed back. No spiller is asked.
+    pub(crate) fn release_idle(&self) -> Result<u64> {
+        self.trim_all(None);
+        self.release_unused(u64::MAX)
+    }
+
     /// Hands back up to `max` bytes of the cushion; returns bytes handed back.
     pub(crate) fn release_unused(&self, max: u64) -> Result<u64> {
         loop {

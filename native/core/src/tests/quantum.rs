@@ -557,3 +557,33 @@ fn threads_allocating_from_one_pool_while_spark_reclaims_stay_exact() {
     assert!(report.is_empty(), "{report}");
     assert_eq!((m.used(), m.reserved(), l.reserved()), (0, 0, 0));
 }
+
+#[test]
+fn release_idle_hands_back_slack_and_cushion_without_spilling() {
+    let (m, l) = quantum_manager(u64::MAX, None);
+    let pool = m.pool("op").unwrap();
+    let r = pool.reservation("hash");
+    r.try_grow(100).unwrap();
+    let spiller = HoldingSpiller::new(&pool, "sorter", 3 * Q);
+    let _reg = pool.register_spiller("sorter", spiller.clone());
+    // Held: 100 B in a quantum, 3 quanta for the sorter; reserved: one block (1 MiB).
+    assert_eq!((m.used(), l.reserved()), (4 * Q, MIB));
+    // Everything not held goes back: the cushion and the hash table's slack (Q - 100 bytes).
+    let given = m.release_idle().unwrap();
+    assert_eq!(given, MIB - 3 * Q - 100);
+    assert_eq!(l.reserved(), 3 * Q + 100);
+    assert_eq!(
+        m.used(),
+        3 * Q + 100,
+        "the pool follows what consumers hold"
+    );
+    assert_eq!(spiller.calls.load(Ordering::SeqCst), 0, "no spill");
+    assert_eq!((r.size(), spiller.res.size()), (100, 3 * Q));
+    // Nothing idle left: a second call gives nothing.
+    assert_eq!(m.release_idle().unwrap(), 0);
+    drop(r);
+    drop(_reg);
+    drop(spiller);
+    m.close().unwrap();
+    assert_eq!(l.reserved(), 0);
+}
