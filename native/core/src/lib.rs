@@ -191,7 +191,9 @@ pub use config::{
     MemoryConfig, DEFAULT_RESERVATION_BLOCK_BYTES, RECOMMENDED_RESERVATION_QUANTUM_BYTES,
 };
 pub use error::{ListenerError, MemoryError, OomReason, OutOfMemory, Result};
-pub use listener::{CapacityListener, GrowGate, ReservationListener};
+pub use listener::{
+    arbitration_allowed, Arbiter, CapacityListener, GrowGate, NoArbitration, ReservationListener,
+};
 pub use manager::{ManagerStats, MemoryManager};
 pub use pool::{Allocation, Pool};
 pub use report::{ConsumerUsage, Leak, LeakKind, LeakReport, PoolUsage, UsageReport};

@@ -10,7 +10,7 @@ use crate::units::human;
 
 impl Budget {
     /// The unused part of `reserved` now (0 while in-flight grows exceed it).
-    fn cushion(&self) -> u64 {
+    pub(crate) fn cushion(&self) -> u64 {
         // SeqCst: `close` reads the root here after setting `closed` (edge 5); elsewhere it is
         // as cheap as Acquire (`ldar` on aarch64), which edge 1 would need anyway.
         let used = self.root.used.load(Ordering::SeqCst);

@@ -1,10 +1,16 @@
 //! A fallible grow: charge the pools, check the cushion, ask the listener for the rest, and
 //! when refused, climb the remedy ladder (see `Budget::remedy`) before giving up.
+//!
+//! Executor-wide arbitration is one rung of that ladder: a *short grant* of the listener (not a
+//! pool limit, not the gate) is reported to the manager's [`Arbiter`](crate::Arbiter), which may
+//! have other tasks hand idle memory back to the listener's owner; the grow then asks the
+//! listener once more. It costs nothing on the fast path (a grow served from the cushion never
+//! reaches the listener) and one branch on a full grant.
 
 use crate::sync::Ordering;
 use std::sync::Arc;
 
-use super::{Budget, SlackId, MAX_REQUEST_BYTES};
+use super::{saturating_add, Budget, SlackId, MAX_REQUEST_BYTES};
 use crate::error::{MemoryError, OomReason, Result};
 use crate::tree::PoolNode;
 use crate::units::human;
@@ -104,6 +110,7 @@ impl Budget {
                         owner,
                         short,
                         scope: Some(&refusal.node),
+                        arbitrable: false,
                     };
                     self.remedy(&mut ladder, &mut bytes, refused, || OomReason::PoolLimit {
                         pool: refusal.node.path.clone(),
@@ -180,6 +187,7 @@ impl Budget {
                 owner,
                 short: deficit - granted,
                 scope: None,
+                arbitrable: gated.is_none(),
             };
             self.remedy(&mut ladder, &mut bytes, refused, || match gated {
                 Some(reason) => OomReason::Gate { reason },
@@ -193,9 +201,13 @@ impl Budget {
     ///
     /// 1. drop the quantum's rounding: ask for the need alone;
     /// 2. take every other slack back into the cushion (quantum mode; once);
-    /// 3. spill native spillers for what is short, within the refusing pool (once); what they
+    /// 3. a short grant of the listener only: ask the [`Arbiter`](crate::Arbiter) (once) to have
+    ///    the executor's other tasks hand idle memory back to the listener's owner, then ask the
+    ///    listener again; not on a thread that arbitrates or reclaims already
+    ///    ([`arbitration_allowed`](crate::arbitration_allowed));
+    /// 4. spill native spillers for what is short, within the refusing pool (once); what they
     ///    free stays in the cushion for the retry;
-    /// 4. give up: surplus that the trim or the spill left in the cushion goes back to the
+    /// 5. give up: surplus that the trim or the spill left in the cushion goes back to the
     ///    listener, and the error is out of memory with `reason`.
     ///
     /// `Ok(())`: a rung freed something (or lowered the request), retry. The pool charge of the
@@ -215,6 +227,25 @@ impl Budget {
             ladder.trimmed = true;
             if self.trim_all(refused.owner) > 0 {
                 return Ok(());
+            }
+        }
+        if refused.arbitrable && !ladder.arbitrated {
+            ladder.arbitrated = true;
+            if let Some(arbiter) = &self.arbiter {
+                if crate::listener::arbitration_allowed() {
+                    // Relaxed (both): statistics.
+                    self.counters.arbitrations.fetch_add(1, Ordering::Relaxed);
+                    // No lock is held here (lock rule); the guard keeps a grow that the
+                    // arbitration causes on this thread from arbitrating again.
+                    let freed = {
+                        let _guard = crate::listener::NoArbitration::enter();
+                        arbiter.on_short_grant(self.id(), refused.short)
+                    };
+                    saturating_add(&self.counters.arbitrated_bytes, freed);
+                    if freed > 0 {
+                        return Ok(());
+                    }
+                }
             }
         }
         if !ladder.spilled {
@@ -257,14 +288,15 @@ impl Budget {
         // Relaxed: a statistic.
         self.counters.reserve_calls.fetch_add(1, Ordering::Relaxed);
         // No lock is held here (lock rule): the listener may re-enter the manager.
-        let granted =
-            crate::error::contain(|| self.listener.reserve(request)).map_err(|source| {
-                MemoryError::Listener {
-                    op: "reserve",
-                    bytes: request,
-                    source,
-                }
-            })?;
+        // Relaxed (both): a hint for arbiters (see `reserving`).
+        self.reserving.fetch_add(1, Ordering::Relaxed);
+        let result = crate::error::contain(|| self.listener.reserve(request));
+        self.reserving.fetch_sub(1, Ordering::Relaxed);
+        let granted = result.map_err(|source| MemoryError::Listener {
+            op: "reserve",
+            bytes: request,
+            source,
+        })?;
         if granted > 0 {
             // Release: publishes this grow's root charge and the listener's grant to whoever
             // reads the new `reserved` with Acquire before handing bytes back (edge 3).
@@ -290,7 +322,9 @@ impl Budget {
 struct Ladder {
     /// Slack was taken back (rung 2).
     trimmed: bool,
-    /// Spillers were asked (rung 3).
+    /// The arbiter was asked (rung 3).
+    arbitrated: bool,
+    /// Spillers were asked (rung 4).
     spilled: bool,
 }
 
@@ -316,4 +350,7 @@ struct Refused<'a> {
     short: u64,
     /// The refusing pool, whose subtree is spilled; `None`: the whole task.
     scope: Option<&'a PoolNode>,
+    /// A short grant of the listener (not a pool limit, not the gate): other tasks' idle memory
+    /// can help.
+    arbitrable: bool,
 }
