@@ -145,3 +145,108 @@ fn idle_and_release_idle_count_the_slack_too() {
     assert_eq!(r.size(), 100);
     assert_eq!(l.reserved(), 100);
 }
+
+mod model {
+    //! Random grows and shrinks of three tasks on one listener, each with an arbiter that has the
+    //! two others hand their idle memory back: with arbitration the executor behaves like one
+    //! budget. After every step: the listener's total is the sum of the managers' `reserved`,
+    //! each task's use is covered, and a grow fails exactly when the tasks' use plus the grow
+    //! exceeds the capacity (idle memory of other tasks never makes a grow fail).
+    use super::*;
+    use proptest::prelude::*;
+
+    const CAPACITY: u64 = 30_000;
+    const BLOCK: u64 = 4_000;
+
+    /// Hands back the idle memory of every manager but the requester.
+    #[derive(Default)]
+    struct Others(Mutex<Vec<MemoryManager>>);
+
+    impl Arbiter for Others {
+        fn on_short_grant(&self, requester: u64, short: u64) -> u64 {
+            let managers = self.0.lock().clone();
+            let mut freed = 0;
+            for m in managers.iter().filter(|m| m.id() != requester) {
+                if freed >= short {
+                    break;
+                }
+                freed += m.release_idle(short - freed).unwrap();
+            }
+            freed
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Grow(usize, u64),
+        Shrink(usize, u64),
+        ReleaseIdle(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            5 => (0..3usize, 1..9_000u64).prop_map(|(t, b)| Op::Grow(t, b)),
+            4 => (0..3usize, 0..9_000u64).prop_map(|(t, b)| Op::Shrink(t, b)),
+            1 => (0..3usize).prop_map(Op::ReleaseIdle),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn with_arbitration_the_tasks_share_one_budget(ops in proptest::collection::vec(op(), 1..100)) {
+            let l = Arc::new(CapacityListener::new(CAPACITY));
+            let arbiter = Arc::new(Others::default());
+            let managers: Vec<MemoryManager> = (0..3)
+                .map(|i| {
+                    MemoryManager::with_seams(
+                        format!("task-{i}"),
+                        MemoryConfig::default().with_reservation_block(BLOCK),
+                        l.clone(),
+                        None,
+                        Some(arbiter.clone() as Arc<dyn Arbiter>),
+                    )
+                    .unwrap()
+                })
+                .collect();
+            *arbiter.0.lock() = managers.clone();
+            let res: Vec<Reservation> = managers.iter().map(|m| m.root().reservation("op")).collect();
+            let mut size = [0u64; 3];
+            for op in ops {
+                match op {
+                    Op::Grow(t, b) => {
+                        let fits = size.iter().sum::<u64>() + b <= CAPACITY;
+                        let grown = res[t].try_grow(b);
+                        prop_assert_eq!(grown.is_ok(), fits, "grow {} of task {}: {:?}", b, t, grown);
+                        if fits {
+                            size[t] += b;
+                        }
+                    }
+                    Op::Shrink(t, b) => {
+                        let b = b.min(size[t]);
+                        res[t].shrink(b).unwrap();
+                        size[t] -= b;
+                    }
+                    Op::ReleaseIdle(t) => {
+                        managers[t].release_idle(u64::MAX).unwrap();
+                        prop_assert_eq!(managers[t].idle(), 0);
+                    }
+                }
+                let reserved: u64 = managers.iter().map(|m| m.reserved()).sum();
+                prop_assert_eq!(l.reserved(), reserved);
+                for (t, m) in managers.iter().enumerate() {
+                    prop_assert_eq!(m.used(), size[t]);
+                    prop_assert!(m.used() <= m.reserved());
+                    prop_assert_eq!(m.idle(), m.reserved() - m.used());
+                }
+            }
+            drop(res);
+            // The arbiter holds the managers (and they it): break the cycle.
+            arbiter.0.lock().clear();
+            for m in &managers {
+                m.close().unwrap();
+            }
+            prop_assert_eq!(l.reserved(), 0);
+        }
+    }
+}
