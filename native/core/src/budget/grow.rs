@@ -84,22 +84,12 @@ impl Budget {
                         0
                     };
                     let real_used = refusal.used.saturating_sub(claims);
-                    if claims > 0 && real_used.saturating_add(bytes) <= limit {
+                    if claims > 0
+                        && real_used.saturating_add(bytes) <= limit
+                        && self.wait_for_claims(&mut claim_retries, &mut claim_wait, true)
+                    {
                         // Refused only because of a claim: wait for it, not a refusal.
-                        claim_retries += 1;
-                        if claim_retries <= CLAIM_RETRIES {
-                            crate::sync::yield_now();
-                            continue;
-                        }
-                        if !cfg!(loom)
-                            && claim_wait
-                                .get_or_insert_with(std::time::Instant::now)
-                                .elapsed()
-                                < CLAIM_WAIT_LIMIT
-                        {
-                            std::thread::sleep(CLAIM_SLEEP);
-                            continue;
-                        }
+                        continue;
                     }
                     let short = real_used.saturating_add(bytes).saturating_sub(limit);
                     let refused = Refused {
@@ -145,6 +135,21 @@ impl Budget {
             if root_now <= reserved {
                 self.grown(node, ladder.freed_room());
                 return Ok(bytes);
+            }
+            // A hand-back in flight (a release's hysteresis, or an arbiter taking this task's
+            // idle cushion for another task) counts its claimed bytes on the root until its
+            // `unreserve` returns: what looks uncovered may be that claim, not usage. Wait for it
+            // (yields only: this thread may hold the listener owner's lock that the hand-back's
+            // `unreserve` waits for, e.g. a spiller writing inside Spark's `spill`) rather than
+            // reserve again what is being handed back, and perhaps take from the listener the
+            // bytes another task's arbitration just freed.
+            // Relaxed: the root load above acquired the claim's Release RMW (edge 2), so a claim
+            // it includes is seen; a stale count only costs a retry.
+            if self.claims.load(Ordering::Relaxed) > 0
+                && self.wait_for_claims(&mut claim_retries, &mut claim_wait, false)
+            {
+                node.uncharge(bytes);
+                continue;
             }
             // What is uncovered now, at most this grow's own bytes plus the over-commit still
             // owed: every other grow in flight covers its own (by this same check, or by its own
@@ -261,6 +266,30 @@ impl Budget {
             );
         }
         Err(self.oom(refused.consumer, refused.node, refused.asked, reason()))
+    }
+
+    /// One wait for claims in flight (yields, then, if `may_sleep`, short sleeps up to
+    /// [`CLAIM_WAIT_LIMIT`]); false once the grow has waited long enough and should treat what
+    /// it sees as real.
+    fn wait_for_claims(
+        &self,
+        retries: &mut u32,
+        since: &mut Option<std::time::Instant>,
+        may_sleep: bool,
+    ) -> bool {
+        *retries += 1;
+        if *retries <= CLAIM_RETRIES {
+            crate::sync::yield_now();
+            return true;
+        }
+        if may_sleep
+            && !cfg!(loom)
+            && since.get_or_insert_with(std::time::Instant::now).elapsed() < CLAIM_WAIT_LIMIT
+        {
+            std::thread::sleep(CLAIM_SLEEP);
+            return true;
+        }
+        false
     }
 
     /// Bookkeeping after a successful grow: peaks, and if the grow spilled or took slack back,

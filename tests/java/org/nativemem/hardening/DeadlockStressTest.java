@@ -229,7 +229,6 @@ public class DeadlockStressTest extends HardeningSupport {
         final long poolBytes = 24 * MIB;
         final AtomicLong pool = new AtomicLong(poolBytes);
         org.nativemem.ExecutorArbiter.configure(true, false, 64 * MIB);
-        final long shortBefore = org.nativemem.ExecutorArbiter.status().shortGrants();
         final long until = System.nanoTime() + TimeUnit.SECONDS.toNanos(SECONDS);
         final AtomicReference<Throwable> failure = new AtomicReference<Throwable>();
         final TaskListener[] listeners = new TaskListener[4];
@@ -278,9 +277,10 @@ public class DeadlockStressTest extends HardeningSupport {
             steps += c[0];
         }
         org.nativemem.ExecutorArbiter.Status st = org.nativemem.ExecutorArbiter.status();
+        // How many grants came up short depends on the threads' timing: printed, not asserted (the
+        // arbitration itself is proven deterministically in nativemem-provider's tests/arbitration.rs).
         System.out.printf("DeadlockStressTest: 4 tasks, %d s: %d native steps, %s%n", SECONDS, steps, st);
         assertTrue("native threads worked: " + steps, steps > 1000);
-        assertTrue("short grants were arbitrated", st.shortGrants() > shortBefore);
         for (int i = 0; i < 4; i++) {
             assertEquals("task " + i + " freed what it held", 0, managers[i].usedBytes());
             assertEquals(listeners[i].held.get(), managers[i].reservedBytes());
