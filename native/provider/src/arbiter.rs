@@ -39,6 +39,19 @@
 //! `nativemem_core::arbitration_allowed`. A grow of another manager caused here (a spiller
 //! writing) is not arbitrated again.
 //!
+//! ## Known limit (Spark)
+//! Handing memory back calls the giving task's listener, and the Java listener
+//! (`SparkReservationListener.unreserve`) takes that task's `TaskMemoryManager` monitor. If a
+//! thread of the giving task holds that monitor while Spark makes it *wait* for memory for a JVM
+//! consumer (`ExecutionMemoryPool` waits while a task holds under 1/2N), which native code cannot
+//! see, the arbitrating thread waits until Spark wakes that task (any release to the pool, or a
+//! task ending, notifies it). With only those two tasks, and the requester holding what the
+//! waiting one needs, nothing would wake it. Native waits are excluded (`is_reserving`); the
+//! fix for the JVM case belongs to the Java listener: hand arbitration's bytes back through
+//! `TaskMemoryManager.releaseExecutionMemory` (it takes no task monitor, only the memory
+//! manager's lock, which a waiting task releases) and settle the consumer's own count under the
+//! monitor later.
+//!
 //! Below the registry: the registry gives every manager the arbiter and hands down how to enter
 //! a manager ([`Visit`]), so this module needs no upward import.
 
