@@ -361,7 +361,9 @@ typedef struct nm_api {
      *   pool_close,
      *   spiller_unregister, detach   allowed                   NM_ERR_STALE_HANDLE
      *   manager_create,
- *   manager_create_with          allowed (another manager) allowed
+     *   manager_create_with          allowed (another manager) allowed
+     *   trim_hook_register,
+     *   _unregister                  allowed (process-wide)    allowed
      *   manager_close                NM_ERR_STALE_HANDLE       NM_ERR_STALE_HANDLE
      *
      * "Allowed" calls that give back release their bytes at once, so an engine can clean up on

@@ -14,7 +14,7 @@ jar="${2:-$ROOT/build/libs/nativemem.jar}"
 rc=0
 
 # ---- exported symbols ------------------------------------------------------------------------------
-allowed='^(JNI_OnLoad|nativemem_api|Java_org_nativemem_(NativeLibraryLoader|NativeMemoryManager|NativeReservation|ContainerGovernor)_native[A-Za-z]+)$'
+allowed='^(JNI_OnLoad|nativemem_api|Java_org_nativemem_(NativeLibraryLoader|NativeMemoryManager|NativeReservation|ContainerGovernor|ExecutorArbiter)_native[A-Za-z]+)$'
 if [ ! -f "$lib" ]; then
   echo "check-product: $lib missing (cargo build --release -p nativemem-jni)"; exit 1
 fi

@@ -32,6 +32,9 @@
 //!                listener.reserve(k * block)             (3) one JVM upcall per block (8 MiB),
 //!                               │ granted < needed           Spark may spill others for it
 //!                               ▼
+//!             arbiter.on_short_grant(short), retry once  (3b) other tasks hand idle memory
+//!                               │ still short                back to Spark (see [`Arbiter`])
+//!                               ▼
 //!                  spill native spillers, retry once     (4) smallest that covers, else largest
 //!                               │ still short
 //!                               ▼
@@ -122,8 +125,9 @@
 //! Rust lock while blocked in an upcall waiting for that monitor, and the spilling thread needed
 //! the same Rust lock, the task would deadlock (Gluten shipped this ABBA deadlock). How it is
 //! guaranteed: the only calls out are in `Budget::reserve_from_listener`,
-//! `Budget::claim_and_give_back` and
-//! `SpillerRegistry::spill`; the first two run with no lock taken on the path to them (the
+//! `Budget::claim_and_give_back`, `Budget::remedy` (the [`Arbiter`], which may call other
+//! managers and their listeners; never from inside a `reclaim`, see [`arbitration_allowed`]) and
+//! `SpillerRegistry::spill`; the first three run with no lock taken on the path to them (the
 //! fast-path state is atomics), and the third copies the spiller list under the registry lock and
 //! drops the guard before calling any spiller. The test `spiller_reentering_the_manager_does_not_deadlock`
 //! exercises the re-entrant path.
@@ -191,7 +195,9 @@ pub use config::{
     MemoryConfig, DEFAULT_RESERVATION_BLOCK_BYTES, RECOMMENDED_RESERVATION_QUANTUM_BYTES,
 };
 pub use error::{ListenerError, MemoryError, OomReason, OutOfMemory, Result};
-pub use listener::{CapacityListener, GrowGate, ReservationListener};
+pub use listener::{
+    arbitration_allowed, Arbiter, CapacityListener, GrowGate, NoArbitration, ReservationListener,
+};
 pub use manager::{ManagerStats, MemoryManager};
 pub use pool::{Allocation, Pool};
 pub use report::{ConsumerUsage, Leak, LeakKind, LeakReport, PoolUsage, UsageReport};

@@ -42,6 +42,61 @@ pub trait GrowGate: Send + Sync {
     fn refuse(&self, bytes: u64) -> Option<String>;
 }
 
+/// The seam for "the listener granted less than asked": executor-wide arbitration. When a
+/// fallible grow's listener reservation comes back short (after the grow took its own slack
+/// back, and after the listener's owner, e.g. Spark, spilled what it could of this task), the
+/// manager calls [`on_short_grant`](Arbiter::on_short_grant) once per grow; if it returns more
+/// than 0 the grow asks the listener again before it spills the task's own native spillers or
+/// fails. The provider's arbiter asks the executor's *other* managers to hand their idle cushion
+/// and slack back to the listener's owner (Spark), so the retry finds them there.
+///
+/// # Callback rules
+/// - Called with no lock of the manager held, on the growing thread; it must never wait for
+///   another task's thread (it may call other managers, which call their own listeners).
+/// - It must not grow or reclaim the requesting manager (`requester`, see
+///   [`MemoryManager::id`](crate::MemoryManager::id)): skip it.
+/// - A grow made while this thread arbitrates, or while it runs a `reclaim` of any manager
+///   (the listener's owner asking for memory back: in Spark that call holds the task's
+///   `TaskMemoryManager` monitor), is not arbitrated (see [`arbitration_allowed`]).
+pub trait Arbiter: Send + Sync {
+    /// The listener granted `short` bytes less than a grow of manager `requester` needed; frees
+    /// what it can elsewhere and returns the bytes freed (0: nothing, the grow goes on down its
+    /// remedy ladder).
+    fn on_short_grant(&self, requester: u64, short: u64) -> u64;
+}
+
+std::thread_local! {
+    /// Depth of arbitration or reclaim on this thread (see [`arbitration_allowed`]).
+    static NO_ARBITRATION: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// False while this thread arbitrates or runs a manager's `reclaim`: a grow there must not
+/// reach into other tasks. In Spark a `reclaim` runs inside `MemoryConsumer.spill`, under the
+/// task's `TaskMemoryManager` monitor; arbitrating from there would call another task's listener
+/// (its monitor) while holding one (two such tasks would deadlock). Nested arbitration is
+/// refused for the same reason and to bound the recursion.
+pub fn arbitration_allowed() -> bool {
+    NO_ARBITRATION.with(|d| d.get() == 0)
+}
+
+/// Marks this thread as arbitrating (or reclaiming) until the guard drops (see
+/// [`arbitration_allowed`]).
+pub struct NoArbitration(());
+
+impl NoArbitration {
+    /// Enters the section.
+    pub fn enter() -> NoArbitration {
+        NO_ARBITRATION.with(|d| d.set(d.get() + 1));
+        NoArbitration(())
+    }
+}
+
+impl Drop for NoArbitration {
+    fn drop(&mut self) {
+        NO_ARBITRATION.with(|d| d.set(d.get().saturating_sub(1)));
+    }
+}
+
 /// A listener with a fixed capacity, for tests and for embedding without a JVM. Grants what it
 /// has left; `u64::MAX` capacity means unlimited.
 ///

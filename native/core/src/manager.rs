@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::budget::Budget;
 use crate::config::MemoryConfig;
 use crate::error::{MemoryError, Result};
-use crate::listener::{GrowGate, ReservationListener};
+use crate::listener::{Arbiter, GrowGate, ReservationListener};
 use crate::pool::Pool;
 use crate::report::{LeakReport, UsageReport};
 
@@ -30,6 +30,10 @@ pub struct ManagerStats {
     pub unreserve_calls: u64,
     /// Listener reservations refused by the manager's [`GrowGate`] (container pressure).
     pub gate_refusals: u64,
+    /// Short grants of the listener reported to the manager's [`Arbiter`] (executor-wide
+    /// arbitration), and the bytes other tasks handed back for them.
+    pub arbitrations: u64,
+    pub arbitrated_bytes: u64,
     /// Live allocations made through `Pool::allocate`.
     pub live_allocations: u64,
     /// Over-commit now: bytes charged by forced grows ([`Reservation::force_grow`]) beyond what
@@ -80,9 +84,47 @@ impl MemoryManager {
         listener: Arc<dyn ReservationListener>,
         gate: Option<Arc<dyn GrowGate>>,
     ) -> Result<MemoryManager> {
+        Self::with_seams(name, config, listener, gate, None)
+    }
+
+    /// Like [`with_gate`](Self::with_gate), with an [`Arbiter`] told when the listener grants a
+    /// fallible grow less than it needs (executor-wide arbitration; the provider's seam).
+    pub fn with_seams(
+        name: impl Into<String>,
+        config: MemoryConfig,
+        listener: Arc<dyn ReservationListener>,
+        gate: Option<Arc<dyn GrowGate>>,
+        arbiter: Option<Arc<dyn Arbiter>>,
+    ) -> Result<MemoryManager> {
         Ok(MemoryManager {
-            budget: Arc::new(Budget::new(name.into(), config, listener, gate)?),
+            budget: Arc::new(Budget::new(name.into(), config, listener, gate, arbiter)?),
         })
+    }
+
+    /// The manager's id, unique in the process (what an [`Arbiter`] is told).
+    pub fn id(&self) -> u64 {
+        self.budget.id()
+    }
+
+    /// Idle bytes now: the unused cushion plus every slack (quantum mode), memory reserved from
+    /// the listener that no consumer holds. A read-out.
+    pub fn idle(&self) -> u64 {
+        self.budget
+            .cushion()
+            .saturating_add(self.budget.slack_total())
+    }
+
+    /// True while a listener `reserve` call is in flight (a hint for arbiters: the task's thread
+    /// may be waiting inside Spark, holding its `TaskMemoryManager` monitor).
+    pub fn is_reserving(&self) -> bool {
+        self.budget.is_reserving()
+    }
+
+    /// Hands idle memory back to the listener, up to `max` bytes: the unused cushion, then the
+    /// slack of every reservation and pool (quantum mode); no spiller is asked. Returns the
+    /// bytes handed back. What an arbiter asks of the executor's other tasks.
+    pub fn release_idle(&self, max: u64) -> Result<u64> {
+        self.budget.release_idle(max)
     }
 
     /// The manager's name.
@@ -155,14 +197,6 @@ impl MemoryManager {
         self.budget.release_unused(max)
     }
 
-    /// Hands back to the listener everything the task holds idle: the slack of its reservations
-    /// and pools (quantum mode) and the whole unused cushion; no spiller is asked. What the
-    /// executor's container governor asks of every task under pressure. Returns the bytes handed
-    /// back.
-    pub fn release_idle(&self) -> Result<u64> {
-        self.budget.release_idle()
-    }
-
     /// What the listener's owner calls when it wants memory back (Spark's `spill`): first hands
     /// back unused cushion, then spills native consumers for the rest and hands that back too.
     /// Returns the bytes this call handed back to the listener (never 0 because of block
@@ -188,6 +222,8 @@ impl MemoryManager {
             reserve_calls: c.reserve_calls,
             unreserve_calls: c.unreserve_calls,
             gate_refusals: c.gate_refusals,
+            arbitrations: c.arbitrations,
+            arbitrated_bytes: c.arbitrated_bytes,
             live_allocations: c.live_allocations,
             overcommitted: self.budget.overcommitted(),
             overcommit_peak: c.overcommit_peak,

@@ -54,6 +54,7 @@ impl Spiller for HoldingSpiller {
 }
 
 mod alloc;
+mod arbiter;
 mod close;
 mod cushion;
 mod gate;

@@ -275,3 +275,70 @@ fn an_allocation_on_a_pool_s_slack_racing_a_reclaim_of_that_slack_is_always_cove
         assert_eq!((m.used(), m.reserved(), l.reserved()), (0, 0, 0));
     });
 }
+
+/// Executor-wide arbitration: task B's grow gets a short grant and its arbiter has task A hand
+/// idle cushion back (`release_idle`, on B's thread) while A's own thread grows on that cushion.
+/// Whatever the interleaving, every byte stays accounted: each task's use is covered by what it
+/// reserves, and the listener's total is the two managers' sum. Both grows fit in the capacity
+/// and succeed in the common orders; a grow may still fail out of memory (never otherwise) when
+/// a hand-back's claim outlasts its bounded wait (loom bounds it to two yields) and the listener
+/// is empty meanwhile: arbitration is best effort, the accounting is not.
+#[test]
+fn an_arbitration_taking_idle_cushion_racing_that_task_s_grow_keeps_both_covered() {
+    use nativemem_core::{Arbiter, MemoryError};
+
+    /// Has `other` hand back idle memory, on the requester's thread.
+    struct TakeFrom(MemoryManager);
+
+    impl Arbiter for TakeFrom {
+        fn on_short_grant(&self, requester: u64, short: u64) -> u64 {
+            assert_ne!(requester, self.0.id());
+            self.0.release_idle(short).unwrap()
+        }
+    }
+
+    fn ok_or_oom(r: nativemem_core::Result<()>) -> bool {
+        match r {
+            Ok(()) => true,
+            Err(MemoryError::OutOfMemory(_)) => false,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    loom::model(|| {
+        let l = Arc::new(CapacityListener::new(3 * BLOCK));
+        let config = MemoryConfig::default().with_reservation_block(BLOCK);
+        let a = MemoryManager::new("a", config.clone(), l.clone()).unwrap();
+        let b = MemoryManager::with_seams(
+            "b",
+            config,
+            l.clone(),
+            None,
+            Some(Arc::new(TakeFrom(a.clone()))),
+        )
+        .unwrap();
+        // A: two blocks reserved, one byte used.
+        let a_res = a.root().reservation("a");
+        a_res.try_grow(2 * BLOCK).unwrap();
+        a_res.shrink(2 * BLOCK - 1).unwrap();
+        assert_eq!((a.used(), a.reserved()), (1, 2 * BLOCK));
+        let t = thread::spawn(move || {
+            // On A's cushion: 4 bytes used in all.
+            let grown = ok_or_oom(a_res.try_grow(3));
+            (a_res, grown)
+        });
+        // B needs two blocks; the listener has one: short by one block, which A gives back.
+        let b_res = b.root().reservation("b");
+        let b_grown = ok_or_oom(b_res.try_grow(2 * BLOCK));
+        let (a_res, a_grown) = t.join().unwrap();
+        assert_eq!(a.used(), if a_grown { 4 } else { 1 });
+        assert_eq!(b.used(), if b_grown { 2 * BLOCK } else { 0 });
+        assert!(a.reserved() >= a.used(), "{} > {}", a.used(), a.reserved());
+        assert!(b.reserved() >= b.used(), "{} > {}", b.used(), b.reserved());
+        assert_eq!(l.reserved(), a.reserved() + b.reserved());
+        drop((a_res, b_res));
+        a.close().unwrap();
+        b.close().unwrap();
+        assert_eq!(l.reserved(), 0);
+    });
+}

@@ -32,6 +32,7 @@
 //! ## Pieces
 //! - `exports`: the `Java_*` exports of the public classes.
 //! - `container`: the `Java_*` exports of `ContainerGovernor` (the executor's container governor).
+//! - `arbiter`: the `Java_*` exports of `ExecutorArbiter` (executor-wide arbitration).
 //! - `guard`: the panic guard (`run_export`) and argument helpers every export uses.
 //! - `error`: the provider's error plus JNI failures.
 //! - `exception`: the single mapping of an error to a Java exception, and the Java throwables a
@@ -46,7 +47,7 @@
 //! ## Modules, in layers
 //!
 //! Each module imports only modules before it (`tests.rs` checks it): `error`, `vm`,
-//! `exception`, `listener`, `guard`, `exports`, `container`, `bench`, `testing`.
+//! `exception`, `listener`, `guard`, `exports`, `container`, `arbiter`, `bench`, `testing`.
 //!
 //! ## A cdylib only
 //! Nothing links this crate as a Rust library: tests that need a provider of the table link
@@ -69,6 +70,7 @@ use std::panic::{self, AssertUnwindSafe};
 use jni::sys::{jint, JNI_ERR, JNI_VERSION_1_8};
 use jni::JavaVM;
 
+mod arbiter;
 #[cfg(feature = "testing")]
 mod bench;
 mod container;

@@ -1,6 +1,6 @@
 //! The module layers: imports point one way (see "Modules, in layers" in the crate docs).
 
-const LAYERS: [(&str, &str); 9] = [
+const LAYERS: [(&str, &str); 10] = [
     ("error", include_str!("error.rs")),
     ("vm", include_str!("vm.rs")),
     ("exception", include_str!("exception.rs")),
@@ -8,6 +8,7 @@ const LAYERS: [(&str, &str); 9] = [
     ("guard", include_str!("guard.rs")),
     ("exports", include_str!("exports.rs")),
     ("container", include_str!("container.rs")),
+    ("arbiter", include_str!("arbiter.rs")),
     ("bench", include_str!("bench.rs")),
     ("testing", include_str!("testing.rs")),
 ];

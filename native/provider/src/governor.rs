@@ -159,7 +159,7 @@ impl ExecutorRelief {
 
 impl Relief for ExecutorRelief {
     fn give_back_idle(&self) -> u64 {
-        self.each(|m| m.release_idle().unwrap_or(0))
+        self.each(|m| m.release_idle(u64::MAX).unwrap_or(0))
     }
 
     fn trim(&self) -> u64 {

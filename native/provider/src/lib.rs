@@ -42,12 +42,14 @@
 //!  module     holds                                                 uses (all below it)
 //!  abi        the nm_api table, C listener/spiller/state, leases    registry error
 //!  governor   the executor's container governor, its relief ladder  registry container error
-//!  registry   managers, reservations, calls in flight, close order  container error
+//!  registry   managers, reservations, calls in flight, close order  arbiter container error
+//!  arbiter    executor-wide arbitration on a short grant from Spark  container
 //!  container  the governor's last sample, the grow gate, live list  -
 //!  error      Error, status codes, panic_message                    -
 //! ```
 
 mod abi;
+pub mod arbiter;
 mod container;
 mod error;
 pub mod governor;

@@ -732,7 +732,13 @@ pub fn create_manager(
     listener: Arc<dyn ReservationListener>,
     close_timeout: Duration,
 ) -> Result<i64> {
-    let manager = MemoryManager::with_gate(name, config, listener, Some(crate::container::gate()))?;
+    let manager = MemoryManager::with_seams(
+        name,
+        config,
+        listener,
+        Some(crate::container::gate()),
+        Some(crate::arbiter::arbiter(visit_for_arbiter)),
+    )?;
     let entry = Arc::new(ManagerEntry {
         manager,
         handle: AtomicI64::new(0),
@@ -746,6 +752,18 @@ pub fn create_manager(
     entry.handle.store(handle, Ordering::Relaxed);
     crate::container::register(handle);
     Ok(handle)
+}
+
+/// How the arbiter (below this module) calls a manager: as an entered call, so a closing
+/// manager refuses (skipped) and close waits for the call.
+fn visit_for_arbiter(handle: i64, f: &mut dyn FnMut(&MemoryManager)) -> bool {
+    match enter_manager(handle) {
+        Ok(call) => {
+            f(call.manager());
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// The live manager named by `handle` (not entered).

@@ -445,7 +445,57 @@ fn rows() -> Vec<(&'static str, usize, Expect, Expect, Call)> {
                 unsafe { (a.manager_close)(m, ptr::null_mut(), ptr::null_mut(), ptr::null_mut()) }
             },
         ),
+        (
+            "trim_hook_register",
+            offset_of!(NmApi, trim_hook_register),
+            Ok,
+            Ok,
+            |a, _| {
+                // Process-wide: unaffected by a manager's close. Registered and unregistered.
+                let mut id = 0;
+                // SAFETY: a valid function, no ctx, no drop, a valid out pointer.
+                let status = unsafe {
+                    (a.trim_hook_register)(
+                        Some(no_trim),
+                        ptr::null_mut(),
+                        None,
+                        &mut id,
+                        ptr::null_mut(),
+                    )
+                };
+                assert_eq!(status, NM_OK);
+                // SAFETY: the id just returned.
+                unsafe { (a.trim_hook_unregister)(id, ptr::null_mut()) }
+            },
+        ),
+        (
+            "trim_hook_unregister",
+            offset_of!(NmApi, trim_hook_unregister),
+            Ok,
+            Ok,
+            |a, _| {
+                let mut id = 0;
+                // SAFETY: as above.
+                let status = unsafe {
+                    (a.trim_hook_register)(
+                        Some(no_trim),
+                        ptr::null_mut(),
+                        None,
+                        &mut id,
+                        ptr::null_mut(),
+                    )
+                };
+                assert_eq!(status, NM_OK);
+                // SAFETY: the id just returned.
+                unsafe { (a.trim_hook_unregister)(id, ptr::null_mut()) }
+            },
+        ),
     ]
+}
+
+/// A trim hook that frees nothing (for the close contract rows of the trim hooks).
+unsafe extern "C" fn no_trim(_ctx: *mut std::ffi::c_void) -> u64 {
+    0
 }
 
 #[test]

@@ -1,10 +1,11 @@
-//! The provider's layers: imports point one way (`error` ← `container` ← `registry` ← `governor` ← `abi`, see "Modules, in
+//! The provider's layers: imports point one way (`error` ← `container` ← `arbiter` ← `registry` ← `governor` ← `abi`, see "Modules, in
 //! layers" in the crate docs), and nothing here imports `jni` (the Java layer is
 //! `nativemem-jni`, built on this crate, never the reverse).
 
-const LAYERS: [(&str, &str); 5] = [
+const LAYERS: [(&str, &str); 6] = [
     ("error", include_str!("../src/error.rs")),
     ("container", include_str!("../src/container.rs")),
+    ("arbiter", include_str!("../src/arbiter.rs")),
     ("registry", include_str!("../src/registry.rs")),
     ("governor", include_str!("../src/governor.rs")),
     ("abi", include_str!("../src/abi.rs")),

@@ -10,7 +10,7 @@ use crate::units::human;
 
 impl Budget {
     /// The unused part of `reserved` now (0 while in-flight grows exceed it).
-    fn cushion(&self) -> u64 {
+    pub(crate) fn cushion(&self) -> u64 {
         // SeqCst: `close` reads the root here after setting `closed` (edge 5); elsewhere it is
         // as cheap as Acquire (`ldar` on aarch64), which edge 1 would need anyway.
         let used = self.root.used.load(Ordering::SeqCst);
@@ -59,13 +59,6 @@ impl Budget {
                 return Ok(());
             }
         }
-    }
-
-    /// Takes every reservation's and pool's slack back into the cushion, then hands the whole
-    /// cushion back; returns bytes handed back. No spiller is asked.
-    pub(crate) fn release_idle(&self) -> Result<u64> {
-        self.trim_all(None);
-        self.release_unused(u64::MAX)
     }
 
     /// Hands back up to `max` bytes of the cushion; returns bytes handed back.

@@ -1,10 +1,16 @@
 //! A fallible grow: charge the pools, check the cushion, ask the listener for the rest, and
 //! when refused, climb the remedy ladder (see `Budget::remedy`) before giving up.
+//!
+//! Executor-wide arbitration is one rung of that ladder: a *short grant* of the listener (not a
+//! pool limit, not the gate) is reported to the manager's [`Arbiter`](crate::Arbiter), which may
+//! have other tasks hand idle memory back to the listener's owner; the grow then asks the
+//! listener once more. It costs nothing on the fast path (a grow served from the cushion never
+//! reaches the listener) and one branch on a full grant.
 
 use crate::sync::Ordering;
 use std::sync::Arc;
 
-use super::{Budget, SlackId, MAX_REQUEST_BYTES};
+use super::{saturating_add, Budget, SlackId, MAX_REQUEST_BYTES};
 use crate::error::{MemoryError, OomReason, Result};
 use crate::tree::PoolNode;
 use crate::units::human;
@@ -78,22 +84,12 @@ impl Budget {
                         0
                     };
                     let real_used = refusal.used.saturating_sub(claims);
-                    if claims > 0 && real_used.saturating_add(bytes) <= limit {
+                    if claims > 0
+                        && real_used.saturating_add(bytes) <= limit
+                        && self.wait_for_claims(&mut claim_retries, &mut claim_wait, true)
+                    {
                         // Refused only because of a claim: wait for it, not a refusal.
-                        claim_retries += 1;
-                        if claim_retries <= CLAIM_RETRIES {
-                            crate::sync::yield_now();
-                            continue;
-                        }
-                        if !cfg!(loom)
-                            && claim_wait
-                                .get_or_insert_with(std::time::Instant::now)
-                                .elapsed()
-                                < CLAIM_WAIT_LIMIT
-                        {
-                            std::thread::sleep(CLAIM_SLEEP);
-                            continue;
-                        }
+                        continue;
                     }
                     let short = real_used.saturating_add(bytes).saturating_sub(limit);
                     let refused = Refused {
@@ -104,6 +100,7 @@ impl Budget {
                         owner,
                         short,
                         scope: Some(&refusal.node),
+                        arbitrable: false,
                     };
                     self.remedy(&mut ladder, &mut bytes, refused, || OomReason::PoolLimit {
                         pool: refusal.node.path.clone(),
@@ -138,6 +135,21 @@ impl Budget {
             if root_now <= reserved {
                 self.grown(node, ladder.freed_room());
                 return Ok(bytes);
+            }
+            // A hand-back in flight (a release's hysteresis, or an arbiter taking this task's
+            // idle cushion for another task) counts its claimed bytes on the root until its
+            // `unreserve` returns: what looks uncovered may be that claim, not usage. Wait for it
+            // (yields only: this thread may hold the listener owner's lock that the hand-back's
+            // `unreserve` waits for, e.g. a spiller writing inside Spark's `spill`) rather than
+            // reserve again what is being handed back, and perhaps take from the listener the
+            // bytes another task's arbitration just freed.
+            // Relaxed: the root load above acquired the claim's Release RMW (edge 2), so a claim
+            // it includes is seen; a stale count only costs a retry.
+            if self.claims.load(Ordering::Relaxed) > 0
+                && self.wait_for_claims(&mut claim_retries, &mut claim_wait, false)
+            {
+                node.uncharge(bytes);
+                continue;
             }
             // What is uncovered now, at most this grow's own bytes plus the over-commit still
             // owed: every other grow in flight covers its own (by this same check, or by its own
@@ -180,6 +192,7 @@ impl Budget {
                 owner,
                 short: deficit - granted,
                 scope: None,
+                arbitrable: gated.is_none(),
             };
             self.remedy(&mut ladder, &mut bytes, refused, || match gated {
                 Some(reason) => OomReason::Gate { reason },
@@ -193,9 +206,13 @@ impl Budget {
     ///
     /// 1. drop the quantum's rounding: ask for the need alone;
     /// 2. take every other slack back into the cushion (quantum mode; once);
-    /// 3. spill native spillers for what is short, within the refusing pool (once); what they
+    /// 3. a short grant of the listener only: ask the [`Arbiter`](crate::Arbiter) (once) to have
+    ///    the executor's other tasks hand idle memory back to the listener's owner, then ask the
+    ///    listener again; not on a thread that arbitrates or reclaims already
+    ///    ([`arbitration_allowed`](crate::arbitration_allowed));
+    /// 4. spill native spillers for what is short, within the refusing pool (once); what they
     ///    free stays in the cushion for the retry;
-    /// 4. give up: surplus that the trim or the spill left in the cushion goes back to the
+    /// 5. give up: surplus that the trim or the spill left in the cushion goes back to the
     ///    listener, and the error is out of memory with `reason`.
     ///
     /// `Ok(())`: a rung freed something (or lowered the request), retry. The pool charge of the
@@ -217,6 +234,25 @@ impl Budget {
                 return Ok(());
             }
         }
+        if refused.arbitrable && !ladder.arbitrated {
+            ladder.arbitrated = true;
+            if let Some(arbiter) = &self.arbiter {
+                if crate::listener::arbitration_allowed() {
+                    // Relaxed (both): statistics.
+                    self.counters.arbitrations.fetch_add(1, Ordering::Relaxed);
+                    // No lock is held here (lock rule); the guard keeps a grow that the
+                    // arbitration causes on this thread from arbitrating again.
+                    let freed = {
+                        let _guard = crate::listener::NoArbitration::enter();
+                        arbiter.on_short_grant(self.id(), refused.short)
+                    };
+                    saturating_add(&self.counters.arbitrated_bytes, freed);
+                    if freed > 0 {
+                        return Ok(());
+                    }
+                }
+            }
+        }
         if !ladder.spilled {
             ladder.spilled = true;
             if self.spill_held(refused.short, refused.scope)? > 0 {
@@ -230,6 +266,30 @@ impl Budget {
             );
         }
         Err(self.oom(refused.consumer, refused.node, refused.asked, reason()))
+    }
+
+    /// One wait for claims in flight (yields, then, if `may_sleep`, short sleeps up to
+    /// [`CLAIM_WAIT_LIMIT`]); false once the grow has waited long enough and should treat what
+    /// it sees as real.
+    fn wait_for_claims(
+        &self,
+        retries: &mut u32,
+        since: &mut Option<std::time::Instant>,
+        may_sleep: bool,
+    ) -> bool {
+        *retries += 1;
+        if *retries <= CLAIM_RETRIES {
+            crate::sync::yield_now();
+            return true;
+        }
+        if may_sleep
+            && !cfg!(loom)
+            && since.get_or_insert_with(std::time::Instant::now).elapsed() < CLAIM_WAIT_LIMIT
+        {
+            std::thread::sleep(CLAIM_SLEEP);
+            return true;
+        }
+        false
     }
 
     /// Bookkeeping after a successful grow: peaks, and if the grow spilled or took slack back,
@@ -257,14 +317,15 @@ impl Budget {
         // Relaxed: a statistic.
         self.counters.reserve_calls.fetch_add(1, Ordering::Relaxed);
         // No lock is held here (lock rule): the listener may re-enter the manager.
-        let granted =
-            crate::error::contain(|| self.listener.reserve(request)).map_err(|source| {
-                MemoryError::Listener {
-                    op: "reserve",
-                    bytes: request,
-                    source,
-                }
-            })?;
+        // Relaxed (both): a hint for arbiters (see `reserving`).
+        self.reserving.fetch_add(1, Ordering::Relaxed);
+        let result = crate::error::contain(|| self.listener.reserve(request));
+        self.reserving.fetch_sub(1, Ordering::Relaxed);
+        let granted = result.map_err(|source| MemoryError::Listener {
+            op: "reserve",
+            bytes: request,
+            source,
+        })?;
         if granted > 0 {
             // Release: publishes this grow's root charge and the listener's grant to whoever
             // reads the new `reserved` with Acquire before handing bytes back (edge 3).
@@ -290,7 +351,9 @@ impl Budget {
 struct Ladder {
     /// Slack was taken back (rung 2).
     trimmed: bool,
-    /// Spillers were asked (rung 3).
+    /// The arbiter was asked (rung 3).
+    arbitrated: bool,
+    /// Spillers were asked (rung 4).
     spilled: bool,
 }
 
@@ -316,4 +379,7 @@ struct Refused<'a> {
     short: u64,
     /// The refusing pool, whose subtree is spilled; `None`: the whole task.
     scope: Option<&'a PoolNode>,
+    /// A short grant of the listener (not a pool limit, not the gate): other tasks' idle memory
+    /// can help.
+    arbitrable: bool,
 }

@@ -83,7 +83,7 @@ use crate::sync::Mutex;
 use crate::alloc::AllocTable;
 use crate::config::MemoryConfig;
 use crate::error::{MemoryError, Result};
-use crate::listener::{GrowGate, ReservationListener};
+use crate::listener::{Arbiter, GrowGate, ReservationListener};
 use crate::spill::{Spiller, SpillerRegistration, SpillerRegistry};
 use crate::tree::PoolNode;
 
@@ -112,6 +112,9 @@ struct Counters {
     unreserve_calls: AtomicU64,
     /// Listener reservations the grow gate refused.
     gate_refusals: AtomicU64,
+    /// Short grants the arbiter was asked about, and the bytes it freed elsewhere for them.
+    arbitrations: AtomicU64,
+    arbitrated_bytes: AtomicU64,
     /// Bytes of forced charges that the cushion did not cover when they were made (cumulative).
     overcommitted_total: AtomicU64,
     /// Highest over-commit seen (see `Budget::overcommitted`).
@@ -125,6 +128,8 @@ pub(crate) struct CounterSnapshot {
     pub(crate) reserve_calls: u64,
     pub(crate) unreserve_calls: u64,
     pub(crate) gate_refusals: u64,
+    pub(crate) arbitrations: u64,
+    pub(crate) arbitrated_bytes: u64,
     pub(crate) live_allocations: u64,
     pub(crate) overcommitted_total: u64,
     pub(crate) overcommit_peak: u64,
@@ -176,6 +181,13 @@ pub(crate) struct Budget {
     listener: Arc<dyn ReservationListener>,
     /// Consulted before every listener reservation of a fallible grow (see [`GrowGate`]).
     gate: Option<Arc<dyn GrowGate>>,
+    /// Asked when the listener grants a fallible grow less than it needs (see [`Arbiter`]).
+    arbiter: Option<Arc<dyn Arbiter>>,
+    /// Unique in the process: how an arbiter tells this manager from the others.
+    id: u64,
+    /// Listener `reserve` calls in flight. An arbiter skips a manager with one: its thread may
+    /// hold its own `TaskMemoryManager` monitor while Spark makes it wait for memory.
+    reserving: AtomicU64,
     root: Arc<PoolNode>,
     /// Bytes granted by the listener and not handed back. The cushion is `reserved - root.used`:
     /// there is no separate cushion counter, so a grow is one RMW on each pool level plus one
@@ -210,14 +222,21 @@ impl Budget {
         config: MemoryConfig,
         listener: Arc<dyn ReservationListener>,
         gate: Option<Arc<dyn GrowGate>>,
+        arbiter: Option<Arc<dyn Arbiter>>,
     ) -> Result<Budget> {
         config.validate()?;
+        /// Next manager id (process-wide).
+        static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let root = PoolNode::new_root(config.task_limit);
         Ok(Budget {
             name,
             config,
             listener,
             gate,
+            arbiter,
+            // Relaxed: ids need only be unique.
+            id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            reserving: AtomicU64::new(0),
             root,
             reserved: AtomicU64::new(0),
             claims: AtomicU64::new(0),
@@ -247,6 +266,17 @@ impl Budget {
         self.reserved.load(Ordering::Relaxed)
     }
 
+    /// The manager's process-wide id.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// True while a listener `reserve` call is in flight (a read-out for arbiters).
+    pub(crate) fn is_reserving(&self) -> bool {
+        // Relaxed: a hint; an arbiter racing a new reserve call is covered by its other rules.
+        self.reserving.load(Ordering::Relaxed) > 0
+    }
+
     /// True once `close` has started (a read-out).
     pub(crate) fn is_closed(&self) -> bool {
         // Relaxed: `close` sets the flag before doing its work, so the flag publishes nothing;
@@ -264,6 +294,8 @@ impl Budget {
             reserve_calls: c.reserve_calls.load(Ordering::Relaxed),
             unreserve_calls: c.unreserve_calls.load(Ordering::Relaxed),
             gate_refusals: c.gate_refusals.load(Ordering::Relaxed),
+            arbitrations: c.arbitrations.load(Ordering::Relaxed),
+            arbitrated_bytes: c.arbitrated_bytes.load(Ordering::Relaxed),
             live_allocations: self.allocs.len() as u64,
             overcommitted_total: c.overcommitted_total.load(Ordering::Relaxed),
             overcommit_peak: c.overcommit_peak.load(Ordering::Relaxed),

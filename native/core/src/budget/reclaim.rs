@@ -11,6 +11,9 @@ use crate::units::human;
 impl Budget {
     /// What the listener's owner calls when it wants memory back (see `MemoryManager::reclaim`).
     pub(crate) fn reclaim(&self, target: u64) -> Result<u64> {
+        // Spark calls this under the task's monitor: a grow on this thread meanwhile (a spiller
+        // writing) must not reach into other tasks (see `arbitration_allowed`).
+        let _no_arbitration = crate::listener::NoArbitration::enter();
         let mut given = self.release_unused(target)?;
         let mut refilled = false;
         if given < target && self.trim_all(None) > 0 {
@@ -30,6 +33,21 @@ impl Budget {
             // What the slack or the spill left beyond the hysteresis band goes back too.
             if let Err(e) = self.release_surplus() {
                 log::warn!("[{}] handing back surplus after a reclaim: {e}", self.name);
+            }
+        }
+        Ok(given)
+    }
+
+    /// Hands idle memory back to the listener, up to `max` bytes: the unused cushion, then
+    /// every slack (quantum mode) taken back into the cushion; no spiller is asked. What the
+    /// slack left beyond the hysteresis band goes back too. Returns the bytes handed back
+    /// within `max`. What an arbiter asks of the other tasks.
+    pub(crate) fn release_idle(&self, max: u64) -> Result<u64> {
+        let mut given = self.release_unused(max)?;
+        if given < max && self.trim_all(None) > 0 {
+            given += self.release_unused(max - given)?;
+            if let Err(e) = self.release_surplus() {
+                log::warn!("[{}] handing back surplus after a trim: {e}", self.name);
             }
         }
         Ok(given)

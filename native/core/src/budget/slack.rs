@@ -106,6 +106,39 @@ impl Budget {
         Ok(taken)
     }
 
+    /// Bytes of slack held now (quantum mode; 0 in exact mode): charged to the pools for
+    /// reservations and pools' allocations beyond what they hold. A read-out (for arbiters and
+    /// gauges): walks the registry under its lock, calls nothing.
+    pub(crate) fn slack_total(&self) -> u64 {
+        if self.config.reservation_quantum == 0 {
+            return 0;
+        }
+        let consumers: u64 = self
+            .consumers
+            .lock()
+            .values()
+            // Relaxed (both): a read-out.
+            .map(|c| {
+                c.charged
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(c.size.load(Ordering::Relaxed))
+            })
+            .sum();
+        let mut nodes = Vec::new();
+        self.root.walk(0, &mut nodes);
+        let allocations: u64 = nodes
+            .iter()
+            // Relaxed (both): a read-out.
+            .map(|(_, n)| {
+                n.alloc
+                    .charged
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(n.alloc.size.load(Ordering::Relaxed))
+            })
+            .sum();
+        consumers.saturating_add(allocations)
+    }
+
     /// Takes every reservation's slack (but `skip`'s) back into the cushion (quantum mode; 0 in
     /// exact mode). Runs before a grow is refused or operators are spilled, and on `reclaim`.
     ///

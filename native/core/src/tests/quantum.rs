@@ -569,7 +569,7 @@ fn release_idle_hands_back_slack_and_cushion_without_spilling() {
     // Held: 100 B in a quantum, 3 quanta for the sorter; reserved: one block (1 MiB).
     assert_eq!((m.used(), l.reserved()), (4 * Q, MIB));
     // Everything not held goes back: the cushion and the hash table's slack (Q - 100 bytes).
-    let given = m.release_idle().unwrap();
+    let given = m.release_idle(u64::MAX).unwrap();
     assert_eq!(given, MIB - 3 * Q - 100);
     assert_eq!(l.reserved(), 3 * Q + 100);
     assert_eq!(
@@ -580,7 +580,7 @@ fn release_idle_hands_back_slack_and_cushion_without_spilling() {
     assert_eq!(spiller.calls.load(Ordering::SeqCst), 0, "no spill");
     assert_eq!((r.size(), spiller.res.size()), (100, 3 * Q));
     // Nothing idle left: a second call gives nothing.
-    assert_eq!(m.release_idle().unwrap(), 0);
+    assert_eq!(m.release_idle(u64::MAX).unwrap(), 0);
     drop(r);
     drop(_reg);
     drop(spiller);

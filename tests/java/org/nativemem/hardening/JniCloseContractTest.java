@@ -146,6 +146,12 @@ public class JniCloseContractTest extends HardeningSupport {
         t.put("ContainerGovernor.nativeForensics()", new Row(Outcome.ALLOWED, Outcome.ALLOWED,
                 (f, p) -> new Object[0],
                 (f, p, r) -> assertTrue("no governor (null) or its history", r == null || r instanceof String)));
+        // Executor-wide arbitration is process-wide too: no handle; status skips a closing manager.
+        t.put("ExecutorArbiter.nativeStatus()", new Row(Outcome.ALLOWED, Outcome.ALLOWED,
+                (f, p) -> new Object[0],
+                (f, p, r) -> assertEquals("10 figures", 10, ((long[]) r).length)));
+        t.put("ExecutorArbiter.nativeConfigure(boolean,boolean,long)", new Row(Outcome.ALLOWED, Outcome.ALLOWED,
+                (f, p) -> new Object[] {true, false, 64L << 20}, NOTHING));
         t.put("ContainerGovernor.nativeStop()", new Row(Outcome.ALLOWED, Outcome.ALLOWED,
                 (f, p) -> new Object[0], NOTHING));
         t.put("ContainerGovernor.nativeStart(long,double,double,long,long)", new Row(Outcome.ALLOWED,

@@ -36,10 +36,17 @@ import org.nativemem.spark.TaskNativeMemory;
  * {@link Soak#watch}). Afterwards Spark holds exactly what the manager reserved, and nothing is
  * left on the executor. Run on {@code local[2]} with {@code spark.nativemem.reservationBlockSize=1m}
  * (many upcalls) and the plugin enabled.
+ *
+ * <p>With an argument N, N tasks run at once (run on {@code local[N]}): with four, the tasks
+ * compete for Spark's execution pool, so short grants make them arbitrate (executor-wide
+ * arbitration: each task's grow has the others hand idle memory back, calling their listeners
+ * and so their {@code TaskMemoryManager} monitors from its own thread) while every one of them
+ * runs the stress above.
  */
 public final class DeadlockStressJob {
     static final int SECONDS = 6;
     static final int STALL_SECONDS = 10;
+    /** Concurrent tasks unless the first argument says otherwise. */
     static final int TASKS = 2;
     static final int NATIVE_THREADS = 4;
 
@@ -48,15 +55,16 @@ public final class DeadlockStressJob {
 
     public static void main(String[] args) throws Exception {
         long start = System.nanoTime();
+        final int tasks = args.length > 0 ? Integer.parseInt(args[0]) : TASKS;
         SparkSession spark = SparkSession.builder().appName("nativemem-deadlock-stress").getOrCreate();
         Soak.quietSpillLogs();
         try {
             JavaSparkContext jsc = JavaSparkContext.fromSparkContext(spark.sparkContext());
             Soak.Tracker tracker = Soak.Tracker.install(jsc);
-            List<long[]> results = jsc.parallelize(Soak.seeds(TASKS), TASKS).map(DeadlockStressJob::stressTask)
+            List<long[]> results = jsc.parallelize(Soak.seeds(tasks), tasks).map(DeadlockStressJob::stressTask)
                     .collect();
             tracker.awaitIdle(jsc, 60_000);
-            checkEq(TASKS, tracker.count("Success"), "stress tasks succeeded: " + tracker.failures);
+            checkEq(tasks, tracker.count("Success"), "stress tasks succeeded: " + tracker.failures);
             long[] sum = new long[results.get(0).length];
             for (long[] r : results) {
                 for (int i = 0; i < r.length; i++) {
@@ -71,8 +79,11 @@ public final class DeadlockStressJob {
                     + " %d native steps (%d native OOM), %d spills from a thread holding the TaskMemoryManager"
                     + " monitor, %d JVM operator acquires (Spark spilled the JVM operator %d times), %d Spark spill"
                     + " requests reached nativemem, %d native spills; no stall >= %d s; nothing left (%.1f s)%n",
-                    spark.version(), jsc.master(), TASKS, SECONDS, NATIVE_THREADS, sum[0], sum[1], sum[2], sum[3],
+                    spark.version(), jsc.master(), tasks, SECONDS, NATIVE_THREADS, sum[0], sum[1], sum[2], sum[3],
                     sum[4], sum[5], sum[6], STALL_SECONDS, (System.nanoTime() - start) / 1e9);
+            if (jsc.master().startsWith("local[")) { // the executor is this JVM
+                System.out.println("DeadlockStressJob: arbitration: " + org.nativemem.ExecutorArbiter.status());
+            }
         } finally {
             spark.stop();
         }

@@ -16,6 +16,7 @@ import org.apache.spark.api.plugin.ExecutorPlugin;
 import org.apache.spark.api.plugin.PluginContext;
 import org.apache.spark.api.plugin.SparkPlugin;
 import org.nativemem.ContainerGovernor;
+import org.nativemem.ExecutorArbiter;
 import org.nativemem.NativeLibraryLoader;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
@@ -81,6 +82,13 @@ import com.codahale.metrics.MetricRegistry;
  * {@code governorSpills}, {@code governorSpilledBytes}, {@code governorRefusedGrows},
  * {@code governorSamples} and {@code governorSampleNanos} (the cost of reading the container).
  * At shutdown a governor that saw pressure logs its last snapshots of the executor's native usage.
+ *
+ * <p>And executor-wide arbitration's ({@link ExecutorArbiter}, configured at executor start from
+ * {@code spark.nativemem.arbitration.*}), listed in {@link #ARBITER_METRIC_NAMES}:
+ * {@code arbitrationIdleBytes} (cushion + slack held by all task managers now),
+ * {@code arbitrationShortGrants}, {@code arbitrationReclaims}, {@code arbitrationReclaimedBytes}
+ * (idle memory other tasks handed back for a short task), {@code arbitrationSpills},
+ * {@code arbitrationSpilledBytes} and {@code arbitrationVictims} (cross-task spills, opt-in).
  *
  * <p>The plugin is optional for {@link TaskNativeMemory} to work (the library then loads at the
  * first task that uses it), but without it there is no early check and no metrics.
@@ -162,6 +170,25 @@ public final class NativeMemoryPlugin implements SparkPlugin {
         m.put("governorRefusedGrows", ContainerGovernor.Status::refusedGrows);
         m.put("governorSamples", ContainerGovernor.Status::samples);
         m.put("governorSampleNanos", ContainerGovernor.Status::sampleNanos);
+        return Collections.unmodifiableMap(m);
+    }
+
+    /** Executor-wide arbitration's gauges: name to the value it reads from a status. */
+    private static final Map<String, ToLongFunction<ExecutorArbiter.Status>> ARBITER_METRICS = arbiterGauges();
+
+    /** Names of executor-wide arbitration's gauges, in registration order. */
+    public static final List<String> ARBITER_METRIC_NAMES =
+            Collections.unmodifiableList(new ArrayList<>(ARBITER_METRICS.keySet()));
+
+    private static Map<String, ToLongFunction<ExecutorArbiter.Status>> arbiterGauges() {
+        Map<String, ToLongFunction<ExecutorArbiter.Status>> m = new LinkedHashMap<>();
+        m.put("arbitrationIdleBytes", ExecutorArbiter.Status::idleBytes);
+        m.put("arbitrationShortGrants", ExecutorArbiter.Status::shortGrants);
+        m.put("arbitrationReclaims", ExecutorArbiter.Status::reclaims);
+        m.put("arbitrationReclaimedBytes", ExecutorArbiter.Status::reclaimedBytes);
+        m.put("arbitrationSpills", ExecutorArbiter.Status::spills);
+        m.put("arbitrationSpilledBytes", ExecutorArbiter.Status::spilledBytes);
+        m.put("arbitrationVictims", ExecutorArbiter.Status::victims);
         return Collections.unmodifiableMap(m);
     }
 
@@ -333,6 +360,8 @@ public final class NativeMemoryPlugin implements SparkPlugin {
             startGovernor(ctx.executorID(), conf.governor());
             pluginContext = ctx;
             installTerminationReport();
+            NativeMemorySparkConf.Arbitration a = conf.arbitration();
+            ExecutorArbiter.configure(a.enabled(), a.crossTaskSpill(), a.spillCapBytes());
         }
 
         @Override
@@ -509,6 +538,14 @@ public final class NativeMemoryPlugin implements SparkPlugin {
                 @Override
                 public Long getValue() {
                     return m.getValue().applyAsLong(ContainerGovernor.status());
+                }
+            });
+        }
+        for (final Map.Entry<String, ToLongFunction<ExecutorArbiter.Status>> m : ARBITER_METRICS.entrySet()) {
+            registry.register(m.getKey(), new Gauge<Long>() {
+                @Override
+                public Long getValue() {
+                    return m.getValue().applyAsLong(ExecutorArbiter.status());
                 }
             });
         }

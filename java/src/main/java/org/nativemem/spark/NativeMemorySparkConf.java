@@ -52,6 +52,17 @@ import scala.Tuple2;
  *       the cgroup is not visible); the smaller headroom binds.</td></tr>
  *   <tr><td>{@value #GOVERNOR_SOFT_LEVEL}, {@value #GOVERNOR_HARD_LEVEL}</td><td>0.85, 0.93</td>
  *       <td>the governor's levels, fractions of the container limit (0 &lt; soft &lt;= hard &lt;= 1).</td></tr>
+ *   <tr><td>{@value #ARBITRATION_ENABLED}</td><td>{@code false}</td>
+ *       <td>executor-wide arbitration ({@link org.nativemem.ExecutorArbiter}): when Spark grants a
+ *       task's native grow less than it needs, the executor's other tasks hand their idle native
+ *       memory (cushion and slack) back to Spark, and the grow asks again before it spills its own
+ *       operators or fails.</td></tr>
+ *   <tr><td>{@value #ARBITRATION_CROSS_TASK_SPILL}</td><td>{@code false}</td>
+ *       <td>if that is not enough, the largest other task's native spillers spill for the
+ *       requester (at most {@value #ARBITRATION_SPILL_CAP} per request, default
+ *       {@value #DEFAULT_ARBITRATION_SPILL_CAP}; the log names the task that paid). Trade-off: a
+ *       task that is not short pays with its own spill and disk I/O so another avoids spilling or
+ *       failing; Spark itself never spills another task's consumers.</td></tr>
  * </table>
  *
  * <p>Parsing is strict so a typo fails the application at start instead of being ignored: an
@@ -88,12 +99,21 @@ public final class NativeMemorySparkConf {
     public static final String GOVERNOR_SOFT_LEVEL = "spark.nativemem.governor.softLevel";
     /** Governor hard level key. */
     public static final String GOVERNOR_HARD_LEVEL = "spark.nativemem.governor.hardLevel";
+    /** Executor-wide arbitration switch key. */
+    public static final String ARBITRATION_ENABLED = "spark.nativemem.arbitration.enabled";
+    /** Cross-task spill switch key (default off). */
+    public static final String ARBITRATION_CROSS_TASK_SPILL = "spark.nativemem.arbitration.crossTaskSpill";
+    /** Cross-task spill cap key: most bytes one request makes another task spill. */
+    public static final String ARBITRATION_SPILL_CAP = "spark.nativemem.arbitration.crossTaskSpillCap";
+    /** Default of {@link #ARBITRATION_SPILL_CAP}: 64 MiB. */
+    public static final String DEFAULT_ARBITRATION_SPILL_CAP = "64m";
     /** Spark's switch for off-heap execution memory; decides the consumer's memory mode. */
     public static final String SPARK_OFF_HEAP_ENABLED = "spark.memory.offHeap.enabled";
 
     /** Every key this class knows, sorted. */
     public static final List<String> KEYS = Collections.unmodifiableList(
-            Arrays.asList(ARROW_BLOCK_SIZE, CONTAINER_LIMIT, GOVERNOR_ENABLED, GOVERNOR_HARD_LEVEL,
+            Arrays.asList(ARBITRATION_CROSS_TASK_SPILL, ARBITRATION_SPILL_CAP, ARBITRATION_ENABLED,
+                    ARROW_BLOCK_SIZE, CONTAINER_LIMIT, GOVERNOR_ENABLED, GOVERNOR_HARD_LEVEL,
                     GOVERNOR_SOFT_LEVEL, LOG_USAGE_ON_OOM, RESERVATION_BLOCK_SIZE, RESERVATION_QUANTUM, TASK_LIMIT));
 
     private static final NativeMemorySparkConf DEFAULTS = parse(Collections.<String, String>emptyMap());
@@ -107,6 +127,41 @@ public final class NativeMemorySparkConf {
     private final long reservationQuantumBytes;
     private final NativeMemoryConfig nativeConfig;
     private final Governor governor;
+    private final Arbitration arbitration;
+
+    /** Executor-wide arbitration's settings. Immutable. */
+    public static final class Arbitration {
+        private final boolean enabled;
+        private final boolean crossTaskSpill;
+        private final long spillCapBytes;
+
+        Arbitration(boolean enabled, boolean crossTaskSpill, long spillCapBytes) {
+            this.enabled = enabled;
+            this.crossTaskSpill = crossTaskSpill;
+            this.spillCapBytes = spillCapBytes;
+        }
+
+        /** @return whether other tasks hand idle memory back on a short grant */
+        public boolean enabled() {
+            return enabled;
+        }
+
+        /** @return whether the largest other task spills for a short task */
+        public boolean crossTaskSpill() {
+            return crossTaskSpill;
+        }
+
+        /** @return the most bytes a cross-task spill frees per request */
+        public long spillCapBytes() {
+            return spillCapBytes;
+        }
+
+        @Override
+        public String toString() {
+            return ARBITRATION_ENABLED + "=" + enabled + ", " + ARBITRATION_CROSS_TASK_SPILL + "=" + crossTaskSpill
+                    + ", " + ARBITRATION_SPILL_CAP + "=" + Bytes.human(spillCapBytes);
+        }
+    }
 
     /** The container governor's settings. Immutable. */
     public static final class Governor {
@@ -152,8 +207,10 @@ public final class NativeMemorySparkConf {
     }
 
     private NativeMemorySparkConf(long reservationBlockSizeBytes, long taskLimitBytes, boolean logUsageOnOom,
-            boolean offHeapEnabled, long arrowBlockSizeBytes, long reservationQuantumBytes, Governor governor) {
+            boolean offHeapEnabled, long arrowBlockSizeBytes, long reservationQuantumBytes, Governor governor,
+            Arbitration arbitration) {
         this.governor = governor;
+        this.arbitration = arbitration;
         this.reservationBlockSizeBytes = reservationBlockSizeBytes;
         this.reservationQuantumBytes = reservationQuantumBytes;
         this.arrowBlockSizeBytes = arrowBlockSizeBytes;
@@ -230,8 +287,11 @@ public final class NativeMemorySparkConf {
             throw invalid(GOVERNOR_HARD_LEVEL, String.valueOf(hard), "a level at or above " + GOVERNOR_SOFT_LEVEL
                     + "=" + soft);
         }
+        Arbitration arbitration = new Arbitration(bool(settings, ARBITRATION_ENABLED, false),
+                bool(settings, ARBITRATION_CROSS_TASK_SPILL, false),
+                size(settings, ARBITRATION_SPILL_CAP, DEFAULT_ARBITRATION_SPILL_CAP));
         return new NativeMemorySparkConf(block, limit, log, offHeapEnabled, arrowBlock, quantum,
-                new Governor(governorOn, containerLimit, soft, hard));
+                new Governor(governorOn, containerLimit, soft, hard), arbitration);
     }
 
     /** A fraction in (0, 1]. */
@@ -329,6 +389,11 @@ public final class NativeMemorySparkConf {
         return governor;
     }
 
+    /** @return executor-wide arbitration's settings */
+    public Arbitration arbitration() {
+        return arbitration;
+    }
+
     /** @return the native manager configuration these settings describe */
     public NativeMemoryConfig toNativeConfig() {
         return nativeConfig;
@@ -341,6 +406,6 @@ public final class NativeMemorySparkConf {
                 + (taskLimitBytes < 0 ? "none" : Bytes.human(taskLimitBytes)) + ", " + LOG_USAGE_ON_OOM + "="
                 + logUsageOnOom + ", " + ARROW_BLOCK_SIZE + "=" + Bytes.human(arrowBlockSizeBytes) + ", "
                 + SPARK_OFF_HEAP_ENABLED + "=" + offHeapEnabled + ", " + RESERVATION_QUANTUM + "="
-                + Bytes.human(reservationQuantumBytes) + ", " + governor;
+                + Bytes.human(reservationQuantumBytes) + ", " + governor + ", " + arbitration;
     }
 }
