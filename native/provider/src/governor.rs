@@ -12,8 +12,12 @@
 //!   what was asked is freed.
 //!
 //! Every manager is entered through the registry like any other caller, so a manager that is
-//! closing is skipped (never waited for) and close waits for the governor's call on it. No lock
-//! is held while a manager is called: the list of handles is copied first.
+//! closing is skipped (never waited for) and close waits for the governor's call on it; so is a
+//! manager whose task is inside a reservation from Spark (its thread may hold the task's
+//! `TaskMemoryManager` monitor while Spark makes it wait, and giving back takes that monitor).
+//! Known limit: a JVM operator of a task waiting for memory under that monitor is not visible
+//! here, so the governor's thread can wait for it (the tasks never wait for the governor). No
+//! lock is held while a manager is called: the list of handles is copied first.
 
 use std::sync::Arc;
 
@@ -148,9 +152,13 @@ impl ExecutorRelief {
     fn each(&self, mut f: impl FnMut(&nativemem_core::MemoryManager) -> u64) -> u64 {
         let mut total = 0;
         for handle in container::managers() {
-            // A closing or closed manager refuses the call: skipped, never waited for.
+            // A closing or closed manager refuses the call: skipped, never waited for. So is one
+            // whose task is inside a reservation from Spark: its thread may hold the task's
+            // monitor while it waits for memory, and giving back takes that monitor.
             if let Ok(call) = registry::enter_manager(handle) {
-                total += f(call.manager());
+                if !call.manager().is_reserving() {
+                    total += f(call.manager());
+                }
             }
         }
         total
@@ -173,6 +181,7 @@ impl Relief for ExecutorRelief {
             .filter_map(|h| {
                 registry::enter_manager(h)
                     .ok()
+                    .filter(|c| !c.manager().is_reserving())
                     .map(|c| (c.manager().used(), h))
             })
             .collect();
