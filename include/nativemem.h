@@ -182,12 +182,19 @@ typedef struct nm_manager_options {
      * Per-reservation slack in bytes, at most 2^40: a reservation charges its pools in multiples
      * of its quantum and serves small grows and shrinks from what it charged, so pools' used and
      * peak may run ahead of what the consumers hold (reservations' sizes, reports and limits stay
-     * exact). 0 (the default): exact accounting.
+     * exact). Default NM_DEFAULT_RESERVATION_QUANTUM (1 MiB, the fast path); 0 (opt-in): exact
+     * accounting, pools' used and peak equal what consumers hold byte for byte.
      */
     uint64_t reservation_quantum;
     /** How long manager_close waits for calls in flight and leases, in ms; -1: 10 s. */
     int64_t close_timeout_millis;
 } nm_manager_options;
+
+/**
+ * The reservation quantum a manager gets when its creator does not choose one (1 MiB):
+ * nm_manager_options_default(), manager_create, and manager_create_with with NULL options.
+ */
+#define NM_DEFAULT_RESERVATION_QUANTUM ((uint64_t)1 << 20)
 
 /** The defaults of every setting, with struct_size filled in. */
 static inline nm_manager_options nm_manager_options_default(void) {
@@ -196,7 +203,7 @@ static inline nm_manager_options nm_manager_options_default(void) {
     o.reserved0 = 0;
     o.reservation_block = 0;
     o.task_limit = -1;
-    o.reservation_quantum = 0;
+    o.reservation_quantum = NM_DEFAULT_RESERVATION_QUANTUM;
     o.close_timeout_millis = -1;
     return o;
 }

@@ -22,8 +22,10 @@
 #         41 rounds (median of the per-round ratios); the system allocator asked for the tracker's
 #         size (block + 16-byte header) and an unbound thread in the notes.
 #   jni   the Java harness org.nativemem.bench.JniBench (tests/spark/java), in a Spark task
-#         (local[1], real TaskMemoryManager, OFF_HEAP): native 64 KiB grows through nativemem vs
-#         one JVM upcall per grow; upcalls per GiB; create+close of a manager vs a JNI downcall.
+#         (local[1], real TaskMemoryManager, OFF_HEAP), default configuration: 64 KiB grows
+#         through nativemem, from native code (a loop inside the library) and from Java (a loop
+#         of NativeReservation.grow, the API a user calls; 1 and 2 tasks) vs one JVM upcall per
+#         grow; upcalls per GiB; create+close of a manager vs a JNI downcall.
 #   sort  the example external sort (examples/sort/bench/sort_bench.rs) with accounting on
 #         vs off, SORT_ROUNDS processes; the figure is the median of the per-process ratios.
 #   abi   tests/c/bench_abi.c: a C program built like an engine (its own binary, dlopen of the
@@ -276,17 +278,26 @@ jni_part() {
         --class org.nativemem.bench.JniBench "$BENCH_DIR/nativemem-e2e.jar" ${q[@]+"${q[@]}"}; }
   } >"$log" 2>&1 || { fail_part jni "$log"; return; }
   v() { awk -v k="$1" '$1 == "BENCH" && $2 == k { $1 = ""; $2 = ""; sub(/^ +/, ""); print; found = 1 } END { exit !found }' "$log"; }
-  local nm pg up up_cold res res_cold pg_up cc noop mode spark
+  local nm jv jv_res pg up up_cold res res_cold pg_up cc noop mode spark quantum block
   if ! { nm="$(v grow_nativemem_ns)" && pg="$(v grow_pergrow_ns)" && up="$(v upcalls_per_gib_nativemem)" &&
+         jv="$(v grow_java_ns)" && jv_res="$(v reserve_upcalls_per_gib_java)" &&
+         quantum="$(v quantum_bytes)" && block="$(v block_bytes)" &&
          up_cold="$(v upcalls_per_gib_nativemem_cold)" && res="$(v reserve_upcalls_per_gib_nativemem)" &&
          res_cold="$(v reserve_upcalls_per_gib_nativemem_cold)" && pg_up="$(v upcalls_per_gib_pergrow)" &&
          cc="$(v create_close_ns)" && noop="$(v noop_downcall_ns)" && mode="$(v mode)" && spark="$(v spark_version)"; }; then
     fail_part jni "$log"; return
   fi
   local speedup; speedup="$(calc "$pg / $nm")"
-  row "jni: native 64 KiB grow, nativemem (8 MiB blocks, 1 MiB quantum), Spark $spark TaskMemoryManager ($mode)" \
+  local conf; conf="default config: $((block >> 20)) MiB blocks, $((quantum >> 20)) MiB quantum"
+  row "jni: native 64 KiB grow (loop inside the library), nativemem ($conf), Spark $spark TaskMemoryManager ($mode)" \
       "$(fmt_ns "$nm")/grow" "one upcall per grow (Comet's design): $(fmt_ns "$pg")/grow" \
       "$(awk -v s="$speedup" 'BEGIN { printf "%.1f× faster", s }')" "≥ 20× faster" "$(met "$speedup >= 20")"
+  # The API a user calls: a Java loop of NativeReservation.grow (one JNI downcall per grow).
+  speedup="$(calc "$pg / $jv")"
+  row "jni: Java NativeReservation.grow 64 KiB (one JNI downcall per grow, then one shrink), same manager, 1 task" \
+      "$(fmt_ns "$jv")/grow" "one upcall per grow (Comet's design): $(fmt_ns "$pg")/grow" \
+      "$(awk -v s="$speedup" 'BEGIN { printf "%.1f× faster", s }')" "≥ 20× faster" "$(met "$speedup >= 20")"
+  notes+=("jni Java NativeReservation.grow: reserve upcalls per GiB $jv_res; rounds (ns/grow) $(awk '$1 == "BENCH_ROUNDS" && $2 == "grow_java_ns" { print $3 }' "$log")")
   local res_max=$(( res_cold > res ? res_cold : res ))
   row "jni: JVM reserve upcalls per GiB grown (new manager / steady state)" \
       "$res_cold / $res (+1 unreserve)" "one upcall per grow: $(group $((pg_up - 1))) (+1 unreserve)" \
@@ -303,14 +314,18 @@ jni_part() {
       --conf spark.memory.offHeap.enabled=true --conf spark.memory.offHeap.size=4g \
       --class org.nativemem.bench.JniBench "$BENCH_DIR/nativemem-e2e.jar" --tasks 2 ${q[@]+"${q[@]}"}; } >"$log2" 2>&1 ||
     { fail_part jni-2tasks "$log2"; return; }
-  local nm2 pg2
+  local nm2 pg2 jv2
   mean() { awk -v k="$1" '$1 == "BENCH" && $2 == k { s += $3; n++ } END { if (n < 2) exit 1; printf "%.2f", s / n }' "$log2"; }
-  if ! { nm2="$(mean grow_nativemem_ns)" && pg2="$(mean grow_pergrow_ns)"; }; then
+  if ! { nm2="$(mean grow_nativemem_ns)" && pg2="$(mean grow_pergrow_ns)" && jv2="$(mean grow_java_ns)"; }; then
     fail_part jni-2tasks "$log2"; return
   fi
   speedup="$(calc "$pg2 / $nm2")"
   row "jni: same, 2 concurrent tasks on local[2] (Spark's memory-manager lock shared; mean of the tasks' medians)" \
       "$(fmt_ns "$nm2")/grow" "one upcall per grow: $(fmt_ns "$pg2")/grow" \
+      "$(awk -v s="$speedup" 'BEGIN { printf "%.1f× faster", s }')" "≥ 20× faster" "$(met "$speedup >= 20")"
+  speedup="$(calc "$pg2 / $jv2")"
+  row "jni: Java NativeReservation.grow, 2 concurrent tasks on local[2] (mean of the tasks' medians)" \
+      "$(fmt_ns "$jv2")/grow" "one upcall per grow: $(fmt_ns "$pg2")/grow" \
       "$(awk -v s="$speedup" 'BEGIN { printf "%.1f× faster", s }')" "≥ 20× faster" "$(met "$speedup >= 20")"
   notes+=("jni rounds (ns/grow): nativemem $(awk '$1 == "BENCH_ROUNDS" && $2 == "grow_nativemem_ns" { print $3 }' "$log"); per-grow $(awk '$1 == "BENCH_ROUNDS" && $2 == "grow_pergrow_ns" { print $3 }' "$log")")
 }

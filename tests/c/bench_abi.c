@@ -5,9 +5,9 @@
  * scripts/bench.sh (part `abi`) builds and runs it and sets every figure against a baseline of the
  * same run (the core's shared grow+shrink pair, malloc+free).
  *
- * Every manager is made with manager_create_with: no listener (unlimited), 1 MiB reservation
- * quantum (the recommended setting, the core bench's "quantum" rows) unless BENCH_QUANTUM says
- * otherwise. Each thread has its own pool handle and reservation. Rows, each in three setups
+ * Every manager is made with manager_create_with: no listener (unlimited), the default options
+ * (nm_manager_options_default(): 8 MiB blocks, the 1 MiB reservation quantum, as the core bench's
+ * "quantum" rows) unless BENCH_QUANTUM says otherwise. Each thread has its own pool handle and reservation. Rows, each in three setups
  * (1 thread; 2 threads on 2 managers, i.e. two tasks; 2 threads on 1 manager, own pools and
  * reservations):
  *   pair    reservation_try_grow(64) + reservation_shrink(64)      ns per pair
@@ -31,7 +31,7 @@
 #include "nativemem.h"
 
 static const nm_api *api;
-static uint64_t quantum = 1u << 20;
+static uint64_t quantum = NM_DEFAULT_RESERVATION_QUANTUM;
 static int rounds = 5;
 static uint64_t iters = 2000000;
 

@@ -15,6 +15,7 @@
 #endif
 
 NM_STATIC_ASSERT(NM_ABI_VERSION == 1u, "this check describes ABI version 1");
+NM_STATIC_ASSERT(NM_DEFAULT_RESERVATION_QUANTUM == 1048576u, "the default quantum, as nativemem-sys's");
 NM_STATIC_ASSERT(sizeof(void *) == 8, "the shipped targets are 64-bit");
 
 NM_STATIC_ASSERT(sizeof(nm_spiller_vtable) == 40, "nm_spiller_vtable size");
@@ -86,5 +87,6 @@ int nm_header_check_has(void) {
 int nm_header_check_options(void) {
     nm_manager_options o = nm_manager_options_default();
     return o.struct_size == sizeof(nm_manager_options) && o.task_limit == -1 &&
-           o.close_timeout_millis == -1 && o.reservation_block == 0;
+           o.close_timeout_millis == -1 && o.reservation_block == 0 &&
+           o.reservation_quantum == NM_DEFAULT_RESERVATION_QUANTUM;
 }

@@ -763,6 +763,9 @@ mod tests {
         };
         let options = ManagerOptions {
             reservation_block: Some(1 << 20),
+            // Exact accounting (quantum 0, opt-in): pool limits of a few 64 KiB chunks, pool
+            // figures checked to the byte (as in `tests.rs`).
+            reservation_quantum: 0,
             ..ManagerOptions::default()
         };
         (manager_with("t", options, l.clone()), l)

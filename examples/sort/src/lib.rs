@@ -57,7 +57,9 @@
 //!         expected += 1;
 //!     }
 //! }
-//! assert_eq!(pool.stats()?.used, 0);
+//! // Nothing is held; the pool may keep slack of the default 1 MiB reservation quantum (at most
+//! // two quanta; `ManagerOptions { reservation_quantum: 0, .. }` is exact accounting).
+//! assert!(pool.stats()?.used <= 2 << 20);
 //! drop(pool);
 //! assert_eq!(manager.close()?.leaked_bytes, 0);
 //! std::fs::remove_dir(&dir)?; // fails unless every run file was deleted

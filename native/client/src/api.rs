@@ -197,7 +197,7 @@ pub(crate) fn limit_to_c(limit: Option<u64>, what: &str) -> Result<i64> {
 }
 
 /// Settings of a manager made with [`Api::create_manager`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ManagerOptions {
     /// Bytes asked from the listener at a time; `None` (or `Some(0)`): the library's default
     /// (8 MiB).
@@ -205,11 +205,30 @@ pub struct ManagerOptions {
     /// Limit of the whole task in bytes; `None`: no limit.
     pub task_limit: Option<u64>,
     /// Per-reservation slack in bytes: a reservation charges its pools in multiples of it and
-    /// serves small grows and shrinks from what it charged. 0 (the default): exact accounting.
+    /// serves small grows and shrinks from what it charged (pools' used and peak may run ahead of
+    /// what consumers hold, by a bound). Default: [`DEFAULT_RESERVATION_QUANTUM`] (1 MiB, the
+    /// fast path); 0 (opt-in): exact accounting.
     pub reservation_quantum: u64,
     /// How long [`OwnedManager::close`] waits for calls in flight and leases held elsewhere;
     /// `None`: the library's default (10 s). Whole milliseconds.
     pub close_timeout: Option<Duration>,
+}
+
+/// The reservation quantum of [`ManagerOptions::default`]: 1 MiB (the header's
+/// `NM_DEFAULT_RESERVATION_QUANTUM`).
+pub const DEFAULT_RESERVATION_QUANTUM: u64 = sys::NM_DEFAULT_RESERVATION_QUANTUM;
+
+impl Default for ManagerOptions {
+    /// The library's defaults: 8 MiB blocks, no task limit, the 1 MiB reservation quantum,
+    /// a 10 s close timeout.
+    fn default() -> Self {
+        ManagerOptions {
+            reservation_block: None,
+            task_limit: None,
+            reservation_quantum: DEFAULT_RESERVATION_QUANTUM,
+            close_timeout: None,
+        }
+    }
 }
 
 impl ManagerOptions {

@@ -99,7 +99,9 @@ mod pool;
 mod spill;
 mod task_pool;
 
-pub use api::{Api, CloseReport, Listener, ManagerOptions, OwnedManager};
+pub use api::{
+    Api, CloseReport, Listener, ManagerOptions, OwnedManager, DEFAULT_RESERVATION_QUANTUM,
+};
 pub use error::{BoxError, Code, Error, Result};
 pub use lease::{Attachment, Lease, ManagerStats};
 pub use pool::{Allocation, Pool, PoolStats, Reservation};

@@ -12,6 +12,7 @@ use std::time::Duration;
 use nativemem_client::sys::{self, NmApi};
 use nativemem_client::{
     Allocation, Api, BoxError, Code, Listener, ManagerOptions, OwnedManager, Reservation, Spiller,
+    DEFAULT_RESERVATION_QUANTUM,
 };
 
 const KIB: u64 = 1024;
@@ -73,13 +74,23 @@ impl Listener for TestListener {
     }
 }
 
+/// Exact accounting (quantum 0, opt-in: the default is the 1 MiB quantum). The scenarios pin
+/// pools' and the task's used to the byte after every step, which is their point; the quantum
+/// through the client has its own test (`the_default_quantum_charges_whole_quanta_and_reports_exactly`).
+fn exact() -> ManagerOptions {
+    ManagerOptions {
+        reservation_quantum: 0,
+        ..ManagerOptions::default()
+    }
+}
+
 fn manager(name: &str, block: u64, capacity: u64) -> (OwnedManager, Arc<TestListener>) {
     manager_with(
         name,
         ManagerOptions {
             reservation_block: Some(block),
             task_limit: None,
-            ..ManagerOptions::default()
+            ..exact()
         },
         capacity,
     )
@@ -316,7 +327,7 @@ fn out_of_memory_under_task_limit_names_the_consumer_and_changes_nothing() {
         ManagerOptions {
             reservation_block: Some(256 * KIB),
             task_limit: Some(MIB),
-            ..ManagerOptions::default()
+            ..exact()
         },
         64 * MIB,
     );
@@ -1148,4 +1159,27 @@ fn codes_round_trip_and_display_names_the_code() {
     assert!(!e.is_out_of_memory());
     let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(e);
     assert!(boxed.to_string().contains("spiller X"));
+}
+
+#[test]
+fn the_default_quantum_charges_whole_quanta_and_reports_exactly() {
+    assert_eq!(
+        ManagerOptions::default().reservation_quantum,
+        DEFAULT_RESERVATION_QUANTUM
+    );
+    assert_eq!(DEFAULT_RESERVATION_QUANTUM, MIB);
+    let (mm, listener) = manager_with("quantum", ManagerOptions::default(), 64 * MIB);
+    let lease = mm.acquire().unwrap();
+    let pool = lease.pool("p", None).unwrap();
+    let r = pool.reservation("r").unwrap();
+    r.try_grow(1000).unwrap();
+    // The consumer's size is exact; the pool holds a whole quantum (at most two per reservation).
+    assert_eq!(r.size().unwrap(), 1000);
+    assert_eq!(pool.stats().unwrap().used, MIB);
+    r.shrink(1000).unwrap();
+    assert_eq!(r.size().unwrap(), 0);
+    assert!(pool.stats().unwrap().used <= 2 * MIB);
+    drop((r, pool, lease));
+    assert_eq!(mm.close().unwrap().leaked_bytes, 0);
+    assert_eq!(listener.held(), 0);
 }

@@ -6,8 +6,9 @@ use crate::error::{MemoryError, Result};
 /// JVM) for memory. 8 MiB means at most 128 listener calls per GiB grown.
 pub const DEFAULT_RESERVATION_BLOCK_BYTES: u64 = 8 << 20;
 
-/// A reservation quantum that makes the grow/shrink fast path touch no shared counter in steady
-/// state (see [`MemoryConfig::reservation_quantum`]): 1 MiB, like Velox's smallest quantum.
+/// The default reservation quantum, which makes the grow/shrink fast path touch no shared counter
+/// in steady state (see [`MemoryConfig::reservation_quantum`]): 1 MiB, like Velox's smallest
+/// quantum. 0 (exact accounting) is opt-in.
 pub const RECOMMENDED_RESERVATION_QUANTUM_BYTES: u64 = 1 << 20;
 
 /// Configuration of one [`MemoryManager`](crate::MemoryManager). Immutable once the manager is built.
@@ -18,8 +19,9 @@ pub struct MemoryConfig {
     /// Upper bound on the bytes the task may use, enforced by the root pool. `None`: no limit
     /// besides what the listener grants.
     pub task_limit: Option<u64>,
-    /// Per-reservation slack, in bytes (0, the default: exact accounting, every grow charges
-    /// every pool level). With a quantum `q > 0` a reservation charges its pools in multiples of
+    /// Per-reservation slack, in bytes ([`RECOMMENDED_RESERVATION_QUANTUM_BYTES`], 1 MiB, by
+    /// default; 0, opt-in: exact accounting, every grow charges every pool level, so pools' `used`
+    /// and `peak` equal what consumers hold byte for byte). With a quantum `q > 0` a reservation charges its pools in multiples of
     /// its quantum and serves grows and shrinks from what it already charged: the common
     /// `try_grow` / `shrink` is one atomic read-modify-write on the reservation's own cache line,
     /// shared with no other reservation or thread (none at all through
@@ -44,7 +46,7 @@ impl Default for MemoryConfig {
         MemoryConfig {
             reservation_block: DEFAULT_RESERVATION_BLOCK_BYTES,
             task_limit: None,
-            reservation_quantum: 0,
+            reservation_quantum: RECOMMENDED_RESERVATION_QUANTUM_BYTES,
         }
     }
 }
@@ -62,7 +64,8 @@ impl MemoryConfig {
         self
     }
 
-    /// Returns a copy with the reservation quantum set, in bytes (0: exact accounting). See
+    /// Returns a copy with the reservation quantum set, in bytes (0: exact accounting; the default
+    /// is [`RECOMMENDED_RESERVATION_QUANTUM_BYTES`]). See
     /// [`MemoryConfig::reservation_quantum`].
     pub fn with_reservation_quantum(mut self, bytes: u64) -> Self {
         self.reservation_quantum = bytes;

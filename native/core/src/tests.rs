@@ -21,9 +21,18 @@ fn unlimited() -> (MemoryManager, Arc<CapacityListener>) {
     capacity(u64::MAX)
 }
 
+/// Exact accounting (reservation quantum 0, opt-in: the default is the 1 MiB quantum). The
+/// tests built on it pin pools' `used` and `peak` to the byte after every step, which is their
+/// point; the quantum's bounds have their own tests (`tests/quantum.rs` and the model test
+/// `quantum_manager_stays_within_its_bounds`), and `MemoryConfig::default()` is pinned in
+/// `the_default_is_the_recommended_quantum`.
+fn exact() -> MemoryConfig {
+    MemoryConfig::default().with_reservation_quantum(0)
+}
+
 fn capacity(bytes: u64) -> (MemoryManager, Arc<CapacityListener>) {
     let l = Arc::new(CapacityListener::new(bytes));
-    (manager_with(l.clone(), MemoryConfig::default()), l)
+    (manager_with(l.clone(), exact()), l)
 }
 
 /// A spiller holding a reservation; `spill` frees all of it.

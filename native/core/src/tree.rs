@@ -278,12 +278,18 @@ impl PoolNode {
         std::iter::successors(Some(self.clone()), |n| n.parent.clone())
     }
 
-    /// Every node of the subtree, parents before children, with depth.
+    /// Every node of the subtree, parents before children (depth first, children in creation
+    /// order), with depth. Iterative, like [`dismantle`](Self::dismantle): close and slack
+    /// trimming walk the tree in quantum mode, and a tree thousands deep must not overflow the
+    /// stack of the thread that closes it.
     pub(crate) fn walk(self: &Arc<Self>, depth: usize, out: &mut Vec<(usize, Arc<PoolNode>)>) {
-        out.push((depth, self.clone()));
-        let children: Vec<Arc<PoolNode>> = self.children.lock().clone();
-        for c in children {
-            c.walk(depth + 1, out);
+        let mut stack = vec![(depth, self.clone())];
+        while let Some((d, node)) = stack.pop() {
+            // Children are copied under their lock and pushed without it, last first, so they
+            // come out in creation order.
+            let children: Vec<Arc<PoolNode>> = node.children.lock().clone();
+            stack.extend(children.into_iter().rev().map(|c| (d + 1, c)));
+            out.push((d, node));
         }
     }
 }

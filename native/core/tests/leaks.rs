@@ -53,7 +53,9 @@ impl Spiller for Holder {
 /// One manager's whole life; returns the bytes the close reported as leaked.
 fn manager_life(i: u64, quantum: bool) -> u64 {
     let listener = Arc::new(CapacityListener::new(64 * MIB));
+    // Both modes explicitly: exact accounting (quantum 0, opt-in) and a quantum.
     let mut config = MemoryConfig::default()
+        .with_reservation_quantum(0)
         .with_reservation_block(MIB)
         .with_task_limit(Some(48 * MIB));
     if quantum {

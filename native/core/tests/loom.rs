@@ -21,7 +21,9 @@ fn manager(capacity: u64, limit: Option<u64>) -> (MemoryManager, Arc<CapacityLis
     let l = Arc::new(CapacityListener::new(capacity));
     let m = MemoryManager::new(
         "loom",
+        // Exact accounting (quantum 0, opt-in): the model of every level charged.
         MemoryConfig::default()
+            .with_reservation_quantum(0)
             .with_reservation_block(BLOCK)
             .with_task_limit(limit),
         l.clone(),

@@ -10,9 +10,16 @@ use nativemem_datafusion::{NativememPool, Policy};
 
 const MIB: usize = 1 << 20;
 
+/// Exact accounting (reservation quantum 0, opt-in: the default is the 1 MiB quantum). These
+/// tests pin the manager's and pools' used to DataFusion's reservations after every step, which
+/// is the pool's contract under test; the DataFusion queries (`queries.rs`) run on the default.
+fn exact() -> MemoryConfig {
+    MemoryConfig::default().with_reservation_quantum(0)
+}
+
 fn setup(limit: Option<u64>) -> (MemoryManager, Arc<CapacityListener>, Arc<dyn MemoryPool>) {
     let l = Arc::new(CapacityListener::unlimited());
-    let config = MemoryConfig::default()
+    let config = exact()
         .with_reservation_block(MIB as u64)
         .with_task_limit(limit);
     let m = MemoryManager::new("task", config, l.clone()).unwrap();
@@ -188,7 +195,7 @@ fn greedy_policy_refuses_only_on_nativemem_limits() {
 #[test]
 fn spill_requests_make_the_largest_spillable_consumers_spill_at_their_next_grow() {
     let l = Arc::new(CapacityListener::unlimited());
-    let config = MemoryConfig::default().with_reservation_block(MIB as u64);
+    let config = exact().with_reservation_block(MIB as u64);
     let m = MemoryManager::new("task", config, l.clone()).unwrap();
     let native = Arc::new(NativememPool::new(m.pool("datafusion").unwrap()));
     native.answer_spill_requests().unwrap();
@@ -251,7 +258,7 @@ fn an_unspillable_grow_finding_no_room_waits_for_the_asked_consumers_to_spill() 
     // finds no room, asks the pool for memory back (the sort is picked), and waits for the sort
     // to spill instead of failing the query.
     let l = Arc::new(CapacityListener::new(8 * MIB as u64));
-    let config = MemoryConfig::default().with_reservation_block(MIB as u64);
+    let config = exact().with_reservation_block(MIB as u64);
     let m = MemoryManager::new("task", config, l.clone()).unwrap();
     let native = Arc::new(NativememPool::with_policy(
         m.pool("datafusion").unwrap(),
@@ -294,7 +301,7 @@ fn an_unspillable_grow_finding_no_room_waits_for_the_asked_consumers_to_spill() 
 #[test]
 fn an_unspillable_grow_fails_at_once_when_no_spillable_consumer_can_give_memory_back() {
     let l = Arc::new(CapacityListener::new(4 * MIB as u64));
-    let config = MemoryConfig::default().with_reservation_block(MIB as u64);
+    let config = exact().with_reservation_block(MIB as u64);
     let m = MemoryManager::new("task", config, l.clone()).unwrap();
     let native = Arc::new(NativememPool::new(m.pool("datafusion").unwrap()));
     native.answer_spill_requests().unwrap();

@@ -468,7 +468,11 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_createPanickyManager<'l>
             reserve_calls: AtomicU64::new(0),
             unreserve_calls: AtomicU64::new(0),
         };
-        let config = MemoryConfig::default().with_reservation_block(block);
+        // Exact accounting (quantum 0, opt-in): the tests of this hook pin the cushion and what
+        // goes back to the listener to the byte.
+        let config = MemoryConfig::default()
+            .with_reservation_block(block)
+            .with_reservation_quantum(0);
         Ok(create_manager(
             name,
             config,

@@ -948,7 +948,9 @@ mod tests {
 
     fn new_manager(timeout: Duration) -> (i64, Arc<CapacityListener>) {
         let l = Arc::new(CapacityListener::unlimited());
-        let h = create_manager("t".into(), MemoryConfig::default(), l.clone(), timeout).unwrap();
+        // Exact accounting (quantum 0, opt-in): these tests pin pools' used to the byte.
+        let config = MemoryConfig::default().with_reservation_quantum(0);
+        let h = create_manager("t".into(), config, l.clone(), timeout).unwrap();
         (h, l)
     }
 

@@ -191,7 +191,45 @@ fn null_options_are_the_defaults() {
         );
     }
     assert_eq!(listener.held(), 8 * MIB, "the default 8 MiB block");
-    assert_eq!(pool_used(pool), 100 * KIB, "no quantum: exact accounting");
+    assert_eq!(
+        pool_used(pool),
+        NM_DEFAULT_RESERVATION_QUANTUM,
+        "the default 1 MiB quantum: the pool is charged a whole quantum"
+    );
+    // SAFETY: handles of this test, each closed once.
+    unsafe {
+        assert_eq!((a.reservation_close)(r, ptr::null_mut()), NM_OK);
+        assert_eq!((a.pool_close)(pool, ptr::null_mut()), NM_OK);
+        assert_eq!((a.release)(lease, ptr::null_mut()), NM_OK);
+    }
+    assert_eq!(close(m), 0);
+    assert_eq!(listener.held(), 0);
+}
+
+#[test]
+fn quantum_0_opts_into_exact_accounting() {
+    let listener = TestListener::new(64 * MIB);
+    let vt = listener.vtable();
+    let options = NmManagerOptions {
+        reservation_quantum: 0,
+        ..NmManagerOptions::default()
+    };
+    let (status, m, text) = create_with(Some(&options), Some(&vt));
+    assert_eq!(status, NM_OK, "{text}");
+    let (lease, pool, r) = reservation(m);
+    let a = api();
+    // SAFETY: handles of this test.
+    unsafe {
+        assert_eq!(
+            (a.reservation_try_grow)(r, 100 * KIB, ptr::null_mut()),
+            NM_OK
+        );
+    }
+    assert_eq!(
+        pool_used(pool),
+        100 * KIB,
+        "exact accounting: the pool holds what is grown"
+    );
     // SAFETY: handles of this test, each closed once.
     unsafe {
         assert_eq!((a.reservation_close)(r, ptr::null_mut()), NM_OK);

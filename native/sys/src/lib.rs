@@ -18,6 +18,11 @@ use core::ffi::{c_char, c_void};
 /// changes only with a new table.
 pub const NM_ABI_VERSION: u32 = 1;
 
+/// `NM_DEFAULT_RESERVATION_QUANTUM`: the reservation quantum of a manager whose creator does not
+/// choose one (1 MiB): [`NmManagerOptions::default`], `manager_create`, and `manager_create_with`
+/// with null options. 0 is exact accounting.
+pub const NM_DEFAULT_RESERVATION_QUANTUM: u64 = 1 << 20;
+
 /// Status code: [`NM_OK`] or one of the `NM_ERR_*` codes.
 pub type nm_status = i32;
 /// Success.
@@ -98,7 +103,8 @@ pub struct NmManagerOptions {
     pub reservation_block: u64,
     /// Limit of the whole task in bytes; -1: none.
     pub task_limit: i64,
-    /// Per-reservation slack in bytes; 0: exact accounting (the default).
+    /// Per-reservation slack in bytes; [`NM_DEFAULT_RESERVATION_QUANTUM`] (1 MiB) by default; 0
+    /// (opt-in): exact accounting.
     pub reservation_quantum: u64,
     /// How long close waits for calls in flight and leases, in milliseconds; -1: the default
     /// (10 s).
@@ -112,7 +118,7 @@ impl Default for NmManagerOptions {
             reserved0: 0,
             reservation_block: 0,
             task_limit: -1,
-            reservation_quantum: 0,
+            reservation_quantum: NM_DEFAULT_RESERVATION_QUANTUM,
             close_timeout_millis: -1,
         }
     }
@@ -323,5 +329,11 @@ mod tests {
         assert_eq!(offset_of!(NmManagerOptions, task_limit), 16);
         assert_eq!(offset_of!(NmManagerOptions, reservation_quantum), 24);
         assert_eq!(offset_of!(NmManagerOptions, close_timeout_millis), 32);
+        // The header's NM_DEFAULT_RESERVATION_QUANTUM (tests/c/header_check.c pins the same).
+        assert_eq!(NM_DEFAULT_RESERVATION_QUANTUM, 1 << 20);
+        assert_eq!(
+            NmManagerOptions::default().reservation_quantum,
+            NM_DEFAULT_RESERVATION_QUANTUM
+        );
     }
 }

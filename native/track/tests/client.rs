@@ -14,6 +14,15 @@ static ALLOC: TrackingAllocator = TrackingAllocator::system();
 
 const MIB: u64 = 1 << 20;
 
+/// Exact accounting: the default is the 1 MiB reservation quantum, whose slack these pool
+/// figures would include.
+fn exact() -> ManagerOptions {
+    ManagerOptions {
+        reservation_quantum: 0,
+        ..ManagerOptions::default()
+    }
+}
+
 fn api() -> Api {
     let table = nativemem_provider::api(sys::NM_ABI_VERSION);
     // SAFETY: the provider's table is a static of the linked library.
@@ -23,7 +32,8 @@ fn api() -> Api {
 #[test]
 fn an_engine_thread_charges_the_task_pool_through_the_abi() {
     let mm = api()
-        .create_manager("task-abi", ManagerOptions::default(), None)
+        // Exact accounting (quantum 0, opt-in): the pool's used is pinned to what was tracked.
+        .create_manager("task-abi", exact(), None)
         .unwrap();
     let lease = mm.acquire().unwrap();
     let pool = lease.pool("engine/untracked", None).unwrap();

@@ -70,7 +70,10 @@ const GIB: u64 = 1 << 30;
 #[test]
 fn a_gib_built_with_vecs_and_a_hash_map_shows_in_the_pool_within_the_flush_threshold() {
     let listener = Arc::new(CapacityListener::unlimited());
-    let m = MemoryManager::new("task-gib", MemoryConfig::default(), listener.clone()).unwrap();
+    // Exact accounting (quantum 0, opt-in): the test pins the pool to what the tracker flushed,
+    // within its 1 MiB flush threshold; a quantum's slack (up to 16 MiB at this size) would hide it.
+    let config = MemoryConfig::default().with_reservation_quantum(0);
+    let m = MemoryManager::new("task-gib", config, listener.clone()).unwrap();
     let pool = m.pool("engine/hash").unwrap();
     let tracker = Tracker::for_core_pool(&pool, "hash build");
     let threshold = tracker.threshold() as i64;

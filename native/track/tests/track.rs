@@ -20,7 +20,10 @@ const HEADER: u64 = 16;
 
 fn manager(capacity: u64) -> (MemoryManager, Arc<CapacityListener>) {
     let l = Arc::new(CapacityListener::new(capacity));
-    let m = MemoryManager::new("task", MemoryConfig::default(), l.clone()).unwrap();
+    // Exact accounting (quantum 0, opt-in: the default is the 1 MiB quantum): these scenarios
+    // pin the pools' totals to the byte (blocks plus headers), which is their point.
+    let config = MemoryConfig::default().with_reservation_quantum(0);
+    let m = MemoryManager::new("task", config, l.clone()).unwrap();
     (m, l)
 }
 

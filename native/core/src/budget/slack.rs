@@ -40,6 +40,8 @@ impl Budget {
         let Slack { size, charged, .. } = slack;
         // SeqCst (all accesses below): edge 6, as in `Reservation::try_grow`.
         take_back(size, bytes);
+        // Bounds the retries after a refusal (below): strictly decreasing.
+        let mut refused_need = u64::MAX;
         loop {
             let have = charged.load(Ordering::SeqCst);
             let wanted = size.load(Ordering::SeqCst) + bytes;
@@ -58,14 +60,31 @@ impl Budget {
                 .div_ceil(quantum)
                 .checked_mul(quantum)
                 .map_or(need, |target| target - have);
-            let charged_now = self.grow_at_least(
+            let charged_now = match self.grow_at_least(
                 slack.node,
                 slack.consumer,
                 rounded,
                 need,
                 bytes,
                 Some(slack.owner),
-            )?;
+            ) {
+                Ok(charged_now) => charged_now,
+                Err(e) => {
+                    // The refused charge may have spilled this very slack's owner (a sorter
+                    // whose chunks are allocations of the pool it grows in): what it freed is
+                    // now slack the pools still hold, which covers the grow or lowers its need,
+                    // and exact accounting would have succeeded. Retry while the need shrinks
+                    // (below every need seen at a refusal before, so this ends); otherwise the
+                    // refusal stands (nothing changed).
+                    let need_now = (size.load(Ordering::SeqCst) + bytes)
+                        .saturating_sub(charged.load(Ordering::SeqCst));
+                    if need_now < need.min(refused_need) {
+                        refused_need = need_now;
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
             crate::sync::test_point("cover:charged");
             // After the pool charge (edge 4).
             charged.fetch_add(charged_now, Ordering::SeqCst);

@@ -201,7 +201,10 @@ mod model {
                 .map(|i| {
                     MemoryManager::with_seams(
                         format!("task-{i}"),
-                        MemoryConfig::default().with_reservation_block(BLOCK),
+                        // Exact accounting: the model compares every task's bytes exactly.
+                        MemoryConfig::default()
+                            .with_reservation_block(BLOCK)
+                            .with_reservation_quantum(0),
                         l.clone(),
                         None,
                         Some(arbiter.clone() as Arc<dyn Arbiter>),

@@ -133,10 +133,7 @@ fn concurrent_grows_and_shrinks_keep_counters_exact() {
 fn a_grow_stopped_after_its_charge_is_covered_by_the_next_grant() {
     let block = 4;
     let l = Arc::new(CapacityListener::unlimited());
-    let m = manager_with(
-        l.clone(),
-        MemoryConfig::default().with_reservation_block(block),
-    );
+    let m = manager_with(l.clone(), exact().with_reservation_block(block));
     let (at_point_tx, at_point_rx) = std::sync::mpsc::channel::<()>();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let a = m.root().reservation("a");
@@ -176,10 +173,7 @@ fn a_grow_stopped_after_its_charge_is_covered_by_the_next_grant() {
 fn a_hand_back_racing_two_grows_never_gives_away_used_bytes() {
     let block = 4;
     let l = Arc::new(CapacityListener::unlimited());
-    let m = manager_with(
-        l.clone(),
-        MemoryConfig::default().with_reservation_block(block),
-    );
+    let m = manager_with(l.clone(), exact().with_reservation_block(block));
     let r1 = m.root().reservation("r1");
     r1.try_grow(1).unwrap(); // reserved 4: a cushion of 3
     let (at_tx, at_rx) = std::sync::mpsc::channel::<&'static str>();
@@ -244,10 +238,7 @@ fn a_slow_hand_back_does_not_make_a_fitting_grow_fail_at_the_task_limit() {
         inner: CapacityListener::unlimited(),
         in_unreserve: AtomicBool::new(false),
     });
-    let m = manager_with(
-        l.clone(),
-        MemoryConfig::default().with_task_limit(Some(64 * MIB)),
-    );
+    let m = manager_with(l.clone(), exact().with_task_limit(Some(64 * MIB)));
     let keep = m.root().reservation("keep");
     keep.try_grow(40 * MIB).unwrap();
     let freed = m.root().reservation("freed");

@@ -24,7 +24,7 @@ fn gated() -> (MemoryManager, Arc<CapacityListener>, Arc<Switch>) {
     let gate = Arc::new(Switch::default());
     let m = MemoryManager::with_gate(
         "task-1",
-        MemoryConfig::default(),
+        exact(),
         l.clone(),
         Some(gate.clone() as Arc<dyn GrowGate>),
     )

@@ -31,7 +31,7 @@ fn listener_failure_surfaces_and_accounting_stays_exact() {
         fail_unreserve: AtomicBool::new(false),
         inner: CapacityListener::unlimited(),
     });
-    let m = manager_with(l.clone(), MemoryConfig::default());
+    let m = manager_with(l.clone(), exact());
     let r = m.root().reservation("op");
     let err = r.try_grow(MIB).unwrap_err();
     assert!(matches!(err, MemoryError::Listener { op: "reserve", .. }));
@@ -73,7 +73,7 @@ impl ReservationListener for GreedyListener {
 #[test]
 fn listener_granting_more_than_asked_is_an_error_but_the_grant_is_kept() {
     let l = Arc::new(GreedyListener(AtomicU64::new(0)));
-    let m = manager_with(l.clone(), MemoryConfig::default());
+    let m = manager_with(l.clone(), exact());
     let r = m.root().reservation("op");
     let err = r.try_grow(1).unwrap_err();
     assert!(matches!(err, MemoryError::ListenerContract(_)), "{err}");
@@ -108,7 +108,7 @@ fn reclaim_hands_back_cushion_first_then_spills() {
 fn a_grow_refused_after_a_partial_grant_keeps_the_grant_as_cushion() {
     // Spark has 1.5 blocks for this task; the grow asks for 2.
     let l = Arc::new(CapacityListener::new(BLOCK + BLOCK / 2));
-    let m = manager_with(l.clone(), MemoryConfig::default());
+    let m = manager_with(l.clone(), exact());
     let r = m.pool("op").unwrap().reservation("r");
     let err = r.try_grow(2 * BLOCK).unwrap_err();
     assert!(matches!(err, MemoryError::OutOfMemory(_)), "{err}");
@@ -155,7 +155,7 @@ fn a_panicking_listener_is_an_error_and_accounting_stays_exact() {
         panic_next: AtomicBool::new(true),
         inner: CapacityListener::unlimited(),
     });
-    let m = manager_with(l.clone(), MemoryConfig::default());
+    let m = manager_with(l.clone(), exact());
     let r = m.root().reservation("op");
     let err = r.try_grow(MIB).unwrap_err();
     assert!(err.to_string().contains("panicked: listener bug"), "{err}");

@@ -49,10 +49,7 @@ fn pool_limit_refusal_rolls_back_every_level() {
 #[test]
 fn task_limit_is_enforced_by_the_root() {
     let l = Arc::new(CapacityListener::unlimited());
-    let m = manager_with(
-        l.clone(),
-        MemoryConfig::default().with_task_limit(Some(10 * MIB)),
-    );
+    let m = manager_with(l.clone(), exact().with_task_limit(Some(10 * MIB)));
     let r = m.pool("op").unwrap().reservation("op");
     r.try_grow(10 * MIB).unwrap();
     let err = r.try_grow(1).unwrap_err();
@@ -99,7 +96,7 @@ fn huge_requests_are_rejected_without_side_effects() {
 #[test]
 fn usage_report_shows_the_tree_and_top_consumers() {
     let l = Arc::new(CapacityListener::unlimited());
-    let m = manager_with(l, MemoryConfig::default().with_task_limit(Some(1 << 30)));
+    let m = manager_with(l, exact().with_task_limit(Some(1 << 30)));
     let sort = m.root().child("sort", Some(512 * MIB)).unwrap();
     let r = sort.reservation("sorter");
     r.try_grow(3 * MIB / 2).unwrap();
@@ -122,14 +119,10 @@ Top consumers:
 fn bad_config_and_pool_names_are_rejected() {
     let l = Arc::new(CapacityListener::unlimited());
     assert!(matches!(
-        MemoryManager::new(
-            "t",
-            MemoryConfig::default().with_reservation_block(0),
-            l.clone()
-        ),
+        MemoryManager::new("t", exact().with_reservation_block(0), l.clone()),
         Err(MemoryError::InvalidArgument(_))
     ));
-    let m = manager_with(l, MemoryConfig::default());
+    let m = manager_with(l, exact());
     for bad in ["", "a/b", "x\n"] {
         assert!(m.root().child(bad, None).is_err(), "{bad:?}");
     }

@@ -47,7 +47,11 @@ mod model {
             let l = Arc::new(CapacityListener::new(CAPACITY));
             let m = MemoryManager::new(
                 "model",
-                MemoryConfig::default().with_reservation_block(BLOCK).with_task_limit(Some(15_000)),
+                // The exact model: quantum 0, opt-in (the default is the 1 MiB quantum).
+                MemoryConfig::default()
+                    .with_reservation_quantum(0)
+                    .with_reservation_block(BLOCK)
+                    .with_task_limit(Some(15_000)),
                 l.clone(),
             ).unwrap();
             let a = m.root().child("a", LIMIT[1]).unwrap();

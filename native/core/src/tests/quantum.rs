@@ -360,7 +360,7 @@ fn exclusive_grows_are_refused_like_shared_ones_and_exact_mode_charges_every_gro
 
     // Exact mode: the exclusive methods are the shared ones.
     let l = Arc::new(CapacityListener::new(u64::MAX));
-    let m = manager_with(l, MemoryConfig::default().with_reservation_block(MIB));
+    let m = manager_with(l, exact().with_reservation_block(MIB));
     let pool = m.pool("op").unwrap();
     let mut r = pool.reservation("r");
     r.try_grow_exclusive(100).unwrap();
@@ -586,4 +586,89 @@ fn release_idle_hands_back_slack_and_cushion_without_spilling() {
     drop(spiller);
     m.close().unwrap();
     assert_eq!(l.reserved(), 0);
+}
+
+#[test]
+fn the_default_is_the_recommended_quantum() {
+    // The fast path is what a user who sets nothing gets; exact accounting is opt-in (quantum 0).
+    assert_eq!(
+        MemoryConfig::default().reservation_quantum,
+        RECOMMENDED_RESERVATION_QUANTUM_BYTES
+    );
+    assert_eq!(RECOMMENDED_RESERVATION_QUANTUM_BYTES, MIB);
+    let l = Arc::new(CapacityListener::new(u64::MAX));
+    let m = manager_with(l, MemoryConfig::default());
+    let pool = m.pool("op").unwrap();
+    let r = pool.reservation("r");
+    r.try_grow(100).unwrap();
+    // Charged a whole quantum; the consumer's size stays exact.
+    assert_eq!((r.size(), pool.used()), (100, MIB));
+    drop(r);
+    assert!(m.close().unwrap().is_empty());
+}
+
+/// A spiller whose memory is allocations of the pool it grows in (a sorter's chunks): `spill`
+/// frees them all.
+struct ChunkSpiller {
+    pool: Pool,
+    chunks: Mutex<Vec<Allocation>>,
+}
+
+impl Spiller for ChunkSpiller {
+    fn spillable_bytes(&self) -> u64 {
+        self.chunks.lock().iter().map(|c| c.len() as u64).sum()
+    }
+    fn spill(&self, _target: u64) -> Result<u64> {
+        let freed = self.spillable_bytes();
+        self.chunks.lock().clear();
+        Ok(freed)
+    }
+}
+
+#[test]
+fn a_grow_that_spills_its_own_slack_owner_is_covered_by_what_the_spill_freed() {
+    // The sort's shape: a pool limited to three chunks, the sorter's chunks are its allocations,
+    // and the fourth chunk makes it spill. What the spill frees becomes the pool's allocation
+    // slack (below two quanta, so the pools keep it): it covers the fourth chunk, as exact
+    // accounting would. (Found by making the 1 MiB quantum the default: this was refused.)
+    const CHUNK: usize = 64 << 10;
+    let l = Arc::new(CapacityListener::new(u64::MAX));
+    let m = manager_with(l, MemoryConfig::default().with_reservation_block(MIB));
+    assert_eq!(m.config().reservation_quantum, MIB);
+    let pool = m.root().child("sort", Some(3 * CHUNK as u64)).unwrap();
+    let spiller = Arc::new(ChunkSpiller {
+        pool: pool.clone(),
+        chunks: Mutex::new(Vec::new()),
+    });
+    let _registration = pool.register_spiller("sorter", spiller.clone());
+    for _ in 0..3 {
+        let c = spiller.pool.allocate_owned(CHUNK, 8).unwrap();
+        spiller.chunks.lock().push(c);
+    }
+    assert_eq!(pool.used(), 3 * CHUNK as u64);
+    // The fourth: the pools refuse it, the sorter spills, the freed slack covers it.
+    let fourth = pool.allocate_owned(CHUNK, 8).unwrap();
+    assert_eq!(spiller.spillable_bytes(), 0);
+    assert!(pool.used() <= 3 * CHUNK as u64); // the limit holds
+    drop(fourth);
+    drop(_registration);
+    let report = m.close().unwrap();
+    assert!(report.is_empty(), "{report}");
+}
+
+#[test]
+fn a_grow_that_spills_its_own_reservation_is_covered_by_what_the_spill_freed() {
+    // The same with a reservation: the grower is the spiller's own reservation.
+    let l = Arc::new(CapacityListener::new(u64::MAX));
+    let m = manager_with(l, MemoryConfig::default().with_reservation_block(MIB));
+    let pool = m.root().child("op", Some(3 * Q)).unwrap();
+    let spiller = HoldingSpiller::new(&pool, "op", 3 * Q);
+    let _registration = pool.register_spiller("op", spiller.clone());
+    spiller.res.try_grow(Q).unwrap(); // does not fit: the spill frees 3 Q of this very reservation
+    assert_eq!(spiller.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(spiller.res.size(), Q);
+    assert!(pool.used() <= 3 * Q);
+    drop(_registration);
+    drop(spiller);
+    assert!(m.close().unwrap().is_empty());
 }

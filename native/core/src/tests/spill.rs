@@ -101,10 +101,7 @@ fn dropped_registration_unregisters_the_spiller() {
 #[test]
 fn pool_limit_refusal_after_a_spill_hands_surplus_back() {
     let l = Arc::new(CapacityListener::unlimited());
-    let m = manager_with(
-        l.clone(),
-        MemoryConfig::default().with_reservation_block(MIB),
-    );
+    let m = manager_with(l.clone(), exact().with_reservation_block(MIB));
     let pool = m.root().child("engine", Some(4 * MIB)).unwrap();
     let spiller = HoldingSpiller::new(&pool, "buffers", 4 * MIB);
     let _registration = pool.register_spiller("buffers", spiller.clone());
@@ -185,10 +182,7 @@ fn spiller_reentering_the_manager_does_not_deadlock() {
         budget: CapacityListener::new(48 * MIB),
         manager: Mutex::new(None),
     });
-    let m = manager_with(
-        l.clone(),
-        MemoryConfig::default().with_reservation_block(MIB),
-    );
+    let m = manager_with(l.clone(), exact().with_reservation_block(MIB));
     *l.manager.lock() = Some(m.clone());
     let pool = m.pool("sort").unwrap();
     let spillers: Vec<_> = (0..3)
@@ -325,7 +319,7 @@ fn dropping_a_registration_releases_the_spiller_outside_the_registry_lock() {
     }
     let m = manager_with(
         Arc::new(ReclaimOnUnreserve(l.clone())),
-        MemoryConfig::default().with_reservation_block(MIB),
+        exact().with_reservation_block(MIB),
     );
     *l.manager.lock() = Some(m.clone());
     let res = m.root().reservation("owned");

@@ -19,9 +19,12 @@ public class NativeMemoryConfigTest {
         assertEquals(8L << 20, d.reservationBlockSize());
         assertEquals(OptionalLong.empty(), d.taskLimit());
         assertEquals(10_000L, d.closeTimeoutMillis());
-        assertEquals(0L, d.reservationQuantum());
+        // The fast path is the default; exact accounting (0) is opt-in.
+        assertEquals(NativeMemoryConfig.RECOMMENDED_RESERVATION_QUANTUM_BYTES, d.reservationQuantum());
+        assertEquals(1L << 20, d.reservationQuantum());
         assertEquals("NativeMemoryConfig{reservationBlockSize=8388608, taskLimit=none, closeTimeoutMillis=10000,"
-                + " reservationQuantum=0}", d.toString());
+                + " reservationQuantum=1048576}", d.toString());
+        assertEquals(0L, d.withReservationQuantum(0).reservationQuantum());
     }
 
     @Test
@@ -37,10 +40,10 @@ public class NativeMemoryConfigTest {
         assertEquals(OptionalLong.of(0), d.withTaskLimit(0).taskLimit());
         assertEquals(OptionalLong.empty(), c.withoutTaskLimit().taskLimit());
         assertEquals(1L << 62, d.withReservationBlockSize(1L << 62).reservationBlockSize());
-        NativeMemoryConfig q = c.withReservationQuantum(NativeMemoryConfig.RECOMMENDED_RESERVATION_QUANTUM_BYTES);
-        assertEquals(1L << 20, q.reservationQuantum());
-        assertEquals(0L, c.reservationQuantum());
-        assertEquals(1 << 20, q.withTaskLimit(5).reservationQuantum()); // kept by every wither
+        NativeMemoryConfig q = c.withReservationQuantum(0);
+        assertEquals(0L, q.reservationQuantum());
+        assertEquals(1L << 20, c.reservationQuantum());
+        assertEquals(0L, q.withTaskLimit(5).reservationQuantum()); // kept by every wither
         assertEquals(1L << 40, d.withReservationQuantum(1L << 40).reservationQuantum());
         assertNotEquals(c, q);
     }

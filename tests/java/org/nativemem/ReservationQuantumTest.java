@@ -18,6 +18,21 @@ public class ReservationQuantumTest extends NativeTestSupport {
     }
 
     @Test
+    public void theDefaultConfigIsTheFastPath() {
+        CountingListener listener = new CountingListener();
+        NativeMemoryManager m = manager("quantum-default", listener, NativeMemoryConfig.defaults());
+        assertEquals(MIB, m.config().reservationQuantum());
+        NativeReservation r = m.newReservation("scan", "reader", 100);
+        assertEquals(100, r.size());
+        assertEquals("one default quantum charged", MIB, m.usedBytes());
+        assertContains(m.usageReport(), "used 100 B");
+        r.close();
+        assertEquals(0, m.usedBytes());
+        m.close();
+        assertEquals(0, listener.reserved.get());
+    }
+
+    @Test
     public void growsWithinTheSlackMakeNoListenerCallsAndSizesStayExact() {
         CountingListener listener = new CountingListener();
         NativeMemoryManager m = quantumManager("quantum-1", listener);

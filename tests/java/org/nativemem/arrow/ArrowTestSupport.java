@@ -69,9 +69,18 @@ abstract class ArrowTestSupport {
         return track(NativeMemoryManager.create(name, budget, config));
     }
 
-    /** A manager with 1 MiB reservation blocks and an unbounded budget. */
+    /**
+     * A manager with 1 MiB reservation blocks, an unbounded budget and exact accounting
+     * (reservation quantum 0, opt-in: the default is the 1 MiB quantum): the tests pin the
+     * manager's used to Arrow's bytes to the byte.
+     */
     NativeMemoryManager manager(String name) {
-        return manager(name, new Budget(Long.MAX_VALUE), NativeMemoryConfig.defaults().withReservationBlockSize(MIB));
+        return manager(name, new Budget(Long.MAX_VALUE), exact().withReservationBlockSize(MIB));
+    }
+
+    /** The defaults with exact accounting (quantum 0, opt-in). */
+    static NativeMemoryConfig exact() {
+        return NativeMemoryConfig.defaults().withReservationQuantum(0);
     }
 
     static long roundUp(long bytes, long block) {

@@ -171,7 +171,7 @@ public class NativeAllocationListenerTest extends ArrowTestSupport {
     public void limitRefusesWithArrowOutOfMemoryAndChargesNothing() {
         Budget budget = new Budget(Long.MAX_VALUE);
         NativeMemoryManager mm = manager("limited", budget,
-                NativeMemoryConfig.defaults().withReservationBlockSize(MIB).withTaskLimit(8 * MIB));
+                exact().withReservationBlockSize(MIB).withTaskLimit(8 * MIB));
         NativeArrowAllocator a = arrow(mm, MIB);
         BufferAllocator alloc = a.allocator();
         NativeAllocationListener l = a.listener();
@@ -230,7 +230,7 @@ public class NativeAllocationListenerTest extends ArrowTestSupport {
     @Test
     public void blockRoundingNeverRefusesWhatFits() {
         NativeMemoryManager mm = manager("edge", new Budget(Long.MAX_VALUE),
-                NativeMemoryConfig.defaults().withReservationBlockSize(MIB).withTaskLimit(2 * MIB + 512 * KIB));
+                exact().withReservationBlockSize(MIB).withTaskLimit(2 * MIB + 512 * KIB));
         NativeArrowAllocator a = arrow(mm, MIB);
         NativeAllocationListener l = a.listener();
         ArrowBuf two = a.allocator().buffer(2 * MIB);
@@ -256,7 +256,7 @@ public class NativeAllocationListenerTest extends ArrowTestSupport {
     public void budgetExhaustedRefusesLikeSparkWould() {
         // The listener (Spark) grants 4 MiB in all; nothing can be spilled.
         Budget budget = new Budget(4 * MIB);
-        NativeMemoryManager mm = manager("budget", budget, NativeMemoryConfig.defaults().withReservationBlockSize(MIB));
+        NativeMemoryManager mm = manager("budget", budget, exact().withReservationBlockSize(MIB));
         NativeArrowAllocator a = arrow(mm, MIB);
         ArrowBuf b = a.allocator().buffer(2 * MIB);
         try {

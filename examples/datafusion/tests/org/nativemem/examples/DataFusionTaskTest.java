@@ -171,7 +171,11 @@ public class DataFusionTaskTest {
 
     private void sameResultUnboundedAndUnderALimit(DataFusionTask.Query query, long expectedRows) {
         DataFusionStats free = run(manager(query + "-free", blocks()), query, ROWS);
-        NativeMemoryManager limited = manager(query + "-limited", blocks().withTaskLimit(24 * MIB));
+        // Exact accounting under the small limit: DataFusion runs many consumers, and with a quantum
+        // each may hold up to two quanta of slack, which its fair-share policy counts against them
+        // (seen failing 1 run in 3 at 24 MiB; DataFusion's fairness under nativemem is its own topic).
+        NativeMemoryManager limited = manager(query + "-limited",
+                blocks().withTaskLimit(24 * MIB).withReservationQuantum(0));
         DataFusionStats spilled = run(limited, query, ROWS);
         assertEquals("rows: " + free, expectedRows, free.rows());
         assertEquals("rows under the limit", free.rows(), spilled.rows());

@@ -39,6 +39,7 @@ import org.nativemem.NativeOutOfMemoryException;
 import org.nativemem.NativeMemoryManager;
 import org.nativemem.spark.ExecutorNativeMemoryStats;
 import org.nativemem.spark.NativeMemoryPlugin;
+import org.nativemem.spark.NativeMemorySparkConf;
 import org.nativemem.spark.SparkApiCheck;
 import org.nativemem.spark.SparkReservationListener;
 import org.nativemem.spark.TaskNativeMemory;
@@ -513,8 +514,12 @@ public final class SortJob {
                 jvm.cleanupResources(); // frees its pages and deletes its spill files
             }
         }
-        check(mm.usedBytes() == 0, "partition " + partition + ": native memory in use after close: "
-                + mm.usageReport());
+        // Nothing held (the sorter's own figures and spill files are checked above); the pool may
+        // keep the slack of the reservation quantum (the default, 1 MiB): at most two quanta per
+        // pool with allocations once nothing is allocated, and 0 with exact accounting (quantum 0).
+        long slack = 2 * mm.config().reservationQuantum();
+        check(mm.usedBytes() <= slack, "partition " + partition + ": native memory in use after close beyond "
+                + slack + " bytes of slack: " + mm.usageReport());
         r.sparkSpillRequests = listener.spillRequests();
         r.sparkSpillReleased = listener.spilledBytes();
         r.totalNanos = System.nanoTime() - start;
@@ -565,6 +570,7 @@ public final class SortJob {
         long sparkSpilledBytes;
         long liveSorters;
         long spillFilesLeft;
+        long quantumBytes;
         boolean pluginLoaded;
 
         static ExecutorReport take() {
@@ -576,6 +582,7 @@ public final class SortJob {
             r.reservedBytes = s.reservedBytes();
             r.heldFromSparkBytes = s.heldFromSparkBytes();
             r.reclaimedAtCloseBytes = s.reclaimedAtCloseBytes();
+            r.quantumBytes = NativeMemorySparkConf.fromSparkConf(SparkEnv.get().conf()).reservationQuantumBytes();
             r.unreturnedBytes = s.unreturnedBytes();
             r.closeFailures = s.closeFailures();
             r.managersCreated = s.managersCreated();
@@ -599,7 +606,18 @@ public final class SortJob {
 
         /** Native bytes used or reserved now, left to a manager's close, or not returned to Spark. */
         long leakedBytes() {
-            return usedBytes + reservedBytes + reclaimedAtCloseBytes + unreturnedBytes;
+            return usedBytes + reservedBytes + Math.max(0, reclaimedAtCloseBytes - slackAtCloseBound())
+                    + unreturnedBytes;
+        }
+
+        /**
+         * reclaimedAtCloseBytes counts what the pools held at each close, and with the reservation
+         * quantum (the default) that includes the pools' slack: at most two quanta of the sort's
+         * pool per task once the sorter freed everything (its own figures are checked in the task).
+         * Known follow-up: the gauge should count what consumers held, not the slack.
+         */
+        long slackAtCloseBound() {
+            return managersClosed * 2 * quantumBytes;
         }
     }
 

@@ -109,8 +109,12 @@ public class NativeSorterTest {
         return manager(name, new Listener(Long.MAX_VALUE), blocks());
     }
 
+    /**
+     * 1 MiB blocks and exact accounting (quantum 0, opt-in: the default is the 1 MiB quantum):
+     * the tests pin the pools' used to what the sorter holds, to the byte.
+     */
     private static NativeMemoryConfig blocks() {
-        return NativeMemoryConfig.defaults().withReservationBlockSize(MIB);
+        return NativeMemoryConfig.defaults().withReservationBlockSize(MIB).withReservationQuantum(0);
     }
 
     private int spillFiles() {

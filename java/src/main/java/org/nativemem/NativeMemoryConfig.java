@@ -10,7 +10,7 @@ import java.util.OptionalLong;
  * NativeMemoryConfig config = NativeMemoryConfig.defaults()
  *     .withReservationBlockSize(16L << 20)   // ask the listener for 16 MiB at a time
  *     .withTaskLimit(2L << 30)               // never use more than 2 GiB natively
- *     .withReservationQuantum(1L << 20);     // the fast path: reservations charge 1 MiB at a time
+ *     .withReservationQuantum(0);            // exact accounting (opt-in; default: the 1 MiB quantum)
  * }</pre>
  *
  * Every {@code with...} method validates its argument and throws
@@ -25,14 +25,18 @@ public final class NativeMemoryConfig {
     public static final long MAX_RESERVATION_BLOCK_BYTES = 1L << 62;
     /** Largest reservation quantum accepted: 1 TiB. */
     public static final long MAX_RESERVATION_QUANTUM_BYTES = 1L << 40;
-    /** The quantum that makes native grows and shrinks touch no shared counter: 1 MiB. */
+    /**
+     * The default reservation quantum, which makes native grows and shrinks touch no shared
+     * counter: 1 MiB. Exact accounting (quantum 0) is opt-in.
+     */
     public static final long RECOMMENDED_RESERVATION_QUANTUM_BYTES = 1L << 20;
     /** Default time {@link NativeMemoryManager#close()} waits for calls in progress: 10 s. */
     public static final long DEFAULT_CLOSE_TIMEOUT_MILLIS = 10_000L;
 
     private static final long NO_LIMIT = -1L;
     private static final NativeMemoryConfig DEFAULTS =
-            new NativeMemoryConfig(DEFAULT_RESERVATION_BLOCK_BYTES, NO_LIMIT, DEFAULT_CLOSE_TIMEOUT_MILLIS, 0L);
+            new NativeMemoryConfig(DEFAULT_RESERVATION_BLOCK_BYTES, NO_LIMIT, DEFAULT_CLOSE_TIMEOUT_MILLIS,
+                    RECOMMENDED_RESERVATION_QUANTUM_BYTES);
 
     private final long reservationBlockBytes;
     private final long taskLimitBytes;
@@ -48,8 +52,8 @@ public final class NativeMemoryConfig {
     }
 
     /**
-     * @return the defaults: 8 MiB blocks, no task limit, 10 s close timeout, exact accounting
-     *     (no reservation quantum)
+     * @return the defaults: 8 MiB blocks, no task limit, 10 s close timeout, the 1 MiB
+     *     reservation quantum ({@link #RECOMMENDED_RESERVATION_QUANTUM_BYTES}; the fast path)
      */
     public static NativeMemoryConfig defaults() {
         return DEFAULTS;
@@ -117,10 +121,11 @@ public final class NativeMemoryConfig {
      * line). The bound it costs: a pool's used and peak may run ahead of what its consumers hold
      * by at most two quanta per live reservation; consumers' sizes, reports and leak reports stay
      * exact, limits hold, and the slack is taken back before a grow is refused, before operators
-     * spill and when Spark asks for memory. 0 (the default) is exact accounting.
+     * spill and when Spark asks for memory. The default is
+     * {@link #RECOMMENDED_RESERVATION_QUANTUM_BYTES} (1 MiB); 0 (opt-in) is exact accounting:
+     * pools' used and peak then equal what consumers hold byte for byte.
      *
-     * @param bytes the quantum in bytes, from 0 to {@link #MAX_RESERVATION_QUANTUM_BYTES};
-     *     {@link #RECOMMENDED_RESERVATION_QUANTUM_BYTES} is a good start
+     * @param bytes the quantum in bytes, from 0 to {@link #MAX_RESERVATION_QUANTUM_BYTES}
      * @return a copy with the quantum set
      * @throws IllegalArgumentException if {@code bytes} is out of range
      */

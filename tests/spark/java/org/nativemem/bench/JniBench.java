@@ -15,6 +15,7 @@ import org.nativemem.NativeBench;
 import org.nativemem.NativeMemoryConfig;
 import org.nativemem.NativeMemoryManager;
 import org.nativemem.NativeMemoryStats;
+import org.nativemem.NativeReservation;
 import org.nativemem.spark.SparkReservationListener;
 
 /**
@@ -31,15 +32,19 @@ import org.nativemem.spark.SparkReservationListener;
  * real {@code TaskMemoryManager} and both designs ask it through the same listener class,
  * {@link SparkReservationListener} ({@code acquireExecutionMemory} under its monitor):
  * <ul>
- *   <li><b>grows</b>: a round grows 1 GiB in 64 KiB steps from native code. nativemem
- *       ({@code NativeBench.growLoop}): a core reservation of one manager with the default
- *       8 MiB block and the recommended 1 MiB reservation quantum (the fast path: 15 of 16 grows
- *       fit in the reservation's slack), as a native operator does; the manager lives across rounds (a task's steady
- *       state: hysteresis keeps one block between rounds). Per-grow
+ *   <li><b>grows</b>: a round grows 1 GiB in 64 KiB steps, three ways. nativemem from native code
+ *       ({@code NativeBench.growLoop}, a loop inside the library): a core reservation of one manager
+ *       with the default configuration (8 MiB blocks, the 1 MiB reservation quantum: the fast path,
+ *       15 of 16 grows fit in the reservation's slack), as a native operator does; the manager lives
+ *       across rounds (a task's steady state: hysteresis keeps one block between rounds).
+ *       nativemem from Java (the API a user calls): a Java loop of
+ *       {@link NativeReservation#grow} on one reservation of the same manager, then one
+ *       {@link NativeReservation#shrink} of the total, so every grow is one JNI downcall through
+ *       the export guard and the handle table. Per-grow
  *       ({@code NativeBench.upcallPerGrowLoop}): one upcall to {@code reserve(64 KiB)} per grow,
- *       as Comet does, then one {@code unreserve} of the total. Both loops end by freeing the
+ *       as Comet does, then one {@code unreserve} of the total. Every loop ends by freeing the
  *       GiB. ns/grow is the round's wall time / 16,384; the figure is the median of the measured
- *       rounds, which alternate which design goes first. Upcalls are counted: the manager's own
+ *       rounds, which rotate which design goes first. Upcalls are counted: the manager's own
  *       counters (reserve + unreserve calls), cross-checked against the listener's count.</li>
  *   <li><b>create+close</b>: a new {@code SparkReservationListener}, {@code NativeMemoryManager.create}
  *       with it, {@code attach}, {@code close} (what a task pays once); baseline: one empty JNI
@@ -58,6 +63,8 @@ public final class JniBench {
     /** Grows per round: one GiB. */
     static final int GROWS_PER_ROUND = (int) (GiB / GROW_BYTES);
     static final String POOL = "bench/operator";
+    /** Pool of the reservation grown from Java. */
+    static final String JAVA_POOL = "bench/java";
 
     private JniBench() {
     }
@@ -140,22 +147,41 @@ public final class JniBench {
         SparkReservationListener nmListener = new SparkReservationListener(tmm, mode, "jni-bench nativemem");
         SparkReservationListener perGrowListener = new SparkReservationListener(tmm, mode, "jni-bench per-grow");
         double[] nmNs = new double[rounds];
+        double[] javaNs = new double[rounds];
         double[] perGrowNs = new double[rounds];
+        long[] javaReserves = new long[rounds];
         long[] nmUpcalls = new long[rounds];
         long[] nmReserves = new long[rounds];
         long[] perGrowUpcalls = new long[rounds];
         long coldUpcalls = -1;
         long coldReserves = -1;
-        NativeMemoryConfig config = NativeMemoryConfig.defaults()
-                .withReservationQuantum(NativeMemoryConfig.RECOMMENDED_RESERVATION_QUANTUM_BYTES);
+        // The default configuration: what a user who sets nothing gets.
+        NativeMemoryConfig config = NativeMemoryConfig.defaults();
         out.add("quantum_bytes", config.reservationQuantum());
-        try (NativeMemoryManager mm = NativeMemoryManager.create("jni-bench", nmListener, config)) {
+        out.add("block_bytes", config.reservationBlockSize());
+        try (NativeMemoryManager mm = NativeMemoryManager.create("jni-bench", nmListener, config);
+                NativeReservation javaRes = mm.newReservation(JAVA_POOL, "java-bench", 0)) {
             nmListener.attach(mm);
             long handle = mm.handle();
             for (int r = -warmup; r < rounds; r++) {
-                boolean nativememFirst = (r & 1) == 0;
-                for (int k = 0; k < 2; k++) {
-                    if ((k == 0) == nativememFirst) {
+                for (int k = 0; k < 3; k++) {
+                    int design = Math.floorMod(r + k, 3);
+                    if (design == 2) {
+                        NativeMemoryStats before = mm.stats();
+                        long t0 = System.nanoTime();
+                        for (int i = 0; i < n; i++) {
+                            javaRes.grow(GROW_BYTES);
+                        }
+                        long held = javaRes.size();
+                        javaRes.shrink(held);
+                        long dt = System.nanoTime() - t0;
+                        checkEq(n * GROW_BYTES, held, "bytes held by the Java loop");
+                        checkEq(0, javaRes.size(), "Java reservation after its shrink");
+                        if (r >= 0) {
+                            javaNs[r] = (double) dt / n;
+                            javaReserves[r] = mm.stats().reserveCalls() - before.reserveCalls();
+                        }
+                    } else if (design == 0) {
                         NativeMemoryStats before = mm.stats();
                         long listenerBefore = nmListener.reserveRequests();
                         long t0 = System.nanoTime();
@@ -191,6 +217,8 @@ public final class JniBench {
                     }
                 }
             }
+            // The Java reservation keeps its quantum's slack while open (it holds 0 bytes).
+            javaRes.close();
             checkEq(0, mm.usedBytes(), "nativemem bytes used after the rounds");
         }
         checkEq(0, nmListener.heldBytes(), "bytes nativemem still holds from Spark after close");
@@ -199,6 +227,8 @@ public final class JniBench {
         out.add("grow_bytes", GROW_BYTES);
         out.add("grows_per_round", n);
         out.add("grow_nativemem_ns", median(nmNs));
+        out.add("grow_java_ns", median(javaNs));
+        out.add("reserve_upcalls_per_gib_java", max(javaReserves));
         out.add("grow_pergrow_ns", median(perGrowNs));
         out.add("upcalls_per_gib_nativemem", max(nmUpcalls));
         out.add("reserve_upcalls_per_gib_nativemem", max(nmReserves));
@@ -206,6 +236,7 @@ public final class JniBench {
         out.add("reserve_upcalls_per_gib_nativemem_cold", coldReserves);
         out.add("upcalls_per_gib_pergrow", max(perGrowUpcalls));
         out.rounds("grow_nativemem_ns", nmNs);
+        out.rounds("grow_java_ns", javaNs);
         out.rounds("grow_pergrow_ns", perGrowNs);
     }
 

@@ -123,7 +123,8 @@ public final class NativeMemoryLifecycleJob {
         checkEq(2048 * MiB, c.toNativeConfig().taskLimit().getAsLong(), "native config limit");
         checkEq(MiB, c.reservationQuantumBytes(), "1m quantum");
         checkEq(MiB, c.toNativeConfig().reservationQuantum(), "native config quantum");
-        checkEq(0, NativeMemorySparkConf.defaults().toNativeConfig().reservationQuantum(), "default: exact");
+        checkEq(MiB, NativeMemorySparkConf.defaults().reservationQuantumBytes(), "default: the 1m quantum");
+        checkEq(MiB, NativeMemorySparkConf.defaults().toNativeConfig().reservationQuantum(), "default: the fast path");
         checkEq(0, NativeMemorySparkConf.parse(
                 Collections.singletonMap(NativeMemorySparkConf.RESERVATION_QUANTUM, "0")).reservationQuantumBytes(),
                 "quantum 0");

@@ -27,8 +27,8 @@ import scala.Tuple2;
  *       {@code 8m}, {@code 64k}, {@code 1g}, plain numbers are bytes). Larger blocks mean fewer
  *       JVM calls and more memory held from Spark ahead of use.</td></tr>
  *   <tr><td>{@value #RESERVATION_QUANTUM}</td><td>{@value #DEFAULT_RESERVATION_QUANTUM}</td>
- *       <td>per-reservation slack of native operators ({@code 1m} recommended; {@code 0}: exact
- *       accounting). With a quantum, a native grow or shrink that fits in what its reservation
+ *       <td>per-reservation slack of native operators ({@code 0}, opt-in: exact accounting).
+ *       With a quantum, a native grow or shrink that fits in what its reservation
  *       already charged touches no shared counter; pools may then run ahead of what consumers
  *       hold by at most two quanta per live reservation (taken back before anything is refused
  *       or spilled, and when Spark asks for memory).</td></tr>
@@ -79,8 +79,8 @@ public final class NativeMemorySparkConf {
     public static final String DEFAULT_RESERVATION_BLOCK_SIZE = "8m";
     /** Reservation quantum key. */
     public static final String RESERVATION_QUANTUM = "spark.nativemem.reservationQuantum";
-    /** Default of {@link #RESERVATION_QUANTUM}: 0, exact accounting. */
-    public static final String DEFAULT_RESERVATION_QUANTUM = "0";
+    /** Default of {@link #RESERVATION_QUANTUM}: 1 MiB, the fast path ({@code 0}: exact accounting, opt-in). */
+    public static final String DEFAULT_RESERVATION_QUANTUM = "1m";
     /** Task limit key (no default: unlimited). */
     public static final String TASK_LIMIT = "spark.nativemem.taskLimit";
     /** Arrow block size key. */
