@@ -450,47 +450,35 @@ fn rows() -> Vec<(&'static str, usize, Expect, Expect, Call)> {
             offset_of!(NmApi, trim_hook_register),
             Ok,
             Ok,
-            |a, _| {
-                // Process-wide: unaffected by a manager's close. Registered and unregistered.
-                let mut id = 0;
-                // SAFETY: a valid function, no ctx, no drop, a valid out pointer.
-                let status = unsafe {
-                    (a.trim_hook_register)(
-                        Some(no_trim),
-                        ptr::null_mut(),
-                        None,
-                        &mut id,
-                        ptr::null_mut(),
-                    )
-                };
-                assert_eq!(status, NM_OK);
-                // SAFETY: the id just returned.
-                unsafe { (a.trim_hook_unregister)(id, ptr::null_mut()) }
-            },
+            |a, _| trim_hook_round_trip(a),
         ),
         (
             "trim_hook_unregister",
             offset_of!(NmApi, trim_hook_unregister),
             Ok,
             Ok,
-            |a, _| {
-                let mut id = 0;
-                // SAFETY: as above.
-                let status = unsafe {
-                    (a.trim_hook_register)(
-                        Some(no_trim),
-                        ptr::null_mut(),
-                        None,
-                        &mut id,
-                        ptr::null_mut(),
-                    )
-                };
-                assert_eq!(status, NM_OK);
-                // SAFETY: the id just returned.
-                unsafe { (a.trim_hook_unregister)(id, ptr::null_mut()) }
-            },
+            |a, _| trim_hook_round_trip(a),
         ),
     ]
+}
+
+/// The trim hooks are process-wide, unaffected by a manager's close: one registered and
+/// unregistered; the status of the unregister.
+fn trim_hook_round_trip(a: &NmApi) -> nm_status {
+    let mut id = 0;
+    // SAFETY: a valid function, no ctx, no drop, a valid out pointer.
+    let status = unsafe {
+        (a.trim_hook_register)(
+            Some(no_trim),
+            ptr::null_mut(),
+            None,
+            &mut id,
+            ptr::null_mut(),
+        )
+    };
+    assert_eq!(status, NM_OK);
+    // SAFETY: the id just returned.
+    unsafe { (a.trim_hook_unregister)(id, ptr::null_mut()) }
 }
 
 /// A trim hook that frees nothing (for the close contract rows of the trim hooks).
