@@ -130,6 +130,7 @@ fn governor_relieves_and_gates_the_registry_managers() {
     // SAFETY: the provider's static table; valid function pointers and out parameters.
     let api = unsafe { &*nativemem_provider::api(nativemem_sys::NM_ABI_VERSION) };
     let mut trim_id = 0u64;
+    // SAFETY: valid functions (they check their ctx), a valid out pointer.
     let st = unsafe {
         (api.trim_hook_register)(
             Some(engine_trim),
@@ -141,6 +142,7 @@ fn governor_relieves_and_gates_the_registry_managers() {
     };
     assert_eq!(st, nativemem_sys::NM_OK);
     assert_eq!(governor::trim_hooks(), 1);
+    // SAFETY: a null trim is refused before anything is read; the out pointer is valid.
     let refused = unsafe {
         (api.trim_hook_register)(
             None,
@@ -250,10 +252,12 @@ fn governor_relieves_and_gates_the_registry_managers() {
         .retain(|&h| h != handles[1]);
 
     // The engine unregisters its hook: its drop runs (no call in flight), a second time is refused.
+    // SAFETY: the id registered above.
     let st = unsafe { (api.trim_hook_unregister)(trim_id, std::ptr::null_mut()) };
     assert_eq!(st, nativemem_sys::NM_OK);
     assert_eq!(TRIM_DROPS.load(Ordering::SeqCst), 1);
     assert_eq!(governor::trim_hooks(), 0);
+    // SAFETY: an id no longer registered: refused, nothing is called.
     let again = unsafe { (api.trim_hook_unregister)(trim_id, std::ptr::null_mut()) };
     assert_eq!(again, nativemem_sys::NM_ERR_INVALID_HANDLE);
 
