@@ -239,7 +239,9 @@ public class DeadlockStressTest extends HardeningSupport {
         for (int i = 0; i < 4; i++) {
             listeners[i] = new TaskListener(pool);
             managers[i] = manager("task-" + i, listeners[i],
-                    org.nativemem.NativeMemoryConfig.defaults().withReservationBlockSize(4 * MIB));
+                    // Exact accounting: the test checks every task frees exactly what it held.
+                    org.nativemem.NativeMemoryConfig.defaults().withReservationBlockSize(4 * MIB)
+                            .withReservationQuantum(0));
             listeners[i].manager.set(managers[i]);
         }
         for (int i = 0; i < 4; i++) {
