@@ -33,7 +33,10 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 fn manager(name: &str, block: u64, listener: &Arc<CapacityListener>) -> i64 {
     registry::create_manager(
         name.into(),
-        MemoryConfig::default().with_reservation_block(block),
+        // Exact accounting: the tests follow every byte each task holds and hands back.
+        MemoryConfig::default()
+            .with_reservation_block(block)
+            .with_reservation_quantum(0),
         listener.clone(),
         Duration::from_secs(10),
     )
