@@ -309,7 +309,10 @@ fn an_arbitration_taking_idle_cushion_racing_that_task_s_grow_keeps_both_covered
 
     loom::model(|| {
         let l = Arc::new(CapacityListener::new(3 * BLOCK));
-        let config = MemoryConfig::default().with_reservation_block(BLOCK);
+        // Exact accounting: the model checks every byte of both tasks.
+        let config = MemoryConfig::default()
+            .with_reservation_block(BLOCK)
+            .with_reservation_quantum(0);
         let a = MemoryManager::new("a", config.clone(), l.clone()).unwrap();
         let b = MemoryManager::with_seams(
             "b",
