@@ -1137,21 +1137,31 @@ mod tests {
         assert!(matches!(enter_manager(h), Err(Error::Handle(_))));
     }
 
-    #[test]
-    fn a_timed_out_close_is_finished_by_the_last_reservation_call() {
-        let (h, l) = new_manager(Duration::from_millis(50));
-        let r = create_reservation(h, "p", "c", 10).unwrap();
+    /// A call on reservation `r` on another thread, held inside the call until `go` is sent
+    /// (returns once it is inside); then it grows `r` by `grow` and returns its size.
+    fn hold_reservation_call(
+        r: i64,
+        grow: u64,
+    ) -> (std::thread::JoinHandle<Result<u64>>, mpsc::Sender<()>) {
         let (entered_tx, entered_rx) = mpsc::channel();
         let (go_tx, go_rx) = mpsc::channel::<()>();
         let worker = std::thread::spawn(move || {
             with_reservation(r, |res| {
                 entered_tx.send(()).unwrap();
                 go_rx.recv().unwrap();
-                res.try_grow(5)?;
+                res.try_grow(grow)?;
                 Ok(res.size())
             })
         });
         entered_rx.recv().unwrap();
+        (worker, go_tx)
+    }
+
+    #[test]
+    fn a_timed_out_close_is_finished_by_the_last_reservation_call() {
+        let (h, l) = new_manager(Duration::from_millis(50));
+        let r = create_reservation(h, "p", "c", 10).unwrap();
+        let (worker, go_tx) = hold_reservation_call(r, 5);
         let entry = MANAGERS.get(h).unwrap();
         assert_eq!(
             entry.in_flight(),
@@ -1184,17 +1194,7 @@ mod tests {
     fn close_waits_for_a_call_on_a_reservation_closed_meanwhile() {
         let (h, l) = new_manager(Duration::from_secs(10));
         let r = create_reservation(h, "p", "c", 100).unwrap();
-        let (entered_tx, entered_rx) = mpsc::channel();
-        let (go_tx, go_rx) = mpsc::channel::<()>();
-        let worker = std::thread::spawn(move || {
-            with_reservation(r, |res| {
-                entered_tx.send(()).unwrap();
-                go_rx.recv().unwrap();
-                res.try_grow(1)?;
-                Ok(res.size())
-            })
-        });
-        entered_rx.recv().unwrap();
+        let (worker, go_tx) = hold_reservation_call(r, 1);
         // Closed by its user while a call on it runs: stale at once, dropped when the call ends.
         close_reservation(r).unwrap();
         assert!(matches!(close_reservation(r), Err(Error::Handle(_))));
