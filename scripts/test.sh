@@ -123,7 +123,7 @@ run_suite() { # name timeout command...
   if [ "$last_rc" -ne 0 ]; then
     # Why it failed, again in the summary (a CI page may show only the end of the output).
     reasons+=("$name: $(grep -m 3 -E 'check(s)? failed|AssertionError|ComparisonFailure|Exception in thread "main"|^error(\[|:)| FAILED$|^test .* FAILED|test.sh: .* timed out' "$log" \
-      | cut -c1-400 | tr '\n' ' ')")
+      | cut -c1-1200 | tr '\n' ' ')")
   fi
 }
 

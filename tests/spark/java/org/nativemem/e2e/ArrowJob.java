@@ -57,7 +57,9 @@ import org.nativemem.spark.TaskNativeMemory;
  *       manager's used bytes (native reservation + the listener's blocks) and what Spark holds
  *       agree exactly; the plugin's {@code arrowAllocatedBytes} gauge includes the task's Arrow
  *       bytes; then, with the JVM consumer holding all Spark has for the task again, two more
- *       Arrow blocks make Spark spill it (checked);
+ *       Arrow blocks make Spark spill it (checked). A grow Spark refuses because another task took
+ *       the pool while it ran alone (Spark spills only the asking task's consumers) must leave the
+ *       accounting exact, and waits for that task (counted and printed);
  *   <li>asks for 1 GiB more than Spark has: Arrow's {@code OutOfMemoryException} with nativemem's
  *       report and its {@link NativeOutOfMemoryException} as cause, nothing charged;
  *   <li>closes its vectors and reservation and returns the checksum of its ids and the
@@ -80,6 +82,8 @@ public final class ArrowJob {
     static final int TASKS = 4;
     static final int BATCH_ROWS = 32 * 1024;
     static final int LIVE_BATCHES = 6;
+    /** Attempts to wait for another task's memory (see {@link #newBatch}); 50 ms apart. */
+    static final int WAIT_ATTEMPTS = 400;
 
     private ArrowJob() {
     }
@@ -139,8 +143,9 @@ public final class ArrowJob {
                 jvmSpills += r[6];
                 System.out.printf(Locale.ROOT, "%s task %d: %d rows x %d passes; %d Arrow buffers, %d MiB cumulative,"
                         + " peak %d MiB Arrow; %d JNI calls; the JVM consumer (%d MiB from Spark) spilled %d time(s) for"
-                        + " Arrow; gauge arrowAllocatedBytes saw %d MiB%n", PREFIX, r[0], r[2], nPasses, r[3],
-                        r[5] / MiB, r[7] / MiB, r[4], r[9] / MiB, r[6], r[8] / MiB);
+                        + " Arrow; gauge arrowAllocatedBytes saw %d MiB; %d grow(s) waited for another task's"
+                        + " memory%n", PREFIX, r[0], r[2], nPasses, r[3],
+                        r[5] / MiB, r[7] / MiB, r[4], r[9] / MiB, r[6], r[8] / MiB, r[10]);
             }
             checkEq(rows, seen, "rows seen");
             checkEq(rows * (rows - 1) / 2, checksum, "sum of the ids read back from the Arrow vectors");
@@ -181,7 +186,7 @@ public final class ArrowJob {
     /**
      * Runs in the task. Returns {task attempt, sum of ids, rows, Arrow buffers, JNI calls,
      * cumulative Arrow bytes, JVM consumer spills, peak Arrow bytes, largest arrowAllocatedBytes
-     * gauge seen, what Spark gave the JVM consumer}.
+     * gauge seen, what Spark gave the JVM consumer, grows refused while another task held the pool}.
      */
     static long[] arrowTask(Iterator<Long> it, int passes, long arrowBlock) throws Exception {
         TaskContext ctx = TaskContext.get();
@@ -214,6 +219,7 @@ public final class ArrowJob {
         check(l.manager() == mm, "charged to the task's manager");
         SparkReservationListener spark = TaskNativeMemory.listener();
 
+        long[] refusals = {0}; // Arrow grows refused while another task held the pool (retried)
         // 2. A JVM consumer takes everything Spark has for the task; native memory beside Arrow.
         JvmConsumer jvm = new JvmConsumer(tmm, MemoryMode.OFF_HEAP);
         long capacity = jvm.acquire(1L << 40);
@@ -227,7 +233,7 @@ public final class ArrowJob {
         ArrayDeque<Batch> live = new ArrayDeque<>();
         for (int pass = 0; pass < passes; pass++) {
             for (int from = 0; from < ids.length; from += BATCH_ROWS) {
-                Batch b = new Batch(alloc, ids, from, Math.min(ids.length, from + BATCH_ROWS));
+                Batch b = newBatch(alloc, ids, from, Math.min(ids.length, from + BATCH_ROWS), l, mm, spark, refusals);
                 if (pass == 0) {
                     sum += b.sumIds();
                 }
@@ -259,16 +265,27 @@ public final class ArrowJob {
         // more blocks of Arrow make Spark spill it (retried if another task ended in between and freed
         // memory, so the grow was served without a spill).
         int forced = 0;
-        for (int attempt = 0; attempt < 5 && forced == 0; attempt++) {
+        for (int attempt = 0; attempt < 200 && forced == 0; attempt++) {
             jvm.acquire(1L << 40);
             int before = jvm.spills;
             check(l.allocatedBytes() + 2 * arrowBlock > l.reservedBytes(), "two more blocks need a grow: " + l);
-            ArrowBuf extra = alloc.buffer(2 * arrowBlock);
-            forced = jvm.spills - before;
+            ArrowBuf extra = null;
+            try {
+                extra = alloc.buffer(2 * arrowBlock);
+            } catch (OutOfMemoryException e) {
+                // Spark spilled the JVM consumer but the pool had no more: another task took it while
+                // it ran alone (Spark never spills one task for another). Nothing may be charged.
+                check(e.getCause() instanceof NativeOutOfMemoryException, "cause: " + e.getCause());
+                refusals[0]++;
+                Thread.sleep(50);
+            }
+            forced = extra == null ? 0 : jvm.spills - before;
             checkEq(alloc.getAllocatedMemory(), l.allocatedBytes(), "the listener saw the extra buffer");
             checkEq(2 * MiB + l.reservedBytes(), mm.usedBytes(), "manager used with the extra buffer");
             checkEq(mm.reservedBytes(), spark.heldBytes(), "Spark holds exactly what the manager reserved");
-            extra.close();
+            if (extra != null) {
+                extra.close();
+            }
         }
         check(forced >= 1, "Spark spilled the JVM consumer for Arrow's blocks");
         int arrowSpills = jvm.spills - spillsBefore;
@@ -298,7 +315,31 @@ public final class ArrowJob {
         // JNI calls of the workload: opening the reservation, grows and shrinks, plus the listener's
         // close at task end.
         return new long[] {ctx.taskAttemptId(), sum, ids.length, buffers, calls + 1, bytes, arrowSpills,
-            l.peakAllocatedBytes(), gaugeMax, capacity};
+            l.peakAllocatedBytes(), gaugeMax, capacity, refusals[0]};
+    }
+
+    /**
+     * A batch, waiting for memory another task holds. Spark spills a task's own consumers for its
+     * grow but never another task's: a task that ran alone for a moment may have taken most of the
+     * pool with its JVM consumer, and the grow is refused until that task frees it (it does when it
+     * ends). A refusal must leave the accounting exact; it is retried every 50 ms.
+     */
+    static Batch newBatch(BufferAllocator alloc, long[] ids, int from, int to, NativeAllocationListener l,
+            NativeMemoryManager mm, SparkReservationListener spark, long[] refusals) throws InterruptedException {
+        for (int attempt = 1;; attempt++) {
+            try {
+                return new Batch(alloc, ids, from, to);
+            } catch (OutOfMemoryException e) {
+                if (attempt >= WAIT_ATTEMPTS) {
+                    throw e;
+                }
+                check(e.getCause() instanceof NativeOutOfMemoryException, "cause: " + e.getCause());
+                checkEq(alloc.getAllocatedMemory(), l.allocatedBytes(), "a refused batch: the listener's count");
+                checkEq(mm.reservedBytes(), spark.heldBytes(), "a refused batch: Spark holds what the manager reserved");
+                refusals[0]++;
+                Thread.sleep(50);
+            }
+        }
     }
 
     /** Runs in the task: an Arrow vector left open, then a normal return. */
@@ -330,19 +371,24 @@ public final class ArrowJob {
             id = new BigIntVector("id", alloc);
             mod = new IntVector("mod", alloc);
             name = new VarCharVector("name", alloc);
-            int n = to - from;
-            id.allocateNew(n);
-            mod.allocateNew(n);
-            name.allocateNew(n * 12L, n);
-            for (int i = 0; i < n; i++) {
-                long v = ids[from + i];
-                id.set(i, v);
-                mod.set(i, (int) (v % 1000));
-                name.setSafe(i, ("row-" + v).getBytes(StandardCharsets.UTF_8));
+            try {
+                int n = to - from;
+                id.allocateNew(n);
+                mod.allocateNew(n);
+                name.allocateNew(n * 12L, n);
+                for (int i = 0; i < n; i++) {
+                    long v = ids[from + i];
+                    id.set(i, v);
+                    mod.set(i, (int) (v % 1000));
+                    name.setSafe(i, ("row-" + v).getBytes(StandardCharsets.UTF_8));
+                }
+                id.setValueCount(n);
+                mod.setValueCount(n);
+                name.setValueCount(n);
+            } catch (RuntimeException e) {
+                close(); // a refused allocation: nothing of the batch stays
+                throw e;
             }
-            id.setValueCount(n);
-            mod.setValueCount(n);
-            name.setValueCount(n);
         }
 
         long sumIds() {
