@@ -18,10 +18,9 @@
 //!    or not started yet; their cushion is idle for sure;
 //! 2. then the others, the most idle bytes (cushion + slack) first.
 //!
-//! A manager with a listener `reserve` in flight is skipped: its thread may be *waiting* inside
-//! Spark (`ExecutionMemoryPool` makes a task under 1/2N wait) while holding its own
-//! `TaskMemoryManager` monitor, which handing its memory back needs (the Java listener takes that
-//! monitor). Each manager is asked for what is still short only.
+//! A manager with a listener `reserve` in flight is skipped: it is short itself, and its thread
+//! may be *waiting* inside Spark (`ExecutionMemoryPool` makes a task under 1/2N wait). Each
+//! manager is asked for what is still short only.
 //!
 //! # Optional: cross-task spill (off by default)
 //! With [`ArbiterSettings::cross_task_spill`], if idle memory was not enough, the largest other
@@ -39,18 +38,15 @@
 //! `nativemem_core::arbitration_allowed`. A grow of another manager caused here (a spiller
 //! writing) is not arbitrated again.
 //!
-//! ## Known limit (Spark)
-//! Handing memory back calls the giving task's listener, and the Java listener
-//! (`SparkReservationListener.unreserve`) takes that task's `TaskMemoryManager` monitor. If a
-//! thread of the giving task holds that monitor while Spark makes it *wait* for memory for a JVM
-//! consumer (`ExecutionMemoryPool` waits while a task holds under 1/2N), which native code cannot
-//! see, the arbitrating thread waits until Spark wakes that task (any release to the pool, or a
-//! task ending, notifies it). With only those two tasks, and the requester holding what the
-//! waiting one needs, nothing would wake it. Native waits are excluded (`is_reserving`); the
-//! fix for the JVM case belongs to the Java listener: hand arbitration's bytes back through
-//! `TaskMemoryManager.releaseExecutionMemory` (it takes no task monitor, only the memory
-//! manager's lock, which a waiting task releases) and settle the consumer's own count under the
-//! monitor later.
+//! ## The giving task's locks (Spark)
+//! Handing memory back calls the giving task's listener on the requester's thread. A listener
+//! must not take a lock that a thread of the giving task can hold while it waits for memory: in
+//! Spark, a thread of a task under 1/2N of the pool waits inside `acquireExecutionMemory` holding
+//! its `TaskMemoryManager` monitor, and only a release to the pool wakes it. The Java listener
+//! (`SparkReservationListener.unreserve`) therefore releases through
+//! `TaskMemoryManager.releaseExecutionMemory`, which takes only the memory manager's lock (the
+//! waiting thread releases it while it waits), and keeps its own count atomic;
+//! `SparkArbitrationTest` (JUnit, Spark's own memory managers) recreates that wait.
 //!
 //! Below the registry: the registry gives every manager the arbiter and hands down how to enter
 //! a manager ([`Visit`]), so this module needs no upward import.

@@ -16,8 +16,11 @@ package org.nativemem;
  * Every other live manager, those whose native operators hold nothing first (a task finished with
  * its native work or not yet started), then the most idle first; each only for what is still short.
  * A manager being closed is skipped, never waited for; so is one whose own request to Spark is in
- * flight (its thread may wait inside Spark holding its task's memory manager monitor). A grow made
- * while Spark asks a task for memory back (inside {@code spill}) never arbitrates.
+ * flight (it is short itself). A grow made while Spark asks a task for memory back (inside
+ * {@code spill}) never arbitrates. Handing memory back calls the giving task's listener from the
+ * short task's thread; the Spark listener releases without the giving task's
+ * {@code TaskMemoryManager} monitor, so a thread of that task waiting inside Spark never blocks it
+ * ({@code org.nativemem.spark.SparkReservationListener}, "Threads and locks").
  *
  * <h2>Cross-task spill (off by default)</h2>
  * When idle memory is not enough, the largest other task's native spillers may be asked to spill

@@ -52,7 +52,7 @@ import scala.Tuple2;
  *       the cgroup is not visible); the smaller headroom binds.</td></tr>
  *   <tr><td>{@value #GOVERNOR_SOFT_LEVEL}, {@value #GOVERNOR_HARD_LEVEL}</td><td>0.85, 0.93</td>
  *       <td>the governor's levels, fractions of the container limit (0 &lt; soft &lt;= hard &lt;= 1).</td></tr>
- *   <tr><td>{@value #ARBITRATION_ENABLED}</td><td>{@code false}</td>
+ *   <tr><td>{@value #ARBITRATION_ENABLED}</td><td>{@code true}</td>
  *       <td>executor-wide arbitration ({@link org.nativemem.ExecutorArbiter}): when Spark grants a
  *       task's native grow less than it needs, the executor's other tasks hand their idle native
  *       memory (cushion and slack) back to Spark, and the grow asks again before it spills its own
@@ -287,7 +287,7 @@ public final class NativeMemorySparkConf {
             throw invalid(GOVERNOR_HARD_LEVEL, String.valueOf(hard), "a level at or above " + GOVERNOR_SOFT_LEVEL
                     + "=" + soft);
         }
-        Arbitration arbitration = new Arbitration(bool(settings, ARBITRATION_ENABLED, false),
+        Arbitration arbitration = new Arbitration(bool(settings, ARBITRATION_ENABLED, true),
                 bool(settings, ARBITRATION_CROSS_TASK_SPILL, false),
                 size(settings, ARBITRATION_SPILL_CAP, DEFAULT_ARBITRATION_SPILL_CAP));
         return new NativeMemorySparkConf(block, limit, log, offHeapEnabled, arrowBlock, quantum,

@@ -38,21 +38,31 @@ import org.slf4j.LoggerFactory;
  *
  * <h2>Threads and locks</h2>
  * {@link #reserve(long)} and {@link #unreserve(long)} may be called from any thread (task threads,
- * native operator threads). Both hold the {@code TaskMemoryManager}'s monitor while they call
- * Spark's public {@code acquireMemory} / {@code freeMemory} (which update {@link #getUsed()}) and
- * this class's own count: that is the lock Spark itself takes in {@code acquireExecutionMemory},
- * so the lock order is unchanged and both counts are consistent with what Spark reads under the
- * same monitor ({@code MemoryConsumer.acquireMemory} alone is not thread-safe before Spark 4.2).
+ * native operator threads, and another task's thread when executor-wide arbitration has this task
+ * hand its idle memory back). Neither takes the {@code TaskMemoryManager}'s monitor itself:
+ * {@code reserve} calls {@code TaskMemoryManager.acquireExecutionMemory(n, this)}, which takes it
+ * (Spark's own lock order: task monitor, then the memory manager's lock), and {@code unreserve}
+ * calls {@code TaskMemoryManager.releaseExecutionMemory(n, this)}, which takes only the memory
+ * manager's lock. That matters when another task's thread gives this task's memory back: a thread
+ * of this task may hold the monitor while Spark makes it <i>wait</i> for memory (a task under 1/2N
+ * of the pool waits on the memory manager's lock, releasing that lock but not the monitor); a
+ * release through the monitor would wait for that task, and the memory it would free is what
+ * could wake it. The bytes held from Spark are this class's own atomic count, which
+ * {@link #getUsed()} returns (Spark reads a consumer's use only through {@code getUsed()}); the
+ * {@code used} field of {@code MemoryConsumer} is never touched (see "Spark versions").
  *
  * <h2>Spark versions</h2>
- * Only public and protected methods of {@code MemoryConsumer} are called, never its fields: the
- * protected {@code used} field is a {@code long} up to Spark 4.1 and an {@code AtomicLong} from
- * 4.2, so code that touches it links on one side of that change only. The bytes held from Spark
- * are counted here ({@link #heldBytes()}), which also keeps counting after the listener is
- * detached from Spark. {@link SparkApiCheck} verifies at executor start that every member this
- * package calls exists. Spark calls {@link #spill(long, MemoryConsumer)} while holding that monitor;
- * {@code spill} takes no other lock (the native side holds none during upcalls), so a native
- * thread blocked in {@code reserve} cannot deadlock against it.
+ * Only public methods of {@code TaskMemoryManager} and {@code MemoryConsumer} are called, and no
+ * field of theirs but the final {@code taskMemoryManager}: the protected {@code used} field is a
+ * {@code long} up to Spark 4.1 (updated without any lock by {@code acquireMemory} /
+ * {@code freeMemory}) and an {@code AtomicLong} from 4.2, so code that touches it links on one
+ * side of that change only, and a plain {@code long} cannot be updated from two threads. The
+ * bytes held from Spark are counted here ({@link #heldBytes()}), which also keeps counting after
+ * the listener is detached from Spark. {@link SparkApiCheck} verifies at executor start that
+ * every member this package calls exists (and that this class, which overrides
+ * {@code getUsed()}, loads). Spark calls {@link #spill(long, MemoryConsumer)} while holding the
+ * task's monitor; {@code spill} takes no other lock (the native side holds none during upcalls),
+ * so a native thread blocked in {@code reserve} cannot deadlock against it.
  *
  * <h2>Lifecycle</h2>
  * Created before its manager (the manager needs the listener), then {@linkplain #attach attached}.
@@ -76,10 +86,10 @@ public final class SparkReservationListener extends MemoryConsumer implements Re
     private final ExecutorTotals totals;
     private volatile NativeMemoryManager manager;
     private volatile int state = OPEN;
-    /** Bytes held from Spark now; guarded by the TaskMemoryManager's monitor. */
-    private long held;
-    /** Highest {@code held}; guarded by the TaskMemoryManager's monitor. */
-    private long peakHeld;
+    /** Bytes held from Spark now (what {@link #getUsed()} tells Spark). */
+    private final AtomicLong held = new AtomicLong();
+    /** Highest {@code held}. */
+    private final AtomicLong peakHeld = new AtomicLong();
     private final AtomicLong spillRequests = new AtomicLong();
     private final AtomicLong spilledBytes = new AtomicLong();
     private final AtomicLong reserveRequests = new AtomicLong();
@@ -188,15 +198,11 @@ public final class SparkReservationListener extends MemoryConsumer implements Re
             return 0;
         }
         reserveRequests.incrementAndGet();
-        long granted;
-        synchronized (taskMemoryManager) {
-            // Spark may call spill(.., this) from inside acquireMemory, on this thread: its
-            // unreserve lowers `held` before this line raises it, as Spark does with `used`.
-            granted = acquireMemory(bytes);
-            held += granted;
-            if (held > peakHeld) {
-                peakHeld = held;
-            }
+        // Spark may call spill(.., this) from inside, on this thread: its unreserve lowers `held`
+        // before this raises it, as Spark's own acquireMemory does with `used`.
+        long granted = taskMemoryManager.acquireExecutionMemory(bytes, this);
+        if (granted > 0) {
+            peakHeld.accumulateAndGet(held.addAndGet(granted), Math::max);
         }
         if (granted < bytes) {
             shortGrants.incrementAndGet();
@@ -207,7 +213,8 @@ public final class SparkReservationListener extends MemoryConsumer implements Re
     }
 
     /**
-     * Gives {@code bytes} back to Spark.
+     * Gives {@code bytes} back to Spark. Takes no task monitor (see "Threads and locks"): safe to
+     * call from another task's thread while a thread of this task waits inside Spark.
      *
      * @param bytes bytes released, {@code > 0}
      * @throws IllegalStateException if {@code bytes} exceeds what this consumer holds (the native
@@ -218,16 +225,28 @@ public final class SparkReservationListener extends MemoryConsumer implements Re
         if (bytes <= 0) {
             return;
         }
-        synchronized (taskMemoryManager) {
-            if (bytes > held) {
+        long now;
+        do {
+            now = held.get();
+            if (bytes > now) {
                 throw new IllegalStateException("nativemem: " + taskName + ": asked to release " + bytes
-                        + " bytes but holds only " + held + " bytes from Spark");
+                        + " bytes but holds only " + now + " bytes from Spark");
             }
-            if (state != DETACHED) {
-                freeMemory(bytes);
-            }
-            held -= bytes;
+        } while (!held.compareAndSet(now, now - bytes));
+        if (state != DETACHED) {
+            taskMemoryManager.releaseExecutionMemory(bytes, this);
         }
+    }
+
+    /**
+     * What this consumer holds from Spark: the native manager's reserved bytes. Spark reads it to
+     * choose whom to spill and in its memory usage dumps.
+     *
+     * @return bytes held from Spark now
+     */
+    @Override
+    public long getUsed() {
+        return held.get();
     }
 
     /**
@@ -285,19 +304,12 @@ public final class SparkReservationListener extends MemoryConsumer implements Re
 
     /** @return the highest {@link #heldBytes()} so far: the task's peak of native memory held from Spark, bytes */
     public long peakHeldBytes() {
-        synchronized (taskMemoryManager) {
-            return peakHeld;
-        }
+        return peakHeld.get();
     }
 
-    /**
-     * @return bytes held from Spark now; read under the task memory manager's monitor, so it is
-     *     consistent with concurrent reserve/unreserve calls (unlike {@link #getUsed()})
-     */
+    /** @return bytes held from Spark now (the same as {@link #getUsed()}) */
     public long heldBytes() {
-        synchronized (taskMemoryManager) {
-            return held;
-        }
+        return held.get();
     }
 
     /** @return calls of {@link #spill(long, MemoryConsumer)} that reached the manager */
