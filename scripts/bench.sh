@@ -26,6 +26,12 @@
 #         through nativemem, from native code (a loop inside the library) and from Java (a loop
 #         of NativeReservation.grow, the API a user calls; 1 and 2 tasks) vs one JVM upcall per
 #         grow; upcalls per GiB; create+close of a manager vs a JNI downcall.
+#   arbitration  the Java harness org.nativemem.bench.ArbitrationBench (tests/spark/java) over Spark's
+#         own memory managers (UnifiedMemoryManager, a TaskMemoryManager per task, no SparkContext):
+#         NativeReservation.grow+shrink 64 KiB inside the cushion with executor-wide arbitration on
+#         vs off (rounds alternating; target: on adds <= 1 ns); a short 8 MiB grow served by
+#         another task's idle memory (cross-task reclaim) vs by Spark spilling the task's own JVM
+#         operator (the mechanism only, no I/O), medians of single calls.
 #   sort  the example external sort (examples/sort/bench/sort_bench.rs) with accounting on
 #         vs off, SORT_ROUNDS processes; the figure is the median of the per-process ratios.
 #   abi   tests/c/bench_abi.c: a C program built like an engine (its own binary, dlopen of the
@@ -58,12 +64,12 @@ parts=()
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;;
-    core|track|jni|sort|datafusion|abi|governor) parts+=("$arg") ;;
+    core|track|jni|arbitration|sort|datafusion|abi|governor) parts+=("$arg") ;;
     -h|--help) usage; exit 0 ;;
     *) echo "bench.sh: unknown argument '$arg'" >&2; usage >&2; exit 2 ;;
   esac
 done
-[ ${#parts[@]} -gt 0 ] || parts=(core abi track jni sort governor datafusion)
+[ ${#parts[@]} -gt 0 ] || parts=(core abi track jni arbitration sort governor datafusion)
 want() { local p; for p in "${parts[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
 
 BENCH_DIR="${BENCH_DIR:-$ROOT/target/bench}"
@@ -330,6 +336,34 @@ jni_part() {
   notes+=("jni rounds (ns/grow): nativemem $(awk '$1 == "BENCH_ROUNDS" && $2 == "grow_nativemem_ns" { print $3 }' "$log"); per-grow $(awk '$1 == "BENCH_ROUNDS" && $2 == "grow_pergrow_ns" { print $3 }' "$log")")
 }
 
+arbitration_part() {
+  local log="$BENCH_DIR/arbitration.log"
+  step "arbitration: gradle assemble + ArbitrationBench on Spark $SPARK_VERSION's jars (log: ${log#"$ROOT"/})"
+  local home=".cache/spark-$SPARK_VERSION/pyspark"
+  {
+    bash scripts/setup.sh &&
+    gradle --offline --no-daemon --console=plain -q assemble &&
+    cp build/libs/nativemem.jar build/libs/nativemem-e2e.jar "$BENCH_DIR/" &&
+    { local q=(); [ "$quick" = 1 ] && q=(--quick)
+      java -Dlog4j.configurationFile="$ROOT/tests/spark/log4j2.properties" \
+        -cp "$home/jars/*:$BENCH_DIR/nativemem.jar:$BENCH_DIR/nativemem-e2e.jar" \
+        org.nativemem.bench.ArbitrationBench ${q[@]+"${q[@]}"}; }
+  } >"$log" 2>&1 || { fail_part arbitration "$log"; return; }
+  v() { awk -v k="$1" '$1 == "BENCH" && $2 == k { print $3; found = 1 } END { exit !found }' "$log"; }
+  local on off added rec spill
+  if ! { on="$(v fastpath_on_ns)" && off="$(v fastpath_off_ns)" && added="$(v fastpath_added_ns)" &&
+         rec="$(v short_reclaim_ns)" && spill="$(v short_spill_ns)"; }; then
+    fail_part arbitration "$log"; return
+  fi
+  row "arbitration: Java grow+shrink 64 KiB inside the cushion, arbitration on (median pair; added: median of per-round differences)" \
+      "$(fmt_ns "$on") (added $(fmt_ns "$added"))" "arbitration off: $(fmt_ns "$off")" "$(ratio "$on" "$off")" "≤ +1 ns" \
+      "$(if awk "BEGIN { exit !($added <= 1) }"; then echo yes; else echo "**no**: the fast path reads no arbitration state (it is consulted only on a short grant), so this is the machine: load average $load_start at start; rounds $(awk '$1 == "BENCH_ROUNDS" && $2 == "fastpath_added_ns" { print $3 }' "$log")"; fi)"
+  row "arbitration: short 8 MiB grow served by another task's idle block (cross-task reclaim)" "$(fmt_ns "$rec")" \
+      "served by Spark spilling the task's own JVM operator (no I/O): $(fmt_ns "$spill")" "$(ratio "$rec" "$spill")" \
+      "reported" "—"
+  notes+=("arbitration: a real spill also writes and later reads back its data (ms per MiB on disk); the reclaim moves no data.")
+}
+
 # ---- 3. example sort: accounting on vs off ---------------------------------------------------------
 sort_part() {
   local log="$BENCH_DIR/sort.log"
@@ -456,6 +490,7 @@ want abi && abi_part
 want core && core_part
 want track && track_part
 want jni && jni_part
+want arbitration && arbitration_part
 want sort && sort_part
 want governor && governor_part
 want datafusion && datafusion_part
