@@ -153,6 +153,9 @@ public class SparkArbitrationTest {
             assertTrue("A's grow was refused (A is over its 1/N share): " + outcome.get(),
                     outcome.get() instanceof NativeOutOfMemoryException);
             assertEquals("A charged nothing", 0, a.usedBytes());
+            assertEquals("A's own figures: one arbitration: " + a.stats(), 1, a.stats().arbitrations());
+            assertEquals("A's own figures: the bytes B handed back", MIB, a.stats().arbitratedBytes());
+            assertEquals("B asked nobody", 0, b.stats().arbitrations());
             assertEquals(a.reservedBytes(), listenerA.heldBytes());
             assertEquals("Spark's view of B", 8 * MIB, tmmB.getMemoryConsumptionForThisTask());
             assertEquals("Spark's view of A", 56 * MIB + listenerA.heldBytes(), tmmA.getMemoryConsumptionForThisTask());

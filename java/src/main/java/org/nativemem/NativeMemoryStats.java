@@ -8,7 +8,7 @@ package org.nativemem;
  */
 public final class NativeMemoryStats {
     /** Number of values {@link NativeMemoryManager} reads from the native library. */
-    static final int FIELDS = 11;
+    static final int FIELDS = 14;
 
     private final long usedBytes;
     private final long peakBytes;
@@ -21,6 +21,9 @@ public final class NativeMemoryStats {
     private final long overcommittedBytes;
     private final long overcommitPeakBytes;
     private final long overcommittedTotalBytes;
+    private final long gateRefusals;
+    private final long arbitrations;
+    private final long arbitratedBytes;
 
     private NativeMemoryStats(long[] v) {
         this.usedBytes = v[0];
@@ -34,6 +37,9 @@ public final class NativeMemoryStats {
         this.overcommittedBytes = v[8];
         this.overcommitPeakBytes = v[9];
         this.overcommittedTotalBytes = v[10];
+        this.gateRefusals = v[11];
+        this.arbitrations = v[12];
+        this.arbitratedBytes = v[13];
     }
 
     static NativeMemoryStats fromArray(long[] values) {
@@ -103,12 +109,36 @@ public final class NativeMemoryStats {
         return overcommittedTotalBytes;
     }
 
+    /**
+     * @return requests to Spark the container governor refused before they were made (the
+     *     executor's container was under hard pressure; see {@link ContainerGovernor})
+     */
+    public long gateRefusals() {
+        return gateRefusals;
+    }
+
+    /**
+     * @return grows of this task that Spark granted less than they needed and that asked the
+     *     executor's other tasks for their idle memory ({@link ExecutorArbiter}); 0 with
+     *     arbitration off
+     */
+    public long arbitrations() {
+        return arbitrations;
+    }
+
+    /** @return bytes the executor's other tasks handed back to Spark for this task's grows */
+    public long arbitratedBytes() {
+        return arbitratedBytes;
+    }
+
     @Override
     public String toString() {
         return "NativeMemoryStats{used=" + usedBytes + ", peak=" + peakBytes + ", reserved=" + reservedBytes
                 + ", spillCount=" + spillCount + ", spilledBytes=" + spilledBytes
                 + ", reserveCalls=" + reserveCalls + ", unreserveCalls=" + unreserveCalls
                 + ", liveAllocations=" + liveAllocations + ", overcommitted=" + overcommittedBytes
-                + ", overcommitPeak=" + overcommitPeakBytes + ", overcommittedTotal=" + overcommittedTotalBytes + "}";
+                + ", overcommitPeak=" + overcommitPeakBytes + ", overcommittedTotal=" + overcommittedTotalBytes
+                + ", gateRefusals=" + gateRefusals + ", arbitrations=" + arbitrations + ", arbitratedBytes="
+                + arbitratedBytes + "}";
     }
 }
