@@ -288,7 +288,13 @@ public final class NativeMemoryPlugin implements SparkPlugin {
             if (!conf.offHeapEnabled()) {
                 SparkReservationListener.warnOnHeapOnce();
             }
-            return Collections.emptyMap();
+            // The task accumulators, registered here and shipped to every executor plugin.
+            try {
+                return NativeTaskMetrics.registerOnDriver(sc);
+            } catch (RuntimeException | LinkageError e) {
+                LOG.warn("nativemem: driver plugin: no task accumulators: {}", e.toString());
+                return Collections.emptyMap();
+            }
         }
 
         /** Container pressure reports from executors: logged, and kept for {@link #containerPressureReports()}. */
@@ -346,6 +352,7 @@ public final class NativeMemoryPlugin implements SparkPlugin {
                         + NativeLibraryLoader.LIBRARY_PATH_PROPERTY
                         + "=<libnativemem_jni file> at one through spark.executor.extraJavaOptions.", e);
             }
+            NativeTaskMetrics.install(extraConf);
             MetricRegistry registry = ctx.metricRegistry();
             registerGauges(registry);
             offHeapEnabled = ctx.conf().getBoolean("spark.memory.offHeap.enabled", false);

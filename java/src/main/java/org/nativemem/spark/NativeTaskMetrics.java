@@ -1,0 +1,343 @@
+package org.nativemem.spark;
+
+import java.io.ByteArrayInputStream;
+import java.io.ByteArrayOutputStream;
+import java.io.IOException;
+import java.io.ObjectInputStream;
+import java.io.ObjectOutputStream;
+import java.io.ObjectStreamClass;
+import java.util.ArrayList;
+import java.util.Arrays;
+import java.util.Base64;
+import java.util.Collections;
+import java.util.LinkedHashMap;
+import java.util.List;
+import java.util.Map;
+
+import org.apache.spark.SparkContext;
+import org.apache.spark.TaskContext;
+import org.apache.spark.util.AccumulatorV2;
+import org.apache.spark.util.LongAccumulator;
+import org.nativemem.NativeCloseReport;
+import org.nativemem.NativeMemoryStats;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
+
+import scala.Option;
+
+/**
+ * What a task's native memory shows in Spark's own task figures: the Spill columns and named
+ * task accumulators, on the stage page, in the REST API ({@code /api/v1/.../stages/...}), in the
+ * event log and so in the history server.
+ *
+ * <h2>Spill (Memory)</h2>
+ * When a task's manager closes ({@link TaskNativeMemory}), the bytes its native spillers freed are
+ * added to the task's {@code memoryBytesSpilled} ({@code TaskMetrics.incMemoryBytesSpilled}, which
+ * Spark's own sorters use), so native spills are in the stage page's Spill (Memory) column. Spill
+ * (Disk) is what the engine wrote; the library does not know it (see the README).
+ *
+ * <h2>Accumulators</h2>
+ * <table>
+ *   <caption>Task accumulators (one value per task attempt)</caption>
+ *   <tr><th>name</th><th>per task</th><th>merged (stage / application)</th></tr>
+ *   <tr><td>{@value #PEAK}</td><td>native peak of the task's manager</td><td>max</td></tr>
+ *   <tr><td>{@value #SPILLED}</td><td>bytes its native spillers freed</td><td>sum</td></tr>
+ *   <tr><td>{@value #SPILLS}</td><td>native spills that freed memory</td><td>sum</td></tr>
+ *   <tr><td>{@value #RELEASED}</td><td>bytes handed back to Spark on Spark's request
+ *       ({@code MemoryConsumer.spill}: unused cushion, then native spills)</td><td>sum</td></tr>
+ *   <tr><td>{@value #OVERCOMMIT_PEAK}</td><td>highest bytes forced grows ran ahead of what was
+ *       reserved from Spark</td><td>max</td></tr>
+ *   <tr><td>{@value #LEAKED}</td><td>native bytes still in use when the task ended (freed by the
+ *       close)</td><td>sum</td></tr>
+ * </table>
+ *
+ * <p>Spark ships an accumulator to executors only inside a task's closure, and its driver drops
+ * updates of accumulators it does not know. So the driver plugin registers these on the driver
+ * ({@link #registerOnDriver}: {@code AccumulatorV2.register} with {@code countFailedValues=true},
+ * so failed and killed attempts count too, as Spark's own task metrics do) and hands them,
+ * Java-serialized, to every executor plugin through the map its {@code init} returns (the
+ * executor plugin's {@code extraConf}). At a task's close {@link #recordAtClose} deserializes a
+ * copy of each accumulator it has a non-zero value for on the task thread: Spark's
+ * {@code AccumulatorV2.readObject} registers such a copy with the running task, exactly as for an
+ * accumulator of a closure, and Spark sends its value to the driver with the task's result.
+ *
+ * <p>Contract:
+ * <ul>
+ *   <li>Zero cost for tasks that never used nativemem (no manager, nothing recorded) and no update
+ *       for a figure that is 0 for the task.
+ *   <li>The stage page's accumulator table shows each accumulator's value on the driver when the
+ *       stage's last task ended: for a sum that includes earlier stages of the application (as for
+ *       every named accumulator of Spark), for {@value #PEAK} the largest task peak so far; the
+ *       task table and the REST API's {@code tasks} show each task's own value.
+ *   <li>Never throws into a task: without the driver plugin, with accumulators from another
+ *       nativemem version or garbled ones, or off the task thread, the accumulators are skipped
+ *       (logged once); the spill metric is still counted.
+ * </ul>
+ */
+public final class NativeTaskMetrics {
+    private static final Logger LOG = LoggerFactory.getLogger(NativeTaskMetrics.class);
+
+    /** Native peak of the task's manager, bytes (merged by max). */
+    public static final String PEAK = "nativemem.peakBytes";
+    /** Bytes the task's native spillers freed. */
+    public static final String SPILLED = "nativemem.spilledBytes";
+    /** Native spills that freed memory. */
+    public static final String SPILLS = "nativemem.spillCount";
+    /** Bytes handed back to Spark on Spark's request. */
+    public static final String RELEASED = "nativemem.releasedToSparkBytes";
+    /** Highest over-committed bytes of forced grows (merged by max). */
+    public static final String OVERCOMMIT_PEAK = "nativemem.overcommitPeakBytes";
+    /** Native bytes still in use when the task ended. */
+    public static final String LEAKED = "nativemem.leakedAtCloseBytes";
+
+    /** The accumulators' names, in the order of the table above. */
+    public static final List<String> ACCUMULATOR_NAMES = Collections.unmodifiableList(
+            Arrays.asList(PEAK, SPILLED, SPILLS, RELEASED, OVERCOMMIT_PEAK, LEAKED));
+
+    /** Prefix of the driver plugin's {@code extraConf} keys: the key then names the accumulator. */
+    static final String CONF_PREFIX = "nativemem.accumulator.";
+
+    /** The accumulators registered by this JVM's driver plugin (strong references), by name. */
+    private static volatile Map<String, AccumulatorV2<?, ?>> onDriver = Collections.emptyMap();
+
+    /** Serialized accumulators by name (executor side); empty until {@link #install}. */
+    private static volatile Map<String, byte[]> shipped = Collections.emptyMap();
+    private static volatile boolean warned;
+
+    private NativeTaskMetrics() {
+    }
+
+    /**
+     * Driver: registers the accumulators with {@code sc} and returns them serialized, as entries
+     * for the executor plugins' {@code extraConf}.
+     *
+     * @param sc the application's context
+     * @return {@value #CONF_PREFIX}{@code <name>} to a base64 serialized accumulator, per name
+     */
+    static Map<String, String> registerOnDriver(SparkContext sc) {
+        Map<String, String> conf = new LinkedHashMap<>();
+        Map<String, AccumulatorV2<?, ?>> registered = new LinkedHashMap<>();
+        for (String name : ACCUMULATOR_NAMES) {
+            AccumulatorV2<?, ?> acc = isMax(name) ? new MaxLongAccumulator() : new LongAccumulator();
+            acc.register(sc, Option.apply(name), true);
+            registered.put(name, acc);
+            conf.put(CONF_PREFIX + name, Base64.getEncoder().encodeToString(serialize(acc)));
+        }
+        // Spark's registry holds accumulators weakly: without this reference they are collected and
+        // the driver drops the tasks' updates ("non-existent accumulator").
+        onDriver = Collections.unmodifiableMap(registered);
+        return conf;
+    }
+
+    private static boolean isMax(String name) {
+        return PEAK.equals(name) || OVERCOMMIT_PEAK.equals(name);
+    }
+
+    static byte[] serialize(Object o) {
+        ByteArrayOutputStream bytes = new ByteArrayOutputStream();
+        try (ObjectOutputStream out = new ObjectOutputStream(bytes)) {
+            out.writeObject(o);
+        } catch (IOException e) {
+            throw new IllegalStateException("nativemem: cannot serialize " + o, e);
+        }
+        return bytes.toByteArray();
+    }
+
+    /**
+     * Executor: keeps the accumulators the driver plugin sent. Entries that are not valid base64
+     * are dropped (logged); unknown names are ignored.
+     *
+     * @param extraConf the executor plugin's {@code extraConf}; null or empty: no accumulators
+     */
+    static void install(Map<String, String> extraConf) {
+        Map<String, byte[]> m = new LinkedHashMap<>();
+        if (extraConf != null) {
+            for (String name : ACCUMULATOR_NAMES) {
+                String v = extraConf.get(CONF_PREFIX + name);
+                if (v == null) {
+                    continue;
+                }
+                try {
+                    m.put(name, Base64.getDecoder().decode(v));
+                } catch (IllegalArgumentException e) {
+                    LOG.warn("nativemem: the driver sent an unreadable accumulator {}: {}", name, e.toString());
+                }
+            }
+        }
+        shipped = Collections.unmodifiableMap(m);
+        LOG.debug("nativemem: task accumulators from the driver: {}", m.keySet());
+    }
+
+    /**
+     * The application's values so far, as the driver merged them from the tasks (for the driver's
+     * summary and tests).
+     *
+     * @return name to value, in {@link #ACCUMULATOR_NAMES} order; empty outside a driver with the plugin
+     */
+    public static Map<String, Long> driverValues() {
+        Map<String, Long> m = new LinkedHashMap<>();
+        for (Map.Entry<String, AccumulatorV2<?, ?>> e : onDriver.entrySet()) {
+            Object v = e.getValue().value();
+            if (v instanceof Number) {
+                m.put(e.getKey(), ((Number) v).longValue());
+            }
+        }
+        return m;
+    }
+
+    /** @return the names of the accumulators this executor can update (for tests and diagnostics) */
+    public static List<String> installedAccumulators() {
+        return new ArrayList<>(shipped.keySet());
+    }
+
+    /**
+     * At a task's close (its completion listener, on the task thread): counts its native spills in
+     * {@code memoryBytesSpilled} and updates the accumulators with its non-zero figures. Never
+     * throws.
+     *
+     * @param ctx the task
+     * @param before the manager's stats just before its close (null: closed by its user, only the
+     *     leak and what went back to Spark are known)
+     * @param releasedToSpark bytes the task's listener handed back on Spark's request
+     * @param report the close report (null if none)
+     */
+    static void recordAtClose(TaskContext ctx, NativeMemoryStats before, long releasedToSpark,
+            NativeCloseReport report) {
+        try {
+            if (before != null && before.spilledBytes() > 0) {
+                ctx.taskMetrics().incMemoryBytesSpilled(before.spilledBytes());
+            }
+            Map<String, Long> values = new LinkedHashMap<>();
+            if (before != null) {
+                values.put(PEAK, before.peakBytes());
+                values.put(SPILLED, before.spilledBytes());
+                values.put(SPILLS, before.spillCount());
+                values.put(OVERCOMMIT_PEAK, before.overcommitPeakBytes());
+            }
+            values.put(RELEASED, releasedToSpark);
+            values.put(LEAKED, report == null ? 0 : report.leakedBytes());
+            update(ctx, values);
+        } catch (RuntimeException | LinkageError e) {
+            warnOnce("cannot record the task's native figures in Spark's task metrics", e);
+        }
+    }
+
+    /** Adds the non-zero {@code values} to copies of the shipped accumulators registered with {@code ctx}. */
+    static int update(TaskContext ctx, Map<String, Long> values) {
+        Map<String, byte[]> accs = shipped;
+        if (accs.isEmpty()) {
+            return 0; // no driver plugin (or an old one): nothing to report to
+        }
+        if (TaskContext.get() != ctx) {
+            // Spark registers a deserialized accumulator with the thread's task only.
+            LOG.debug("nativemem: task accumulators skipped: the task's close runs off its thread");
+            return 0;
+        }
+        int updated = 0;
+        for (Map.Entry<String, Long> e : values.entrySet()) {
+            long v = e.getValue();
+            byte[] bytes = accs.get(e.getKey());
+            if (v == 0 || bytes == null) {
+                continue;
+            }
+            Object acc;
+            try {
+                acc = deserialize(bytes);
+            } catch (IOException | ClassNotFoundException | RuntimeException | LinkageError ex) {
+                warnOnce("the driver's accumulator " + e.getKey() + " cannot be read here", ex);
+                continue;
+            }
+            if (acc instanceof MaxLongAccumulator) {
+                ((MaxLongAccumulator) acc).add(v);
+            } else if (acc instanceof LongAccumulator) {
+                ((LongAccumulator) acc).add(v);
+            } else {
+                warnOnce("the driver's accumulator " + e.getKey() + " is a " + acc.getClass().getName(), null);
+                continue;
+            }
+            updated++;
+        }
+        return updated;
+    }
+
+    static Object deserialize(byte[] bytes) throws IOException, ClassNotFoundException {
+        final ClassLoader loader = NativeTaskMetrics.class.getClassLoader();
+        try (ObjectInputStream in = new ObjectInputStream(new ByteArrayInputStream(bytes)) {
+            @Override
+            protected Class<?> resolveClass(ObjectStreamClass desc) throws IOException, ClassNotFoundException {
+                try {
+                    return Class.forName(desc.getName(), false, loader);
+                } catch (ClassNotFoundException e) {
+                    return super.resolveClass(desc);
+                }
+            }
+        }) {
+            return in.readObject();
+        }
+    }
+
+    private static void warnOnce(String what, Throwable e) {
+        if (!warned) {
+            warned = true;
+            LOG.warn("nativemem: {} (task accumulators may be missing; logged once): {}", what,
+                    e == null ? "" : e.toString());
+        }
+    }
+
+    /**
+     * A {@code long} accumulator that keeps the largest value added or merged (a high-water mark,
+     * not a sum): a task's value is its peak, the driver's the largest peak of all tasks. Zero is
+     * "nothing seen" (peaks are never negative).
+     */
+    public static final class MaxLongAccumulator extends AccumulatorV2<Long, Long> {
+        private static final long serialVersionUID = 1L;
+        private long max;
+
+        /** A zero accumulator. */
+        public MaxLongAccumulator() {
+        }
+
+        @Override
+        public boolean isZero() {
+            return max == 0;
+        }
+
+        @Override
+        public AccumulatorV2<Long, Long> copy() {
+            MaxLongAccumulator c = new MaxLongAccumulator();
+            c.max = max;
+            return c;
+        }
+
+        @Override
+        public void reset() {
+            max = 0;
+        }
+
+        @Override
+        public void add(Long v) {
+            add(v.longValue());
+        }
+
+        /** Keeps {@code v} if it is larger than the value so far. */
+        public void add(long v) {
+            if (v > max) {
+                max = v;
+            }
+        }
+
+        @Override
+        public void merge(AccumulatorV2<Long, Long> other) {
+            if (!(other instanceof MaxLongAccumulator)) {
+                throw new UnsupportedOperationException("cannot merge a " + getClass().getSimpleName() + " with a "
+                        + other.getClass().getName());
+            }
+            add(((MaxLongAccumulator) other).max);
+        }
+
+        @Override
+        public Long value() {
+            return max;
+        }
+    }
+}
