@@ -49,7 +49,9 @@ import com.fasterxml.jackson.databind.ObjectMapper;
  *       {@value NativeTaskMetrics#SPILLS} (= its spill count, > 0);
  *   <li>its {@code memoryBytesSpilled} (Spill (Memory)) is at least the native spilled bytes;
  *   <li>the stage's accumulators: the peak is the largest task peak, the spills their sums;
- *   <li>the driver's {@code /metrics/prometheus} shows the driver plugin's executor gauges.
+ *   <li>the driver's {@code /metrics/prometheus} (Spark's {@code PrometheusServlet}, configured in
+ *       tests.txt / the script) shows the driver plugin's gauges of the executors' reports, the
+ *       largest task peak among them equal to the largest task peak above.
  * </ul>
  * It writes what the history server must show to {@code --expect FILE} (properties: app id,
  * stage, the stage's accumulator values) for the script.
@@ -242,6 +244,27 @@ public final class SparkUiJob {
         check(stageJson.path("memoryBytesSpilled").asLong() >= sumSpilled, "the stage's memoryBytesSpilled counts the"
                 + " native spills");
 
+        // ---- the driver's /metrics/prometheus: the executors' reports as driver gauges -------------
+        Map<String, Long> gauges = Collections.emptyMap();
+        long deadline = System.currentTimeMillis() + 15_000;
+        while (System.currentTimeMillis() < deadline) {
+            gauges = prometheusGauges(get(ui + "/metrics/prometheus"));
+            if (gauges.getOrDefault("maxTaskNativePeakBytes", -1L) >= maxPeak) {
+                break;
+            }
+            Thread.sleep(200); // the executors report once per sample interval (1 s)
+        }
+        System.out.println("SparkUiJob: driver gauges on /metrics/prometheus: " + gauges);
+        for (String name : org.nativemem.spark.ApplicationMemoryView.GAUGE_NAMES) {
+            check(gauges.containsKey(name), "driver gauge " + name + " on /metrics/prometheus: " + gauges);
+        }
+        check(gauges.get("executorsReporting") >= 1, "an executor reported to the driver: " + gauges);
+        checkEq(maxPeak, gauges.get("maxTaskNativePeakBytes"), "driver gauge maxTaskNativePeakBytes");
+        // (maxExecutorNativePeakBytes is the process view's, sampled once a second: a 2 s sort may fall between.)
+        check(gauges.get("maxExecutorNativePeakBytes") >= 0, "driver gauge maxExecutorNativePeakBytes known");
+        check(gauges.get("maxExecutorRssPeakBytes") > 0, "driver gauge maxExecutorRssPeakBytes > 0");
+        check(gauges.get("recommendedMemoryOverheadBytes") >= 384L << 20, "driver gauge recommendedMemoryOverheadBytes");
+
         if (expectFile != null) {
             StringBuilder b = new StringBuilder();
             b.append("app=").append(app).append('\n').append("stage=").append(stage).append('\n');
@@ -252,6 +275,33 @@ public final class SparkUiJob {
             Files.write(new File(expectFile).toPath(), b.toString().getBytes(StandardCharsets.UTF_8));
         }
         System.out.println("SparkUiJob: OK app " + app + " stage " + stage + " (live UI " + ui + ")");
+    }
+
+    /**
+     * The nativemem driver gauges of a {@code PrometheusServlet} page: lines like
+     * {@code metrics_<app>_driver_plugin_org_nativemem_spark_NativeMemoryPlugin_<name>_Value{type="gauges"} 42}.
+     */
+    static Map<String, Long> prometheusGauges(String page) {
+        Map<String, Long> m = new HashMap<>();
+        String marker = "NativeMemoryPlugin_";
+        for (String line : page.split("\n")) {
+            int at = line.indexOf(marker);
+            if (at < 0 || line.startsWith("#") || !line.contains("driver")) {
+                continue;
+            }
+            String rest = line.substring(at + marker.length());
+            int end = rest.indexOf("_Value");
+            int space = line.lastIndexOf(' ');
+            if (end <= 0 || space < 0) {
+                continue;
+            }
+            try {
+                m.put(rest.substring(0, end), (long) Double.parseDouble(line.substring(space + 1).trim()));
+            } catch (NumberFormatException e) {
+                // another metric kind
+            }
+        }
+        return m;
     }
 
     static void deleteTree(File f) {

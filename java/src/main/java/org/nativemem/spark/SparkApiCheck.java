@@ -114,6 +114,7 @@ public final class SparkApiCheck {
             m("org.apache.spark.util.AccumulatorV2", "<init>", "()V"),
             m("org.apache.spark.util.AccumulatorV2", "register",
                     "(Lorg/apache/spark/SparkContext;Lscala/Option;Z)V"),
+            m("org.apache.spark.util.AccumulatorV2", "value", "()Ljava/lang/Object;"),
             m("org.apache.spark.util.LongAccumulator", "<init>", "()V"),
             m("org.apache.spark.util.LongAccumulator", "add", "(J)V"),
             m(CONSUMER, "<init>", "(Lorg/apache/spark/memory/TaskMemoryManager;J" + MODE + ")V"),
