@@ -9,10 +9,10 @@
 #    Spill (Memory)) and the driver's /metrics/prometheus (the driver plugin's gauges), and writes
 #    the stage's values to an expectations file.
 # 2. Spark's own history server (sbin/start-history-server.sh of that runtime) replays the event
-#    log: its REST API must show the same stage accumulators, each task's, and the spill.
+#    log: its REST API must show the same stage accumulators, each task's, and both spill figures.
 # 3. Headless Chromium (Debian's package, from scripts/setup.sh) renders the history server's stage
-#    page: the DOM must hold each accumulator's name next to its value and the Spill (Memory)
-#    figure; a screenshot is kept at target/spark-ui/stage-<minor>.png.
+#    page: the DOM must hold each accumulator's name next to its value, and the Spill (Memory) and
+#    Spill (Disk) figures; a screenshot is kept at target/spark-ui/stage-<minor>.png.
 #
 # Where chromium or the history server scripts are missing it prints SKIP with the reason and exits
 # 77 (scripts/test.sh counts it apart). Everything it starts is stopped, its files removed.
@@ -91,6 +91,7 @@ print("history server: stage accumulators", acc, "memoryBytesSpilled", stage.get
 bad = [k for k, v in expect.items() if k.startswith("nativemem.") and acc.get(k) != v]
 assert not bad, "stage accumulators differ from the live UI's: %s (history %s, live %s)" % (bad, acc, expect)
 assert str(stage.get("memoryBytesSpilled")) == expect["memoryBytesSpilled"], "Spill (Memory) differs"
+assert str(stage.get("diskBytesSpilled")) == expect["diskBytesSpilled"] != "0", "Spill (Disk) differs or is 0"
 peak = 0
 for t in tasks:
     u = {a["name"]: int(a["update"]) for a in t.get("accumulatorUpdates", []) if a.get("name", "").startswith("nativemem.")}
@@ -122,10 +123,14 @@ for k in names:
     # The stage's accumulator table: <td>name</td><td>value</td>
     pat = re.escape(k) + r"\s*</td>\s*<td[^>]*>\s*" + re.escape(expect[k]) + r"\s*<"
     assert re.search(pat, dom), "the rendered page has no row %s = %s" % (k, expect[k])
-spill = int(expect["memoryBytesSpilled"])
-human = "%.1f MiB" % (spill / 1048576.0)
-assert "Spill (Memory)" in dom and human in dom, "the rendered page shows no Spill (Memory) of %s" % human
-print("chromium: the stage page shows %s and Spill (Memory) %s" % (", ".join("%s=%s" % (k, expect[k]) for k in names), human))
+def human(n):  # Spark's Utils.bytesToString for MiB-sized figures
+    return "%.1f MiB" % (n / 1048576.0)
+mem, disk = human(int(expect["memoryBytesSpilled"])), human(int(expect["diskBytesSpilled"]))
+for label, value in (("Spill (Memory)", mem), ("Spill (Disk)", disk)):
+    assert re.search(re.escape(label) + r":?\s*</strong>\s*" + re.escape(value), dom), \
+        "the rendered page shows no %s of %s" % (label, value)
+print("chromium: the stage page shows %s, Spill (Memory) %s, Spill (Disk) %s"
+      % (", ".join("%s=%s" % (k, expect[k]) for k in names), mem, disk))
 EOF
 echo "spark-ui@$version: screenshot $shot ($(stat -c %s "$shot") bytes)"
 echo "spark-ui@$version: OK"

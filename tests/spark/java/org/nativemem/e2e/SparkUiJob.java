@@ -47,7 +47,9 @@ import com.fasterxml.jackson.databind.ObjectMapper;
  *   <li>every task carries the accumulators {@value NativeTaskMetrics#PEAK} (= the task's native
  *       peak), {@value NativeTaskMetrics#SPILLED} (= its native spilled bytes, > 0) and
  *       {@value NativeTaskMetrics#SPILLS} (= its spill count, > 0);
- *   <li>its {@code memoryBytesSpilled} (Spill (Memory)) is at least the native spilled bytes;
+ *   <li>its {@code memoryBytesSpilled} (Spill (Memory)) is at least the native spilled bytes, its
+ *       {@code diskBytesSpilled} (Spill (Disk)) what the sort wrote to its spill files (reported
+ *       by the task with {@link NativeTaskMetrics#addDiskBytesSpilled});
  *   <li>the stage's accumulators: the peak is the largest task peak, the spills their sums;
  *   <li>the driver's {@code /metrics/prometheus} (Spark's {@code PrometheusServlet}, configured in
  *       tests.txt / the script) shows the driver plugin's gauges of the executors' reports, the
@@ -97,6 +99,7 @@ public final class SparkUiJob {
             }
             SorterStats s = sorter.stats();
             f.diskSpilled = s.bytesSpilled();
+            check(NativeTaskMetrics.addDiskBytesSpilled(ctx, f.diskSpilled), "Spill (Disk) counted");
         }
         checkEq(rows, out, "rows out of the native sort, partition " + partition);
         NativeMemoryStats st = mm.stats();
@@ -226,6 +229,8 @@ public final class SparkUiJob {
                     "task " + id + " " + NativeTaskMetrics.SPILLS);
             check(!acc.containsKey(NativeTaskMetrics.LEAKED), "task " + id + " leaked nothing, so it reports no "
                     + NativeTaskMetrics.LEAKED + ": " + acc);
+            checkEq(f.diskSpilled, t.path("taskMetrics").path("diskBytesSpilled").asLong(-1),
+                    "task " + id + " diskBytesSpilled: what the native sort wrote");
             long memSpilled = t.path("taskMetrics").path("memoryBytesSpilled").asLong(-1);
             check(memSpilled >= f.spilled, "task " + id + " memoryBytesSpilled " + memSpilled
                     + " counts the native spills " + f.spilled);
@@ -272,6 +277,7 @@ public final class SparkUiJob {
                 b.append(e.getKey()).append('=').append(e.getValue()).append('\n');
             }
             b.append("memoryBytesSpilled=").append(stageJson.path("memoryBytesSpilled").asLong()).append('\n');
+            b.append("diskBytesSpilled=").append(stageJson.path("diskBytesSpilled").asLong()).append('\n');
             Files.write(new File(expectFile).toPath(), b.toString().getBytes(StandardCharsets.UTF_8));
         }
         System.out.println("SparkUiJob: OK app " + app + " stage " + stage + " (live UI " + ui + ")");

@@ -33,8 +33,13 @@ import scala.Option;
  * <h2>Spill (Memory)</h2>
  * When a task's manager closes ({@link TaskNativeMemory}), the bytes its native spillers freed are
  * added to the task's {@code memoryBytesSpilled} ({@code TaskMetrics.incMemoryBytesSpilled}, which
- * Spark's own sorters use), so native spills are in the stage page's Spill (Memory) column. Spill
- * (Disk) is what the engine wrote; the library does not know it (see the README).
+ * Spark's own sorters use), so native spills are in the stage page's Spill (Memory) column.
+ *
+ * <h2>Spill (Disk)</h2>
+ * What a spill wrote is known to the engine only (a spiller returns the bytes it freed). An engine
+ * whose JVM side knows it reports it with {@link #addDiskBytesSpilled} (Spark's
+ * {@code diskBytesSpilled}, its Spill (Disk) column): a supported, version-checked way to reach
+ * Spark's {@code TaskMetrics.incDiskBytesSpilled}, which is not public Spark API.
  *
  * <h2>Accumulators</h2>
  * <table>
@@ -219,6 +224,37 @@ public final class NativeTaskMetrics {
             update(ctx, values);
         } catch (RuntimeException | LinkageError e) {
             warnOnce("cannot record the task's native figures in Spark's task metrics", e);
+        }
+    }
+
+    /**
+     * Counts {@code bytes} an engine wrote to disk while spilling in the task's Spill (Disk)
+     * ({@code diskBytesSpilled}). Call it on the task's thread (Spark's task metrics are not
+     * thread-safe), once per spill or once at the end with the total; it never throws.
+     *
+     * <pre>{@code
+     * sorter.close();
+     * NativeTaskMetrics.addDiskBytesSpilled(TaskContext.get(), sorterStats.bytesSpilled());
+     * }</pre>
+     *
+     * @param ctx the running task ({@code TaskContext.get()})
+     * @param bytes bytes written to spill files
+     * @return true if counted; false if {@code bytes <= 0}, {@code ctx} is null or completed, or this
+     *     Spark does not accept it (logged once)
+     */
+    public static boolean addDiskBytesSpilled(TaskContext ctx, long bytes) {
+        if (ctx == null || bytes <= 0) {
+            return false;
+        }
+        try {
+            if (ctx.isCompleted()) {
+                return false;
+            }
+            ctx.taskMetrics().incDiskBytesSpilled(bytes);
+            return true;
+        } catch (RuntimeException | LinkageError e) {
+            warnOnce("cannot count the task's disk spill in Spark's task metrics", e);
+            return false;
         }
     }
 

@@ -111,6 +111,7 @@ public final class SparkApiCheck {
             m("org.apache.spark.executor.TaskMetrics", "incPeakExecutionMemory", "(J)V"),
             // NativeTaskMetrics: Spill (Memory) and the task accumulators.
             m("org.apache.spark.executor.TaskMetrics", "incMemoryBytesSpilled", "(J)V"),
+            m("org.apache.spark.executor.TaskMetrics", "incDiskBytesSpilled", "(J)V"),
             m("org.apache.spark.util.AccumulatorV2", "<init>", "()V"),
             m("org.apache.spark.util.AccumulatorV2", "register",
                     "(Lorg/apache/spark/SparkContext;Lscala/Option;Z)V"),
