@@ -62,23 +62,37 @@ public class NativeTaskMetricsTest {
     }
 
     @Test
-    public void garbledAccumulatorsFromTheDriverAreDroppedOrSkipped() {
-        Map<String, String> conf = new HashMap<>();
-        conf.put(NativeTaskMetrics.CONF_PREFIX + NativeTaskMetrics.PEAK, "not base64 !!");
-        conf.put(NativeTaskMetrics.CONF_PREFIX + NativeTaskMetrics.SPILLED,
-                Base64.getEncoder().encodeToString(new byte[] {1, 2, 3}));
-        conf.put(NativeTaskMetrics.CONF_PREFIX + NativeTaskMetrics.SPILLS,
-                Base64.getEncoder().encodeToString(NativeTaskMetrics.serialize("a string, not an accumulator")));
-        conf.put(NativeTaskMetrics.CONF_PREFIX + "nativemem.fromANewerVersion", "AAAA");
-        NativeTaskMetrics.install(conf);
-        assertEquals(2, NativeTaskMetrics.installedAccumulators().size());
-        assertFalse(NativeTaskMetrics.installedAccumulators().contains(NativeTaskMetrics.PEAK));
-        Map<String, Long> values = new HashMap<>();
-        values.put(NativeTaskMetrics.PEAK, 1L);
-        values.put(NativeTaskMetrics.SPILLED, 2L);
-        values.put(NativeTaskMetrics.SPILLS, 3L);
-        // No TaskContext on this thread and none passed: the same task; every entry is unreadable.
-        assertEquals(0, NativeTaskMetrics.update(null, values));
+    public void garbledAccumulatorsFromTheDriverAreDropped() throws Exception {
+        for (byte[] garbage : new byte[][] {
+                null, // not base64 (below)
+                {1, 2, 3}, // not a serialization stream
+                stream(2, "nativemem.peakBytes", "a string, not an accumulator"),
+                stream(-5),
+                stream(3, "nativemem.peakBytes") // ends early
+        }) {
+            Map<String, String> conf = new HashMap<>();
+            conf.put(NativeTaskMetrics.CONF_KEY, garbage == null ? "not base64 !!"
+                    : Base64.getEncoder().encodeToString(garbage));
+            NativeTaskMetrics.install(conf);
+            assertEquals(Collections.<String>emptyList(), NativeTaskMetrics.installedAccumulators());
+            assertEquals(0, NativeTaskMetrics.update(null, Collections.singletonMap(NativeTaskMetrics.PEAK, 1L)));
+        }
+    }
+
+    /** A stream in the wire form of the driver plugin: a count, then names and objects. */
+    private static byte[] stream(int count, String... nameThenObject) throws java.io.IOException {
+        java.io.ByteArrayOutputStream b = new java.io.ByteArrayOutputStream();
+        try (java.io.ObjectOutputStream out = new java.io.ObjectOutputStream(b)) {
+            out.writeInt(count);
+            for (int i = 0; i + 1 < nameThenObject.length; i += 2) {
+                out.writeUTF(nameThenObject[i]);
+                out.writeObject(nameThenObject[i + 1]);
+            }
+            if (nameThenObject.length % 2 == 1) {
+                out.writeUTF(nameThenObject[nameThenObject.length - 1]);
+            }
+        }
+        return b.toByteArray();
     }
 
     @Test

@@ -51,6 +51,9 @@ import com.fasterxml.jackson.databind.ObjectMapper;
  *       {@code diskBytesSpilled} (Spill (Disk)) what the sort wrote to its spill files (reported
  *       by the task with {@link NativeTaskMetrics#addDiskBytesSpilled});
  *   <li>the stage's accumulators: the peak is the largest task peak, the spills their sums;
+ *   <li>in local mode: recording at close cost at most 1% of the tasks' CPU time (printed), and
+ *       the tasks of a plain SQL job, which never touch nativemem, record nothing and carry no
+ *       nativemem accumulator;
  *   <li>the driver's {@code /metrics/prometheus} (Spark's {@code PrometheusServlet}, configured in
  *       tests.txt / the script) shows the driver plugin's gauges of the executors' reports, the
  *       largest task peak among them equal to the largest task peak above.
@@ -248,6 +251,41 @@ public final class SparkUiJob {
         checkEq(sumSpills, stageAcc.getOrDefault(NativeTaskMetrics.SPILLS, -1L), "stage " + NativeTaskMetrics.SPILLS);
         check(stageJson.path("memoryBytesSpilled").asLong() >= sumSpilled, "the stage's memoryBytesSpilled counts the"
                 + " native spills");
+
+        // ---- cost: what recording took per task, against the tasks' run time (local mode: the
+        // executor is this JVM); and a plain SQL stage, which never touches nativemem, records nothing
+        if (jsc.master().startsWith("local[")) {
+            long[] cost = NativeTaskMetrics.recordCost();
+            long cpuNanos = 0;
+            for (JsonNode t : tasks) {
+                cpuNanos += t.path("taskMetrics").path("executorCpuTime").asLong();
+            }
+            checkEq(partitions, cost[0], "tasks whose native figures were recorded at close");
+            double share = (double) cost[1] / Math.max(1, cpuNanos);
+            System.out.printf(java.util.Locale.ROOT, "SparkUiJob: cost of the spill metric and accumulators: %.1f us"
+                    + " CPU per task, %.3f%% of the tasks' CPU time (%.0f ms)%n", cost[1] / 1e3 / cost[0], share * 100,
+                    cpuNanos / 1e6);
+            check(share <= 0.01, "recording costs at most 1% of the tasks' CPU time: " + share);
+            jsc.setJobDescription("nativemem SparkUiJob: plain SQL");
+            long n = spark.range(0, 1_000_000, 1, partitions).selectExpr("sum(id * 2)").first().getLong(0);
+            checkEq(999_999_000_000L, n, "plain SQL sum");
+            jsc.sc().listenerBus().waitUntilEmpty(30_000);
+            checkEq(cost[0], NativeTaskMetrics.recordCost()[0], "tasks recorded after the plain SQL job (none of"
+                    + " its tasks used nativemem)");
+            int sqlStages = 0;
+            for (JsonNode s : json.readTree(get(api + "/stages?status=complete"))) {
+                if (s.path("description").asText("").contains("plain SQL")) {
+                    sqlStages++;
+                    JsonNode sqlTasks = json.readTree(get(api + "/stages/" + s.get("stageId").asInt() + "/"
+                            + s.get("attemptId").asInt() + "/taskList?length=1000"));
+                    for (JsonNode t : sqlTasks) {
+                        check(accumulators(t.path("accumulatorUpdates"), "update").isEmpty(), "plain SQL task "
+                                + t.get("taskId").asLong() + " carries no nativemem accumulator: " + t);
+                    }
+                }
+            }
+            check(sqlStages > 0, "the plain SQL job's stages are in the REST API");
+        }
 
         // ---- the driver's /metrics/prometheus: the executors' reports as driver gauges -------------
         Map<String, Long> gauges = Collections.emptyMap();
