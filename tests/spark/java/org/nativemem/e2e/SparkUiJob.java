@@ -53,7 +53,8 @@ import com.fasterxml.jackson.databind.ObjectMapper;
  *   <li>the stage's accumulators: the peak is the largest task peak, the spills their sums;
  *   <li>in local mode: recording at close cost at most 1% of the tasks' CPU time (printed), and
  *       the tasks of a plain SQL job, which never touch nativemem, record nothing and carry no
- *       nativemem accumulator;
+ *       nativemem accumulator; a task that leaves a native reservation open (and so fails Spark's
+ *       leak check) reports {@value NativeTaskMetrics#LEAKED} and its peak: failed attempts count;
  *   <li>the driver's {@code /metrics/prometheus} (Spark's {@code PrometheusServlet}, configured in
  *       tests.txt / the script) shows the driver plugin's gauges of the executors' reports, the
  *       largest task peak among them equal to the largest task peak above.
@@ -285,6 +286,40 @@ public final class SparkUiJob {
                 }
             }
             check(sqlStages > 0, "the plain SQL job's stages are in the REST API");
+
+            // A task that leaves a native reservation open fails Spark's leak check
+            // (spark.unsafe.exceptionOnMemoryLeak=true): failed attempts report too.
+            jsc.setJobDescription("nativemem SparkUiJob: a task that leaks");
+            final long leak = 3L << 20;
+            boolean failed = false;
+            try {
+                jsc.parallelize(Collections.singletonList(1), 1).foreach(x -> {
+                    TaskNativeMemory.get().newReservation("leaky", leak); // never closed
+                });
+            } catch (Exception expected) { // a SparkException (which Scala does not declare)
+                failed = E2e.fullMessage(expected).contains("still in use");
+                check(failed, "the leaking job failed for the leak: " + E2e.fullMessage(expected));
+            }
+            check(failed || !jsc.getConf().getBoolean("spark.unsafe.exceptionOnMemoryLeak", false),
+                    "the leaking task failed Spark's leak check");
+            jsc.sc().listenerBus().waitUntilEmpty(30_000);
+            int leakTasks = 0;
+            for (JsonNode s : json.readTree(get(api + "/stages"))) {
+                if (!s.path("description").asText("").contains("leaks")) {
+                    continue;
+                }
+                for (JsonNode t : json.readTree(get(api + "/stages/" + s.get("stageId").asInt() + "/"
+                        + s.get("attemptId").asInt() + "/taskList?length=1000"))) {
+                    Map<String, Long> acc = accumulators(t.path("accumulatorUpdates"), "update");
+                    System.out.println("SparkUiJob: leaking task " + t.get("taskId").asLong() + " (" + t.path("status")
+                            .asText() + ") accumulators " + acc);
+                    check(acc.getOrDefault(NativeTaskMetrics.LEAKED, 0L) >= leak, "the leaking task reports "
+                            + NativeTaskMetrics.LEAKED + " >= " + leak + ": " + acc);
+                    check(acc.getOrDefault(NativeTaskMetrics.PEAK, 0L) >= leak, "the leaking task's peak: " + acc);
+                    leakTasks++;
+                }
+            }
+            check(leakTasks > 0, "the leaking job's tasks are in the REST API");
         }
 
         // ---- the driver's /metrics/prometheus: the executors' reports as driver gauges -------------
