@@ -7,7 +7,8 @@
 # 1. org.nativemem.e2e.SparkUiJob (local[2], the example's native sort spilling in every task,
 #    spark.eventLog.enabled=true) checks the live UI's REST API (nativemem.* task accumulators,
 #    Spill (Memory)) and the driver's /metrics/prometheus (the driver plugin's gauges), and writes
-#    the stage's values to an expectations file.
+#    the stage's values to an expectations file; the driver's log must hold the application's
+#    sizing answer.
 # 2. Spark's own history server (sbin/start-history-server.sh of that runtime) replays the event
 #    log: its REST API must show the same stage accumulators, each task's, and both spill figures.
 # 3. Headless Chromium (Debian's package, from scripts/setup.sh) renders the history server's stage
@@ -59,7 +60,11 @@ bash scripts/spark-submit.sh "$version" --master 'local[2]' \
   --conf 'spark.metrics.conf.*.sink.prometheusServlet.path=/metrics/prometheus' \
   --conf spark.eventLog.enabled=true --conf "spark.eventLog.dir=file:$work/events" \
   --class org.nativemem.e2e.SparkUiJob build/libs/nativemem-e2e.jar --expect "$work/expect.properties" \
-  || fail "SparkUiJob failed (its output above says which check)"
+  2>&1 | tee "$work/driver.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || fail "SparkUiJob failed (its output above says which check)"
+# The driver plugin's one sizing answer for the application, at its end.
+grep -q "nativemem: application .* memory recommendation: spark.executor.memoryOverhead=[0-9]*m (set by executor driver)" \
+  "$work/driver.log" || fail "the driver logged no sizing answer for the application"
 [ -s "$work/expect.properties" ] || fail "SparkUiJob wrote no expectations"
 app="$(sed -n 's/^app=//p' "$work/expect.properties")"
 stage="$(sed -n 's/^stage=//p' "$work/expect.properties")"
