@@ -128,7 +128,10 @@ public final class NativeTaskMetrics {
      *
      * @param sc the application's context
      * @return {@value #CONF_KEY} to the base64 of one Java serialization stream: the number of
-     *     accumulators, then each one's name ({@code writeUTF}) and the accumulator
+     *     accumulators, then each one's name ({@code writeUTF}) and the accumulator (about 1.4 KB;
+     *     Spark carries it to executors in the application's conf, as
+     *     {@code spark.plugins.internal.conf.org.nativemem.spark.NativeMemoryPlugin.nativemem.accumulators},
+     *     so it also shows among the Spark properties of the Environment page)
      */
     static Map<String, String> registerOnDriver(SparkContext sc) {
         Map<String, AccumulatorV2<?, ?>> registered = new LinkedHashMap<>();
