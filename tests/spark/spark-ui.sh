@@ -50,6 +50,7 @@ cleanup() {
 trap cleanup EXIT
 
 # ---- 1. the application, with its live checks ---------------------------------------------------
+t0=$SECONDS
 bash scripts/spark-submit.sh "$version" --master 'local[2]' \
   --conf spark.jars=build/libs/nativemem-examples.jar \
   --conf spark.plugins=org.nativemem.spark.NativeMemoryPlugin \
@@ -71,6 +72,7 @@ stage="$(sed -n 's/^stage=//p' "$work/expect.properties")"
 echo "spark-ui@$version: application $app, stage $stage; event log: $(ls "$work/events")"
 
 # ---- 2. Spark's history server replays the event log ---------------------------------------------
+t1=$SECONDS
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 env "${history_env[@]}" SPARK_HISTORY_OPTS="-Dspark.history.fs.logDirectory=file:$work/events \
 -Dspark.history.ui.port=$port -Dspark.history.fs.update.interval=1s" \
@@ -108,15 +110,15 @@ print("history server: %d tasks carry nativemem.* accumulators; stage peak = max
 EOF
 
 # ---- 3. a real browser renders the stage page -----------------------------------------------------
+t2=$SECONDS
 page="$base/history/$app/stages/stage/?id=$stage&attempt=0"
 chrome=("$browser" --headless --no-sandbox --disable-gpu --disable-dev-shm-usage --hide-scrollbars
   --window-size=1400,1300 --virtual-time-budget=10000)
-"${chrome[@]}" --dump-dom "$page" > "$work/stage.html" 2>"$work/chromium.log" \
-  || { tail -n 20 "$work/chromium.log"; fail "chromium --dump-dom $page"; }
 shot="$out/stage-$version.png"
 rm -f "$shot"
-"${chrome[@]}" --screenshot="$shot" "$page" >/dev/null 2>>"$work/chromium.log" \
-  || { tail -n 20 "$work/chromium.log"; fail "chromium --screenshot $page"; }
+# One browser run: the rendered DOM on stdout and the screenshot, after the page's scripts ran.
+"${chrome[@]}" --screenshot="$shot" --dump-dom "$page" > "$work/stage.html" 2>"$work/chromium.log" \
+  || { tail -n 20 "$work/chromium.log"; fail "chromium --screenshot --dump-dom $page"; }
 [ -s "$shot" ] || fail "no screenshot at $shot"
 python3 - "$work/expect.properties" "$work/stage.html" <<'EOF' || fail "the rendered stage page"
 import re, sys
@@ -138,4 +140,4 @@ print("chromium: the stage page shows %s, Spill (Memory) %s, Spill (Disk) %s"
       % (", ".join("%s=%s" % (k, expect[k]) for k in names), mem, disk))
 EOF
 echo "spark-ui@$version: screenshot $shot ($(stat -c %s "$shot") bytes)"
-echo "spark-ui@$version: OK"
+echo "spark-ui@$version: OK (application $((t1 - t0)) s, history server $((t2 - t1)) s, browser $((SECONDS - t2)) s)"
