@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the build needs, idempotently: Debian gradle + junit4 (+ a JDK / pip if missing),
+# chromium (headless, for the Spark UI test tests/spark/spark-ui.sh),
 # rustfmt + clippy, and Spark runtimes from the pyspark wheels into .cache/ (git-ignored).
 # Quick (about a second) when everything is already there.
 set -euo pipefail
@@ -22,6 +23,8 @@ need_apt=()
 command -v javac >/dev/null 2>&1 || need_apt+=(openjdk-17-jdk-headless)
 command -v gradle >/dev/null 2>&1 || need_apt+=(gradle)
 [ -f /usr/share/java/junit4.jar ] || need_apt+=(junit4)
+# The Spark UI suite (ui:spark-ui@<v>) renders the stage page in a real browser.
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if ! all_spark_ok; then
   python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 fi

@@ -23,6 +23,10 @@
 #                   governor in a real memory cgroup, governor off (the kernel OOM-kills the
 #                   executor) and on (the job completes); SKIP (exit 77, counted apart) where no
 #                   memory cgroup can be created
+#   ui:spark-ui@<v> tests/spark/spark-ui.sh on the full releases: native memory in Spark's live UI
+#                   (REST API, driver /metrics/prometheus), in Spark's history server replaying the
+#                   event log, and on the stage page rendered by headless Chromium (screenshot under
+#                   target/spark-ui/); SKIP (exit 77) without chromium
 #   e2e:<name>@<v>  the lines of tests/spark/tests.txt on each Spark release <v> of
 #                   scripts/spark-releases.txt: all of them on a `full` release (the oldest and the
 #                   newest), the lines marked `core` on the others
@@ -229,6 +233,12 @@ done
 for v in $SPARK_VERSIONS; do
   [ "$(spark_scope "$v")" = full ] || continue
   run_suite "container:governor@$v" "$E2E_TIMEOUT" bash tests/spark/container-governor.sh "$v"
+done
+
+# Native memory in Spark's UI, history server and a real browser, on the full releases.
+for v in $SPARK_VERSIONS; do
+  [ "$(spark_scope "$v")" = full ] || continue
+  run_suite "ui:spark-ui@$v" "$E2E_TIMEOUT" bash tests/spark/spark-ui.sh "$v"
 done
 
 summary

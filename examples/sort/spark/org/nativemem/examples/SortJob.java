@@ -40,6 +40,7 @@ import org.nativemem.NativeMemoryManager;
 import org.nativemem.spark.ExecutorNativeMemoryStats;
 import org.nativemem.spark.NativeMemoryPlugin;
 import org.nativemem.spark.NativeMemorySparkConf;
+import org.nativemem.spark.NativeTaskMetrics;
 import org.nativemem.spark.SparkApiCheck;
 import org.nativemem.spark.SparkReservationListener;
 import org.nativemem.spark.TaskNativeMemory;
@@ -502,6 +503,8 @@ public final class SortJob {
             check(out.count == rows, "partition " + partition + ": " + out.count + " rows out of " + rows + " in");
             check(in.sameAs(out), "partition " + partition + ": checksums in " + in + ", out " + out);
             r.nativeStats = sorter.stats();
+            // What the native sort wrote to its spill files: the task's Spill (Disk).
+            NativeTaskMetrics.addDiskBytesSpilled(ctx, r.nativeStats.bytesSpilled());
             check(r.nativeStats.rowsInserted() == rows && r.nativeStats.rowsOutput() == rows,
                     "partition " + partition + ": sorter stats " + r.nativeStats);
             r.outputNanos = System.nanoTime() - inserted;

@@ -249,6 +249,26 @@ public final class ExecutorMemory {
         return recommend(peaks(), offHeapEnabled, currentOverhead, currentOffHeap);
     }
 
+    /**
+     * The figures of {@link #recommendation} alone: {@code spark.executor.memoryOverhead} and
+     * {@code spark.memory.offHeap.size} in bytes, each -1 when there is no recommendation for it
+     * (no readable resident set; no nativemem use, or off-heap disabled, for the off-heap size).
+     *
+     * @param p peaks
+     * @param offHeapEnabled {@code spark.memory.offHeap.enabled}
+     * @return {overhead, offHeap}, bytes, whole MiB
+     */
+    static long[] recommendedBytes(Peaks p, boolean offHeapEnabled) {
+        if (p.samples == 0 || p.atPeakBeyondNative == null || p.atPeakBeyondNative.rssBytes < 0) {
+            return new long[] {-1, -1};
+        }
+        if (offHeapEnabled) {
+            long overhead = Math.max(MIN_OVERHEAD_BYTES, withMargin(p.atPeakBeyondNative.beyondNativeBytes()));
+            return new long[] {overhead, p.nativeBytes > 0 ? withMargin(p.nativeBytes) : -1};
+        }
+        return new long[] {Math.max(MIN_OVERHEAD_BYTES, withMargin(p.atPeakBeyondHeap.beyondHeapBytes())), -1};
+    }
+
     /** The arithmetic of {@link #recommendation}, on given peaks (tested on its own). */
     static String recommend(Peaks p, boolean offHeapEnabled, long currentOverhead, long currentOffHeap) {
         if (p.samples == 0 || p.atPeakBeyondNative == null || p.atPeakBeyondNative.rssBytes < 0) {

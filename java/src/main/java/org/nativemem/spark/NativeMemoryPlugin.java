@@ -36,6 +36,17 @@ import com.codahale.metrics.MetricRegistry;
  * {@code SparkContext} starts: an unknown key or a bad value fails the application at once with a
  * message naming the key, instead of failing (or being ignored) in every task.
  *
+ * <p>It registers the task accumulators ({@link NativeTaskMetrics}: {@code nativemem.peakBytes},
+ * spills, bytes back to Spark, leaks; on the stage page, in the REST API and the event log) and
+ * ships them to the executor plugins. It receives each executor's {@link ExecutorMemoryReport}
+ * (sent at most once per sample interval and at the executor's shutdown) and publishes the
+ * application's gauges in the driver's metrics ({@link ApplicationMemoryView#GAUGE_NAMES}, e.g.
+ * {@code maxExecutorRssPeakBytes}, {@code minContainerHeadroomBytes}; Spark's
+ * {@code PrometheusServlet} on the driver shows them without any sink on executors). At the
+ * application's end it logs one sizing answer for the application
+ * ({@link ApplicationMemoryView#sizing()}): the largest of the executors' recommendations, naming
+ * the executor that sets each.
+ *
  * <h2>Executor</h2>
  * At executor start: checks the Spark API again (executors may run another Spark build), validates
  * the settings again, loads the native library (an executor that
@@ -278,22 +289,68 @@ public final class NativeMemoryPlugin implements SparkPlugin {
         return executorId;
     }
 
-    /** Driver side: fail-fast validation of the settings. */
+    /** The view of the driver plugin of this JVM (null before its init). */
+    private static volatile ApplicationMemoryView driverView;
+
+    /**
+     * The driver's view of the executors' memory: their last reports, the driver gauges and the
+     * sizing answer ({@link ApplicationMemoryView}).
+     *
+     * @return the view of this JVM's driver plugin, or null if there is none
+     */
+    public static ApplicationMemoryView applicationMemory() {
+        return driverView;
+    }
+
+    /**
+     * Driver side: fail-fast validation of the settings, the task accumulators
+     * ({@link NativeTaskMetrics}), the executors' memory reports and the driver gauges
+     * ({@link ApplicationMemoryView}), and the application's sizing answer, logged at its end.
+     */
     private static final class Driver implements DriverPlugin {
+        private final ApplicationMemoryView view = new ApplicationMemoryView();
+        private volatile String appName = "";
+
+        @Override
+        public void registerMetrics(String appId, PluginContext ctx) {
+            appName = appId;
+            view.registerGauges(ctx.metricRegistry());
+        }
+
+        @Override
+        public void shutdown() {
+            try {
+                LOG.info("nativemem: application {} memory recommendation: {}; task accumulators: {}", appName,
+                        view.sizing(), NativeTaskMetrics.driverValues());
+            } catch (RuntimeException e) {
+                LOG.warn("nativemem: no application memory recommendation", e);
+            }
+        }
+
         @Override
         public Map<String, String> init(SparkContext sc, PluginContext ctx) {
+            driverView = view;
             SparkApiCheck.verify();
             NativeMemorySparkConf conf = NativeMemorySparkConf.fromSparkConf(sc.getConf());
             LOG.info("nativemem: driver plugin: {}", conf);
             if (!conf.offHeapEnabled()) {
                 SparkReservationListener.warnOnHeapOnce();
             }
-            return Collections.emptyMap();
+            // The task accumulators, registered here and shipped to every executor plugin.
+            try {
+                return NativeTaskMetrics.registerOnDriver(sc);
+            } catch (RuntimeException | LinkageError e) {
+                LOG.warn("nativemem: driver plugin: no task accumulators: {}", e.toString());
+                return Collections.emptyMap();
+            }
         }
 
         /** Container pressure reports from executors: logged, and kept for {@link #containerPressureReports()}. */
         @Override
         public Object receive(Object message) {
+            if (view.accept(message)) {
+                return null;
+            }
             if (message instanceof ContainerPressureReport) {
                 ContainerPressureReport r = (ContainerPressureReport) message;
                 LOG.warn("nativemem: executor {} reports container memory pressure ({}): {}", r.executorId(),
@@ -346,6 +403,7 @@ public final class NativeMemoryPlugin implements SparkPlugin {
                         + NativeLibraryLoader.LIBRARY_PATH_PROPERTY
                         + "=<libnativemem_jni file> at one through spark.executor.extraJavaOptions.", e);
             }
+            NativeTaskMetrics.install(extraConf);
             MetricRegistry registry = ctx.metricRegistry();
             registerGauges(registry);
             offHeapEnabled = ctx.conf().getBoolean("spark.memory.offHeap.enabled", false);
@@ -372,6 +430,7 @@ public final class NativeMemoryPlugin implements SparkPlugin {
             if (s != null) {
                 s.shutdownNow();
             }
+            sendMemoryReport(true);
             try {
                 ExecutorMemory.get().sample();
                 LOG.info("nativemem: executor {} memory recommendation: {}", executorId, recommendation());
@@ -385,6 +444,32 @@ public final class NativeMemoryPlugin implements SparkPlugin {
             } else {
                 LOG.info("nativemem: executor {} shutting down: {}", executorId, stats);
             }
+        }
+    }
+
+    /** The last memory report sent to the driver (guarded by the class). */
+    private static ExecutorMemoryReport lastMemoryReport;
+
+    /**
+     * Sends the driver this executor's {@link ExecutorMemoryReport} if its figures changed since the
+     * last one (called once per sample interval by the sampler), or always when {@code last} (at
+     * shutdown). Best effort: a failure is logged at debug level.
+     */
+    private static synchronized void sendMemoryReport(boolean last) {
+        PluginContext ctx = pluginContext;
+        if (ctx == null) {
+            return;
+        }
+        try {
+            ExecutorMemoryReport r = ExecutorMemoryReport.take(executorId, last, offHeapEnabled,
+                    configuredOverheadBytes, configuredOffHeapBytes);
+            if (!r.differsFrom(lastMemoryReport)) {
+                return;
+            }
+            ctx.send(r.toMessage());
+            lastMemoryReport = r;
+        } catch (Exception | LinkageError e) {
+            LOG.debug("nativemem: executor {}: memory report to the driver failed", executorId, e);
         }
     }
 
@@ -528,6 +613,7 @@ public final class NativeMemoryPlugin implements SparkPlugin {
             } catch (RuntimeException | UnsatisfiedLinkError e) {
                 LOG.debug("nativemem: container pressure report failed", e);
             }
+            sendMemoryReport(false);
         }, 0, ExecutorMemory.DEFAULT_SAMPLE_INTERVAL_MS, TimeUnit.MILLISECONDS);
         sampler = s;
     }

@@ -109,6 +109,15 @@ public final class SparkApiCheck {
             m(PLUGIN_CTX, "metricRegistry", "()Lcom/codahale/metrics/MetricRegistry;"),
             m(PLUGIN_CTX, "send", "(Ljava/lang/Object;)V"),
             m("org.apache.spark.executor.TaskMetrics", "incPeakExecutionMemory", "(J)V"),
+            // NativeTaskMetrics: Spill (Memory) and the task accumulators.
+            m("org.apache.spark.executor.TaskMetrics", "incMemoryBytesSpilled", "(J)V"),
+            m("org.apache.spark.executor.TaskMetrics", "incDiskBytesSpilled", "(J)V"),
+            m("org.apache.spark.util.AccumulatorV2", "<init>", "()V"),
+            m("org.apache.spark.util.AccumulatorV2", "register",
+                    "(Lorg/apache/spark/SparkContext;Lscala/Option;Z)V"),
+            m("org.apache.spark.util.AccumulatorV2", "value", "()Ljava/lang/Object;"),
+            m("org.apache.spark.util.LongAccumulator", "<init>", "()V"),
+            m("org.apache.spark.util.LongAccumulator", "add", "(J)V"),
             m(CONSUMER, "<init>", "(Lorg/apache/spark/memory/TaskMemoryManager;J" + MODE + ")V"),
             m(CONSUMER, "taskMemoryManager", "Lorg/apache/spark/memory/TaskMemoryManager;"),
             m(CONSUMER, "getMode", "()" + MODE),
@@ -131,6 +140,7 @@ public final class SparkApiCheck {
             "org.nativemem.spark.NativeMemoryPlugin",
             "org.nativemem.spark.NativeMemoryPlugin$Driver",
             "org.nativemem.spark.NativeMemoryPlugin$Executor",
+            "org.nativemem.spark.NativeTaskMetrics$MaxLongAccumulator",
             "org.nativemem.spark.TaskNativeMemory$TaskEntry$1", // TaskCompletionListener
             "org.nativemem.spark.TaskNativeMemory$TaskEntry$2")); // TaskFailureListener
 

@@ -477,6 +477,8 @@ public final class TaskNativeMemory {
                 // Spark's "peak execution memory" of the task: what it held from Spark at its peak
                 // (native peak rounded up to reservation blocks).
                 ctx.taskMetrics().incPeakExecutionMemory(l.peakHeldBytes());
+                // Spill (Memory) and the nativemem.* task accumulators (never throws).
+                NativeTaskMetrics.recordAtClose(ctx, before, l.spilledBytes(), result);
                 long held = l.heldBytes();
                 l.detach();
                 if (held != 0) {
