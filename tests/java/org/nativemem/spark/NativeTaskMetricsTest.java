@@ -97,7 +97,7 @@ public class NativeTaskMetricsTest {
 
     @Test
     public void everyAccumulatorNameIsUniqueAndPrefixed() {
-        assertEquals(6, new java.util.HashSet<>(NativeTaskMetrics.ACCUMULATOR_NAMES).size());
+        assertEquals(8, new java.util.HashSet<>(NativeTaskMetrics.ACCUMULATOR_NAMES).size());
         for (String name : NativeTaskMetrics.ACCUMULATOR_NAMES) {
             assertTrue(name, name.startsWith("nativemem."));
         }

@@ -151,8 +151,8 @@ public final class BurstyArbitrationJob {
     }
 
     /** One mode: the job, sampling the executor's idle bytes meanwhile (local mode: same JVM). */
-    static long[] mode(JavaSparkContext jsc, boolean on, int bursts, long base, long burst, long slot,
-            List<long[]> out) throws InterruptedException {
+    static long[] mode(JavaSparkContext jsc, E2e.Tracker tracker, boolean on, int bursts, long base, long burst,
+            long slot, List<long[]> out) throws Exception {
         ExecutorArbiter.configure(on, false, 64 * MIB);
         ExecutorArbiter.Status before = ExecutorArbiter.status();
         AtomicBoolean done = new AtomicBoolean();
@@ -169,20 +169,28 @@ public final class BurstyArbitrationJob {
         }, "idle-sampler");
         sampler.setDaemon(true);
         sampler.start();
+        int mark = tracker.mark(jsc);
         long t0 = System.nanoTime();
         out.addAll(run(jsc, bursts, base, burst, slot));
         long ms = (System.nanoTime() - t0) / 1_000_000;
         done.set(true);
         sampler.join();
+        tracker.awaitIdle(jsc, 60_000);
+        long accumulated = 0;
+        for (E2e.TaskEnd end : tracker.endedSince(mark)) {
+            accumulated += end.nativememAccumulators.getOrDefault("nativemem.arbitratedBytes", 0L);
+        }
         ExecutorArbiter.Status after = ExecutorArbiter.status();
         return new long[] {sum(out, 3), sum(out, 4), sum(out, 5), sum(out, 6), maxIdle.get(),
-            after.reclaims() - before.reclaims(), after.reclaimedBytes() - before.reclaimedBytes(), ms};
+            after.reclaims() - before.reclaims(), after.reclaimedBytes() - before.reclaimedBytes(), ms,
+            accumulated};
     }
 
     static String describe(String name, long[] s) {
         return String.format(Locale.ROOT, "%s: %d native spills (%d MiB), %d short grants, %d task failures,"
-                + " idle across the executor up to %d MiB, %d cross-task reclaims (%d MiB), %d ms", name, s[0],
-                s[1] / MIB, s[2], s[3], s[4] / MIB, s[5], s[6] / MIB, s[7]);
+                + " idle across the executor up to %d MiB, %d cross-task reclaims (%d KiB; the tasks'"
+                + " nativemem.arbitratedBytes: %d KiB), %d ms", name, s[0], s[1] / MIB, s[2], s[3], s[4] / MIB, s[5],
+                s[6] >> 10, s[8] >> 10, s[7]);
     }
 
     public static void main(String[] args) throws Exception {
@@ -203,11 +211,12 @@ public final class BurstyArbitrationJob {
         try {
             JavaSparkContext jsc = JavaSparkContext.fromSparkContext(spark.sparkContext());
             E2e.check(jsc.master().equals("local[4]"), "run on local[4]: " + jsc.master());
+            E2e.Tracker tracker = E2e.Tracker.install(jsc);
             List<long[]> offResults = new ArrayList<>();
-            long[] off = mode(jsc, false, bursts, base, burst, slot, offResults);
+            long[] off = mode(jsc, tracker, false, bursts, base, burst, slot, offResults);
             E2e.assertNoLeak(jsc, 1, "after the run with arbitration off");
             List<long[]> onResults = new ArrayList<>();
-            long[] on = mode(jsc, true, bursts, base, burst, slot, onResults);
+            long[] on = mode(jsc, tracker, true, bursts, base, burst, slot, onResults);
             E2e.assertNoLeak(jsc, 1, "after the run with arbitration on");
             String prefix = String.format(Locale.ROOT, "BurstyArbitrationJob: Spark %s, 4 tasks x %d bursts %d->%d MiB, "
                     + "slots %d ms: ", spark.version(), bursts, base, burst, slot);
@@ -226,6 +235,10 @@ public final class BurstyArbitrationJob {
             E2e.checkEq(0, on[3], "no task failed with arbitration on");
             E2e.check(on[5] >= 1, "with arbitration on, a short task took idle memory of another: " + on[5]);
             E2e.check(on[0] < off[0], "fewer native spills on (" + on[0] + ") than off (" + off[0] + ")");
+            // The tasks' nativemem.arbitratedBytes accumulators (the stage page, the event log) add
+            // up to what the executor's arbiter handed back.
+            E2e.checkEq(0, off[8], "off: no task reports nativemem.arbitratedBytes");
+            E2e.checkEq(on[6], on[8], "on: the tasks' nativemem.arbitratedBytes add up to the bytes reclaimed");
             System.out.println("PASS " + prefix + "arbitration on: " + on[0] + " spills, " + on[3]
                     + " failures; off: " + off[0] + " spills, " + off[3] + " failures");
         } finally {

@@ -102,6 +102,8 @@ final class E2e {
         /** Spark 4.0+: what the TaskMemoryManager saw, by mode; -1 on 3.5. */
         final long peakOnHeap;
         final long peakOffHeap;
+        /** The task's {@code nativemem.*} accumulator updates, by name. */
+        final Map<String, Long> nativememAccumulators;
 
         TaskEnd(SparkListenerTaskEnd e) {
             this.stageId = e.stageId();
@@ -113,6 +115,33 @@ final class E2e {
             this.peakExecutionMemory = m == null ? -1 : m.peakExecutionMemory();
             this.peakOnHeap = m == null ? -1 : optionalLong(m, "peakOnHeapExecutionMemory");
             this.peakOffHeap = m == null ? -1 : optionalLong(m, "peakOffHeapExecutionMemory");
+            this.nativememAccumulators = nativememAccumulators(e.taskInfo());
+        }
+
+        /**
+         * The task's updates of the {@code nativemem.*} accumulators. Read reflectively:
+         * {@code TaskInfo.accumulables()} returns a {@code scala.collection.Seq} on Scala 2.12
+         * (Spark 3.5) and an immutable one on 2.13 (4.x), so a compiled call links on one only.
+         */
+        private static Map<String, Long> nativememAccumulators(Object taskInfo) {
+            Map<String, Long> out = new java.util.TreeMap<>();
+            try {
+                Object seq = taskInfo.getClass().getMethod("accumulables").invoke(taskInfo);
+                Object it = seq.getClass().getMethod("iterator").invoke(seq);
+                Method hasNext = it.getClass().getMethod("hasNext");
+                Method next = it.getClass().getMethod("next");
+                hasNext.setAccessible(true);
+                next.setAccessible(true);
+                while ((Boolean) hasNext.invoke(it)) {
+                    org.apache.spark.scheduler.AccumulableInfo a = (org.apache.spark.scheduler.AccumulableInfo) next.invoke(it);
+                    if (a.name().isDefined() && a.name().get().startsWith("nativemem.") && a.update().isDefined()) {
+                        out.put(a.name().get(), Long.parseLong(String.valueOf(a.update().get())));
+                    }
+                }
+            } catch (ReflectiveOperationException | RuntimeException e) {
+                throw new AssertionError("cannot read the task's accumulables", e);
+            }
+            return out;
         }
 
         private static long optionalLong(Object target, String method) {

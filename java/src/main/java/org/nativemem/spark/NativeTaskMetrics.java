@@ -57,6 +57,10 @@ import scala.Option;
  *       reserved from Spark</td><td>max</td></tr>
  *   <tr><td>{@value #LEAKED}</td><td>native bytes still in use when the task ended (freed by the
  *       close)</td><td>sum</td></tr>
+ *   <tr><td>{@value #ARBITRATED}</td><td>bytes the executor's other tasks handed back to Spark
+ *       for this task's short grows ({@link org.nativemem.ExecutorArbiter})</td><td>sum</td></tr>
+ *   <tr><td>{@value #GATE_REFUSALS}</td><td>requests to Spark the container governor refused
+ *       under hard pressure ({@link org.nativemem.ContainerGovernor})</td><td>sum</td></tr>
  * </table>
  *
  * <p>Spark ships an accumulator to executors only inside a task's closure, and its driver drops
@@ -67,7 +71,7 @@ import scala.Option;
  * returns (the executor plugin's {@code extraConf}). At a task's close {@link #recordAtClose}
  * deserializes copies on the task thread: Spark's {@code AccumulatorV2.readObject} registers each
  * with the running task, exactly as for an accumulator of a closure, and Spark sends their values
- * to the driver with the task's result. The cost ({@link #recordCost()}): reading the six
+ * to the driver with the task's result. The cost ({@link #recordCost()}): reading the eight
  * accumulators takes about 22 microseconds of CPU once the JVM is warm, 0.6 to 1 ms in its first
  * tasks (measured on Spark 3.5.9, JDK 17, 2 loaded cores).
  *
@@ -99,10 +103,14 @@ public final class NativeTaskMetrics {
     public static final String OVERCOMMIT_PEAK = "nativemem.overcommitPeakBytes";
     /** Native bytes still in use when the task ended. */
     public static final String LEAKED = "nativemem.leakedAtCloseBytes";
+    /** Bytes the executor's other tasks handed back to Spark for this task's short grows (arbitration). */
+    public static final String ARBITRATED = "nativemem.arbitratedBytes";
+    /** Requests to Spark the container governor refused under hard pressure. */
+    public static final String GATE_REFUSALS = "nativemem.containerRefusals";
 
     /** The accumulators' names, in the order of the table above. */
     public static final List<String> ACCUMULATOR_NAMES = Collections.unmodifiableList(
-            Arrays.asList(PEAK, SPILLED, SPILLS, RELEASED, OVERCOMMIT_PEAK, LEAKED));
+            Arrays.asList(PEAK, SPILLED, SPILLS, RELEASED, OVERCOMMIT_PEAK, LEAKED, ARBITRATED, GATE_REFUSALS));
 
     /** The driver plugin's {@code extraConf} key of the serialized accumulators. */
     static final String CONF_KEY = "nativemem.accumulators";
@@ -243,6 +251,8 @@ public final class NativeTaskMetrics {
                 values.put(SPILLED, before.spilledBytes());
                 values.put(SPILLS, before.spillCount());
                 values.put(OVERCOMMIT_PEAK, before.overcommitPeakBytes());
+                values.put(ARBITRATED, before.arbitratedBytes());
+                values.put(GATE_REFUSALS, before.gateRefusals());
             }
             values.put(RELEASED, releasedToSpark);
             values.put(LEAKED, report == null ? 0 : report.leakedBytes());
