@@ -55,7 +55,8 @@
 //! `FairSpillPool` intends, with the corrections DataFusion and Comet users asked for
 //! (DataFusion #22036 and #25172, Comet #5214):
 //! - **Shares count consumers, not reservations.** A consumer's share covers all its
-//!   reservations together (split and `new_empty` reservations share its registration).
+//!   reservations together (split and `new_empty` reservations share its registration); only
+//!   FairSpillPool's floor (below) looks at one reservation.
 //! - **Idle consumers do not starve busy ones.** A spillable consumer's share is
 //!   `(L − unspillable) / n`, where `n` counts the spillable consumers *holding memory* plus the
 //!   one asking, not every registered one.
@@ -70,6 +71,30 @@
 //!   prefers that may choose [`Policy::Greedy`] (`NativememPool::with_policy`), which refuses only
 //!   on nativemem's limits — and can fail a consumer that comes late to a full pool.
 //! - Unspillable consumers (they cannot give memory back) are bounded by nativemem's limits only.
+//! - **Never refused for fairness when a refusal cannot make it spill.** DataFusion keeps some
+//!   consumers marked spillable after they can no longer spill: a hash aggregation that spilled
+//!   merges its spill files and replays them into a table, through two `new_empty` reservations
+//!   of its consumer, and any refused grow then fails the query — with room left under the limit
+//!   (issue 26: "it would hold 12.2 MiB, over its fair share 6.0 MiB" under 24 MiB; two
+//!   `COUNT(DISTINCT)` sharing 16 MiB failed every run). DataFusion's `FairSpillPool` runs those
+//!   queries because it judges each **reservation** against
+//!   `fsp_share = (L − unspillable) / registered spillable consumers`. So, before the share:
+//!   1. *FairSpillPool's floor*: a grow that FairSpillPool would grant in the same state (the
+//!      growing reservation within `fsp_share`) is never refused for fairness. FairSpillPool
+//!      counts every registered spillable consumer, so its share is never larger than ours.
+//!   2. *Merges leave FairSpillPool's share free*: a consumer that is merging — it holds memory
+//!      through another reservation too, or it has released memory after a refused grow (it
+//!      spilled) — may grow a reservation past `fsp_share` only while that leaves `fsp_share`
+//!      free. A merge would take all there is (DataFusion's multi-level merge seats as many
+//!      spill files as memory allows; refused, it seats fewer), and the replay table, whose
+//!      refusal is fatal, would find nothing left; with this rule it finds its floor.
+//!   3. *A refusal that did not make it spill*: a consumer (not merging) refused for fairness
+//!      that grows again without having released anything since could not spill; fairness no
+//!      longer refuses it, the free room is its, until it releases memory.
+//!
+//!   nativemem's limits (the task limit, Spark's budget) still refuse when there is no room:
+//!   fairness only decides who spills while there is. Rule 2 costs a consumer that spilled at
+//!   most one `fsp_share` of room it could otherwise have taken when alone.
 //!
 //! nativemem's limits and Spark's budget apply on top, to everyone. Without a known limit only
 //! they apply.
@@ -101,7 +126,8 @@
 //! grow of each picked operator. Limits: sorts (`ExternalSorter`) handle a refused grow at every
 //! point where they hold memory; DataFusion's hash aggregation, once it merges its own spill
 //! files (its `ReportError` phase), treats any refused grow as fatal, as it would under a real
-//! shortage: a request landing then fails the query. Engines whose plans aggregate under memory
+//! shortage: a request landing then fails the query (fairness spares it, see "Fairness"; a
+//! request does not). Engines whose plans aggregate under memory
 //! pressure should leave requests off for those queries or give them a limit instead.
 //!
 //! ## Locks

@@ -42,6 +42,13 @@ struct Consumer<R> {
     /// Refused for a request and not grown since: not asked again until its next successful grow,
     /// so the grow an operator retries right after spilling is never refused by a request.
     yielded: bool,
+    /// Refused for fairness and has released nothing since: if it grows again it could not
+    /// spill, and fairness no longer refuses it (crate docs, "Fairness") until it releases.
+    stuck: bool,
+    /// A `try_grow` was refused (for fairness or by nativemem) and it has released nothing since.
+    refused: bool,
+    /// It released memory after a refusal: it spilled, and will merge its spill files.
+    spilled: bool,
 }
 
 /// The consumer table and the spill-request counters: shared (weakly) with the spiller the pool
@@ -284,9 +291,10 @@ impl<P: NativePool> NativememPool<P> {
     /// `additional` (checked under the lock; nativemem's own limits are checked after, without it).
     fn admit(
         &self,
-        consumer: &MemoryConsumer,
+        reservation: &MemoryReservation,
         additional: u64,
     ) -> Result<(Arc<P::Reservation>, u64)> {
+        let consumer = reservation.consumer();
         let mut consumers = self.table.consumers.lock();
         if let Some(me) = consumers.get_mut(&consumer.id()) {
             if me.asked && me.size == 0 {
@@ -323,17 +331,29 @@ impl<P: NativePool> NativememPool<P> {
             Policy::FairShare => self.native.limit(),
             Policy::Greedy => None,
         };
-        if let Some(limit) = limit {
-            if let Some(refusal) =
-                self.fair_share_refusal(&consumers, consumer.id(), me, additional, limit)
-            {
-                return Err(DataFusionError::ResourcesExhausted(format!(
-                    "{refusal}\n{}",
-                    self.native.usage_report()
-                )));
+        let granted = (me.native.clone(), me.overcommit);
+        let refusal = limit.and_then(|limit| {
+            self.fair_share_refusal(
+                &consumers,
+                consumer.id(),
+                me,
+                reservation.size() as u64,
+                additional,
+                limit,
+            )
+        });
+        if let Some(refusal) = refusal {
+            if let Some(me) = consumers.get_mut(&consumer.id()) {
+                me.stuck = true;
+                me.refused = true;
             }
+            drop(consumers);
+            return Err(DataFusionError::ResourcesExhausted(format!(
+                "{refusal}\n{}",
+                self.native.usage_report()
+            )));
         }
-        Ok((me.native.clone(), me.overcommit))
+        Ok(granted)
     }
 
     /// Fairness (see the crate docs): `Some(reason)` if the request is refused to make this
@@ -343,6 +363,7 @@ impl<P: NativePool> NativememPool<P> {
         consumers: &HashMap<usize, Consumer<P::Reservation>>,
         id: usize,
         me: &Consumer<P::Reservation>,
+        reservation_size: u64,
         additional: u64,
         limit: u64,
     ) -> Option<String> {
@@ -350,21 +371,66 @@ impl<P: NativePool> NativememPool<P> {
             // Unspillable memory cannot be asked back: only nativemem's limits bound it.
             return None;
         }
-        // One pass: unspillable bytes, and the spillable consumers holding memory plus this one
-        // (an idle registered sorter does not shrink a busy one's share). The total is `reserved`,
-        // kept under the same lock.
-        let (mut unspillable, mut active) = (0u64, 0u64);
+        // It holds memory through other reservations too, or it has spilled: it merges or will
+        // merge (a hash aggregation's spill-file merge and its replay table are `new_empty`
+        // reservations of its consumer).
+        let merging = me.spilled || me.size > reservation_size;
+        if me.stuck && !merging {
+            // Refused for fairness and grows again without having released anything: the refusal
+            // did not make it spill (it cannot), so refusing again would only fail its query.
+            // Free room is its (nativemem's limits still apply).
+            return None;
+        }
+        // One pass: unspillable bytes, the spillable consumers holding memory plus this one (an
+        // idle registered sorter does not shrink a busy one's share), and every registered
+        // spillable consumer (for FairSpillPool's share). The total is `reserved`, kept under the
+        // same lock.
+        let (mut unspillable, mut active, mut registered) = (0u64, 0u64, 0u64);
         for (cid, c) in consumers {
             if !c.can_spill {
                 unspillable += c.size;
-            } else if c.size > 0 || *cid == id {
-                active += 1;
+            } else {
+                registered += 1;
+                if c.size > 0 || *cid == id {
+                    active += 1;
+                }
             }
         }
         let active = active.max(1);
         // Relaxed: changed only under the consumers' lock, which the caller holds.
         let total = self.reserved.load(Ordering::Relaxed);
         let available = limit.saturating_sub(unspillable);
+        // The floor: never refuse for fairness what DataFusion's FairSpillPool would grant in the
+        // same state, a reservation growing within `available / registered spillable consumers`
+        // (it checks each reservation alone). A merging operator grows a second reservation while
+        // its first holds what it can no longer spill (crate docs, "Fairness").
+        let fsp_share = available / registered.max(1);
+        if reservation_size.saturating_add(additional) <= fsp_share {
+            return None;
+        }
+        if merging && total.saturating_add(additional).saturating_add(fsp_share) > limit {
+            // Over that floor, a reservation of a merging consumer may take free memory but not
+            // the last FairSpillPool share of it: a merge would take all there is (DataFusion's
+            // multi-level merge seats as many spill files as memory allows), and the consumer's
+            // other reservation, whose refusal is fatal, would find none left. The merge, refused,
+            // seats fewer files.
+            return Some(format!(
+                "Failed to allocate additional {} for {}#{id} (spillable, merging, holding {}): \
+                 this reservation would hold {}, over FairSpillPool's \
+                 share {} ({} left by unspillable consumers ({}) shared by {registered} \
+                 registered spillable consumer(s)), and leave less than that share free (limit \
+                 {}, {} reserved)",
+                human(additional),
+                me.name,
+                human(me.size),
+                human(reservation_size.saturating_add(additional)),
+                human(fsp_share),
+                human(available),
+                human(unspillable),
+                human(limit),
+                human(total),
+            ));
+        }
         let share = available / active;
         let wanted = me.size.saturating_add(additional);
         if wanted <= share {
@@ -469,6 +535,9 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
                 size: 0,
                 asked: false,
                 yielded: false,
+                stuck: false,
+                refused: false,
+                spilled: false,
             },
         );
     }
@@ -527,6 +596,12 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
                     let from_overcommit = bytes.min(c.overcommit);
                     c.overcommit -= from_overcommit;
                     c.size -= bytes;
+                    if bytes > 0 {
+                        // It released memory (spilled, or output): fairness applies again.
+                        c.stuck = false;
+                        c.spilled |= c.refused;
+                        c.refused = false;
+                    }
                     // Relaxed (both): read-outs, changed only under this lock.
                     self.reserved.fetch_sub(bytes, Ordering::Relaxed);
                     self.overcommit
@@ -552,7 +627,7 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
     fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> Result<()> {
         let consumer = reservation.consumer();
         let bytes = additional as u64;
-        let (native, owed) = self.admit(consumer, bytes)?;
+        let (native, owed) = self.admit(reservation, bytes)?;
         // Over-commit this consumer still owes is charged first: it makes this grow spill or
         // fail rather than letting the over-commit go on (no lock held: may call Spark, spill).
         let total = bytes.saturating_add(owed);
@@ -567,6 +642,9 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
             let started = *waiting.get_or_insert_with(Instant::now);
             let relief = self.relief_pending(consumer.id());
             if consumer.can_spill() || started.elapsed() >= UNSPILLABLE_WAIT || relief.is_none() {
+                if let Some(c) = self.table.consumers.lock().get_mut(&consumer.id()) {
+                    c.refused = true;
+                }
                 return Err(exhausted(e, consumer, bytes));
             }
             while started.elapsed() < UNSPILLABLE_WAIT {

@@ -143,25 +143,148 @@ fn shares_count_consumers_not_reservations_and_idle_consumers_do_not_count() {
         .register(&pool);
     b.try_grow(2 * MIB).unwrap(); // two active spillable consumers: 4 MiB each (the idle one: 0)
     a.try_grow(3 * MIB).unwrap();
-    // A's second reservation counts against A's share: 3 + 1 fits, 3 + 2 does not (it would
-    // leave B, 2 MiB under its share, less than that: 6 + 1 + 2 > 8).
+    // A's second reservation counts against A's share: 3 + 1 fits, 3 + 1 + 2 does not: the
+    // reservation alone (3 MiB) is over FairSpillPool's share (8 MiB / 3 registered spillable
+    // consumers) and A, holding memory through two reservations, may not leave less than that
+    // share free.
     let a2 = a.new_empty();
     a2.try_grow(MIB).unwrap();
-    let err = a2.try_grow(MIB).unwrap_err();
+    let err = a2.try_grow(2 * MIB).unwrap_err();
     assert!(err.to_string().contains("ExternalSorter[0]"), "{err}");
     assert!(
-        err.to_string().contains("over its fair share 4.0 MiB"),
+        err.to_string()
+            .contains("(spillable, merging, holding 4.0 MiB)"),
         "{err}"
     );
     assert_eq!(
         (a.size() + a2.size(), m.used() as usize),
         (4 * MIB, 6 * MIB)
     );
-    // B going idle makes A the only active one: its share is the whole limit.
+    // A's second reservation gives its memory back (after a refusal: A spilled, and counts as
+    // merging from now on). With B active, A may not grow to 5 MiB...
+    a2.free();
+    let err = a.try_grow(2 * MIB).unwrap_err();
+    assert!(err.to_string().contains("ExternalSorter[0]"), "{err}");
+    // ... and B going idle makes A the only active one: its share is the whole limit.
     b.free();
-    a2.try_grow(2 * MIB).unwrap();
-    assert_eq!(m.used() as usize, 6 * MIB);
+    a.try_grow(2 * MIB).unwrap();
+    assert_eq!(m.used() as usize, 5 * MIB);
     drop((a, a2, b));
+    assert_eq!((pool.reserved(), m.used()), (0, 0));
+    assert!(m.close().unwrap().is_empty());
+}
+
+/// Issue 26: a hash aggregation merging its spill files (DataFusion's `ReportError` phase) grows
+/// its own reservation while a second one (`new_empty`, the merge's) holds most of what it has.
+/// It is still marked spillable but a refusal cannot make it spill: it fails the query. Its
+/// reservation is within FairSpillPool's share, and the task limit has room: granted.
+#[test]
+fn a_merging_aggregation_within_fair_spill_pools_share_is_not_refused_for_fairness() {
+    let (m, _l, pool) = setup(Some(24 * MIB as u64));
+    let consumers: Vec<_> = (0..4)
+        .map(|i| {
+            MemoryConsumer::new(format!("GroupedHashAggregateStream[{i}]"))
+                .with_can_spill(true)
+                .register(&pool)
+        })
+        .collect();
+    let agg = &consumers[0];
+    // Its merge took 11 MiB while the others held nothing (work-conserving), then its own
+    // reservation 1 MiB.
+    let merge = agg.new_empty();
+    merge.try_grow(11 * MIB).unwrap();
+    agg.try_grow(MIB).unwrap();
+    // The other three grow under their shares: 23.4 MiB reserved, four active, shares 6 MiB.
+    consumers[1].try_grow(5 * MIB).unwrap();
+    consumers[2].try_grow(5 * MIB).unwrap();
+    consumers[3].try_grow(7 * MIB / 5).unwrap();
+    assert_eq!(pool.reserved(), 23 * MIB + 2 * MIB / 5);
+    // It would hold 12.2 MiB, over its fair share 6.0 MiB, and leave less than the others are
+    // owed free; but its reservation (1.2 MiB) is within FairSpillPool's 24 / 4 = 6 MiB and the
+    // limit has room.
+    agg.try_grow(MIB / 5).unwrap();
+    assert_eq!(agg.size(), MIB + MIB / 5);
+    assert_eq!(
+        (pool.reserved(), m.used() as usize),
+        (23 * MIB + 3 * MIB / 5, 23 * MIB + 3 * MIB / 5)
+    );
+    // The task limit still bounds it: refused by nativemem, not by fairness.
+    let err = agg.try_grow(MIB).unwrap_err();
+    assert!(!err.to_string().contains("fair share"), "{err}");
+    assert!(err.to_string().contains("Native memory of 'task'"), "{err}");
+    drop((merge, consumers));
+    assert_eq!((pool.reserved(), m.used()), (0, 0));
+    assert!(m.close().unwrap().is_empty());
+}
+
+/// A consumer refused for fairness that grows again without having released anything did not
+/// spill (it cannot): fairness does not refuse it again, the free room is its, until it
+/// releases memory.
+#[test]
+fn a_consumer_that_could_not_spill_after_a_fairness_refusal_gets_the_free_room() {
+    let (m, _l, pool) = setup(Some(8 * MIB as u64));
+    let a = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&pool);
+    let b = MemoryConsumer::new("ExternalSorter[1]")
+        .with_can_spill(true)
+        .register(&pool);
+    b.try_grow(2 * MIB).unwrap();
+    a.try_grow(4 * MIB).unwrap();
+    // Over its share (4 MiB), leaving B less than it is owed: refused, so that it spills.
+    let err = a.try_grow(MIB).unwrap_err();
+    assert!(
+        err.to_string().contains("over its fair share 4.0 MiB"),
+        "{err}"
+    );
+    // It retries without having released anything: granted from the free room.
+    a.try_grow(MIB).unwrap();
+    a.try_grow(MIB).unwrap();
+    assert_eq!((pool.reserved(), m.used() as usize), (8 * MIB, 8 * MIB));
+    // Only nativemem's limit refuses it now.
+    let err = a.try_grow(1).unwrap_err();
+    assert!(!err.to_string().contains("fair share"), "{err}");
+    // Once it releases memory (it spilled), fairness applies again.
+    a.shrink(3 * MIB);
+    a.try_grow(MIB).unwrap(); // 4 MiB: its share
+    let err = a.try_grow(MIB).unwrap_err();
+    assert!(err.to_string().contains("share 4.0 MiB"), "{err}");
+    drop((a, b));
+    assert_eq!((pool.reserved(), m.used()), (0, 0));
+    assert!(m.close().unwrap().is_empty());
+}
+
+/// Issue 26, the other half of a merging aggregation: after spilling, DataFusion's aggregation
+/// merges its spill files (one `new_empty` reservation) and replays them into a table (another),
+/// whose refusal is fatal. Alone in the pool, the merge would seat spill files until the limit;
+/// it may not take the last FairSpillPool share, which the replay then finds.
+#[test]
+fn a_merge_of_a_consumer_that_spilled_leaves_fair_spill_pools_share_free() {
+    let (m, _l, pool) = setup(Some(16 * MIB as u64));
+    let consumers: Vec<_> = (0..4)
+        .map(|i| {
+            MemoryConsumer::new(format!("SingleHashAggregateStream[{i}]"))
+                .with_can_spill(true)
+                .register(&pool)
+        })
+        .collect();
+    let agg = &consumers[0];
+    // Alone, it takes 10 MiB; a grow past the limit is refused, and it spills everything.
+    agg.try_grow(10 * MIB).unwrap();
+    assert!(agg.try_grow(7 * MIB).is_err());
+    agg.free();
+    // The merge seats spill files, 1 MiB each, while it may: up to 16 - 16 / 4 MiB.
+    let merge = agg.new_empty();
+    let replay = agg.new_empty();
+    while merge.try_grow(MIB).is_ok() {}
+    assert_eq!(merge.size(), 12 * MIB);
+    // The replay table grows within FairSpillPool's share: there is room for it.
+    replay.try_grow(7 * MIB / 2).unwrap();
+    assert_eq!(
+        (pool.reserved(), m.used() as usize),
+        (15 * MIB + MIB / 2, 15 * MIB + MIB / 2)
+    );
+    drop((merge, replay, consumers));
     assert_eq!((pool.reserved(), m.used()), (0, 0));
     assert!(m.close().unwrap().is_empty());
 }

@@ -117,9 +117,26 @@ async fn run_core(
     partitions: usize,
     sql: &str,
 ) -> Result<Run, DataFusionError> {
+    run_core_shared(limit, partitions, sql, 1)
+        .await
+        .map(|mut runs| runs.remove(0))
+}
+
+/// Runs `copies` copies of `sql` at once on one pool (the core backend) under `limit`, checking
+/// the accounting around them; the first error if any failed.
+async fn run_core_shared(
+    limit: Option<u64>,
+    partitions: usize,
+    sql: &str,
+    copies: usize,
+) -> Result<Vec<Run>, DataFusionError> {
     let (m, listener) = manager(limit);
     let pool = Arc::new(NativememPool::new(m.pool("datafusion").unwrap()));
-    let result = run_on(pool.clone(), partitions, sql).await;
+    let result: Result<Vec<Run>, DataFusionError> =
+        futures::future::join_all((0..copies).map(|_| run_on(pool.clone(), partitions, sql)))
+            .await
+            .into_iter()
+            .collect();
     if let Err(e) = &result {
         println!("query failed under {limit:?}: {e}");
         // A failed query's partition tasks are cancelled asynchronously: let them unwind.
@@ -184,6 +201,13 @@ const JOIN: &str = "SELECT count(*) AS n, sum(a.value + b.value) AS s FROM gener
 const MIXED: &str = "SELECT k, n, s FROM (SELECT value % 1000000 AS k, count(*) AS n, sum(value) AS s \
                      FROM generate_series(1, 4000000) GROUP BY value % 1000000) g \
                      JOIN (SELECT value AS id FROM generate_series(0, 999999, 5)) f ON g.k = f.id ORDER BY s, k";
+
+/// `COUNT(DISTINCT)` with `GROUP BY` over 300k groups (issue 26): the final aggregation spills
+/// and then merges its spill files, when DataFusion treats any refused grow as fatal although it
+/// still marks the consumer spillable.
+const COUNT_DISTINCT: &str = "SELECT k, count(DISTINCT v) AS d, count(*) AS n \
+                              FROM (SELECT value % 300000 AS k, value % 7 AS v FROM generate_series(1, 1200000)) \
+                              GROUP BY k";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_by_millions_of_rows_spills_under_the_limit() {
@@ -311,5 +335,47 @@ async fn spill_requests_make_running_queries_spill_with_the_same_results() {
         drop(pool);
         assert!(m.close().unwrap().is_empty());
         assert_eq!(listener.reserved(), 0);
+    }
+}
+
+/// Issue 26: under `FairShare` (the default) a merging aggregation was refused for fairness with
+/// room left under the limit, and the query failed now and then (two `COUNT(DISTINCT)` sharing
+/// one pool: 6 runs in 10 at 24 MiB; DataFusion's `FairSpillPool` ran them all). Here two sharing
+/// 16 MiB failed every run before the fix. A few runs each, against the unbounded result. One partition per query: with two, DataFusion
+/// 55.2's `RepartitionExec` can park every worker under a memory limit whatever the pool
+/// (apache/datafusion#24883, fixed after 55.2); each run is time-bounded so that a hang fails the
+/// test, named, instead of hanging CI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_distinct_group_by_under_tight_limits_never_fails_for_fairness() {
+    let bounded = |limit: Option<u64>, copies: usize| async move {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(120),
+            run_core_shared(limit, 1, COUNT_DISTINCT, copies),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!("{copies} COUNT(DISTINCT) under {limit:?} hung (apache/datafusion#24883?)")
+        })
+    };
+    let free = bounded(None, 1).await.unwrap().remove(0);
+    assert_eq!(free.digest.rows, 300_000);
+    for (limit, copies) in [(16 * MIB, 1), (16 * MIB, 2)] {
+        for run in 0..3 {
+            let runs = bounded(Some(limit), copies).await.unwrap_or_else(|e| {
+                panic!(
+                    "run {run}, {copies} query(ies) under {} MiB: {e}",
+                    limit / MIB
+                )
+            });
+            for limited in runs {
+                // Groups come in any order.
+                assert_eq!(
+                    (limited.digest.rows, limited.digest.unordered),
+                    (free.digest.rows, free.digest.unordered),
+                    "run {run} under {limit}"
+                );
+                assert!(limited.spill_count > 0, "no spill under {limit} bytes");
+            }
+        }
     }
 }
