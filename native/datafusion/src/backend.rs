@@ -66,6 +66,11 @@ pub trait NativeReservation: Send + Sync + 'static {
     /// Grows by `bytes` (may reserve from Spark and spill native consumers). On error nothing
     /// changed.
     fn try_grow(&self, bytes: u64) -> Result<(), NativeError>;
+    /// Grows by `bytes` at once whatever the limits and the cushion (nativemem's forced charge:
+    /// never calls Spark or a spiller); returns the over-committed part, which nativemem counts
+    /// and the task's next fallible grow pays (a pool pushed over its limit refuses grows until
+    /// enough is released). Errors (nothing changes): a closed manager, an engine ABI without it.
+    fn force_grow(&self, bytes: u64) -> Result<u64, NativeError>;
     /// Shrinks by `bytes` (at most the size).
     fn shrink(&self, bytes: u64) -> Result<(), NativeError>;
     /// Bytes held.
@@ -128,6 +133,10 @@ mod core_backend {
     impl NativeReservation for Reservation {
         fn try_grow(&self, bytes: u64) -> Result<(), NativeError> {
             Reservation::try_grow(self, bytes).map_err(native)
+        }
+
+        fn force_grow(&self, bytes: u64) -> Result<u64, NativeError> {
+            Reservation::force_grow(self, bytes).map_err(native)
         }
 
         fn shrink(&self, bytes: u64) -> Result<(), NativeError> {
@@ -229,6 +238,10 @@ mod client_backend {
     impl NativeReservation for Reservation {
         fn try_grow(&self, bytes: u64) -> Result<(), NativeError> {
             Reservation::try_grow(self, bytes).map_err(native)
+        }
+
+        fn force_grow(&self, bytes: u64) -> Result<u64, NativeError> {
+            Reservation::force_grow(self, bytes).map_err(native)
         }
 
         fn shrink(&self, bytes: u64) -> Result<(), NativeError> {

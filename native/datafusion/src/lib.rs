@@ -17,8 +17,9 @@
 //!                                  native.try_grow(n) (no lock) ───▶ pool limits, task limit,
 //!                                                                     cushion → Spark (blocks),
 //!                                  ResourcesExhausted(report) ◀──     native spillers
-//!  reservation.grow(n) (infallible) ▶ native.try_grow(n), else counted as over-commit
-//!  shrink / free / drop ─────────▶ over-commit first, then native.shrink
+//!  reservation.grow(n) (infallible) ▶ native.try_grow(n), else native.force_grow(n): over-commit,
+//!                                  charged at once
+//!  shrink / free / drop ─────────▶ native.shrink (over-commit counted down first)
 //! ```
 //!
 //! ## One adapter, two ways to reach nativemem
@@ -43,9 +44,23 @@
 //!   message with the task's usage report, so the operator spills (or the query fails with the
 //!   whole picture). Nothing is charged on error.
 //! - `grow` is DataFusion's *infallible* grow: it is tried on nativemem like `try_grow`; what
-//!   nativemem refuses is **over-commit**, counted per consumer (never lost: [`NativememPool::overcommit`],
-//!   [`NativememPool::report`]), given back first by the consumer's shrinks and charged to
-//!   nativemem by its next `try_grow` (which then spills or fails instead of over-committing more).
+//!   nativemem refuses is **over-commit**, charged to nativemem at once all the same (its forced
+//!   charge, which never calls Spark or a spiller): the task's usage, peak, usage report and stats
+//!   (`overcommitted`) include it, so nothing DataFusion holds is hidden from the task's
+//!   accounting. Counted per consumer too ([`NativememPool::overcommit`],
+//!   [`NativememPool::overcommit_peak`], [`NativememPool::report`]) and counted down first by the
+//!   consumer's shrinks. DataFusion 55.2 grows infallibly in its sort-merge join (the join keys
+//!   of each buffered batch it spills, and each batch it reads back) and nested-loop join.
+//! - **The bound.** While over-commit keeps the task over its limit, every fallible grow of the
+//!   task — of any consumer, not only the one that over-committed — is refused by nativemem's
+//!   limit, so the other operators spill (or wait, or fail) instead of adding to it. So the
+//!   task's usage never exceeds its limit by more than the over-commit outstanding:
+//!   `used ≤ limit + overcommit()` at all times, and the over-commit itself is what DataFusion's
+//!   infallible grows hold, no more (a sort-merge join spilling under 24 MiB: about 21 MiB, where
+//!   it holds 65 MiB unbounded; `sort_merge_join_over_commit_is_charged_and_bounded`). Without a
+//!   task limit, the next grow that reaches Spark reserves the over-commit with its own bytes.
+//!   With a task limit, Spark's reservation stays within the limit: the over-commit shows in
+//!   the task's usage and stats, not in what Spark granted.
 //! - `reserved()` is what DataFusion holds (over-commit included); `memory_limit()` is
 //!   `Finite(limit)` when the pool or the task has a limit, `Unknown` when only Spark's budget
 //!   (which moves with the other tasks) bounds it.

@@ -30,10 +30,13 @@ struct Consumer<R> {
     name: String,
     can_spill: bool,
     native: Arc<R>,
-    /// Bytes DataFusion's infallible `grow` took beyond what nativemem granted: counted here
-    /// (never lost) and charged to nativemem by the consumer's next grow or released by its
-    /// shrinks first.
+    /// Bytes DataFusion's infallible `grow` took that nativemem could not even force-charge (a
+    /// closed manager): counted here (never lost) and charged to nativemem by the consumer's next
+    /// grow or released by its shrinks first. 0 normally.
     overcommit: u64,
+    /// Bytes DataFusion's infallible `grow` took that nativemem's `try_grow` refused, charged
+    /// with nativemem's forced charge (crate docs, "Accounting"); released by its shrinks first.
+    forced: u64,
     /// Bytes this consumer holds as DataFusion sees them (its reservations' sum).
     size: u64,
     /// The task was asked for memory back and this consumer was picked: its next `try_grow` is
@@ -154,8 +157,11 @@ pub struct NativememPool<P: NativePool> {
     peak: AtomicU64,
     /// Sum of the consumers' sizes (DataFusion's view, over-commit included).
     reserved: AtomicU64,
-    /// Sum of the consumers' over-commit.
+    /// Sum of the consumers' over-commit not charged to nativemem.
     overcommit: AtomicU64,
+    /// Sum of the consumers' forced bytes, and its peak.
+    forced: AtomicU64,
+    forced_peak: AtomicU64,
 }
 
 impl<P: NativePool> NativememPool<P> {
@@ -181,6 +187,8 @@ impl<P: NativePool> NativememPool<P> {
             peak: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
             overcommit: AtomicU64::new(0),
+            forced: AtomicU64::new(0),
+            forced_peak: AtomicU64::new(0),
         }
     }
 
@@ -236,9 +244,25 @@ impl<P: NativePool> NativememPool<P> {
         &self.native
     }
 
-    /// Bytes DataFusion's infallible `grow` holds beyond what nativemem granted (0 normally).
+    /// Bytes DataFusion holds through infallible `grow`s that nativemem's `try_grow` refused
+    /// (over-commit): charged to nativemem at once (so they count in the task's usage, its
+    /// report and what Spark is asked for), or, if even that failed (a closed manager),
+    /// [`uncharged`](Self::uncharged). 0 when no grow over-committed or all was released.
     pub fn overcommit(&self) -> u64 {
-        // Relaxed: a read-out; the counter is only changed under the consumers' lock.
+        // Relaxed (both): read-outs; the counters are only changed under the consumers' lock.
+        self.forced.load(Ordering::Relaxed) + self.overcommit.load(Ordering::Relaxed)
+    }
+
+    /// The most [`overcommit`](Self::overcommit) was (charged part), over the pool's life.
+    pub fn overcommit_peak(&self) -> u64 {
+        // Relaxed: a read-out.
+        self.forced_peak.load(Ordering::Relaxed)
+    }
+
+    /// The part of [`overcommit`](Self::overcommit) nativemem does not see (its forced charge
+    /// failed: a closed manager); charged by the consumer's next `try_grow`. 0 normally.
+    pub fn uncharged(&self) -> u64 {
+        // Relaxed: a read-out.
         self.overcommit.load(Ordering::Relaxed)
     }
 
@@ -258,7 +282,7 @@ impl<P: NativePool> NativememPool<P> {
             "\nDataFusion consumers: {} registered, {} reserved, {} over-committed",
             rows.len(),
             human(self.reserved.load(Ordering::Relaxed)),
-            human(self.overcommit.load(Ordering::Relaxed))
+            human(self.overcommit())
         ));
         for c in rows.iter().take(10) {
             out.push_str(&format!(
@@ -266,8 +290,8 @@ impl<P: NativePool> NativememPool<P> {
                 c.name,
                 if c.can_spill { " (spillable)" } else { "" },
                 human(c.size),
-                if c.overcommit > 0 {
-                    format!(", {} over-committed", human(c.overcommit))
+                if c.overcommit + c.forced > 0 {
+                    format!(", {} over-committed", human(c.overcommit + c.forced))
                 } else {
                     String::new()
                 }
@@ -467,12 +491,12 @@ impl<P: NativePool> NativememPool<P> {
         })
     }
 
-    /// Records a grow of `bytes` (`overcommit` of them not granted by nativemem) that also
-    /// charged `paid_back` bytes of the consumer's earlier over-commit to nativemem. Returns the
-    /// bytes charged for over-commit that a concurrent shrink had meanwhile released (to be
-    /// given back to nativemem by the caller).
+    /// Records a grow of `bytes` (`overcommit` of them not charged to nativemem, `forced` of
+    /// them force-charged) that also charged `paid_back` bytes of the consumer's earlier
+    /// over-commit to nativemem. Returns the bytes charged for over-commit that a concurrent
+    /// shrink had meanwhile released (to be given back to nativemem by the caller).
     #[must_use]
-    fn grown(&self, id: usize, bytes: u64, overcommit: u64, paid_back: u64) -> u64 {
+    fn grown(&self, id: usize, bytes: u64, overcommit: u64, forced: u64, paid_back: u64) -> u64 {
         let mut consumers = self.table.consumers.lock();
         let Some(c) = consumers.get_mut(&id) else {
             // Unregistered meanwhile: its native reservation is gone with what it held.
@@ -482,11 +506,16 @@ impl<P: NativePool> NativememPool<P> {
         c.size = c.size.saturating_add(bytes);
         c.yielded = false;
         c.overcommit = c.overcommit - paid + overcommit;
+        c.forced += forced;
         // Relaxed (all): read-outs; the consistent values live under the lock, held here.
         let reserved = self.reserved.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.peak.fetch_max(reserved, Ordering::Relaxed);
         self.overcommit.fetch_add(overcommit, Ordering::Relaxed);
         self.overcommit.fetch_sub(paid, Ordering::Relaxed);
+        if forced > 0 {
+            let now = self.forced.fetch_add(forced, Ordering::Relaxed) + forced;
+            self.forced_peak.fetch_max(now, Ordering::Relaxed);
+        }
         paid_back - paid
     }
 }
@@ -535,6 +564,7 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
                 size: 0,
                 asked: false,
                 yielded: false,
+                forced: 0,
                 stuck: false,
                 refused: false,
                 spilled: false,
@@ -550,6 +580,7 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
                 // Relaxed (both): read-outs, changed only under this lock.
                 self.reserved.fetch_sub(c.size, Ordering::Relaxed);
                 self.overcommit.fetch_sub(c.overcommit, Ordering::Relaxed);
+                self.forced.fetch_sub(c.forced, Ordering::Relaxed);
             }
             removed
         };
@@ -568,20 +599,33 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
             .lock()
             .get(&consumer.id())
             .map(|c| c.native.clone());
-        let overcommit = match native {
+        // nativemem is asked as for a `try_grow` (it may reserve from Spark, or spill native
+        // spillers); what it refuses is over-commit, charged at once all the same (a forced
+        // charge: the task's usage, its report and the next request to Spark include it, and
+        // while it keeps the task over its limit every fallible grow of the task is refused).
+        let (overcommit, forced) = match native {
             Some(native) => match native.try_grow(bytes) {
-                Ok(()) => 0,
-                Err(e) => {
-                    log::debug!(
-                        "nativemem pool: infallible grow of {} by {additional} over-commits: {e}",
-                        consumer.name()
-                    );
-                    bytes
-                }
+                Ok(()) => (0, 0),
+                Err(e) => match native.force_grow(bytes) {
+                    Ok(_) => {
+                        log::debug!(
+                            "nativemem pool: infallible grow of {} by {additional} over-commits: {e}",
+                            consumer.name()
+                        );
+                        (0, bytes)
+                    }
+                    Err(f) => {
+                        log::warn!(
+                            "nativemem pool: infallible grow of {} by {additional} not charged: {f}",
+                            consumer.name()
+                        );
+                        (bytes, 0)
+                    }
+                },
             },
-            None => bytes,
+            None => (bytes, 0),
         };
-        let _ = self.grown(consumer.id(), bytes, overcommit, 0);
+        let _ = self.grown(consumer.id(), bytes, overcommit, forced, 0);
     }
 
     fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
@@ -595,6 +639,10 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
                     let bytes = bytes.min(c.size);
                     let from_overcommit = bytes.min(c.overcommit);
                     c.overcommit -= from_overcommit;
+                    let from_forced = (bytes - from_overcommit).min(c.forced);
+                    c.forced -= from_forced;
+                    // Relaxed: a read-out, changed only under this lock.
+                    self.forced.fetch_sub(from_forced, Ordering::Relaxed);
                     c.size -= bytes;
                     if bytes > 0 {
                         // It released memory (spilled, or output): fairness applies again.
@@ -657,7 +705,7 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
                 }
             }
         }
-        let excess = self.grown(consumer.id(), bytes, 0, owed);
+        let excess = self.grown(consumer.id(), bytes, 0, 0, owed);
         if excess > 0 {
             if let Err(e) = native.shrink(excess) {
                 log::warn!(

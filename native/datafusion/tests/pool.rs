@@ -73,35 +73,49 @@ fn limit_refuses_with_resources_exhausted_and_nativemem_report() {
     assert!(m.close().unwrap().is_empty());
 }
 
+/// Issue 26: what DataFusion takes through its infallible `grow` beyond what nativemem grants is
+/// charged to nativemem at once (the task's usage, its report, what Spark is asked for next), and
+/// while it keeps the task over its limit, the next `try_grow` of **any** consumer is refused.
 #[test]
-fn infallible_grow_over_the_limit_is_overcommit_counted_and_paid_back() {
+fn infallible_grow_over_the_limit_is_charged_at_once_and_refuses_every_consumer() {
     let (m, _l, pool) = setup(Some(4 * MIB as u64));
     let native = NativememPool::new(m.pool("datafusion").unwrap());
     let native = Arc::new(native);
     let dyn_pool: Arc<dyn MemoryPool> = native.clone();
-    let r = MemoryConsumer::new("RepartitionExec").register(&dyn_pool);
-    r.grow(3 * MIB);
-    r.grow(2 * MIB); // nativemem refuses: over-commit
-    assert_eq!(r.size(), 5 * MIB);
-    assert_eq!(native.reserved(), 5 * MIB);
-    assert_eq!(native.overcommit(), 2 * MIB as u64);
-    assert_eq!(m.used() as usize, 3 * MIB, "over-commit is not charged");
+    let join = MemoryConsumer::new("SortMergeJoinStream[0]").register(&dyn_pool);
+    let sort = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&dyn_pool);
+    join.grow(3 * MIB);
+    join.grow(2 * MIB); // nativemem refuses: over-commit, charged all the same
+    assert_eq!(join.size(), 5 * MIB);
+    assert_eq!((native.reserved(), m.used() as usize), (5 * MIB, 5 * MIB));
+    assert_eq!(
+        (
+            native.overcommit(),
+            native.overcommit_peak(),
+            native.uncharged()
+        ),
+        (2 * MIB as u64, 2 * MIB as u64, 0)
+    );
+    assert!(m.stats().overcommitted > 0, "{:?}", m.stats());
     assert!(
         native.report().contains("2.0 MiB over-committed"),
         "{}",
         native.report()
     );
-    // The next fallible grow must first pay the over-commit: refused while it cannot.
-    assert!(r.try_grow(MIB).is_err());
-    assert_eq!(native.overcommit(), 2 * MIB as u64);
+    // Any consumer's next fallible grow is refused while the task is over its limit.
+    assert!(sort.try_grow(1024).is_err());
+    assert!(join.try_grow(1024).is_err());
     // Shrinks give the over-commit back first.
-    r.shrink(2 * MIB);
+    join.shrink(2 * MIB);
     assert_eq!(native.overcommit(), 0);
     assert_eq!((native.reserved(), m.used() as usize), (3 * MIB, 3 * MIB));
-    r.try_grow(MIB).unwrap();
+    sort.try_grow(MIB).unwrap();
     assert_eq!((native.reserved(), m.used() as usize), (4 * MIB, 4 * MIB));
-    drop(r);
+    drop((join, sort));
     assert_eq!((native.reserved(), m.used()), (0, 0));
+    assert_eq!(native.overcommit_peak(), 2 * MIB as u64);
     drop(pool);
     drop(dyn_pool);
     drop(native);

@@ -90,7 +90,12 @@ async fn run_on<P: NativePool>(
         .with_batch_size(8192)
         .with_sort_spill_reservation_bytes(2 << 20);
     let ctx = SessionContext::new_with_config_rt(config, runtime);
-    let plan = ctx.sql(sql).await?.create_physical_plan().await?;
+    // `SET ...; SELECT ...`: the settings first, then the query.
+    let (settings, query) = sql.rsplit_once(';').unwrap_or(("", sql));
+    for setting in settings.split(';').filter(|s| !s.trim().is_empty()) {
+        ctx.sql(setting).await?.collect().await?;
+    }
+    let plan = ctx.sql(query).await?.create_physical_plan().await?;
     let batches = collect(plan.clone(), ctx.task_ctx()).await?;
     let (spill_count, spilled_bytes) = spills(&plan);
     drop(plan);
@@ -378,4 +383,70 @@ async fn count_distinct_group_by_under_tight_limits_never_fails_for_fairness() {
             }
         }
     }
+}
+
+/// A sort-merge join whose buffered side holds 1M rows per key: it spills buffered batches and
+/// keeps their join keys with DataFusion's infallible `grow` (and grows again when it reads them
+/// back), past the limit.
+const SORT_MERGE_JOIN: &str = "SET datafusion.optimizer.prefer_hash_join = false; \
+    SET datafusion.optimizer.hash_join_single_partition_threshold = 0; \
+    SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 0; \
+    SELECT count(*) AS n, sum(b.p) AS s FROM (SELECT value AS k FROM generate_series(1, 2)) a \
+    JOIN (SELECT value % 2 + 1 AS k, value AS p FROM generate_series(1, 2000000)) b \
+    ON a.k = b.k";
+
+/// Issue 26: a sort-merge join that spills holds more than the limit through DataFusion's
+/// infallible `grow` (the keys of its spilled batches, and the batches it reads back). nativemem
+/// is charged for all of it at once: the task's peak covers what DataFusion held (before, it
+/// saw at most the limit while DataFusion held twice that), and exceeds the limit by at most the
+/// over-commit, which stays under what the join holds with no limit at all. Two partitions (a
+/// sort-merge join needs them), time-bounded (apache/datafusion#24883).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sort_merge_join_over_commit_is_charged_and_bounded() {
+    let bounded = |limit: Option<u64>| async move {
+        let (m, listener) = manager(limit);
+        let pool = Arc::new(NativememPool::new(m.pool("datafusion").unwrap()));
+        let run = tokio::time::timeout(
+            std::time::Duration::from_secs(120),
+            run_on(pool.clone(), 2, SORT_MERGE_JOIN),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the join under {limit:?} hung (apache/datafusion#24883?)"))
+        .unwrap();
+        let seen = (pool.peak_reserved(), pool.overcommit_peak(), m.peak());
+        assert_eq!((pool.reserved(), pool.overcommit(), m.used()), (0, 0, 0));
+        drop(pool);
+        assert!(m.close().unwrap().is_empty());
+        assert_eq!(listener.reserved(), 0);
+        (run, seen)
+    };
+    let (free, (free_peak, _, _)) = bounded(None).await;
+    let limit = 24 * MIB;
+    let (limited, (df_peak, overcommit_peak, task_peak)) = bounded(Some(limit)).await;
+    println!(
+        "unbounded peak {free_peak}, under {limit}: DataFusion peak {df_peak}, task peak \
+         {task_peak}, over-commit peak {overcommit_peak}, {} spills",
+        limited.spill_count
+    );
+    assert_eq!(limited.digest, free.digest);
+    assert!(limited.spill_count > 0, "no spill");
+    assert!(
+        overcommit_peak > 0,
+        "the join did not over-commit: the test proves nothing"
+    );
+    // Visible: nativemem (so Spark's view of the task) saw everything DataFusion held.
+    assert!(
+        task_peak >= df_peak,
+        "task peak {task_peak} < DataFusion's {df_peak}"
+    );
+    // Bounded: over the limit by at most the over-commit (plus the quantum of a reservation),
+    // and the over-commit under what the join holds unbounded.
+    assert!(
+        task_peak <= limit + overcommit_peak + MIB,
+        "task peak {task_peak} over {limit} + {overcommit_peak}"
+    );
+    assert!(
+        overcommit_peak < free_peak,
+        "over-commit {overcommit_peak} >= unbounded peak {free_peak}"
+    );
 }
