@@ -31,7 +31,8 @@
 //! ```ignore
 //! // In the engine's library, per task (or per query), from the two longs Java passed:
 //! let api = unsafe { nativemem_client::Api::from_address(api_address) }?;
-//! let pool = ClientPool::open(api.acquire(manager_handle)?, "datafusion", None)?;
+//! let pool = ClientPool::open(api.acquire(manager_handle)?, "datafusion", None)?
+//!     .in_task(manager_handle);
 //! let runtime = RuntimeEnvBuilder::new()
 //!     .with_memory_pool(Arc::new(NativememPool::new(pool)))
 //!     .build_arc()?;
@@ -133,7 +134,10 @@
 //! is refused. When its grow finds no room and the request that refusal made picked spillable
 //! consumers, it waits for them (up to 5 s, no lock held; it retries each time they have
 //! released memory, so waiting never asks more consumers to spill) instead of failing: their
-//! spills free the memory it needs. Only that consumer's thread waits.
+//! spills free the memory it needs. Only that consumer's thread waits. The wait spans every
+//! `NativememPool` of the task (nativemem's request asks the spiller of each): pools over the
+//! core backend know their task (the manager's id); a [`ClientPool`] knows it when opened with
+//! [`ClientPool::in_task`].
 //!
 //! A request never waits for an operator, whatever thread asks: it cannot deadlock with the task
 //! thread (which may hold Spark's `TaskMemoryManager` monitor, or run the operator itself). What

@@ -83,6 +83,33 @@ pub struct SpillRequestStats {
     pub unspillable_waits: u64,
 }
 
+/// What a waiting merge needs to know of a pool's consumer table (type-erased: the pools of one
+/// task may have different backends).
+trait Relief: Send + Sync {
+    /// The bytes held by spillable consumers other than `me` that were asked to give memory back
+    /// (they spill on their next `try_grow`, or are spilling now); `None` if there are none.
+    fn pending(&self, me: usize) -> Option<u64>;
+}
+
+impl<R: NativeReservation> Relief for Table<R> {
+    fn pending(&self, me: usize) -> Option<u64> {
+        let consumers = self.consumers.lock();
+        consumers
+            .iter()
+            .filter(|(&id, c)| id != me && c.can_spill && c.size > 0 && (c.asked || c.yielded))
+            .map(|(_, c)| c.size)
+            .reduce(u64::saturating_add)
+    }
+}
+
+/// The consumer tables of the live `NativememPool`s of each task ([`NativePool::task`]): a merge
+/// waiting for relief waits for the consumers asked in any pool of its task, since nativemem's
+/// request asks the spillers of every pool of the task (issue 26). Locked only to copy or edit a
+/// task's list, never while a table's lock is held.
+#[allow(clippy::type_complexity)]
+static TASKS: std::sync::LazyLock<Mutex<HashMap<u64, Vec<Weak<dyn Relief>>>>> =
+    std::sync::LazyLock::new(|| Mutex::new(HashMap::new()));
+
 /// The spiller's side: picks consumers to give memory back.
 struct Requests<R>(Weak<Table<R>>);
 
@@ -172,17 +199,27 @@ impl<P: NativePool> NativememPool<P> {
 
     /// A DataFusion pool charging `native`, deciding who spills by `policy`.
     pub fn with_policy(native: P, policy: Policy) -> Self {
+        let table = Arc::new(Table {
+            consumers: Mutex::new(HashMap::new()),
+            requests: AtomicU64::new(0),
+            requested_bytes: AtomicU64::new(0),
+            yields: AtomicU64::new(0),
+            yielded_bytes: AtomicU64::new(0),
+            unspillable_waits: AtomicU64::new(0),
+        });
+        if let Some(task) = native.task() {
+            let relief: Arc<dyn Relief> = table.clone();
+            let weak = Arc::downgrade(&relief);
+            drop(relief);
+            let mut tasks = TASKS.lock();
+            let list = tasks.entry(task).or_default();
+            list.retain(|t| t.strong_count() > 0);
+            list.push(weak);
+        }
         NativememPool {
             native,
             policy,
-            table: Arc::new(Table {
-                consumers: Mutex::new(HashMap::new()),
-                requests: AtomicU64::new(0),
-                requested_bytes: AtomicU64::new(0),
-                yields: AtomicU64::new(0),
-                yielded_bytes: AtomicU64::new(0),
-                unspillable_waits: AtomicU64::new(0),
-            }),
+            table,
             spill_registration: Mutex::new(None),
             peak: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
@@ -301,13 +338,18 @@ impl<P: NativePool> NativememPool<P> {
     }
 
     /// The bytes held by spillable consumers other than `me` that were asked to give memory back
-    /// (they spill on their next `try_grow`, or are spilling now); `None` if there are none.
+    /// (they spill on their next `try_grow`, or are spilling now), in every pool of the task (in
+    /// this pool only when the task is unknown); `None` if there are none.
     fn relief_pending(&self, me: usize) -> Option<u64> {
-        let consumers = self.table.consumers.lock();
-        consumers
+        let Some(task) = self.native.task() else {
+            return self.table.pending(me);
+        };
+        // Copied, then read without the registry's lock.
+        let tables: Vec<Weak<dyn Relief>> = TASKS.lock().get(&task).cloned().unwrap_or_default();
+        tables
             .iter()
-            .filter(|(&id, c)| id != me && c.can_spill && c.size > 0 && (c.asked || c.yielded))
-            .map(|(_, c)| c.size)
+            .filter_map(Weak::upgrade)
+            .filter_map(|t| t.pending(me))
             .reduce(u64::saturating_add)
     }
 
@@ -745,5 +787,22 @@ impl<P: NativePool> fmt::Debug for NativememPool<P> {
 impl<P: NativePool> fmt::Display for NativememPool<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.report())
+    }
+}
+
+impl<P: NativePool> Drop for NativememPool<P> {
+    fn drop(&mut self) {
+        if let Some(task) = self.native.task() {
+            let mut tasks = TASKS.lock();
+            if let Some(list) = tasks.get_mut(&task) {
+                // This pool's table is still alive here (held by `self`): drop its entry by
+                // identity, and the dead entries of pools gone before.
+                let me = Arc::as_ptr(&self.table) as *const ();
+                list.retain(|t| t.strong_count() > 0 && t.as_ptr() as *const () != me);
+                if list.is_empty() {
+                    tasks.remove(&task);
+                }
+            }
+        }
     }
 }

@@ -458,3 +458,58 @@ fn an_unspillable_grow_fails_at_once_when_no_spillable_consumer_can_give_memory_
     drop(native);
     assert!(m.close().unwrap().is_empty());
 }
+
+/// Issue 26: with two `NativememPool`s in one task, a merge in one whose grow finds no room
+/// waits for the consumers nativemem's request picked in the other (the request asks every
+/// pool's spiller), instead of failing.
+#[test]
+fn an_unspillable_grow_waits_for_the_consumers_asked_in_another_pool_of_the_task() {
+    let l = Arc::new(CapacityListener::new(8 * MIB as u64));
+    let config = exact().with_reservation_block(MIB as u64);
+    let m = MemoryManager::new("task", config, l.clone()).unwrap();
+    let sorts = Arc::new(NativememPool::with_policy(
+        m.pool("query-1").unwrap(),
+        Policy::Greedy,
+    ));
+    let merges = Arc::new(NativememPool::with_policy(
+        m.pool("query-2").unwrap(),
+        Policy::Greedy,
+    ));
+    sorts.answer_spill_requests().unwrap();
+    merges.answer_spill_requests().unwrap();
+    let sorts_pool: Arc<dyn MemoryPool> = sorts.clone();
+    let merges_pool: Arc<dyn MemoryPool> = merges.clone();
+    let sort = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&sorts_pool);
+    let merge = MemoryConsumer::new("ExternalSorterMerge[0]").register(&merges_pool);
+    sort.try_grow(6 * MIB).unwrap();
+    merge.try_grow(MIB).unwrap();
+    let sorter = std::thread::spawn(move || {
+        // The sort keeps growing a little until it is refused (asked to give memory back), then
+        // spills: frees what it holds, and its retry goes through.
+        let started = std::time::Instant::now();
+        while sort.try_grow(1024).is_ok() {
+            sort.shrink(1024);
+            assert!(started.elapsed().as_secs() < 5, "the sort was never asked");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        sort.free();
+        sort.try_grow(1024).unwrap();
+        sort
+    });
+    merge.try_grow(3 * MIB).unwrap();
+    let sort = sorter.join().unwrap();
+    assert!(
+        sorts.spill_requests().yields >= 1,
+        "{:?}",
+        sorts.spill_requests()
+    );
+    assert!(merges.spill_requests().unspillable_waits >= 1);
+    assert_eq!(merge.size(), 4 * MIB);
+    drop((sort, merge));
+    drop((sorts_pool, merges_pool, sorts, merges));
+    assert_eq!(m.used(), 0);
+    assert!(m.close().unwrap().is_empty());
+    assert_eq!(l.reserved(), 0);
+}
