@@ -44,7 +44,7 @@
 #         nativemem's pool vs DataFusion's, same 64 MiB limit and policy (Greedy vs GreedyMemoryPool,
 #         FairShare vs FairSpillPool), DF_ROUNDS rounds in rotating order (medians); listener calls
 #         per query vs one call per try_grow/grow/shrink. Then the failure matrix
-#         (native/datafusion/examples/df_failures.rs): sort, GROUP BY, COUNT(DISTINCT), two
+#         (native/datafusion/examples/df_failures.rs): sort, GROUP BY, window, COUNT(DISTINCT), two
 #         COUNT(DISTINCT) sharing one pool, a sort-merge join, at 16 and 24 MiB, DF_FAIL_RUNS (5;
 #         quick 2) runs each on nativemem's pool (FairShare) and on FairSpillPool: runs that failed
 #         for lack of memory (and hung, apart); target: nativemem's count <= FairSpillPool's.

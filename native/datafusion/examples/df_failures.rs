@@ -22,7 +22,7 @@ use nativemem_datafusion::NativememPool;
 const MIB: u64 = 1 << 20;
 
 /// `(name (no spaces), copies sharing the pool, partitions, sql)`.
-const QUERIES: [(&str, usize, usize, &str); 5] = [
+const QUERIES: [(&str, usize, usize, &str); 6] = [
     (
         "sort",
         1,
@@ -35,6 +35,14 @@ const QUERIES: [(&str, usize, usize, &str); 5] = [
         2,
         "SELECT value % 1000000 AS k, count(*) AS n, sum(value) AS s FROM generate_series(1, 3000000) \
          GROUP BY value % 1000000",
+    ),
+    (
+        "window",
+        1,
+        2,
+        "SELECT count(*) AS n, sum(rn) AS r, sum(s) AS s FROM (SELECT ROW_NUMBER() OVER \
+         (PARTITION BY k ORDER BY v) AS rn, SUM(v) OVER (PARTITION BY k ORDER BY v) AS s \
+         FROM (SELECT value % 1000 AS k, (value * 7919) % 1000003 AS v FROM generate_series(1, 3000000)))",
     ),
     ("count-distinct", 1, 1, COUNT_DISTINCT),
     ("2x-count-distinct-one-pool", 2, 1, COUNT_DISTINCT),

@@ -134,7 +134,10 @@
 //! is refused. When its grow finds no room and the request that refusal made picked spillable
 //! consumers, it waits for them (up to 5 s, no lock held; it retries each time they have
 //! released memory, so waiting never asks more consumers to spill) instead of failing: their
-//! spills free the memory it needs. Only that consumer's thread waits. The wait spans every
+//! spills free the memory it needs. When no one was asked (spill requests off, the default, or
+//! a request that found no one), the pool asks its own spillable consumers itself, as a request
+//! would (never one seen merging, for which a refusal is fatal), and the merge waits for them:
+//! sorts do not starve merges in either mode. Only that consumer's thread waits. The wait spans every
 //! `NativememPool` of the task (nativemem's request asks the spiller of each): pools over the
 //! core backend know their task (the manager's id); a [`ClientPool`] knows it when opened with
 //! [`ClientPool::in_task`].

@@ -52,6 +52,8 @@ struct Consumer<R> {
     refused: bool,
     /// It released memory after a refusal: it spilled, and will merge its spill files.
     spilled: bool,
+    /// At its last grow it held memory through another reservation too (a merge: see "Fairness").
+    several: bool,
 }
 
 /// The consumer table and the spill-request counters: shared (weakly) with the spiller the pool
@@ -130,22 +132,7 @@ impl<R: NativeReservation> SpillRequests for Requests<R> {
         let Some(table) = self.0.upgrade() else {
             return 0;
         };
-        let mut consumers = table.consumers.lock();
-        // The largest spillable consumers first, until what they hold covers the target: the
-        // fewest operators disturbed (Spark's order for its own consumers).
-        let mut candidates: Vec<_> = consumers
-            .values_mut()
-            .filter(|c| c.can_spill && !c.asked && !c.yielded && c.size > 0)
-            .collect();
-        candidates.sort_by_key(|c| std::cmp::Reverse(c.size));
-        let mut covered = 0u64;
-        for c in candidates {
-            if covered >= target {
-                break;
-            }
-            c.asked = true;
-            covered = covered.saturating_add(c.size);
-        }
+        pick(&mut table.consumers.lock(), target, false);
         // Relaxed (both): statistics.
         table.requests.fetch_add(1, Ordering::Relaxed);
         table.requested_bytes.fetch_add(target, Ordering::Relaxed);
@@ -153,6 +140,27 @@ impl<R: NativeReservation> SpillRequests for Requests<R> {
         // goes back through their shrinks (to Spark when nativemem's cushion grows past its
         // hysteresis, see the crate docs).
         0
+    }
+}
+
+/// Marks spillable consumers to be refused at their next `try_grow` (so that they spill), the
+/// largest first, until what they hold covers `target`: the fewest operators disturbed (Spark's
+/// order for its own consumers). With `skip_merging`, not the consumers seen merging (for which a
+/// refusal is fatal).
+fn pick<R>(consumers: &mut HashMap<usize, Consumer<R>>, target: u64, skip_merging: bool) {
+    let mut candidates: Vec<_> = consumers
+        .values_mut()
+        .filter(|c| c.can_spill && !c.asked && !c.yielded && c.size > 0)
+        .filter(|c| !(skip_merging && (c.several || c.stuck)))
+        .collect();
+    candidates.sort_by_key(|c| std::cmp::Reverse(c.size));
+    let mut covered = 0u64;
+    for c in candidates {
+        if covered >= target {
+            break;
+        }
+        c.asked = true;
+        covered = covered.saturating_add(c.size);
     }
 }
 
@@ -371,6 +379,7 @@ impl<P: NativePool> NativememPool<P> {
                 // retry after spilling goes through, and it is not asked again before).
                 me.asked = false;
                 me.yielded = true;
+                me.refused = true;
                 let held = me.size;
                 // Relaxed (both): statistics.
                 self.table.yields.fetch_add(1, Ordering::Relaxed);
@@ -385,6 +394,9 @@ impl<P: NativePool> NativememPool<P> {
                     self.native.usage_report()
                 )));
             }
+        }
+        if let Some(me) = consumers.get_mut(&consumer.id()) {
+            me.several = me.size > reservation.size() as u64;
         }
         let Some(me) = consumers.get(&consumer.id()) else {
             return Err(DataFusionError::Internal(format!(
@@ -610,6 +622,7 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
                 stuck: false,
                 refused: false,
                 spilled: false,
+                several: false,
             },
         );
     }
@@ -729,8 +742,17 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
             // lock is held while waiting, and the operators spill on their own threads. The grow
             // is retried only once they released something, so the wait does not turn into a
             // stream of requests asking ever more consumers to spill.
+            let first = waiting.is_none();
             let started = *waiting.get_or_insert_with(Instant::now);
-            let relief = self.relief_pending(consumer.id());
+            let mut relief = self.relief_pending(consumer.id());
+            if relief.is_none() && first && !consumer.can_spill() {
+                // No one was asked (spill requests off, or nativemem's request found no one in
+                // this task): a merge would fail its query while spillable consumers of this pool
+                // hold the memory it needs. Ask them here, as a request would (not the merging
+                // ones, for which a refusal is fatal), and wait for them below.
+                pick(&mut self.table.consumers.lock(), bytes, true);
+                relief = self.relief_pending(consumer.id());
+            }
             if consumer.can_spill() || started.elapsed() >= UNSPILLABLE_WAIT || relief.is_none() {
                 if let Some(c) = self.table.consumers.lock().get_mut(&consumer.id()) {
                     c.refused = true;

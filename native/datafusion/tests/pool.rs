@@ -513,3 +513,40 @@ fn an_unspillable_grow_waits_for_the_consumers_asked_in_another_pool_of_the_task
     assert!(m.close().unwrap().is_empty());
     assert_eq!(l.reserved(), 0);
 }
+
+/// Issue 26: with spill requests off (the default), a merge whose grow finds no room under the
+/// task limit was refused at once while a spillable consumer of its pool held the memory (a
+/// window query's sorts starved their merges). The pool asks that consumer itself, and the merge
+/// waits for its spill.
+#[test]
+fn with_spill_requests_off_a_merge_finding_no_room_waits_for_a_sort_of_its_pool_to_spill() {
+    let (m, l, pool) = setup(Some(8 * MIB as u64));
+    let sort = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&pool);
+    let merge = MemoryConsumer::new("ExternalSorterMerge[1]").register(&pool);
+    sort.try_grow(6 * MIB).unwrap();
+    merge.try_grow(MIB).unwrap();
+    let sorter = std::thread::spawn(move || {
+        // The sort keeps growing a little until it is refused (asked to give memory back), then
+        // spills: frees what it holds, and its retry goes through.
+        let started = std::time::Instant::now();
+        while sort.try_grow(1024).is_ok() {
+            sort.shrink(1024);
+            assert!(started.elapsed().as_secs() < 5, "the sort was never asked");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        sort.free();
+        sort.try_grow(1024).unwrap();
+        sort
+    });
+    merge.try_grow(3 * MIB).unwrap();
+    let sort = sorter.join().unwrap();
+    assert_eq!(merge.size(), 4 * MIB);
+    assert_eq!(m.used() as usize, 4 * MIB + 1024);
+    drop((sort, merge));
+    drop(pool);
+    assert_eq!(m.used(), 0);
+    assert!(m.close().unwrap().is_empty());
+    assert_eq!(l.reserved(), 0);
+}
