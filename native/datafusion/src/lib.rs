@@ -137,7 +137,10 @@
 //! spills free the memory it needs. When no one was asked (spill requests off, the default, or
 //! a request that found no one), the pool asks its own spillable consumers itself, as a request
 //! would (never one seen merging, for which a refusal is fatal), and the merge waits for them:
-//! sorts do not starve merges in either mode. Only that consumer's thread waits. The wait spans every
+//! sorts do not starve merges in either mode. A spillable consumer seen merging (memory in
+//! several reservations, or grown again after a fairness refusal without releasing anything: a
+//! hash aggregation replaying its spill files) waits the same way, since it cannot spill either
+//! — also in budget-only mode, when Spark refuses its grow. Only that consumer's thread waits. The wait spans every
 //! `NativememPool` of the task (nativemem's request asks the spiller of each): pools over the
 //! core backend know their task (the manager's id); a [`ClientPool`] knows it when opened with
 //! [`ClientPool::in_task`].

@@ -744,8 +744,17 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
             // stream of requests asking ever more consumers to spill.
             let first = waiting.is_none();
             let started = *waiting.get_or_insert_with(Instant::now);
+            // A spillable consumer seen merging (memory in several reservations, or it grew
+            // again after a fairness refusal without releasing anything) cannot spill either: a
+            // hash aggregation replaying its spill files fails its query on a refusal.
+            let cannot_spill = !consumer.can_spill() || {
+                let consumers = self.table.consumers.lock();
+                consumers
+                    .get(&consumer.id())
+                    .is_some_and(|c| c.several || c.stuck)
+            };
             let mut relief = self.relief_pending(consumer.id());
-            if relief.is_none() && first && !consumer.can_spill() {
+            if relief.is_none() && first && cannot_spill {
                 // No one was asked (spill requests off, or nativemem's request found no one in
                 // this task): a merge would fail its query while spillable consumers of this pool
                 // hold the memory it needs. Ask them here, as a request would (not the merging
@@ -753,7 +762,7 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
                 pick(&mut self.table.consumers.lock(), bytes, true);
                 relief = self.relief_pending(consumer.id());
             }
-            if consumer.can_spill() || started.elapsed() >= UNSPILLABLE_WAIT || relief.is_none() {
+            if !cannot_spill || started.elapsed() >= UNSPILLABLE_WAIT || relief.is_none() {
                 if let Some(c) = self.table.consumers.lock().get_mut(&consumer.id()) {
                     c.refused = true;
                 }
