@@ -46,7 +46,8 @@
 #         per query vs one call per try_grow/grow/shrink. Then the failure matrix
 #         (native/datafusion/examples/df_failures.rs): sort, GROUP BY, window, COUNT(DISTINCT), two
 #         COUNT(DISTINCT) sharing one pool, a sort-merge join, at 16 and 24 MiB, DF_FAIL_RUNS (5;
-#         quick 2) runs each on nativemem's pool (FairShare) and on FairSpillPool: runs that failed
+#         quick 2) runs each on nativemem's pool (FairShare; a task limit, and budget-only: Spark
+#         grants at most the limit) and on FairSpillPool (the limit): runs that failed
 #         for lack of memory (and hung, apart); target: nativemem's count <= FairSpillPool's.
 #
 # Environment: BENCH_DIR (logs, criterion data, table.md; default target/bench), BENCH_ESTIMATE
@@ -462,9 +463,10 @@ datafusion_part() {
          "$TARGET_DIR/release/examples/df_failures" "$DF_FAIL_RUNS"; } >"$flog" 2>&1; then
     fail_part datafusion-failures "$flog"; return
   fi
-  local name lim nf nh ff fh runs
-  while read -r _ name lim nf nh ff fh runs; do
-    row "datafusion failures: $name, ${lim} MiB limit, nativemem's pool (FairShare)" \
+  local name mode lim nf nh ff fh runs
+  while read -r _ name mode lim nf nh ff fh runs; do
+    if [ "$mode" = budget ]; then mode="no task limit, Spark grants ${lim} MiB"; else mode="${lim} MiB task limit"; fi
+    row "datafusion failures: $name, $mode, nativemem's pool (FairShare)" \
         "$nf of $runs failed$([ "$nh" = 0 ] || echo ", $nh hung")" \
         "FairSpillPool: $ff of $runs failed$([ "$fh" = 0 ] || echo ", $fh hung")" "—" \
         "≤ FairSpillPool's" "$(met "$nf + $nh <= $ff + $fh")"

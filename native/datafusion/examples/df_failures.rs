@@ -2,9 +2,11 @@
 //! the default) and on DataFusion's `FairSpillPool`, same queries, same limits, `runs` runs each
 //! (issue 26: nativemem's count must never be above `FairSpillPool`'s). Each run is
 //! time-bounded: a run that does not return within 60 s (DataFusion 55.2 can park every worker,
-//! apache/datafusion#24883) counts as a hang, apart from failures. Prints
-//! `FAILURES <query> <limit MiB> <nativemem failed> <nativemem hung> <FairSpillPool failed>
-//! <FairSpillPool hung> <runs>` lines for scripts/bench.sh.
+//! apache/datafusion#24883) counts as a hang, apart from failures. nativemem runs in two modes:
+//! `limit` (a task limit, Spark unbounded) and `budget` (no task limit, Spark grants at most the
+//! limit: Spark's default). Prints `FAILURES <query> <mode> <limit MiB> <nativemem failed>
+//! <nativemem hung> <FairSpillPool failed> <FairSpillPool hung> <runs>` lines for
+//! scripts/bench.sh.
 //!
 //!   cargo run --release -p nativemem-datafusion --example df_failures [runs]
 
@@ -116,7 +118,10 @@ async fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
     for (name, copies, partitions, sql) in QUERIES {
-        for limit in LIMITS_MIB.map(|l| l * MIB) {
+        for (mode, limit) in ["limit", "budget"]
+            .into_iter()
+            .flat_map(|mode| LIMITS_MIB.map(|l| (mode, l * MIB)))
+        {
             // [nativemem failed, hung, FairSpillPool failed, hung]
             let mut counts = [0usize; 4];
             for round in 0..runs {
@@ -127,10 +132,15 @@ async fn main() {
                         let pool = Arc::new(FairSpillPool::new(limit as usize));
                         run(pool, copies, partitions, sql).await
                     } else {
-                        let l = Arc::new(CapacityListener::unlimited());
+                        let (l, task_limit) = if mode == "limit" {
+                            (CapacityListener::unlimited(), Some(limit))
+                        } else {
+                            (CapacityListener::new(limit), None)
+                        };
+                        let l = Arc::new(l);
                         let config = MemoryConfig::default()
                             .with_reservation_block(MIB)
-                            .with_task_limit(Some(limit));
+                            .with_task_limit(task_limit);
                         let m = MemoryManager::new("failures", config, l).unwrap();
                         let pool = Arc::new(NativememPool::new(m.pool("datafusion").unwrap()));
                         let outcome = run(pool, copies, partitions, sql).await;
@@ -147,7 +157,10 @@ async fn main() {
                 }
             }
             let [nf, nh, ff, fh] = counts;
-            println!("FAILURES {name} {} {nf} {nh} {ff} {fh} {runs}", limit / MIB);
+            println!(
+                "FAILURES {name} {mode} {} {nf} {nh} {ff} {fh} {runs}",
+                limit / MIB
+            );
         }
     }
 }
