@@ -49,7 +49,12 @@
 #   datafusion  DataFusion sort and aggregation (native/datafusion/examples/df_bench.rs) on
 #         nativemem's pool vs DataFusion's, same 64 MiB limit and policy (Greedy vs GreedyMemoryPool,
 #         FairShare vs FairSpillPool), DF_ROUNDS rounds in rotating order (medians); listener calls
-#         per query vs one call per try_grow/grow/shrink.
+#         per query vs one call per try_grow/grow/shrink. Then the failure matrix
+#         (native/datafusion/examples/df_failures.rs): sort, GROUP BY, window, COUNT(DISTINCT), two
+#         COUNT(DISTINCT) sharing one pool, a sort-merge join, at 16 and 24 MiB, DF_FAIL_RUNS (5;
+#         quick 2) runs each on nativemem's pool (FairShare; a task limit, and budget-only: Spark
+#         grants at most the limit) and on FairSpillPool (the limit): runs that failed
+#         for lack of memory (and hung, apart); target: nativemem's count <= FairSpillPool's.
 #
 # Environment: BENCH_DIR (logs, criterion data, table.md; default target/bench), BENCH_ESTIMATE
 # (criterion estimate: median (default) or mean), SPARK_VERSION (a release of scripts/spark-releases.txt, default 3.5),
@@ -83,6 +88,7 @@ else
 fi
 SORT_BUFFER_MIB="${SORT_BUFFER_MIB:-16}"
 if [ "$quick" = 1 ]; then DF_ROUNDS="${DF_ROUNDS:-1}"; else DF_ROUNDS="${DF_ROUNDS:-15}"; fi
+if [ "$quick" = 1 ]; then DF_FAIL_RUNS="${DF_FAIL_RUNS:-2}"; else DF_FAIL_RUNS="${DF_FAIL_RUNS:-5}"; fi
 case "$BENCH_ESTIMATE" in median|mean) ;; *) echo "bench.sh: BENCH_ESTIMATE must be median or mean" >&2; exit 2 ;; esac
 mkdir -p "$BENCH_DIR"
 export CARGO_TERM_COLOR=never
@@ -484,6 +490,22 @@ datafusion_part() {
         "one per try_grow/grow/shrink (Comet): $(group "$pc")" \
         "$(awk -v a="$lc" -v b="$pc" 'BEGIN { if (a == 0) print "—"; else printf "1/%.0f", b / a }')" "—" "—"
   done
+  # The failure matrix (issue 26): never more failures than DataFusion's FairSpillPool.
+  local flog="$BENCH_DIR/datafusion-failures.log"
+  step "datafusion: df_failures, $DF_FAIL_RUNS runs per cell (log: ${flog#"$ROOT"/})"
+  if ! { cargo build --release -p nativemem-datafusion --example df_failures &&
+         "$TARGET_DIR/release/examples/df_failures" "$DF_FAIL_RUNS"; } >"$flog" 2>&1; then
+    fail_part datafusion-failures "$flog"; return
+  fi
+  local name mode lim nf nh ff fh runs
+  while read -r _ name mode lim nf nh ff fh runs; do
+    if [ "$mode" = budget ]; then mode="no task limit, Spark grants ${lim} MiB"; else mode="${lim} MiB task limit"; fi
+    row "datafusion failures: $name, $mode, nativemem's pool (FairShare)" \
+        "$nf of $runs failed$([ "$nh" = 0 ] || echo ", $nh hung")" \
+        "FairSpillPool: $ff of $runs failed$([ "$fh" = 0 ] || echo ", $fh hung")" "—" \
+        "≤ FairSpillPool's" "$(met "$nf + $nh <= $ff + $fh")"
+  done < <(grep '^FAILURES ' "$flog")
+  grep -q '^FAILURES ' "$flog" || fail_part datafusion-failures "$flog"
 }
 
 want abi && abi_part

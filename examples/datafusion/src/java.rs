@@ -212,11 +212,11 @@ impl Task {
                 answer_spill_requests,
             } => {
                 let lease = self.api.acquire(self.manager)?;
-                let pool = Arc::new(NativememPool::new(ClientPool::open(
-                    lease,
-                    &self.pool_path,
-                    None,
-                )?));
+                // `in_task`: the task's other pools (another query of the task) share the wait
+                // of a merge for the consumers asked to spill.
+                let pool = Arc::new(NativememPool::new(
+                    ClientPool::open(lease, &self.pool_path, None)?.in_task(self.manager),
+                ));
                 if *answer_spill_requests {
                     pool.answer_spill_requests().map_err(pool_error)?;
                 }

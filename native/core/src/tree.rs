@@ -8,6 +8,17 @@
 //! exceeded, even transiently. If any level refuses, the levels already charged are rolled back
 //! (Doris `try_consume`), so a failed charge leaves every counter as it was.
 //!
+//! # Peaks are high-water marks of what was *held*
+//! `used` counts a charge from the moment its RMW lands, so it includes grows still in flight:
+//! one that a level above will refuse (and roll back), or one the listener will refuse. A peak
+//! read from `used` would show those refused grows (a child pool could even report a higher
+//! peak than its root). So each node also counts `held`: the bytes of grows that completed
+//! ([`PoolNode::confirm`]) and are not released yet, and its peak is the highest `held` ever
+//! reached. A refused or rolled-back grow never touches `held`, and neither does a claim on the
+//! root (bytes being handed back to the listener). Since a grow confirms every level of its
+//! lineage with the same bytes and a release releases them from every level, a pool's peak
+//! never exceeds its parent's.
+//!
 //! Orderings (see also the protocol in `budget`): below the root, `used` and `peak` are
 //! statistics and the limit of their own node; no other memory is published through them and a
 //! limit is a single-counter invariant that RMW atomicity alone keeps exact, so every access is
@@ -39,6 +50,9 @@ pub(crate) struct PoolNode {
     pub(crate) path: String,
     pub(crate) limit: Option<u64>,
     pub(crate) used: AtomicU64,
+    /// `used` without grows in flight and without claims: what the pool holds (module docs).
+    pub(crate) held: AtomicU64,
+    /// The highest `held` reached.
     pub(crate) peak: AtomicU64,
     pub(crate) parent: Option<Arc<PoolNode>>,
     pub(crate) children: Mutex<Vec<Arc<PoolNode>>>,
@@ -71,6 +85,7 @@ impl PoolNode {
             path: "root".to_string(),
             limit,
             used: AtomicU64::new(0),
+            held: AtomicU64::new(0),
             peak: AtomicU64::new(0),
             parent: None,
             children: Mutex::new(Vec::new()),
@@ -106,6 +121,7 @@ impl PoolNode {
             path: format!("{}/{}", self.path, name),
             limit,
             used: AtomicU64::new(0),
+            held: AtomicU64::new(0),
             peak: AtomicU64::new(0),
             parent: Some(self.clone()),
             children: Mutex::new(Vec::new()),
@@ -149,7 +165,7 @@ impl PoolNode {
         self.used.load(Ordering::Relaxed)
     }
 
-    /// The highest `used` recorded (a read-out).
+    /// The highest `held` reached: the most the pool held (a read-out; module docs).
     pub(crate) fn peak(&self) -> u64 {
         // Relaxed: a statistic, like `used`.
         self.peak.load(Ordering::Relaxed)
@@ -161,7 +177,10 @@ impl PoolNode {
         let mut root_used = 0;
         for node in self.lineage() {
             match node.charge_one(bytes) {
-                Ok(now) => root_used = now,
+                Ok(now) => {
+                    root_used = now;
+                    crate::sync::test_point("charge:level");
+                }
                 Err(used) => {
                     // Roll back the levels below the refusing one, charged by this call.
                     for done in self.lineage().take_while(|n| !std::ptr::eq(*n, node)) {
@@ -202,24 +221,45 @@ impl PoolNode {
         root_used
     }
 
-    /// Raises the peaks of this node and its ancestors to their current usage. Called once a grow
-    /// has fully succeeded, so a refused or rolled-back charge of this thread never shows as a
-    /// peak (a concurrent thread's in-flight charge may: peaks are high-water marks of charges).
-    pub(crate) fn record_peaks(&self) {
+    /// Confirms a grow of `bytes` that is charged (`charge` or `force_charge`) and will not be
+    /// rolled back: adds them to `held` of this node and its ancestors and raises their peaks to
+    /// the new `held` (module docs). Called once the grow has fully succeeded, so a refused or
+    /// rolled-back charge never shows as a peak, whatever other threads do meanwhile.
+    pub(crate) fn confirm(&self, bytes: u64) {
         for node in self.lineage() {
-            // Relaxed (all three): peaks are statistics; `fetch_max` keeps each one monotonic by
-            // RMW atomicity alone.
-            let now = node.used.load(Ordering::Relaxed);
+            // Relaxed (all): `held` and the peak are statistics; RMW atomicity alone keeps
+            // `held` exact and `fetch_max` keeps the peak monotonic.
+            let now = node
+                .held
+                .fetch_add(bytes, Ordering::Relaxed)
+                .wrapping_add(bytes);
             if now > node.peak.load(Ordering::Relaxed) {
                 node.peak.fetch_max(now, Ordering::Relaxed);
             }
         }
     }
 
+    /// Undoes a charge that was never confirmed (a grow refused after charging, or one that
+    /// retries): like [`uncharge`](Self::uncharge), `held` untouched. Returns the root's new
+    /// `used`.
+    pub(crate) fn rollback(&self, bytes: u64) -> u64 {
+        self.uncharge_used(bytes)
+    }
+
     /// Removes `bytes` from this node and every ancestor. The caller guarantees they were charged
-    /// (and that the charge happens-before this call: see `ConsumerState::size`). Returns the
-    /// root's new `used`.
+    /// and confirmed (and that the charge happens-before this call: see `ConsumerState::size`).
+    /// Returns the root's new `used`.
     pub(crate) fn uncharge(&self, bytes: u64) -> u64 {
+        for node in self.lineage() {
+            // Relaxed: a statistic (see `confirm`).
+            let prev = node.held.fetch_sub(bytes, Ordering::Relaxed);
+            debug_assert!(prev >= bytes, "pool '{}' released below zero", node.path);
+        }
+        self.uncharge_used(bytes)
+    }
+
+    /// Removes `bytes` from `used` of this node and every ancestor (see `uncharge`, `rollback`).
+    fn uncharge_used(&self, bytes: u64) -> u64 {
         let mut root_used = 0;
         for node in self.lineage() {
             let order = if node.is_root() {

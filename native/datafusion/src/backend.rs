@@ -52,6 +52,13 @@ pub trait NativePool: Send + Sync + 'static {
     /// nativemem's usage report of the task (pool tree, consumers), for errors and `Display`.
     fn usage_report(&self) -> String;
 
+    /// The task (manager) this pool belongs to, unique in the process while it lives, if known:
+    /// the `NativememPool`s of one task share the wait of a merge for the consumers asked to
+    /// spill (see the crate docs). `None`: each pool waits for its own consumers only.
+    fn task(&self) -> Option<u64> {
+        None
+    }
+
     /// Registers `requests` as a spiller of this pool: nativemem calls it when Spark asks the
     /// task for memory, or when a grow of the task finds no room.
     fn register_spill_requests(
@@ -66,6 +73,11 @@ pub trait NativeReservation: Send + Sync + 'static {
     /// Grows by `bytes` (may reserve from Spark and spill native consumers). On error nothing
     /// changed.
     fn try_grow(&self, bytes: u64) -> Result<(), NativeError>;
+    /// Grows by `bytes` at once whatever the limits and the cushion (nativemem's forced charge:
+    /// never calls Spark or a spiller); returns the over-committed part, which nativemem counts
+    /// and the task's next fallible grow pays (a pool pushed over its limit refuses grows until
+    /// enough is released). Errors (nothing changes): a closed manager, an engine ABI without it.
+    fn force_grow(&self, bytes: u64) -> Result<u64, NativeError>;
     /// Shrinks by `bytes` (at most the size).
     fn shrink(&self, bytes: u64) -> Result<(), NativeError>;
     /// Bytes held.
@@ -114,6 +126,10 @@ mod core_backend {
             self.manager().usage_report().to_string()
         }
 
+        fn task(&self) -> Option<u64> {
+            Some(self.manager().id())
+        }
+
         fn register_spill_requests(
             &self,
             name: &str,
@@ -128,6 +144,10 @@ mod core_backend {
     impl NativeReservation for Reservation {
         fn try_grow(&self, bytes: u64) -> Result<(), NativeError> {
             Reservation::try_grow(self, bytes).map_err(native)
+        }
+
+        fn force_grow(&self, bytes: u64) -> Result<u64, NativeError> {
+            Reservation::force_grow(self, bytes).map_err(native)
         }
 
         fn shrink(&self, bytes: u64) -> Result<(), NativeError> {
@@ -169,6 +189,7 @@ mod client_backend {
         pool: Pool,
         report: Lease,
         limit: Option<u64>,
+        task: Option<u64>,
     }
 
     impl ClientPool {
@@ -192,7 +213,18 @@ mod client_backend {
                 pool,
                 report: lease,
                 limit,
+                task: None,
             })
+        }
+
+        /// Marks the pool as one of the task whose manager handle (as Java passed it) is
+        /// `manager`: the `NativememPool`s opened with the same handle share the wait of a merge
+        /// for the consumers asked to spill, whichever pool they are in (a task with several
+        /// pools). Without it each pool waits for its own consumers only.
+        pub fn in_task(mut self, manager: i64) -> Self {
+            // Tagged apart from the core backend's manager ids (a process may use both).
+            self.task = Some((manager as u64) | (1 << 63));
+            self
         }
     }
 
@@ -205,6 +237,10 @@ mod client_backend {
 
         fn limit(&self) -> Option<u64> {
             self.limit
+        }
+
+        fn task(&self) -> Option<u64> {
+            self.task
         }
 
         fn usage_report(&self) -> String {
@@ -229,6 +265,10 @@ mod client_backend {
     impl NativeReservation for Reservation {
         fn try_grow(&self, bytes: u64) -> Result<(), NativeError> {
             Reservation::try_grow(self, bytes).map_err(native)
+        }
+
+        fn force_grow(&self, bytes: u64) -> Result<u64, NativeError> {
+            Reservation::force_grow(self, bytes).map_err(native)
         }
 
         fn shrink(&self, bytes: u64) -> Result<(), NativeError> {

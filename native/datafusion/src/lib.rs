@@ -17,8 +17,9 @@
 //!                                  native.try_grow(n) (no lock) ───▶ pool limits, task limit,
 //!                                                                     cushion → Spark (blocks),
 //!                                  ResourcesExhausted(report) ◀──     native spillers
-//!  reservation.grow(n) (infallible) ▶ native.try_grow(n), else counted as over-commit
-//!  shrink / free / drop ─────────▶ over-commit first, then native.shrink
+//!  reservation.grow(n) (infallible) ▶ native.try_grow(n), else native.force_grow(n): over-commit,
+//!                                  charged at once
+//!  shrink / free / drop ─────────▶ native.shrink (over-commit counted down first)
 //! ```
 //!
 //! ## One adapter, two ways to reach nativemem
@@ -30,7 +31,8 @@
 //! ```ignore
 //! // In the engine's library, per task (or per query), from the two longs Java passed:
 //! let api = unsafe { nativemem_client::Api::from_address(api_address) }?;
-//! let pool = ClientPool::open(api.acquire(manager_handle)?, "datafusion", None)?;
+//! let pool = ClientPool::open(api.acquire(manager_handle)?, "datafusion", None)?
+//!     .in_task(manager_handle);
 //! let runtime = RuntimeEnvBuilder::new()
 //!     .with_memory_pool(Arc::new(NativememPool::new(pool)))
 //!     .build_arc()?;
@@ -43,9 +45,23 @@
 //!   message with the task's usage report, so the operator spills (or the query fails with the
 //!   whole picture). Nothing is charged on error.
 //! - `grow` is DataFusion's *infallible* grow: it is tried on nativemem like `try_grow`; what
-//!   nativemem refuses is **over-commit**, counted per consumer (never lost: [`NativememPool::overcommit`],
-//!   [`NativememPool::report`]), given back first by the consumer's shrinks and charged to
-//!   nativemem by its next `try_grow` (which then spills or fails instead of over-committing more).
+//!   nativemem refuses is **over-commit**, charged to nativemem at once all the same (its forced
+//!   charge, which never calls Spark or a spiller): the task's usage, peak, usage report and stats
+//!   (`overcommitted`) include it, so nothing DataFusion holds is hidden from the task's
+//!   accounting. Counted per consumer too ([`NativememPool::overcommit`],
+//!   [`NativememPool::overcommit_peak`], [`NativememPool::report`]) and counted down first by the
+//!   consumer's shrinks. DataFusion 55.2 grows infallibly in its sort-merge join (the join keys
+//!   of each buffered batch it spills, and each batch it reads back) and nested-loop join.
+//! - **The bound.** While over-commit keeps the task over its limit, every fallible grow of the
+//!   task — of any consumer, not only the one that over-committed — is refused by nativemem's
+//!   limit, so the other operators spill (or wait, or fail) instead of adding to it. So the
+//!   task's usage never exceeds its limit by more than the over-commit outstanding:
+//!   `used ≤ limit + overcommit()` at all times, and the over-commit itself is what DataFusion's
+//!   infallible grows hold, no more (a sort-merge join spilling under 24 MiB: about 21 MiB, where
+//!   it holds 65 MiB unbounded; `sort_merge_join_over_commit_is_charged_and_bounded`). Without a
+//!   task limit, the next grow that reaches Spark reserves the over-commit with its own bytes.
+//!   With a task limit, Spark's reservation stays within the limit: the over-commit shows in
+//!   the task's usage and stats, not in what Spark granted.
 //! - `reserved()` is what DataFusion holds (over-commit included); `memory_limit()` is
 //!   `Finite(limit)` when the pool or the task has a limit, `Unknown` when only Spark's budget
 //!   (which moves with the other tasks) bounds it.
@@ -55,7 +71,8 @@
 //! `FairSpillPool` intends, with the corrections DataFusion and Comet users asked for
 //! (DataFusion #22036 and #25172, Comet #5214):
 //! - **Shares count consumers, not reservations.** A consumer's share covers all its
-//!   reservations together (split and `new_empty` reservations share its registration).
+//!   reservations together (split and `new_empty` reservations share its registration); only
+//!   FairSpillPool's floor (below) looks at one reservation.
 //! - **Idle consumers do not starve busy ones.** A spillable consumer's share is
 //!   `(L − unspillable) / n`, where `n` counts the spillable consumers *holding memory* plus the
 //!   one asking, not every registered one.
@@ -70,6 +87,30 @@
 //!   prefers that may choose [`Policy::Greedy`] (`NativememPool::with_policy`), which refuses only
 //!   on nativemem's limits — and can fail a consumer that comes late to a full pool.
 //! - Unspillable consumers (they cannot give memory back) are bounded by nativemem's limits only.
+//! - **Never refused for fairness when a refusal cannot make it spill.** DataFusion keeps some
+//!   consumers marked spillable after they can no longer spill: a hash aggregation that spilled
+//!   merges its spill files and replays them into a table, through two `new_empty` reservations
+//!   of its consumer, and any refused grow then fails the query — with room left under the limit
+//!   (issue 26: "it would hold 12.2 MiB, over its fair share 6.0 MiB" under 24 MiB; two
+//!   `COUNT(DISTINCT)` sharing 16 MiB failed every run). DataFusion's `FairSpillPool` runs those
+//!   queries because it judges each **reservation** against
+//!   `fsp_share = (L − unspillable) / registered spillable consumers`. So, before the share:
+//!   1. *FairSpillPool's floor*: a grow that FairSpillPool would grant in the same state (the
+//!      growing reservation within `fsp_share`) is never refused for fairness. FairSpillPool
+//!      counts every registered spillable consumer, so its share is never larger than ours.
+//!   2. *Merges leave FairSpillPool's share free*: a consumer that is merging — it holds memory
+//!      through another reservation too, or it has released memory after a refused grow (it
+//!      spilled) — may grow a reservation past `fsp_share` only while that leaves `fsp_share`
+//!      free. A merge would take all there is (DataFusion's multi-level merge seats as many
+//!      spill files as memory allows; refused, it seats fewer), and the replay table, whose
+//!      refusal is fatal, would find nothing left; with this rule it finds its floor.
+//!   3. *A refusal that did not make it spill*: a consumer (not merging) refused for fairness
+//!      that grows again without having released anything since could not spill; fairness no
+//!      longer refuses it, the free room is its, until it releases memory.
+//!
+//!   nativemem's limits (the task limit, Spark's budget) still refuse when there is no room:
+//!   fairness only decides who spills while there is. Rule 2 costs a consumer that spilled at
+//!   most one `fsp_share` of room it could otherwise have taken when alone.
 //!
 //! nativemem's limits and Spark's budget apply on top, to everyone. Without a known limit only
 //! they apply.
@@ -93,7 +134,16 @@
 //! is refused. When its grow finds no room and the request that refusal made picked spillable
 //! consumers, it waits for them (up to 5 s, no lock held; it retries each time they have
 //! released memory, so waiting never asks more consumers to spill) instead of failing: their
-//! spills free the memory it needs. Only that consumer's thread waits.
+//! spills free the memory it needs. When no one was asked (spill requests off, the default, or
+//! a request that found no one), the pool asks its own spillable consumers itself, as a request
+//! would (never one seen merging, for which a refusal is fatal), and the merge waits for them:
+//! sorts do not starve merges in either mode. A spillable consumer seen merging (memory in
+//! several reservations, or grown again after a fairness refusal without releasing anything: a
+//! hash aggregation replaying its spill files) waits the same way, since it cannot spill either
+//! — also in budget-only mode, when Spark refuses its grow. Only that consumer's thread waits. The wait spans every
+//! `NativememPool` of the task (nativemem's request asks the spiller of each): pools over the
+//! core backend know their task (the manager's id); a [`ClientPool`] knows it when opened with
+//! [`ClientPool::in_task`].
 //!
 //! A request never waits for an operator, whatever thread asks: it cannot deadlock with the task
 //! thread (which may hold Spark's `TaskMemoryManager` monitor, or run the operator itself). What
@@ -101,7 +151,8 @@
 //! grow of each picked operator. Limits: sorts (`ExternalSorter`) handle a refused grow at every
 //! point where they hold memory; DataFusion's hash aggregation, once it merges its own spill
 //! files (its `ReportError` phase), treats any refused grow as fatal, as it would under a real
-//! shortage: a request landing then fails the query. Engines whose plans aggregate under memory
+//! shortage: a request landing then fails the query (fairness spares it, see "Fairness"; a
+//! request does not). Engines whose plans aggregate under memory
 //! pressure should leave requests off for those queries or give them a limit instead.
 //!
 //! ## Locks

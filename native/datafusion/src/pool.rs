@@ -30,10 +30,13 @@ struct Consumer<R> {
     name: String,
     can_spill: bool,
     native: Arc<R>,
-    /// Bytes DataFusion's infallible `grow` took beyond what nativemem granted: counted here
-    /// (never lost) and charged to nativemem by the consumer's next grow or released by its
-    /// shrinks first.
+    /// Bytes DataFusion's infallible `grow` took that nativemem could not even force-charge (a
+    /// closed manager): counted here (never lost) and charged to nativemem by the consumer's next
+    /// grow or released by its shrinks first. 0 normally.
     overcommit: u64,
+    /// Bytes DataFusion's infallible `grow` took that nativemem's `try_grow` refused, charged
+    /// with nativemem's forced charge (crate docs, "Accounting"); released by its shrinks first.
+    forced: u64,
     /// Bytes this consumer holds as DataFusion sees them (its reservations' sum).
     size: u64,
     /// The task was asked for memory back and this consumer was picked: its next `try_grow` is
@@ -42,6 +45,15 @@ struct Consumer<R> {
     /// Refused for a request and not grown since: not asked again until its next successful grow,
     /// so the grow an operator retries right after spilling is never refused by a request.
     yielded: bool,
+    /// Refused for fairness and has released nothing since: if it grows again it could not
+    /// spill, and fairness no longer refuses it (crate docs, "Fairness") until it releases.
+    stuck: bool,
+    /// A `try_grow` was refused (for fairness or by nativemem) and it has released nothing since.
+    refused: bool,
+    /// It released memory after a refusal: it spilled, and will merge its spill files.
+    spilled: bool,
+    /// At its last grow it held memory through another reservation too (a merge: see "Fairness").
+    several: bool,
 }
 
 /// The consumer table and the spill-request counters: shared (weakly) with the spiller the pool
@@ -73,6 +85,33 @@ pub struct SpillRequestStats {
     pub unspillable_waits: u64,
 }
 
+/// What a waiting merge needs to know of a pool's consumer table (type-erased: the pools of one
+/// task may have different backends).
+trait Relief: Send + Sync {
+    /// The bytes held by spillable consumers other than `me` that were asked to give memory back
+    /// (they spill on their next `try_grow`, or are spilling now); `None` if there are none.
+    fn pending(&self, me: usize) -> Option<u64>;
+}
+
+impl<R: NativeReservation> Relief for Table<R> {
+    fn pending(&self, me: usize) -> Option<u64> {
+        let consumers = self.consumers.lock();
+        consumers
+            .iter()
+            .filter(|(&id, c)| id != me && c.can_spill && c.size > 0 && (c.asked || c.yielded))
+            .map(|(_, c)| c.size)
+            .reduce(u64::saturating_add)
+    }
+}
+
+/// The consumer tables of the live `NativememPool`s of each task ([`NativePool::task`]): a merge
+/// waiting for relief waits for the consumers asked in any pool of its task, since nativemem's
+/// request asks the spillers of every pool of the task (issue 26). Locked only to copy or edit a
+/// task's list, never while a table's lock is held.
+#[allow(clippy::type_complexity)]
+static TASKS: std::sync::LazyLock<Mutex<HashMap<u64, Vec<Weak<dyn Relief>>>>> =
+    std::sync::LazyLock::new(|| Mutex::new(HashMap::new()));
+
 /// The spiller's side: picks consumers to give memory back.
 struct Requests<R>(Weak<Table<R>>);
 
@@ -93,22 +132,7 @@ impl<R: NativeReservation> SpillRequests for Requests<R> {
         let Some(table) = self.0.upgrade() else {
             return 0;
         };
-        let mut consumers = table.consumers.lock();
-        // The largest spillable consumers first, until what they hold covers the target: the
-        // fewest operators disturbed (Spark's order for its own consumers).
-        let mut candidates: Vec<_> = consumers
-            .values_mut()
-            .filter(|c| c.can_spill && !c.asked && !c.yielded && c.size > 0)
-            .collect();
-        candidates.sort_by_key(|c| std::cmp::Reverse(c.size));
-        let mut covered = 0u64;
-        for c in candidates {
-            if covered >= target {
-                break;
-            }
-            c.asked = true;
-            covered = covered.saturating_add(c.size);
-        }
+        pick(&mut table.consumers.lock(), target, false);
         // Relaxed (both): statistics.
         table.requests.fetch_add(1, Ordering::Relaxed);
         table.requested_bytes.fetch_add(target, Ordering::Relaxed);
@@ -116,6 +140,27 @@ impl<R: NativeReservation> SpillRequests for Requests<R> {
         // goes back through their shrinks (to Spark when nativemem's cushion grows past its
         // hysteresis, see the crate docs).
         0
+    }
+}
+
+/// Marks spillable consumers to be refused at their next `try_grow` (so that they spill), the
+/// largest first, until what they hold covers `target`: the fewest operators disturbed (Spark's
+/// order for its own consumers). With `skip_merging`, not the consumers seen merging (for which a
+/// refusal is fatal).
+fn pick<R>(consumers: &mut HashMap<usize, Consumer<R>>, target: u64, skip_merging: bool) {
+    let mut candidates: Vec<_> = consumers
+        .values_mut()
+        .filter(|c| c.can_spill && !c.asked && !c.yielded && c.size > 0)
+        .filter(|c| !(skip_merging && (c.several || c.stuck)))
+        .collect();
+    candidates.sort_by_key(|c| std::cmp::Reverse(c.size));
+    let mut covered = 0u64;
+    for c in candidates {
+        if covered >= target {
+            break;
+        }
+        c.asked = true;
+        covered = covered.saturating_add(c.size);
     }
 }
 
@@ -147,8 +192,11 @@ pub struct NativememPool<P: NativePool> {
     peak: AtomicU64,
     /// Sum of the consumers' sizes (DataFusion's view, over-commit included).
     reserved: AtomicU64,
-    /// Sum of the consumers' over-commit.
+    /// Sum of the consumers' over-commit not charged to nativemem.
     overcommit: AtomicU64,
+    /// Sum of the consumers' forced bytes, and its peak.
+    forced: AtomicU64,
+    forced_peak: AtomicU64,
 }
 
 impl<P: NativePool> NativememPool<P> {
@@ -159,21 +207,33 @@ impl<P: NativePool> NativememPool<P> {
 
     /// A DataFusion pool charging `native`, deciding who spills by `policy`.
     pub fn with_policy(native: P, policy: Policy) -> Self {
+        let table = Arc::new(Table {
+            consumers: Mutex::new(HashMap::new()),
+            requests: AtomicU64::new(0),
+            requested_bytes: AtomicU64::new(0),
+            yields: AtomicU64::new(0),
+            yielded_bytes: AtomicU64::new(0),
+            unspillable_waits: AtomicU64::new(0),
+        });
+        if let Some(task) = native.task() {
+            let relief: Arc<dyn Relief> = table.clone();
+            let weak = Arc::downgrade(&relief);
+            drop(relief);
+            let mut tasks = TASKS.lock();
+            let list = tasks.entry(task).or_default();
+            list.retain(|t| t.strong_count() > 0);
+            list.push(weak);
+        }
         NativememPool {
             native,
             policy,
-            table: Arc::new(Table {
-                consumers: Mutex::new(HashMap::new()),
-                requests: AtomicU64::new(0),
-                requested_bytes: AtomicU64::new(0),
-                yields: AtomicU64::new(0),
-                yielded_bytes: AtomicU64::new(0),
-                unspillable_waits: AtomicU64::new(0),
-            }),
+            table,
             spill_registration: Mutex::new(None),
             peak: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
             overcommit: AtomicU64::new(0),
+            forced: AtomicU64::new(0),
+            forced_peak: AtomicU64::new(0),
         }
     }
 
@@ -229,9 +289,25 @@ impl<P: NativePool> NativememPool<P> {
         &self.native
     }
 
-    /// Bytes DataFusion's infallible `grow` holds beyond what nativemem granted (0 normally).
+    /// Bytes DataFusion holds through infallible `grow`s that nativemem's `try_grow` refused
+    /// (over-commit): charged to nativemem at once (so they count in the task's usage, its
+    /// report and what Spark is asked for), or, if even that failed (a closed manager),
+    /// [`uncharged`](Self::uncharged). 0 when no grow over-committed or all was released.
     pub fn overcommit(&self) -> u64 {
-        // Relaxed: a read-out; the counter is only changed under the consumers' lock.
+        // Relaxed (both): read-outs; the counters are only changed under the consumers' lock.
+        self.forced.load(Ordering::Relaxed) + self.overcommit.load(Ordering::Relaxed)
+    }
+
+    /// The most [`overcommit`](Self::overcommit) was (charged part), over the pool's life.
+    pub fn overcommit_peak(&self) -> u64 {
+        // Relaxed: a read-out.
+        self.forced_peak.load(Ordering::Relaxed)
+    }
+
+    /// The part of [`overcommit`](Self::overcommit) nativemem does not see (its forced charge
+    /// failed: a closed manager); charged by the consumer's next `try_grow`. 0 normally.
+    pub fn uncharged(&self) -> u64 {
+        // Relaxed: a read-out.
         self.overcommit.load(Ordering::Relaxed)
     }
 
@@ -251,7 +327,7 @@ impl<P: NativePool> NativememPool<P> {
             "\nDataFusion consumers: {} registered, {} reserved, {} over-committed",
             rows.len(),
             human(self.reserved.load(Ordering::Relaxed)),
-            human(self.overcommit.load(Ordering::Relaxed))
+            human(self.overcommit())
         ));
         for c in rows.iter().take(10) {
             out.push_str(&format!(
@@ -259,8 +335,8 @@ impl<P: NativePool> NativememPool<P> {
                 c.name,
                 if c.can_spill { " (spillable)" } else { "" },
                 human(c.size),
-                if c.overcommit > 0 {
-                    format!(", {} over-committed", human(c.overcommit))
+                if c.overcommit + c.forced > 0 {
+                    format!(", {} over-committed", human(c.overcommit + c.forced))
                 } else {
                     String::new()
                 }
@@ -270,13 +346,18 @@ impl<P: NativePool> NativememPool<P> {
     }
 
     /// The bytes held by spillable consumers other than `me` that were asked to give memory back
-    /// (they spill on their next `try_grow`, or are spilling now); `None` if there are none.
+    /// (they spill on their next `try_grow`, or are spilling now), in every pool of the task (in
+    /// this pool only when the task is unknown); `None` if there are none.
     fn relief_pending(&self, me: usize) -> Option<u64> {
-        let consumers = self.table.consumers.lock();
-        consumers
+        let Some(task) = self.native.task() else {
+            return self.table.pending(me);
+        };
+        // Copied, then read without the registry's lock.
+        let tables: Vec<Weak<dyn Relief>> = TASKS.lock().get(&task).cloned().unwrap_or_default();
+        tables
             .iter()
-            .filter(|(&id, c)| id != me && c.can_spill && c.size > 0 && (c.asked || c.yielded))
-            .map(|(_, c)| c.size)
+            .filter_map(Weak::upgrade)
+            .filter_map(|t| t.pending(me))
             .reduce(u64::saturating_add)
     }
 
@@ -284,9 +365,10 @@ impl<P: NativePool> NativememPool<P> {
     /// `additional` (checked under the lock; nativemem's own limits are checked after, without it).
     fn admit(
         &self,
-        consumer: &MemoryConsumer,
+        reservation: &MemoryReservation,
         additional: u64,
     ) -> Result<(Arc<P::Reservation>, u64)> {
+        let consumer = reservation.consumer();
         let mut consumers = self.table.consumers.lock();
         if let Some(me) = consumers.get_mut(&consumer.id()) {
             if me.asked && me.size == 0 {
@@ -297,6 +379,7 @@ impl<P: NativePool> NativememPool<P> {
                 // retry after spilling goes through, and it is not asked again before).
                 me.asked = false;
                 me.yielded = true;
+                me.refused = true;
                 let held = me.size;
                 // Relaxed (both): statistics.
                 self.table.yields.fetch_add(1, Ordering::Relaxed);
@@ -312,6 +395,9 @@ impl<P: NativePool> NativememPool<P> {
                 )));
             }
         }
+        if let Some(me) = consumers.get_mut(&consumer.id()) {
+            me.several = me.size > reservation.size() as u64;
+        }
         let Some(me) = consumers.get(&consumer.id()) else {
             return Err(DataFusionError::Internal(format!(
                 "nativemem pool: consumer {}#{} grows without being registered",
@@ -323,17 +409,29 @@ impl<P: NativePool> NativememPool<P> {
             Policy::FairShare => self.native.limit(),
             Policy::Greedy => None,
         };
-        if let Some(limit) = limit {
-            if let Some(refusal) =
-                self.fair_share_refusal(&consumers, consumer.id(), me, additional, limit)
-            {
-                return Err(DataFusionError::ResourcesExhausted(format!(
-                    "{refusal}\n{}",
-                    self.native.usage_report()
-                )));
+        let granted = (me.native.clone(), me.overcommit);
+        let refusal = limit.and_then(|limit| {
+            self.fair_share_refusal(
+                &consumers,
+                consumer.id(),
+                me,
+                reservation.size() as u64,
+                additional,
+                limit,
+            )
+        });
+        if let Some(refusal) = refusal {
+            if let Some(me) = consumers.get_mut(&consumer.id()) {
+                me.stuck = true;
+                me.refused = true;
             }
+            drop(consumers);
+            return Err(DataFusionError::ResourcesExhausted(format!(
+                "{refusal}\n{}",
+                self.native.usage_report()
+            )));
         }
-        Ok((me.native.clone(), me.overcommit))
+        Ok(granted)
     }
 
     /// Fairness (see the crate docs): `Some(reason)` if the request is refused to make this
@@ -343,6 +441,7 @@ impl<P: NativePool> NativememPool<P> {
         consumers: &HashMap<usize, Consumer<P::Reservation>>,
         id: usize,
         me: &Consumer<P::Reservation>,
+        reservation_size: u64,
         additional: u64,
         limit: u64,
     ) -> Option<String> {
@@ -350,21 +449,66 @@ impl<P: NativePool> NativememPool<P> {
             // Unspillable memory cannot be asked back: only nativemem's limits bound it.
             return None;
         }
-        // One pass: unspillable bytes, and the spillable consumers holding memory plus this one
-        // (an idle registered sorter does not shrink a busy one's share). The total is `reserved`,
-        // kept under the same lock.
-        let (mut unspillable, mut active) = (0u64, 0u64);
+        // It holds memory through other reservations too, or it has spilled: it merges or will
+        // merge (a hash aggregation's spill-file merge and its replay table are `new_empty`
+        // reservations of its consumer).
+        let merging = me.spilled || me.size > reservation_size;
+        if me.stuck && !merging {
+            // Refused for fairness and grows again without having released anything: the refusal
+            // did not make it spill (it cannot), so refusing again would only fail its query.
+            // Free room is its (nativemem's limits still apply).
+            return None;
+        }
+        // One pass: unspillable bytes, the spillable consumers holding memory plus this one (an
+        // idle registered sorter does not shrink a busy one's share), and every registered
+        // spillable consumer (for FairSpillPool's share). The total is `reserved`, kept under the
+        // same lock.
+        let (mut unspillable, mut active, mut registered) = (0u64, 0u64, 0u64);
         for (cid, c) in consumers {
             if !c.can_spill {
                 unspillable += c.size;
-            } else if c.size > 0 || *cid == id {
-                active += 1;
+            } else {
+                registered += 1;
+                if c.size > 0 || *cid == id {
+                    active += 1;
+                }
             }
         }
         let active = active.max(1);
         // Relaxed: changed only under the consumers' lock, which the caller holds.
         let total = self.reserved.load(Ordering::Relaxed);
         let available = limit.saturating_sub(unspillable);
+        // The floor: never refuse for fairness what DataFusion's FairSpillPool would grant in the
+        // same state, a reservation growing within `available / registered spillable consumers`
+        // (it checks each reservation alone). A merging operator grows a second reservation while
+        // its first holds what it can no longer spill (crate docs, "Fairness").
+        let fsp_share = available / registered.max(1);
+        if reservation_size.saturating_add(additional) <= fsp_share {
+            return None;
+        }
+        if merging && total.saturating_add(additional).saturating_add(fsp_share) > limit {
+            // Over that floor, a reservation of a merging consumer may take free memory but not
+            // the last FairSpillPool share of it: a merge would take all there is (DataFusion's
+            // multi-level merge seats as many spill files as memory allows), and the consumer's
+            // other reservation, whose refusal is fatal, would find none left. The merge, refused,
+            // seats fewer files.
+            return Some(format!(
+                "Failed to allocate additional {} for {}#{id} (spillable, merging, holding {}): \
+                 this reservation would hold {}, over FairSpillPool's \
+                 share {} ({} left by unspillable consumers ({}) shared by {registered} \
+                 registered spillable consumer(s)), and leave less than that share free (limit \
+                 {}, {} reserved)",
+                human(additional),
+                me.name,
+                human(me.size),
+                human(reservation_size.saturating_add(additional)),
+                human(fsp_share),
+                human(available),
+                human(unspillable),
+                human(limit),
+                human(total),
+            ));
+        }
         let share = available / active;
         let wanted = me.size.saturating_add(additional);
         if wanted <= share {
@@ -401,12 +545,12 @@ impl<P: NativePool> NativememPool<P> {
         })
     }
 
-    /// Records a grow of `bytes` (`overcommit` of them not granted by nativemem) that also
-    /// charged `paid_back` bytes of the consumer's earlier over-commit to nativemem. Returns the
-    /// bytes charged for over-commit that a concurrent shrink had meanwhile released (to be
-    /// given back to nativemem by the caller).
+    /// Records a grow of `bytes` (`overcommit` of them not charged to nativemem, `forced` of
+    /// them force-charged) that also charged `paid_back` bytes of the consumer's earlier
+    /// over-commit to nativemem. Returns the bytes charged for over-commit that a concurrent
+    /// shrink had meanwhile released (to be given back to nativemem by the caller).
     #[must_use]
-    fn grown(&self, id: usize, bytes: u64, overcommit: u64, paid_back: u64) -> u64 {
+    fn grown(&self, id: usize, bytes: u64, overcommit: u64, forced: u64, paid_back: u64) -> u64 {
         let mut consumers = self.table.consumers.lock();
         let Some(c) = consumers.get_mut(&id) else {
             // Unregistered meanwhile: its native reservation is gone with what it held.
@@ -416,11 +560,16 @@ impl<P: NativePool> NativememPool<P> {
         c.size = c.size.saturating_add(bytes);
         c.yielded = false;
         c.overcommit = c.overcommit - paid + overcommit;
+        c.forced += forced;
         // Relaxed (all): read-outs; the consistent values live under the lock, held here.
         let reserved = self.reserved.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.peak.fetch_max(reserved, Ordering::Relaxed);
         self.overcommit.fetch_add(overcommit, Ordering::Relaxed);
         self.overcommit.fetch_sub(paid, Ordering::Relaxed);
+        if forced > 0 {
+            let now = self.forced.fetch_add(forced, Ordering::Relaxed) + forced;
+            self.forced_peak.fetch_max(now, Ordering::Relaxed);
+        }
         paid_back - paid
     }
 }
@@ -469,6 +618,11 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
                 size: 0,
                 asked: false,
                 yielded: false,
+                forced: 0,
+                stuck: false,
+                refused: false,
+                spilled: false,
+                several: false,
             },
         );
     }
@@ -481,6 +635,7 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
                 // Relaxed (both): read-outs, changed only under this lock.
                 self.reserved.fetch_sub(c.size, Ordering::Relaxed);
                 self.overcommit.fetch_sub(c.overcommit, Ordering::Relaxed);
+                self.forced.fetch_sub(c.forced, Ordering::Relaxed);
             }
             removed
         };
@@ -499,20 +654,33 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
             .lock()
             .get(&consumer.id())
             .map(|c| c.native.clone());
-        let overcommit = match native {
+        // nativemem is asked as for a `try_grow` (it may reserve from Spark, or spill native
+        // spillers); what it refuses is over-commit, charged at once all the same (a forced
+        // charge: the task's usage, its report and the next request to Spark include it, and
+        // while it keeps the task over its limit every fallible grow of the task is refused).
+        let (overcommit, forced) = match native {
             Some(native) => match native.try_grow(bytes) {
-                Ok(()) => 0,
-                Err(e) => {
-                    log::debug!(
-                        "nativemem pool: infallible grow of {} by {additional} over-commits: {e}",
-                        consumer.name()
-                    );
-                    bytes
-                }
+                Ok(()) => (0, 0),
+                Err(e) => match native.force_grow(bytes) {
+                    Ok(_) => {
+                        log::debug!(
+                            "nativemem pool: infallible grow of {} by {additional} over-commits: {e}",
+                            consumer.name()
+                        );
+                        (0, bytes)
+                    }
+                    Err(f) => {
+                        log::warn!(
+                            "nativemem pool: infallible grow of {} by {additional} not charged: {f}",
+                            consumer.name()
+                        );
+                        (bytes, 0)
+                    }
+                },
             },
-            None => bytes,
+            None => (bytes, 0),
         };
-        let _ = self.grown(consumer.id(), bytes, overcommit, 0);
+        let _ = self.grown(consumer.id(), bytes, overcommit, forced, 0);
     }
 
     fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
@@ -526,7 +694,17 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
                     let bytes = bytes.min(c.size);
                     let from_overcommit = bytes.min(c.overcommit);
                     c.overcommit -= from_overcommit;
+                    let from_forced = (bytes - from_overcommit).min(c.forced);
+                    c.forced -= from_forced;
+                    // Relaxed: a read-out, changed only under this lock.
+                    self.forced.fetch_sub(from_forced, Ordering::Relaxed);
                     c.size -= bytes;
+                    if bytes > 0 {
+                        // It released memory (spilled, or output): fairness applies again.
+                        c.stuck = false;
+                        c.spilled |= c.refused;
+                        c.refused = false;
+                    }
                     // Relaxed (both): read-outs, changed only under this lock.
                     self.reserved.fetch_sub(bytes, Ordering::Relaxed);
                     self.overcommit
@@ -552,7 +730,7 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
     fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> Result<()> {
         let consumer = reservation.consumer();
         let bytes = additional as u64;
-        let (native, owed) = self.admit(consumer, bytes)?;
+        let (native, owed) = self.admit(reservation, bytes)?;
         // Over-commit this consumer still owes is charged first: it makes this grow spill or
         // fail rather than letting the over-commit go on (no lock held: may call Spark, spill).
         let total = bytes.saturating_add(owed);
@@ -564,9 +742,30 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
             // lock is held while waiting, and the operators spill on their own threads. The grow
             // is retried only once they released something, so the wait does not turn into a
             // stream of requests asking ever more consumers to spill.
+            let first = waiting.is_none();
             let started = *waiting.get_or_insert_with(Instant::now);
-            let relief = self.relief_pending(consumer.id());
-            if consumer.can_spill() || started.elapsed() >= UNSPILLABLE_WAIT || relief.is_none() {
+            // A spillable consumer seen merging (memory in several reservations, or it grew
+            // again after a fairness refusal without releasing anything) cannot spill either: a
+            // hash aggregation replaying its spill files fails its query on a refusal.
+            let cannot_spill = !consumer.can_spill() || {
+                let consumers = self.table.consumers.lock();
+                consumers
+                    .get(&consumer.id())
+                    .is_some_and(|c| c.several || c.stuck)
+            };
+            let mut relief = self.relief_pending(consumer.id());
+            if relief.is_none() && first && cannot_spill {
+                // No one was asked (spill requests off, or nativemem's request found no one in
+                // this task): a merge would fail its query while spillable consumers of this pool
+                // hold the memory it needs. Ask them here, as a request would (not the merging
+                // ones, for which a refusal is fatal), and wait for them below.
+                pick(&mut self.table.consumers.lock(), bytes, true);
+                relief = self.relief_pending(consumer.id());
+            }
+            if !cannot_spill || started.elapsed() >= UNSPILLABLE_WAIT || relief.is_none() {
+                if let Some(c) = self.table.consumers.lock().get_mut(&consumer.id()) {
+                    c.refused = true;
+                }
                 return Err(exhausted(e, consumer, bytes));
             }
             while started.elapsed() < UNSPILLABLE_WAIT {
@@ -579,7 +778,7 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
                 }
             }
         }
-        let excess = self.grown(consumer.id(), bytes, 0, owed);
+        let excess = self.grown(consumer.id(), bytes, 0, 0, owed);
         if excess > 0 {
             if let Err(e) = native.shrink(excess) {
                 log::warn!(
@@ -619,5 +818,22 @@ impl<P: NativePool> fmt::Debug for NativememPool<P> {
 impl<P: NativePool> fmt::Display for NativememPool<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.report())
+    }
+}
+
+impl<P: NativePool> Drop for NativememPool<P> {
+    fn drop(&mut self) {
+        if let Some(task) = self.native.task() {
+            let mut tasks = TASKS.lock();
+            if let Some(list) = tasks.get_mut(&task) {
+                // This pool's table is still alive here (held by `self`): drop its entry by
+                // identity, and the dead entries of pools gone before.
+                let me = Arc::as_ptr(&self.table) as *const ();
+                list.retain(|t| t.strong_count() > 0 && t.as_ptr() as *const () != me);
+                if list.is_empty() {
+                    tasks.remove(&task);
+                }
+            }
+        }
     }
 }

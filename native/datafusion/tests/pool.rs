@@ -73,35 +73,49 @@ fn limit_refuses_with_resources_exhausted_and_nativemem_report() {
     assert!(m.close().unwrap().is_empty());
 }
 
+/// Issue 26: what DataFusion takes through its infallible `grow` beyond what nativemem grants is
+/// charged to nativemem at once (the task's usage, its report, what Spark is asked for next), and
+/// while it keeps the task over its limit, the next `try_grow` of **any** consumer is refused.
 #[test]
-fn infallible_grow_over_the_limit_is_overcommit_counted_and_paid_back() {
+fn infallible_grow_over_the_limit_is_charged_at_once_and_refuses_every_consumer() {
     let (m, _l, pool) = setup(Some(4 * MIB as u64));
     let native = NativememPool::new(m.pool("datafusion").unwrap());
     let native = Arc::new(native);
     let dyn_pool: Arc<dyn MemoryPool> = native.clone();
-    let r = MemoryConsumer::new("RepartitionExec").register(&dyn_pool);
-    r.grow(3 * MIB);
-    r.grow(2 * MIB); // nativemem refuses: over-commit
-    assert_eq!(r.size(), 5 * MIB);
-    assert_eq!(native.reserved(), 5 * MIB);
-    assert_eq!(native.overcommit(), 2 * MIB as u64);
-    assert_eq!(m.used() as usize, 3 * MIB, "over-commit is not charged");
+    let join = MemoryConsumer::new("SortMergeJoinStream[0]").register(&dyn_pool);
+    let sort = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&dyn_pool);
+    join.grow(3 * MIB);
+    join.grow(2 * MIB); // nativemem refuses: over-commit, charged all the same
+    assert_eq!(join.size(), 5 * MIB);
+    assert_eq!((native.reserved(), m.used() as usize), (5 * MIB, 5 * MIB));
+    assert_eq!(
+        (
+            native.overcommit(),
+            native.overcommit_peak(),
+            native.uncharged()
+        ),
+        (2 * MIB as u64, 2 * MIB as u64, 0)
+    );
+    assert!(m.stats().overcommitted > 0, "{:?}", m.stats());
     assert!(
         native.report().contains("2.0 MiB over-committed"),
         "{}",
         native.report()
     );
-    // The next fallible grow must first pay the over-commit: refused while it cannot.
-    assert!(r.try_grow(MIB).is_err());
-    assert_eq!(native.overcommit(), 2 * MIB as u64);
+    // Any consumer's next fallible grow is refused while the task is over its limit.
+    assert!(sort.try_grow(1024).is_err());
+    assert!(join.try_grow(1024).is_err());
     // Shrinks give the over-commit back first.
-    r.shrink(2 * MIB);
+    join.shrink(2 * MIB);
     assert_eq!(native.overcommit(), 0);
     assert_eq!((native.reserved(), m.used() as usize), (3 * MIB, 3 * MIB));
-    r.try_grow(MIB).unwrap();
+    sort.try_grow(MIB).unwrap();
     assert_eq!((native.reserved(), m.used() as usize), (4 * MIB, 4 * MIB));
-    drop(r);
+    drop((join, sort));
     assert_eq!((native.reserved(), m.used()), (0, 0));
+    assert_eq!(native.overcommit_peak(), 2 * MIB as u64);
     drop(pool);
     drop(dyn_pool);
     drop(native);
@@ -143,25 +157,149 @@ fn shares_count_consumers_not_reservations_and_idle_consumers_do_not_count() {
         .register(&pool);
     b.try_grow(2 * MIB).unwrap(); // two active spillable consumers: 4 MiB each (the idle one: 0)
     a.try_grow(3 * MIB).unwrap();
-    // A's second reservation counts against A's share: 3 + 1 fits, 3 + 2 does not (it would
-    // leave B, 2 MiB under its share, less than that: 6 + 1 + 2 > 8).
+    // A's second reservation counts against A's share: 3 + 1 fits, 3 + 1 + 2 does not: the
+    // reservation alone (3 MiB) is over FairSpillPool's share (8 MiB / 3 registered spillable
+    // consumers) and A, holding memory through two reservations, may not leave less than that
+    // share free.
     let a2 = a.new_empty();
     a2.try_grow(MIB).unwrap();
-    let err = a2.try_grow(MIB).unwrap_err();
+    let err = a2.try_grow(2 * MIB).unwrap_err();
     assert!(err.to_string().contains("ExternalSorter[0]"), "{err}");
     assert!(
-        err.to_string().contains("over its fair share 4.0 MiB"),
+        err.to_string()
+            .contains("(spillable, merging, holding 4.0 MiB)"),
         "{err}"
     );
     assert_eq!(
         (a.size() + a2.size(), m.used() as usize),
         (4 * MIB, 6 * MIB)
     );
-    // B going idle makes A the only active one: its share is the whole limit.
+    // A's second reservation gives its memory back (after a refusal: A spilled, and counts as
+    // merging from now on). With B active, A may not grow to 5 MiB...
+    a2.free();
+    let err = a.try_grow(2 * MIB).unwrap_err();
+    assert!(err.to_string().contains("ExternalSorter[0]"), "{err}");
+    // ... and B going idle makes A the only active one: its share is the whole limit.
     b.free();
-    a2.try_grow(2 * MIB).unwrap();
-    assert_eq!(m.used() as usize, 6 * MIB);
+    a.try_grow(2 * MIB).unwrap();
+    assert_eq!(m.used() as usize, 5 * MIB);
     drop((a, a2, b));
+    assert_eq!((pool.reserved(), m.used()), (0, 0));
+    assert!(m.close().unwrap().is_empty());
+}
+
+/// Issue 26: a hash aggregation merging its spill files (DataFusion's `ReportError` phase) grows
+/// its own reservation while a second one (`new_empty`, the merge's) holds most of what it has.
+/// It is still marked spillable but a refusal cannot make it spill: it fails the query. Its
+/// reservation is within FairSpillPool's share, and the task limit has room: granted.
+#[test]
+fn a_merging_aggregation_within_fair_spill_pools_share_is_not_refused_for_fairness() {
+    let (m, _l, pool) = setup(Some(24 * MIB as u64));
+    let consumers: Vec<_> = (0..4)
+        .map(|i| {
+            MemoryConsumer::new(format!("GroupedHashAggregateStream[{i}]"))
+                .with_can_spill(true)
+                .register(&pool)
+        })
+        .collect();
+    let agg = &consumers[0];
+    // Its merge took 11 MiB while the others held nothing (work-conserving), then its own
+    // reservation 1 MiB.
+    let merge = agg.new_empty();
+    merge.try_grow(11 * MIB).unwrap();
+    agg.try_grow(MIB).unwrap();
+    // The other three grow under their shares: 23.4 MiB reserved, four active, shares 6 MiB.
+    consumers[1].try_grow(5 * MIB).unwrap();
+    consumers[2].try_grow(5 * MIB).unwrap();
+    consumers[3].try_grow(7 * MIB / 5).unwrap();
+    assert_eq!(pool.reserved(), 23 * MIB + 2 * MIB / 5);
+    // It would hold 12.2 MiB, over its fair share 6.0 MiB, and leave less than the others are
+    // owed free; but its reservation (1.2 MiB) is within FairSpillPool's 24 / 4 = 6 MiB and the
+    // limit has room.
+    agg.try_grow(MIB / 5).unwrap();
+    assert_eq!(agg.size(), MIB + MIB / 5);
+    assert_eq!(
+        (pool.reserved(), m.used() as usize),
+        (23 * MIB + 3 * MIB / 5, 23 * MIB + 3 * MIB / 5)
+    );
+    // The task limit still bounds it: refused by nativemem, not by fairness (the others gone, it
+    // has no one to wait for).
+    for c in &consumers[1..] {
+        c.free();
+    }
+    let err = agg.try_grow(13 * MIB).unwrap_err();
+    assert!(!err.to_string().contains("fair share"), "{err}");
+    assert!(err.to_string().contains("Native memory of 'task'"), "{err}");
+    drop((merge, consumers));
+    assert_eq!((pool.reserved(), m.used()), (0, 0));
+    assert!(m.close().unwrap().is_empty());
+}
+
+/// A consumer refused for fairness that grows again without having released anything did not
+/// spill (it cannot): fairness does not refuse it again, the free room is its, until it
+/// releases memory.
+#[test]
+fn a_consumer_that_could_not_spill_after_a_fairness_refusal_gets_the_free_room() {
+    let (m, _l, pool) = setup(Some(8 * MIB as u64));
+    let a = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&pool);
+    let b = MemoryConsumer::new("ExternalSorter[1]")
+        .with_can_spill(true)
+        .register(&pool);
+    b.try_grow(2 * MIB).unwrap();
+    a.try_grow(4 * MIB).unwrap();
+    // Over its share (4 MiB), leaving B less than it is owed: refused, so that it spills.
+    let err = a.try_grow(MIB).unwrap_err();
+    assert!(
+        err.to_string().contains("over its fair share 4.0 MiB"),
+        "{err}"
+    );
+    // It retries without having released anything: granted from the free room.
+    a.try_grow(MIB).unwrap();
+    a.try_grow(MIB).unwrap();
+    assert_eq!((pool.reserved(), m.used() as usize), (8 * MIB, 8 * MIB));
+    // Once it releases memory (it spilled), fairness applies again.
+    a.shrink(3 * MIB);
+    a.try_grow(MIB).unwrap(); // 4 MiB: its share
+    let err = a.try_grow(MIB).unwrap_err();
+    assert!(err.to_string().contains("share 4.0 MiB"), "{err}");
+    drop((a, b));
+    assert_eq!((pool.reserved(), m.used()), (0, 0));
+    assert!(m.close().unwrap().is_empty());
+}
+
+/// Issue 26, the other half of a merging aggregation: after spilling, DataFusion's aggregation
+/// merges its spill files (one `new_empty` reservation) and replays them into a table (another),
+/// whose refusal is fatal. Alone in the pool, the merge would seat spill files until the limit;
+/// it may not take the last FairSpillPool share, which the replay then finds.
+#[test]
+fn a_merge_of_a_consumer_that_spilled_leaves_fair_spill_pools_share_free() {
+    let (m, _l, pool) = setup(Some(16 * MIB as u64));
+    let consumers: Vec<_> = (0..4)
+        .map(|i| {
+            MemoryConsumer::new(format!("SingleHashAggregateStream[{i}]"))
+                .with_can_spill(true)
+                .register(&pool)
+        })
+        .collect();
+    let agg = &consumers[0];
+    // Alone, it takes 10 MiB; a grow past the limit is refused, and it spills everything.
+    agg.try_grow(10 * MIB).unwrap();
+    assert!(agg.try_grow(7 * MIB).is_err());
+    agg.free();
+    // The merge seats spill files, 1 MiB each, while it may: up to 16 - 16 / 4 MiB.
+    let merge = agg.new_empty();
+    let replay = agg.new_empty();
+    while merge.try_grow(MIB).is_ok() {}
+    assert_eq!(merge.size(), 12 * MIB);
+    // The replay table grows within FairSpillPool's share: there is room for it.
+    replay.try_grow(7 * MIB / 2).unwrap();
+    assert_eq!(
+        (pool.reserved(), m.used() as usize),
+        (15 * MIB + MIB / 2, 15 * MIB + MIB / 2)
+    );
+    drop((merge, replay, consumers));
     assert_eq!((pool.reserved(), m.used()), (0, 0));
     assert!(m.close().unwrap().is_empty());
 }
@@ -320,4 +458,139 @@ fn an_unspillable_grow_fails_at_once_when_no_spillable_consumer_can_give_memory_
     drop(pool);
     drop(native);
     assert!(m.close().unwrap().is_empty());
+}
+
+/// Issue 26: with two `NativememPool`s in one task, a merge in one whose grow finds no room
+/// waits for the consumers nativemem's request picked in the other (the request asks every
+/// pool's spiller), instead of failing.
+#[test]
+fn an_unspillable_grow_waits_for_the_consumers_asked_in_another_pool_of_the_task() {
+    let l = Arc::new(CapacityListener::new(8 * MIB as u64));
+    let config = exact().with_reservation_block(MIB as u64);
+    let m = MemoryManager::new("task", config, l.clone()).unwrap();
+    let sorts = Arc::new(NativememPool::with_policy(
+        m.pool("query-1").unwrap(),
+        Policy::Greedy,
+    ));
+    let merges = Arc::new(NativememPool::with_policy(
+        m.pool("query-2").unwrap(),
+        Policy::Greedy,
+    ));
+    sorts.answer_spill_requests().unwrap();
+    merges.answer_spill_requests().unwrap();
+    let sorts_pool: Arc<dyn MemoryPool> = sorts.clone();
+    let merges_pool: Arc<dyn MemoryPool> = merges.clone();
+    let sort = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&sorts_pool);
+    let merge = MemoryConsumer::new("ExternalSorterMerge[0]").register(&merges_pool);
+    sort.try_grow(6 * MIB).unwrap();
+    merge.try_grow(MIB).unwrap();
+    let sorter = std::thread::spawn(move || {
+        // The sort keeps growing a little until it is refused (asked to give memory back), then
+        // spills: frees what it holds, and its retry goes through.
+        let started = std::time::Instant::now();
+        while sort.try_grow(1024).is_ok() {
+            sort.shrink(1024);
+            assert!(started.elapsed().as_secs() < 5, "the sort was never asked");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        sort.free();
+        sort.try_grow(1024).unwrap();
+        sort
+    });
+    merge.try_grow(3 * MIB).unwrap();
+    let sort = sorter.join().unwrap();
+    assert!(
+        sorts.spill_requests().yields >= 1,
+        "{:?}",
+        sorts.spill_requests()
+    );
+    assert!(merges.spill_requests().unspillable_waits >= 1);
+    assert_eq!(merge.size(), 4 * MIB);
+    drop((sort, merge));
+    drop((sorts_pool, merges_pool, sorts, merges));
+    assert_eq!(m.used(), 0);
+    assert!(m.close().unwrap().is_empty());
+    assert_eq!(l.reserved(), 0);
+}
+
+/// Issue 26: with spill requests off (the default), a merge whose grow finds no room under the
+/// task limit was refused at once while a spillable consumer of its pool held the memory (a
+/// window query's sorts starved their merges). The pool asks that consumer itself, and the merge
+/// waits for its spill.
+#[test]
+fn with_spill_requests_off_a_merge_finding_no_room_waits_for_a_sort_of_its_pool_to_spill() {
+    let (m, l, pool) = setup(Some(8 * MIB as u64));
+    let sort = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&pool);
+    let merge = MemoryConsumer::new("ExternalSorterMerge[1]").register(&pool);
+    sort.try_grow(6 * MIB).unwrap();
+    merge.try_grow(MIB).unwrap();
+    let sorter = std::thread::spawn(move || {
+        // The sort keeps growing a little until it is refused (asked to give memory back), then
+        // spills: frees what it holds, and its retry goes through.
+        let started = std::time::Instant::now();
+        while sort.try_grow(1024).is_ok() {
+            sort.shrink(1024);
+            assert!(started.elapsed().as_secs() < 5, "the sort was never asked");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        sort.free();
+        sort.try_grow(1024).unwrap();
+        sort
+    });
+    merge.try_grow(3 * MIB).unwrap();
+    let sort = sorter.join().unwrap();
+    assert_eq!(merge.size(), 4 * MIB);
+    assert_eq!(m.used() as usize, 4 * MIB + 1024);
+    drop((sort, merge));
+    drop(pool);
+    assert_eq!(m.used(), 0);
+    assert!(m.close().unwrap().is_empty());
+    assert_eq!(l.reserved(), 0);
+}
+
+/// Issue 26, budget-only (no task limit: Spark's grants bound the task): a hash aggregation
+/// replaying its spill files (a spillable consumer holding memory through two reservations,
+/// which fails its query on a refusal) whose grow Spark refuses waits, like a merge, for a sort
+/// of its pool asked to spill, instead of failing.
+#[test]
+fn a_merging_aggregation_refused_by_spark_waits_for_a_sort_of_its_pool_to_spill() {
+    let l = Arc::new(CapacityListener::new(8 * MIB as u64));
+    let config = exact().with_reservation_block(MIB as u64);
+    let m = MemoryManager::new("task", config, l.clone()).unwrap();
+    let pool: Arc<dyn MemoryPool> = Arc::new(NativememPool::new(m.pool("datafusion").unwrap()));
+    let sort = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&pool);
+    let agg = MemoryConsumer::new("SingleHashAggregateStream[1]")
+        .with_can_spill(true)
+        .register(&pool);
+    let merge = agg.new_empty();
+    let replay = agg.new_empty();
+    merge.try_grow(2 * MIB).unwrap();
+    replay.try_grow(MIB).unwrap();
+    sort.try_grow(5 * MIB).unwrap();
+    let sorter = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        while sort.try_grow(1024).is_ok() {
+            sort.shrink(1024);
+            assert!(started.elapsed().as_secs() < 5, "the sort was never asked");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        sort.free();
+        sort.try_grow(1024).unwrap();
+        sort
+    });
+    // Spark has nothing more to grant: the replay's grow waits for the sort's spill.
+    replay.try_grow(2 * MIB).unwrap();
+    let sort = sorter.join().unwrap();
+    assert_eq!((merge.size(), replay.size()), (2 * MIB, 3 * MIB));
+    drop((sort, merge, replay, agg));
+    drop(pool);
+    assert_eq!(m.used(), 0);
+    assert!(m.close().unwrap().is_empty());
+    assert_eq!(l.reserved(), 0);
 }

@@ -90,8 +90,21 @@ async fn run_on<P: NativePool>(
         .with_batch_size(8192)
         .with_sort_spill_reservation_bytes(2 << 20);
     let ctx = SessionContext::new_with_config_rt(config, runtime);
-    let plan = ctx.sql(sql).await?.create_physical_plan().await?;
-    let batches = collect(plan.clone(), ctx.task_ctx()).await?;
+    // `SET ...; SELECT ...`: the settings first, then the query.
+    let (settings, query) = sql.rsplit_once(';').unwrap_or(("", sql));
+    for setting in settings.split(';').filter(|s| !s.trim().is_empty()) {
+        ctx.sql(setting).await?.collect().await?;
+    }
+    let plan = ctx.sql(query).await?.create_physical_plan().await?;
+    // Time-bounded: DataFusion 55.2 can park every worker of a query that repartitions under a
+    // memory limit, whatever the pool (apache/datafusion#24883, fixed after 55.2); a hang fails
+    // the test, named, instead of hanging CI.
+    let batches = tokio::time::timeout(
+        std::time::Duration::from_secs(180),
+        collect(plan.clone(), ctx.task_ctx()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("query hung for 180 s (apache/datafusion#24883?): {query}"))?;
     let (spill_count, spilled_bytes) = spills(&plan);
     drop(plan);
     drop(ctx);
@@ -117,9 +130,26 @@ async fn run_core(
     partitions: usize,
     sql: &str,
 ) -> Result<Run, DataFusionError> {
+    run_core_shared(limit, partitions, sql, 1)
+        .await
+        .map(|mut runs| runs.remove(0))
+}
+
+/// Runs `copies` copies of `sql` at once on one pool (the core backend) under `limit`, checking
+/// the accounting around them; the first error if any failed.
+async fn run_core_shared(
+    limit: Option<u64>,
+    partitions: usize,
+    sql: &str,
+    copies: usize,
+) -> Result<Vec<Run>, DataFusionError> {
     let (m, listener) = manager(limit);
     let pool = Arc::new(NativememPool::new(m.pool("datafusion").unwrap()));
-    let result = run_on(pool.clone(), partitions, sql).await;
+    let result: Result<Vec<Run>, DataFusionError> =
+        futures::future::join_all((0..copies).map(|_| run_on(pool.clone(), partitions, sql)))
+            .await
+            .into_iter()
+            .collect();
     if let Err(e) = &result {
         println!("query failed under {limit:?}: {e}");
         // A failed query's partition tasks are cancelled asynchronously: let them unwind.
@@ -184,6 +214,13 @@ const JOIN: &str = "SELECT count(*) AS n, sum(a.value + b.value) AS s FROM gener
 const MIXED: &str = "SELECT k, n, s FROM (SELECT value % 1000000 AS k, count(*) AS n, sum(value) AS s \
                      FROM generate_series(1, 4000000) GROUP BY value % 1000000) g \
                      JOIN (SELECT value AS id FROM generate_series(0, 999999, 5)) f ON g.k = f.id ORDER BY s, k";
+
+/// `COUNT(DISTINCT)` with `GROUP BY` over 300k groups (issue 26): the final aggregation spills
+/// and then merges its spill files, when DataFusion treats any refused grow as fatal although it
+/// still marks the consumer spillable.
+const COUNT_DISTINCT: &str = "SELECT k, count(DISTINCT v) AS d, count(*) AS n \
+                              FROM (SELECT value % 300000 AS k, value % 7 AS v FROM generate_series(1, 1200000)) \
+                              GROUP BY k";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_by_millions_of_rows_spills_under_the_limit() {
@@ -312,4 +349,112 @@ async fn spill_requests_make_running_queries_spill_with_the_same_results() {
         assert!(m.close().unwrap().is_empty());
         assert_eq!(listener.reserved(), 0);
     }
+}
+
+/// Issue 26: under `FairShare` (the default) a merging aggregation was refused for fairness with
+/// room left under the limit, and the query failed now and then (two `COUNT(DISTINCT)` sharing
+/// one pool: 6 runs in 10 at 24 MiB; DataFusion's `FairSpillPool` ran them all). Here two sharing
+/// 16 MiB failed every run before the fix. A few runs each, against the unbounded result. One partition per query: with two, DataFusion
+/// 55.2's `RepartitionExec` can park every worker under a memory limit whatever the pool
+/// (apache/datafusion#24883, fixed after 55.2); each run is time-bounded so that a hang fails the
+/// test, named, instead of hanging CI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_distinct_group_by_under_tight_limits_never_fails_for_fairness() {
+    let bounded = |limit: Option<u64>, copies: usize| async move {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(120),
+            run_core_shared(limit, 1, COUNT_DISTINCT, copies),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!("{copies} COUNT(DISTINCT) under {limit:?} hung (apache/datafusion#24883?)")
+        })
+    };
+    let free = bounded(None, 1).await.unwrap().remove(0);
+    assert_eq!(free.digest.rows, 300_000);
+    for (limit, copies) in [(16 * MIB, 1), (16 * MIB, 2)] {
+        for run in 0..3 {
+            let runs = bounded(Some(limit), copies).await.unwrap_or_else(|e| {
+                panic!(
+                    "run {run}, {copies} query(ies) under {} MiB: {e}",
+                    limit / MIB
+                )
+            });
+            for limited in runs {
+                // Groups come in any order.
+                assert_eq!(
+                    (limited.digest.rows, limited.digest.unordered),
+                    (free.digest.rows, free.digest.unordered),
+                    "run {run} under {limit}"
+                );
+                assert!(limited.spill_count > 0, "no spill under {limit} bytes");
+            }
+        }
+    }
+}
+
+/// A sort-merge join whose buffered side holds 1M rows per key: it spills buffered batches and
+/// keeps their join keys with DataFusion's infallible `grow` (and grows again when it reads them
+/// back), past the limit.
+const SORT_MERGE_JOIN: &str = "SET datafusion.optimizer.prefer_hash_join = false; \
+    SET datafusion.optimizer.hash_join_single_partition_threshold = 0; \
+    SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 0; \
+    SELECT count(*) AS n, sum(b.p) AS s FROM (SELECT value AS k FROM generate_series(1, 2)) a \
+    JOIN (SELECT value % 2 + 1 AS k, value AS p FROM generate_series(1, 2000000)) b \
+    ON a.k = b.k";
+
+/// Issue 26: a sort-merge join that spills holds more than the limit through DataFusion's
+/// infallible `grow` (the keys of its spilled batches, and the batches it reads back). nativemem
+/// is charged for all of it at once: the task's peak covers what DataFusion held (before, it
+/// saw at most the limit while DataFusion held twice that), and exceeds the limit by at most the
+/// over-commit, which stays under what the join holds with no limit at all. Two partitions (a
+/// sort-merge join needs them), time-bounded (apache/datafusion#24883).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sort_merge_join_over_commit_is_charged_and_bounded() {
+    let bounded = |limit: Option<u64>| async move {
+        let (m, listener) = manager(limit);
+        let pool = Arc::new(NativememPool::new(m.pool("datafusion").unwrap()));
+        let run = tokio::time::timeout(
+            std::time::Duration::from_secs(120),
+            run_on(pool.clone(), 2, SORT_MERGE_JOIN),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the join under {limit:?} hung (apache/datafusion#24883?)"))
+        .unwrap();
+        let seen = (pool.peak_reserved(), pool.overcommit_peak(), m.peak());
+        assert_eq!((pool.reserved(), pool.overcommit(), m.used()), (0, 0, 0));
+        drop(pool);
+        assert!(m.close().unwrap().is_empty());
+        assert_eq!(listener.reserved(), 0);
+        (run, seen)
+    };
+    let (free, (free_peak, _, _)) = bounded(None).await;
+    let limit = 24 * MIB;
+    let (limited, (df_peak, overcommit_peak, task_peak)) = bounded(Some(limit)).await;
+    println!(
+        "unbounded peak {free_peak}, under {limit}: DataFusion peak {df_peak}, task peak \
+         {task_peak}, over-commit peak {overcommit_peak}, {} spills",
+        limited.spill_count
+    );
+    assert_eq!(limited.digest, free.digest);
+    assert!(limited.spill_count > 0, "no spill");
+    assert!(
+        overcommit_peak > 0,
+        "the join did not over-commit: the test proves nothing"
+    );
+    // Visible: nativemem (so Spark's view of the task) saw everything DataFusion held.
+    assert!(
+        task_peak >= df_peak,
+        "task peak {task_peak} < DataFusion's {df_peak}"
+    );
+    // Bounded: over the limit by at most the over-commit (plus the quantum of a reservation),
+    // and the over-commit under what the join holds unbounded.
+    assert!(
+        task_peak <= limit + overcommit_peak + MIB,
+        "task peak {task_peak} over {limit} + {overcommit_peak}"
+    );
+    assert!(
+        overcommit_peak < free_peak,
+        "over-commit {overcommit_peak} >= unbounded peak {free_peak}"
+    );
 }

@@ -133,7 +133,7 @@ impl Budget {
             // runs this race.)
             let root_now = self.root.used.load(Ordering::Acquire).max(charged_root);
             if root_now <= reserved {
-                self.grown(node, ladder.freed_room());
+                self.grown(node, bytes, ladder.freed_room());
                 return Ok(bytes);
             }
             // A hand-back in flight (a release's hysteresis, or an arbiter taking this task's
@@ -148,7 +148,7 @@ impl Budget {
             if self.claims.load(Ordering::Relaxed) > 0
                 && self.wait_for_claims(&mut claim_retries, &mut claim_wait, false)
             {
-                node.uncharge(bytes);
+                node.rollback(bytes);
                 continue;
             }
             // What is uncovered now, at most this grow's own bytes plus the over-commit still
@@ -170,7 +170,7 @@ impl Budget {
                 None => match self.reserve_from_listener(deficit) {
                     Ok(r) => r,
                     Err(e) => {
-                        node.uncharge(bytes);
+                        node.rollback(bytes);
                         return Err(e);
                     }
                 },
@@ -179,10 +179,10 @@ impl Budget {
                 if deficit > bytes {
                     self.paid_overcommit(deficit - bytes);
                 }
-                self.grown(node, ladder.freed_room());
+                self.grown(node, bytes, ladder.freed_room());
                 return Ok(bytes);
             }
-            node.uncharge(bytes);
+            node.rollback(bytes);
             // (What was granted stays in the cushion for the retry.)
             let refused = Refused {
                 consumer,
@@ -292,10 +292,11 @@ impl Budget {
         false
     }
 
-    /// Bookkeeping after a successful grow: peaks, and if the grow spilled or took slack back,
-    /// surplus that left beyond the hysteresis band goes back to the listener now.
-    fn grown(&self, node: &PoolNode, spilled: bool) {
-        node.record_peaks();
+    /// Bookkeeping after a successful grow of `bytes`: confirms them (what the pools hold, and
+    /// their peaks), and if the grow spilled or took slack back, surplus that left beyond the
+    /// hysteresis band goes back to the listener now.
+    fn grown(&self, node: &PoolNode, bytes: u64, spilled: bool) {
+        node.confirm(bytes);
         if spilled {
             if let Err(e) = self.release_surplus() {
                 log::warn!("[{}] handing back surplus after a spill: {e}", self.name);

@@ -44,7 +44,7 @@ impl Budget {
                 .overcommit_peak
                 .fetch_max(now, Ordering::Relaxed);
         }
-        node.record_peaks();
+        node.confirm(bytes);
         Ok(uncovered)
     }
 

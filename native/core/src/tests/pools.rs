@@ -132,3 +132,99 @@ fn bad_config_and_pool_names_are_rejected() {
     assert_eq!(m.pool("root/a").unwrap().limit(), a.limit());
     assert_eq!(m.pool("root").unwrap().path(), "root");
 }
+
+/// Stops the calling thread at the test point `point` (once) until the test lets it go; returns
+/// the channels: "it is there" and "go on".
+fn stop_at(
+    point: &'static str,
+) -> (
+    impl Drop,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (at_tx, at_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let mut stopped = false;
+    let hook = crate::sync::test_points::set(move |name| {
+        if name == point && !stopped {
+            stopped = true;
+            at_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+        }
+    });
+    (hook, at_rx, go_tx)
+}
+
+/// Forced: grow A has charged the pools and waits for the listener, which then refuses it;
+/// meanwhile grow B of the same pool succeeds. A's bytes were never held: no pool's peak shows
+/// them (a peak read from `used` when B completed would).
+#[test]
+fn a_grow_the_listener_refuses_never_shows_in_a_peak() {
+    let l = Arc::new(CapacityListener::new(8));
+    let m = manager_with(l.clone(), exact().with_reservation_block(4));
+    let df = m.pool("df").unwrap();
+    let r1 = df.reservation("r1");
+    r1.try_grow(4).unwrap(); // reserved 4, no cushion left
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let a = df.reservation("a");
+    let grow_a = std::thread::spawn(move || {
+        let (hook, at, go) = stop_at("grow:charged");
+        ready_tx.send((at, go)).unwrap();
+        let result = a.try_grow(6); // charged: pools at 10, then the listener has 4 left
+        drop(hook);
+        (a, result)
+    });
+    let (at, go) = ready_rx.recv().unwrap();
+    at.recv().unwrap();
+    assert_eq!((df.used(), m.used()), (10, 10), "A is charged, in flight");
+    let b = df.reservation("b");
+    b.try_grow(1).unwrap(); // the listener grants a block: covers B, not A
+    go.send(()).unwrap();
+    let (a, result) = grow_a.join().unwrap();
+    assert!(result.unwrap_err().is_out_of_memory());
+    assert_eq!((a.size(), df.used(), m.used()), (0, 5, 5));
+    assert_eq!(
+        (df.peak(), m.peak()),
+        (5, 5),
+        "the refused grow is not a peak"
+    );
+    assert_eq!(l.reserved(), 8);
+    drop((r1, a, b));
+    m.close().unwrap();
+    assert_eq!(l.reserved(), 0);
+}
+
+/// Forced: grow A has charged its pool and not yet the root, whose limit will refuse it;
+/// meanwhile grow B of the same pool succeeds. The pool's peak never shows A's bytes, so it
+/// never exceeds the root's.
+#[test]
+fn a_grow_a_parent_limit_refuses_never_shows_in_a_child_peak() {
+    let l = Arc::new(CapacityListener::unlimited());
+    let m = manager_with(l.clone(), exact().with_task_limit(Some(4)));
+    let other = m.pool("other").unwrap().reservation("other");
+    other.try_grow(3).unwrap();
+    let df = m.pool("df").unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let a = df.reservation("a");
+    let grow_a = std::thread::spawn(move || {
+        let (hook, at, go) = stop_at("charge:level");
+        ready_tx.send((at, go)).unwrap();
+        let result = a.try_grow(4); // df charged, then the root (3 + 4 > 4) refuses
+        drop(hook);
+        (a, result)
+    });
+    let (at, go) = ready_rx.recv().unwrap();
+    at.recv().unwrap();
+    assert_eq!((df.used(), m.used()), (4, 3), "A has charged df only");
+    let b = df.reservation("b");
+    b.try_grow(1).unwrap();
+    go.send(()).unwrap();
+    let (a, result) = grow_a.join().unwrap();
+    assert!(result.unwrap_err().is_out_of_memory());
+    assert_eq!((a.size(), df.used(), m.used()), (0, 1, 4));
+    assert_eq!((df.peak(), m.peak()), (1, 4));
+    assert!(df.peak() <= m.peak());
+    drop((other, a, b));
+    m.close().unwrap();
+    assert_eq!(l.reserved(), 0);
+}
