@@ -38,6 +38,8 @@ public final class GovernorPressureJob {
         try {
             JavaSparkContext jsc = JavaSparkContext.fromSparkContext(spark.sparkContext());
             int executors = E2e.executorCount(jsc.master());
+            E2e.Tracker tracker = E2e.Tracker.install(jsc);
+            int mark = tracker.mark(jsc);
             List<String> refusals = jsc.parallelize(Arrays.asList(0, 1, 2, 3), 4).map(i -> {
                 long deadline = System.nanoTime() + 10_000_000_000L;
                 while (ContainerGovernor.status().pressure() != 2 && System.nanoTime() < deadline) {
@@ -53,6 +55,15 @@ public final class GovernorPressureJob {
             }).collect();
             for (String m : refusals) {
                 check(m.contains("container memory pressure") && m.contains("limit (hard level 93%)"), m);
+            }
+            // Each task's refusal shows in its nativemem.containerRefusals accumulator (stage page, event log).
+            tracker.awaitIdle(jsc, 60_000);
+            List<E2e.TaskEnd> ends = tracker.endedSince(mark);
+            check(ends.size() == 4, "four task ends: " + ends);
+            for (E2e.TaskEnd end : ends) {
+                long n = end.nativememAccumulators.getOrDefault("nativemem.containerRefusals", 0L);
+                check(n >= 1, "the task's nativemem.containerRefusals accumulator counts its refusal: "
+                        + end.nativememAccumulators);
             }
             Map<String, Long> gauges = jsc.parallelize(Arrays.asList(0), 1)
                     .map(i -> NativeMemoryPlugin.governorMetrics()).collect().get(0);
