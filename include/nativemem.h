@@ -28,7 +28,7 @@
  * struct_size >= sizeof(the nm_api it was compiled with); check both once (nm_api_check does).
  * Fields are never removed or reordered; a change that cannot be additive gets a new table.
  * Version 1's first table ended at NM_API_V1_SIZE; the forced charges, manager_create_with
- * and the trim hooks were appended to it (additions keep the version: NM_ABI_VERSION changes
+ * the trim hooks and reservation_peak were appended to it (additions keep the version: NM_ABI_VERSION changes
  * only with a new table). An engine that must also run with an older
  * library tests the newer functions one by one with NM_API_HAS(api, field) instead of calling
  * nm_api_check. Structs the engine passes in (nm_spiller_vtable, nm_listener, nm_manager_options)
@@ -464,6 +464,14 @@ typedef struct nm_api {
     /** Unregisters a trim hook (see trim_hook_register for when its drop runs). Fails with
      *  NM_ERR_INVALID_HANDLE for an id that is not registered. */
     nm_status (*trim_hook_unregister)(uint64_t id, char **err);
+
+    /* ---- appended: per-consumer peaks ------------------------------------------------------- */
+
+    /**
+     * The most bytes the reservation has held (its consumer's peak: what an engine shows as an
+     * operator's "peak memory"; the pool's is nm_pool_stats.peak). Fails like reservation_size.
+     */
+    nm_status (*reservation_peak)(nm_reservation r, uint64_t *out, char **err);
 } nm_api;
 
 /** Size of version 1's first table (before the forced charges were appended). */

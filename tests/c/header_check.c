@@ -55,7 +55,9 @@ NM_STATIC_ASSERT(offsetof(nm_api, manager_create_with) == 224,
 NM_STATIC_ASSERT(offsetof(nm_api, trim_hook_register) == 232,
                  "trim hooks appended after manager_create_with (232 bytes)");
 NM_STATIC_ASSERT(offsetof(nm_api, trim_hook_unregister) == 240, "trim_hook_unregister");
-NM_STATIC_ASSERT(sizeof(nm_api) == 248, "nm_api size: 248 bytes");
+NM_STATIC_ASSERT(offsetof(nm_api, reservation_peak) == 248,
+                 "reservation_peak appended after the trim hooks (248 bytes)");
+NM_STATIC_ASSERT(sizeof(nm_api) == 256, "nm_api size: 256 bytes");
 
 /* The status codes are part of the ABI: never renumbered. */
 NM_STATIC_ASSERT(NM_OK == 0 && NM_ERR_INVALID_ARGUMENT == 1 && NM_ERR_STALE_HANDLE == 2 &&
@@ -78,8 +80,10 @@ int nm_header_check_has(void) {
     t.struct_size = (uint32_t)sizeof(nm_api);
     int options_only = (t.struct_size = 232, NM_API_HAS(&t, manager_create_with) &&
                                                    !NM_API_HAS(&t, trim_hook_register));
+    int trim_only = (t.struct_size = 248, NM_API_HAS(&t, trim_hook_unregister) &&
+                                              !NM_API_HAS(&t, reservation_peak));
     t.struct_size = (uint32_t)sizeof(nm_api);
-    return old_lacks && v1_lacks && options_only && NM_API_HAS(&t, trim_hook_unregister) &&
+    return old_lacks && v1_lacks && options_only && trim_only && NM_API_HAS(&t, reservation_peak) &&
            NM_API_HAS(&t, manager_reclaim);
 }
 

@@ -128,6 +128,14 @@ impl LivePool {
             LivePool::PerCall(p) => [0, 0, 0, 0, p.calls(), 0],
         }
     }
+
+    /// Each DataFusion operator's peak memory (nativemem's pool only), largest first.
+    fn operator_peaks(&self) -> Vec<(String, u64)> {
+        match self {
+            LivePool::Nativemem(p) => p.consumer_peaks(),
+            LivePool::PerCall(_) => Vec::new(),
+        }
+    }
 }
 
 struct Running {
@@ -146,6 +154,8 @@ struct State {
     pool: Option<LivePool>,
     /// The counters of the last query's pool, kept when it ended.
     counters: [u64; 6],
+    /// The operators' peaks of the last query's pool, kept when it ended.
+    peaks: Vec<(String, u64)>,
     last: Option<Outcome>,
     /// The last query completed (not failed, not cancelled).
     completed: bool,
@@ -165,6 +175,19 @@ struct Task {
 }
 
 impl Task {
+    /// The running (or last) query's operators' peaks, one `name<TAB>bytes` line each.
+    fn operator_peaks(&self) -> String {
+        let state = self.state.lock();
+        let peaks = match &state.pool {
+            Some(pool) => pool.operator_peaks(),
+            None => state.peaks.clone(),
+        };
+        peaks
+            .iter()
+            .map(|(name, bytes)| format!("{name}\t{bytes}\n"))
+            .collect()
+    }
+
     fn stats(&self) -> [u64; STATS_LEN] {
         let state = self.state.lock();
         let out = state.last.unwrap_or_default();
@@ -305,9 +328,11 @@ impl Task {
             );
         }
         let counters = pool.counters();
+        let peaks = pool.operator_peaks();
         let taken = {
             let mut state = self.state.lock();
             state.counters = counters;
+            state.peaks = peaks;
             state.pool.take()
         };
         // Dropped outside the lock: dropping the pool unregisters its spiller through nativemem.
@@ -429,6 +454,19 @@ pub extern "system" fn Java_org_nativemem_examples_DataFusionTask_nativeStats<'l
     run_export(&mut env, std::ptr::null_mut(), |env| {
         let stats = TASKS.get(handle)?.stats();
         long_array(env, &stats)
+    })
+}
+
+/// `static native String nativeOperatorPeaks(long handle)`: `name<TAB>bytes` lines.
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_examples_DataFusionTask_nativeOperatorPeaks<'local>(
+    mut env: JNIEnv<'local>,
+    _class: JClass<'local>,
+    handle: jlong,
+) -> jni::sys::jstring {
+    run_export(&mut env, std::ptr::null_mut(), |env| {
+        let text = TASKS.get(handle)?.operator_peaks();
+        Ok(env.new_string(text)?.into_raw())
     })
 }
 

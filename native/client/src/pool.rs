@@ -262,6 +262,17 @@ impl Reservation {
         Ok(out)
     }
 
+    /// The most bytes this reservation has held: its consumer's peak (an operator's "peak
+    /// memory"; the pool's is [`Pool::stats`]'s `peak`).
+    pub fn peak(&self) -> Result<u64> {
+        let mut out = 0u64;
+        self.api.call(|err| {
+            // SAFETY: `out` and `err` are writable for the call.
+            unsafe { (self.api.raw().reservation_peak)(self.handle, &mut out, err) }
+        })?;
+        Ok(out)
+    }
+
     /// Releases every byte and returns how many; the reservation stays usable.
     pub fn free(&self) -> Result<u64> {
         let mut freed = 0u64;

@@ -161,6 +161,15 @@ fn reservation_grow_shrink_resize_free_and_drop_keep_exact_totals() {
 
     r.try_grow(300).unwrap(); // still usable after free
     assert_eq!(lease.stats().unwrap().used, 300);
+    // The consumer's peak (an operator's "peak memory"): the most it held, through the ABI.
+    assert_eq!(r.peak().unwrap(), 5000);
+    let e = r.try_grow(64 * MIB).unwrap_err(); // refused: the peak does not count it
+    assert_eq!(e.code, Code::OutOfMemory, "{e}");
+    assert_eq!(r.peak().unwrap(), 5000);
+    let other = pool.reservation("Probe").unwrap();
+    other.try_grow(10).unwrap();
+    assert_eq!((other.peak().unwrap(), r.peak().unwrap()), (10, 5000));
+    drop(other);
 
     drop(r);
     let p = pool.stats().unwrap();

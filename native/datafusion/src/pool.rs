@@ -39,6 +39,8 @@ struct Consumer<R> {
     forced: u64,
     /// Bytes this consumer holds as DataFusion sees them (its reservations' sum).
     size: u64,
+    /// The most `size` has been: the operator's peak memory.
+    peak: u64,
     /// The task was asked for memory back and this consumer was picked: its next `try_grow` is
     /// refused so that it spills (see [`NativememPool::answer_spill_requests`]).
     asked: bool,
@@ -197,6 +199,8 @@ pub struct NativememPool<P: NativePool> {
     /// Sum of the consumers' forced bytes, and its peak.
     forced: AtomicU64,
     forced_peak: AtomicU64,
+    /// Peaks of unregistered consumers, by name (the largest registration of each name).
+    finished_peaks: Mutex<HashMap<String, u64>>,
 }
 
 impl<P: NativePool> NativememPool<P> {
@@ -233,6 +237,7 @@ impl<P: NativePool> NativememPool<P> {
             reserved: AtomicU64::new(0),
             overcommit: AtomicU64::new(0),
             forced: AtomicU64::new(0),
+            finished_peaks: Mutex::new(HashMap::new()),
             forced_peak: AtomicU64::new(0),
         }
     }
@@ -277,6 +282,22 @@ impl<P: NativePool> NativememPool<P> {
     pub fn peak_reserved(&self) -> u64 {
         // Relaxed: a read-out.
         self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Each DataFusion consumer's peak (the most its reservations held at once, as DataFusion
+    /// counts them), by consumer name: what an engine publishes as an operator's "peak memory"
+    /// metric. Live and unregistered consumers alike; of several registrations with one name
+    /// (an operator's partitions, each with its own pool, or re-registered), the largest.
+    /// Sorted by peak, largest first.
+    pub fn consumer_peaks(&self) -> Vec<(String, u64)> {
+        let mut peaks = self.finished_peaks.lock().clone();
+        for c in self.table.consumers.lock().values() {
+            let p = peaks.entry(c.name.clone()).or_insert(0);
+            *p = (*p).max(c.peak);
+        }
+        let mut out: Vec<(String, u64)> = peaks.into_iter().collect();
+        out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out
     }
 
     /// The policy deciding who spills.
@@ -558,6 +579,7 @@ impl<P: NativePool> NativememPool<P> {
         };
         let paid = paid_back.min(c.overcommit);
         c.size = c.size.saturating_add(bytes);
+        c.peak = c.peak.max(c.size);
         c.yielded = false;
         c.overcommit = c.overcommit - paid + overcommit;
         c.forced += forced;
@@ -616,6 +638,7 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
                 native,
                 overcommit: 0,
                 size: 0,
+                peak: 0,
                 asked: false,
                 yielded: false,
                 forced: 0,
@@ -632,6 +655,9 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
             let mut consumers = self.table.consumers.lock();
             let removed = consumers.remove(&consumer.id());
             if let Some(c) = &removed {
+                let mut done = self.finished_peaks.lock();
+                let peak = done.entry(c.name.clone()).or_insert(0);
+                *peak = (*peak).max(c.peak);
                 // Relaxed (both): read-outs, changed only under this lock.
                 self.reserved.fetch_sub(c.size, Ordering::Relaxed);
                 self.overcommit.fetch_sub(c.overcommit, Ordering::Relaxed);

@@ -53,6 +53,51 @@ fn consumers_are_charged_by_name_and_give_everything_back() {
 }
 
 #[test]
+fn each_operators_peak_is_kept_after_it_unregisters() {
+    let l = Arc::new(CapacityListener::unlimited());
+    let m = MemoryManager::new(
+        "task",
+        exact().with_task_limit(Some(8 * MIB as u64)),
+        l.clone(),
+    )
+    .unwrap();
+    let native = Arc::new(NativememPool::new(m.pool("datafusion").unwrap()));
+    let pool: Arc<dyn MemoryPool> = native.clone();
+    let sort = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&pool);
+    let agg = MemoryConsumer::new("GroupedHashAggregateStream[0]").register(&pool);
+    sort.try_grow(3 * MIB).unwrap();
+    let half = sort.split(MIB); // one consumer: its reservations' sum counts
+    sort.try_grow(2 * MIB).unwrap(); // 5 MiB held by the sort at once
+    drop(half);
+    agg.try_grow(MIB).unwrap();
+    assert!(agg.try_grow(8 * MIB).is_err(), "over the limit");
+    assert_eq!(
+        native.consumer_peaks(),
+        vec![
+            ("ExternalSorter[0]".to_string(), 5 * MIB as u64),
+            ("GroupedHashAggregateStream[0]".to_string(), MIB as u64),
+        ],
+        "a refused grow is not a peak"
+    );
+    drop(sort); // unregistered: its peak stays
+    drop(agg);
+    let again = MemoryConsumer::new("GroupedHashAggregateStream[0]").register(&pool);
+    again.try_grow(2 * MIB).unwrap();
+    assert_eq!(
+        native.consumer_peaks(),
+        vec![
+            ("ExternalSorter[0]".to_string(), 5 * MIB as u64),
+            ("GroupedHashAggregateStream[0]".to_string(), 2 * MIB as u64),
+        ]
+    );
+    drop(again);
+    assert!(m.close().unwrap().is_empty());
+    assert_eq!(l.reserved(), 0);
+}
+
+#[test]
 fn limit_refuses_with_resources_exhausted_and_nativemem_report() {
     let (m, _l, pool) = setup(Some(4 * MIB as u64));
     assert!(matches!(pool.memory_limit(), MemoryLimit::Finite(l) if l == 4 * MIB));

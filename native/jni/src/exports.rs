@@ -391,6 +391,20 @@ pub extern "system" fn Java_org_nativemem_NativeReservation_nativeSize<'l>(
     })
 }
 
+/// `static native long nativePeak(long reservation)`.
+#[no_mangle]
+pub extern "system" fn Java_org_nativemem_NativeReservation_nativePeak<'l>(
+    mut env: JNIEnv<'l>,
+    _class: JClass<'l>,
+    handle: jlong,
+) -> jlong {
+    run_export(&mut env, 0, |_| {
+        Ok(registry::with_reservation(handle, |r| {
+            Ok(to_jlong(r.peak()))
+        })?)
+    })
+}
+
 /// `static native void nativeClose(long reservation)`.
 #[no_mangle]
 pub extern "system" fn Java_org_nativemem_NativeReservation_nativeClose<'l>(

@@ -123,6 +123,7 @@ static API: NmApi = NmApi {
     manager_create_with: nm_manager_create_with,
     trim_hook_register: nm_trim_hook_register,
     trim_hook_unregister: nm_trim_hook_unregister,
+    reservation_peak: nm_reservation_peak,
 };
 
 /// The table if this crate supports `min_version`, else null. `libnativemem_jni.so` exports it
@@ -596,6 +597,13 @@ unsafe extern "C" fn nm_reservation_size(r: nm_reservation, out: *mut u64, err: 
     run(err, || {
         let size = registry::with_reservation(handle_arg(r), |res| Ok(res.size()))?;
         put(out, "out", size)
+    })
+}
+
+unsafe extern "C" fn nm_reservation_peak(r: nm_reservation, out: *mut u64, err: Err) -> nm_status {
+    run(err, || {
+        let peak = registry::with_reservation(handle_arg(r), |res| Ok(res.peak()))?;
+        put(out, "out", peak)
     })
 }
 

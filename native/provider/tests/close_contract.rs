@@ -214,6 +214,17 @@ fn rows() -> Vec<(&'static str, usize, Expect, Expect, Call)> {
             },
         ),
         (
+            "reservation_peak",
+            offset_of!(NmApi, reservation_peak),
+            CLOSED,
+            STALE,
+            |a, o| {
+                let mut peak = 0;
+                // SAFETY: valid out pointer.
+                unsafe { (a.reservation_peak)(o.work, &mut peak, ptr::null_mut()) }
+            },
+        ),
+        (
             "reservation_free",
             offset_of!(NmApi, reservation_free),
             Ok,

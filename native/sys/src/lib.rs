@@ -280,6 +280,10 @@ pub struct NmApi {
         err: Err,
     ) -> nm_status,
     pub trim_hook_unregister: unsafe extern "C" fn(id: u64, err: Err) -> nm_status,
+
+    // Appended: per-consumer peaks.
+    pub reservation_peak:
+        unsafe extern "C" fn(r: nm_reservation, out: *mut u64, err: Err) -> nm_status,
 }
 
 /// `NM_API_V1_SIZE`: the size of version 1's first table, before the forced charges were
@@ -323,7 +327,8 @@ mod tests {
         assert_eq!(offset_of!(NmApi, manager_create_with), 8 + 8 * 27);
         assert_eq!(offset_of!(NmApi, trim_hook_register), 232);
         assert_eq!(offset_of!(NmApi, trim_hook_unregister), 240);
-        assert_eq!(size_of::<NmApi>(), 248);
+        assert_eq!(offset_of!(NmApi, reservation_peak), 248);
+        assert_eq!(size_of::<NmApi>(), 256);
         assert_eq!(size_of::<NmManagerOptions>(), 40);
         assert_eq!(offset_of!(NmManagerOptions, reservation_block), 8);
         assert_eq!(offset_of!(NmManagerOptions, task_limit), 16);

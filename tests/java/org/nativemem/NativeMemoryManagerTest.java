@@ -49,6 +49,23 @@ public class NativeMemoryManagerTest extends NativeTestSupport {
     }
 
     @Test
+    public void eachReservationReportsItsConsumersPeak() {
+        CountingListener listener = new CountingListener();
+        NativeMemoryManager m = manager("peaks", listener);
+        try (NativeReservation build = m.newReservation("op/join", "HashBuild[1]", 3 * MIB);
+                NativeReservation probe = m.newReservation("op/join", "Probe[2]", MIB)) {
+            build.grow(2 * MIB);
+            build.shrink(4 * MIB);
+            probe.shrink(MIB);
+            assertEquals(MIB, build.size());
+            assertEquals("the most the build side held", 5 * MIB, build.peakBytes());
+            assertEquals(MIB, probe.peakBytes());
+            assertEquals("the task's peak", 6 * MIB, m.peakBytes());
+        }
+        m.close();
+    }
+
+    @Test
     public void tryWithResourcesCloses() {
         CountingListener listener = new CountingListener();
         NativeMemoryManager kept;

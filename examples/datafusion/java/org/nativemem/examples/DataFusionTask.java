@@ -267,6 +267,27 @@ public final class DataFusionTask extends NativeObject {
         return DataFusionStats.fromArray(nativeStats(handle()));
     }
 
+    /**
+     * Each DataFusion operator's peak memory in the running (or last) query, as nativemem's pool
+     * saw it: what an engine publishes as an operator's "peak memory" SQL metric. Empty in the
+     * per-call comparison mode.
+     *
+     * @return operator (DataFusion's consumer name, e.g. {@code ExternalSorter[0]}) to its peak
+     *     bytes, largest first
+     * @throws IllegalStateException if the task or its manager is closed
+     */
+    public java.util.Map<String, Long> operatorPeaks() {
+        checkOpen();
+        java.util.Map<String, Long> out = new java.util.LinkedHashMap<>();
+        for (String line : nativeOperatorPeaks(handle()).split("\n")) {
+            int tab = line.lastIndexOf('\t');
+            if (tab > 0) {
+                out.put(line.substring(0, tab), Long.parseLong(line.substring(tab + 1)));
+            }
+        }
+        return out;
+    }
+
     /** @return the pool path given at open */
     public String poolPath() {
         return poolPath;
@@ -380,6 +401,8 @@ public final class DataFusionTask extends NativeObject {
     static native long[] nativeAwait(long handle);
 
     static native long[] nativeStats(long handle);
+
+    static native String nativeOperatorPeaks(long handle);
 
     static native void nativeClose(long handle);
 }

@@ -201,6 +201,27 @@ public class DataFusionTaskTest {
         sameResultUnboundedAndUnderALimit(DataFusionTask.Query.GROUP_BY, ROWS / 3);
     }
 
+    @Test(timeout = 60_000)
+    public void eachOperatorsPeakIsReportedAfterTheQuery() {
+        NativeMemoryManager m = manager("operator-peaks", blocks());
+        try (DataFusionTask df = DataFusionTask.open(m)) {
+            df.start(DataFusionTask.Query.ORDER_BY, ROWS);
+            DataFusionStats s = df.await();
+            java.util.Map<String, Long> peaks = df.operatorPeaks();
+            assertTrue("the sort is among the operators: " + peaks,
+                    peaks.keySet().stream().anyMatch(k -> k.startsWith("ExternalSorter")));
+            long previous = Long.MAX_VALUE;
+            for (java.util.Map.Entry<String, Long> e : peaks.entrySet()) {
+                assertTrue("largest first: " + peaks, e.getValue() <= previous);
+                assertTrue("within the query's peak " + s.peakReservedBytes() + ": " + e,
+                        e.getValue() <= s.peakReservedBytes());
+                previous = e.getValue();
+            }
+            assertTrue("an operator held memory: " + peaks, previous < Long.MAX_VALUE
+                    && peaks.values().iterator().next() > 0);
+        }
+    }
+
     // ---- the manager asks DataFusion for memory -----------------------------------------------------
 
     @Test(timeout = 60_000)

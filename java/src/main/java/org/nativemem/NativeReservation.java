@@ -75,6 +75,19 @@ public final class NativeReservation extends NativeObject {
         return nativeSize(handle());
     }
 
+    /**
+     * The most bytes this reservation has held: its consumer's peak, what an engine publishes as
+     * an operator's "peak memory" SQL metric. The task's peak is
+     * {@link NativeMemoryManager#peakBytes()}.
+     *
+     * @return the highest {@link #size()} so far
+     * @throws IllegalStateException if this reservation or its manager is closed
+     */
+    public long peakBytes() {
+        checkOpen();
+        return nativePeak(handle());
+    }
+
     /** @return the pool path given at creation */
     public String poolPath() {
         return poolPath;
@@ -127,6 +140,8 @@ public final class NativeReservation extends NativeObject {
     static native void nativeResize(long handle, long newSize);
 
     static native long nativeSize(long handle);
+
+    static native long nativePeak(long handle);
 
     static native void nativeClose(long handle);
 }
