@@ -27,9 +27,9 @@
  * against NM_ABI_VERSION N works with any library whose table has abi_version >= N and
  * struct_size >= sizeof(the nm_api it was compiled with); check both once (nm_api_check does).
  * Fields are never removed or reordered; a change that cannot be additive gets a new table.
- * Version 1's first table ended at NM_API_V1_SIZE; the forced charges, manager_create_with
- * the trim hooks and reservation_peak were appended to it (additions keep the version: NM_ABI_VERSION changes
- * only with a new table). An engine that must also run with an older
+ * Version 1's first table ended at NM_API_V1_SIZE; the forced charges, manager_create_with,
+ * the trim hooks and reservation_peak were appended to it (additions keep the version:
+ * NM_ABI_VERSION changes only with a new table). An engine that must also run with an older
  * library tests the newer functions one by one with NM_API_HAS(api, field) instead of calling
  * nm_api_check. Structs the engine passes in (nm_spiller_vtable, nm_listener, nm_manager_options)
  * carry their own struct_size, so an engine built against an older header keeps working.
