@@ -204,6 +204,8 @@ public class JniCloseContractTest extends HardeningSupport {
                 (f, p) -> new Object[] {f.work, 0L}, NOTHING));
         t.put("NativeReservation.nativeSize(long)", new Row(Outcome.CLOSED, Outcome.STALE,
                 (f, p) -> new Object[] {f.work}, NOTHING));
+        t.put("NativeReservation.nativePeak(long)", new Row(Outcome.CLOSED, Outcome.STALE,
+                (f, p) -> new Object[] {f.work}, NOTHING));
         t.put("NativeReservation.nativeShrink(long,long)", new Row(Outcome.ALLOWED, Outcome.STALE,
                 (f, p) -> new Object[] {f.shrunk, SHRINK_BYTES}, NOTHING));
         // After close: a reservation the close released (not one closed by its user).
