@@ -28,8 +28,9 @@
  * struct_size >= sizeof(the nm_api it was compiled with); check both once (nm_api_check does).
  * Fields are never removed or reordered; a change that cannot be additive gets a new table.
  * Version 1's first table ended at NM_API_V1_SIZE; the forced charges, manager_create_with,
- * the trim hooks and reservation_peak were appended to it (additions keep the version:
- * NM_ABI_VERSION changes only with a new table). An engine that must also run with an older
+ * the trim hooks, reservation_peak and pool_spill_written were appended to it (additions
+ * keep the version: NM_ABI_VERSION changes only with a new table). An engine that must also
+ * run with an older
  * library tests the newer functions one by one with NM_API_HAS(api, field) instead of calling
  * nm_api_check. Structs the engine passes in (nm_spiller_vtable, nm_listener, nm_manager_options)
  * carry their own struct_size, so an engine built against an older header keeps working.
@@ -472,6 +473,16 @@ typedef struct nm_api {
      * operator's "peak memory"; the pool's is nm_pool_stats.peak). Fails like reservation_size.
      */
     nm_status (*reservation_peak)(nm_reservation r, uint64_t *out, char **err);
+
+    /* ---- appended: what spills wrote ------------------------------------------------------------ */
+
+    /**
+     * Counts `bytes` the task's spills wrote (spill files) for the pool's manager, which Spark
+     * shows as the task's Spill (Disk); what spillers *freed* the manager counts itself (Spill
+     * (Memory)). Call it from a spill callback (with the pool the spiller was registered on) or
+     * once per spill file, on any thread; it never blocks. Fails like pool_stats.
+     */
+    nm_status (*pool_spill_written)(nm_pool pool, uint64_t bytes, char **err);
 } nm_api;
 
 /** Size of version 1's first table (before the forced charges were appended). */

@@ -282,6 +282,10 @@ static nm_status cb_spill(void *ctx, uint64_t target, uint64_t *freed) {
     if (actual > 0) {
         atomic_fetch_add(&g_spills, 1);
         atomic_fetch_add(&g_spilled_bytes, actual);
+        /* As an engine that writes what it spills: what it wrote, for Spark's Spill (Disk). */
+        if (NM_API_HAS(e->api, pool_spill_written)) {
+            e->api->pool_spill_written(e->pool, actual, NULL);
+        }
     }
     *freed = actual + over;
     return NM_OK;

@@ -57,7 +57,9 @@ NM_STATIC_ASSERT(offsetof(nm_api, trim_hook_register) == 232,
 NM_STATIC_ASSERT(offsetof(nm_api, trim_hook_unregister) == 240, "trim_hook_unregister");
 NM_STATIC_ASSERT(offsetof(nm_api, reservation_peak) == 248,
                  "reservation_peak appended after the trim hooks (248 bytes)");
-NM_STATIC_ASSERT(sizeof(nm_api) == 256, "nm_api size: 256 bytes");
+NM_STATIC_ASSERT(offsetof(nm_api, pool_spill_written) == 256,
+                 "pool_spill_written appended after reservation_peak (256 bytes)");
+NM_STATIC_ASSERT(sizeof(nm_api) == 264, "nm_api size: 264 bytes");
 
 /* The status codes are part of the ABI: never renumbered. */
 NM_STATIC_ASSERT(NM_OK == 0 && NM_ERR_INVALID_ARGUMENT == 1 && NM_ERR_STALE_HANDLE == 2 &&
@@ -84,6 +86,7 @@ int nm_header_check_has(void) {
                                               !NM_API_HAS(&t, reservation_peak));
     t.struct_size = (uint32_t)sizeof(nm_api);
     return old_lacks && v1_lacks && options_only && trim_only && NM_API_HAS(&t, reservation_peak) &&
+           NM_API_HAS(&t, pool_spill_written) &&
            NM_API_HAS(&t, manager_reclaim);
 }
 

@@ -102,6 +102,17 @@ impl Pool {
         })
     }
 
+    /// Counts `bytes` the task's spills wrote (spill files) for this pool's manager: Spark's
+    /// Spill (Disk) of the task. What spillers freed the manager counts itself. Call it from a
+    /// spiller or once per spill file.
+    pub fn note_spill_written(&self, bytes: u64) -> Result<()> {
+        let api = self.api();
+        api.call(|err| {
+            // SAFETY: `err` is writable for the call.
+            unsafe { (api.raw().pool_spill_written)(self.inner.handle, bytes, err) }
+        })
+    }
+
     /// A new, empty reservation of this pool for `consumer` (the name reports and
     /// out-of-memory errors show).
     pub fn reservation(&self, consumer: &str) -> Result<Reservation> {

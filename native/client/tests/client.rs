@@ -172,6 +172,11 @@ fn reservation_grow_shrink_resize_free_and_drop_keep_exact_totals() {
     drop(other);
 
     drop(r);
+    // What spills wrote: the engine's to say (Spark's Spill (Disk)); in the report.
+    pool.note_spill_written(3 * MIB).unwrap();
+    root.note_spill_written(MIB).unwrap(); // any pool of the task counts for its manager
+    let report = lease.usage_report().unwrap();
+    assert!(report.contains("Spill files written: 4.0 MiB"), "{report}");
     let p = pool.stats().unwrap();
     assert_eq!((p.used, p.peak), (0, 5000));
     let m = lease.stats().unwrap();

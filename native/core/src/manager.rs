@@ -45,6 +45,11 @@ pub struct ManagerStats {
     pub overcommit_peak: u64,
     /// Bytes forced grows over-committed so far (cumulative).
     pub overcommitted_total: u64,
+    /// Bytes the task's spills wrote (to disk or elsewhere), as its engine reported them with
+    /// [`MemoryManager::note_spill_written`]; Spark's Spill (Disk) column shows them. Spillers
+    /// report what they *freed* (`spilled_bytes`: Spill (Memory)); what they wrote is the
+    /// engine's to say (compressed, encoded, or nothing written at all).
+    pub spill_written_bytes: u64,
 }
 
 /// The memory manager of one task attempt. Cheap to clone (a shared handle); `Send + Sync`.
@@ -228,7 +233,16 @@ impl MemoryManager {
             overcommitted: self.budget.overcommitted(),
             overcommit_peak: c.overcommit_peak,
             overcommitted_total: c.overcommitted_total,
+            spill_written_bytes: c.spill_written_bytes,
         }
+    }
+
+    /// Counts `bytes` the task's spills wrote (spill files on disk), for
+    /// [`ManagerStats::spill_written_bytes`] and Spark's Spill (Disk). Call it from a spiller, or
+    /// once per spill file; any thread, never blocks, never fails. (Also on [`Pool`](crate::Pool),
+    /// for code that holds a pool.)
+    pub fn note_spill_written(&self, bytes: u64) {
+        self.budget.note_spill_written(bytes);
     }
 
     /// Number of registered spillers.

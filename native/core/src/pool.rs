@@ -113,6 +113,12 @@ impl Pool {
         self.node.peak()
     }
 
+    /// Counts `bytes` the task's spills wrote, for its manager (see
+    /// [`MemoryManager::note_spill_written`](crate::MemoryManager::note_spill_written)).
+    pub fn note_spill_written(&self, bytes: u64) {
+        self.budget.note_spill_written(bytes);
+    }
+
     /// Gets or creates the child pool `name` with an optional limit in bytes. Asking again with
     /// the same name returns the same pool (an error if a different limit is asked).
     pub fn child(&self, name: &str, limit: Option<u64>) -> Result<Pool> {

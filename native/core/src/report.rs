@@ -54,6 +54,9 @@ pub struct UsageReport {
     pub spill_count: u64,
     /// Bytes freed by spills so far.
     pub spilled_bytes: u64,
+    /// Bytes the task's spills wrote, as its engine reported them
+    /// ([`MemoryManager::note_spill_written`](crate::MemoryManager::note_spill_written)).
+    pub spill_written_bytes: u64,
     /// Over-commit now: bytes charged without the listener's cover by a forced grow
     /// ([`Reservation::force_grow`](crate::Reservation::force_grow), e.g. a tracking allocator)
     /// and not yet paid for by a grow or released.
@@ -92,6 +95,13 @@ impl fmt::Display for UsageReport {
             self.spill_count,
             human(self.spilled_bytes),
         )?;
+        if self.spill_written_bytes > 0 {
+            writeln!(
+                f,
+                "Spill files written: {} (as the engine reported)",
+                human(self.spill_written_bytes)
+            )?;
+        }
         if self.overcommitted > 0 || self.overcommitted_total > 0 {
             writeln!(
                 f,

@@ -124,6 +124,7 @@ static API: NmApi = NmApi {
     trim_hook_register: nm_trim_hook_register,
     trim_hook_unregister: nm_trim_hook_unregister,
     reservation_peak: nm_reservation_peak,
+    pool_spill_written: nm_pool_spill_written,
 };
 
 /// The table if this crate supports `min_version`, else null. `libnativemem_jni.so` exports it
@@ -1004,6 +1005,15 @@ unsafe extern "C" fn nm_manager_spill(
         let bytes = with_lease(lease, |e| Ok(e.manager().spill(target)?))?;
         put_opt(freed, bytes);
         Ok(())
+    })
+}
+
+unsafe extern "C" fn nm_pool_spill_written(pool: nm_pool, bytes: u64, err: Err) -> nm_status {
+    run(err, || {
+        with_pool(pool, |p| {
+            p.pool.note_spill_written(bytes);
+            Ok(())
+        })
     })
 }
 

@@ -214,6 +214,14 @@ fn rows() -> Vec<(&'static str, usize, Expect, Expect, Call)> {
             },
         ),
         (
+            "pool_spill_written",
+            offset_of!(NmApi, pool_spill_written),
+            CLOSED,
+            STALE,
+            // SAFETY: a pool handle (checked by the callee); no pointer argument.
+            |a, o| unsafe { (a.pool_spill_written)(o.pool, MIB, ptr::null_mut()) },
+        ),
+        (
             "reservation_peak",
             offset_of!(NmApi, reservation_peak),
             CLOSED,

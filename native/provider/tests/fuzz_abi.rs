@@ -934,8 +934,12 @@ fn random_calls_from_threads_keep_every_contract() {
         elapsed.as_secs_f64()
     );
     assert!(hist[NM_OK as usize] > 0 && hist[NM_ERR_STALE_HANDLE as usize] > 0);
-    assert_eq!(
-        after, before,
-        "live (blocks, bytes) not back to the baseline (seed {seed})"
+    // A leak leaves more blocks than the baseline. Fewer is not a leak: the process-wide count
+    // includes memory of this process the fuzz does not own (the test harness's output capture,
+    // a warm-up object whose last reference went away during the run), seen now and then as a
+    // few blocks less under load (e.g. (432, 89680) -> (429, 89544)).
+    assert!(
+        after.0 <= before.0 && after.1 <= before.1,
+        "live (blocks, bytes) above the baseline: {before:?} -> {after:?} (seed {seed})"
     );
 }

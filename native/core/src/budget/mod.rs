@@ -119,6 +119,8 @@ struct Counters {
     overcommitted_total: AtomicU64,
     /// Highest over-commit seen (see `Budget::overcommitted`).
     overcommit_peak: AtomicU64,
+    /// Bytes the task's spills wrote to disk, as its engine reported them.
+    spill_written_bytes: AtomicU64,
 }
 
 /// A snapshot of [`Counters`] and the live allocation count, for `ManagerStats`.
@@ -133,6 +135,7 @@ pub(crate) struct CounterSnapshot {
     pub(crate) live_allocations: u64,
     pub(crate) overcommitted_total: u64,
     pub(crate) overcommit_peak: u64,
+    pub(crate) spill_written_bytes: u64,
 }
 
 /// The part of a reservation the manager can see (for reports and for close).
@@ -299,6 +302,25 @@ impl Budget {
             live_allocations: self.allocs.len() as u64,
             overcommitted_total: c.overcommitted_total.load(Ordering::Relaxed),
             overcommit_peak: c.overcommit_peak.load(Ordering::Relaxed),
+            spill_written_bytes: c.spill_written_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Adds `bytes` an engine reported its spills wrote (saturating).
+    pub(crate) fn note_spill_written(&self, bytes: u64) {
+        // Relaxed: a statistic (see `Counters`).
+        let c = &self.counters.spill_written_bytes;
+        let mut now = c.load(Ordering::Relaxed);
+        loop {
+            match c.compare_exchange_weak(
+                now,
+                now.saturating_add(bytes),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(seen) => now = seen,
+            }
         }
     }
 

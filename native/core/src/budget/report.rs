@@ -84,6 +84,7 @@ impl Budget {
             // Relaxed (both): report statistics (see above).
             spill_count: self.counters.spill_count.load(Ordering::Relaxed),
             spilled_bytes: self.counters.spilled_bytes.load(Ordering::Relaxed),
+            spill_written_bytes: self.counters.spill_written_bytes.load(Ordering::Relaxed),
             overcommitted: self.overcommitted(),
             overcommitted_total: self.counters.overcommitted_total.load(Ordering::Relaxed),
             pools,

@@ -8,7 +8,7 @@ package org.nativemem;
  */
 public final class NativeMemoryStats {
     /** Number of values {@link NativeMemoryManager} reads from the native library. */
-    static final int FIELDS = 14;
+    static final int FIELDS = 15;
 
     private final long usedBytes;
     private final long peakBytes;
@@ -24,6 +24,7 @@ public final class NativeMemoryStats {
     private final long gateRefusals;
     private final long arbitrations;
     private final long arbitratedBytes;
+    private final long spillWrittenBytes;
 
     private NativeMemoryStats(long[] v) {
         this.usedBytes = v[0];
@@ -40,6 +41,7 @@ public final class NativeMemoryStats {
         this.gateRefusals = v[11];
         this.arbitrations = v[12];
         this.arbitratedBytes = v[13];
+        this.spillWrittenBytes = v[14];
     }
 
     static NativeMemoryStats fromArray(long[] values) {
@@ -131,6 +133,15 @@ public final class NativeMemoryStats {
         return arbitratedBytes;
     }
 
+    /**
+     * @return bytes the task's spills wrote (spill files), as its engine reported them through
+     *     the engine ABI's {@code manager_spill_written} (or the Rust API's
+     *     {@code note_spill_written}); Spark's Spill (Disk) of the task shows them
+     */
+    public long spillWrittenBytes() {
+        return spillWrittenBytes;
+    }
+
     @Override
     public String toString() {
         return "NativeMemoryStats{used=" + usedBytes + ", peak=" + peakBytes + ", reserved=" + reservedBytes
@@ -139,6 +150,6 @@ public final class NativeMemoryStats {
                 + ", liveAllocations=" + liveAllocations + ", overcommitted=" + overcommittedBytes
                 + ", overcommitPeak=" + overcommitPeakBytes + ", overcommittedTotal=" + overcommittedTotalBytes
                 + ", gateRefusals=" + gateRefusals + ", arbitrations=" + arbitrations + ", arbitratedBytes="
-                + arbitratedBytes + "}";
+                + arbitratedBytes + ", spillWrittenBytes=" + spillWrittenBytes + "}";
     }
 }

@@ -104,9 +104,17 @@ public final class CEngineJob {
             tracker.awaitIdle(jsc, 60_000);
             List<E2e.TaskEnd> ends = tracker.endedSince(mark);
             checkEq(TASKS, ends.size(), "one attempt per task: " + ends);
+            long diskSpilled = 0;
             for (E2e.TaskEnd end : ends) {
                 check(end.reason.equals("Success"), "the task succeeded (Spark's leak check passed): " + end);
+                diskSpilled += end.diskBytesSpilled;
             }
+            long cSpilled = 0;
+            for (long[] r : results) {
+                cSpilled += r[3];
+            }
+            // The engine reports what its spills wrote (pool_spill_written): Spark's Spill (Disk).
+            checkEq(cSpilled, diskSpilled, "the tasks' diskBytesSpilled are what the C engine's spills wrote");
             long jvmSpilledForC = 0;
             for (long[] r : results) {
                 System.out.printf("%s task %d: Spark had %d MiB for the task; Spark->C: %d spill(s) of the C engine,"

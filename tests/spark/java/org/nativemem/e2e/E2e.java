@@ -102,6 +102,8 @@ final class E2e {
         /** Spark 4.0+: what the TaskMemoryManager saw, by mode; -1 on 3.5. */
         final long peakOnHeap;
         final long peakOffHeap;
+        /** Spark's Spill (Disk) of the task ({@code TaskMetrics.diskBytesSpilled}); -1 without metrics. */
+        final long diskBytesSpilled;
         /** The task's {@code nativemem.*} accumulator updates, by name. */
         final Map<String, Long> nativememAccumulators;
 
@@ -115,6 +117,7 @@ final class E2e {
             this.peakExecutionMemory = m == null ? -1 : m.peakExecutionMemory();
             this.peakOnHeap = m == null ? -1 : optionalLong(m, "peakOnHeapExecutionMemory");
             this.peakOffHeap = m == null ? -1 : optionalLong(m, "peakOffHeapExecutionMemory");
+            this.diskBytesSpilled = m == null ? -1 : m.diskBytesSpilled();
             this.nativememAccumulators = nativememAccumulators(e.taskInfo());
         }
 

@@ -39,8 +39,11 @@ import scala.Option;
  * Spark's own sorters use), so native spills are in the stage page's Spill (Memory) column.
  *
  * <h2>Spill (Disk)</h2>
- * What a spill wrote is known to the engine only (a spiller returns the bytes it freed). An engine
- * whose JVM side knows it reports it with {@link #addDiskBytesSpilled} (Spark's
+ * What a spill wrote is known to the engine only (a spiller returns the bytes it freed). A native
+ * engine reports it through the engine ABI ({@code pool_spill_written}; Rust:
+ * {@code note_spill_written}): the manager counts it and its close adds it to the task's
+ * {@code diskBytesSpilled}. An engine whose JVM side knows it reports it with
+ * {@link #addDiskBytesSpilled} (Spark's
  * {@code diskBytesSpilled}, its Spill (Disk) column): a supported, version-checked way to reach
  * Spark's {@code TaskMetrics.incDiskBytesSpilled}, which is not public Spark API.
  *
@@ -244,6 +247,11 @@ public final class NativeTaskMetrics {
         try {
             if (before != null && before.spilledBytes() > 0) {
                 ctx.taskMetrics().incMemoryBytesSpilled(before.spilledBytes());
+            }
+            if (before != null && before.spillWrittenBytes() > 0) {
+                // What the engine's spills wrote, reported through the engine ABI
+                // (manager_spill_written): Spill (Disk).
+                ctx.taskMetrics().incDiskBytesSpilled(before.spillWrittenBytes());
             }
             Map<String, Long> values = new LinkedHashMap<>();
             if (before != null) {
