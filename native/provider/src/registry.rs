@@ -93,7 +93,7 @@ use nativemem_core::{LeakReport, MemoryConfig, MemoryManager, Reservation, Reser
 use parking_lot::Mutex;
 
 use crate::error::{panic_message, Error, Result};
-use nativemem_handles::{kind, HandleTable, Pinned};
+use nativemem_handles::{kind, HandleError, HandleTable, Pinned};
 
 /// Live memory managers.
 static MANAGERS: HandleTable<ManagerEntry> = HandleTable::new(kind::MANAGER, "memory manager");
@@ -128,66 +128,141 @@ impl std::ops::Deref for StateWord {
 }
 
 /// The managers one thread is inside a call of (entry addresses; a manager appears once per
-/// nested call). Inline up to [`CallStack::INLINE`] nested calls, so a thread that calls into the
-/// library (a Spark task thread, an engine's worker) holds no heap memory of it between calls and
-/// the library's live bytes go back to their baseline when managers close, whatever threads
-/// remain; deeper nesting (spillers re-entering spillers) spills into a `Vec`.
+/// nested call). Inline up to [`CallStack::INLINE`] nested calls, in `Cell`s of a thread-local
+/// that has no destructor: recording a call is one thread-local access and two plain stores, with
+/// no borrow flag and no lazy registration, and a thread that calls into the library (a Spark
+/// task thread, an engine's worker) holds no heap memory of it between calls, so the library's
+/// live bytes go back to their baseline when managers close, whatever threads remain. Deeper
+/// nesting (spillers re-entering spillers) spills into [`IN_CALL_MORE`], a `Vec` emptied (and
+/// given back) when the nesting unwinds.
 struct CallStack {
-    len: usize,
-    inline: [usize; CallStack::INLINE],
-    more: Vec<usize>,
+    /// Entries recorded, inline and in `IN_CALL_MORE` (`len - INLINE` there once above INLINE).
+    len: Cell<usize>,
+    inline: [Cell<usize>; CallStack::INLINE],
 }
 
 impl CallStack {
-    const INLINE: usize = 8;
+    const INLINE: usize = 16;
 
     const fn new() -> CallStack {
         CallStack {
-            len: 0,
-            inline: [0; CallStack::INLINE],
-            more: Vec::new(),
+            len: Cell::new(0),
+            inline: [const { Cell::new(0) }; CallStack::INLINE],
         }
     }
 
-    fn push(&mut self, entry: usize) {
-        if self.len < Self::INLINE {
-            self.inline[self.len] = entry;
-            self.len += 1;
+    #[inline]
+    fn push(&self, entry: usize) {
+        let len = self.len.get();
+        if len < Self::INLINE {
+            self.inline[len].set(entry);
         } else {
-            self.more.push(entry);
+            let _ = IN_CALL_MORE.try_with(|m| {
+                if let Ok(mut m) = m.try_borrow_mut() {
+                    m.push(entry);
+                }
+            });
         }
+        self.len.set(len + 1);
     }
 
-    /// Removes the most recent occurrence of `entry`.
-    fn remove(&mut self, entry: usize) {
-        if let Some(pos) = self.more.iter().rposition(|p| *p == entry) {
-            self.more.swap_remove(pos);
-            if self.more.is_empty() {
-                self.more = Vec::new(); // give the heap block back
-            }
-        } else if let Some(pos) = self.inline[..self.len].iter().rposition(|p| *p == entry) {
-            self.inline[pos] = self.inline[self.len - 1];
-            self.len -= 1;
+    /// Removes one occurrence of `entry` (entries are only counted, so which one does not
+    /// matter): the top one when calls end in order, as they do.
+    #[inline]
+    fn remove(&self, entry: usize) {
+        let len = self.len.get();
+        if len == 0 {
+            return;
         }
+        if len <= Self::INLINE && self.inline[len - 1].get() == entry {
+            self.len.set(len - 1);
+            return;
+        }
+        self.remove_slow(entry);
+    }
+
+    #[cold]
+    fn remove_slow(&self, entry: usize) {
+        let len = self.len.get();
+        let inline_len = len.min(Self::INLINE);
+        let _ = IN_CALL_MORE.try_with(|m| {
+            let Ok(mut more) = m.try_borrow_mut() else {
+                return;
+            };
+            // The top element of the whole stack, which fills the removed entry's place.
+            let top = if len > Self::INLINE {
+                more.pop()
+            } else {
+                Some(self.inline[len - 1].get())
+            };
+            let Some(top) = top else { return };
+            if top != entry {
+                if let Some(pos) = more.iter().rposition(|p| *p == entry) {
+                    more[pos] = top;
+                } else if let Some(pos) = self.inline[..inline_len]
+                    .iter()
+                    .rposition(|p| p.get() == entry)
+                {
+                    self.inline[pos].set(top);
+                } else {
+                    // Not recorded (a push lost to a thread-local being torn down): put the
+                    // top back.
+                    if len > Self::INLINE {
+                        more.push(top);
+                    }
+                    return;
+                }
+            }
+            if more.is_empty() && more.capacity() > 0 {
+                *more = Vec::new(); // give the heap block back
+            }
+            self.len.set(len - 1);
+        });
     }
 
     fn count(&self, entry: usize) -> usize {
-        self.inline[..self.len]
+        let len = self.len.get();
+        let inline = self.inline[..len.min(Self::INLINE)]
             .iter()
-            .chain(self.more.iter())
-            .filter(|p| **p == entry)
-            .count()
+            .filter(|p| p.get() == entry)
+            .count();
+        let more = if len > Self::INLINE {
+            IN_CALL_MORE
+                .try_with(|m| {
+                    m.try_borrow()
+                        .map(|m| m.iter().filter(|p| **p == entry).count())
+                        .unwrap_or(0)
+                })
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        inline + more
     }
 }
 
 thread_local! {
     /// Managers this thread is inside a call of. Lets `destroy` detect that it would wait for
     /// its own thread.
-    static IN_CALL: RefCell<CallStack> = const { RefCell::new(CallStack::new()) };
+    static IN_CALL: CallStack = const { CallStack::new() };
+    /// Nested calls beyond [`CallStack::INLINE`].
+    static IN_CALL_MORE: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
     /// The manager whose close is dropping its spillers and attached state on this thread (entry
     /// address, 0 if none). Calls on that manager from this thread are let in although it is
     /// closing: a drop callback may still close reservations and free allocations (not a leak).
     static CLOSING_HERE: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Records a call on the manager `entry` on this thread.
+#[inline]
+fn record_call(entry: usize) {
+    let _ = IN_CALL.try_with(|v| v.push(entry));
+}
+
+/// Forgets a call recorded by [`record_call`].
+#[inline]
+fn forget_call(entry: usize) {
+    let _ = IN_CALL.try_with(|v| v.remove(entry));
 }
 
 /// A live manager as the binding holds it. Shared (`Arc`) by the table, by in-flight calls and by
@@ -316,11 +391,7 @@ impl ManagerEntry {
     pub(crate) fn enter_as(self: &Arc<Self>, kind: Entry) -> Result<ManagerCall> {
         let pin = self.pin_as(kind)?;
         let me = Arc::as_ptr(self) as usize;
-        let _ = IN_CALL.try_with(|v| {
-            if let Ok(mut v) = v.try_borrow_mut() {
-                v.push(me);
-            }
-        });
+        record_call(me);
         Ok(ManagerCall {
             pin,
             _not_send: PhantomData,
@@ -347,11 +418,7 @@ impl ManagerEntry {
 
     fn calls_on_this_thread(&self) -> usize {
         let me = self as *const ManagerEntry as usize;
-        IN_CALL
-            .try_with(|v| v.try_borrow().map(|v| v.count(me)))
-            .ok()
-            .and_then(|r| r.ok())
-            .unwrap_or(0)
+        IN_CALL.try_with(|v| v.count(me)).unwrap_or(0)
     }
 
     /// Waits until no call is in flight, sets `RUNNING`, and checks again (a give-back admitted
@@ -562,34 +629,54 @@ impl<T: Owned> ObjectCall<T> {
     /// Pins the object `handle` of `table` and admits the call by its manager's state: refused
     /// once the manager is closing, except a give-back before `RUNNING` (and calls from the
     /// closing thread's drop callbacks).
+    #[inline]
     pub(crate) fn enter(table: &'static HandleTable<T>, handle: i64, kind: Entry) -> Result<Self> {
-        let pinned = table.pin(handle)?;
-        let owner = pinned.owner();
-        let me = Arc::as_ptr(owner) as usize;
+        let mut pinned = match table.pin(handle) {
+            Ok(p) => p,
+            Err(e) => return Err(Self::refused(e)),
+        };
+        let me = Arc::as_ptr(pinned.owner()) as usize;
         // SeqCst, after the pin's SeqCst increment: see the module docs (Dekker).
-        let state = owner.state.load(Ordering::SeqCst);
+        let state = pinned.owner().state.load(Ordering::SeqCst);
         if state & CLOSING != 0 {
-            // Whatever the answer, this release may be the one a deferred close waits for.
-            pinned.watch();
-            let here = CLOSING_HERE.try_with(Cell::get).ok() == Some(me);
-            if !here && (kind != Entry::GiveBack || state & RUNNING != 0) {
-                let err = owner.closed_error();
-                if pinned.release() {
-                    after_watched_release(me);
-                }
-                return Err(err);
-            }
+            pinned = Self::admit_closing(pinned, me, state, kind)?;
         }
-        let _ = IN_CALL.try_with(|v| {
-            if let Ok(mut v) = v.try_borrow_mut() {
-                v.push(me);
-            }
-        });
+        record_call(me);
         Ok(ObjectCall {
             pinned: ManuallyDrop::new(pinned),
             owner: me,
             _not_send: PhantomData,
         })
+    }
+
+    /// Admission while the owner is closing (rare): `None` lets the call in, `Some` refuses it
+    /// (the pin already released).
+    #[cold]
+    #[inline(never)]
+    fn admit_closing(
+        pinned: Pinned<'static, T>,
+        me: usize,
+        state: u64,
+        kind: Entry,
+    ) -> Result<Pinned<'static, T>> {
+        // Whatever the answer, this release may be the one a deferred close waits for.
+        pinned.watch();
+        let here = CLOSING_HERE.try_with(Cell::get).ok() == Some(me);
+        if !here && (kind != Entry::GiveBack || state & RUNNING != 0) {
+            let err = pinned.owner().closed_error();
+            if pinned.release() {
+                after_watched_release(me);
+            }
+            return Err(err);
+        }
+        Ok(pinned)
+    }
+
+    /// A refused handle as the binding's error (out of line: the hot path only moves a pin).
+    #[cold]
+    #[inline(never)]
+    fn refused(e: HandleError) -> Error {
+        Error::Handle(e)
     }
 
     /// Removes the object from its table (its handle goes stale) while this call is in flight;
@@ -617,11 +704,7 @@ impl<T: Owned> std::ops::Deref for ObjectCall<T> {
 
 impl<T: Owned> Drop for ObjectCall<T> {
     fn drop(&mut self) {
-        let _ = IN_CALL.try_with(|v| {
-            if let Ok(mut v) = v.try_borrow_mut() {
-                v.remove(self.owner);
-            }
-        });
+        forget_call(self.owner);
         // SAFETY: taken once, here; the field is not used after.
         let pinned = unsafe { ManuallyDrop::take(&mut self.pinned) };
         if pinned.release() {
@@ -716,11 +799,7 @@ impl ManagerCall {
 impl Drop for ManagerCall {
     fn drop(&mut self) {
         let me = Arc::as_ptr(&self.pin.entry) as usize;
-        let _ = IN_CALL.try_with(|v| {
-            if let Ok(mut v) = v.try_borrow_mut() {
-                v.remove(me);
-            }
-        });
+        forget_call(me);
         // `self.pin` leaves after this.
     }
 }
@@ -888,6 +967,7 @@ pub fn with_reservation<R>(handle: i64, f: impl FnOnce(&Reservation) -> Result<R
 /// pins the reservation (module docs); if the reservation is released meanwhile, the end of the
 /// last call on it drops it (which releases its bytes, possibly through the listener) while that
 /// call still counts.
+#[inline]
 pub fn with_reservation_as<R>(
     handle: i64,
     kind: Entry,
@@ -952,6 +1032,37 @@ mod tests {
         let config = MemoryConfig::default().with_reservation_quantum(0);
         let h = create_manager("t".into(), config, l.clone(), timeout).unwrap();
         (h, l)
+    }
+
+    #[test]
+    fn call_stack_counts_deep_and_out_of_order_calls_and_gives_its_heap_back() {
+        // On a thread of its own: the thread-local starts empty.
+        std::thread::spawn(|| {
+            let deep = CallStack::INLINE + 5;
+            for i in 0..deep {
+                record_call(if i % 2 == 0 { 0xa0 } else { 0xb0 });
+            }
+            let count = |e| IN_CALL.with(|s| s.count(e));
+            assert_eq!(count(0xa0), deep.div_ceil(2));
+            assert_eq!(count(0xb0), deep / 2);
+            assert!(IN_CALL_MORE.with(|m| m.borrow().len()) == 5);
+            // Out of order: the oldest calls end first.
+            for i in 0..deep {
+                forget_call(if i % 2 == 0 { 0xa0 } else { 0xb0 });
+                let left = deep - i - 1;
+                assert_eq!(count(0xa0) + count(0xb0), left, "after {} ends", i + 1);
+            }
+            assert_eq!(IN_CALL.with(|s| s.len.get()), 0);
+            assert_eq!(IN_CALL_MORE.with(|m| m.borrow().capacity()), 0);
+            // Forgetting a call never recorded changes nothing.
+            record_call(0xc0);
+            forget_call(0xd0);
+            assert_eq!(count(0xc0), 1);
+            forget_call(0xc0);
+            assert_eq!(count(0xc0), 0);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
