@@ -162,11 +162,11 @@
 //!     │        pool         Pool, Allocation, Reservation::pool        reservation budget spill
 //!     │                                                                tree error
 //!     ▼        reservation  Reservation                                budget tree error units sync
-//!  protocol    budget       reserved and cushion: grow, claim and      spill alloc tree listener
+//!  protocol    budget       reserved and cushion: grow, claim and      spill heap tree listener
 //!     │                     give back, reclaim, close; consumers;      config report error
 //!     │                     usage report                               units sync
 //!     ▼        spill        Spiller, SpillerRegistry                   tree error sync
-//!  registries  alloc        the table of live allocations              tree sync
+//!  registries  heap         the task's heap: blocks with headers       tree
 //!     │        tree         PoolNode: charge/uncharge, limits, peaks   error sync
 //!     ▼        listener     ReservationListener, CapacityListener      error sync
 //!  leaves      config       MemoryConfig                               error
@@ -175,11 +175,11 @@
 //!              sync, units  loom-swappable primitives; human sizes     -
 //! ```
 
-mod alloc;
 mod barrier;
 mod budget;
 mod config;
 mod error;
+mod heap;
 mod listener;
 mod manager;
 mod pool;
@@ -195,6 +195,7 @@ pub use config::{
     MemoryConfig, DEFAULT_RESERVATION_BLOCK_BYTES, RECOMMENDED_RESERVATION_QUANTUM_BYTES,
 };
 pub use error::{ListenerError, MemoryError, OomReason, OutOfMemory, Result};
+pub use heap::live_task_heaps;
 pub use listener::{
     arbitration_allowed, Arbiter, CapacityListener, GrowGate, NoArbitration, ReservationListener,
 };

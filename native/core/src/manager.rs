@@ -36,6 +36,9 @@ pub struct ManagerStats {
     pub arbitrated_bytes: u64,
     /// Live allocations made through `Pool::allocate`.
     pub live_allocations: u64,
+    /// Bytes of those allocations (what the pools were charged for them; each block also
+    /// carries a 32-byte header in the task heap).
+    pub allocated_bytes: u64,
     /// Over-commit now: bytes charged by forced grows ([`Reservation::force_grow`]) beyond what
     /// was reserved from the listener, not yet paid for by a grow or released.
     ///
@@ -230,6 +233,7 @@ impl MemoryManager {
             arbitrations: c.arbitrations,
             arbitrated_bytes: c.arbitrated_bytes,
             live_allocations: c.live_allocations,
+            allocated_bytes: self.budget.allocated_bytes(),
             overcommitted: self.budget.overcommitted(),
             overcommit_peak: c.overcommit_peak,
             overcommitted_total: c.overcommitted_total,

@@ -16,7 +16,8 @@ use crate::tree::PoolNode;
 /// use it through `&mut self`; closing the manager never frees it under the owner.
 pub struct Allocation {
     ptr: NonNull<u8>,
-    layout: std::alloc::Layout,
+    len: usize,
+    /// Keeps the task's heap, which holds the block, alive (see `heap`).
     budget: Arc<Budget>,
 }
 
@@ -34,7 +35,7 @@ impl Allocation {
 
     /// Size of the block in bytes.
     pub fn len(&self) -> usize {
-        self.layout.size()
+        self.len
     }
 
     /// Always false: zero-sized allocations are refused.
@@ -46,7 +47,7 @@ impl Allocation {
     pub fn as_uninit_mut(&mut self) -> &mut [std::mem::MaybeUninit<u8>] {
         // SAFETY: the block is `len` bytes, owned exclusively by `self` (borrowed mutably here),
         // and valid until `self` is dropped; `MaybeUninit` makes no claim about its contents.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast(), self.layout.size()) }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast(), self.len) }
     }
 }
 
@@ -61,7 +62,7 @@ impl std::fmt::Debug for Allocation {
 
 impl Drop for Allocation {
     fn drop(&mut self) {
-        self.budget.free_owned(self.ptr, self.layout);
+        self.budget.free_owned(self.ptr);
     }
 }
 
@@ -151,17 +152,17 @@ impl Pool {
     /// This is the C-style interface (for FFI and operators that manage raw blocks); in Rust
     /// prefer [`Pool::allocate_owned`], whose memory is never freed under its owner.
     pub fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
-        Ok(self.budget.allocate(&self.node, size, align, false)?.0)
+        self.budget.allocate(&self.node, size, align, false)
     }
 
     /// Allocates like [`Pool::allocate`] but returns an owning [`Allocation`] that frees the
     /// memory when dropped. If the manager closes first, the allocation's bytes are released from
     /// the accounting (and reported), but the memory stays valid until the value is dropped.
     pub fn allocate_owned(&self, size: usize, align: usize) -> Result<Allocation> {
-        let (ptr, layout) = self.budget.allocate(&self.node, size, align, true)?;
+        let ptr = self.budget.allocate(&self.node, size, align, true)?;
         Ok(Allocation {
             ptr,
-            layout,
+            len: size,
             budget: self.budget.clone(),
         })
     }

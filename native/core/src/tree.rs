@@ -61,15 +61,22 @@ pub(crate) struct PoolNode {
     pub(crate) alloc: AllocSlack,
 }
 
-/// The allocations of one pool, in quantum mode: bytes of live allocations (`size`) and bytes
-/// charged to the pools for them (`charged`, `>= size` when no allocation is in flight), with
-/// the protocol of a reservation's slack (edge 6 of `budget`). On its own 128-byte line: pools
-/// allocating on several threads must not bounce the line of `used`.
+/// The allocations of one pool: bytes of live allocations (`size`, both modes) and, in quantum
+/// mode, bytes charged to the pools for them (`charged`, `>= size` when no allocation is in
+/// flight), with the protocol of a reservation's slack (edge 6 of `budget`). The counts and the
+/// owned part are for close's leak report and the stats (the heap has no table to count).
+/// On its own 128-byte line: pools allocating on several threads must not bounce the line of
+/// `used`.
 #[repr(align(128))]
 #[derive(Default)]
 pub(crate) struct AllocSlack {
     pub(crate) size: AtomicU64,
     pub(crate) charged: AtomicU64,
+    /// Live blocks (raw and owned).
+    pub(crate) count: AtomicU64,
+    /// Bytes and number of the live blocks owned by an `Allocation` value (part of the above).
+    pub(crate) owned: AtomicU64,
+    pub(crate) owned_count: AtomicU64,
 }
 
 /// The node that refused a charge, with its usage at that moment.
