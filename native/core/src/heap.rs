@@ -94,16 +94,38 @@ unsafe impl Sync for HeapPtr {}
 pub(crate) struct TaskHeap {
     heap: OnceLock<HeapPtr>,
     secret: u64,
-    /// One freed huge block (see `HUGE`), kept for the next huge allocation that fits it.
-    huge: AtomicPtr<u8>,
+    /// One freed block per power-of-two size class above 1 KiB up to `CACHE_MAX` (see there),
+    /// kept for the next allocation of that class that fits it.
+    cache: [Slot; CLASSES],
 }
 
-/// Blocks above mimalloc's largest size class (`MI_LARGE_MAX_OBJ_SIZE`, 512 KiB) get a page of
-/// their own, which `mi_free` hands back to the arena and the next allocation takes again:
-/// ~350 ns per allocate+free of 1 MiB in a loop, where glibc reuses its top chunk (~25 ns).
-/// Keeping the last freed one (a swap on each side) brings that back near the system
-/// allocator's figure; it stays a live block of the heap, so destroying the heap frees it.
-const HUGE: usize = 512 << 10;
+/// A cache slot on its own line: threads allocating different sizes do not share one.
+#[repr(align(64))]
+struct Slot(AtomicPtr<u8>);
+
+/// Blocks above mimalloc's small size limit (`MI_SMALL_SIZE_MAX`, 1 KiB) take its generic path
+/// (page queues; ~30 ns more than a 64-byte block here), and blocks above its largest size class
+/// (`MI_LARGE_MAX_OBJ_SIZE`, 512 KiB) get a page of their own that `mi_free` hands back to the
+/// arena and the next allocation takes again (~350 ns per allocate+free of 1 MiB in a loop, where
+/// glibc reuses its top chunk in ~25 ns). Keeping the last freed block of each power-of-two class
+/// (one swap on each side) takes both away in the steady state of an operator reusing its buffer
+/// sizes. A cached block stays a live block of the heap (destroying the heap frees it); it is at
+/// most 8 MiB, so a task keeps at most ~16 MiB of freed blocks (one per class) in its heap until
+/// it allocates again or drops, and larger blocks go back to mimalloc at once.
+const CACHE_MIN: usize = 1 << 10;
+const CACHE_MAX: usize = 8 << 20;
+/// Classes 2^11 ..= 2^23.
+const CLASSES: usize = 13;
+
+/// The cache slot of a block of `need` bytes (header included), if it is cached.
+#[inline]
+fn class(need: usize) -> Option<usize> {
+    if need <= CACHE_MIN || need > CACHE_MAX {
+        return None;
+    }
+    // ceil(log2(need)) - 11, in 0..CLASSES.
+    Some((usize::BITS - (need - 1).leading_zeros()) as usize - 11)
+}
 
 /// What a free found in a valid header.
 pub(crate) struct Block {
@@ -146,7 +168,7 @@ impl TaskHeap {
         TaskHeap {
             heap: OnceLock::new(),
             secret: mix(seq ^ mix(t) ^ (&SEQ as *const _ as u64)),
-            huge: AtomicPtr::new(std::ptr::null_mut()),
+            cache: std::array::from_fn(|_| Slot(AtomicPtr::new(std::ptr::null_mut()))),
         }
     }
 
@@ -194,24 +216,11 @@ impl TaskHeap {
         if heap.is_null() {
             return None;
         }
-        let (base, header) = if size >= HUGE - HEADER {
-            let header = align.max(HEADER);
-            let need = size.checked_add(header)?;
-            (self.huge_alloc(heap, need, align.max(16)), header)
-        } else if align <= 16 {
-            // SAFETY: `heap` is this manager's live heap (destroyed only on drop, with `&mut`).
-            // mimalloc blocks are 16-aligned (MI_MAX_ALIGN_SIZE), so base + 32 is too.
-            (
-                unsafe { mi::mi_heap_malloc(heap, size.checked_add(HEADER)?) },
-                HEADER,
-            )
-        } else {
-            let header = align.max(HEADER);
-            // SAFETY: as above; `align` is a power of two (checked by the caller's `Layout`).
-            (
-                unsafe { mi::mi_heap_malloc_aligned(heap, size.checked_add(header)?, align) },
-                header,
-            )
+        let header = align.max(HEADER);
+        let need = size.checked_add(header)?;
+        let base = match class(need) {
+            Some(c) => self.cached_alloc(heap, c, need, align),
+            None => Self::heap_alloc(heap, need, align),
         };
         let base = NonNull::new(base.cast::<u8>())?;
         // SAFETY: the block has `header + size` bytes, so `base + header` is in it.
@@ -230,26 +239,40 @@ impl TaskHeap {
         NonNull::new(user)
     }
 
-    #[cold]
-    fn huge_alloc(
+    #[inline]
+    fn heap_alloc(heap: *mut mi::mi_heap_t, need: usize, align: usize) -> *mut std::ffi::c_void {
+        if align <= 16 {
+            // SAFETY: `heap` is this manager's live heap (destroyed only on drop, with `&mut`).
+            // mimalloc blocks are 16-aligned (MI_MAX_ALIGN_SIZE), so base + 32 is too.
+            unsafe { mi::mi_heap_malloc(heap, need) }
+        } else {
+            // SAFETY: as above; `align` is a power of two (checked by the caller).
+            unsafe { mi::mi_heap_malloc_aligned(heap, need, align) }
+        }
+    }
+
+    #[inline]
+    fn cached_alloc(
         &self,
         heap: *mut mi::mi_heap_t,
+        class: usize,
         need: usize,
         align: usize,
     ) -> *mut std::ffi::c_void {
-        // Acquire: the block's memory and size, from the free that stored it.
-        let cached = self.huge.swap(std::ptr::null_mut(), Ordering::Acquire);
+        // Acquire: the block's memory, from the free that stored it.
+        let cached = self.cache[class]
+            .0
+            .swap(std::ptr::null_mut(), Ordering::Acquire);
         if !cached.is_null() {
             // SAFETY: a block of this heap that nothing else references (taken from the slot).
             let usable = unsafe { mi::mi_usable_size(cached.cast()) };
-            if usable >= need && usable - need <= need / 4 && cached as usize % align == 0 {
+            if usable >= need && usable - need <= need / 4 && cached as usize % align.max(16) == 0 {
                 return cached.cast();
             }
             // SAFETY: as above; freed once (it left the slot).
             unsafe { mi::mi_free(cached.cast()) };
         }
-        // SAFETY: `heap` is this manager's live heap; `align` a power of two.
-        unsafe { mi::mi_heap_malloc_aligned(heap, need, align) }
+        Self::heap_alloc(heap, need, align)
     }
 
     /// The header of `p` if `p` is a block of this heap; reads nothing outside this heap.
@@ -311,9 +334,12 @@ impl TaskHeap {
     /// Returns a block taken with [`TaskHeap::take`] to the heap.
     #[inline]
     pub(crate) fn release_block(&self, block: &Block) {
-        if block.size as usize >= HUGE - HEADER {
+        // The class by size and the minimum header: a hint; `cached_alloc` checks the block fits.
+        if let Some(c) = class((block.size as usize).saturating_add(HEADER)) {
             // Release: the block's memory goes to whoever takes it from the slot.
-            let old = self.huge.swap(block.base as *mut u8, Ordering::AcqRel);
+            let old = self.cache[c]
+                .0
+                .swap(block.base as *mut u8, Ordering::AcqRel);
             if !old.is_null() {
                 // SAFETY: a block of this heap that left the slot, referenced by nothing else.
                 unsafe { mi::mi_free(old.cast()) };
