@@ -91,10 +91,19 @@ impl Budget {
         align: usize,
         owned: bool,
     ) -> Result<NonNull<u8>> {
-        if size == 0 || !align.is_power_of_two() || size > isize::MAX as usize - align - HEADER {
+        let too_big = size
+            .checked_add(align)
+            .and_then(|t| t.checked_add(HEADER))
+            .is_none_or(|t| t > isize::MAX as usize);
+        if !align.is_power_of_two() || too_big {
             return Err(MemoryError::InvalidArgument(format!(
-                "cannot allocate {size} bytes aligned to {align}: the size must be non-zero, the alignment a power of two, and both fit in isize"
+                "cannot allocate {size} bytes aligned to {align}: alignment must be a power of two and the size fit in isize"
             )));
+        }
+        if size == 0 {
+            return Err(MemoryError::InvalidArgument(
+                "cannot allocate 0 bytes".to_string(),
+            ));
         }
         self.alloc_charge(node, size as u64)?;
         let a = &node.alloc;

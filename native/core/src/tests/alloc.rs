@@ -41,6 +41,15 @@ fn bad_allocation_arguments_are_errors() {
         p.allocate(usize::MAX, 8),
         Err(MemoryError::InvalidArgument(_))
     ));
+    for (size, align) in [(8, 1usize << 63), (isize::MAX as usize - 40, 16)] {
+        assert!(
+            matches!(
+                p.allocate(size, align),
+                Err(MemoryError::InvalidArgument(_))
+            ),
+            "{size} aligned to {align}"
+        );
+    }
     let foreign = Box::new(5u64);
     let ptr = std::ptr::NonNull::from(&*foreign).cast::<u8>();
     assert!(matches!(
