@@ -12,8 +12,9 @@
 //!   limit is [`MemoryConfig::task_limit`];
 //! - [`Reservation`]s: RAII, accounting-only claims on a pool (`try_grow` / `shrink` /
 //!   `try_resize` / `free`, released on drop);
-//! - allocations made with [`Pool::allocate`] (raw, C-style), which the manager tracks so
-//!   [`MemoryManager::close`] frees what an operator leaked and reports it ([`LeakReport`]), and
+//! - allocations made with [`Pool::allocate`] (raw, C-style) from the task's own heap, so
+//!   [`MemoryManager::close`] reports what an operator leaked ([`LeakReport`]) and the heap's
+//!   destruction frees it (see `heap`: when the manager's last handle goes), and
 //!   with [`Pool::allocate_owned`] ([`Allocation`], RAII: close releases its accounting but never
 //!   frees memory its owner can still use);
 //! - registered [`Spiller`]s, native consumers that can free memory on request;

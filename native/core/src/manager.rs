@@ -254,7 +254,9 @@ impl MemoryManager {
         self.budget.spiller_count()
     }
 
-    /// Closes the manager: frees every live allocation, empties every live reservation, forgets
+    /// Closes the manager: reports and releases every live allocation (its memory is freed with
+    /// the task's heap when the manager's last handle is dropped: see [`Pool::allocate`](crate::Pool::allocate)),
+    /// empties every live reservation, forgets
     /// the spillers and hands every reserved byte back to the listener. Returns what had to be
     /// reclaimed (empty when the owners freed everything) and the bytes handed back. Idempotent:
     /// later calls return an empty report (and retry handing back bytes a failing listener

@@ -146,8 +146,12 @@ impl Pool {
     }
 
     /// Allocates `size` bytes aligned to `align` (a power of two), charged to this pool. The
-    /// memory is uninitialized. Free it with [`Pool::free`] (through any pool of the manager);
-    /// whatever is still live when the manager closes is freed then and reported as leaked.
+    /// memory is uninitialized. Free it with [`Pool::free`] (through any pool of the manager, on
+    /// any thread). Whatever is still live when the manager closes is reported as leaked and its
+    /// accounting released; its memory belongs to the task's heap from then on (a late `free` of
+    /// it is refused), which is destroyed, with every leaked block, when the manager's last handle
+    /// (the manager, a `Pool`, a `Reservation` or an [`Allocation`]) is dropped. The provider
+    /// drops its handles at close, so for engines and Java that is the close itself.
     ///
     /// This is the C-style interface (for FFI and operators that manage raw blocks); in Rust
     /// prefer [`Pool::allocate_owned`], whose memory is never freed under its owner.
@@ -168,7 +172,8 @@ impl Pool {
     }
 
     /// Frees an allocation of this manager; returns its size in bytes. A pointer the manager does
-    /// not know (foreign, or freed already) is an error and nothing changes.
+    /// not know (foreign, another manager's, interior, freed already, or leaked at close) is an
+    /// error and nothing changes; it is never read unless it lies in this manager's heap.
     pub fn free(&self, ptr: NonNull<u8>) -> Result<usize> {
         self.budget.free(ptr)
     }
