@@ -88,9 +88,9 @@
 //! the memory orderings: every one is the weakest the protocol needs, with its reason beside it). A mutex would add a lock/unlock pair
 //! and serialize the task's threads. Locks are used only off the fast path: the
 //! pool tree's child lists (pool creation), the reservation registry (reservation creation and
-//! drop), the spiller registry (register, and copying the list at spill time) and the sharded
-//! table of live allocations (one short spin lock per allocate/free, whose unlock is a plain
-//! store; the manager needs the table to free leaks at close and to refuse unknown pointers).
+//! drop) and the spiller registry (register, and copying the list at spill time). Allocations
+//! take no lock of ours: the task's mimalloc heap, a header per block and one CAS per free
+//! (see `heap`).
 //!
 //! ## Reservation quantum (the fast path)
 //! With [`MemoryConfig::reservation_quantum`] `q > 0`, a reservation charges the pools in quanta

@@ -32,8 +32,8 @@
 //! strong link keeps that walk a plain pointer chase (a `Weak` would cost an upgrade, two
 //! contended RMWs, per level). The cycle is broken by [`PoolNode::dismantle`], which
 //! `Budget::drop` calls on the root: every holder of a node (a `Pool`, a `Reservation` through
-//! its `ConsumerState`, an `Allocation`, a spiller entry, the live-allocation table) also holds the
-//! `Arc<Budget>` of its tree or is owned by it, and only a holder of the budget can add a child
+//! its `ConsumerState`, an `Allocation`, a spiller entry, a block's header in the task heap)
+//! also holds the `Arc<Budget>` of its tree or is owned by it, and only a holder of the budget can add a child
 //! (`child` is reached only through `Pool`), so once the budget is gone no new child can appear
 //! and every node left alive is held from outside and holds only its ancestors.
 
