@@ -16,8 +16,7 @@ use crate::tree::PoolNode;
 /// use it through `&mut self`; closing the manager never frees it under the owner.
 pub struct Allocation {
     ptr: NonNull<u8>,
-    len: usize,
-    /// Keeps the task's heap, which holds the block, alive (see `heap`).
+    layout: std::alloc::Layout,
     budget: Arc<Budget>,
 }
 
@@ -35,7 +34,7 @@ impl Allocation {
 
     /// Size of the block in bytes.
     pub fn len(&self) -> usize {
-        self.len
+        self.layout.size()
     }
 
     /// Always false: zero-sized allocations are refused.
@@ -47,7 +46,7 @@ impl Allocation {
     pub fn as_uninit_mut(&mut self) -> &mut [std::mem::MaybeUninit<u8>] {
         // SAFETY: the block is `len` bytes, owned exclusively by `self` (borrowed mutably here),
         // and valid until `self` is dropped; `MaybeUninit` makes no claim about its contents.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast(), self.len) }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast(), self.layout.size()) }
     }
 }
 
@@ -62,7 +61,7 @@ impl std::fmt::Debug for Allocation {
 
 impl Drop for Allocation {
     fn drop(&mut self) {
-        self.budget.free_owned(self.ptr);
+        self.budget.free_owned(self.ptr, self.layout);
     }
 }
 
@@ -146,34 +145,29 @@ impl Pool {
     }
 
     /// Allocates `size` bytes aligned to `align` (a power of two), charged to this pool. The
-    /// memory is uninitialized. Free it with [`Pool::free`] (through any pool of the manager, on
-    /// any thread). Whatever is still live when the manager closes is reported as leaked and its
-    /// accounting released; its memory belongs to the task's heap from then on (a late `free` of
-    /// it is refused), which is destroyed, with every leaked block, when the manager's last handle
-    /// (the manager, a `Pool`, a `Reservation` or an [`Allocation`]) is dropped. The provider
-    /// drops its handles at close, so for engines and Java that is the close itself.
+    /// memory is uninitialized. Free it with [`Pool::free`] (through any pool of the manager);
+    /// whatever is still live when the manager closes is freed then and reported as leaked.
     ///
     /// This is the C-style interface (for FFI and operators that manage raw blocks); in Rust
     /// prefer [`Pool::allocate_owned`], whose memory is never freed under its owner.
     pub fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
-        self.budget.allocate(&self.node, size, align, false)
+        Ok(self.budget.allocate(&self.node, size, align, false)?.0)
     }
 
     /// Allocates like [`Pool::allocate`] but returns an owning [`Allocation`] that frees the
     /// memory when dropped. If the manager closes first, the allocation's bytes are released from
     /// the accounting (and reported), but the memory stays valid until the value is dropped.
     pub fn allocate_owned(&self, size: usize, align: usize) -> Result<Allocation> {
-        let ptr = self.budget.allocate(&self.node, size, align, true)?;
+        let (ptr, layout) = self.budget.allocate(&self.node, size, align, true)?;
         Ok(Allocation {
             ptr,
-            len: size,
+            layout,
             budget: self.budget.clone(),
         })
     }
 
     /// Frees an allocation of this manager; returns its size in bytes. A pointer the manager does
-    /// not know (foreign, another manager's, interior, freed already, or leaked at close) is an
-    /// error and nothing changes; it is never read unless it lies in this manager's heap.
+    /// not know (foreign, or freed already) is an error and nothing changes.
     pub fn free(&self, ptr: NonNull<u8>) -> Result<usize> {
         self.budget.free(ptr)
     }
