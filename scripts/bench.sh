@@ -49,7 +49,8 @@
 #   metrics  what nativemem shows in Spark (task accumulators, native spills in the Spill columns,
 #         memory reports to the driver, the sizing answer): the same two Spark workloads as
 #         `governor`, with spark.nativemem.metrics.enabled=true vs false, METRICS_ROUNDS (5) rounds in
-#         alternating order (median per-round ratio); target <= 1.01x. METRICS_SORT_ROWS (40m),
+#         alternating order (median per-round ratio) of the job's time and of the CPU time (user +
+#         sys) of the whole spark-submit; target <= 1.01x. METRICS_SORT_ROWS (40m),
 #         METRICS_SQL_ROWS (150000000).
 #   datafusion  DataFusion sort and aggregation (native/datafusion/examples/df_bench.rs) on
 #         nativemem's pool vs DataFusion's, same 64 MiB limit and policy (Greedy vs GreedyMemoryPool,
@@ -481,46 +482,64 @@ metrics_part() {
       fail_part metrics "$log"; return
     fi
   fi
-  one_metrics() { # workload on|off -> seconds
-    local enabled=false out
+  local out_file="$BENCH_DIR/metrics.out" cpu_file="$BENCH_DIR/metrics.cpu"
+  one_metrics() { # workload on|off -> "job-seconds cpu-seconds"
+    local enabled=false job
     [ "$2" = on ] && enabled=true
+    local args=(--conf spark.plugins=org.nativemem.spark.NativeMemoryPlugin --conf spark.nativemem.metrics.enabled=$enabled)
     if [ "$1" = sort ]; then
-      out="$(bash scripts/spark-submit.sh "$SPARK_VERSION" --master 'local[2]' \
-        --conf spark.jars=build/libs/nativemem-examples.jar --conf spark.plugins=org.nativemem.spark.NativeMemoryPlugin \
-        --conf spark.memory.offHeap.enabled=true --conf spark.memory.offHeap.size=64m \
-        --conf spark.nativemem.metrics.enabled=$enabled \
-        --class org.nativemem.examples.SortJob build/libs/nativemem-e2e.jar --rows "$sort_rows" --partitions 2 2>>"$log")" || return 1
-      awk '/^time: / { for (i = 1; i <= NF; i++) if ($i == "job") { print $(i + 1); exit } }' <<<"$out"
+      args+=(--conf spark.jars=build/libs/nativemem-examples.jar
+        --conf spark.memory.offHeap.enabled=true --conf spark.memory.offHeap.size=64m
+        --class org.nativemem.examples.SortJob build/libs/nativemem-e2e.jar --rows "$sort_rows" --partitions 2)
     else
-      out="$(bash scripts/spark-submit.sh "$SPARK_VERSION" --master 'local[2]' \
-        --conf spark.plugins=org.nativemem.spark.NativeMemoryPlugin \
-        --conf spark.nativemem.metrics.enabled=$enabled \
-        --class org.nativemem.bench.SqlBench build/libs/nativemem-e2e.jar --rows "$sql_rows" 2>>"$log")" || return 1
-      awk '/^sql job / { print $3; exit }' <<<"$out"
+      args+=(--class org.nativemem.bench.SqlBench build/libs/nativemem-e2e.jar --rows "$sql_rows")
     fi
+    # The job's own time as it prints it, and the CPU time (user + sys) of the whole process tree
+    # (bash's `time`: the JVM is a waited-for descendant): other work on the machine stretches
+    # the first far more than the second.
+    local TIMEFORMAT='%U %S'
+    { time bash scripts/spark-submit.sh "$SPARK_VERSION" --master 'local[2]' "${args[@]}" \
+        >"$out_file" 2>>"$log"; } 2>"$cpu_file" || return 1
+    if [ "$1" = sort ]; then
+      job="$(awk '/^time: / { for (i = 1; i <= NF; i++) if ($i == "job") { print $(i + 1); exit } }' "$out_file")"
+    else
+      job="$(awk '/^sql job / { print $3; exit }' "$out_file")"
+    fi
+    [ -n "$job" ] || return 1
+    echo "$job $(awk '{ printf "%.2f", $1 + $2 }' "$cpu_file")"
   }
-  local w i on off r ratios first spread
+  median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
+  spread() { sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.3f", hi - lo }'; }
+  # As the governor part: noisy when the per-round ratios spread over 5% (wider than the effect judged).
+  verdict() { # median spread
+    if awk -v s="$2" 'BEGIN { exit !(s > 0.05) }'; then
+      echo "**noisy**: per-round ratios spread $2 (> 0.05), re-run on an idle machine"
+    else met "$1 <= 1.01"; fi
+  }
+  local w i on off first ratios cpu_ratios r rc sp spc on_t off_t on_c off_c
   for w in sort sql; do
-    ratios=()
+    ratios=() cpu_ratios=()
     for ((i = 1; i <= rounds; i++)); do
       if [ $((i % 2)) -eq 1 ]; then first=on; else first=off; fi
       if [ "$first" = on ]; then on="$(one_metrics $w on)" && off="$(one_metrics $w off)" || { fail_part metrics "$log"; return; }
       else off="$(one_metrics $w off)" && on="$(one_metrics $w on)" || { fail_part metrics "$log"; return; }; fi
-      [ -n "$on" ] && [ -n "$off" ] || { fail_part metrics "$log"; return; }
-      echo "$w round $i: on $on s, off $off s" >>"$log"
-      ratios+=("$(calc "$on / $off")")
+      read -r on_t on_c <<<"$on"; read -r off_t off_c <<<"$off"
+      echo "$w round $i: on $on_t s (cpu $on_c s), off $off_t s (cpu $off_c s)" >>"$log"
+      ratios+=("$(calc "$on_t / $off_t")")
+      cpu_ratios+=("$(calc "$on_c / $off_c")")
     done
-    r="$(printf '%s\n' "${ratios[@]}" | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }')"
-    spread="$(printf '%s\n' "${ratios[@]}" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.3f", hi - lo }')"
+    r="$(printf '%s\n' "${ratios[@]}" | median)"; sp="$(printf '%s\n' "${ratios[@]}" | spread)"
+    rc="$(printf '%s\n' "${cpu_ratios[@]}" | median)"; spc="$(printf '%s\n' "${cpu_ratios[@]}" | spread)"
     local label="the example sort in Spark ($sort_rows rows, spills both ways: accumulators and Spill columns per task)"
     [ "$w" = sql ] && label="plain Spark SQL aggregation + sort ($sql_rows rows, no native operator: driver reports only)"
-    # As the governor part: noisy when the per-round ratios spread over 5% (wider than the effect judged).
-    row "metrics: $label, metrics on" "$(grep "^$w round" "$log" | tail -1 | awk '{ print $5 " s" }')" \
-      "spark.nativemem.metrics.enabled=false: $(grep "^$w round" "$log" | tail -1 | awk '{ print $8 " s" }')" \
-      "$(awk -v r="$r" 'BEGIN { printf "%.3f× (%+.1f%%)", r, (r - 1) * 100 }')" "≤ 1.01×" \
-      "$(if awk -v s="$spread" 'BEGIN { exit !(s > 0.05) }'; then
-           echo "**noisy**: per-round ratios spread $spread (> 0.05), re-run on an idle machine"; else met "$r <= 1.01"; fi)"
-    notes+=("metrics ($w): on/off per round: ${ratios[*]} (median shown; $rounds rounds, alternating order; spread $spread)")
+    row "metrics: $label, metrics on, job time" "$(grep "^$w round" "$log" | tail -1 | awk '{ print $5 " s" }')" \
+      "spark.nativemem.metrics.enabled=false: $(grep "^$w round" "$log" | tail -1 | awk '{ print $11 " s" }')" \
+      "$(awk -v r="$r" 'BEGIN { printf "%.3f× (%+.1f%%)", r, (r - 1) * 100 }')" "≤ 1.01×" "$(verdict "$r" "$sp")"
+    row "metrics: same, CPU time of the whole spark-submit (user + sys)" \
+      "$(grep "^$w round" "$log" | tail -1 | awk '{ gsub(/\)/, "", $8); print $8 " s" }')" \
+      "off: $(grep "^$w round" "$log" | tail -1 | awk '{ gsub(/\)/, "", $14); print $14 " s" }')" \
+      "$(awk -v r="$rc" 'BEGIN { printf "%.3f× (%+.1f%%)", r, (r - 1) * 100 }')" "≤ 1.01×" "$(verdict "$rc" "$spc")"
+    notes+=("metrics ($w): on/off per round, job time: ${ratios[*]} (spread $sp); CPU time: ${cpu_ratios[*]} (spread $spc) (medians shown; $rounds rounds, alternating order)")
   done
 }
 
