@@ -315,6 +315,8 @@ public final class NativeMemoryPlugin implements SparkPlugin {
         private volatile String appName = "";
         /** Posts the sizing answer to Spark's Environment page (null if metrics are off). */
         private volatile SizingPublisher publisher;
+        /** {@code spark.nativemem.metrics.enabled} (set at init). */
+        private volatile boolean metricsOn = true;
 
         @Override
         public void registerMetrics(String appId, PluginContext ctx) {
@@ -324,6 +326,9 @@ public final class NativeMemoryPlugin implements SparkPlugin {
 
         @Override
         public void shutdown() {
+            if (!metricsOn) {
+                return; // no reports were sent: there is no answer
+            }
             try {
                 LOG.info("nativemem: application {} memory recommendation: {}; task accumulators: {}", appName,
                         view.sizing(), NativeTaskMetrics.driverValues());
@@ -341,7 +346,8 @@ public final class NativeMemoryPlugin implements SparkPlugin {
             if (!conf.offHeapEnabled()) {
                 SparkReservationListener.warnOnHeapOnce();
             }
-            if (!conf.metricsEnabled()) {
+            metricsOn = conf.metricsEnabled();
+            if (!metricsOn) {
                 LOG.info("nativemem: driver plugin: {}=false: no task accumulators, no memory reports, no sizing answer",
                         NativeMemorySparkConf.METRICS_ENABLED);
                 return Collections.emptyMap();
