@@ -46,6 +46,12 @@
 #         with the governor on (spark.nativemem.containerLimit=64g: it runs and samples; never
 #         under pressure) vs off, GOVERNOR_ROUNDS (5) rounds in alternating order (median per-round
 #         ratio); target <= 1.01x. GOVERNOR_SORT_ROWS (40m), GOVERNOR_SQL_ROWS (150000000).
+#   metrics  what nativemem shows in Spark (task accumulators, native spills in the Spill columns,
+#         memory reports to the driver, the sizing answer): the same two Spark workloads as
+#         `governor`, with spark.nativemem.metrics.enabled=true vs false, METRICS_ROUNDS (5) rounds in
+#         alternating order (median per-round ratio) of the job's time and of the CPU time (user +
+#         sys) of the whole spark-submit; target <= 1.01x. METRICS_SORT_ROWS (40m),
+#         METRICS_SQL_ROWS (150000000).
 #   datafusion  DataFusion sort and aggregation (native/datafusion/examples/df_bench.rs) on
 #         nativemem's pool vs DataFusion's, same 64 MiB limit and policy (Greedy vs GreedyMemoryPool,
 #         FairShare vs FairSpillPool), DF_ROUNDS rounds in rotating order (medians); listener calls
@@ -69,12 +75,12 @@ parts=()
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;;
-    core|track|jni|arbitration|sort|datafusion|abi|governor) parts+=("$arg") ;;
+    core|track|jni|arbitration|sort|datafusion|abi|governor|metrics) parts+=("$arg") ;;
     -h|--help) usage; exit 0 ;;
     *) echo "bench.sh: unknown argument '$arg'" >&2; usage >&2; exit 2 ;;
   esac
 done
-[ ${#parts[@]} -gt 0 ] || parts=(core abi track jni arbitration sort governor datafusion)
+[ ${#parts[@]} -gt 0 ] || parts=(core abi track jni arbitration sort governor metrics datafusion)
 want() { local p; for p in "${parts[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
 
 BENCH_DIR="${BENCH_DIR:-$ROOT/target/bench}"
@@ -462,6 +468,81 @@ governor_part() {
   done
 }
 
+# ---- Spark task metrics, accumulators and driver reports on vs off, in Spark -----------------------
+# The governor part's two workloads; only spark.nativemem.metrics.enabled differs between the arms.
+metrics_part() {
+  local log="$BENCH_DIR/metrics.log" rounds="${METRICS_ROUNDS:-$([ "$quick" = 1 ] && echo 1 || echo 5)}"
+  local sort_rows sql_rows
+  sort_rows="${METRICS_SORT_ROWS:-$([ "$quick" = 1 ] && echo 2m || echo 40m)}"
+  sql_rows="${METRICS_SQL_ROWS:-$([ "$quick" = 1 ] && echo 4000000 || echo 150000000)}"
+  step "metrics: $rounds round(s) of the Spark sort ($sort_rows rows) and SQL ($sql_rows rows), metrics on vs off (log: ${log#"$ROOT"/})"
+  : >"$log"
+  if [ ! -f build/libs/nativemem-e2e.jar ] || [ ! -f build/libs/nativemem-examples.jar ]; then
+    if ! GRADLE_USER_HOME="$ROOT/.cache/gradle" gradle --offline --no-daemon --console=plain -q assemble >>"$log" 2>&1; then
+      fail_part metrics "$log"; return
+    fi
+  fi
+  local out_file="$BENCH_DIR/metrics.out" cpu_file="$BENCH_DIR/metrics.cpu"
+  one_metrics() { # workload on|off -> "job-seconds cpu-seconds"
+    local enabled=false job
+    [ "$2" = on ] && enabled=true
+    local args=(--conf spark.plugins=org.nativemem.spark.NativeMemoryPlugin --conf spark.nativemem.metrics.enabled=$enabled)
+    if [ "$1" = sort ]; then
+      args+=(--conf spark.jars=build/libs/nativemem-examples.jar
+        --conf spark.memory.offHeap.enabled=true --conf spark.memory.offHeap.size=64m
+        --class org.nativemem.examples.SortJob build/libs/nativemem-e2e.jar --rows "$sort_rows" --partitions 2)
+    else
+      args+=(--class org.nativemem.bench.SqlBench build/libs/nativemem-e2e.jar --rows "$sql_rows")
+    fi
+    # The job's own time as it prints it, and the CPU time (user + sys) of the whole process tree
+    # (bash's `time`: the JVM is a waited-for descendant): other work on the machine stretches
+    # the first far more than the second.
+    local TIMEFORMAT='%U %S'
+    { time bash scripts/spark-submit.sh "$SPARK_VERSION" --master 'local[2]' "${args[@]}" \
+        >"$out_file" 2>>"$log"; } 2>"$cpu_file" || return 1
+    if [ "$1" = sort ]; then
+      job="$(awk '/^time: / { for (i = 1; i <= NF; i++) if ($i == "job") { print $(i + 1); exit } }' "$out_file")"
+    else
+      job="$(awk '/^sql job / { print $3; exit }' "$out_file")"
+    fi
+    [ -n "$job" ] || return 1
+    echo "$job $(awk '{ printf "%.2f", $1 + $2 }' "$cpu_file")"
+  }
+  median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
+  spread() { sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.3f", hi - lo }'; }
+  # As the governor part: noisy when the per-round ratios spread over 5% (wider than the effect judged).
+  verdict() { # median spread
+    if awk -v s="$2" 'BEGIN { exit !(s > 0.05) }'; then
+      echo "**noisy**: per-round ratios spread $2 (> 0.05), re-run on an idle machine"
+    else met "$1 <= 1.01"; fi
+  }
+  local w i on off first ratios cpu_ratios r rc sp spc on_t off_t on_c off_c
+  for w in sort sql; do
+    ratios=() cpu_ratios=()
+    for ((i = 1; i <= rounds; i++)); do
+      if [ $((i % 2)) -eq 1 ]; then first=on; else first=off; fi
+      if [ "$first" = on ]; then on="$(one_metrics $w on)" && off="$(one_metrics $w off)" || { fail_part metrics "$log"; return; }
+      else off="$(one_metrics $w off)" && on="$(one_metrics $w on)" || { fail_part metrics "$log"; return; }; fi
+      read -r on_t on_c <<<"$on"; read -r off_t off_c <<<"$off"
+      echo "$w round $i: on $on_t s (cpu $on_c s), off $off_t s (cpu $off_c s)" >>"$log"
+      ratios+=("$(calc "$on_t / $off_t")")
+      cpu_ratios+=("$(calc "$on_c / $off_c")")
+    done
+    r="$(printf '%s\n' "${ratios[@]}" | median)"; sp="$(printf '%s\n' "${ratios[@]}" | spread)"
+    rc="$(printf '%s\n' "${cpu_ratios[@]}" | median)"; spc="$(printf '%s\n' "${cpu_ratios[@]}" | spread)"
+    local label="the example sort in Spark ($sort_rows rows, spills both ways: accumulators and Spill columns per task)"
+    [ "$w" = sql ] && label="plain Spark SQL aggregation + sort ($sql_rows rows, no native operator: driver reports only)"
+    row "metrics: $label, metrics on, job time" "$(grep "^$w round" "$log" | tail -1 | awk '{ print $5 " s" }')" \
+      "spark.nativemem.metrics.enabled=false: $(grep "^$w round" "$log" | tail -1 | awk '{ print $11 " s" }')" \
+      "$(awk -v r="$r" 'BEGIN { printf "%.3f× (%+.1f%%)", r, (r - 1) * 100 }')" "≤ 1.01×" "$(verdict "$r" "$sp")"
+    row "metrics: same, CPU time of the whole spark-submit (user + sys)" \
+      "$(grep "^$w round" "$log" | tail -1 | awk '{ gsub(/\)/, "", $8); print $8 " s" }')" \
+      "off: $(grep "^$w round" "$log" | tail -1 | awk '{ gsub(/\)/, "", $14); print $14 " s" }')" \
+      "$(awk -v r="$rc" 'BEGIN { printf "%.3f× (%+.1f%%)", r, (r - 1) * 100 }')" "≤ 1.01×" "$(verdict "$rc" "$spc")"
+    notes+=("metrics ($w): on/off per round, job time: ${ratios[*]} (spread $sp); CPU time: ${cpu_ratios[*]} (spread $spc) (medians shown; $rounds rounds, alternating order)")
+  done
+}
+
 # ---- 4. DataFusion: nativemem's pool vs GreedyMemoryPool --------------------------------------------
 datafusion_part() {
   local log="$BENCH_DIR/datafusion.log"
@@ -515,6 +596,7 @@ want jni && jni_part
 want arbitration && arbitration_part
 want sort && sort_part
 want governor && governor_part
+want metrics && metrics_part
 want datafusion && datafusion_part
 
 # ---- the table -------------------------------------------------------------------------------------

@@ -8,12 +8,16 @@
 #    spark.eventLog.enabled=true) checks the live UI's REST API (nativemem.* task accumulators,
 #    Spill (Memory)) and the driver's /metrics/prometheus (the driver plugin's gauges), and writes
 #    the stage's values to an expectations file; the driver's log must hold the application's
-#    sizing answer.
+#    sizing answer. Then, with spark.nativemem.metrics.enabled=false, the example sort's event log
+#    must hold no nativemem.* accumulator, no native Spill (Memory) and no sizing answer.
 # 2. Spark's own history server (sbin/start-history-server.sh of that runtime) replays the event
 #    log: its REST API must show the same stage accumulators, each task's, and both spill figures.
+#    Its Environment (REST) must hold the application's sizing answer, the settings the driver
+#    logged at the application's end (nativemem.sizing.* among the Spark Properties).
 # 3. Headless Chromium (Debian's package, from scripts/setup.sh) renders the history server's stage
 #    page: the DOM must hold each accumulator's name next to its value, and the Spill (Memory) and
-#    Spill (Disk) figures; a screenshot is kept at target/spark-ui/stage-<minor>.png.
+#    Spill (Disk) figures; a screenshot is kept at target/spark-ui/stage-<minor>.png. Then its
+#    Environment page: the sizing answer's rows (screenshot target/spark-ui/environment-<minor>.png).
 #
 # Where chromium or the history server scripts are missing it prints SKIP with the reason and exits
 # 77 (scripts/test.sh counts it apart). Everything it starts is stopped, its files removed.
@@ -71,6 +75,37 @@ app="$(sed -n 's/^app=//p' "$work/expect.properties")"
 stage="$(sed -n 's/^stage=//p' "$work/expect.properties")"
 echo "spark-ui@$version: application $app, stage $stage; event log: $(ls "$work/events")"
 
+# ---- 1b. the off switch: spark.nativemem.metrics.enabled=false ------------------------------------
+# The example sort spilling natively in every task (--require-spill), its own event log: no task
+# carries a nativemem.* accumulator, native spills are not in Spill (Memory), no sizing answer.
+mkdir -p "$work/events-off"
+bash scripts/spark-submit.sh "$version" --master 'local[2]' \
+  --conf spark.jars=build/libs/nativemem-examples.jar \
+  --conf spark.plugins=org.nativemem.spark.NativeMemoryPlugin \
+  --conf spark.memory.offHeap.enabled=true --conf spark.memory.offHeap.size=8m \
+  --conf spark.nativemem.reservationBlockSize=1m --conf spark.nativemem.metrics.enabled=false \
+  --conf spark.eventLog.enabled=true --conf "spark.eventLog.dir=file:$work/events-off" \
+  --conf spark.eventLog.compress=false \
+  --class org.nativemem.examples.SortJob build/libs/nativemem-e2e.jar --rows 2m --partitions 2 --require-spill \
+  > "$work/off.log" 2>&1 || { tail -n 40 "$work/off.log"; fail "SortJob with spark.nativemem.metrics.enabled=false"; }
+python3 - "$work/events-off" <<'EOF' || fail "spark.nativemem.metrics.enabled=false still records"
+import json, os, sys
+lines = []
+for d, _, files in os.walk(sys.argv[1]):
+    for f in files:  # not Hadoop's .crc files nor 4.x's appstatus marker
+        if not f.startswith(".") and not f.startswith("appstatus"):
+            lines += open(os.path.join(d, f), encoding="utf-8").read().splitlines()
+tasks = [e for e in map(json.loads, filter(None, lines)) if e.get("Event") == "SparkListenerTaskEnd"]
+assert tasks, "no task in the event log"
+for t in tasks:
+    acc = [a.get("Name") for a in t["Task Info"].get("Accumulables", []) if str(a.get("Name")).startswith("nativemem.")]
+    assert not acc, "task %s carries %s" % (t["Task Info"]["Task ID"], acc)
+    assert t["Task Metrics"]["Memory Bytes Spilled"] == 0, "task %s: native spills counted" % t["Task Info"]["Task ID"]
+assert not any("nativemem.sizing" in l for l in lines), "a sizing answer in the event log"
+print("metrics off: %d tasks (the sort's spilled natively: --require-spill), none carries a nativemem.* accumulator or Spill (Memory); no sizing answer"
+      % len(tasks))
+EOF
+
 # ---- 2. Spark's history server replays the event log ---------------------------------------------
 t1=$SECONDS
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
@@ -80,12 +115,15 @@ env "${history_env[@]}" SPARK_HISTORY_OPTS="-Dspark.history.fs.logDirectory=file
 base="http://127.0.0.1:$port"
 api="$base/api/v1/applications/$app"
 for _ in $(seq 1 60); do
-  curl -sf "$api/stages/$stage/0" -o "$work/stage.json" 2>/dev/null && break
+  # Served, and the stage's JSON (not a page the server answers with while it replays the log).
+  curl -sf "$api/stages/$stage/0" -o "$work/stage.json" 2>/dev/null &&
+    python3 -c 'import json, sys; json.load(open(sys.argv[1]))["stageId"]' "$work/stage.json" 2>/dev/null && break
   sleep 0.5
 done
-if [ ! -s "$work/stage.json" ]; then
+if ! python3 -c 'import json, sys; json.load(open(sys.argv[1]))["stageId"]' "$work/stage.json" 2>/dev/null; then
   tail -n 40 "$work/logs"/* 2>/dev/null
-  fail "the history server at $base did not serve $api/stages/$stage/0 within 30 s"
+  head -c 400 "$work/stage.json" 2>/dev/null
+  fail "the history server at $base did not serve $api/stages/$stage/0 as JSON within 30 s"
 fi
 curl -sf "$api/stages/$stage/0/taskList?length=1000" -o "$work/tasks.json" || fail "no task list from the history server"
 python3 - "$work/expect.properties" "$work/stage.json" "$work/tasks.json" <<'EOF' || fail "the history server's REST API"
@@ -107,6 +145,29 @@ for t in tasks:
     peak = max(peak, u["nativemem.peakBytes"])
 assert str(peak) == expect["nativemem.peakBytes"], "max of the tasks' peaks %d != stage %s" % (peak, expect["nativemem.peakBytes"])
 print("history server: %d tasks carry nativemem.* accumulators; stage peak = max of the tasks' = %d" % (len(tasks), peak))
+EOF
+
+# The application's sizing answer: the driver plugin's listener posted it as an environment update
+# before the event bus stopped, so the replayed application's Environment shows the settings the
+# driver logged at its end (nativemem.sizing.* among the Spark Properties).
+overhead="$(sed -n 's/.*nativemem: application .* memory recommendation: spark.executor.memoryOverhead=\([0-9]*m\) .*/\1/p' "$work/driver.log" | tail -1)"
+offheap="$(sed -n 's/.*nativemem: application .* memory recommendation: [^;]*, spark.memory.offHeap.size=\([0-9]*m\) (set by .*/\1/p' "$work/driver.log" | tail -1)"
+[ -n "$overhead" ] && [ -n "$offheap" ] || fail "no memoryOverhead / offHeap.size in the driver's sizing answer"
+curl -sf "$api/environment" -o "$work/environment.json" || fail "no environment from the history server"
+python3 - "$work/environment.json" "$overhead" "$offheap" <<'EOF' || fail "the history server's environment has no sizing answer"
+import json, sys
+env = json.load(open(sys.argv[1]))
+props = dict((k, v) for k, v in env.get("sparkProperties", []) if k.startswith("nativemem.sizing"))
+print("history server: environment", props.get("nativemem.sizing.spark.executor.memoryOverhead"),
+      props.get("nativemem.sizing.spark.memory.offHeap.size"))
+assert props.get("nativemem.sizing.spark.executor.memoryOverhead") == sys.argv[2], \
+    "memoryOverhead %s, the driver logged %s" % (props, sys.argv[2])
+assert props.get("nativemem.sizing.spark.memory.offHeap.size") == sys.argv[3], \
+    "offHeap.size %s, the driver logged %s" % (props, sys.argv[3])
+answer = props.get("nativemem.sizing", "")
+assert answer.startswith("at application end: spark.executor.memoryOverhead=" + sys.argv[2] + " (set by executor "), answer
+assert "nativemem.peakBytes=" in answer, "no task accumulators in %r" % answer
+print("history server: the Environment holds the sizing answer:", answer[:160], "...")
 EOF
 
 # ---- 3. a real browser renders the stage page -----------------------------------------------------
@@ -139,5 +200,21 @@ for label, value in (("Spill (Memory)", mem), ("Spill (Disk)", disk)):
 print("chromium: the stage page shows %s, Spill (Memory) %s, Spill (Disk) %s"
       % (", ".join("%s=%s" % (k, expect[k]) for k in names), mem, disk))
 EOF
-echo "spark-ui@$version: screenshot $shot ($(stat -c %s "$shot") bytes)"
+# ... and the Environment page with the sizing answer.
+envshot="$out/environment-$version.png"
+rm -f "$envshot"
+"${chrome[@]}" --screenshot="$envshot" --dump-dom "$base/history/$app/environment/" > "$work/environment.html" \
+  2>>"$work/chromium.log" || { tail -n 20 "$work/chromium.log"; fail "chromium $base/history/$app/environment/"; }
+python3 - "$work/environment.html" "$overhead" "$offheap" <<'EOF' || fail "the rendered Environment page"
+import re, sys
+dom = open(sys.argv[1], encoding="utf-8", errors="replace").read()
+for k, v in (("nativemem.sizing.spark.executor.memoryOverhead", sys.argv[2]),
+             ("nativemem.sizing.spark.memory.offHeap.size", sys.argv[3])):
+    assert re.search(re.escape(k) + r"\s*</td>\s*<td[^>]*>\s*" + re.escape(v) + r"\s*<", dom), \
+        "the rendered Environment page has no row %s = %s" % (k, v)
+assert re.search(r"nativemem\.sizing\s*</td>\s*<td[^>]*>\s*at application end: spark\.executor\.memoryOverhead=", dom), \
+    "the rendered Environment page has no nativemem.sizing row"
+print("chromium: the Environment page shows memoryOverhead %s, offHeap.size %s and the whole answer" % (sys.argv[2], sys.argv[3]))
+EOF
+echo "spark-ui@$version: screenshots $shot ($(stat -c %s "$shot") bytes), $envshot"
 echo "spark-ui@$version: OK (application $((t1 - t0)) s, history server $((t2 - t1)) s, browser $((SECONDS - t2)) s)"

@@ -21,6 +21,7 @@ public class ExecutorMemoryTest {
         long heapCommitted = GIB;
         long direct = 64 * MIB;
         long nativeUsed = 256 * MIB;
+        long nativePeakFloor;
         long now = 1_000;
         int reads;
 
@@ -51,9 +52,34 @@ public class ExecutorMemoryTest {
         }
 
         @Override
+        public long nativePeakFloor() {
+            return nativePeakFloor;
+        }
+
+        @Override
         public long nowMillis() {
             return now;
         }
+    }
+
+    @Test
+    public void aTaskPeakBetweenTwoSamplesIsNotMissed() {
+        FakeSources f = new FakeSources();
+        f.nativeUsed = 0; // no sample saw native memory in use...
+        ExecutorMemory m = new ExecutorMemory(f, 1000);
+        m.sample();
+        assertEquals("nothing yet", 0, m.peaks().nativeBytes);
+        assertEquals(-1, ExecutorMemory.recommendedBytes(m.peaks(), true)[1]);
+        f.nativePeakFloor = 4 * MIB; // ...but a task's manager peaked at 4 MiB between two samples
+        ExecutorMemory.Peaks p = m.peaks();
+        assertEquals(4 * MIB, p.nativeBytes);
+        assertEquals("4 MiB + 10%, whole MiB", 5 * MIB, ExecutorMemory.recommendedBytes(p, true)[1]);
+        assertTrue(ExecutorMemory.recommend(p, true, -1, 8 * MIB),
+                ExecutorMemory.recommend(p, true, -1, 8 * MIB).contains("spark.memory.offHeap.size=5m (nativemem peak 4.0 MiB"));
+        f.nativeUsed = 6 * MIB; // a sampled sum of several tasks above the largest single peak wins
+        f.now += 1000;
+        m.sample();
+        assertEquals(6 * MIB, m.peaks().nativeBytes);
     }
 
     @Test

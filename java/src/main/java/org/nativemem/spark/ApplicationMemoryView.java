@@ -109,6 +109,16 @@ public final class ApplicationMemoryView {
         return m;
     }
 
+    /** @return the recommended {@code spark.executor.memoryOverhead} so far (max over executors), bytes; -1: none */
+    public long recommendedOverheadBytes() {
+        return max("recommendedOverheadBytes");
+    }
+
+    /** @return the recommended {@code spark.memory.offHeap.size} so far (max over executors), bytes; -1: none */
+    public long recommendedOffHeapBytes() {
+        return max("recommendedOffHeapBytes");
+    }
+
     private long max(String figure) {
         long m = -1;
         for (ExecutorMemoryReport r : latest.values()) {

@@ -45,6 +45,12 @@ import org.nativemem.Bytes;
  * and task ends sample too, but never more often than the interval ({@link #sampleIfDue()}).
  * Peaks are per quantity, and the recommendation uses the largest <em>simultaneous</em> value of
  * rss - heap committed - native (one sample), not a difference of peaks taken at different times.
+ * The native peak is not sampled only: each task manager keeps its exact high-water mark on its
+ * grow path at no extra cost, and the native peak is at least the largest of those (closed or
+ * live), so a short native peak between two samples is not missed (it read "no nativemem use"
+ * before). What sampling can still under-read is the sum of several tasks' peaks that coincided
+ * between two samples: the figure is then the largest single task's peak or the sampled sum,
+ * whichever is larger.
  *
  * <h2>Recommendation</h2>
  * With {@code spark.memory.offHeap.enabled=true} (nativemem's memory comes from Spark's off-heap
@@ -75,6 +81,15 @@ public final class ExecutorMemory {
         long direct();
 
         long nativeUsed();
+
+        /**
+         * @return the largest exact native peak of one task manager so far, closed or live (each
+         *     manager keeps its own high-water mark on its grow path, so no sample can miss it),
+         *     bytes; 0 if none
+         */
+        default long nativePeakFloor() {
+            return 0;
+        }
 
         long nowMillis();
     }
@@ -229,11 +244,22 @@ public final class ExecutorMemory {
         return latest;
     }
 
-    /** @return the peaks so far (sampling first if due) */
+    /**
+     * The peaks so far (sampling first if due). The native peak is the larger of the sampled peak
+     * (all live managers' bytes at once, one sample) and the largest exact peak of one task manager
+     * ({@link Sources#nativePeakFloor()}): a task whose native memory peaked and fell between two
+     * samples still counts with its whole peak.
+     *
+     * @return the peaks
+     */
     public synchronized Peaks peaks() {
         sampleIfDue();
         long hwm = latest == null ? -1 : latest.rssHighWaterBytes;
-        return new Peaks(samples, peakRss, hwm, peakHeapUsed, peakHeapCommitted, peakDirect, peakNative, peakUntracked,
+        long nativePeak = peakNative;
+        if (samples > 0) {
+            nativePeak = Math.max(nativePeak, sources.nativePeakFloor());
+        }
+        return new Peaks(samples, peakRss, hwm, peakHeapUsed, peakHeapCommitted, peakDirect, nativePeak, peakUntracked,
                 peakBeyondNative, peakBeyondHeap, latest == null ? 0 : latest.atMillis - firstAt);
     }
 
@@ -411,6 +437,11 @@ public final class ExecutorMemory {
         @Override
         public long nativeUsed() {
             return TaskNativeMemory.executorStats().usedBytes();
+        }
+
+        @Override
+        public long nativePeakFloor() {
+            return TaskNativeMemory.executorStats().peakBytes();
         }
 
         @Override

@@ -45,7 +45,10 @@ import com.codahale.metrics.MetricRegistry;
  * {@code PrometheusServlet} on the driver shows them without any sink on executors). At the
  * application's end it logs one sizing answer for the application
  * ({@link ApplicationMemoryView#sizing()}): the largest of the executors' recommendations, naming
- * the executor that sets each.
+ * the executor that sets each; the same answer is on Spark's Environment page, live and in the
+ * history server ({@link SizingPublisher}: the plugin's own shutdown comes after Spark stopped its
+ * event bus, so a listener posts it at the application's end). With
+ * {@code spark.nativemem.metrics.enabled=false} none of this (accumulators, reports, answer).
  *
  * <h2>Executor</h2>
  * At executor start: checks the Spark API again (executors may run another Spark build), validates
@@ -310,6 +313,10 @@ public final class NativeMemoryPlugin implements SparkPlugin {
     private static final class Driver implements DriverPlugin {
         private final ApplicationMemoryView view = new ApplicationMemoryView();
         private volatile String appName = "";
+        /** Posts the sizing answer to Spark's Environment page (null if metrics are off). */
+        private volatile SizingPublisher publisher;
+        /** {@code spark.nativemem.metrics.enabled} (set at init). */
+        private volatile boolean metricsOn = true;
 
         @Override
         public void registerMetrics(String appId, PluginContext ctx) {
@@ -319,6 +326,9 @@ public final class NativeMemoryPlugin implements SparkPlugin {
 
         @Override
         public void shutdown() {
+            if (!metricsOn) {
+                return; // no reports were sent: there is no answer
+            }
             try {
                 LOG.info("nativemem: application {} memory recommendation: {}; task accumulators: {}", appName,
                         view.sizing(), NativeTaskMetrics.driverValues());
@@ -336,6 +346,20 @@ public final class NativeMemoryPlugin implements SparkPlugin {
             if (!conf.offHeapEnabled()) {
                 SparkReservationListener.warnOnHeapOnce();
             }
+            metricsOn = conf.metricsEnabled();
+            if (!metricsOn) {
+                LOG.info("nativemem: driver plugin: {}=false: no task accumulators, no memory reports, no sizing answer",
+                        NativeMemorySparkConf.METRICS_ENABLED);
+                return Collections.emptyMap();
+            }
+            // The sizing answer on Spark's Environment page (live and in the history server).
+            try {
+                SizingPublisher p = new SizingPublisher(e -> sc.listenerBus().post(e), view);
+                sc.addSparkListener(p);
+                publisher = p;
+            } catch (RuntimeException | LinkageError e) {
+                LOG.warn("nativemem: driver plugin: the sizing answer will be in the driver's log only: {}", e.toString());
+            }
             // The task accumulators, registered here and shipped to every executor plugin.
             try {
                 return NativeTaskMetrics.registerOnDriver(sc);
@@ -349,6 +373,14 @@ public final class NativeMemoryPlugin implements SparkPlugin {
         @Override
         public Object receive(Object message) {
             if (view.accept(message)) {
+                SizingPublisher p = publisher;
+                if (p != null) {
+                    try {
+                        p.reportArrived();
+                    } catch (RuntimeException | LinkageError e) {
+                        LOG.debug("nativemem: sizing answer not updated", e);
+                    }
+                }
                 return null;
             }
             if (message instanceof ContainerPressureReport) {
@@ -404,6 +436,7 @@ public final class NativeMemoryPlugin implements SparkPlugin {
                         + "=<libnativemem_jni file> at one through spark.executor.extraJavaOptions.", e);
             }
             NativeTaskMetrics.install(extraConf);
+            reportsEnabled = conf.metricsEnabled();
             MetricRegistry registry = ctx.metricRegistry();
             registerGauges(registry);
             offHeapEnabled = ctx.conf().getBoolean("spark.memory.offHeap.enabled", false);
@@ -457,7 +490,7 @@ public final class NativeMemoryPlugin implements SparkPlugin {
      */
     private static synchronized void sendMemoryReport(boolean last) {
         PluginContext ctx = pluginContext;
-        if (ctx == null) {
+        if (ctx == null || !reportsEnabled) {
             return;
         }
         try {
@@ -473,6 +506,8 @@ public final class NativeMemoryPlugin implements SparkPlugin {
         }
     }
 
+    /** Whether memory reports go to the driver ({@code spark.nativemem.metrics.enabled}). */
+    private static volatile boolean reportsEnabled = true;
     /** The executor plugin's context (null before init), to send reports to the driver. */
     private static volatile PluginContext pluginContext;
     /** Hard-pressure episodes already reported to the driver. */

@@ -63,6 +63,12 @@ import scala.Tuple2;
  *       {@value #DEFAULT_ARBITRATION_SPILL_CAP}; the log names the task that paid). Trade-off: a
  *       task that is not short pays with its own spill and disk I/O so another avoids spilling or
  *       failing; Spark itself never spills another task's consumers.</td></tr>
+ *   <tr><td>{@value #METRICS_ENABLED}</td><td>{@code true}</td>
+ *       <td>what nativemem shows in Spark's own figures ({@link NativeTaskMetrics}): native spills
+ *       in the tasks' Spill columns, the {@code nativemem.*} task accumulators, the executors'
+ *       memory reports to the driver (the driver gauges and the application's sizing answer,
+ *       {@link ApplicationMemoryView}). {@code false} turns all of it off (the executors' own gauges
+ *       stay): the "off" of {@code scripts/bench.sh metrics}.</td></tr>
  * </table>
  *
  * <p>Parsing is strict so a typo fails the application at start instead of being ignored: an
@@ -107,6 +113,8 @@ public final class NativeMemorySparkConf {
     public static final String ARBITRATION_SPILL_CAP = "spark.nativemem.arbitration.crossTaskSpillCap";
     /** Default of {@link #ARBITRATION_SPILL_CAP}: 64 MiB. */
     public static final String DEFAULT_ARBITRATION_SPILL_CAP = "64m";
+    /** Task metrics, accumulators and memory reports to the driver on (default) or off. */
+    public static final String METRICS_ENABLED = "spark.nativemem.metrics.enabled";
     /** Spark's switch for off-heap execution memory; decides the consumer's memory mode. */
     public static final String SPARK_OFF_HEAP_ENABLED = "spark.memory.offHeap.enabled";
 
@@ -114,7 +122,7 @@ public final class NativeMemorySparkConf {
     public static final List<String> KEYS = Collections.unmodifiableList(
             Arrays.asList(ARBITRATION_CROSS_TASK_SPILL, ARBITRATION_SPILL_CAP, ARBITRATION_ENABLED,
                     ARROW_BLOCK_SIZE, CONTAINER_LIMIT, GOVERNOR_ENABLED, GOVERNOR_HARD_LEVEL,
-                    GOVERNOR_SOFT_LEVEL, LOG_USAGE_ON_OOM, RESERVATION_BLOCK_SIZE, RESERVATION_QUANTUM, TASK_LIMIT));
+                    GOVERNOR_SOFT_LEVEL, LOG_USAGE_ON_OOM, METRICS_ENABLED, RESERVATION_BLOCK_SIZE, RESERVATION_QUANTUM, TASK_LIMIT));
 
     private static final NativeMemorySparkConf DEFAULTS = parse(Collections.<String, String>emptyMap());
 
@@ -128,6 +136,7 @@ public final class NativeMemorySparkConf {
     private final NativeMemoryConfig nativeConfig;
     private final Governor governor;
     private final Arbitration arbitration;
+    private final boolean metricsEnabled;
 
     /** Executor-wide arbitration's settings. Immutable. */
     public static final class Arbitration {
@@ -208,7 +217,8 @@ public final class NativeMemorySparkConf {
 
     private NativeMemorySparkConf(long reservationBlockSizeBytes, long taskLimitBytes, boolean logUsageOnOom,
             boolean offHeapEnabled, long arrowBlockSizeBytes, long reservationQuantumBytes, Governor governor,
-            Arbitration arbitration) {
+            Arbitration arbitration, boolean metricsEnabled) {
+        this.metricsEnabled = metricsEnabled;
         this.governor = governor;
         this.arbitration = arbitration;
         this.reservationBlockSizeBytes = reservationBlockSizeBytes;
@@ -291,7 +301,8 @@ public final class NativeMemorySparkConf {
                 bool(settings, ARBITRATION_CROSS_TASK_SPILL, false),
                 size(settings, ARBITRATION_SPILL_CAP, DEFAULT_ARBITRATION_SPILL_CAP));
         return new NativeMemorySparkConf(block, limit, log, offHeapEnabled, arrowBlock, quantum,
-                new Governor(governorOn, containerLimit, soft, hard), arbitration);
+                new Governor(governorOn, containerLimit, soft, hard), arbitration,
+                bool(settings, METRICS_ENABLED, true));
     }
 
     /** A fraction in (0, 1]. */
@@ -394,6 +405,14 @@ public final class NativeMemorySparkConf {
         return arbitration;
     }
 
+    /**
+     * @return whether tasks record their native figures in Spark's task metrics and accumulators
+     *     and executors report their memory to the driver ({@value #METRICS_ENABLED})
+     */
+    public boolean metricsEnabled() {
+        return metricsEnabled;
+    }
+
     /** @return the native manager configuration these settings describe */
     public NativeMemoryConfig toNativeConfig() {
         return nativeConfig;
@@ -406,6 +425,7 @@ public final class NativeMemorySparkConf {
                 + (taskLimitBytes < 0 ? "none" : Bytes.human(taskLimitBytes)) + ", " + LOG_USAGE_ON_OOM + "="
                 + logUsageOnOom + ", " + ARROW_BLOCK_SIZE + "=" + Bytes.human(arrowBlockSizeBytes) + ", "
                 + SPARK_OFF_HEAP_ENABLED + "=" + offHeapEnabled + ", " + RESERVATION_QUANTUM + "="
-                + Bytes.human(reservationQuantumBytes) + ", " + governor + ", " + arbitration;
+                + Bytes.human(reservationQuantumBytes) + ", " + governor + ", " + arbitration + ", " + METRICS_ENABLED + "="
+                + metricsEnabled;
     }
 }

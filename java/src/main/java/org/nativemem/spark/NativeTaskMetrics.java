@@ -86,6 +86,11 @@ import scala.Option;
  *       stage's last task ended: for a sum that includes earlier stages of the application (as for
  *       every named accumulator of Spark), for {@value #PEAK} the largest task peak so far; the
  *       task table and the REST API's {@code tasks} show each task's own value.
+ *   <li>Off with {@code spark.nativemem.metrics.enabled=false} ({@link NativeMemorySparkConf#METRICS_ENABLED}):
+ *       the driver plugin registers no accumulators and a task's close records nothing (no
+ *       accumulators, no native spills in Spill (Memory) or Spill (Disk)); an engine's own
+ *       {@link #addDiskBytesSpilled} calls still count. {@code scripts/bench.sh metrics} measures
+ *       on against off.
  *   <li>Never throws into a task: without the driver plugin, with accumulators from another
  *       nativemem version or garbled ones, or off the task thread, the accumulators are skipped
  *       (logged once); the spill metric is still counted.

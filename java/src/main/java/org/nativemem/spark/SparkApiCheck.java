@@ -128,7 +128,16 @@ public final class SparkApiCheck {
             m(TMM, "releaseExecutionMemory", "(JLorg/apache/spark/memory/MemoryConsumer;)V"),
             m(TMM, "getTungstenMemoryMode", "()" + MODE),
             m(TMM, "pageSizeBytes", "()J"),
-            m("org.apache.spark.network.util.JavaUtils", "byteStringAsBytes", "(" + STR + ")J")));
+            m("org.apache.spark.network.util.JavaUtils", "byteStringAsBytes", "(" + STR + ")J"),
+            // SizingPublisher: the sizing answer on the Environment page (Spark's listener bus).
+            m("org.apache.spark.SparkContext", "addSparkListener",
+                    "(Lorg/apache/spark/scheduler/SparkListenerInterface;)V"),
+            m("org.apache.spark.SparkContext", "listenerBus", "()Lorg/apache/spark/scheduler/LiveListenerBus;"),
+            m("org.apache.spark.scheduler.LiveListenerBus", "post", "(Lorg/apache/spark/scheduler/SparkListenerEvent;)V"),
+            m("org.apache.spark.scheduler.SparkListener", "<init>", "()V"),
+            m("org.apache.spark.scheduler.SparkListenerEnvironmentUpdate", "<init>", "(Lscala/collection/Map;)V"),
+            m("org.apache.spark.scheduler.SparkListenerEnvironmentUpdate", "environmentDetails",
+                    "()Lscala/collection/Map;")));
 
     /**
      * The classes of this package that extend or implement Spark types: every abstract method those
@@ -141,6 +150,7 @@ public final class SparkApiCheck {
             "org.nativemem.spark.NativeMemoryPlugin$Driver",
             "org.nativemem.spark.NativeMemoryPlugin$Executor",
             "org.nativemem.spark.NativeTaskMetrics$MaxLongAccumulator",
+            "org.nativemem.spark.SizingPublisher",
             "org.nativemem.spark.TaskNativeMemory$TaskEntry$1", // TaskCompletionListener
             "org.nativemem.spark.TaskNativeMemory$TaskEntry$2")); // TaskFailureListener
 

@@ -477,8 +477,12 @@ public final class TaskNativeMemory {
                 // Spark's "peak execution memory" of the task: what it held from Spark at its peak
                 // (native peak rounded up to reservation blocks).
                 ctx.taskMetrics().incPeakExecutionMemory(l.peakHeldBytes());
-                // Spill (Memory) and the nativemem.* task accumulators (never throws).
-                NativeTaskMetrics.recordAtClose(ctx, before, l.spilledBytes(), result);
+                // Spill (Memory) and the nativemem.* task accumulators (never throws), unless
+                // spark.nativemem.metrics.enabled=false.
+                NativeMemorySparkConf c = conf;
+                if (c == null || c.metricsEnabled()) {
+                    NativeTaskMetrics.recordAtClose(ctx, before, l.spilledBytes(), result);
+                }
                 long held = l.heldBytes();
                 l.detach();
                 if (held != 0) {
