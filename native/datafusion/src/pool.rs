@@ -582,55 +582,46 @@ impl<P: NativePool> NativememPool<P> {
         if reservation_size.saturating_add(additional) <= fsp_share {
             return None;
         }
-        if (merging || fresh) && total.saturating_add(additional).saturating_add(fsp_share) > limit
-        {
-            // Over that floor, a reservation may take free memory but not the last FairSpillPool
-            // share of it when:
-            // - its consumer is merging: a merge would take all there is (DataFusion's
-            //   multi-level merge seats as many spill files as memory allows), and the
-            //   consumer's other reservation, whose refusal is fatal, would find none left. The
-            //   merge, refused, seats fewer files.
-            // - consumers registered have not started: DataFusion's FairSpillPool keeps their
-            //   share for them, and a late partition's sort (or its merge's up-front
-            //   reservation, which cannot spill) would otherwise find nothing and fail its query.
-            let (what, whom) = if merging {
+        // Over that floor, a reservation may take free memory but not the last FairSpillPool
+        // share of it when:
+        // - its consumer is merging: a merge would take all there is (DataFusion's multi-level
+        //   merge seats as many spill files as memory allows), and the consumer's other
+        //   reservation, whose refusal is fatal, would find none left. The merge, refused, seats
+        //   fewer files.
+        // - consumers registered have not started: DataFusion's FairSpillPool keeps their share
+        //   for them, and a late partition's sort (or its merge's up-front reservation, which
+        //   cannot spill) would otherwise find nothing and fail its query.
+        let keep_free = (merging || fresh)
+            && total.saturating_add(additional).saturating_add(fsp_share) > limit;
+        // And while consumers that cannot spill are registered (each sort's merge), a spillable
+        // reservation is capped at FairSpillPool's share, as DataFusion's FairSpillPool caps it,
+        // so that they find room when they merge: a merge that finds none fails its query, and a
+        // sort holding its batches once its input ended never grows again, so it can no longer
+        // be asked to spill (issue 26's matrix: a window query's merge starved by the other
+        // partition's sort holding 17 MiB of 34).
+        let capped = merges && !merging;
+        if keep_free || capped {
+            let (what, why) = if merging {
                 (
                     format!("spillable, merging, holding {}", human(me.size)),
-                    "",
+                    "and leave less than that share free",
+                )
+            } else if keep_free && fresh {
+                (
+                    "spillable".to_string(),
+                    "and leave less than that share free for consumers that have not started",
                 )
             } else {
                 (
                     "spillable".to_string(),
-                    " for consumers that have not started",
+                    "kept while consumers that cannot spill are registered",
                 )
             };
             return Some(format!(
                 "Failed to allocate additional {} for {}#{id} ({what}): this reservation would \
                  hold {}, over FairSpillPool's share {} ({} left by unspillable consumers ({}) \
-                 shared by {registered} registered spillable consumer(s)), and leave less than \
-                 that share free{whom} (limit {}, {} reserved)",
-                human(additional),
-                me.name,
-                human(reservation_size.saturating_add(additional)),
-                human(fsp_share),
-                human(available),
-                human(unspillable),
-                human(limit),
-                human(total),
-            ));
-        }
-        if merges && !merging {
-            // Consumers that cannot spill are registered (each sort's merge): DataFusion's
-            // FairSpillPool caps every spillable reservation at its share so that they find room
-            // when they merge, and a merge that finds none fails its query, since a sort holding
-            // its batches once its input ended never grows again, so it can no longer be asked
-            // to spill (issue 26's matrix: a window query's merge starved by the other
-            // partition's sort holding 17 MiB of 34). Above FairSpillPool's floor: refused.
-            return Some(format!(
-                "Failed to allocate additional {} for {}#{id} (spillable): this reservation would \
-                 hold {}, over FairSpillPool's share {} ({} left by unspillable consumers ({}) \
-                 shared by {registered} registered spillable consumer(s)), kept while consumers \
-                 that cannot spill are registered (limit {}, {} reserved); spill and retry",
+                 shared by {registered} registered spillable consumer(s)), {why} (limit {}, {} \
+                 reserved)",
                 human(additional),
                 me.name,
                 human(reservation_size.saturating_add(additional)),
