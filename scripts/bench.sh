@@ -56,11 +56,14 @@
 #         nativemem's pool vs DataFusion's, same 64 MiB limit and policy (Greedy vs GreedyMemoryPool,
 #         FairShare vs FairSpillPool), DF_ROUNDS rounds in rotating order (medians); listener calls
 #         per query vs one call per try_grow/grow/shrink. Then the failure matrix
-#         (native/datafusion/examples/df_failures.rs): sort, GROUP BY, window, COUNT(DISTINCT), two
-#         COUNT(DISTINCT) sharing one pool, a sort-merge join, at 16 and 24 MiB, DF_FAIL_RUNS (5;
-#         quick 2) runs each on nativemem's pool (FairShare; a task limit, and budget-only: Spark
-#         grants at most the limit) and on FairSpillPool (the limit): runs that failed
-#         for lack of memory (and hung, apart); target: nativemem's count <= FairSpillPool's.
+#         (native/datafusion/examples/df_failures.rs, in the `datafusion` profile: counts, not
+#         times, so DataFusion is built once): sort, GROUP BY, window, COUNT(DISTINCT), two
+#         COUNT(DISTINCT) sharing one pool, two sorts on two pools of one task, a sort-merge join,
+#         at 1/8, 1/4 and 1/2 of each query's unbounded peak, DF_FAIL_RUNS (5; quick 2) runs each on
+#         nativemem's pool (FairShare; a task limit, and budget-only: Spark grants at most the
+#         limit; spill requests off and on) and on FairSpillPool (the limit): runs that failed
+#         for lack of memory (and hung, apart); target: nativemem's count <= FairSpillPool's in
+#         every cell. DF_FAIL_ONLY=1 runs the matrix alone (not the timed queries).
 #
 # Environment: BENCH_DIR (logs, criterion data, table.md; default target/bench), BENCH_ESTIMATE
 # (criterion estimate: median (default) or mean), SPARK_VERSION (a release of scripts/spark-releases.txt, default 3.5),
@@ -545,6 +548,11 @@ metrics_part() {
 
 # ---- 4. DataFusion: nativemem's pool vs GreedyMemoryPool --------------------------------------------
 datafusion_part() {
+  [ "${DF_FAIL_ONLY:-0}" = 1 ] || datafusion_timed_part
+  datafusion_failures_part
+}
+
+datafusion_timed_part() {
   local log="$BENCH_DIR/datafusion.log"
   step "datafusion: df_bench, $DF_ROUNDS rounds (log: ${log#"$ROOT"/})"
   if ! { cargo build --release -p nativemem-datafusion --example df_bench &&
@@ -571,22 +579,43 @@ datafusion_part() {
         "one per try_grow/grow/shrink (Comet): $(group "$pc")" \
         "$(awk -v a="$lc" -v b="$pc" 'BEGIN { if (a == 0) print "—"; else printf "1/%.0f", b / a }')" "—" "—"
   done
-  # The failure matrix (issue 26): never more failures than DataFusion's FairSpillPool.
+}
+
+# The failure matrix (issue 26): never more failures than DataFusion's FairSpillPool, in any cell.
+# One row per query and limit: nativemem's four configurations (task limit or budget-only, spill
+# requests off or on) against FairSpillPool's runs of the same query and limit.
+datafusion_failures_part() {
   local flog="$BENCH_DIR/datafusion-failures.log"
   step "datafusion: df_failures, $DF_FAIL_RUNS runs per cell (log: ${flog#"$ROOT"/})"
-  if ! { cargo build --release -p nativemem-datafusion --example df_failures &&
-         "$TARGET_DIR/release/examples/df_failures" "$DF_FAIL_RUNS"; } >"$flog" 2>&1; then
+  if ! { cargo build --profile datafusion -p nativemem-datafusion --example df_failures &&
+         "$TARGET_DIR/datafusion/examples/df_failures" "$DF_FAIL_RUNS"; } >"$flog" 2>&1; then
     fail_part datafusion-failures "$flog"; return
   fi
-  local name mode lim nf nh ff fh runs
-  while read -r _ name mode lim nf nh ff fh runs; do
-    if [ "$mode" = budget ]; then mode="no task limit, Spark grants ${lim} MiB"; else mode="${lim} MiB task limit"; fi
-    row "datafusion failures: $name, $mode, nativemem's pool (FairShare)" \
-        "$nf of $runs failed$([ "$nh" = 0 ] || echo ", $nh hung")" \
-        "FairSpillPool: $ff of $runs failed$([ "$fh" = 0 ] || echo ", $fh hung")" "—" \
-        "≤ FairSpillPool's" "$(met "$nf + $nh <= $ff + $fh")"
-  done < <(grep '^FAILURES ' "$flog")
-  grep -q '^FAILURES ' "$flog" || fail_part datafusion-failures "$flog"
+  datafusion_failures_rows "$flog"
+}
+
+# FAILURES lines of a df_failures log -> one table row per query and limit.
+datafusion_failures_rows() {
+  grep -q '^FAILURES ' "$1" || { fail_part datafusion-failures "$1"; return; }
+  local out
+  out="$(awk '
+    $1 == "PEAK" { peak[$2] = $3 }
+    $1 == "FAILURES" {
+      key = $2 " " $6; if (!(key in seen)) { seen[key] = 1; order[n++] = key; lim[key] = $5; q[key] = $2; frac[key] = $6 }
+      cell[key] = cell[key] (cell[key] == "" ? "" : ", ") $3 "/" $4 ": " $7 ($8 > 0 ? " (+" $8 " hung)" : "")
+      fsp[key] = $9 ($10 > 0 ? " (+" $10 " hung)" : "") " of " $11; runs[key] = $11
+      if ($7 + $8 > $9 + $10) bad[key] = 1
+    }
+    END {
+      for (i = 0; i < n; i++) { k = order[i]
+        printf "%s\t%s\t%s\t%s\t%s\t%s\n", q[k], frac[k], sprintf("%.1f MiB of %.0f MiB", lim[k] / 1048576, peak[q[k]] / 1048576),
+          cell[k] " of " runs[k], fsp[k], (k in bad) ? "**no**" : "yes" }
+    }' "$1")"
+  local name frac lim cells fsp verdict
+  while IFS=$'\t' read -r name frac lim cells fsp verdict; do
+    row "datafusion failures: $name, $frac of the unbounded peak ($lim); nativemem (FairShare) failed, per mode/spill requests" \
+        "$cells" "FairSpillPool: $fsp" "—" "≤ FairSpillPool's, each" "$verdict"
+  done <<<"$out"
 }
 
 want abi && abi_part

@@ -9,7 +9,9 @@
 #                   turns on nativemem-provider's `testing` hooks and nativemem-testkit's allocator)
 #   cargo-test      cargo test --workspace (but the two DataFusion crates)
 #   cargo-test-datafusion  cargo test --profile datafusion -p nativemem-datafusion: real DataFusion
-#                   queries; then cargo build --profile datafusion -p nativemem-df-engine (the DataFusion
+#                   queries, and the failure matrix's CI-sized subset (queries.rs
+#                   failure_matrix_subset_...: 4 cells, 1 run each, nativemem vs FairSpillPool; the
+#                   whole matrix is scripts/bench.sh datafusion); then cargo build --profile datafusion -p nativemem-df-engine (the DataFusion
 #                   example engine, examples/datafusion, whose library Gradle packs: the same DataFusion
 #                   artifacts, built once)
 #   cargo-loom      loom model check of the core and the handle tables (RUSTFLAGS="--cfg loom")

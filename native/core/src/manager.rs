@@ -188,6 +188,16 @@ impl MemoryManager {
         self.budget.reserved()
     }
 
+    /// Reserves from the listener, now, the over-commit that forced grows
+    /// ([`Reservation::force_grow`](crate::Reservation::force_grow)) left uncovered, whatever the
+    /// task limit (the bytes are in use already): Spark's reservation then shows them at once,
+    /// not only at the next grow that reaches the listener (which a task kept over its limit by
+    /// the over-commit never makes). For code that forced a grow but may call out (DataFusion's
+    /// infallible `grow`). Returns the bytes granted; what is not granted stays over-commit.
+    pub fn cover_overcommit(&self) -> Result<u64> {
+        self.budget.cover_overcommit()
+    }
+
     /// Asks native spillers to free `target` bytes; returns the bytes they freed (each spiller's
     /// count capped at the spillable size it reported, see [`Spiller`](crate::Spiller)). The
     /// freed bytes stay reserved (in the cushion) unless hysteresis hands them back; use

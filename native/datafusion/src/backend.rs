@@ -59,6 +59,15 @@ pub trait NativePool: Send + Sync + 'static {
         None
     }
 
+    /// Reserves from Spark (the listener), now, the task's over-commit its reserve does not
+    /// cover, whatever the task limit (nativemem's `MemoryManager::cover_overcommit`): what
+    /// DataFusion holds through infallible grows then shows in Spark's reservation at once.
+    /// Returns the bytes granted. The default (a backend that cannot) grants nothing: the
+    /// over-commit is reserved by the task's next grow that reaches Spark.
+    fn cover_overcommit(&self) -> Result<u64, NativeError> {
+        Ok(0)
+    }
+
     /// Registers `requests` as a spiller of this pool: nativemem calls it when Spark asks the
     /// task for memory, or when a grow of the task finds no room.
     fn register_spill_requests(
@@ -128,6 +137,10 @@ mod core_backend {
 
         fn task(&self) -> Option<u64> {
             Some(self.manager().id())
+        }
+
+        fn cover_overcommit(&self) -> Result<u64, NativeError> {
+            self.manager().cover_overcommit().map_err(native)
         }
 
         fn register_spill_requests(

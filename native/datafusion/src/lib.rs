@@ -58,10 +58,17 @@
 //!   task's usage never exceeds its limit by more than the over-commit outstanding:
 //!   `used ≤ limit + overcommit()` at all times, and the over-commit itself is what DataFusion's
 //!   infallible grows hold, no more (a sort-merge join spilling under 24 MiB: about 21 MiB, where
-//!   it holds 65 MiB unbounded; `sort_merge_join_over_commit_is_charged_and_bounded`). Without a
-//!   task limit, the next grow that reaches Spark reserves the over-commit with its own bytes.
-//!   With a task limit, Spark's reservation stays within the limit: the over-commit shows in
-//!   the task's usage and stats, not in what Spark granted.
+//!   it holds 65 MiB unbounded; `sort_merge_join_over_commit_is_charged_and_bounded`).
+//! - **Spark sees it too.** Right after the forced charge the pool asks nativemem to reserve
+//!   the uncovered over-commit from Spark ([`NativePool::cover_overcommit`], nativemem's
+//!   `MemoryManager::cover_overcommit`), with a task limit as without: Spark's reservation for
+//!   the task goes past the limit by what DataFusion holds past it, at once (a task held over its
+//!   limit never makes the fallible grow that would otherwise pay it). What Spark does not grant
+//!   stays over-commit, paid by the next grow that reaches Spark. The task's stats count it
+//!   (`overcommit_peak`, `overcommitted_total`) and its usage report prints it ("Over-committed:
+//!   … so far"). The [`ClientPool`] backend has no such call in the engine ABI yet: there the
+//!   over-commit is in the task's usage and stats at once, and in Spark's reservation from the
+//!   next grow that reaches Spark.
 //! - `reserved()` is what DataFusion holds (over-commit included); `memory_limit()` is
 //!   `Finite(limit)` when the pool or the task has a limit, `Unknown` when only Spark's budget
 //!   (which moves with the other tasks) bounds it.
@@ -112,8 +119,29 @@
 //!   fairness only decides who spills while there is. Rule 2 costs a consumer that spilled at
 //!   most one `fsp_share` of room it could otherwise have taken when alone.
 //!
-//! nativemem's limits and Spark's budget apply on top, to everyone. Without a known limit only
-//! they apply.
+//! - **Merges find room.** While a consumer that cannot spill is registered in the pool (each
+//!   sort registers its merge's), a spillable reservation is capped at FairSpillPool's share, as
+//!   FairSpillPool caps it: the work-conserving share above applies to plans without such
+//!   consumers (aggregations). A merge grows while it runs and fails its query when refused, and
+//!   a sort whose input has ended holds its batches without growing again, so a request can no
+//!   longer make it spill: a window query's merge was starved by the other partition's sort
+//!   holding 17 MiB of 34 (issue 26's matrix), which FairSpillPool's cap prevents.
+//! - **Consumers that have not started find their floor.** A consumer over FairSpillPool's
+//!   floor may not leave less than `fsp_share` free while other registered consumers have not
+//!   grown yet (a late partition's sort, and its merge's up-front reservation, which cannot
+//!   spill): FairSpillPool keeps their share by construction, and without this rule the first
+//!   partition could take all the room and the late one fail (issue 26's matrix, sorts at 1/8 of
+//!   their unbounded peak).
+//!
+//! nativemem's limits and Spark's budget apply on top, to everyone.
+//!
+//! **Budget-only** (no pool or task limit: Spark's budget alone bounds the task, its default):
+//! fairness over what Spark granted plus what it could grant. Until Spark refuses a grow of the
+//! pool there is no limit to divide (first come, first served, as Spark itself serves its
+//! consumers); once it refuses, what the pool holds then is the limit fairness divides, raised
+//! by every grow Spark grants past it ([`NativememPool::budget_seen`]). A budget that shrinks
+//! later is learned at the next refusal. (Issue 26, item 5: before, the window query of the
+//! failure matrix failed budget-only where FairSpillPool did not.)
 //!
 //! ## Spark asking DataFusion for memory
 //! DataFusion operators spill only when their own `try_grow` is refused; DataFusion has no hook to
@@ -130,14 +158,17 @@
 //!    it to Spark (its cushion keeps at most two blocks): Spark sees the memory released by the
 //!    task's consumer moments later, and a `TaskMemoryManager` waiting for memory gets it then.
 //!
-//! A consumer that cannot spill (a sort's merge of its spill files) fails its query when a grow
+//! A consumer that cannot spill (a sort's merge of its spill files, or a reservation that holds
+//! nothing: a sort that has just spilled everything and retries) fails its query when a grow
 //! is refused. When its grow finds no room and the request that refusal made picked spillable
 //! consumers, it waits for them (up to 5 s, no lock held; it retries each time they have
 //! released memory, so waiting never asks more consumers to spill) instead of failing: their
 //! spills free the memory it needs. When no one was asked (spill requests off, the default, or
-//! a request that found no one), the pool asks its own spillable consumers itself, as a request
-//! would (never one seen merging, for which a refusal is fatal), and the merge waits for them:
-//! sorts do not starve merges in either mode. A spillable consumer seen merging (memory in
+//! a request that found no one, or the consumers asked have spilled and taken the room back
+//! meanwhile), the pool asks the task's spillable consumers itself, as a request would (its
+//! own first, then those of the task's other `NativememPool`s; never one seen merging, for
+//! which a refusal is fatal), and the merge waits for them, again after each round, within the
+//! wait's bound: sorts do not starve merges in either mode. A spillable consumer seen merging (memory in
 //! several reservations, or grown again after a fairness refusal without releasing anything: a
 //! hash aggregation replaying its spill files) waits the same way, since it cannot spill either
 //! — also in budget-only mode, when Spark refuses its grow. Only that consumer's thread waits. The wait spans every
@@ -151,9 +182,10 @@
 //! grow of each picked operator. Limits: sorts (`ExternalSorter`) handle a refused grow at every
 //! point where they hold memory; DataFusion's hash aggregation, once it merges its own spill
 //! files (its `ReportError` phase), treats any refused grow as fatal, as it would under a real
-//! shortage: a request landing then fails the query (fairness spares it, see "Fairness"; a
-//! request does not). Engines whose plans aggregate under memory
-//! pressure should leave requests off for those queries or give them a limit instead.
+//! shortage. A request never picks a consumer seen merging (memory in several reservations, or
+//! grown again after a fairness refusal without releasing anything), so it spares that phase
+//! once seen; a request landing on an aggregation between its last spill and its merge's first
+//! grow can still fail the query.
 //!
 //! ## Locks
 //! The pool's lock guards its consumer table and is held only to read or update it: never while

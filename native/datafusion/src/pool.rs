@@ -93,6 +93,9 @@ trait Relief: Send + Sync {
     /// The bytes held by spillable consumers other than `me` that were asked to give memory back
     /// (they spill on their next `try_grow`, or are spilling now); `None` if there are none.
     fn pending(&self, me: usize) -> Option<u64>;
+    /// Asks spillable consumers that are not merging to give `target` bytes back ([`pick`]);
+    /// returns what the consumers asked hold.
+    fn ask(&self, target: u64) -> u64;
 }
 
 impl<R: NativeReservation> Relief for Table<R> {
@@ -103,6 +106,10 @@ impl<R: NativeReservation> Relief for Table<R> {
             .filter(|(&id, c)| id != me && c.can_spill && c.size > 0 && (c.asked || c.yielded))
             .map(|(_, c)| c.size)
             .reduce(u64::saturating_add)
+    }
+
+    fn ask(&self, target: u64) -> u64 {
+        pick(&mut self.consumers.lock(), target, true)
     }
 }
 
@@ -125,7 +132,7 @@ impl<R: NativeReservation> SpillRequests for Requests<R> {
         let consumers = table.consumers.lock();
         consumers
             .values()
-            .filter(|c| c.can_spill && !c.asked && !c.yielded)
+            .filter(|c| c.can_spill && !c.asked && !c.yielded && !c.several && !c.stuck)
             .map(|c| c.size.saturating_sub(c.overcommit))
             .sum()
     }
@@ -134,7 +141,8 @@ impl<R: NativeReservation> SpillRequests for Requests<R> {
         let Some(table) = self.0.upgrade() else {
             return 0;
         };
-        pick(&mut table.consumers.lock(), target, false);
+        // Not the merging ones: for them a refusal is fatal (crate docs, "Spark asking").
+        let _ = pick(&mut table.consumers.lock(), target, true);
         // Relaxed (both): statistics.
         table.requests.fetch_add(1, Ordering::Relaxed);
         table.requested_bytes.fetch_add(target, Ordering::Relaxed);
@@ -149,7 +157,7 @@ impl<R: NativeReservation> SpillRequests for Requests<R> {
 /// largest first, until what they hold covers `target`: the fewest operators disturbed (Spark's
 /// order for its own consumers). With `skip_merging`, not the consumers seen merging (for which a
 /// refusal is fatal).
-fn pick<R>(consumers: &mut HashMap<usize, Consumer<R>>, target: u64, skip_merging: bool) {
+fn pick<R>(consumers: &mut HashMap<usize, Consumer<R>>, target: u64, skip_merging: bool) -> u64 {
     let mut candidates: Vec<_> = consumers
         .values_mut()
         .filter(|c| c.can_spill && !c.asked && !c.yielded && c.size > 0)
@@ -164,6 +172,7 @@ fn pick<R>(consumers: &mut HashMap<usize, Consumer<R>>, target: u64, skip_mergin
         c.asked = true;
         covered = covered.saturating_add(c.size);
     }
+    covered
 }
 
 /// Who spills when memory is short (see the crate docs, "Fairness").
@@ -201,6 +210,10 @@ pub struct NativememPool<P: NativePool> {
     forced_peak: AtomicU64,
     /// Peaks of unregistered consumers, by name (the largest registration of each name).
     finished_peaks: Mutex<HashMap<String, u64>>,
+    /// Budget-only mode (no pool or task limit): what the pool could hold when Spark last refused
+    /// a grow (its `reserved` then), raised by every grow past it: the limit fairness works with
+    /// when nativemem knows none (crate docs, "Fairness"). 0 until Spark first refuses.
+    budget_seen: AtomicU64,
 }
 
 impl<P: NativePool> NativememPool<P> {
@@ -239,6 +252,7 @@ impl<P: NativePool> NativememPool<P> {
             forced: AtomicU64::new(0),
             finished_peaks: Mutex::new(HashMap::new()),
             forced_peak: AtomicU64::new(0),
+            budget_seen: AtomicU64::new(0),
         }
     }
 
@@ -298,6 +312,19 @@ impl<P: NativePool> NativememPool<P> {
         let mut out: Vec<(String, u64)> = peaks.into_iter().collect();
         out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         out
+    }
+
+    /// Budget-only mode (no pool or task limit): the budget the pool has seen Spark give it,
+    /// "what Spark granted plus what it could grant": the pool's reservations when Spark last
+    /// refused one of its grows, raised by every grow past that since. Fairness divides it as it
+    /// divides a limit (crate docs, "Fairness"). `None` while Spark has refused nothing, or when
+    /// nativemem has a limit (which fairness uses instead).
+    pub fn budget_seen(&self) -> Option<u64> {
+        if self.native.limit().is_some() {
+            return None;
+        }
+        // Relaxed: a hint for fairness (a stale value only changes who spills first).
+        Some(self.budget_seen.load(Ordering::Relaxed)).filter(|&b| b > 0)
     }
 
     /// The policy deciding who spills.
@@ -382,6 +409,47 @@ impl<P: NativePool> NativememPool<P> {
             .reduce(u64::saturating_add)
     }
 
+    /// The limit fairness divides: nativemem's (the pool's or the task's), else, budget-only,
+    /// what Spark's budget let the pool hold when Spark last refused it, raised by every grow past
+    /// it ([`budget_seen`](Self::budget_seen)); `None` before Spark refused anything.
+    fn fairness_limit(&self) -> Option<u64> {
+        self.native.limit().or_else(|| self.budget_seen())
+    }
+
+    /// Spark's budget refused a grow of the pool (no nativemem limit): what the pool holds now is
+    /// what the budget lets it hold, the limit fairness divides from now on.
+    fn spark_refused(&self) {
+        if self.native.limit().is_none() {
+            // Relaxed (both): a hint (see `budget_seen`).
+            let held = self.reserved.load(Ordering::Relaxed);
+            self.budget_seen.store(held.max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Asks spillable consumers of the task that are not merging to give `target` bytes back for
+    /// a consumer that cannot spill: this pool's first, then the task's other pools' (in this pool
+    /// only when the task is unknown), until what they hold covers `target`.
+    fn ask_task(&self, target: u64) {
+        let mut covered = self.table.ask(target);
+        let Some(task) = self.native.task() else {
+            return;
+        };
+        let me_table = Arc::as_ptr(&self.table) as *const ();
+        // Copied, then asked without the registry's lock.
+        let tables: Vec<Weak<dyn Relief>> = TASKS.lock().get(&task).cloned().unwrap_or_default();
+        for t in tables
+            .iter()
+            .filter(|t| t.as_ptr() as *const () != me_table)
+        {
+            if covered >= target {
+                break;
+            }
+            if let Some(t) = t.upgrade() {
+                covered = covered.saturating_add(t.ask(target - covered));
+            }
+        }
+    }
+
     /// The consumer's native reservation, and whether the fair-share policy lets it grow by
     /// `additional` (checked under the lock; nativemem's own limits are checked after, without it).
     fn admit(
@@ -427,7 +495,7 @@ impl<P: NativePool> NativememPool<P> {
             )));
         };
         let limit = match self.policy {
-            Policy::FairShare => self.native.limit(),
+            Policy::FairShare => self.fairness_limit(),
             Policy::Greedy => None,
         };
         let granted = (me.native.clone(), me.overcommit);
@@ -485,7 +553,14 @@ impl<P: NativePool> NativememPool<P> {
         // spillable consumer (for FairSpillPool's share). The total is `reserved`, kept under the
         // same lock.
         let (mut unspillable, mut active, mut registered) = (0u64, 0u64, 0u64);
+        // Other consumers registered that have not grown yet: a partition starting late (its
+        // sort, its merge's up-front reservation), not idle ones that worked and released.
+        let mut fresh = false;
+        // Consumers that cannot spill registered besides this one (a sort's merge): see below.
+        let mut merges = false;
         for (cid, c) in consumers {
+            fresh |= *cid != id && c.peak == 0;
+            merges |= *cid != id && !c.can_spill;
             if !c.can_spill {
                 unspillable += c.size;
             } else {
@@ -507,21 +582,48 @@ impl<P: NativePool> NativememPool<P> {
         if reservation_size.saturating_add(additional) <= fsp_share {
             return None;
         }
-        if merging && total.saturating_add(additional).saturating_add(fsp_share) > limit {
-            // Over that floor, a reservation of a merging consumer may take free memory but not
-            // the last FairSpillPool share of it: a merge would take all there is (DataFusion's
-            // multi-level merge seats as many spill files as memory allows), and the consumer's
-            // other reservation, whose refusal is fatal, would find none left. The merge, refused,
-            // seats fewer files.
+        // Over that floor, a reservation may take free memory but not the last FairSpillPool
+        // share of it when:
+        // - its consumer is merging: a merge would take all there is (DataFusion's multi-level
+        //   merge seats as many spill files as memory allows), and the consumer's other
+        //   reservation, whose refusal is fatal, would find none left. The merge, refused, seats
+        //   fewer files.
+        // - consumers registered have not started: DataFusion's FairSpillPool keeps their share
+        //   for them, and a late partition's sort (or its merge's up-front reservation, which
+        //   cannot spill) would otherwise find nothing and fail its query.
+        let keep_free = (merging || fresh)
+            && total.saturating_add(additional).saturating_add(fsp_share) > limit;
+        // And while consumers that cannot spill are registered (each sort's merge), a spillable
+        // reservation is capped at FairSpillPool's share, as DataFusion's FairSpillPool caps it,
+        // so that they find room when they merge: a merge that finds none fails its query, and a
+        // sort holding its batches once its input ended never grows again, so it can no longer
+        // be asked to spill (issue 26's matrix: a window query's merge starved by the other
+        // partition's sort holding 17 MiB of 34).
+        let capped = merges && !merging;
+        if keep_free || capped {
+            let (what, why) = if merging {
+                (
+                    format!("spillable, merging, holding {}", human(me.size)),
+                    "and leave less than that share free",
+                )
+            } else if keep_free && fresh {
+                (
+                    "spillable".to_string(),
+                    "and leave less than that share free for consumers that have not started",
+                )
+            } else {
+                (
+                    "spillable".to_string(),
+                    "kept while consumers that cannot spill are registered",
+                )
+            };
             return Some(format!(
-                "Failed to allocate additional {} for {}#{id} (spillable, merging, holding {}): \
-                 this reservation would hold {}, over FairSpillPool's \
-                 share {} ({} left by unspillable consumers ({}) shared by {registered} \
-                 registered spillable consumer(s)), and leave less than that share free (limit \
-                 {}, {} reserved)",
+                "Failed to allocate additional {} for {}#{id} ({what}): this reservation would \
+                 hold {}, over FairSpillPool's share {} ({} left by unspillable consumers ({}) \
+                 shared by {registered} registered spillable consumer(s)), {why} (limit {}, {} \
+                 reserved)",
                 human(additional),
                 me.name,
-                human(me.size),
                 human(reservation_size.saturating_add(additional)),
                 human(fsp_share),
                 human(available),
@@ -586,6 +688,11 @@ impl<P: NativePool> NativememPool<P> {
         // Relaxed (all): read-outs; the consistent values live under the lock, held here.
         let reserved = self.reserved.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.peak.fetch_max(reserved, Ordering::Relaxed);
+        // Spark granted past the budget seen: the budget is at least that now (budget-only;
+        // over-commit is not a grant).
+        if forced == 0 && overcommit == 0 && self.budget_seen.load(Ordering::Relaxed) > 0 {
+            self.budget_seen.fetch_max(reserved, Ordering::Relaxed);
+        }
         self.overcommit.fetch_add(overcommit, Ordering::Relaxed);
         self.overcommit.fetch_sub(paid, Ordering::Relaxed);
         if forced > 0 {
@@ -688,11 +795,18 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
             Some(native) => match native.try_grow(bytes) {
                 Ok(()) => (0, 0),
                 Err(e) => match native.force_grow(bytes) {
-                    Ok(_) => {
+                    Ok(over) => {
                         log::debug!(
                             "nativemem pool: infallible grow of {} by {additional} over-commits: {e}",
                             consumer.name()
                         );
+                        // What the task's reserve did not cover: reserved from Spark now, so
+                        // Spark's side shows it too, with a task limit as without (no lock held).
+                        if over > 0 {
+                            if let Err(e) = self.native.cover_overcommit() {
+                                log::warn!("nativemem pool: reserving over-commit from Spark: {e}");
+                            }
+                        }
                         (0, bytes)
                     }
                     Err(f) => {
@@ -762,30 +876,36 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
         let total = bytes.saturating_add(owed);
         let mut waiting: Option<Instant> = None;
         while let Err(e) = native.try_grow(total) {
+            if e.out_of_memory && waiting.is_none() {
+                self.spark_refused();
+            }
             // A consumer that cannot spill (a sort's merge) fails its query on a refusal. If the
             // refusal asked spillable consumers to give memory back (answer_spill_requests),
             // their spills are on their way: wait for them, boundedly, instead of failing. No
             // lock is held while waiting, and the operators spill on their own threads. The grow
             // is retried only once they released something, so the wait does not turn into a
             // stream of requests asking ever more consumers to spill.
-            let first = waiting.is_none();
             let started = *waiting.get_or_insert_with(Instant::now);
             // A spillable consumer seen merging (memory in several reservations, or it grew
             // again after a fairness refusal without releasing anything) cannot spill either: a
-            // hash aggregation replaying its spill files fails its query on a refusal.
-            let cannot_spill = !consumer.can_spill() || {
+            // hash aggregation replaying its spill files fails its query on a refusal. Nor can a
+            // reservation holding nothing: a sort that has just spilled everything and retries
+            // fails its query if refused again, while another consumer may hold all the room.
+            let cannot_spill = !consumer.can_spill() || reservation.size() == 0 || {
                 let consumers = self.table.consumers.lock();
                 consumers
                     .get(&consumer.id())
                     .is_some_and(|c| c.several || c.stuck)
             };
             let mut relief = self.relief_pending(consumer.id());
-            if relief.is_none() && first && cannot_spill {
+            if relief.is_none() && cannot_spill {
                 // No one was asked (spill requests off, or nativemem's request found no one in
-                // this task): a merge would fail its query while spillable consumers of this pool
-                // hold the memory it needs. Ask them here, as a request would (not the merging
-                // ones, for which a refusal is fatal), and wait for them below.
-                pick(&mut self.table.consumers.lock(), bytes, true);
+                // this task), or those asked have spilled and retaken the room meanwhile: a merge
+                // would fail its query while spillable consumers of the task hold the memory it
+                // needs. Ask them here, as a request would (not the merging ones, for which a
+                // refusal is fatal), and wait for them below; again after each round of spills,
+                // within the wait's bound.
+                self.ask_task(bytes);
                 relief = self.relief_pending(consumer.id());
             }
             if !cannot_spill || started.elapsed() >= UNSPILLABLE_WAIT || relief.is_none() {

@@ -143,7 +143,24 @@ fn infallible_grow_over_the_limit_is_charged_at_once_and_refuses_every_consumer(
         ),
         (2 * MIB as u64, 2 * MIB as u64, 0)
     );
-    assert!(m.stats().overcommitted > 0, "{:?}", m.stats());
+    // The task's stats show it, and Spark's side reserved it at once although the task has a
+    // limit (`cover_overcommit`): nothing is left uncovered.
+    let stats = m.stats();
+    assert_eq!(
+        (
+            stats.overcommitted_total,
+            stats.overcommit_peak,
+            stats.overcommitted
+        ),
+        (2 * MIB as u64, 2 * MIB as u64, 0),
+        "{stats:?}"
+    );
+    assert_eq!(m.reserved() as usize, 5 * MIB);
+    assert!(
+        m.usage_report().to_string().contains("2.0 MiB so far"),
+        "{}",
+        m.usage_report()
+    );
     assert!(
         native.report().contains("2.0 MiB over-committed"),
         "{}",
@@ -176,11 +193,13 @@ fn unspillable_memory_shrinks_the_spillable_share_but_never_below_what_is_left()
     let merge = MemoryConsumer::new("ExternalSorterMerge[0]").register(&pool);
     // Unspillable memory is bounded by nativemem's limit only.
     merge.try_grow(6 * MIB).unwrap();
-    // The spillable consumer gets all that is left: (8 - 6) / 1 active.
+    // The spillable consumer gets all that is left: (8 - 6) / 1, FairSpillPool's share too
+    // (kept while a consumer that cannot spill is registered).
     sort.try_grow(2 * MIB).unwrap();
     let err = sort.try_grow(1).unwrap_err();
     assert!(
-        err.to_string().contains("over its fair share 2.0 MiB"),
+        err.to_string()
+            .contains("over FairSpillPool's share 2.0 MiB"),
         "{err}"
     );
     drop((sort, merge));
@@ -638,4 +657,83 @@ fn a_merging_aggregation_refused_by_spark_waits_for_a_sort_of_its_pool_to_spill(
     assert_eq!(m.used(), 0);
     assert!(m.close().unwrap().is_empty());
     assert_eq!(l.reserved(), 0);
+}
+
+/// Issue 26, item 5: budget-only (no task limit), fairness divides what Spark's budget let the
+/// pool hold. Before Spark refuses anything there is no limit to divide (first come, first
+/// served, as Spark itself); once it refused a grow, the pool holds what the budget allows, and
+/// a consumer over its share of that is refused for fairness (so it spills) while another active
+/// one is under its share, where before only Spark's refusals applied.
+#[test]
+fn budget_only_fairness_divides_what_spark_let_the_pool_hold() {
+    let l = Arc::new(CapacityListener::new(8 * MIB as u64));
+    let config = exact().with_reservation_block(MIB as u64);
+    let m = MemoryManager::new("task", config, l.clone()).unwrap();
+    let native = Arc::new(NativememPool::new(m.pool("datafusion").unwrap()));
+    let pool: Arc<dyn MemoryPool> = native.clone();
+    assert!(matches!(pool.memory_limit(), MemoryLimit::Unknown));
+    let a = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&pool);
+    let b = MemoryConsumer::new("ExternalSorter[1]")
+        .with_can_spill(true)
+        .register(&pool);
+    assert_eq!(native.budget_seen(), None);
+    b.try_grow(MIB).unwrap();
+    a.try_grow(7 * MIB).unwrap(); // no limit known yet: Spark grants it
+    let err = a.try_grow(MIB).unwrap_err(); // Spark refuses: the budget is 8 MiB
+    assert!(err.to_string().contains("listener"), "{err}");
+    assert_eq!(native.budget_seen(), Some(8 * MIB as u64));
+    // A spills (over its share: 4 MiB of 8, B active), then grows back to 5 MiB: over the share,
+    // so A is refused for fairness with room left under the budget...
+    a.shrink(4 * MIB);
+    let err = a.try_grow(2 * MIB).unwrap_err().to_string();
+    assert!(
+        err.contains("share 4.0 MiB") && err.contains("limit 8.0 MiB"),
+        "{err}"
+    );
+    assert_eq!(m.used() as usize, 4 * MIB);
+    // ... and B grows to its share, which Spark grants.
+    b.try_grow(3 * MIB).unwrap();
+    assert_eq!(
+        (a.size(), b.size(), m.used() as usize),
+        (3 * MIB, 4 * MIB, 7 * MIB)
+    );
+    drop((a, b));
+    drop(pool);
+    drop(native);
+    assert!(m.close().unwrap().is_empty());
+    assert_eq!(l.reserved(), 0);
+}
+
+/// A late partition's consumers (registered, not grown yet) find FairSpillPool's share free: a
+/// consumer over that floor may not take the last share of the limit while they have not
+/// started (a late sort's merge reserves up front and cannot spill; issue 26's matrix).
+#[test]
+fn a_consumer_leaves_fair_spill_pools_share_free_for_consumers_not_started() {
+    let (m, _l, pool) = setup(Some(8 * MIB as u64));
+    let a = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&pool);
+    let b = MemoryConsumer::new("ExternalSorter[1]")
+        .with_can_spill(true)
+        .register(&pool);
+    let late = MemoryConsumer::new("ExternalSorterMerge[1]").register(&pool);
+    // FairSpillPool's share: 4 MiB (8 MiB, two registered spillable consumers). A alone is
+    // active (its share: the whole limit), but may not leave less than 4 MiB free while B and
+    // the merge have not started.
+    a.try_grow(4 * MIB).unwrap();
+    let err = a.try_grow(MIB).unwrap_err();
+    assert!(
+        err.to_string().contains("consumers that have not started"),
+        "{err}"
+    );
+    assert_eq!(m.used() as usize, 4 * MIB);
+    // The late partition finds its room: its sort and its merge's up-front reservation.
+    b.try_grow(MIB).unwrap();
+    late.try_grow(2 * MIB).unwrap();
+    assert_eq!(m.used() as usize, 7 * MIB);
+    drop((a, b, late));
+    drop(pool);
+    assert!(m.close().unwrap().is_empty());
 }

@@ -5,114 +5,36 @@
 //!
 //! Run optimised (scripts/test.sh does): `cargo test --profile datafusion -p nativemem-datafusion`.
 
-use std::sync::Arc;
+mod support;
 
-use datafusion::arrow::array::{Array, AsArray};
-use datafusion::arrow::datatypes::Int64Type;
-use datafusion::arrow::record_batch::RecordBatch;
+use std::sync::Arc;
+use std::time::Duration;
+
 use datafusion::error::DataFusionError;
 use datafusion::execution::memory_pool::MemoryPool;
-use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-use datafusion::physical_plan::{collect, ExecutionPlan};
-use datafusion::prelude::{SessionConfig, SessionContext};
-use nativemem_core::{CapacityListener, MemoryConfig, MemoryManager};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nativemem_core::{
+    CapacityListener, ListenerError, MemoryConfig, MemoryManager, ReservationListener,
+};
 use nativemem_datafusion::{ClientPool, NativePool, NativememPool};
+use support::{run_query, Run, COUNT_DISTINCT, MIB, SORT_MERGE_JOIN};
 
-const MIB: u64 = 1 << 20;
-
-/// What a query produced, reduced so that two runs compare exactly: row count, and an
-/// order-sensitive and an order-insensitive checksum of every Int64 cell.
-#[derive(Debug, PartialEq, Eq)]
-struct Digest {
-    rows: usize,
-    ordered: u64,
-    unordered: u64,
-}
-
-fn digest(batches: &[RecordBatch]) -> Digest {
-    let mut d = Digest {
-        rows: 0,
-        ordered: 0xcbf29ce484222325,
-        unordered: 0,
-    };
-    for b in batches {
-        d.rows += b.num_rows();
-        for row in 0..b.num_rows() {
-            let mut h: u64 = 0;
-            for col in b.columns() {
-                let v = if col.is_null(row) {
-                    u64::MAX
-                } else {
-                    col.as_primitive::<Int64Type>().value(row) as u64
-                };
-                h = h.wrapping_mul(0x100000001b3).wrapping_add(v);
-            }
-            d.ordered = (d.ordered ^ h).wrapping_mul(0x100000001b3);
-            d.unordered = d.unordered.wrapping_add(h.wrapping_mul(0x9e3779b97f4a7c15));
-        }
-    }
-    d
-}
-
-/// Spill count and spilled bytes over the whole plan (DataFusion's metrics).
-fn spills(plan: &Arc<dyn ExecutionPlan>) -> (usize, usize) {
-    let (mut count, mut bytes) = (0, 0);
-    if let Some(m) = plan.metrics() {
-        count += m.spill_count().unwrap_or(0);
-        bytes += m.spilled_bytes().unwrap_or(0);
-    }
-    for child in plan.children() {
-        let (c, b) = spills(child);
-        count += c;
-        bytes += b;
-    }
-    (count, bytes)
-}
-
-struct Run {
-    digest: Digest,
-    spill_count: usize,
-    spilled_bytes: usize,
-}
-
+/// Runs `sql` on `pool`, time-bounded: DataFusion 55.2 can park every worker of a query that
+/// repartitions under a memory limit, whatever the pool (apache/datafusion#24883, fixed after
+/// 55.2); a hang fails the test, named, instead of hanging CI.
 async fn run_on<P: NativePool>(
     pool: Arc<NativememPool<P>>,
     partitions: usize,
     sql: &str,
 ) -> Result<Run, DataFusionError> {
-    let runtime = RuntimeEnvBuilder::new()
-        .with_memory_pool(pool.clone())
-        .build_arc()?;
-    // Sorts reserve this much per partition up front for their merge (DataFusion's default is
-    // 10 MiB); 2 MiB keeps the limits below meaningful with several partitions.
-    let config = SessionConfig::new()
-        .with_target_partitions(partitions)
-        .with_batch_size(8192)
-        .with_sort_spill_reservation_bytes(2 << 20);
-    let ctx = SessionContext::new_with_config_rt(config, runtime);
-    // `SET ...; SELECT ...`: the settings first, then the query.
-    let (settings, query) = sql.rsplit_once(';').unwrap_or(("", sql));
-    for setting in settings.split(';').filter(|s| !s.trim().is_empty()) {
-        ctx.sql(setting).await?.collect().await?;
+    match run_query(pool, partitions, sql, Duration::from_secs(180)).await {
+        Ok(run) => Ok(run),
+        Err(support::Failure::Query(e)) => Err(e),
+        Err(support::Failure::Hung) => {
+            panic!("query hung for 180 s (apache/datafusion#24883?): {sql}")
+        }
     }
-    let plan = ctx.sql(query).await?.create_physical_plan().await?;
-    // Time-bounded: DataFusion 55.2 can park every worker of a query that repartitions under a
-    // memory limit, whatever the pool (apache/datafusion#24883, fixed after 55.2); a hang fails
-    // the test, named, instead of hanging CI.
-    let batches = tokio::time::timeout(
-        std::time::Duration::from_secs(180),
-        collect(plan.clone(), ctx.task_ctx()),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("query hung for 180 s (apache/datafusion#24883?): {query}"))?;
-    let (spill_count, spilled_bytes) = spills(&plan);
-    drop(plan);
-    drop(ctx);
-    Ok(Run {
-        digest: digest(&batches),
-        spill_count,
-        spilled_bytes,
-    })
 }
 
 fn manager(limit: Option<u64>) -> (MemoryManager, Arc<CapacityListener>) {
@@ -214,13 +136,6 @@ const JOIN: &str = "SELECT count(*) AS n, sum(a.value + b.value) AS s FROM gener
 const MIXED: &str = "SELECT k, n, s FROM (SELECT value % 1000000 AS k, count(*) AS n, sum(value) AS s \
                      FROM generate_series(1, 4000000) GROUP BY value % 1000000) g \
                      JOIN (SELECT value AS id FROM generate_series(0, 999999, 5)) f ON g.k = f.id ORDER BY s, k";
-
-/// `COUNT(DISTINCT)` with `GROUP BY` over 300k groups (issue 26): the final aggregation spills
-/// and then merges its spill files, when DataFusion treats any refused grow as fatal although it
-/// still marks the consumer spillable.
-const COUNT_DISTINCT: &str = "SELECT k, count(DISTINCT v) AS d, count(*) AS n \
-                              FROM (SELECT value % 300000 AS k, value % 7 AS v FROM generate_series(1, 1200000)) \
-                              GROUP BY k";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_by_millions_of_rows_spills_under_the_limit() {
@@ -393,15 +308,27 @@ async fn count_distinct_group_by_under_tight_limits_never_fails_for_fairness() {
     }
 }
 
-/// A sort-merge join whose buffered side holds 1M rows per key: it spills buffered batches and
-/// keeps their join keys with DataFusion's infallible `grow` (and grows again when it reads them
-/// back), past the limit.
-const SORT_MERGE_JOIN: &str = "SET datafusion.optimizer.prefer_hash_join = false; \
-    SET datafusion.optimizer.hash_join_single_partition_threshold = 0; \
-    SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 0; \
-    SELECT count(*) AS n, sum(b.p) AS s FROM (SELECT value AS k FROM generate_series(1, 2)) a \
-    JOIN (SELECT value % 2 + 1 AS k, value AS p FROM generate_series(1, 2000000)) b \
-    ON a.k = b.k";
+/// A listener that grants everything and remembers the most it had granted at once (Spark's
+/// side of the task).
+#[derive(Default)]
+struct PeakListener {
+    reserved: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl ReservationListener for PeakListener {
+    fn reserve(&self, bytes: u64) -> Result<u64, ListenerError> {
+        // Relaxed (both): counters read after the query.
+        let now = self.reserved.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        Ok(bytes)
+    }
+    fn unreserve(&self, bytes: u64) -> Result<(), ListenerError> {
+        // Relaxed: as above.
+        self.reserved.fetch_sub(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+}
 
 /// Issue 26: a sort-merge join that spills holds more than the limit through DataFusion's
 /// infallible `grow` (the keys of its spilled batches, and the batches it reads back). nativemem
@@ -412,29 +339,39 @@ const SORT_MERGE_JOIN: &str = "SET datafusion.optimizer.prefer_hash_join = false
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sort_merge_join_over_commit_is_charged_and_bounded() {
     let bounded = |limit: Option<u64>| async move {
-        let (m, listener) = manager(limit);
+        let listener = Arc::new(PeakListener::default());
+        let config = MemoryConfig::default()
+            .with_reservation_block(MIB)
+            .with_task_limit(limit);
+        let m = MemoryManager::new("df-task", config, listener.clone()).unwrap();
         let pool = Arc::new(NativememPool::new(m.pool("datafusion").unwrap()));
-        let run = tokio::time::timeout(
-            std::time::Duration::from_secs(120),
-            run_on(pool.clone(), 2, SORT_MERGE_JOIN),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("the join under {limit:?} hung (apache/datafusion#24883?)"))
-        .unwrap();
+        let run = run_on(pool.clone(), 2, SORT_MERGE_JOIN).await.unwrap();
+        let stats = m.stats();
         let seen = (pool.peak_reserved(), pool.overcommit_peak(), m.peak());
         assert_eq!((pool.reserved(), pool.overcommit(), m.used()), (0, 0, 0));
         drop(pool);
         assert!(m.close().unwrap().is_empty());
-        assert_eq!(listener.reserved(), 0);
-        (run, seen)
+        assert_eq!(listener.reserved.load(Ordering::Relaxed), 0);
+        (run, seen, stats, listener.peak.load(Ordering::Relaxed))
     };
-    let (free, (free_peak, _, _)) = bounded(None).await;
+    let (free, (free_peak, _, _), _, _) = bounded(None).await;
     let limit = 24 * MIB;
-    let (limited, (df_peak, overcommit_peak, task_peak)) = bounded(Some(limit)).await;
+    let (limited, (df_peak, overcommit_peak, task_peak), stats, spark_peak) =
+        bounded(Some(limit)).await;
     println!(
         "unbounded peak {free_peak}, under {limit}: DataFusion peak {df_peak}, task peak \
-         {task_peak}, over-commit peak {overcommit_peak}, {} spills",
-        limited.spill_count
+         {task_peak}, over-commit peak {overcommit_peak}, Spark's reservation peak {spark_peak}, \
+         task stats: over-commit {} so far, {} spills",
+        stats.overcommitted_total, limited.spill_count
+    );
+    // The stats show it, and Spark's side reserved it although the task has a limit (the
+    // over-commit is reserved from Spark as soon as it is forced): Spark's reservation went past
+    // the limit, and covered the task's peak.
+    assert!(stats.overcommitted_total > 0, "{stats:?}");
+    assert!(
+        spark_peak > limit && spark_peak >= task_peak,
+        "Spark's reservation peaked at {spark_peak}: it did not show the over-commit (limit \
+         {limit}, task peak {task_peak})"
     );
     assert_eq!(limited.digest, free.digest);
     assert!(limited.spill_count > 0, "no spill");
@@ -457,4 +394,42 @@ async fn sort_merge_join_over_commit_is_charged_and_bounded() {
         overcommit_peak < free_peak,
         "over-commit {overcommit_peak} >= unbounded peak {free_peak}"
     );
+}
+
+/// The failure matrix's CI-sized subset (`scripts/bench.sh datafusion` runs all of it, N runs a
+/// cell): one run a cell of the cells issue 26 was about, at 1/4 of each query's unbounded peak:
+/// the window query budget-only (no task limit, Spark grants the limit; item 5) with spill
+/// requests off and on, two sorts on two pools of one task (item 3) with requests on, and two
+/// `COUNT(DISTINCT)` sharing a pool budget-only (items 1 and 5). nativemem must not fail more
+/// often than DataFusion's `FairSpillPool` on the same query and limit; results are checked
+/// against the unbounded run and every byte must come back (`support::nativemem_run`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_matrix_subset_never_fails_more_than_fair_spill_pool() {
+    use support::{matrix_row, unbounded, Mode, QUERIES};
+    let cells: [(&str, &[(Mode, bool)]); 3] = [
+        ("window", &[(Mode::Budget, false), (Mode::Budget, true)]),
+        ("2x-sort-two-pools-one-task", &[(Mode::Limit, true)]),
+        ("2x-count-distinct-one-pool", &[(Mode::Budget, false)]),
+    ];
+    for (name, modes) in cells {
+        let q = QUERIES.iter().find(|q| q.name == name).unwrap();
+        let (peak, expected) = unbounded(q).await;
+        let limit = peak / 4;
+        for (c, (mode, requests)) in matrix_row(q, limit, modes, 1, Some(expected))
+            .await
+            .into_iter()
+            .zip(modes)
+        {
+            println!(
+                "{name}, {mode:?}, spill requests {requests}, {} MiB (1/4 of {} MiB): {c:?}",
+                limit / MIB,
+                peak / MIB
+            );
+            assert!(
+                c.met(),
+                "{name}, {mode:?}, requests {requests}, {limit} bytes: nativemem failed more often \
+                 than FairSpillPool: {c:?}"
+            );
+        }
+    }
 }

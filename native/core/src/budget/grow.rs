@@ -306,7 +306,7 @@ impl Budget {
 
     /// Asks the listener for `deficit` rounded up to whole blocks (capped by the task limit);
     /// records what it grants. Returns `(requested, granted)`.
-    fn reserve_from_listener(&self, deficit: u64) -> Result<(u64, u64)> {
+    pub(super) fn reserve_from_listener(&self, deficit: u64) -> Result<(u64, u64)> {
         let block = self.config.reservation_block;
         let mut request = deficit.div_ceil(block).saturating_mul(block);
         if let Some(limit) = self.config.task_limit {

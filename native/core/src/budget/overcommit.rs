@@ -48,6 +48,23 @@ impl Budget {
         Ok(uncovered)
     }
 
+    /// Reserves from the listener, now, the over-commit the reserve does not cover (whatever
+    /// the task limit: the bytes are in use already), so that the listener's owner (Spark) sees
+    /// it at once rather than at the next grow that reaches the listener, which a task held over
+    /// its limit by the over-commit never makes. For code that forced a grow but may call out
+    /// (DataFusion's infallible `grow`, `nativemem-datafusion`). Returns the bytes granted; what
+    /// the listener does not grant stays over-commit. Calls the listener with no lock held.
+    pub(crate) fn cover_overcommit(&self) -> Result<u64> {
+        self.check_open()?;
+        let owed = self.overcommitted();
+        if owed == 0 {
+            return Ok(0);
+        }
+        let (_, granted) = self.reserve_from_listener(owed)?;
+        self.paid_overcommit(granted);
+        Ok(granted)
+    }
+
     /// Takes back `bytes` charged to `node` without calling the listener: the bytes go to the
     /// cushion, and are handed back by the next release that finds surplus, by Spark's reclaim
     /// or by `close`. The counterpart of `force_grow` for code that must not call out.

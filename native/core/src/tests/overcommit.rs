@@ -139,3 +139,44 @@ fn concurrent_forced_and_fallible_grows_keep_counters_exact() {
     m.close().unwrap();
     assert_eq!((m.reserved(), l.reserved()), (0, 0));
 }
+
+#[test]
+fn cover_overcommit_reserves_it_from_the_listener_whatever_the_task_limit() {
+    let l = Arc::new(CapacityListener::new(16 * BLOCK));
+    let config = MemoryConfig::default()
+        .with_reservation_block(BLOCK)
+        .with_task_limit(Some(2 * BLOCK));
+    let m = MemoryManager::new("t", config, l.clone()).unwrap();
+    let r = m.root().reservation("op");
+    r.try_grow(2 * BLOCK).unwrap();
+    // Over the task limit: a fallible grow is refused there and never reaches the listener.
+    assert!(r.try_grow(1).is_err());
+    assert_eq!(r.force_grow(BLOCK + MIB).unwrap(), BLOCK + MIB);
+    assert_eq!(
+        (l.reserved(), m.stats().overcommitted),
+        (2 * BLOCK, BLOCK + MIB)
+    );
+    assert_eq!(m.cover_overcommit().unwrap(), BLOCK + MIB);
+    // Spark's side now shows what is used; nothing is over-committed.
+    assert_eq!(
+        (l.reserved(), m.reserved()),
+        (3 * BLOCK + MIB, 3 * BLOCK + MIB)
+    );
+    let s = m.stats();
+    assert_eq!((s.overcommitted, s.overcommit_peak), (0, BLOCK + MIB));
+    assert_eq!(m.cover_overcommit().unwrap(), 0);
+    // Released, it goes back to the listener (hysteresis keeps at most two blocks).
+    r.shrink(3 * BLOCK + MIB).unwrap();
+    assert!(l.reserved() <= 2 * BLOCK, "{}", l.reserved());
+    m.close().unwrap();
+    assert_eq!(l.reserved(), 0);
+}
+
+#[test]
+fn cover_overcommit_keeps_what_the_listener_refuses_as_overcommit() {
+    let (m, l) = capacity(BLOCK);
+    let t = m.root().reservation("tracked");
+    t.force_grow(2 * BLOCK).unwrap();
+    assert_eq!(m.cover_overcommit().unwrap(), BLOCK);
+    assert_eq!((l.reserved(), m.stats().overcommitted), (BLOCK, BLOCK));
+}
