@@ -221,8 +221,8 @@ abi_part() {
   [ -n "$core" ] || { fail_part abi "$log"; return; }
   v() { awk -v k="$1" -v s="$2" '$1 == "BENCH" && $2 == k && $3 == s { print $4; found = 1 } END { exit !found }' "$log"; }
   # Why a target is missed (printed with the "no"): what the design costs where, and what is not built.
-  local why_pin="each call pins its object's slot (one locked RMW in, one out) and crosses the boundary code (admission, per-thread call record, status and out-parameters): ~28 ns over the core call on the 2-vCPU VM; pins without locked instructions (hazard records + membarrier) were measured at only ~1.5 ns less (README)"
-  local why_alloc="Pool::allocate records every block in the task's shared table (core; a per-task heap is not built)"
+  local why_pin="each call pins its object's slot (one locked RMW in, one out) and crosses the boundary code (admission, per-thread call record, status and out-parameters): ~27 ns over the core call on the 2-vCPU VM; with both locked instructions replaced by plain stores (timing only) a call still costs 19.5 ns: no pin design reaches 10 ns through this boundary (README)"
+  local why_alloc="Pool::allocate records every block in the task's shared table (core), plus two ABI calls; the per-task mimalloc heap tried was reverted: mimalloc 3.3.2 crashes when a heap is destroyed while a thread that used it exits (README)"
   local why_scale="nothing of the ABI is shared by the two threads' calls (objects pinned on their own lines), so this is the machine: load average $load_start at start, other processes share the CPUs"
   metr() { # condition reason
     if awk "BEGIN { exit !($1) }"; then echo yes; else echo "**no**: $2"; fi; }
