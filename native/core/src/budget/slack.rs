@@ -82,12 +82,23 @@ impl Budget {
                         refused_need = need_now;
                         continue;
                     }
+                    // An earlier round may have charged for this grow, and other grows of the
+                    // slack took part of it since: what the refused grow leaves above the
+                    // slack's bound goes back as a free's would (quietly: no upcall on a refusal),
+                    // or the pools would show it until the slack's next release.
+                    let left = size.load(Ordering::SeqCst);
+                    if let Err(trim) =
+                        self.trim_surplus(size, charged, slack.node, left, TrimMode::Quiet)
+                    {
+                        log::warn!("[{}] trimming after a refused grow: {trim}", self.name);
+                    }
                     return Err(e);
                 }
             };
             crate::sync::test_point("cover:charged");
             // After the pool charge (edge 4).
             charged.fetch_add(charged_now, Ordering::SeqCst);
+            crate::sync::test_point("cover:added");
         }
     }
 

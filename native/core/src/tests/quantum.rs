@@ -672,3 +672,60 @@ fn a_grow_that_spills_its_own_reservation_is_covered_by_what_the_spill_freed() {
     drop(spiller);
     assert!(m.close().unwrap().is_empty());
 }
+
+/// A cover whose first round charged and whose next round was refused (another allocation of
+/// the pool took the bytes in between, and the task limit was full by then) leaves no slack
+/// above the quantum's bound: the refusal trims what the first round charged, as a free would.
+/// (Before, the first round's charge stayed in the pool until its next free: a pool with nothing
+/// allocated showed megabytes used, seen once in the sort example's Spark job.)
+#[test]
+fn a_cover_refused_after_charging_leaves_no_slack_above_the_bound() {
+    let (m, _l) = quantum_manager(u64::MAX, Some(8 * Q));
+    let pool = m.pool("op").unwrap();
+    let other = m.pool("other").unwrap();
+    let hit = Arc::new(AtomicBool::new(false));
+    let small: Arc<std::sync::Mutex<Option<usize>>> = Arc::default();
+    let filler: Arc<std::sync::Mutex<Option<Reservation>>> = Arc::default();
+    let _hook = {
+        let (pool, other, small, filler, hit) = (
+            pool.clone(),
+            other.clone(),
+            small.clone(),
+            filler.clone(),
+            hit.clone(),
+        );
+        crate::sync::test_points::set(move |point| {
+            if point == "cover:added" && !hit.swap(true, Ordering::Relaxed) {
+                // Between the rounds: an allocation of the same pool takes part of what the first
+                // round charged (it fits the charge: no cover of its own), so the next round needs
+                // more...
+                let p = pool.allocate(Q as usize, 8).unwrap();
+                *small.lock().unwrap() = Some(p.as_ptr() as usize);
+                // ...and another pool fills the task limit, so the next round is refused.
+                let r = other.reservation("filler");
+                let room = 8 * Q - pool.used() - other.used();
+                r.try_grow(room).unwrap();
+                *filler.lock().unwrap() = Some(r);
+            }
+        })
+    };
+    let err = pool.allocate((3 * Q + Q / 2) as usize, 8).unwrap_err();
+    assert!(
+        hit.load(Ordering::Relaxed),
+        "the cover never reached its test point"
+    );
+    drop(_hook);
+    assert!(matches!(err, MemoryError::OutOfMemory { .. }), "{err}");
+    // What the pool holds: the one-quantum block; at most two quanta of slack above it.
+    assert!(
+        pool.used() <= 3 * Q,
+        "pool 'op' holds {} bytes for a {Q}-byte block (bound {})",
+        pool.used(),
+        3 * Q
+    );
+    let p = small.lock().unwrap().take().unwrap();
+    pool.free(std::ptr::NonNull::new(p as *mut u8).unwrap())
+        .unwrap();
+    drop(filler.lock().unwrap().take());
+    assert!(m.close().unwrap().is_empty());
+}
