@@ -16,7 +16,7 @@
 //! Prints `PEAK <query> <unbounded bytes>` and `FAILURES <query> <limit|budget> <requests on|off>
 //! <limit bytes> <1/8|1/4|1/2> <nativemem failed> <nativemem hung> <FairSpillPool failed>
 //! <FairSpillPool hung> <runs>` lines for scripts/bench.sh. `DF_FAIL_QUERIES=window,sort` runs
-//! only the queries named.
+//! only the queries named, `DF_FAIL_LIMITS=4,2` only those fractions of the peak (1/4, 1/2).
 //!
 //!   cargo run --release -p nativemem-datafusion --example df_failures [runs]
 
@@ -36,10 +36,14 @@ async fn main() {
         only.as_deref()
             .is_none_or(|o| o.split(',').any(|w| w == name))
     };
+    let dens: Vec<u64> = std::env::var("DF_FAIL_LIMITS")
+        .ok()
+        .map(|l| l.split(',').filter_map(|d| d.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![8, 4, 2]);
     for q in QUERIES.iter().filter(|q| wanted(q.name)) {
         let (peak, expected) = unbounded(q).await;
         println!("PEAK {} {peak}", q.name);
-        for den in [8, 4, 2] {
+        for &den in &dens {
             let limit = peak / den;
             let cells = matrix_row(q, limit, &NATIVEMEM_MODES, runs, Some(expected)).await;
             for ((mode, requests), c) in NATIVEMEM_MODES.iter().zip(cells) {

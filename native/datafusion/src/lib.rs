@@ -114,6 +114,9 @@
 //!   3. *A refusal that did not make it spill*: a consumer (not merging) refused for fairness
 //!      that grows again without having released anything since could not spill; fairness no
 //!      longer refuses it, the free room is its, until it releases memory.
+//!   4. *Holding nothing*: a consumer that holds nothing is never refused for fairness (a
+//!      refusal cannot make it spill: a sort that has spilled everything, or not started, fails
+//!      its query when refused with nothing in memory).
 //!
 //!   nativemem's limits (the task limit, Spark's budget) still refuse when there is no room:
 //!   fairness only decides who spills while there is. Rule 2 costs a consumer that spilled at
@@ -133,13 +136,20 @@
 //!   partition could take all the room and the late one fail (issue 26's matrix, sorts at 1/8 of
 //!   their unbounded peak).
 //!
+//! - **Fairness spans the task.** The consumers counted are those of every `NativememPool` of
+//!   the task (pools over one manager, or [`ClientPool`]s opened with [`ClientPool::in_task`]),
+//!   not of one pool: two pools of a task share the task's limit, and each divided all of it
+//!   among its own consumers before (issue 26: a sort of one pool held the room the other
+//!   pool's merge needed). The other pools are read one at a time, each under its own lock and
+//!   never under this pool's: a snapshot, which is all fairness needs.
+//!
 //! nativemem's limits and Spark's budget apply on top, to everyone.
 //!
 //! **Budget-only** (no pool or task limit: Spark's budget alone bounds the task, its default):
 //! fairness over what Spark granted plus what it could grant. Until Spark refuses a grow of the
 //! pool there is no limit to divide (first come, first served, as Spark itself serves its
-//! consumers); once it refuses, what the pool holds then is the limit fairness divides, raised
-//! by every grow Spark grants past it ([`NativememPool::budget_seen`]). A budget that shrinks
+//! consumers); once it refuses, what the task's pools hold then is the limit fairness divides,
+//! raised by every grow Spark grants past it ([`NativememPool::budget_seen`]). A budget that shrinks
 //! later is learned at the next refusal. (Issue 26, item 5: before, the window query of the
 //! failure matrix failed budget-only where FairSpillPool did not.)
 //!

@@ -24,6 +24,37 @@ const UNSPILLABLE_WAIT: Duration = Duration::from_secs(5);
 /// How often that wait looks whether the asked consumers released memory.
 const UNSPILLABLE_RETRY: Duration = Duration::from_millis(2);
 
+/// Runs `wait` (a bounded sleep-and-poll for other operators to spill) without holding a tokio
+/// worker: on a worker of a multi-threaded runtime (where DataFusion runs its operators),
+/// `block_in_place` first hands the worker's other tasks to another thread, so the operators the
+/// wait is for keep running. Without it, with 2 workers, two waiting merges parked the very
+/// operators that had to spill for them, and each wait ran out its bound (issue 26's matrix: runs
+/// of two pools in a task past 60 s). Elsewhere (no runtime, a current-thread runtime, a
+/// `LocalSet`, a blocking thread) the wait simply runs on this thread.
+fn off_worker<T>(wait: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let multi_thread =
+        Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
+    if !multi_thread {
+        return wait();
+    }
+    // `block_in_place` refuses (panics, before running anything) where blocking is not allowed
+    // even on a multi-threaded runtime's thread (a `LocalSet` in its `block_on`): the wait then
+    // runs here, as it would without a runtime.
+    let mut wait = Some(wait);
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        tokio::task::block_in_place(|| wait.take().map(|w| w()))
+    }));
+    match run {
+        Ok(Some(out)) => out,
+        Ok(None) => unreachable!("the wait runs once"),
+        Err(panic) => match wait.take() {
+            Some(w) => w(),
+            None => std::panic::resume_unwind(panic),
+        },
+    }
+}
+
 /// One registered DataFusion consumer (one `MemoryConsumer` registration, which all its
 /// reservations share: split and `new_empty` reservations count against the same consumer).
 struct Consumer<R> {
@@ -62,6 +93,13 @@ struct Consumer<R> {
 /// registers, which must not keep the pool alive.
 struct Table<R> {
     consumers: Mutex<HashMap<usize, Consumer<R>>>,
+    /// Sum of the consumers' sizes (DataFusion's view, over-commit included): changed only under
+    /// `consumers`' lock, read without it (by the task's other pools too).
+    reserved: AtomicU64,
+    /// Budget-only mode (no pool or task limit): what the task's pools held when Spark last
+    /// refused a grow of this pool, raised by every grow past it: the limit fairness works with
+    /// when nativemem knows none (crate docs, "Fairness"). 0 until Spark first refuses.
+    budget_seen: AtomicU64,
     requests: AtomicU64,
     requested_bytes: AtomicU64,
     yields: AtomicU64,
@@ -96,6 +134,46 @@ trait Relief: Send + Sync {
     /// Asks spillable consumers that are not merging to give `target` bytes back ([`pick`]);
     /// returns what the consumers asked hold.
     fn ask(&self, target: u64) -> u64;
+    /// What fairness needs to know of this pool's consumers.
+    fn census(&self) -> Census;
+    /// Sum of the consumers' sizes (read without the table's lock).
+    fn reserved(&self) -> u64;
+    /// The pool's `budget_seen` (0 if none).
+    fn budget_seen(&self) -> u64;
+}
+
+/// What fairness needs to know of the consumers of a task's other pools: fairness divides the
+/// task's limit (or budget) among the spillable consumers of every `NativememPool` of the task,
+/// not of one pool (crate docs, "Fairness"; issue 26: two pools in a task each divided the whole
+/// limit among their own consumers).
+#[derive(Debug, Default, Clone)]
+struct Census {
+    /// Bytes held by consumers that cannot spill.
+    unspillable: u64,
+    /// Spillable consumers registered.
+    registered: u64,
+    /// Sizes of the spillable consumers holding memory.
+    active: Vec<u64>,
+    /// A consumer registered that has not grown yet.
+    fresh: bool,
+    /// A consumer that cannot spill is registered (a sort's merge).
+    merges: bool,
+    /// Sum of the consumers' sizes.
+    reserved: u64,
+    /// The largest `budget_seen` of the pools counted.
+    budget_seen: u64,
+}
+
+impl Census {
+    fn add(&mut self, other: Census) {
+        self.unspillable += other.unspillable;
+        self.registered += other.registered;
+        self.active.extend(other.active);
+        self.fresh |= other.fresh;
+        self.merges |= other.merges;
+        self.reserved += other.reserved;
+        self.budget_seen = self.budget_seen.max(other.budget_seen);
+    }
 }
 
 impl<R: NativeReservation> Relief for Table<R> {
@@ -111,14 +189,69 @@ impl<R: NativeReservation> Relief for Table<R> {
     fn ask(&self, target: u64) -> u64 {
         pick(&mut self.consumers.lock(), target, true)
     }
+
+    fn census(&self) -> Census {
+        let consumers = self.consumers.lock();
+        let mut census = Census {
+            // Relaxed: a hint (see the field).
+            budget_seen: self.budget_seen.load(Ordering::Relaxed),
+            ..Census::default()
+        };
+        for c in consumers.values() {
+            census.fresh |= c.peak == 0;
+            census.reserved += c.size;
+            if c.can_spill {
+                census.registered += 1;
+                if c.size > 0 {
+                    census.active.push(c.size);
+                }
+            } else {
+                census.merges = true;
+                census.unspillable += c.size;
+            }
+        }
+        census
+    }
+
+    fn reserved(&self) -> u64 {
+        // Relaxed: a read-out (see the field).
+        self.reserved.load(Ordering::Relaxed)
+    }
+
+    fn budget_seen(&self) -> u64 {
+        // Relaxed: a hint (see the field).
+        self.budget_seen.load(Ordering::Relaxed)
+    }
 }
 
-/// The consumer tables of the live `NativememPool`s of each task ([`NativePool::task`]): a merge
-/// waiting for relief waits for the consumers asked in any pool of its task, since nativemem's
-/// request asks the spillers of every pool of the task (issue 26). Locked only to copy or edit a
-/// task's list, never while a table's lock is held.
-#[allow(clippy::type_complexity)]
-static TASKS: std::sync::LazyLock<Mutex<HashMap<u64, Vec<Weak<dyn Relief>>>>> =
+/// The consumer tables of the live `NativememPool`s of one task ([`NativePool::task`]), shared by
+/// those pools: a merge waiting for relief waits for the consumers asked in any pool of its task,
+/// since nativemem's request asks the spillers of every pool of the task, and fairness divides
+/// the task's limit among the consumers of all of them (issue 26). The lock is held only to copy
+/// or edit the list, never while a table's lock is held, and never taken under one.
+#[derive(Default)]
+struct TaskPools {
+    tables: Mutex<Vec<Weak<dyn Relief>>>,
+}
+
+impl TaskPools {
+    /// The live tables of the task's pools other than `me`.
+    fn others(&self, me: *const ()) -> Vec<Arc<dyn Relief>> {
+        let tables = self.tables.lock();
+        if tables.len() <= 1 {
+            return Vec::new();
+        }
+        tables
+            .iter()
+            .filter(|t| t.as_ptr() as *const () != me)
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+}
+
+/// Each task's [`TaskPools`], while a pool of the task lives. Locked when a pool is created or
+/// dropped, never on a grow.
+static TASKS: std::sync::LazyLock<Mutex<HashMap<u64, Weak<TaskPools>>>> =
     std::sync::LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// The spiller's side: picks consumers to give memory back.
@@ -199,10 +332,10 @@ pub struct NativememPool<P: NativePool> {
     table: Arc<Table<P::Reservation>>,
     /// The registered spiller, when the pool answers spill requests.
     spill_registration: Mutex<Option<SpillRegistration>>,
-    /// Peak of `reserved`.
+    /// The pools of this pool's task (`None` when the task is unknown).
+    task_pools: Option<Arc<TaskPools>>,
+    /// Peak of the table's `reserved`.
     peak: AtomicU64,
-    /// Sum of the consumers' sizes (DataFusion's view, over-commit included).
-    reserved: AtomicU64,
     /// Sum of the consumers' over-commit not charged to nativemem.
     overcommit: AtomicU64,
     /// Sum of the consumers' forced bytes, and its peak.
@@ -210,10 +343,6 @@ pub struct NativememPool<P: NativePool> {
     forced_peak: AtomicU64,
     /// Peaks of unregistered consumers, by name (the largest registration of each name).
     finished_peaks: Mutex<HashMap<String, u64>>,
-    /// Budget-only mode (no pool or task limit): what the pool could hold when Spark last refused
-    /// a grow (its `reserved` then), raised by every grow past it: the limit fairness works with
-    /// when nativemem knows none (crate docs, "Fairness"). 0 until Spark first refuses.
-    budget_seen: AtomicU64,
 }
 
 impl<P: NativePool> NativememPool<P> {
@@ -231,28 +360,36 @@ impl<P: NativePool> NativememPool<P> {
             yields: AtomicU64::new(0),
             yielded_bytes: AtomicU64::new(0),
             unspillable_waits: AtomicU64::new(0),
+            reserved: AtomicU64::new(0),
+            budget_seen: AtomicU64::new(0),
         });
-        if let Some(task) = native.task() {
+        let task_pools = native.task().map(|task| {
             let relief: Arc<dyn Relief> = table.clone();
             let weak = Arc::downgrade(&relief);
             drop(relief);
             let mut tasks = TASKS.lock();
-            let list = tasks.entry(task).or_default();
-            list.retain(|t| t.strong_count() > 0);
-            list.push(weak);
-        }
+            let shared = match tasks.get(&task).and_then(Weak::upgrade) {
+                Some(shared) => shared,
+                None => {
+                    let shared = Arc::new(TaskPools::default());
+                    tasks.insert(task, Arc::downgrade(&shared));
+                    shared
+                }
+            };
+            shared.tables.lock().push(weak);
+            shared
+        });
         NativememPool {
             native,
             policy,
             table,
+            task_pools,
             spill_registration: Mutex::new(None),
             peak: AtomicU64::new(0),
-            reserved: AtomicU64::new(0),
             overcommit: AtomicU64::new(0),
             forced: AtomicU64::new(0),
             finished_peaks: Mutex::new(HashMap::new()),
             forced_peak: AtomicU64::new(0),
-            budget_seen: AtomicU64::new(0),
         }
     }
 
@@ -314,17 +451,23 @@ impl<P: NativePool> NativememPool<P> {
         out
     }
 
-    /// Budget-only mode (no pool or task limit): the budget the pool has seen Spark give it,
-    /// "what Spark granted plus what it could grant": the pool's reservations when Spark last
-    /// refused one of its grows, raised by every grow past that since. Fairness divides it as it
-    /// divides a limit (crate docs, "Fairness"). `None` while Spark has refused nothing, or when
-    /// nativemem has a limit (which fairness uses instead).
+    /// Budget-only mode (no pool or task limit): the budget the task's pools have seen Spark
+    /// give them, "what Spark granted plus what it could grant": what the `NativememPool`s of the
+    /// task held when Spark last refused a grow of one of them, raised by every grow past that
+    /// since. Fairness divides it as it divides a limit (crate docs, "Fairness"). `None` while
+    /// Spark has refused nothing, or when nativemem has a limit (which fairness uses instead).
     pub fn budget_seen(&self) -> Option<u64> {
         if self.native.limit().is_some() {
             return None;
         }
-        // Relaxed: a hint for fairness (a stale value only changes who spills first).
-        Some(self.budget_seen.load(Ordering::Relaxed)).filter(|&b| b > 0)
+        let others = self.others();
+        Some(
+            others
+                .iter()
+                .map(|t| t.budget_seen())
+                .fold(Relief::budget_seen(&*self.table), u64::max),
+        )
+        .filter(|&b| b > 0)
     }
 
     /// The policy deciding who spills.
@@ -374,7 +517,7 @@ impl<P: NativePool> NativememPool<P> {
         out.push_str(&format!(
             "\nDataFusion consumers: {} registered, {} reserved, {} over-committed",
             rows.len(),
-            human(self.reserved.load(Ordering::Relaxed)),
+            human(Relief::reserved(&*self.table)),
             human(self.overcommit())
         ));
         for c in rows.iter().take(10) {
@@ -397,32 +540,58 @@ impl<P: NativePool> NativememPool<P> {
     /// (they spill on their next `try_grow`, or are spilling now), in every pool of the task (in
     /// this pool only when the task is unknown); `None` if there are none.
     fn relief_pending(&self, me: usize) -> Option<u64> {
-        let Some(task) = self.native.task() else {
-            return self.table.pending(me);
-        };
-        // Copied, then read without the registry's lock.
-        let tables: Vec<Weak<dyn Relief>> = TASKS.lock().get(&task).cloned().unwrap_or_default();
-        tables
-            .iter()
-            .filter_map(Weak::upgrade)
-            .filter_map(|t| t.pending(me))
+        let others = self.others();
+        std::iter::once(self.table.pending(me))
+            .chain(others.iter().map(|t| t.pending(me)))
+            .flatten()
             .reduce(u64::saturating_add)
     }
 
-    /// The limit fairness divides: nativemem's (the pool's or the task's), else, budget-only,
-    /// what Spark's budget let the pool hold when Spark last refused it, raised by every grow past
-    /// it ([`budget_seen`](Self::budget_seen)); `None` before Spark refused anything.
-    fn fairness_limit(&self) -> Option<u64> {
-        self.native.limit().or_else(|| self.budget_seen())
+    /// The tables of the task's other live `NativememPool`s (none when the task is unknown).
+    fn others(&self) -> Vec<Arc<dyn Relief>> {
+        match &self.task_pools {
+            Some(shared) => shared.others(Arc::as_ptr(&self.table) as *const ()),
+            None => Vec::new(),
+        }
     }
 
-    /// Spark's budget refused a grow of the pool (no nativemem limit): what the pool holds now is
-    /// what the budget lets it hold, the limit fairness divides from now on.
+    /// What fairness needs of the task's other pools (each read under its own lock, one at a
+    /// time, with no lock of this pool held: a snapshot, as fairness needs no more).
+    fn others_census(&self) -> Census {
+        let mut census = Census::default();
+        for t in self.others() {
+            census.add(t.census());
+        }
+        census
+    }
+
+    /// What the task's pools hold (this pool's and the others', read without locks).
+    fn task_reserved(&self) -> u64 {
+        self.others()
+            .iter()
+            .map(|t| t.reserved())
+            .fold(Relief::reserved(&*self.table), u64::saturating_add)
+    }
+
+    /// The limit fairness divides: nativemem's (the pool's or the task's), else, budget-only,
+    /// what Spark's budget let the task's pools hold when Spark last refused one of them, raised
+    /// by every grow past it ([`budget_seen`](Self::budget_seen), `others` holding the task's
+    /// other pools'); `None` before Spark refused anything.
+    fn fairness_limit(&self, others: &Census) -> Option<u64> {
+        self.native.limit().or_else(|| {
+            // Relaxed: a hint (see the field).
+            let own = self.table.budget_seen.load(Ordering::Relaxed);
+            Some(own.max(others.budget_seen)).filter(|&b| b > 0)
+        })
+    }
+
+    /// Spark's budget refused a grow of the pool (no nativemem limit): what the task's pools hold
+    /// now is what the budget lets them hold, the limit fairness divides from now on.
     fn spark_refused(&self) {
         if self.native.limit().is_none() {
-            // Relaxed (both): a hint (see `budget_seen`).
-            let held = self.reserved.load(Ordering::Relaxed);
-            self.budget_seen.store(held.max(1), Ordering::Relaxed);
+            let held = self.task_reserved();
+            // Relaxed: a hint (see `budget_seen`).
+            self.table.budget_seen.store(held.max(1), Ordering::Relaxed);
         }
     }
 
@@ -431,22 +600,11 @@ impl<P: NativePool> NativememPool<P> {
     /// only when the task is unknown), until what they hold covers `target`.
     fn ask_task(&self, target: u64) {
         let mut covered = self.table.ask(target);
-        let Some(task) = self.native.task() else {
-            return;
-        };
-        let me_table = Arc::as_ptr(&self.table) as *const ();
-        // Copied, then asked without the registry's lock.
-        let tables: Vec<Weak<dyn Relief>> = TASKS.lock().get(&task).cloned().unwrap_or_default();
-        for t in tables
-            .iter()
-            .filter(|t| t.as_ptr() as *const () != me_table)
-        {
+        for t in self.others() {
             if covered >= target {
                 break;
             }
-            if let Some(t) = t.upgrade() {
-                covered = covered.saturating_add(t.ask(target - covered));
-            }
+            covered = covered.saturating_add(t.ask(target - covered));
         }
     }
 
@@ -458,6 +616,11 @@ impl<P: NativePool> NativememPool<P> {
         additional: u64,
     ) -> Result<(Arc<P::Reservation>, u64)> {
         let consumer = reservation.consumer();
+        // Fairness spans the task's pools: their consumers, read before this pool's lock.
+        let others = match self.policy {
+            Policy::FairShare => self.others_census(),
+            Policy::Greedy => Census::default(),
+        };
         let mut consumers = self.table.consumers.lock();
         if let Some(me) = consumers.get_mut(&consumer.id()) {
             if me.asked && me.size == 0 {
@@ -495,7 +658,7 @@ impl<P: NativePool> NativememPool<P> {
             )));
         };
         let limit = match self.policy {
-            Policy::FairShare => self.fairness_limit(),
+            Policy::FairShare => self.fairness_limit(&others),
             Policy::Greedy => None,
         };
         let granted = (me.native.clone(), me.overcommit);
@@ -507,6 +670,7 @@ impl<P: NativePool> NativememPool<P> {
                 reservation.size() as u64,
                 additional,
                 limit,
+                &others,
             )
         });
         if let Some(refusal) = refusal {
@@ -524,7 +688,9 @@ impl<P: NativePool> NativememPool<P> {
     }
 
     /// Fairness (see the crate docs): `Some(reason)` if the request is refused to make this
-    /// consumer spill.
+    /// consumer spill. `others`: the consumers of the task's other pools (fairness divides the
+    /// task's limit among all of them).
+    #[allow(clippy::too_many_arguments)]
     fn fair_share_refusal(
         &self,
         consumers: &HashMap<usize, Consumer<P::Reservation>>,
@@ -533,9 +699,16 @@ impl<P: NativePool> NativememPool<P> {
         reservation_size: u64,
         additional: u64,
         limit: u64,
+        others: &Census,
     ) -> Option<String> {
         if !me.can_spill {
             // Unspillable memory cannot be asked back: only nativemem's limits bound it.
+            return None;
+        }
+        if me.size == 0 {
+            // It holds nothing, so a refusal cannot make it spill: a sort that has spilled
+            // everything (or not started) fails its query when refused with nothing in memory.
+            // Free room is its (nativemem's limits still apply).
             return None;
         }
         // It holds memory through other reservations too, or it has spilled: it merges or will
@@ -552,12 +725,17 @@ impl<P: NativePool> NativememPool<P> {
         // idle registered sorter does not shrink a busy one's share), and every registered
         // spillable consumer (for FairSpillPool's share). The total is `reserved`, kept under the
         // same lock.
-        let (mut unspillable, mut active, mut registered) = (0u64, 0u64, 0u64);
+        // The task's other pools count as this pool's consumers do.
+        let (mut unspillable, mut active, mut registered) = (
+            others.unspillable,
+            others.active.len() as u64,
+            others.registered,
+        );
         // Other consumers registered that have not grown yet: a partition starting late (its
         // sort, its merge's up-front reservation), not idle ones that worked and released.
-        let mut fresh = false;
+        let mut fresh = others.fresh;
         // Consumers that cannot spill registered besides this one (a sort's merge): see below.
-        let mut merges = false;
+        let mut merges = others.merges;
         for (cid, c) in consumers {
             fresh |= *cid != id && c.peak == 0;
             merges |= *cid != id && !c.can_spill;
@@ -572,7 +750,7 @@ impl<P: NativePool> NativememPool<P> {
         }
         let active = active.max(1);
         // Relaxed: changed only under the consumers' lock, which the caller holds.
-        let total = self.reserved.load(Ordering::Relaxed);
+        let total = Relief::reserved(&*self.table).saturating_add(others.reserved);
         let available = limit.saturating_sub(unspillable);
         // The floor: never refuse for fairness what DataFusion's FairSpillPool would grant in the
         // same state, a reservation growing within `available / registered spillable consumers`
@@ -645,7 +823,9 @@ impl<P: NativePool> NativememPool<P> {
         let owed: u64 = consumers
             .iter()
             .filter(|(cid, c)| c.can_spill && c.size > 0 && **cid != id)
-            .map(|(_, c)| share.saturating_sub(c.size))
+            .map(|(_, c)| c.size)
+            .chain(others.active.iter().copied())
+            .map(|size| share.saturating_sub(size))
             .sum::<u64>()
             .min(share);
         let short = total.saturating_add(additional).saturating_add(owed) > limit;
@@ -674,6 +854,13 @@ impl<P: NativePool> NativememPool<P> {
     /// shrink had meanwhile released (to be given back to nativemem by the caller).
     #[must_use]
     fn grown(&self, id: usize, bytes: u64, overcommit: u64, forced: u64, paid_back: u64) -> u64 {
+        // Budget-only, a grant (over-commit is not one): what the task's other pools hold and
+        // the budget they have seen, read before this pool's lock (never taken under it).
+        let others = (self.native.limit().is_none() && forced == 0 && overcommit == 0).then(|| {
+            self.others().iter().fold((0u64, 0u64), |(held, seen), t| {
+                (held.saturating_add(t.reserved()), seen.max(t.budget_seen()))
+            })
+        });
         let mut consumers = self.table.consumers.lock();
         let Some(c) = consumers.get_mut(&id) else {
             // Unregistered meanwhile: its native reservation is gone with what it held.
@@ -686,12 +873,20 @@ impl<P: NativePool> NativememPool<P> {
         c.overcommit = c.overcommit - paid + overcommit;
         c.forced += forced;
         // Relaxed (all): read-outs; the consistent values live under the lock, held here.
-        let reserved = self.reserved.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let reserved = self.table.reserved.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.peak.fetch_max(reserved, Ordering::Relaxed);
-        // Spark granted past the budget seen: the budget is at least that now (budget-only;
-        // over-commit is not a grant).
-        if forced == 0 && overcommit == 0 && self.budget_seen.load(Ordering::Relaxed) > 0 {
-            self.budget_seen.fetch_max(reserved, Ordering::Relaxed);
+        // Spark granted past the budget the task's pools have seen: the budget is at least what
+        // they hold now (budget-only; over-commit is not a grant).
+        if let Some((others_held, others_seen)) = others {
+            let seen = self
+                .table
+                .budget_seen
+                .load(Ordering::Relaxed)
+                .max(others_seen);
+            let held = reserved.saturating_add(others_held);
+            if seen > 0 && held > seen {
+                self.table.budget_seen.fetch_max(held, Ordering::Relaxed);
+            }
         }
         self.overcommit.fetch_add(overcommit, Ordering::Relaxed);
         self.overcommit.fetch_sub(paid, Ordering::Relaxed);
@@ -766,7 +961,7 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
                 let peak = done.entry(c.name.clone()).or_insert(0);
                 *peak = (*peak).max(c.peak);
                 // Relaxed (both): read-outs, changed only under this lock.
-                self.reserved.fetch_sub(c.size, Ordering::Relaxed);
+                self.table.reserved.fetch_sub(c.size, Ordering::Relaxed);
                 self.overcommit.fetch_sub(c.overcommit, Ordering::Relaxed);
                 self.forced.fetch_sub(c.forced, Ordering::Relaxed);
             }
@@ -846,7 +1041,7 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
                         c.refused = false;
                     }
                     // Relaxed (both): read-outs, changed only under this lock.
-                    self.reserved.fetch_sub(bytes, Ordering::Relaxed);
+                    self.table.reserved.fetch_sub(bytes, Ordering::Relaxed);
                     self.overcommit
                         .fetch_sub(from_overcommit, Ordering::Relaxed);
                     (Some(c.native.clone()), from_overcommit)
@@ -914,15 +1109,17 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
                 }
                 return Err(exhausted(e, consumer, bytes));
             }
-            while started.elapsed() < UNSPILLABLE_WAIT {
-                // Relaxed: a statistic.
-                self.table.unspillable_waits.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(UNSPILLABLE_RETRY);
-                match self.relief_pending(consumer.id()) {
-                    Some(held) if Some(held) >= relief => {}
-                    _ => break, // they released memory (or are done): retry the grow
+            off_worker(|| {
+                while started.elapsed() < UNSPILLABLE_WAIT {
+                    // Relaxed: a statistic.
+                    self.table.unspillable_waits.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(UNSPILLABLE_RETRY);
+                    match self.relief_pending(consumer.id()) {
+                        Some(held) if Some(held) >= relief => {}
+                        _ => break, // they released memory (or are done): retry the grow
+                    }
                 }
-            }
+            });
         }
         let excess = self.grown(consumer.id(), bytes, 0, 0, owed);
         if excess > 0 {
@@ -938,7 +1135,7 @@ impl<P: NativePool> MemoryPool for NativememPool<P> {
 
     fn reserved(&self) -> usize {
         // Relaxed: a read-out.
-        self.reserved.load(Ordering::Relaxed) as usize
+        Relief::reserved(&*self.table) as usize
     }
 
     fn memory_limit(&self) -> MemoryLimit {
@@ -969,16 +1166,22 @@ impl<P: NativePool> fmt::Display for NativememPool<P> {
 
 impl<P: NativePool> Drop for NativememPool<P> {
     fn drop(&mut self) {
+        let Some(shared) = self.task_pools.take() else {
+            return;
+        };
+        // This pool's table is still alive here (held by `self`): drop its entry by identity,
+        // and the dead entries of pools gone before.
+        let me = Arc::as_ptr(&self.table) as *const ();
+        shared
+            .tables
+            .lock()
+            .retain(|t| t.strong_count() > 0 && t.as_ptr() as *const () != me);
         if let Some(task) = self.native.task() {
+            // The task's last pool: forget the task (under the registry's lock, which a pool
+            // being created holds while it joins the list, so none joins a list being dropped).
             let mut tasks = TASKS.lock();
-            if let Some(list) = tasks.get_mut(&task) {
-                // This pool's table is still alive here (held by `self`): drop its entry by
-                // identity, and the dead entries of pools gone before.
-                let me = Arc::as_ptr(&self.table) as *const ();
-                list.retain(|t| t.strong_count() > 0 && t.as_ptr() as *const () != me);
-                if list.is_empty() {
-                    tasks.remove(&task);
-                }
+            if Arc::strong_count(&shared) == 1 {
+                tasks.remove(&task);
             }
         }
     }

@@ -737,3 +737,75 @@ fn a_consumer_leaves_fair_spill_pools_share_free_for_consumers_not_started() {
     drop(pool);
     assert!(m.close().unwrap().is_empty());
 }
+
+/// Issue 26: two `NativememPool`s of one task share its limit, and fairness divides it among the
+/// consumers of both (each pool divided all of it among its own before, and one pool's sort held
+/// the room the other pool's merge needed).
+#[test]
+fn fairness_divides_the_task_limit_among_the_consumers_of_every_pool_of_the_task() {
+    let l = Arc::new(CapacityListener::unlimited());
+    let config = exact()
+        .with_reservation_block(MIB as u64)
+        .with_task_limit(Some(8 * MIB as u64));
+    let m = MemoryManager::new("task", config, l.clone()).unwrap();
+    let a: Arc<dyn MemoryPool> = Arc::new(NativememPool::new(m.pool("query-1").unwrap()));
+    let b: Arc<dyn MemoryPool> = Arc::new(NativememPool::new(m.pool("query-2").unwrap()));
+    let sort_a = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&a);
+    let sort_b = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&b);
+    sort_a.try_grow(3 * MIB).unwrap();
+    sort_b.try_grow(MIB).unwrap();
+    // Alone in its pool, sort A's share would be the whole 8 MiB. With sort B counted, its share
+    // is 4 MiB, and growing to 5 would leave B less than the 3 MiB it needs to reach its share.
+    let e = sort_a.try_grow(2 * MIB).unwrap_err();
+    assert!(
+        matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)),
+        "{e}"
+    );
+    assert!(e.to_string().contains("fair share 4.0 MiB"), "{e}");
+    assert_eq!((sort_a.size(), m.used() as usize), (3 * MIB, 4 * MIB));
+    // B grows to its share; then A, under its own share, may too.
+    sort_b.try_grow(3 * MIB).unwrap();
+    sort_a.try_grow(MIB).unwrap();
+    assert_eq!(m.used() as usize, 8 * MIB);
+    drop((sort_a, sort_b));
+    drop((a, b));
+    assert_eq!(m.used(), 0);
+    assert!(m.close().unwrap().is_empty());
+    assert_eq!(l.reserved(), 0);
+}
+
+/// Issue 26: a consumer holding nothing is never refused for fairness (a refusal cannot make it
+/// spill: a sort that has spilled everything fails its query when refused with nothing held),
+/// even past FairSpillPool's share while a merge is registered.
+#[test]
+fn a_consumer_holding_nothing_is_never_refused_for_fairness() {
+    let (m, l, pool) = setup(Some(8 * MIB as u64));
+    let sort_x = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&pool);
+    let sort_y = MemoryConsumer::new("ExternalSorter[1]")
+        .with_can_spill(true)
+        .register(&pool);
+    let merge = MemoryConsumer::new("ExternalSorterMerge[0]").register(&pool);
+    merge.try_grow(MIB).unwrap();
+    sort_x.try_grow(2 * MIB).unwrap();
+    // FairSpillPool's share is (8 - 1) / 2 = 3.5 MiB and a merge is registered: a sort holding
+    // memory is capped there.
+    let e = sort_x.try_grow(2 * MIB).unwrap_err();
+    assert!(
+        e.to_string().contains("FairSpillPool's share 3.5 MiB"),
+        "{e}"
+    );
+    // Sort Y holds nothing: 4 MiB fit under the limit, and it gets them.
+    sort_y.try_grow(4 * MIB).unwrap();
+    assert_eq!(m.used() as usize, 7 * MIB);
+    drop((sort_x, sort_y, merge));
+    drop(pool);
+    assert_eq!(m.used(), 0);
+    assert!(m.close().unwrap().is_empty());
+    assert_eq!(l.reserved(), 0);
+}
