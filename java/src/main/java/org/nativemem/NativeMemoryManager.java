@@ -252,8 +252,25 @@ public final class NativeMemoryManager implements AutoCloseable {
         Objects.requireNonNull(poolPath, "poolPath");
         Objects.requireNonNull(consumer, "consumer");
         checkOpen();
-        long reservation = nativeReserve(handle, poolPath, consumer, bytes);
-        return new NativeReservation(this, reservation, poolPath, consumer);
+        long quantum = config.reservationQuantum();
+        if (quantum == 0 || bytes < 0) {
+            long reservation = nativeReserve(handle, poolPath, consumer, bytes);
+            return new NativeReservation(this, reservation, poolPath, consumer);
+        }
+        // The reservation's Java-side slack (see NativeReservation): charge whole quanta, or
+        // exactly the bytes if a limit refuses the rounding.
+        long charged = bytes > Long.MAX_VALUE - quantum ? bytes : (bytes + quantum - 1) / quantum * quantum;
+        long reservation;
+        try {
+            reservation = nativeReserve(handle, poolPath, consumer, charged);
+        } catch (NativeOutOfMemoryException refused) {
+            if (charged == bytes) {
+                throw refused;
+            }
+            charged = bytes;
+            reservation = nativeReserve(handle, poolPath, consumer, charged);
+        }
+        return new NativeReservation(this, reservation, poolPath, consumer, quantum, bytes, charged);
     }
 
     /** @return true once {@link #close()} has been called */

@@ -1,5 +1,7 @@
 package org.nativemem;
 
+import java.util.concurrent.atomic.AtomicLong;
+
 /**
  * A claim of bytes on a pool of a {@link NativeMemoryManager}, for memory JVM code owns (Arrow
  * or Netty off-heap buffers, direct byte buffers): {@link #grow(long)} before allocating,
@@ -11,20 +13,80 @@ package org.nativemem;
  * an {@link IllegalArgumentException}. After {@link #close()}, or after the manager is closed,
  * every method but {@code close}, {@link #isClosed()} and the getters throws
  * {@link IllegalStateException}.
+ *
+ * <h2>Java-side slack (the manager's reservation quantum)</h2>
+ * With a {@linkplain NativeMemoryConfig#reservationQuantum() reservation quantum} {@code q > 0}
+ * (the default, 1 MiB) the native reservation is <i>charged</i> in multiples of {@code q} and
+ * most grows and shrinks are served from the bytes already charged (the <i>slack</i>) with one
+ * compare-and-set and no JNI call. {@link #size()} and {@link #peakBytes()} stay exact (what the
+ * caller grew minus shrank, and its peak); the native side (pools, the task, the usage report's
+ * consumer line, a leak report) sees the charged bytes, at most {@code 2 q} above {@link #size()}
+ * while the reservation is open ({@code q} after a refused grow), and nothing after
+ * {@link #close()}. Spark's reclaim does not take this slack. With {@code q = 0} (exact
+ * accounting) every call is one JNI call, as the native reservation is then exact too.
+ *
+ * <p>The protocol. Three counters: {@code used} (the exact size, an {@code AtomicLong}),
+ * {@code slack} (charged bytes nobody holds, an {@code AtomicLong}) and {@code charged} (the
+ * native reservation's size, written only under {@code lock}). The invariant
+ * {@code used + slack <= charged} holds at every instant, hence {@code used <= charged}:
+ * <ul>
+ *   <li>a grow first takes its bytes out of {@code slack} (CAS, only if {@code slack >= bytes}),
+ *       then adds them to {@code used}; a shrink first takes them out of {@code used} (CAS, only
+ *       if {@code used >= bytes}), then adds them to {@code slack}. Between the two steps the
+ *       bytes are in neither counter, so the sum is below {@code charged}, never above;
+ *   <li>only the slow path, under {@code lock}, changes {@code charged}: a grow the slack cannot
+ *       cover makes the native reservation grow by its shortfall rounded up to {@code q} (if that
+ *       is refused, once more by exactly the shortfall, so rounding never refuses what fits), then
+ *       raises {@code charged} and only then {@code slack}, and takes its bytes with the same CAS;
+ *       a trim (when a shrink leaves more than {@code 2 q} of slack, or after a refusal) takes the
+ *       surplus out of {@code slack} with a CAS first, then shrinks the native reservation and
+ *       lowers {@code charged}. A fast-path grow can only take bytes that are in {@code slack}, so
+ *       a trim never removes bytes a grow counted on, and every byte is in exactly one of
+ *       {@code used}, {@code slack}, a thread's hands between two steps, or given back.</li>
+ * </ul>
+ * The native reservation's size is therefore never below {@code used}; {@link #close()} releases
+ * it all (slack included) once.
  */
 public final class NativeReservation extends NativeObject {
     private final String poolPath;
     private final String consumer;
+    /** The Java-side quantum; 0: every call goes to the native reservation (exact accounting). */
+    private final long quantum;
+    /** Exact bytes held (quantum mode). */
+    private final AtomicLong used = new AtomicLong();
+    /** Charged bytes that {@link #used} does not hold (quantum mode). */
+    private final AtomicLong slack = new AtomicLong();
+    /** Highest {@link #used} so far (quantum mode). */
+    private final AtomicLong peak = new AtomicLong();
+    /** Guards the slow path: every change of {@link #charged} and every JNI grow or shrink. */
+    private final Object lock = new Object();
+    /** The native reservation's size (quantum mode); written under {@link #lock}. */
+    private volatile long charged;
 
     NativeReservation(NativeMemoryManager manager, long handle, String poolPath, String consumer) {
+        this(manager, handle, poolPath, consumer, 0, 0, 0);
+    }
+
+    /**
+     * @param quantum the Java-side quantum, 0 for exact accounting
+     * @param size bytes the caller asked for at creation (quantum mode)
+     * @param charged the native reservation's size at creation, {@code >= size} (quantum mode)
+     */
+    NativeReservation(NativeMemoryManager manager, long handle, String poolPath, String consumer, long quantum,
+            long size, long charged) {
         super(manager, handle);
         this.poolPath = poolPath;
         this.consumer = consumer;
+        this.quantum = quantum;
+        this.used.set(size);
+        this.peak.set(size);
+        this.slack.set(charged - size);
+        this.charged = charged;
     }
 
     /**
      * Grows by {@code bytes}, reserving from the listener (and spilling native consumers) if the
-     * manager's cushion is short.
+     * manager's cushion is short. With a quantum, a grow within the slack makes no JNI call.
      *
      * @param bytes bytes to add, {@code >= 0}
      * @throws NativeOutOfMemoryException if they cannot be obtained; nothing changed
@@ -34,12 +96,19 @@ public final class NativeReservation extends NativeObject {
      */
     public void grow(long bytes) {
         checkOpen();
-        nativeGrow(handle(), bytes);
+        if (quantum == 0) {
+            nativeGrow(handle(), bytes);
+            return;
+        }
+        checkNonNegative("bytes", bytes);
+        takeSlack(bytes);
+        raisePeak(used.addAndGet(bytes));
     }
 
     /**
      * Shrinks by {@code bytes}. The bytes return to the manager's cushion (and to the listener
-     * beyond two blocks of unused cushion).
+     * beyond two blocks of unused cushion); with a quantum, to this reservation's slack first
+     * (no JNI call until it exceeds two quanta).
      *
      * @param bytes bytes to release, {@code 0 <= bytes <= size()}
      * @throws IllegalArgumentException if {@code bytes} is negative or more than held; nothing
@@ -50,7 +119,23 @@ public final class NativeReservation extends NativeObject {
      */
     public void shrink(long bytes) {
         checkOpen();
-        nativeShrink(handle(), bytes);
+        if (quantum == 0) {
+            nativeShrink(handle(), bytes);
+            return;
+        }
+        checkNonNegative("bytes", bytes);
+        for (;;) {
+            long u = used.get();
+            if (bytes > u) {
+                throw new IllegalArgumentException("cannot shrink reservation '" + consumer + "' in pool '" + poolPath
+                        + "' by " + Bytes.human(bytes) + " (" + bytes + " bytes): it holds " + Bytes.human(u) + " ("
+                        + u + " bytes)");
+            }
+            if (used.compareAndSet(u, u - bytes)) {
+                break;
+            }
+        }
+        returnSlack(bytes);
     }
 
     /**
@@ -58,21 +143,43 @@ public final class NativeReservation extends NativeObject {
      *
      * @param newSize the new size, {@code >= 0}
      * @throws NativeOutOfMemoryException if a grow cannot be satisfied; nothing changed
+     * @throws NativeMemoryException if the listener threw; see {@link #grow} and {@link #shrink}
      * @throws IllegalArgumentException if {@code newSize} is negative
      * @throws IllegalStateException if this reservation or its manager is closed
      */
     public void resize(long newSize) {
         checkOpen();
-        nativeResize(handle(), newSize);
+        if (quantum == 0) {
+            nativeResize(handle(), newSize);
+            return;
+        }
+        checkNonNegative("newSize", newSize);
+        for (;;) {
+            long u = used.get();
+            if (newSize <= u) {
+                if (used.compareAndSet(u, newSize)) {
+                    returnSlack(u - newSize);
+                    return;
+                }
+                continue;
+            }
+            long add = newSize - u;
+            takeSlack(add);
+            if (used.compareAndSet(u, newSize)) {
+                raisePeak(newSize);
+                return;
+            }
+            returnSlack(add); // another thread changed the size meanwhile: start again
+        }
     }
 
     /**
-     * @return bytes held now
+     * @return bytes held now: what was grown minus what was shrunk (not the charged slack)
      * @throws IllegalStateException if this reservation or its manager is closed
      */
     public long size() {
         checkOpen();
-        return nativeSize(handle());
+        return quantum == 0 ? nativeSize(handle()) : used.get();
     }
 
     /**
@@ -85,7 +192,130 @@ public final class NativeReservation extends NativeObject {
      */
     public long peakBytes() {
         checkOpen();
-        return nativePeak(handle());
+        return quantum == 0 ? nativePeak(handle()) : peak.get();
+    }
+
+    /**
+     * @return bytes charged to the native reservation now: {@link #size()} plus the slack
+     *     (package-private: for tests)
+     */
+    long chargedBytes() {
+        return quantum == 0 ? nativeSize(handle()) : charged;
+    }
+
+    /** @return the Java-side quantum, 0 for exact accounting (package-private: for tests) */
+    long quantum() {
+        return quantum;
+    }
+
+    /** Takes {@code bytes} out of the slack, charging more quanta first if it is short. */
+    private void takeSlack(long bytes) {
+        for (long s = slack.get(); s >= bytes; s = slack.get()) {
+            if (slack.compareAndSet(s, s - bytes)) {
+                return;
+            }
+        }
+        slowTake(bytes);
+    }
+
+    /** Puts {@code bytes} back into the slack; trims it if that leaves more than two quanta. */
+    private void returnSlack(long bytes) {
+        if (slack.addAndGet(bytes) > 2 * quantum) {
+            synchronized (lock) {
+                trimAbove(2 * quantum, quantum);
+            }
+        }
+    }
+
+    /** The slow path of {@link #takeSlack}: grows the native reservation until the slack covers. */
+    private void slowTake(long bytes) {
+        synchronized (lock) {
+            for (;;) {
+                long s = slack.get();
+                if (s >= bytes) {
+                    if (slack.compareAndSet(s, s - bytes)) {
+                        return;
+                    }
+                    continue;
+                }
+                long need = bytes - s;
+                long rounded = need > Long.MAX_VALUE - quantum ? need : (need + quantum - 1) / quantum * quantum;
+                long grown;
+                try {
+                    grown = growNative(need, rounded);
+                } catch (NativeMemoryException e) {
+                    // Refused (nothing changed natively). Bytes an earlier round of this loop
+                    // charged may be left in the slack: keep at most one quantum.
+                    try {
+                        trimAbove(quantum, quantum);
+                    } catch (RuntimeException t) {
+                        e.addSuppressed(t);
+                    }
+                    throw e;
+                }
+                charged += grown;
+                slack.addAndGet(grown);
+            }
+        }
+    }
+
+    /**
+     * Grows the native reservation by {@code rounded}, or if the pools refuse that, by exactly
+     * {@code need}. Under {@link #lock}.
+     *
+     * @return the bytes it grew by
+     */
+    private long growNative(long need, long rounded) {
+        if (rounded != need) {
+            try {
+                nativeGrow(handle(), rounded);
+                return rounded;
+            } catch (NativeOutOfMemoryException refused) {
+                // A limit between need and the quantum's edge: fall through to the exact grow.
+            }
+        }
+        nativeGrow(handle(), need);
+        return need;
+    }
+
+    /**
+     * If the slack exceeds {@code above}, gives back all of it but {@code keep} bytes. Under
+     * {@link #lock}.
+     */
+    private void trimAbove(long above, long keep) {
+        for (;;) {
+            long s = slack.get();
+            if (s <= above) {
+                return;
+            }
+            if (slack.compareAndSet(s, keep)) {
+                long release = s - keep;
+                try {
+                    nativeShrink(handle(), release);
+                } catch (NativeMemoryException e) {
+                    // The native reservation did shrink (see shrink's contract).
+                    charged -= release;
+                    throw e;
+                }
+                charged -= release;
+                return;
+            }
+        }
+    }
+
+    private void raisePeak(long size) {
+        for (;;) {
+            long p = peak.get();
+            if (size <= p || peak.compareAndSet(p, size)) {
+                return;
+            }
+        }
+    }
+
+    private static void checkNonNegative(String name, long value) {
+        if (value < 0) {
+            throw new IllegalArgumentException(name + " must be >= 0, got " + value);
+        }
     }
 
     /** @return the pool path given at creation */
