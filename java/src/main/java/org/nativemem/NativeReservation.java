@@ -25,27 +25,34 @@ import java.util.concurrent.atomic.AtomicLong;
  * {@link #close()}. Spark's reclaim does not take this slack. With {@code q = 0} (exact
  * accounting) every call is one JNI call, as the native reservation is then exact too.
  *
- * <p>The protocol. Three counters: {@code used} (the exact size, an {@code AtomicLong}),
- * {@code slack} (charged bytes nobody holds, an {@code AtomicLong}) and {@code charged} (the
- * native reservation's size, written only under {@code lock}). The invariant
- * {@code used + slack <= charged} holds at every instant, hence {@code used <= charged}:
+ * <p>The protocol. Three counters, each an {@code AtomicLong}: {@code used} (the exact size),
+ * {@code slack} (charged bytes nobody holds) and {@code charged} (the native reservation's
+ * size, as this object last changed it). At every instant
+ * {@code used + slack <= charged} and {@code used + slack <=} the native size, hence
+ * {@code used <=} both:
  * <ul>
  *   <li>a grow first takes its bytes out of {@code slack} (CAS, only if {@code slack >= bytes}),
  *       then adds them to {@code used}; a shrink first takes them out of {@code used} (CAS, only
  *       if {@code used >= bytes}), then adds them to {@code slack}. Between the two steps the
- *       bytes are in neither counter, so the sum is below {@code charged}, never above;
- *   <li>only the slow path, under {@code lock}, changes {@code charged}: a grow the slack cannot
- *       cover makes the native reservation grow by its shortfall rounded up to {@code q} (if that
- *       is refused, once more by exactly the shortfall, so rounding never refuses what fits), then
- *       raises {@code charged} and only then {@code slack}, and takes its bytes with the same CAS;
- *       a trim (when a shrink leaves more than {@code 2 q} of slack, or after a refusal) takes the
- *       surplus out of {@code slack} with a CAS first, then shrinks the native reservation and
- *       lowers {@code charged}. A fast-path grow can only take bytes that are in {@code slack}, so
- *       a trim never removes bytes a grow counted on, and every byte is in exactly one of
- *       {@code used}, {@code slack}, a thread's hands between two steps, or given back.</li>
+ *       bytes are in neither counter, so the sum is below what is charged, never above;</li>
+ *   <li>a grow the slack cannot cover (the slow path) grows the native reservation by its
+ *       shortfall rounded up to {@code q} (if the pools refuse that, once more by exactly the
+ *       shortfall, so rounding never refuses what fits), then raises {@code charged}, then
+ *       {@code slack}, and takes its bytes with the same CAS (again if another thread took them
+ *       first);</li>
+ *   <li>a trim (when a shrink or a slow grow leaves more than {@code 2 q} of slack: down to
+ *       {@code q}; after a refusal: down to {@code q} if above) takes the surplus out of
+ *       {@code slack} with one CAS first, then shrinks the native reservation, then lowers
+ *       {@code charged}. A grow can only take bytes that are in {@code slack}, so a trim never
+ *       gives back bytes a grow counted on, and every byte is in exactly one of {@code used},
+ *       {@code slack}, one thread's hands between two steps, or given back.</li>
  * </ul>
- * The native reservation's size is therefore never below {@code used}; {@link #close()} releases
- * it all (slack included) once.
+ * Every thread that adds to {@code slack} checks the bound afterwards, so once calls stop the
+ * slack is at most {@code 2 q}. No lock is held on any path: the slow path's JNI call may reach
+ * the listener and make Spark spill, which may shrink or grow this reservation from the same or
+ * another thread; a lock held across it could deadlock (the native side holds none either).
+ * Concurrent slow grows may each charge a quantum; the bound check gives the surplus back.
+ * {@link #close()} releases the native reservation, slack included, once.
  */
 public final class NativeReservation extends NativeObject {
     private final String poolPath;
@@ -58,10 +65,8 @@ public final class NativeReservation extends NativeObject {
     private final AtomicLong slack = new AtomicLong();
     /** Highest {@link #used} so far (quantum mode). */
     private final AtomicLong peak = new AtomicLong();
-    /** Guards the slow path: every change of {@link #charged} and every JNI grow or shrink. */
-    private final Object lock = new Object();
-    /** The native reservation's size (quantum mode); written under {@link #lock}. */
-    private volatile long charged;
+    /** The native reservation's size as this object changed it (quantum mode). */
+    private final AtomicLong charged = new AtomicLong();
 
     NativeReservation(NativeMemoryManager manager, long handle, String poolPath, String consumer) {
         this(manager, handle, poolPath, consumer, 0, 0, 0);
@@ -81,7 +86,7 @@ public final class NativeReservation extends NativeObject {
         this.used.set(size);
         this.peak.set(size);
         this.slack.set(charged - size);
-        this.charged = charged;
+        this.charged.set(charged);
     }
 
     /**
@@ -200,7 +205,7 @@ public final class NativeReservation extends NativeObject {
      *     (package-private: for tests)
      */
     long chargedBytes() {
-        return quantum == 0 ? nativeSize(handle()) : charged;
+        return quantum == 0 ? nativeSize(handle()) : charged.get();
     }
 
     /** @return the Java-side quantum, 0 for exact accounting (package-private: for tests) */
@@ -221,47 +226,51 @@ public final class NativeReservation extends NativeObject {
     /** Puts {@code bytes} back into the slack; trims it if that leaves more than two quanta. */
     private void returnSlack(long bytes) {
         if (slack.addAndGet(bytes) > 2 * quantum) {
-            synchronized (lock) {
-                trimAbove(2 * quantum, quantum);
-            }
+            trimAbove(2 * quantum);
         }
     }
 
     /** The slow path of {@link #takeSlack}: grows the native reservation until the slack covers. */
     private void slowTake(long bytes) {
-        synchronized (lock) {
-            for (;;) {
-                long s = slack.get();
-                if (s >= bytes) {
-                    if (slack.compareAndSet(s, s - bytes)) {
-                        return;
-                    }
-                    continue;
+        for (;;) {
+            long s = slack.get();
+            if (s >= bytes) {
+                if (slack.compareAndSet(s, s - bytes)) {
+                    break;
                 }
-                long need = bytes - s;
-                long rounded = need > Long.MAX_VALUE - quantum ? need : (need + quantum - 1) / quantum * quantum;
-                long grown;
+                continue;
+            }
+            long need = bytes - s;
+            long rounded = need > Long.MAX_VALUE - quantum ? need : (need + quantum - 1) / quantum * quantum;
+            long grown;
+            try {
+                grown = growNative(need, rounded);
+            } catch (NativeMemoryException e) {
+                // Refused; nothing changed natively. Bytes an earlier round of this loop charged
+                // may be left in the slack: keep at most one quantum.
                 try {
-                    grown = growNative(need, rounded);
-                } catch (NativeMemoryException e) {
-                    // Refused (nothing changed natively). Bytes an earlier round of this loop
-                    // charged may be left in the slack: keep at most one quantum.
-                    try {
-                        trimAbove(quantum, quantum);
-                    } catch (RuntimeException t) {
-                        e.addSuppressed(t);
-                    }
-                    throw e;
+                    trimAbove(quantum);
+                } catch (RuntimeException t) {
+                    e.addSuppressed(t);
                 }
-                charged += grown;
-                slack.addAndGet(grown);
+                throw e;
+            }
+            charged.addAndGet(grown);
+            slack.addAndGet(grown);
+        }
+        if (slack.get() > 2 * quantum) { // other slow grows charged meanwhile
+            try {
+                trimAbove(2 * quantum);
+            } catch (NativeMemoryException e) {
+                // The listener threw while taking surplus back: the native reservation did
+                // shrink and the bytes stay reserved (see shrink); the grow itself succeeded.
             }
         }
     }
 
     /**
      * Grows the native reservation by {@code rounded}, or if the pools refuse that, by exactly
-     * {@code need}. Under {@link #lock}.
+     * {@code need}.
      *
      * @return the bytes it grew by
      */
@@ -278,26 +287,23 @@ public final class NativeReservation extends NativeObject {
         return need;
     }
 
-    /**
-     * If the slack exceeds {@code above}, gives back all of it but {@code keep} bytes. Under
-     * {@link #lock}.
-     */
-    private void trimAbove(long above, long keep) {
+    /** If the slack exceeds {@code above}, gives back all of it but one quantum (at most). */
+    private void trimAbove(long above) {
         for (;;) {
             long s = slack.get();
             if (s <= above) {
                 return;
             }
+            long keep = Math.min(s, quantum);
             if (slack.compareAndSet(s, keep)) {
                 long release = s - keep;
                 try {
                     nativeShrink(handle(), release);
                 } catch (NativeMemoryException e) {
-                    // The native reservation did shrink (see shrink's contract).
-                    charged -= release;
+                    charged.addAndGet(-release); // the native reservation did shrink (see shrink)
                     throw e;
                 }
-                charged -= release;
+                charged.addAndGet(-release);
                 return;
             }
         }
