@@ -23,7 +23,7 @@ public class JavaSlackTest extends NativeTestSupport {
         return manager(name, listener, smallBlocks().withReservationQuantum(QUANTUM));
     }
 
-    /** Charged bytes are whole quanta (or exact after a refused rounding), within two of the size. */
+    /** Charged bytes are at least the size and at most {@code bound} above it. */
     private static void assertWithinBound(NativeReservation r, long bound) {
         long slack = r.chargedBytes() - r.size();
         assertTrue("charged " + r.chargedBytes() + " below size " + r.size(), slack >= 0);
@@ -297,8 +297,35 @@ public class JavaSlackTest extends NativeTestSupport {
             peak = Math.max(peak, size);
             assertEquals(size, r.size());
             assertEquals(peak, r.peakBytes());
-            assertWithinBound(r, 2 * QUANTUM);
+            assertWithinBound(r, 2 * r.quantumFor(size));
         }
+        r.close();
+        assertEquals(0, m.usedBytes());
+    }
+
+    @Test
+    public void theQuantumGrowsWithTheReservationUpToEightTimesTheConfiguredOne() {
+        NativeMemoryManager m = quantumManager("slack-large", new CountingListener());
+        NativeReservation r = m.newReservation("large", 0);
+        assertEquals(QUANTUM, r.quantumFor(16 * QUANTUM));
+        assertEquals(QUANTUM, r.quantumFor(32 * QUANTUM - 1));
+        assertEquals(2 * QUANTUM, r.quantumFor(32 * QUANTUM));
+        assertEquals(4 * QUANTUM, r.quantumFor(48 * QUANTUM));
+        assertEquals(8 * QUANTUM, r.quantumFor(1000 * QUANTUM));
+        int charges = 0;
+        for (int i = 0; i < 4096; i++) {
+            long before = r.chargedBytes();
+            r.grow(QUANTUM / 4);
+            charges += r.chargedBytes() != before ? 1 : 0;
+            assertEquals("charged in whole quanta", 0, r.chargedBytes() % QUANTUM);
+            assertWithinBound(r, 8 * QUANTUM);
+        }
+        assertEquals(1024 * QUANTUM, r.size());
+        // 16 + 16 + 8 + 4 + ~10 + 112 native grows, against 1024 with a fixed quantum.
+        assertTrue("native grows: " + charges, charges < 200);
+        r.shrink(1000 * QUANTUM);
+        assertWithinBound(r, 2 * QUANTUM); // 24 quanta held: the quantum is q again
+        assertEquals(1024 * QUANTUM, r.peakBytes());
         r.close();
         assertEquals(0, m.usedBytes());
     }

@@ -16,14 +16,19 @@ import java.util.concurrent.atomic.AtomicLong;
  *
  * <h2>Java-side slack (the manager's reservation quantum)</h2>
  * With a {@linkplain NativeMemoryConfig#reservationQuantum() reservation quantum} {@code q > 0}
- * (the default, 1 MiB) the native reservation is <i>charged</i> in multiples of {@code q} and
- * most grows and shrinks are served from the bytes already charged (the <i>slack</i>) with one
- * compare-and-set and no JNI call. {@link #size()} and {@link #peakBytes()} stay exact (what the
- * caller grew minus shrank, and its peak); the native side (pools, the task, the usage report's
- * consumer line, a leak report) sees the charged bytes, at most {@code 2 q} above {@link #size()}
- * while the reservation is open ({@code q} after a refused grow), and nothing after
- * {@link #close()}. Spark's reclaim does not take this slack. With {@code q = 0} (exact
- * accounting) every call is one JNI call, as the native reservation is then exact too.
+ * (the default, 1 MiB) the native reservation is <i>charged</i> in multiples of a quantum and
+ * most grows and shrinks are served from the bytes already charged (the <i>slack</i>) with two
+ * atomic operations and no JNI call. The quantum grows with the reservation as the native one's
+ * does: {@code q} up to {@code 16 q} held, then {@code q} times the power of two at or above
+ * {@code size / 16 q}, at most {@code 8 q} ({@link #quantumFor}). A grow past the slack charges
+ * its shortfall rounded up to the quantum; a shrink that leaves more than two quanta of slack
+ * gives back all but one. {@link #size()} and {@link #peakBytes()} stay exact (what the caller
+ * grew minus shrank, and its peak); the native side (pools, the task, the usage report's consumer
+ * line, a leak report) sees the charged bytes: at most two quanta above {@link #size()} once
+ * calls return (one after a refused grow), plus what the native reservation's own quantum keeps
+ * in the pools, and nothing after {@link #close()}. Spark's reclaim does not take this slack.
+ * With {@code q = 0} (exact accounting) every call is one JNI call, as before, and the native
+ * reservation is exact too.
  *
  * <p>The protocol. Three counters, each an {@code AtomicLong}: {@code used} (the exact size),
  * {@code slack} (charged bytes nobody holds) and {@code charged} (the native reservation's
@@ -36,22 +41,24 @@ import java.util.concurrent.atomic.AtomicLong;
  *       if {@code used >= bytes}), then adds them to {@code slack}. Between the two steps the
  *       bytes are in neither counter, so the sum is below what is charged, never above;</li>
  *   <li>a grow the slack cannot cover (the slow path) grows the native reservation by its
- *       shortfall rounded up to {@code q} (if the pools refuse that, once more by exactly the
+ *       shortfall rounded up to the quantum (if the pools refuse that, once more by exactly the
  *       shortfall, so rounding never refuses what fits), then raises {@code charged}, then
  *       {@code slack}, and takes its bytes with the same CAS (again if another thread took them
  *       first);</li>
- *   <li>a trim (when a shrink or a slow grow leaves more than {@code 2 q} of slack: down to
- *       {@code q}; after a refusal: down to {@code q} if above) takes the surplus out of
+ *   <li>a trim (when a shrink or a slow grow leaves more than two quanta of slack: down to
+ *       one; after a refusal: down to one if above) takes the surplus out of
  *       {@code slack} with one CAS first, then shrinks the native reservation, then lowers
  *       {@code charged}. A grow can only take bytes that are in {@code slack}, so a trim never
  *       gives back bytes a grow counted on, and every byte is in exactly one of {@code used},
  *       {@code slack}, one thread's hands between two steps, or given back.</li>
  * </ul>
  * Every thread that adds to {@code slack} checks the bound afterwards, so once calls stop the
- * slack is at most {@code 2 q}. No lock is held on any path: the slow path's JNI call may reach
+ * slack is at most two quanta. No lock is held on any path: the slow path's JNI call may reach
  * the listener and make Spark spill, which may shrink or grow this reservation from the same or
  * another thread; a lock held across it could deadlock (the native side holds none either).
- * Concurrent slow grows may each charge a quantum; the bound check gives the surplus back.
+ * Concurrent slow grows may each charge a quantum; the bound check gives the surplus back. The
+ * peak costs a grow nothing: a decrease of {@code used} first raises {@code peak} to the value it
+ * leaves, so the peak is {@code max(used, peak)}.
  * {@link #close()} releases the native reservation, slack included, once.
  */
 public final class NativeReservation extends NativeObject {
@@ -63,7 +70,11 @@ public final class NativeReservation extends NativeObject {
     private final AtomicLong used = new AtomicLong();
     /** Charged bytes that {@link #used} does not hold (quantum mode). */
     private final AtomicLong slack = new AtomicLong();
-    /** Highest {@link #used} so far (quantum mode). */
+    /**
+     * Highest value {@link #used} left by a decrease (quantum mode): the peak is
+     * {@code max(used, peak)}, so a grow pays no second atomic operation for it (see
+     * {@link #peakBytes()}).
+     */
     private final AtomicLong peak = new AtomicLong();
     /** The native reservation's size as this object changed it (quantum mode). */
     private final AtomicLong charged = new AtomicLong();
@@ -107,7 +118,7 @@ public final class NativeReservation extends NativeObject {
         }
         checkNonNegative("bytes", bytes);
         takeSlack(bytes);
-        raisePeak(used.addAndGet(bytes));
+        used.addAndGet(bytes);
     }
 
     /**
@@ -136,6 +147,7 @@ public final class NativeReservation extends NativeObject {
                         + "' by " + Bytes.human(bytes) + " (" + bytes + " bytes): it holds " + Bytes.human(u) + " ("
                         + u + " bytes)");
             }
+            raisePeak(u); // before u is left: see peakBytes
             if (used.compareAndSet(u, u - bytes)) {
                 break;
             }
@@ -162,6 +174,7 @@ public final class NativeReservation extends NativeObject {
         for (;;) {
             long u = used.get();
             if (newSize <= u) {
+                raisePeak(u);
                 if (used.compareAndSet(u, newSize)) {
                     returnSlack(u - newSize);
                     return;
@@ -171,7 +184,6 @@ public final class NativeReservation extends NativeObject {
             long add = newSize - u;
             takeSlack(add);
             if (used.compareAndSet(u, newSize)) {
-                raisePeak(newSize);
                 return;
             }
             returnSlack(add); // another thread changed the size meanwhile: start again
@@ -197,7 +209,13 @@ public final class NativeReservation extends NativeObject {
      */
     public long peakBytes() {
         checkOpen();
-        return quantum == 0 ? nativePeak(handle()) : peak.get();
+        if (quantum == 0) {
+            return nativePeak(handle());
+        }
+        // Every value used took is below a later one, or is the current one, or was left by a
+        // decrease, which raised peak to it first. Reading used before peak misses none.
+        long now = used.get();
+        return Math.max(now, peak.get());
     }
 
     /**
@@ -225,8 +243,9 @@ public final class NativeReservation extends NativeObject {
 
     /** Puts {@code bytes} back into the slack; trims it if that leaves more than two quanta. */
     private void returnSlack(long bytes) {
-        if (slack.addAndGet(bytes) > 2 * quantum) {
-            trimAbove(2 * quantum);
+        long s = slack.addAndGet(bytes);
+        if (s > 2 * quantum && s > 2 * quantumFor(used.get())) {
+            trimAbove(2);
         }
     }
 
@@ -241,7 +260,8 @@ public final class NativeReservation extends NativeObject {
                 continue;
             }
             long need = bytes - s;
-            long rounded = need > Long.MAX_VALUE - quantum ? need : (need + quantum - 1) / quantum * quantum;
+            long q = quantumFor(used.get() + bytes);
+            long rounded = need > Long.MAX_VALUE - q ? need : (need + q - 1) / q * q;
             long grown;
             try {
                 grown = growNative(need, rounded);
@@ -249,7 +269,7 @@ public final class NativeReservation extends NativeObject {
                 // Refused; nothing changed natively. Bytes an earlier round of this loop charged
                 // may be left in the slack: keep at most one quantum.
                 try {
-                    trimAbove(quantum);
+                    trimAbove(1);
                 } catch (RuntimeException t) {
                     e.addSuppressed(t);
                 }
@@ -260,7 +280,7 @@ public final class NativeReservation extends NativeObject {
         }
         if (slack.get() > 2 * quantum) { // other slow grows charged meanwhile
             try {
-                trimAbove(2 * quantum);
+                trimAbove(2);
             } catch (NativeMemoryException e) {
                 // The listener threw while taking surplus back: the native reservation did
                 // shrink and the bytes stay reserved (see shrink); the grow itself succeeded.
@@ -287,16 +307,19 @@ public final class NativeReservation extends NativeObject {
         return need;
     }
 
-    /** If the slack exceeds {@code above}, gives back all of it but one quantum (at most). */
-    private void trimAbove(long above) {
+    /**
+     * If the slack exceeds {@code quanta} times {@link #quantumFor} the size, gives back all of it
+     * but one such quantum.
+     */
+    private void trimAbove(int quanta) {
         for (;;) {
             long s = slack.get();
-            if (s <= above) {
+            long q = quantumFor(used.get());
+            if (s <= quanta * q) {
                 return;
             }
-            long keep = Math.min(s, quantum);
-            if (slack.compareAndSet(s, keep)) {
-                long release = s - keep;
+            if (slack.compareAndSet(s, q)) {
+                long release = s - q;
                 try {
                     nativeShrink(handle(), release);
                 } catch (NativeMemoryException e) {
@@ -307,6 +330,24 @@ public final class NativeReservation extends NativeObject {
                 return;
             }
         }
+    }
+
+    /**
+     * The quantum for a reservation of {@code size} bytes: it grows with the reservation, as the
+     * native reservation's does (README, "The fast path: reservation quantum"), so a large one
+     * makes few JNI calls: {@code q} up to {@code 16 q}, then {@code q} times the power of two at
+     * or above {@code size / 16 q}, at most {@code 8 q}.
+     *
+     * @return a multiple of the configured quantum (package-private: for tests)
+     */
+    long quantumFor(long size) {
+        long q = quantum;
+        if (size <= 16 * q) {
+            return q;
+        }
+        long k = size / (16 * q); // >= 1
+        long pow2 = Long.highestOneBit(k) == k ? k : Long.highestOneBit(k) << 1;
+        return q * Math.min(pow2, 8);
     }
 
     private void raisePeak(long size) {
