@@ -23,8 +23,17 @@ public class JavaSlackTest extends NativeTestSupport {
         return manager(name, listener, smallBlocks().withReservationQuantum(QUANTUM));
     }
 
-    /** Charged bytes are at least the size and at most {@code bound} above it. */
+    /** The native reservation's size: what the pools count for this reservation. */
+    private static long nativeSize(NativeReservation r) {
+        return NativeReservation.nativeSize(r.nativeHandle());
+    }
+
+    /**
+     * Charged bytes are at least the size and at most {@code bound} above it, and the native
+     * reservation holds exactly them (no byte lost or counted twice). Calls must have stopped.
+     */
     private static void assertWithinBound(NativeReservation r, long bound) {
+        assertEquals("the native reservation holds what Java charged", r.chargedBytes(), nativeSize(r));
         long slack = r.chargedBytes() - r.size();
         assertTrue("charged " + r.chargedBytes() + " below size " + r.size(), slack >= 0);
         assertTrue("slack " + slack + " above " + bound, slack <= bound);
@@ -186,6 +195,10 @@ public class JavaSlackTest extends NativeTestSupport {
                             try {
                                 r.grow(n);
                                 held[id] += n;
+                                long natively = nativeSize(r);
+                                if (natively < held[id]) {
+                                    throw new AssertionError("native size " + natively + " < held " + held[id]);
+                                }
                             } catch (NativeOutOfMemoryException refused) {
                                 // refused: nothing changed
                             }
@@ -245,7 +258,11 @@ public class JavaSlackTest extends NativeTestSupport {
                             r.shrink(n);
                         } else {
                             r.grow(3 * n);
-                            assertTrue(r.chargedBytes() >= 3 * n);
+                            // What this thread holds is covered natively whatever the others do.
+                            long natively = nativeSize(r);
+                            if (natively < 3 * n) {
+                                throw new AssertionError("native size " + natively + " < held " + 3 * n);
+                            }
                             r.shrink(3 * n);
                         }
                     }

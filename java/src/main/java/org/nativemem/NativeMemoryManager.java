@@ -253,7 +253,7 @@ public final class NativeMemoryManager implements AutoCloseable {
         Objects.requireNonNull(consumer, "consumer");
         checkOpen();
         long quantum = config.reservationQuantum();
-        if (quantum == 0 || bytes < 0) {
+        if (quantum == 0 || bytes < 0 || bytes > NativeReservation.MAX_QUANTUM_MODE_SIZE) {
             long reservation = nativeReserve(handle, poolPath, consumer, bytes);
             return new NativeReservation(this, reservation, poolPath, consumer);
         }

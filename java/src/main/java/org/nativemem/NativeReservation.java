@@ -17,8 +17,8 @@ import java.util.concurrent.atomic.AtomicLong;
  * <h2>Java-side slack (the manager's reservation quantum)</h2>
  * With a {@linkplain NativeMemoryConfig#reservationQuantum() reservation quantum} {@code q > 0}
  * (the default, 1 MiB) the native reservation is <i>charged</i> in multiples of a quantum and
- * most grows and shrinks are served from the bytes already charged (the <i>slack</i>) with two
- * atomic operations and no JNI call. The quantum grows with the reservation as the native one's
+ * most grows and shrinks are served from the bytes already charged (the <i>slack</i>) with one
+ * compare-and-set and no JNI call. The quantum grows with the reservation as the native one's
  * does: {@code q} up to {@code 16 q} held, then {@code q} times the power of two at or above
  * {@code size / 16 q}, at most {@code 8 q} ({@link #quantumFor}). A grow past the slack charges
  * its shortfall rounded up to the quantum; a shrink that leaves more than two quanta of slack
@@ -30,54 +30,59 @@ import java.util.concurrent.atomic.AtomicLong;
  * With {@code q = 0} (exact accounting) every call is one JNI call, as before, and the native
  * reservation is exact too.
  *
- * <p>The protocol. Three counters, each an {@code AtomicLong}: {@code used} (the exact size),
- * {@code slack} (charged bytes nobody holds) and {@code charged} (the native reservation's
- * size, as this object last changed it). At every instant
- * {@code used + slack <= charged} and {@code used + slack <=} the native size, hence
- * {@code used <=} both:
+ * <p>The protocol. Two words: {@code state} (an {@code AtomicLong}: the exact size
+ * {@code used} in its low {@value #USED_BITS} bits, a <i>trimming</i> flag and a version above)
+ * and {@code charged} (an {@code AtomicLong}: the native reservation's size as this object
+ * changed it). The slack is {@code charged - used}. At every instant {@code used <= charged
+ * <=} the native reservation's size:
  * <ul>
- *   <li>a grow first takes its bytes out of {@code slack} (CAS, only if {@code slack >= bytes}),
- *       then adds them to {@code used}; a shrink first takes them out of {@code used} (CAS, only
- *       if {@code used >= bytes}), then adds them to {@code slack}. Between the two steps the
- *       bytes are in neither counter, so the sum is below what is charged, never above;</li>
- *   <li>a grow the slack cannot cover (the slow path) grows the native reservation by its
- *       shortfall rounded up to the quantum (if the pools refuse that, once more by exactly the
- *       shortfall, so rounding never refuses what fits), then raises {@code charged}, then
- *       {@code slack}, and takes its bytes with the same CAS (again if another thread took them
- *       first);</li>
- *   <li>a trim (when a shrink or a slow grow leaves more than two quanta of slack: down to
- *       one; after a refusal: down to one if above) takes the surplus out of
- *       {@code slack} with one CAS first, then shrinks the native reservation, then lowers
- *       {@code charged}. A grow can only take bytes that are in {@code slack}, so a trim never
- *       gives back bytes a grow counted on, and every byte is in exactly one of {@code used},
- *       {@code slack}, one thread's hands between two steps, or given back.</li>
+ *   <li>a grow reads {@code state}, then {@code charged}, and if {@code used + bytes <= charged}
+ *       and no trim is under way, compare-and-sets {@code state} to {@code used + bytes}, same
+ *       flag and version: one CAS, no JNI call. A shrink compare-and-sets {@code state} down
+ *       (only if {@code used >= bytes}).</li>
+ *   <li>a grow past {@code charged} grows the native reservation by the shortfall rounded up to
+ *       the quantum (if the pools refuse that, once more by exactly the shortfall, so rounding
+ *       never refuses what fits), then raises {@code charged}, then retries its CAS.</li>
+ *   <li>a trim (when a shrink or a slow grow leaves more than two quanta of slack: down to one;
+ *       after a refusal: down to one if above) sets the trimming flag with a CAS on
+ *       {@code state}, lowers {@code charged} to {@code used} plus one quantum, clears the flag
+ *       and bumps the version (one CAS), and only then shrinks the native reservation. While
+ *       the flag is set {@code used} can only go down (grows wait for the few instructions of
+ *       the window, which holds no lock and makes no call); a grow that read {@code state}
+ *       before the window fails its CAS (the flag or the version changed), so no grow can
+ *       count on bytes a trim gives back. {@code charged} only moves by atomic adds.</li>
  * </ul>
- * Every thread that adds to {@code slack} checks the bound afterwards, so once calls stop the
- * slack is at most two quanta. No lock is held on any path: the slow path's JNI call may reach
+ * Every thread that leaves surplus slack checks the bound afterwards, so once calls stop the
+ * slack is at most two quanta. No lock is held across a JNI call: the slow path's call may reach
  * the listener and make Spark spill, which may shrink or grow this reservation from the same or
- * another thread; a lock held across it could deadlock (the native side holds none either).
- * Concurrent slow grows may each charge a quantum; the bound check gives the surplus back. The
- * peak costs a grow nothing: a decrease of {@code used} first raises {@code peak} to the value it
- * leaves, so the peak is {@code max(used, peak)}.
- * {@link #close()} releases the native reservation, slack included, once.
+ * another thread (the native side holds no lock there either). Concurrent slow grows may each
+ * charge a quantum; the bound check gives the surplus back. The peak costs a grow nothing: a
+ * decrease of {@code used} first raises {@code peak} to the value it leaves, so the peak is
+ * {@code max(used, peak)}. {@link #close()} releases the native reservation, slack included,
+ * once. A reservation with the quantum holds at most {@link #MAX_QUANTUM_MODE_SIZE} bytes (128
+ * TiB): a grow past it is refused.
  */
 public final class NativeReservation extends NativeObject {
+    /** Bits of {@code state} holding the size. */
+    static final int USED_BITS = 47;
+    /** The largest size of a reservation with a quantum: 128 TiB - 1. */
+    static final long MAX_QUANTUM_MODE_SIZE = (1L << USED_BITS) - 1;
+    private static final long TRIMMING = 1L << USED_BITS;
+    private static final long VERSION_UNIT = TRIMMING << 1;
+
     private final String poolPath;
     private final String consumer;
     /** The Java-side quantum; 0: every call goes to the native reservation (exact accounting). */
     private final long quantum;
-    /** Exact bytes held (quantum mode). */
-    private final AtomicLong used = new AtomicLong();
-    /** Charged bytes that {@link #used} does not hold (quantum mode). */
-    private final AtomicLong slack = new AtomicLong();
-    /**
-     * Highest value {@link #used} left by a decrease (quantum mode): the peak is
-     * {@code max(used, peak)}, so a grow pays no second atomic operation for it (see
-     * {@link #peakBytes()}).
-     */
-    private final AtomicLong peak = new AtomicLong();
+    /** Size, trimming flag, version (quantum mode; see the class doc). */
+    private final AtomicLong state = new AtomicLong();
     /** The native reservation's size as this object changed it (quantum mode). */
     private final AtomicLong charged = new AtomicLong();
+    /**
+     * Highest size left by a decrease (quantum mode): the peak is {@code max(size, peak)}, so a
+     * grow pays nothing for it (see {@link #peakBytes()}).
+     */
+    private final AtomicLong peak = new AtomicLong();
 
     NativeReservation(NativeMemoryManager manager, long handle, String poolPath, String consumer) {
         this(manager, handle, poolPath, consumer, 0, 0, 0);
@@ -85,7 +90,8 @@ public final class NativeReservation extends NativeObject {
 
     /**
      * @param quantum the Java-side quantum, 0 for exact accounting
-     * @param size bytes the caller asked for at creation (quantum mode)
+     * @param size bytes the caller asked for at creation (quantum mode), at most
+     *     {@link #MAX_QUANTUM_MODE_SIZE}
      * @param charged the native reservation's size at creation, {@code >= size} (quantum mode)
      */
     NativeReservation(NativeMemoryManager manager, long handle, String poolPath, String consumer, long quantum,
@@ -94,9 +100,8 @@ public final class NativeReservation extends NativeObject {
         this.poolPath = poolPath;
         this.consumer = consumer;
         this.quantum = quantum;
-        this.used.set(size);
+        this.state.set(size);
         this.peak.set(size);
-        this.slack.set(charged - size);
         this.charged.set(charged);
     }
 
@@ -117,8 +122,15 @@ public final class NativeReservation extends NativeObject {
             return;
         }
         checkNonNegative("bytes", bytes);
-        takeSlack(bytes);
-        used.addAndGet(bytes);
+        long w = state.get();
+        long n = (w & MAX_QUANTUM_MODE_SIZE) + bytes;
+        // Out of range (or overflowed) if any bit above the size is set. Reading charged after
+        // state: see the class doc.
+        if ((w & TRIMMING) == 0 && (n & ~MAX_QUANTUM_MODE_SIZE) == 0 && n <= charged.get()
+                && state.compareAndSet(w, w + bytes)) {
+            return;
+        }
+        slowGrow(bytes);
     }
 
     /**
@@ -141,18 +153,19 @@ public final class NativeReservation extends NativeObject {
         }
         checkNonNegative("bytes", bytes);
         for (;;) {
-            long u = used.get();
+            long w = state.get();
+            long u = w & MAX_QUANTUM_MODE_SIZE;
             if (bytes > u) {
                 throw new IllegalArgumentException("cannot shrink reservation '" + consumer + "' in pool '" + poolPath
                         + "' by " + Bytes.human(bytes) + " (" + bytes + " bytes): it holds " + Bytes.human(u) + " ("
                         + u + " bytes)");
             }
             raisePeak(u); // before u is left: see peakBytes
-            if (used.compareAndSet(u, u - bytes)) {
-                break;
+            if (state.compareAndSet(w, w - bytes)) {
+                trimIfAbove(2, u - bytes);
+                return;
             }
         }
-        returnSlack(bytes);
     }
 
     /**
@@ -172,21 +185,17 @@ public final class NativeReservation extends NativeObject {
         }
         checkNonNegative("newSize", newSize);
         for (;;) {
-            long u = used.get();
+            long w = state.get();
+            long u = w & MAX_QUANTUM_MODE_SIZE;
             if (newSize <= u) {
                 raisePeak(u);
-                if (used.compareAndSet(u, newSize)) {
-                    returnSlack(u - newSize);
+                if (state.compareAndSet(w, w - (u - newSize))) {
+                    trimIfAbove(2, newSize);
                     return;
                 }
-                continue;
-            }
-            long add = newSize - u;
-            takeSlack(add);
-            if (used.compareAndSet(u, newSize)) {
+            } else if (tryGrowFrom(w, newSize - u)) {
                 return;
             }
-            returnSlack(add); // another thread changed the size meanwhile: start again
         }
     }
 
@@ -196,7 +205,7 @@ public final class NativeReservation extends NativeObject {
      */
     public long size() {
         checkOpen();
-        return quantum == 0 ? nativeSize(handle()) : used.get();
+        return quantum == 0 ? nativeSize(handle()) : state.get() & MAX_QUANTUM_MODE_SIZE;
     }
 
     /**
@@ -212,9 +221,9 @@ public final class NativeReservation extends NativeObject {
         if (quantum == 0) {
             return nativePeak(handle());
         }
-        // Every value used took is below a later one, or is the current one, or was left by a
-        // decrease, which raised peak to it first. Reading used before peak misses none.
-        long now = used.get();
+        // Every size so far is below a later one, or is the current one, or was left by a
+        // decrease, which raised peak to it first. Reading the size before peak misses none.
+        long now = state.get() & MAX_QUANTUM_MODE_SIZE;
         return Math.max(now, peak.get());
     }
 
@@ -231,61 +240,66 @@ public final class NativeReservation extends NativeObject {
         return quantum;
     }
 
-    /** Takes {@code bytes} out of the slack, charging more quanta first if it is short. */
-    private void takeSlack(long bytes) {
-        for (long s = slack.get(); s >= bytes; s = slack.get()) {
-            if (slack.compareAndSet(s, s - bytes)) {
+    /** The slow path of {@link #grow}: charges quanta until the grow fits. */
+    private void slowGrow(long bytes) {
+        for (;;) {
+            if (tryGrowFrom(state.get(), bytes)) {
                 return;
             }
         }
-        slowTake(bytes);
     }
 
-    /** Puts {@code bytes} back into the slack; trims it if that leaves more than two quanta. */
-    private void returnSlack(long bytes) {
-        long s = slack.addAndGet(bytes);
-        if (s > 2 * quantum && s > 2 * quantumFor(used.get())) {
-            trimAbove(2);
+    /**
+     * One attempt to grow by {@code bytes} from state {@code w}: charges the native reservation
+     * first if needed.
+     *
+     * @return true if grown; false if {@code state} changed meanwhile (try again)
+     * @throws NativeOutOfMemoryException if refused; nothing changed, surplus slack given back
+     */
+    private boolean tryGrowFrom(long w, long bytes) {
+        if ((w & TRIMMING) != 0) {
+            Thread.yield(); // a trim's window: a few instructions on another thread
+            return false;
         }
-    }
-
-    /** The slow path of {@link #takeSlack}: grows the native reservation until the slack covers. */
-    private void slowTake(long bytes) {
-        for (;;) {
-            long s = slack.get();
-            if (s >= bytes) {
-                if (slack.compareAndSet(s, s - bytes)) {
-                    break;
-                }
-                continue;
+        long n = (w & MAX_QUANTUM_MODE_SIZE) + bytes;
+        if (n < 0 || n > MAX_QUANTUM_MODE_SIZE) {
+            throw new NativeOutOfMemoryException("cannot grow reservation '" + consumer + "' in pool '" + poolPath
+                    + "' by " + bytes + " bytes: a NativeReservation with a reservation quantum holds at most "
+                    + MAX_QUANTUM_MODE_SIZE + " bytes");
+        }
+        long c = charged.get();
+        if (n <= c) {
+            if (!state.compareAndSet(w, w + bytes)) {
+                return false;
             }
-            long need = bytes - s;
-            long q = quantumFor(used.get() + bytes);
-            long rounded = need > Long.MAX_VALUE - q ? need : (need + q - 1) / q * q;
-            long grown;
-            try {
-                grown = growNative(need, rounded);
-            } catch (NativeMemoryException e) {
-                // Refused; nothing changed natively. Bytes an earlier round of this loop charged
-                // may be left in the slack: keep at most one quantum.
+            if (c - n > 2 * quantum) {
                 try {
-                    trimAbove(1);
-                } catch (RuntimeException t) {
-                    e.addSuppressed(t);
+                    trimIfAbove(2, n); // other slow grows charged meanwhile
+                } catch (NativeMemoryException e) {
+                    // The listener threw while taking surplus back: the native reservation did
+                    // shrink and the bytes stay reserved (see shrink); the grow itself succeeded.
                 }
-                throw e;
             }
-            charged.addAndGet(grown);
-            slack.addAndGet(grown);
+            return true;
         }
-        if (slack.get() > 2 * quantum) { // other slow grows charged meanwhile
+        long need = n - c;
+        long q = quantumFor(n);
+        long rounded = need > Long.MAX_VALUE - q ? need : (need + q - 1) / q * q;
+        long grown;
+        try {
+            grown = growNative(need, rounded);
+        } catch (NativeMemoryException e) {
+            // Refused; nothing changed natively. Bytes an earlier round charged may be left in
+            // the slack: keep at most one quantum.
             try {
-                trimAbove(2);
-            } catch (NativeMemoryException e) {
-                // The listener threw while taking surplus back: the native reservation did
-                // shrink and the bytes stay reserved (see shrink); the grow itself succeeded.
+                trimIfAbove(1, state.get() & MAX_QUANTUM_MODE_SIZE);
+            } catch (RuntimeException t) {
+                e.addSuppressed(t);
             }
+            throw e;
         }
+        charged.addAndGet(grown);
+        return false;
     }
 
     /**
@@ -308,27 +322,42 @@ public final class NativeReservation extends NativeObject {
     }
 
     /**
-     * If the slack exceeds {@code quanta} times {@link #quantumFor} the size, gives back all of it
-     * but one such quantum.
+     * If the slack exceeds {@code quanta} times the quantum of the size, gives back all of it but
+     * one quantum. {@code sizeHint} is a size just seen, for a cheap first check.
      */
-    private void trimAbove(int quanta) {
+    private void trimIfAbove(int quanta, long sizeHint) {
+        if (charged.get() - sizeHint <= quanta * quantum) {
+            return; // the common case: at most the configured quantum's bound
+        }
         for (;;) {
-            long s = slack.get();
-            long q = quantumFor(used.get());
-            if (s <= quanta * q) {
+            long w = state.get();
+            if ((w & TRIMMING) != 0) {
+                Thread.yield(); // another trim's window: a few instructions on another thread
+                continue;
+            }
+            long u = w & MAX_QUANTUM_MODE_SIZE;
+            long q = quantumFor(u);
+            if (charged.get() - u <= quanta * q) {
                 return;
             }
-            if (slack.compareAndSet(s, q)) {
-                long release = s - q;
-                try {
-                    nativeShrink(handle(), release);
-                } catch (NativeMemoryException e) {
-                    charged.addAndGet(-release); // the native reservation did shrink (see shrink)
-                    throw e;
-                }
+            if (!state.compareAndSet(w, w | TRIMMING)) {
+                continue;
+            }
+            // The window: the size can only go down, charged only up (slow grows' adds).
+            long release = charged.get() - (u + q);
+            if (release > 0) {
                 charged.addAndGet(-release);
-                return;
             }
+            for (;;) {
+                long t = state.get();
+                if (state.compareAndSet(t, ((t & ~TRIMMING) + VERSION_UNIT) & Long.MAX_VALUE)) {
+                    break;
+                }
+            }
+            if (release > 0) {
+                nativeShrink(handle(), release); // a NativeMemoryException: it did shrink
+            }
+            return;
         }
     }
 
