@@ -220,7 +220,9 @@ public final class NativeMemoryManager implements AutoCloseable {
     /**
      * Charges {@code bytes} to the pool at {@code poolPath} for memory JVM code owns (Arrow or
      * Netty off-heap buffers), so JVM and native users share limits, spill and the listener's
-     * budget. Same as {@code newReservation(poolPath, DEFAULT_CONSUMER, bytes)}.
+     * budget. Same as {@code newReservation(poolPath, DEFAULT_CONSUMER, bytes)}. With a
+     * {@linkplain NativeMemoryConfig#reservationQuantum() reservation quantum} the reservation
+     * charges the pool in whole quanta and keeps a Java-side slack (see {@link NativeReservation}).
      *
      * @param poolPath pool path below the root, e.g. {@code "scan/arrow"}; created if missing;
      *     {@code ""} or {@code "root"} is the root pool
