@@ -170,6 +170,24 @@ public class JavaSlackTest extends NativeTestSupport {
     }
 
     @Test
+    public void creationChargesWholeQuantaOrExactlyWhatFitsUnderALimit() {
+        long limit = 10 * QUANTUM + 1000;
+        NativeMemoryManager m = manager("slack-create", new CountingListener(),
+                smallBlocks().withReservationQuantum(QUANTUM).withTaskLimit(limit));
+        NativeReservation small = m.newReservation("s", 10);
+        assertEquals(QUANTUM, small.chargedBytes());
+        small.close();
+        // 11 quanta do not fit: the exact size does.
+        NativeReservation r = m.newReservation("r", 10 * QUANTUM + 500);
+        assertEquals(10 * QUANTUM + 500, r.size());
+        assertEquals(10 * QUANTUM + 500, r.chargedBytes());
+        expect(NativeOutOfMemoryException.class, () -> m.newReservation("t", 501));
+        assertEquals(10 * QUANTUM + 500, m.usedBytes());
+        r.close();
+        assertEquals(0, m.usedBytes());
+    }
+
+    @Test
     public void aGrowRefusedAfterEarlierRoundsChargedKeepsAtMostOneQuantum() throws Exception {
         // Threads racing for one reservation's slack under a limit: whatever the interleaving,
         // a refused grow leaves no more than one quantum of slack, and sizes stay exact.
