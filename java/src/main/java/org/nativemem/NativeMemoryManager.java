@@ -220,7 +220,9 @@ public final class NativeMemoryManager implements AutoCloseable {
     /**
      * Charges {@code bytes} to the pool at {@code poolPath} for memory JVM code owns (Arrow or
      * Netty off-heap buffers), so JVM and native users share limits, spill and the listener's
-     * budget. Same as {@code newReservation(poolPath, DEFAULT_CONSUMER, bytes)}.
+     * budget. Same as {@code newReservation(poolPath, DEFAULT_CONSUMER, bytes)}. With a
+     * {@linkplain NativeMemoryConfig#reservationQuantum() reservation quantum} the reservation
+     * charges the pool in whole quanta and keeps a Java-side slack (see {@link NativeReservation}).
      *
      * @param poolPath pool path below the root, e.g. {@code "scan/arrow"}; created if missing;
      *     {@code ""} or {@code "root"} is the root pool
@@ -252,8 +254,25 @@ public final class NativeMemoryManager implements AutoCloseable {
         Objects.requireNonNull(poolPath, "poolPath");
         Objects.requireNonNull(consumer, "consumer");
         checkOpen();
-        long reservation = nativeReserve(handle, poolPath, consumer, bytes);
-        return new NativeReservation(this, reservation, poolPath, consumer);
+        long quantum = config.reservationQuantum();
+        if (quantum == 0 || bytes < 0 || bytes > NativeReservation.MAX_QUANTUM_MODE_SIZE) {
+            long reservation = nativeReserve(handle, poolPath, consumer, bytes);
+            return new NativeReservation(this, reservation, poolPath, consumer);
+        }
+        // The reservation's Java-side slack (see NativeReservation): charge whole quanta, or
+        // exactly the bytes if a limit refuses the rounding.
+        long charged = bytes > Long.MAX_VALUE - quantum ? bytes : (bytes + quantum - 1) / quantum * quantum;
+        long reservation;
+        try {
+            reservation = nativeReserve(handle, poolPath, consumer, charged);
+        } catch (NativeOutOfMemoryException refused) {
+            if (charged == bytes) {
+                throw refused;
+            }
+            charged = bytes;
+            reservation = nativeReserve(handle, poolPath, consumer, charged);
+        }
+        return new NativeReservation(this, reservation, poolPath, consumer, quantum, bytes, charged);
     }
 
     /** @return true once {@link #close()} has been called */

@@ -39,8 +39,10 @@ import org.nativemem.spark.SparkReservationListener;
  *       across rounds (a task's steady state: hysteresis keeps one block between rounds).
  *       nativemem from Java (the API a user calls): a Java loop of
  *       {@link NativeReservation#grow} on one reservation of the same manager, then one
- *       {@link NativeReservation#shrink} of the total, so every grow is one JNI downcall through
- *       the export guard and the handle table. Per-grow
+ *       {@link NativeReservation#shrink} of the total; with the default quantum most grows are
+ *       one CAS on the reservation's Java-side slack, and about one in a hundred a JNI downcall
+ *       (export guard, handle table) charging the next quantum (1 MiB, growing with the
+ *       reservation to 8 MiB). Per-grow
  *       ({@code NativeBench.upcallPerGrowLoop}): one upcall to {@code reserve(64 KiB)} per grow,
  *       as Comet does, then one {@code unreserve} of the total. Every loop ends by freeing the
  *       GiB. ns/grow is the round's wall time / 16,384; the figure is the median of the measured

@@ -39,7 +39,8 @@ import org.slf4j.LoggerFactory;
  * </ul>
  * With 8 MiB blocks a steady Arrow workload makes a handful of calls; the worst case (a live set
  * that only grows, then only shrinks) is two calls per 8 MiB moved, i.e. 256 per GiB against
- * 16,384 buffers of 64 KiB. {@link #jniCalls()} counts them.
+ * 16,384 buffers of 64 KiB. {@link #jniCalls()} counts them (calls of the reservation: with a
+ * reservation quantum it serves some of them from its own Java-side slack without a JNI call).
  *
  * <h2>Refusal</h2>
  * Arrow calls {@link #onPreAllocation(long)} before it accounts or allocates anything, so that is
