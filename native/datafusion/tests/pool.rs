@@ -809,3 +809,52 @@ fn a_consumer_holding_nothing_is_never_refused_for_fairness() {
     assert!(m.close().unwrap().is_empty());
     assert_eq!(l.reserved(), 0);
 }
+
+/// Issue 26: a merge waiting for a sort to spill waits off its tokio worker. Both operators run
+/// as tasks of a runtime with one worker, as DataFusion runs them: had the merge's wait held the
+/// worker, the sort could never run its next grow (the one refused so that it spills) and the
+/// merge would fail after its 5 s bound.
+#[test]
+fn a_merge_waiting_for_a_sort_to_spill_leaves_its_tokio_worker_to_the_sort() {
+    let (m, l, pool) = setup(Some(8 * MIB as u64));
+    let sort = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&pool);
+    let merge = MemoryConsumer::new("ExternalSorterMerge[1]").register(&pool);
+    sort.try_grow(6 * MIB).unwrap();
+    merge.try_grow(MIB).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_time()
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (sort, merge) = rt.block_on(async move {
+        // The merge first: on the only worker, it finds no room and waits for the sort.
+        let merging = tokio::spawn(async move { merge.try_grow(3 * MIB).map(|()| merge) });
+        let sorter = tokio::spawn(async move {
+            // Grows a little until refused (asked to give memory back), then spills.
+            while sort.try_grow(1024).is_ok() {
+                sort.shrink(1024);
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            sort.free();
+            sort.try_grow(1024).unwrap();
+            sort
+        });
+        let merge = merging.await.unwrap().expect("the merge got its memory");
+        (sorter.await.unwrap(), merge)
+    });
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "the merge ran out its wait: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(merge.size(), 4 * MIB);
+    drop((sort, merge));
+    drop(rt);
+    drop(pool);
+    assert_eq!(m.used(), 0);
+    assert!(m.close().unwrap().is_empty());
+    assert_eq!(l.reserved(), 0);
+}
