@@ -401,19 +401,19 @@ async fn sort_merge_join_over_commit_is_charged_and_bounded() {
 /// The failure matrix's CI-sized subset (`scripts/bench.sh datafusion` runs all of it, N runs a
 /// cell): one run a cell of the cells issue 26 was about, at 1/4 of each query's unbounded peak:
 /// the window query budget-only (no task limit, Spark grants the limit; item 5) with spill
-/// requests off and on, two sorts on two pools of one task (item 3) with requests on, and two
-/// `COUNT(DISTINCT)` sharing a pool budget-only (items 1 and 5). nativemem must not fail more
+/// requests off and on, the sort with a task limit and requests on, two `COUNT(DISTINCT)`
+/// sharing a pool budget-only (items 1 and 5), and two sorts on two pools of one task (item 3)
+/// with a task limit and requests on. nativemem must not fail more
 /// often than DataFusion's `FairSpillPool` on the same query and limit; results are checked
 /// against the unbounded run and every byte must come back (`support::nativemem_run`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_matrix_subset_never_fails_more_than_fair_spill_pool() {
     use support::{matrix_row, unbounded, Mode, QUERIES};
-    let cells: [(&str, &[(Mode, bool)]); 3] = [
+    let cells: [(&str, &[(Mode, bool)]); 4] = [
         ("window", &[(Mode::Budget, false), (Mode::Budget, true)]),
-        // Not the two pools of one task: nativemem still fails them now and then (README's
-        // matrix, "no" rows); a single run of a cell with a known failure rate would make CI flaky.
         ("sort", &[(Mode::Limit, true)]),
         ("2x-count-distinct-one-pool", &[(Mode::Budget, false)]),
+        ("2x-sort-two-pools-one-task", &[(Mode::Limit, true)]),
     ];
     for (name, modes) in cells {
         let q = QUERIES.iter().find(|q| q.name == name).unwrap();
