@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use datafusion_common::DataFusionError;
-use datafusion_execution::memory_pool::{MemoryConsumer, MemoryLimit, MemoryPool};
+use datafusion_execution::memory_pool::{
+    MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation,
+};
 use nativemem_core::{CapacityListener, MemoryConfig, MemoryManager};
 use nativemem_datafusion::{NativememPool, Policy};
 
@@ -27,12 +29,25 @@ fn setup(limit: Option<u64>) -> (MemoryManager, Arc<CapacityListener>, Arc<dyn M
     (m, l, pool)
 }
 
+/// A spillable consumer (a sort) registered on `pool`.
+fn spillable(name: &str, pool: &Arc<dyn MemoryPool>) -> MemoryReservation {
+    MemoryConsumer::new(name)
+        .with_can_spill(true)
+        .register(pool)
+}
+
+/// Every byte is back: the manager holds nothing, closes without a leak, and Spark's reservation
+/// (the listener's) is empty.
+fn all_back(m: MemoryManager, l: &CapacityListener) {
+    assert_eq!(m.used(), 0);
+    assert!(m.close().unwrap().is_empty());
+    assert_eq!(l.reserved(), 0);
+}
+
 #[test]
 fn consumers_are_charged_by_name_and_give_everything_back() {
     let (m, l, pool) = setup(None);
-    let sort = MemoryConsumer::new("ExternalSorter[0]")
-        .with_can_spill(true)
-        .register(&pool);
+    let sort = spillable("ExternalSorter[0]", &pool);
     sort.try_grow(3 * MIB).unwrap();
     assert_eq!((pool.reserved(), m.used() as usize), (3 * MIB, 3 * MIB));
     let report = m.usage_report().to_string();
@@ -63,9 +78,7 @@ fn each_operators_peak_is_kept_after_it_unregisters() {
     .unwrap();
     let native = Arc::new(NativememPool::new(m.pool("datafusion").unwrap()));
     let pool: Arc<dyn MemoryPool> = native.clone();
-    let sort = MemoryConsumer::new("ExternalSorter[0]")
-        .with_can_spill(true)
-        .register(&pool);
+    let sort = spillable("ExternalSorter[0]", &pool);
     let agg = MemoryConsumer::new("GroupedHashAggregateStream[0]").register(&pool);
     sort.try_grow(3 * MIB).unwrap();
     let half = sort.split(MIB); // one consumer: its reservations' sum counts
@@ -128,9 +141,7 @@ fn infallible_grow_over_the_limit_is_charged_at_once_and_refuses_every_consumer(
     let native = Arc::new(native);
     let dyn_pool: Arc<dyn MemoryPool> = native.clone();
     let join = MemoryConsumer::new("SortMergeJoinStream[0]").register(&dyn_pool);
-    let sort = MemoryConsumer::new("ExternalSorter[0]")
-        .with_can_spill(true)
-        .register(&dyn_pool);
+    let sort = spillable("ExternalSorter[0]", &dyn_pool);
     join.grow(3 * MIB);
     join.grow(2 * MIB); // nativemem refuses: over-commit, charged all the same
     assert_eq!(join.size(), 5 * MIB);
@@ -187,9 +198,7 @@ fn infallible_grow_over_the_limit_is_charged_at_once_and_refuses_every_consumer(
 #[test]
 fn unspillable_memory_shrinks_the_spillable_share_but_never_below_what_is_left() {
     let (m, _l, pool) = setup(Some(8 * MIB as u64));
-    let sort = MemoryConsumer::new("ExternalSorter[0]")
-        .with_can_spill(true)
-        .register(&pool);
+    let sort = spillable("ExternalSorter[0]", &pool);
     let merge = MemoryConsumer::new("ExternalSorterMerge[0]").register(&pool);
     // Unspillable memory is bounded by nativemem's limit only.
     merge.try_grow(6 * MIB).unwrap();
@@ -210,15 +219,9 @@ fn unspillable_memory_shrinks_the_spillable_share_but_never_below_what_is_left()
 #[test]
 fn shares_count_consumers_not_reservations_and_idle_consumers_do_not_count() {
     let (m, _l, pool) = setup(Some(8 * MIB as u64));
-    let a = MemoryConsumer::new("ExternalSorter[0]")
-        .with_can_spill(true)
-        .register(&pool);
-    let b = MemoryConsumer::new("ExternalSorter[1]")
-        .with_can_spill(true)
-        .register(&pool);
-    let _idle = MemoryConsumer::new("ExternalSorter[2]")
-        .with_can_spill(true)
-        .register(&pool);
+    let a = spillable("ExternalSorter[0]", &pool);
+    let b = spillable("ExternalSorter[1]", &pool);
+    let _idle = spillable("ExternalSorter[2]", &pool);
     b.try_grow(2 * MIB).unwrap(); // two active spillable consumers: 4 MiB each (the idle one: 0)
     a.try_grow(3 * MIB).unwrap();
     // A's second reservation counts against A's share: 3 + 1 fits, 3 + 1 + 2 does not: the
@@ -305,12 +308,8 @@ fn a_merging_aggregation_within_fair_spill_pools_share_is_not_refused_for_fairne
 #[test]
 fn a_consumer_that_could_not_spill_after_a_fairness_refusal_gets_the_free_room() {
     let (m, _l, pool) = setup(Some(8 * MIB as u64));
-    let a = MemoryConsumer::new("ExternalSorter[0]")
-        .with_can_spill(true)
-        .register(&pool);
-    let b = MemoryConsumer::new("ExternalSorter[1]")
-        .with_can_spill(true)
-        .register(&pool);
+    let a = spillable("ExternalSorter[0]", &pool);
+    let b = spillable("ExternalSorter[1]", &pool);
     b.try_grow(2 * MIB).unwrap();
     a.try_grow(4 * MIB).unwrap();
     // Over its share (4 MiB), leaving B less than it is owed: refused, so that it spills.
@@ -375,12 +374,8 @@ fn greedy_policy_refuses_only_on_nativemem_limits() {
         m.pool("greedy").unwrap(),
         Policy::Greedy,
     ));
-    let a = MemoryConsumer::new("ExternalSorter[0]")
-        .with_can_spill(true)
-        .register(&pool);
-    let b = MemoryConsumer::new("ExternalSorter[1]")
-        .with_can_spill(true)
-        .register(&pool);
+    let a = spillable("ExternalSorter[0]", &pool);
+    let b = spillable("ExternalSorter[1]", &pool);
     b.try_grow(2 * MIB).unwrap();
     // Fair share would stop A at 4 MiB; first come, first served lets it take all that is left.
     a.try_grow(6 * MIB).unwrap();
@@ -404,12 +399,8 @@ fn spill_requests_make_the_largest_spillable_consumers_spill_at_their_next_grow(
     native.answer_spill_requests().unwrap(); // idempotent: one spiller
     assert_eq!(m.spiller_count(), 1);
     let pool: Arc<dyn MemoryPool> = native.clone();
-    let big = MemoryConsumer::new("ExternalSorter[0]")
-        .with_can_spill(true)
-        .register(&pool);
-    let small = MemoryConsumer::new("ExternalSorter[1]")
-        .with_can_spill(true)
-        .register(&pool);
+    let big = spillable("ExternalSorter[0]", &pool);
+    let small = spillable("ExternalSorter[1]", &pool);
     let merge = MemoryConsumer::new("ExternalSorterMerge[0]").register(&pool);
     big.try_grow(6 * MIB).unwrap();
     small.try_grow(2 * MIB).unwrap();
@@ -468,9 +459,7 @@ fn an_unspillable_grow_finding_no_room_waits_for_the_asked_consumers_to_spill() 
     ));
     native.answer_spill_requests().unwrap();
     let pool: Arc<dyn MemoryPool> = native.clone();
-    let sort = MemoryConsumer::new("ExternalSorter[0]")
-        .with_can_spill(true)
-        .register(&pool);
+    let sort = spillable("ExternalSorter[0]", &pool);
     let merge = MemoryConsumer::new("ExternalSorterMerge[0]").register(&pool);
     sort.try_grow(6 * MIB).unwrap();
     merge.try_grow(MIB).unwrap();
@@ -495,9 +484,7 @@ fn an_unspillable_grow_finding_no_room_waits_for_the_asked_consumers_to_spill() 
     drop((sort, merge));
     drop(pool);
     drop(native);
-    assert_eq!(m.used(), 0);
-    assert!(m.close().unwrap().is_empty());
-    assert_eq!(l.reserved(), 0);
+    all_back(m, &l);
 }
 
 #[test]
@@ -544,9 +531,7 @@ fn an_unspillable_grow_waits_for_the_consumers_asked_in_another_pool_of_the_task
     merges.answer_spill_requests().unwrap();
     let sorts_pool: Arc<dyn MemoryPool> = sorts.clone();
     let merges_pool: Arc<dyn MemoryPool> = merges.clone();
-    let sort = MemoryConsumer::new("ExternalSorter[0]")
-        .with_can_spill(true)
-        .register(&sorts_pool);
+    let sort = spillable("ExternalSorter[0]", &sorts_pool);
     let merge = MemoryConsumer::new("ExternalSorterMerge[0]").register(&merges_pool);
     sort.try_grow(6 * MIB).unwrap();
     merge.try_grow(MIB).unwrap();
@@ -574,9 +559,7 @@ fn an_unspillable_grow_waits_for_the_consumers_asked_in_another_pool_of_the_task
     assert_eq!(merge.size(), 4 * MIB);
     drop((sort, merge));
     drop((sorts_pool, merges_pool, sorts, merges));
-    assert_eq!(m.used(), 0);
-    assert!(m.close().unwrap().is_empty());
-    assert_eq!(l.reserved(), 0);
+    all_back(m, &l);
 }
 
 /// Issue 26: with spill requests off (the default), a merge whose grow finds no room under the
@@ -586,9 +569,7 @@ fn an_unspillable_grow_waits_for_the_consumers_asked_in_another_pool_of_the_task
 #[test]
 fn with_spill_requests_off_a_merge_finding_no_room_waits_for_a_sort_of_its_pool_to_spill() {
     let (m, l, pool) = setup(Some(8 * MIB as u64));
-    let sort = MemoryConsumer::new("ExternalSorter[0]")
-        .with_can_spill(true)
-        .register(&pool);
+    let sort = spillable("ExternalSorter[0]", &pool);
     let merge = MemoryConsumer::new("ExternalSorterMerge[1]").register(&pool);
     sort.try_grow(6 * MIB).unwrap();
     merge.try_grow(MIB).unwrap();
@@ -611,9 +592,7 @@ fn with_spill_requests_off_a_merge_finding_no_room_waits_for_a_sort_of_its_pool_
     assert_eq!(m.used() as usize, 4 * MIB + 1024);
     drop((sort, merge));
     drop(pool);
-    assert_eq!(m.used(), 0);
-    assert!(m.close().unwrap().is_empty());
-    assert_eq!(l.reserved(), 0);
+    all_back(m, &l);
 }
 
 /// Issue 26, budget-only (no task limit: Spark's grants bound the task): a hash aggregation
@@ -626,12 +605,8 @@ fn a_merging_aggregation_refused_by_spark_waits_for_a_sort_of_its_pool_to_spill(
     let config = exact().with_reservation_block(MIB as u64);
     let m = MemoryManager::new("task", config, l.clone()).unwrap();
     let pool: Arc<dyn MemoryPool> = Arc::new(NativememPool::new(m.pool("datafusion").unwrap()));
-    let sort = MemoryConsumer::new("ExternalSorter[0]")
-        .with_can_spill(true)
-        .register(&pool);
-    let agg = MemoryConsumer::new("SingleHashAggregateStream[1]")
-        .with_can_spill(true)
-        .register(&pool);
+    let sort = spillable("ExternalSorter[0]", &pool);
+    let agg = spillable("SingleHashAggregateStream[1]", &pool);
     let merge = agg.new_empty();
     let replay = agg.new_empty();
     merge.try_grow(2 * MIB).unwrap();
@@ -654,9 +629,7 @@ fn a_merging_aggregation_refused_by_spark_waits_for_a_sort_of_its_pool_to_spill(
     assert_eq!((merge.size(), replay.size()), (2 * MIB, 3 * MIB));
     drop((sort, merge, replay, agg));
     drop(pool);
-    assert_eq!(m.used(), 0);
-    assert!(m.close().unwrap().is_empty());
-    assert_eq!(l.reserved(), 0);
+    all_back(m, &l);
 }
 
 /// Issue 26, item 5: budget-only (no task limit), fairness divides what Spark's budget let the
@@ -672,12 +645,8 @@ fn budget_only_fairness_divides_what_spark_let_the_pool_hold() {
     let native = Arc::new(NativememPool::new(m.pool("datafusion").unwrap()));
     let pool: Arc<dyn MemoryPool> = native.clone();
     assert!(matches!(pool.memory_limit(), MemoryLimit::Unknown));
-    let a = MemoryConsumer::new("ExternalSorter[0]")
-        .with_can_spill(true)
-        .register(&pool);
-    let b = MemoryConsumer::new("ExternalSorter[1]")
-        .with_can_spill(true)
-        .register(&pool);
+    let a = spillable("ExternalSorter[0]", &pool);
+    let b = spillable("ExternalSorter[1]", &pool);
     assert_eq!(native.budget_seen(), None);
     b.try_grow(MIB).unwrap();
     a.try_grow(7 * MIB).unwrap(); // no limit known yet: Spark grants it
@@ -712,12 +681,8 @@ fn budget_only_fairness_divides_what_spark_let_the_pool_hold() {
 #[test]
 fn a_consumer_leaves_fair_spill_pools_share_free_for_consumers_not_started() {
     let (m, _l, pool) = setup(Some(8 * MIB as u64));
-    let a = MemoryConsumer::new("ExternalSorter[0]")
-        .with_can_spill(true)
-        .register(&pool);
-    let b = MemoryConsumer::new("ExternalSorter[1]")
-        .with_can_spill(true)
-        .register(&pool);
+    let a = spillable("ExternalSorter[0]", &pool);
+    let b = spillable("ExternalSorter[1]", &pool);
     let late = MemoryConsumer::new("ExternalSorterMerge[1]").register(&pool);
     // FairSpillPool's share: 4 MiB (8 MiB, two registered spillable consumers). A alone is
     // active (its share: the whole limit), but may not leave less than 4 MiB free while B and
@@ -750,12 +715,8 @@ fn fairness_divides_the_task_limit_among_the_consumers_of_every_pool_of_the_task
     let m = MemoryManager::new("task", config, l.clone()).unwrap();
     let a: Arc<dyn MemoryPool> = Arc::new(NativememPool::new(m.pool("query-1").unwrap()));
     let b: Arc<dyn MemoryPool> = Arc::new(NativememPool::new(m.pool("query-2").unwrap()));
-    let sort_a = MemoryConsumer::new("ExternalSorter[0]")
-        .with_can_spill(true)
-        .register(&a);
-    let sort_b = MemoryConsumer::new("ExternalSorter[0]")
-        .with_can_spill(true)
-        .register(&b);
+    let sort_a = spillable("ExternalSorter[0]", &a);
+    let sort_b = spillable("ExternalSorter[0]", &b);
     sort_a.try_grow(3 * MIB).unwrap();
     sort_b.try_grow(MIB).unwrap();
     // Alone in its pool, sort A's share would be the whole 8 MiB. With sort B counted, its share
@@ -773,9 +734,7 @@ fn fairness_divides_the_task_limit_among_the_consumers_of_every_pool_of_the_task
     assert_eq!(m.used() as usize, 8 * MIB);
     drop((sort_a, sort_b));
     drop((a, b));
-    assert_eq!(m.used(), 0);
-    assert!(m.close().unwrap().is_empty());
-    assert_eq!(l.reserved(), 0);
+    all_back(m, &l);
 }
 
 /// Issue 26: a consumer holding nothing is never refused for fairness (a refusal cannot make it
@@ -784,12 +743,8 @@ fn fairness_divides_the_task_limit_among_the_consumers_of_every_pool_of_the_task
 #[test]
 fn a_consumer_holding_nothing_is_never_refused_for_fairness() {
     let (m, l, pool) = setup(Some(8 * MIB as u64));
-    let sort_x = MemoryConsumer::new("ExternalSorter[0]")
-        .with_can_spill(true)
-        .register(&pool);
-    let sort_y = MemoryConsumer::new("ExternalSorter[1]")
-        .with_can_spill(true)
-        .register(&pool);
+    let sort_x = spillable("ExternalSorter[0]", &pool);
+    let sort_y = spillable("ExternalSorter[1]", &pool);
     let merge = MemoryConsumer::new("ExternalSorterMerge[0]").register(&pool);
     merge.try_grow(MIB).unwrap();
     sort_x.try_grow(2 * MIB).unwrap();
@@ -805,9 +760,7 @@ fn a_consumer_holding_nothing_is_never_refused_for_fairness() {
     assert_eq!(m.used() as usize, 7 * MIB);
     drop((sort_x, sort_y, merge));
     drop(pool);
-    assert_eq!(m.used(), 0);
-    assert!(m.close().unwrap().is_empty());
-    assert_eq!(l.reserved(), 0);
+    all_back(m, &l);
 }
 
 /// Issue 26: a merge waiting for a sort to spill waits off its tokio worker. Both operators run
@@ -817,9 +770,7 @@ fn a_consumer_holding_nothing_is_never_refused_for_fairness() {
 #[test]
 fn a_merge_waiting_for_a_sort_to_spill_leaves_its_tokio_worker_to_the_sort() {
     let (m, l, pool) = setup(Some(8 * MIB as u64));
-    let sort = MemoryConsumer::new("ExternalSorter[0]")
-        .with_can_spill(true)
-        .register(&pool);
+    let sort = spillable("ExternalSorter[0]", &pool);
     let merge = MemoryConsumer::new("ExternalSorterMerge[1]").register(&pool);
     sort.try_grow(6 * MIB).unwrap();
     merge.try_grow(MIB).unwrap();
@@ -854,7 +805,5 @@ fn a_merge_waiting_for_a_sort_to_spill_leaves_its_tokio_worker_to_the_sort() {
     drop((sort, merge));
     drop(rt);
     drop(pool);
-    assert_eq!(m.used(), 0);
-    assert!(m.close().unwrap().is_empty());
-    assert_eq!(l.reserved(), 0);
+    all_back(m, &l);
 }
