@@ -198,49 +198,29 @@ public class JavaSlackTest extends NativeTestSupport {
         final NativeReservation r = m.newReservation("r", 0);
         final int threads = 4;
         final long[] held = new long[threads];
-        final AtomicReference<Throwable> failure = new AtomicReference<Throwable>();
-        final CountDownLatch start = new CountDownLatch(1);
-        List<Thread> workers = new ArrayList<Thread>();
-        for (int t = 0; t < threads; t++) {
-            final int id = t;
-            Thread w = new Thread(() -> {
-                Random rnd = new Random(id);
-                try {
-                    start.await();
-                    for (int i = 0; i < 20_000; i++) {
-                        long n = 1 + rnd.nextInt((int) (3 * QUANTUM));
-                        if (rnd.nextBoolean() || held[id] < n) {
-                            try {
-                                r.grow(n);
-                                held[id] += n;
-                                long natively = nativeSize(r);
-                                if (natively < held[id]) {
-                                    throw new AssertionError("native size " + natively + " < held " + held[id]);
-                                }
-                            } catch (NativeOutOfMemoryException refused) {
-                                // refused: nothing changed
-                            }
-                        } else {
-                            r.shrink(n);
-                            held[id] -= n;
+        runTogether(threads, id -> {
+            Random rnd = new Random(id);
+            for (int i = 0; i < 20_000; i++) {
+                long n = 1 + rnd.nextInt((int) (3 * QUANTUM));
+                if (rnd.nextBoolean() || held[id] < n) {
+                    try {
+                        r.grow(n);
+                        held[id] += n;
+                        long natively = nativeSize(r);
+                        if (natively < held[id]) {
+                            throw new AssertionError("native size " + natively + " < held " + held[id]);
                         }
+                    } catch (NativeOutOfMemoryException refused) {
+                        // refused: nothing changed
                     }
-                    r.shrink(held[id]);
-                    held[id] = 0;
-                } catch (Throwable e) {
-                    failure.compareAndSet(null, e);
+                } else {
+                    r.shrink(n);
+                    held[id] -= n;
                 }
-            });
-            workers.add(w);
-            w.start();
-        }
-        start.countDown();
-        for (Thread w : workers) {
-            w.join();
-        }
-        if (failure.get() != null) {
-            throw new AssertionError(failure.get());
-        }
+            }
+            r.shrink(held[id]);
+            held[id] = 0;
+        });
         assertEquals(0, r.size());
         assertWithinBound(r, 2 * QUANTUM);
         assertTrue("pools never above the limit", m.peakBytes() <= limit);
@@ -257,47 +237,27 @@ public class JavaSlackTest extends NativeTestSupport {
         final NativeReservation r = m.newReservation("shared", 0);
         final int threads = 4;
         final int rounds = 200_000;
-        final AtomicReference<Throwable> failure = new AtomicReference<Throwable>();
-        final CountDownLatch start = new CountDownLatch(1);
-        List<Thread> workers = new ArrayList<Thread>();
-        for (int t = 0; t < threads; t++) {
-            final int id = t;
-            Thread w = new Thread(() -> {
-                Random rnd = new Random(42 + id);
-                try {
-                    start.await();
-                    for (int i = 0; i < rounds; i++) {
-                        // Sizes around the quantum so fast and slow paths (grow and trim) interleave.
-                        long n = 1 + rnd.nextInt((int) (QUANTUM / 2));
-                        if ((i & 1) == 0) {
-                            r.grow(n);
-                            r.grow(n);
-                            r.shrink(n);
-                            r.shrink(n);
-                        } else {
-                            r.grow(3 * n);
-                            // What this thread holds is covered natively whatever the others do.
-                            long natively = nativeSize(r);
-                            if (natively < 3 * n) {
-                                throw new AssertionError("native size " + natively + " < held " + 3 * n);
-                            }
-                            r.shrink(3 * n);
-                        }
+        runTogether(threads, id -> {
+            Random rnd = new Random(42 + id);
+            for (int i = 0; i < rounds; i++) {
+                // Sizes around the quantum so fast and slow paths (grow and trim) interleave.
+                long n = 1 + rnd.nextInt((int) (QUANTUM / 2));
+                if ((i & 1) == 0) {
+                    r.grow(n);
+                    r.grow(n);
+                    r.shrink(n);
+                    r.shrink(n);
+                } else {
+                    r.grow(3 * n);
+                    // What this thread holds is covered natively whatever the others do.
+                    long natively = nativeSize(r);
+                    if (natively < 3 * n) {
+                        throw new AssertionError("native size " + natively + " < held " + 3 * n);
                     }
-                } catch (Throwable e) {
-                    failure.compareAndSet(null, e);
+                    r.shrink(3 * n);
                 }
-            });
-            workers.add(w);
-            w.start();
-        }
-        start.countDown();
-        for (Thread w : workers) {
-            w.join();
-        }
-        if (failure.get() != null) {
-            throw new AssertionError(failure.get());
-        }
+            }
+        });
         assertEquals("every byte grown was shrunk", 0, r.size());
         assertWithinBound(r, 2 * QUANTUM);
         assertTrue("peak at most all threads' largest holdings", r.peakBytes() <= threads * 3 * (QUANTUM / 2));
@@ -385,5 +345,37 @@ public class JavaSlackTest extends NativeTestSupport {
         other.close();
         assertEquals("the manager's close released the slack too", 0, listener.reserved.get());
         assertEquals("the leak report counts the charged bytes", QUANTUM, m.closeReport().leakedBytes());
+    }
+
+    /** What each thread of {@link #runTogether} runs, given its index. */
+    private interface Body {
+        void run(int id) throws Exception;
+    }
+
+    /** Runs {@code body} on {@code threads} threads started together; rethrows the first failure. */
+    private static void runTogether(int threads, Body body) throws InterruptedException {
+        AtomicReference<Throwable> failure = new AtomicReference<Throwable>();
+        CountDownLatch start = new CountDownLatch(1);
+        List<Thread> workers = new ArrayList<Thread>();
+        for (int t = 0; t < threads; t++) {
+            final int id = t;
+            Thread w = new Thread(() -> {
+                try {
+                    start.await();
+                    body.run(id);
+                } catch (Throwable e) {
+                    failure.compareAndSet(null, e);
+                }
+            });
+            workers.add(w);
+            w.start();
+        }
+        start.countDown();
+        for (Thread w : workers) {
+            w.join();
+        }
+        if (failure.get() != null) {
+            throw new AssertionError(failure.get());
+        }
     }
 }
