@@ -28,10 +28,9 @@
  * struct_size >= sizeof(the nm_api it was compiled with); check both once (nm_api_check does).
  * Fields are never removed or reordered; a change that cannot be additive gets a new table.
  * Version 1's first table ended at NM_API_V1_SIZE; the forced charges, manager_create_with,
- * the trim hooks, reservation_peak and pool_spill_written were appended to it (additions
- * keep the version: NM_ABI_VERSION changes only with a new table). An engine that must also
- * run with an older
- * library tests the newer functions one by one with NM_API_HAS(api, field) instead of calling
+ * the trim hooks, reservation_peak, pool_spill_written and manager_cover_overcommit were
+ * appended to it (additions keep the version: NM_ABI_VERSION changes only with a new table).
+ * An engine that must also run with an older library tests the newer functions one by one with NM_API_HAS(api, field) instead of calling
  * nm_api_check. Structs the engine passes in (nm_spiller_vtable, nm_listener, nm_manager_options)
  * carry their own struct_size, so an engine built against an older header keeps working.
  *
@@ -358,7 +357,8 @@ typedef struct nm_api {
      *   manager_stats, usage_report  NM_ERR_CLOSED             NM_ERR_STALE_HANDLE
      *   pool_open, attach            NM_ERR_CLOSED             NM_ERR_STALE_HANDLE
      *   manager_spill,
-     *   manager_reclaim              NM_ERR_CLOSED             NM_ERR_STALE_HANDLE
+     *   manager_reclaim,
+     *   manager_cover_overcommit     NM_ERR_CLOSED             NM_ERR_STALE_HANDLE
      *   pool_stats, reservation_new,
      *   allocate, spiller_register   NM_ERR_CLOSED             NM_ERR_STALE_HANDLE
      *   reservation_try_grow,
@@ -483,6 +483,23 @@ typedef struct nm_api {
      * once per spill file, on any thread; it never blocks. Fails like pool_stats.
      */
     nm_status (*pool_spill_written)(nm_pool pool, uint64_t bytes, char **err);
+
+    /* ---- appended: over-commit reserved at once --------------------------------------------- */
+
+    /**
+     * Reserves from the listener (Spark), now, the task's over-commit (what reservation_force_grow
+     * charged beyond the bytes reserved) that its reserve does not cover, whatever the task limit
+     * (the bytes are in use already): Spark's reservation then shows them at once, not only at the
+     * task's next grow that reaches Spark. For an engine that forced a grow but may call out
+     * right after (not from a malloc hook: this may call the JVM; it never calls a spill
+     * callback). *granted (may be NULL) gets the bytes the listener granted (0 when nothing is
+     * over-committed); what it does not grant stays over-commit, paid as before. Fails (nothing
+     * changes) like manager_spill: handles (NM_ERR_STALE_HANDLE, NM_ERR_INVALID_HANDLE),
+     * NM_ERR_CLOSED, or the listener's failure. Present when NM_API_HAS(api,
+     * manager_cover_overcommit); with an older library, skip it (the over-commit is then reserved
+     * by the next grow that reaches Spark).
+     */
+    nm_status (*manager_cover_overcommit)(nm_lease lease, uint64_t *granted, char **err);
 } nm_api;
 
 /** Size of version 1's first table (before the forced charges were appended). */

@@ -1353,6 +1353,40 @@ JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeUntrackedSt
     return long_array(env, out, 5);
 }
 
+/* What the engine does after its hook's forced grows, outside the hook (where it may call out):
+ * manager_cover_overcommit, so Spark reserves the over-commit at once rather than at the task's
+ * next grow that reaches it. Returns the bytes granted; 0 with a library whose table lacks the
+ * call (NM_API_HAS); throws CEngineException on a failure (a closed manager: acquire's status). */
+JNIEXPORT jlong JNICALL Java_org_nativemem_engine_CEngine_nativeCoverOvercommit(JNIEnv *env,
+                                                                             jclass cls,
+                                                                             jlong api_address,
+                                                                             jlong manager) {
+    UNUSED(cls);
+    const nm_api *api = api_of(api_address);
+    if (nm_api_check(api) != NM_OK) {
+        throw_status(env, NULL, NM_ERR_UNSUPPORTED, NULL, "nm_api_check");
+        return 0;
+    }
+    if (!NM_API_HAS(api, manager_cover_overcommit)) {
+        return 0;
+    }
+    char *err = NULL;
+    nm_lease lease = 0;
+    nm_status st = api->acquire((nm_manager)manager, &lease, &err);
+    if (st != NM_OK) {
+        throw_status(env, api, st, err, "acquire");
+        return 0;
+    }
+    uint64_t granted = 0;
+    st = api->manager_cover_overcommit(lease, &granted, &err);
+    api->release(lease, NULL);
+    if (st != NM_OK) {
+        throw_status(env, api, st, err, "manager_cover_overcommit");
+        return 0;
+    }
+    return (jlong)granted;
+}
+
 /* Frees everything (the hooked blocks through the hook), closes the handles. Returns {bytes the
  * forced shrinks released, forced calls in all, reservation size after the frees}. */
 JNIEXPORT jlongArray JNICALL Java_org_nativemem_engine_CEngine_nativeUntrackedClose(JNIEnv *env,

@@ -59,7 +59,9 @@ NM_STATIC_ASSERT(offsetof(nm_api, reservation_peak) == 248,
                  "reservation_peak appended after the trim hooks (248 bytes)");
 NM_STATIC_ASSERT(offsetof(nm_api, pool_spill_written) == 256,
                  "pool_spill_written appended after reservation_peak (256 bytes)");
-NM_STATIC_ASSERT(sizeof(nm_api) == 264, "nm_api size: 264 bytes");
+NM_STATIC_ASSERT(offsetof(nm_api, manager_cover_overcommit) == 264,
+                 "manager_cover_overcommit appended after pool_spill_written (264 bytes)");
+NM_STATIC_ASSERT(sizeof(nm_api) == 272, "nm_api size: 272 bytes");
 
 /* The status codes are part of the ABI: never renumbered. */
 NM_STATIC_ASSERT(NM_OK == 0 && NM_ERR_INVALID_ARGUMENT == 1 && NM_ERR_STALE_HANDLE == 2 &&
@@ -84,9 +86,12 @@ int nm_header_check_has(void) {
                                                    !NM_API_HAS(&t, trim_hook_register));
     int trim_only = (t.struct_size = 248, NM_API_HAS(&t, trim_hook_unregister) &&
                                               !NM_API_HAS(&t, reservation_peak));
+    int spill_written_only = (t.struct_size = 264, NM_API_HAS(&t, pool_spill_written) &&
+                                                       !NM_API_HAS(&t, manager_cover_overcommit));
     t.struct_size = (uint32_t)sizeof(nm_api);
-    return old_lacks && v1_lacks && options_only && trim_only && NM_API_HAS(&t, reservation_peak) &&
-           NM_API_HAS(&t, pool_spill_written) &&
+    return old_lacks && v1_lacks && options_only && trim_only && spill_written_only &&
+           NM_API_HAS(&t, reservation_peak) &&
+           NM_API_HAS(&t, pool_spill_written) && NM_API_HAS(&t, manager_cover_overcommit) &&
            NM_API_HAS(&t, manager_reclaim);
 }
 

@@ -172,6 +172,33 @@ impl Lease {
         Ok(returned)
     }
 
+    /// Reserves from the listener (Spark), now, the task's over-commit (what
+    /// [`Reservation::force_grow`](crate::Reservation::force_grow) charged beyond the bytes
+    /// reserved) that its reserve does not cover, whatever the task limit: Spark's reservation
+    /// then shows those bytes at once instead of at the task's next grow that reaches Spark.
+    /// Returns the bytes granted (0 when nothing is over-committed); what the listener does not
+    /// grant stays over-commit. May call the JVM (never a spiller): not from a malloc hook.
+    ///
+    /// The table's `manager_cover_overcommit`. A library whose table lacks it (older than this
+    /// client) grants nothing: `Ok(0)`, the over-commit being reserved by the next grow that
+    /// reaches Spark. ([`Api`] refuses a table older than the client, so with a table it
+    /// accepted the function is always there; the check keeps this true should that ever relax.)
+    pub fn cover_overcommit(&self) -> Result<u64> {
+        let raw = self.api.raw();
+        // NM_API_HAS(api, manager_cover_overcommit).
+        let end = std::mem::offset_of!(sys::NmApi, manager_cover_overcommit)
+            + std::mem::size_of::<*const ()>();
+        if (raw.struct_size as usize) < end {
+            return Ok(0);
+        }
+        let mut granted = 0u64;
+        self.api.call(|err| {
+            // SAFETY: the table has the field (checked above); `granted` and `err` are writable.
+            unsafe { (raw.manager_cover_overcommit)(self.handle, &mut granted, err) }
+        })?;
+        Ok(granted)
+    }
+
     /// Ties `value` to the manager's life: when the manager closes, `value` is dropped (on the
     /// closing thread, before the leak check, so reservations and allocations it releases are
     /// not leaks).

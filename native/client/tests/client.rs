@@ -509,6 +509,40 @@ fn spill_and_reclaim_take_memory_back_like_spark() {
     close_clean(mm, &listener);
 }
 
+/// `Lease::cover_overcommit`: a forced grow past the task limit is reserved from the listener
+/// at once (whatever the limit); with nothing over-committed it grants 0.
+#[test]
+fn cover_overcommit_reserves_a_forced_grow_past_the_limit_at_once() {
+    let (mm, listener) = manager_with(
+        "cover",
+        ManagerOptions {
+            reservation_block: Some(MIB),
+            task_limit: Some(4 * MIB),
+            ..exact()
+        },
+        64 * MIB,
+    );
+    let lease = mm.acquire().unwrap();
+    assert_eq!(lease.cover_overcommit().unwrap(), 0);
+    let r = lease
+        .pool("engine", None)
+        .unwrap()
+        .reservation("op")
+        .unwrap();
+    assert_eq!(r.force_grow(10 * MIB).unwrap(), 10 * MIB);
+    assert!(listener.held() < 10 * MIB);
+    let granted = lease.cover_overcommit().unwrap();
+    assert!(granted > 0);
+    let m = lease.stats().unwrap();
+    assert_eq!(m.used, 10 * MIB);
+    assert!(m.reserved >= m.used, "{m:?}");
+    assert_eq!(listener.held(), m.reserved);
+    assert_eq!(lease.cover_overcommit().unwrap(), 0);
+    drop(r);
+    drop(lease);
+    close_clean(mm, &listener);
+}
+
 /// Holds one reservation; a spill re-enters the table through the client: reads stats and the
 /// usage report, then shrinks its own reservation.
 struct ReentrantSpiller {

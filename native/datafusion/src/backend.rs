@@ -62,8 +62,10 @@ pub trait NativePool: Send + Sync + 'static {
     /// Reserves from Spark (the listener), now, the task's over-commit its reserve does not
     /// cover, whatever the task limit (nativemem's `MemoryManager::cover_overcommit`): what
     /// DataFusion holds through infallible grows then shows in Spark's reservation at once.
-    /// Returns the bytes granted. The default (a backend that cannot) grants nothing: the
-    /// over-commit is reserved by the task's next grow that reaches Spark.
+    /// Returns the bytes granted. Both backends implement it (the core's call; `ClientPool`: the
+    /// engine ABI's `manager_cover_overcommit`, through the lease it keeps). The default (a
+    /// backend that cannot) grants nothing: the over-commit is reserved by the task's next grow
+    /// that reaches Spark.
     fn cover_overcommit(&self) -> Result<u64, NativeError> {
         Ok(0)
     }
@@ -260,6 +262,13 @@ mod client_backend {
             self.report
                 .usage_report()
                 .unwrap_or_else(|e| format!("(no usage report: {e})"))
+        }
+
+        /// The engine ABI's `manager_cover_overcommit`, through the lease the pool keeps (it
+        /// pins the task's manager whether or not the pool was opened [`in_task`](Self::in_task)).
+        /// A library older than the call grants nothing (`Ok(0)`).
+        fn cover_overcommit(&self) -> Result<u64, NativeError> {
+            self.report.cover_overcommit().map_err(native)
         }
 
         fn register_spill_requests(

@@ -32,7 +32,8 @@
 //! threads), new work is refused with `NM_ERR_CLOSED` on every handle of it, leases included:
 //! read-outs (`manager_stats`, `usage_report`, `pool_stats`, `reservation_size`), new objects
 //! (`pool_open`, `reservation_new`, `spiller_register`, `attach`), grows (`reservation_try_grow`,
-//! `_try_resize`, `_force_grow`, `allocate`) and spills (`manager_spill`, `manager_reclaim`).
+//! `_try_resize`, `_force_grow`, `allocate`), spills (`manager_spill`, `manager_reclaim`) and
+//! `manager_cover_overcommit`.
 //! `acquire` fails with `NM_ERR_STALE_HANDLE` (close removed the manager's handle first).
 //! Calls that only give back stay allowed, so an engine can clean up on another thread while
 //! close waits: `release` (it is what close waits for), `pool_close`, `spiller_unregister`,
@@ -125,6 +126,7 @@ static API: NmApi = NmApi {
     trim_hook_unregister: nm_trim_hook_unregister,
     reservation_peak: nm_reservation_peak,
     pool_spill_written: nm_pool_spill_written,
+    manager_cover_overcommit: nm_manager_cover_overcommit,
 };
 
 /// The table if this crate supports `min_version`, else null. `libnativemem_jni.so` exports it
@@ -1026,6 +1028,18 @@ unsafe extern "C" fn nm_manager_reclaim(
     run(err, || {
         let bytes = with_lease(lease, |e| Ok(e.manager().reclaim(target)?))?;
         put_opt(returned, bytes);
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn nm_manager_cover_overcommit(
+    lease: nm_lease,
+    granted: *mut u64,
+    err: Err,
+) -> nm_status {
+    run(err, || {
+        let bytes = with_lease(lease, |e| Ok(e.manager().cover_overcommit()?))?;
+        put_opt(granted, bytes);
         Ok(())
     })
 }

@@ -406,6 +406,17 @@ fn rows() -> Vec<(&'static str, usize, Expect, Expect, Call)> {
             },
         ),
         (
+            "manager_cover_overcommit",
+            offset_of!(NmApi, manager_cover_overcommit),
+            CLOSED,
+            STALE,
+            |a, o| {
+                let mut granted = 0;
+                // SAFETY: valid out pointer.
+                unsafe { (a.manager_cover_overcommit)(o.lease, &mut granted, ptr::null_mut()) }
+            },
+        ),
+        (
             "reservation_force_grow",
             offset_of!(NmApi, reservation_force_grow),
             CLOSED,

@@ -287,6 +287,10 @@ pub struct NmApi {
 
     // Appended: what spills wrote.
     pub pool_spill_written: unsafe extern "C" fn(pool: nm_pool, bytes: u64, err: Err) -> nm_status,
+
+    // Appended: over-commit reserved at once.
+    pub manager_cover_overcommit:
+        unsafe extern "C" fn(lease: nm_lease, granted: *mut u64, err: Err) -> nm_status,
 }
 
 /// `NM_API_V1_SIZE`: the size of version 1's first table, before the forced charges were
@@ -332,7 +336,8 @@ mod tests {
         assert_eq!(offset_of!(NmApi, trim_hook_unregister), 240);
         assert_eq!(offset_of!(NmApi, reservation_peak), 248);
         assert_eq!(offset_of!(NmApi, pool_spill_written), 256);
-        assert_eq!(size_of::<NmApi>(), 264);
+        assert_eq!(offset_of!(NmApi, manager_cover_overcommit), 264);
+        assert_eq!(size_of::<NmApi>(), 272);
         assert_eq!(size_of::<NmManagerOptions>(), 40);
         assert_eq!(offset_of!(NmManagerOptions, reservation_block), 8);
         assert_eq!(offset_of!(NmManagerOptions, task_limit), 16);

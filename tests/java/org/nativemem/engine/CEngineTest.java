@@ -854,4 +854,31 @@ public class CEngineTest {
         m.close();
         assertEquals(0, l.reserved.get());
     }
+
+    @Test
+    public void coverOvercommitReservesWhatAHookForcedPastTheTaskLimitFromTheListenerAtOnce() {
+        Listener l = new Listener(64 * BLOCK);
+        NativeMemoryManager m = manager("c-cover", l, NativeMemoryConfig.defaults()
+                .withReservationBlockSize(BLOCK).withReservationQuantum(0).withTaskLimit(4 * BLOCK));
+        assertEquals("nothing over-committed: nothing granted", 0, CEngine.coverOvercommit(m));
+        assertEquals("and the listener not called", 0, l.reserveCalls.get());
+        long h = CEngine.openUntracked(m, 0, 12 * BLOCK);
+        try {
+            assertEquals("forced past the 4-block limit, Spark not asked", 12 * BLOCK, CEngine.untrackedStats(h)[2]);
+            assertEquals(0, l.reserved.get());
+            assertEquals(12 * BLOCK, CEngine.coverOvercommit(m));
+            assertEquals("Spark holds what the task uses", 12 * BLOCK, l.reserved.get());
+            assertEquals(12 * BLOCK, m.usedBytes());
+            assertEquals(0, m.stats().overcommittedBytes());
+            assertEquals(12 * BLOCK, m.stats().overcommittedTotalBytes());
+            assertEquals("covered: nothing left", 0, CEngine.coverOvercommit(m));
+        } finally {
+            CEngine.closeUntracked(h);
+        }
+        assertEquals(0, m.usedBytes());
+        long handle = m.handle();
+        m.close();
+        assertEquals(0, l.reserved.get());
+        expectStatus(CEngine.NM_ERR_STALE_HANDLE, () -> CEngine.coverOvercommit(handle));
+    }
 }

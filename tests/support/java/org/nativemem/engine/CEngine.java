@@ -404,6 +404,23 @@ public final class CEngine implements AutoCloseable {
         return nativeUntrackedClose(holder);
     }
 
+    /**
+     * {@code manager_cover_overcommit} (tests/c/engine.c): Spark reserves the task's over-commit
+     * (what forced grows charged beyond the reserve) now, whatever the task limit.
+     *
+     * @return the bytes the listener granted (0: nothing over-committed, or a library without the call)
+     */
+    public static long coverOvercommit(NativeMemoryManager manager) {
+        return coverOvercommit(manager.handle());
+    }
+
+    /** {@link #coverOvercommit(NativeMemoryManager)} by handle (also one of a closed manager). */
+    public static long coverOvercommit(long managerHandle) {
+        return nativeCoverOvercommit(NativeMemoryManager.nativeApi(), managerHandle);
+    }
+
+    private static native long nativeCoverOvercommit(long api, long manager);
+
     private static native long nativeUntrackedOpen(long api, long manager, long plainBytes, long trackedBytes);
 
     private static native long[] nativeUntrackedStats(long holder);
