@@ -66,9 +66,8 @@
 //!   limit never makes the fallible grow that would otherwise pay it). What Spark does not grant
 //!   stays over-commit, paid by the next grow that reaches Spark. The task's stats count it
 //!   (`overcommit_peak`, `overcommitted_total`) and its usage report prints it ("Over-committed:
-//!   … so far"). The [`ClientPool`] backend has no such call in the engine ABI yet: there the
-//!   over-commit is in the task's usage and stats at once, and in Spark's reservation from the
-//!   next grow that reaches Spark.
+//!   … so far"). The [`ClientPool`] backend makes the same call through the engine ABI
+//!   (`manager_cover_overcommit` on its lease of the task's manager).
 //! - `reserved()` is what DataFusion holds (over-commit included); `memory_limit()` is
 //!   `Finite(limit)` when the pool or the task has a limit, `Unknown` when only Spark's budget
 //!   (which moves with the other tasks) bounds it.
