@@ -179,22 +179,12 @@ impl Lease {
     /// Returns the bytes granted (0 when nothing is over-committed); what the listener does not
     /// grant stays over-commit. May call the JVM (never a spiller): not from a malloc hook.
     ///
-    /// The table's `manager_cover_overcommit`. A library whose table lacks it (older than this
-    /// client) grants nothing: `Ok(0)`, the over-commit being reserved by the next grow that
-    /// reaches Spark. ([`Api`] refuses a table older than the client, so with a table it
-    /// accepted the function is always there; the check keeps this true should that ever relax.)
+    /// The table's `manager_cover_overcommit` ([`Api`] accepts only tables that have it).
     pub fn cover_overcommit(&self) -> Result<u64> {
-        let raw = self.api.raw();
-        // NM_API_HAS(api, manager_cover_overcommit).
-        let end = std::mem::offset_of!(sys::NmApi, manager_cover_overcommit)
-            + std::mem::size_of::<*const ()>();
-        if (raw.struct_size as usize) < end {
-            return Ok(0);
-        }
         let mut granted = 0u64;
         self.api.call(|err| {
-            // SAFETY: the table has the field (checked above); `granted` and `err` are writable.
-            unsafe { (raw.manager_cover_overcommit)(self.handle, &mut granted, err) }
+            // SAFETY: `granted` and `err` are writable for the call.
+            unsafe { (self.api.raw().manager_cover_overcommit)(self.handle, &mut granted, err) }
         })?;
         Ok(granted)
     }
