@@ -268,7 +268,9 @@ fn a_heap_destroyed_while_threads_that_used_it_exit_is_safe() {
                 let (p, go) = (p.clone(), go.clone());
                 std::thread::spawn(move || {
                     for i in 0..64 {
-                        let a = p.allocate(16 + (i * 37 + t * 11 + round) % 2000, 16).unwrap();
+                        let a = p
+                            .allocate(16 + (i * 37 + t * 11 + round) % 2000, 16)
+                            .unwrap();
                         if i % 2 == 0 {
                             p.free(a).unwrap();
                         }
