@@ -94,40 +94,64 @@ unsafe impl Sync for HeapPtr {}
 pub(crate) struct TaskHeap {
     heap: OnceLock<HeapPtr>,
     secret: u64,
-    /// One freed block per power-of-two size class above 1 KiB up to `CACHE_MAX` (see there),
-    /// kept for the next allocation of that class that fits it.
-    cache: [Slot; CLASSES],
+    /// One freed huge block per CPU shard (see `CACHE_MIN`), kept for the next huge allocation
+    /// made on a CPU of that shard that it fits.
+    cache: [Slot; SHARDS],
 }
 
-/// A cache slot on its own line: threads allocating different sizes do not share one.
+/// A cache slot on its own line: threads on CPUs of different shards do not share one.
 #[repr(align(64))]
 struct Slot(AtomicPtr<u8>);
 
-/// Blocks above mimalloc's small size limit (`MI_SMALL_SIZE_MAX`, 1 KiB) take its generic path
-/// (page queues; ~30 ns more than a 64-byte block here), and blocks above its largest size class
-/// (`MI_LARGE_MAX_OBJ_SIZE`, 512 KiB) get a page of their own that `mi_free` hands back to the
-/// arena and the next allocation takes again (~350 ns per allocate+free of 1 MiB in a loop, where
-/// glibc reuses its top chunk in ~25 ns). Keeping the last freed block of each power-of-two class
-/// (one swap on each side) takes both away in the steady state of an operator reusing its buffer
-/// sizes. A cached block stays a live block of the heap (destroying the heap frees it); it is at
-/// most 2 MiB, so a task keeps at most ~4 MiB of freed blocks (one per class) in its heap until
-/// it allocates again or drops, and larger blocks go back to mimalloc at once. Those bytes are no
-/// longer charged (the pool released them at the free), like the freed memory any allocator
-/// keeps: the bound is kept small because Spark cannot see them (8 MiB classes would let an
-/// executor of 32 tasks hold 512 MiB nobody accounts for).
-const CACHE_MIN: usize = 1 << 10;
+/// Blocks above mimalloc's largest size class (`MI_LARGE_MAX_OBJ_SIZE`, 512 KiB in v3.4.3) get a
+/// page of their own ("singleton" pages) that `mi_free` hands back to the arena and the next
+/// allocation takes again: ~280 ns per allocate+free of 1 MiB in a loop (`cargo bench -p
+/// nativemem-core --bench core -- allocate_free`, 2026-12-07), where glibc reuses its top chunk in
+/// ~21 ns. Keeping the last freed block of that range (one swap on each side) brings the pair to
+/// ~40 ns in the steady state of an operator reusing its buffer sizes.
+///
+/// Only that range is cached: below it mimalloc's own free lists cost ~8 ns more per pair than a
+/// cache (48 vs 40 ns at 4 KiB and 64 KiB, same bench), and a cache shared by the task's threads
+/// costs far more than that once two threads of one task allocate one size at once: every swap
+/// moves the slot's cache line between their cores (the ABI bench's 2 threads × 1 manager rows
+/// went from ~90 to 306 ns per 4 KiB pair with a slot per power-of-two class). The slots are
+/// sharded by the CPU the caller runs on (`sched_getcpu`, read from the kernel's rseq area by
+/// glibc), so two threads of one task on two cores use two slots, and two threads on one core
+/// never run at once.
+///
+/// A cached block stays a live block of the heap (destroying the heap frees it). It is at most
+/// 2 MiB, so a task keeps at most `SHARDS` × 2 MiB = 4 MiB of freed blocks in its heap until it
+/// allocates again or drops, and larger blocks go back to mimalloc at once. Those bytes are no
+/// longer charged (the pool released them at the free), like the freed memory any allocator keeps:
+/// the bound is kept small because Spark cannot see them.
+const CACHE_MIN: usize = 512 << 10;
 const CACHE_MAX: usize = 2 << 20;
-/// Classes 2^11 ..= 2^21.
-const CLASSES: usize = 11;
+/// Cache shards; a CPU's shard is its number modulo this.
+const SHARDS: usize = 2;
 
-/// The cache slot of a block of `need` bytes (header included), if it is cached.
+/// The cache slot of a block of `need` bytes (header included) for the calling thread, if blocks
+/// of that size are cached.
 #[inline]
-fn class(need: usize) -> Option<usize> {
+fn slot_of(need: usize) -> Option<usize> {
     if need <= CACHE_MIN || need > CACHE_MAX {
         return None;
     }
-    // ceil(log2(need)) - 11, in 0..CLASSES.
-    Some((usize::BITS - (need - 1).leading_zeros()) as usize - 11)
+    Some(current_cpu() % SHARDS)
+}
+
+/// The CPU the calling thread runs on (0 where the platform does not say): only a shard hint.
+#[inline]
+fn current_cpu() -> usize {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: sched_getcpu has no preconditions; -1 (error) maps to shard 0 below.
+        let cpu = unsafe { libc::sched_getcpu() };
+        usize::try_from(cpu).unwrap_or(0)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        0
+    }
 }
 
 /// What a free found in a valid header.
@@ -221,8 +245,8 @@ impl TaskHeap {
         }
         let header = align.max(HEADER);
         let need = size.checked_add(header)?;
-        let base = match class(need) {
-            Some(c) => self.cached_alloc(heap, c, need, align),
+        let base = match slot_of(need) {
+            Some(slot) => self.cached_alloc(heap, slot, need, align),
             None => Self::heap_alloc(heap, need, align),
         };
         let base = NonNull::new(base.cast::<u8>())?;
@@ -258,14 +282,18 @@ impl TaskHeap {
     fn cached_alloc(
         &self,
         heap: *mut mi::mi_heap_t,
-        class: usize,
+        slot: usize,
         need: usize,
         align: usize,
     ) -> *mut std::ffi::c_void {
-        // Acquire: the block's memory, from the free that stored it.
-        let cached = self.cache[class]
-            .0
-            .swap(std::ptr::null_mut(), Ordering::Acquire);
+        let slot = &self.cache[slot].0;
+        // Relaxed: a peek, so an empty slot is not written; Acquire on the swap: the block's
+        // memory, from the free that stored it.
+        let cached = if slot.load(Ordering::Relaxed).is_null() {
+            std::ptr::null_mut()
+        } else {
+            slot.swap(std::ptr::null_mut(), Ordering::Acquire)
+        };
         if !cached.is_null() {
             // SAFETY: a block of this heap that nothing else references (taken from the slot).
             let usable = unsafe { mi::mi_usable_size(cached.cast()) };
@@ -337,10 +365,10 @@ impl TaskHeap {
     /// Returns a block taken with [`TaskHeap::take`] to the heap.
     #[inline]
     pub(crate) fn release_block(&self, block: &Block) {
-        // The class by size and the minimum header: a hint; `cached_alloc` checks the block fits.
-        if let Some(c) = class((block.size as usize).saturating_add(HEADER)) {
+        // By size and the minimum header: a hint; `cached_alloc` checks the block fits.
+        if let Some(slot) = slot_of((block.size as usize).saturating_add(HEADER)) {
             // Release: the block's memory goes to whoever takes it from the slot.
-            let old = self.cache[c]
+            let old = self.cache[slot]
                 .0
                 .swap(block.base as *mut u8, Ordering::AcqRel);
             if !old.is_null() {
@@ -368,5 +396,53 @@ impl Drop for TaskHeap {
                 LIVE_HEAPS.fetch_sub(1, Ordering::Relaxed);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cached(h: &TaskHeap) -> usize {
+        h.cache
+            .iter()
+            .filter(|s| !s.0.load(Ordering::Relaxed).is_null())
+            .count()
+    }
+
+    fn alloc_free(h: &TaskHeap, size: usize) -> usize {
+        let p = h.alloc(std::ptr::null(), size, 16, false).unwrap();
+        let block = h.take(p.as_ptr() as usize, false).ok().unwrap();
+        h.release_block(&block);
+        p.as_ptr() as usize
+    }
+
+    /// Blocks above mimalloc's largest size class are kept (one per shard) and handed to the next
+    /// allocation that fits; smaller and larger ones go back to mimalloc at once.
+    #[test]
+    fn only_freed_blocks_between_512_kib_and_2_mib_are_kept_one_per_shard() {
+        let h = TaskHeap::new();
+        alloc_free(&h, 4096);
+        alloc_free(&h, 400 << 10);
+        alloc_free(&h, 3 << 20);
+        assert_eq!(cached(&h), 0);
+        alloc_free(&h, 1 << 20);
+        assert_eq!(cached(&h), 1);
+        // The kept block serves the next allocation of its size on the same shard (the thread
+        // may move to the other shard's CPU in between, so it is allowed to miss once).
+        let mut kept = 0;
+        for _ in 0..20 {
+            let p = h.alloc(std::ptr::null(), 1 << 20, 16, false).unwrap();
+            kept += usize::from(cached(&h) == 0);
+            let block = h.take(p.as_ptr() as usize, false).ok().unwrap();
+            h.release_block(&block);
+            assert!((1..=SHARDS).contains(&cached(&h)));
+        }
+        assert!(kept >= 19, "{kept} of 20 allocations took the kept block");
+        // A kept block that does not fit (a 2 MiB request: more than a quarter would be wasted
+        // the other way round, here too small) is freed, not handed out.
+        let big = h.alloc(std::ptr::null(), 2 << 20, 16, false).unwrap();
+        // SAFETY: the block has 2 MiB of usable bytes past the pointer.
+        unsafe { big.as_ptr().add((2 << 20) - 1).write(1) };
     }
 }
