@@ -255,7 +255,7 @@ abi_part() {
     row "abi: allocate+free, $label, 2 threads × 2 managers / 2 threads × 1 manager, per thread" \
         "$(fmt_ns "$a22") / $(fmt_ns "$a21")" "1 thread: $(fmt_ns "$a1") (malloc+free on 2 threads: $(fmt_ns "$m22"))" \
         "$(ratio "$a22" "$a1") / $(ratio "$a21" "$a1")" "≤ 1.15× / ≤ 1.3×" \
-        "$(metr "$a22 / $a1 <= 1.15 && $a21 / $a1 <= 1.3" "malloc+free alone went $(ratio "$m22" "$m1") from 1 to 2 threads in this run (the system allocator under Pool::allocate, and the machine: load average $load_start); with 1 manager the two threads also share the task heap's size-class cache slots (core)")"
+        "$(metr "$a22 / $a1 <= 1.15 && $a21 / $a1 <= 1.3" "malloc+free alone went $(ratio "$m22" "$m1") from 1 to 2 threads in this run (the system allocator under Pool::allocate, and the machine: load average $load_start); with 1 manager the two threads share one task heap, whose kept huge blocks are per CPU shard (core)")"
   done
   notes+=("abi: library ${lib#"$ROOT"/}; malloc+free per thread, 2 threads: $(fmt_ns "$m22") (2 managers' setup) / $(fmt_ns "$m21")")
 }
