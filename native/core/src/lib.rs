@@ -12,8 +12,9 @@
 //!   limit is [`MemoryConfig::task_limit`];
 //! - [`Reservation`]s: RAII, accounting-only claims on a pool (`try_grow` / `shrink` /
 //!   `try_resize` / `free`, released on drop);
-//! - allocations made with [`Pool::allocate`] (raw, C-style), which the manager tracks so
-//!   [`MemoryManager::close`] frees what an operator leaked and reports it ([`LeakReport`]), and
+//! - allocations made with [`Pool::allocate`] (raw, C-style) from the task's own heap, so
+//!   [`MemoryManager::close`] reports what an operator leaked ([`LeakReport`]) and the heap's
+//!   destruction frees it (see `heap`: when the manager's last handle goes), and
 //!   with [`Pool::allocate_owned`] ([`Allocation`], RAII: close releases its accounting but never
 //!   frees memory its owner can still use);
 //! - registered [`Spiller`]s, native consumers that can free memory on request;
@@ -87,9 +88,9 @@
 //! the memory orderings: every one is the weakest the protocol needs, with its reason beside it). A mutex would add a lock/unlock pair
 //! and serialize the task's threads. Locks are used only off the fast path: the
 //! pool tree's child lists (pool creation), the reservation registry (reservation creation and
-//! drop), the spiller registry (register, and copying the list at spill time) and the sharded
-//! table of live allocations (one short spin lock per allocate/free, whose unlock is a plain
-//! store; the manager needs the table to free leaks at close and to refuse unknown pointers).
+//! drop) and the spiller registry (register, and copying the list at spill time). Allocations
+//! take no lock of ours: the task's mimalloc heap, a header per block and one CAS per free
+//! (see `heap`).
 //!
 //! ## Reservation quantum (the fast path)
 //! With [`MemoryConfig::reservation_quantum`] `q > 0`, a reservation charges the pools in quanta
@@ -162,11 +163,11 @@
 //!     │        pool         Pool, Allocation, Reservation::pool        reservation budget spill
 //!     │                                                                tree error
 //!     ▼        reservation  Reservation                                budget tree error units sync
-//!  protocol    budget       reserved and cushion: grow, claim and      spill alloc tree listener
+//!  protocol    budget       reserved and cushion: grow, claim and      spill heap tree listener
 //!     │                     give back, reclaim, close; consumers;      config report error
 //!     │                     usage report                               units sync
 //!     ▼        spill        Spiller, SpillerRegistry                   tree error sync
-//!  registries  alloc        the table of live allocations              tree sync
+//!  registries  heap         the task's heap: blocks with headers       tree
 //!     │        tree         PoolNode: charge/uncharge, limits, peaks   error sync
 //!     ▼        listener     ReservationListener, CapacityListener      error sync
 //!  leaves      config       MemoryConfig                               error
@@ -175,11 +176,11 @@
 //!              sync, units  loom-swappable primitives; human sizes     -
 //! ```
 
-mod alloc;
 mod barrier;
 mod budget;
 mod config;
 mod error;
+mod heap;
 mod listener;
 mod manager;
 mod pool;
@@ -195,6 +196,7 @@ pub use config::{
     MemoryConfig, DEFAULT_RESERVATION_BLOCK_BYTES, RECOMMENDED_RESERVATION_QUANTUM_BYTES,
 };
 pub use error::{ListenerError, MemoryError, OomReason, OutOfMemory, Result};
+pub use heap::live_task_heaps;
 pub use listener::{
     arbitration_allowed, Arbiter, CapacityListener, GrowGate, NoArbitration, ReservationListener,
 };

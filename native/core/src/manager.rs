@@ -36,6 +36,9 @@ pub struct ManagerStats {
     pub arbitrated_bytes: u64,
     /// Live allocations made through `Pool::allocate`.
     pub live_allocations: u64,
+    /// Bytes of those allocations (what the pools were charged for them; each block also
+    /// carries a 32-byte header in the task heap).
+    pub allocated_bytes: u64,
     /// Over-commit now: bytes charged by forced grows ([`Reservation::force_grow`]) beyond what
     /// was reserved from the listener, not yet paid for by a grow or released.
     ///
@@ -240,6 +243,7 @@ impl MemoryManager {
             arbitrations: c.arbitrations,
             arbitrated_bytes: c.arbitrated_bytes,
             live_allocations: c.live_allocations,
+            allocated_bytes: self.budget.allocated_bytes(),
             overcommitted: self.budget.overcommitted(),
             overcommit_peak: c.overcommit_peak,
             overcommitted_total: c.overcommitted_total,
@@ -260,7 +264,9 @@ impl MemoryManager {
         self.budget.spiller_count()
     }
 
-    /// Closes the manager: frees every live allocation, empties every live reservation, forgets
+    /// Closes the manager: reports and releases every live allocation (its memory is freed with
+    /// the task's heap when the manager's last handle is dropped: see [`Pool::allocate`](crate::Pool::allocate)),
+    /// empties every live reservation, forgets
     /// the spillers and hands every reserved byte back to the listener. Returns what had to be
     /// reclaimed (empty when the owners freed everything) and the bytes handed back. Idempotent:
     /// later calls return an empty report (and retry handing back bytes a failing listener

@@ -16,7 +16,8 @@ use crate::tree::PoolNode;
 /// use it through `&mut self`; closing the manager never frees it under the owner.
 pub struct Allocation {
     ptr: NonNull<u8>,
-    layout: std::alloc::Layout,
+    len: usize,
+    /// Keeps the task's heap, which holds the block, alive (see `heap`).
     budget: Arc<Budget>,
 }
 
@@ -34,7 +35,7 @@ impl Allocation {
 
     /// Size of the block in bytes.
     pub fn len(&self) -> usize {
-        self.layout.size()
+        self.len
     }
 
     /// Always false: zero-sized allocations are refused.
@@ -46,7 +47,7 @@ impl Allocation {
     pub fn as_uninit_mut(&mut self) -> &mut [std::mem::MaybeUninit<u8>] {
         // SAFETY: the block is `len` bytes, owned exclusively by `self` (borrowed mutably here),
         // and valid until `self` is dropped; `MaybeUninit` makes no claim about its contents.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast(), self.layout.size()) }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast(), self.len) }
     }
 }
 
@@ -61,7 +62,7 @@ impl std::fmt::Debug for Allocation {
 
 impl Drop for Allocation {
     fn drop(&mut self) {
-        self.budget.free_owned(self.ptr, self.layout);
+        self.budget.free_owned(self.ptr);
     }
 }
 
@@ -145,29 +146,34 @@ impl Pool {
     }
 
     /// Allocates `size` bytes aligned to `align` (a power of two), charged to this pool. The
-    /// memory is uninitialized. Free it with [`Pool::free`] (through any pool of the manager);
-    /// whatever is still live when the manager closes is freed then and reported as leaked.
+    /// memory is uninitialized. Free it with [`Pool::free`] (through any pool of the manager, on
+    /// any thread). Whatever is still live when the manager closes is reported as leaked and its
+    /// accounting released; its memory belongs to the task's heap from then on (a late `free` of
+    /// it is refused), which is destroyed, with every leaked block, when the manager's last handle
+    /// (the manager, a `Pool`, a `Reservation` or an [`Allocation`]) is dropped. The provider
+    /// drops its handles at close, so for engines and Java that is the close itself.
     ///
     /// This is the C-style interface (for FFI and operators that manage raw blocks); in Rust
     /// prefer [`Pool::allocate_owned`], whose memory is never freed under its owner.
     pub fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
-        Ok(self.budget.allocate(&self.node, size, align, false)?.0)
+        self.budget.allocate(&self.node, size, align, false)
     }
 
     /// Allocates like [`Pool::allocate`] but returns an owning [`Allocation`] that frees the
     /// memory when dropped. If the manager closes first, the allocation's bytes are released from
     /// the accounting (and reported), but the memory stays valid until the value is dropped.
     pub fn allocate_owned(&self, size: usize, align: usize) -> Result<Allocation> {
-        let (ptr, layout) = self.budget.allocate(&self.node, size, align, true)?;
+        let ptr = self.budget.allocate(&self.node, size, align, true)?;
         Ok(Allocation {
             ptr,
-            layout,
+            len: size,
             budget: self.budget.clone(),
         })
     }
 
     /// Frees an allocation of this manager; returns its size in bytes. A pointer the manager does
-    /// not know (foreign, or freed already) is an error and nothing changes.
+    /// not know (foreign, another manager's, interior, freed already, or leaked at close) is an
+    /// error and nothing changes; it is never read unless it lies in this manager's heap.
     pub fn free(&self, ptr: NonNull<u8>) -> Result<usize> {
         self.budget.free(ptr)
     }

@@ -196,20 +196,25 @@ impl LeakReport {
     }
 
     pub(crate) fn add(&mut self, kind: LeakKind, name: &str, pool: &str, bytes: u64) {
+        self.add_n(kind, name, pool, bytes, 1);
+    }
+
+    /// Adds `count` leaks of `bytes` in all.
+    pub(crate) fn add_n(&mut self, kind: LeakKind, name: &str, pool: &str, bytes: u64, count: u64) {
         if let Some(l) = self
             .leaks
             .iter_mut()
             .find(|l| l.kind == kind && l.name == name && l.pool == pool)
         {
             l.bytes += bytes;
-            l.count += 1;
+            l.count += count;
         } else {
             self.leaks.push(Leak {
                 kind,
                 name: name.to_string(),
                 pool: pool.to_string(),
                 bytes,
-                count: 1,
+                count,
             });
         }
     }

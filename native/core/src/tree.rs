@@ -32,8 +32,8 @@
 //! strong link keeps that walk a plain pointer chase (a `Weak` would cost an upgrade, two
 //! contended RMWs, per level). The cycle is broken by [`PoolNode::dismantle`], which
 //! `Budget::drop` calls on the root: every holder of a node (a `Pool`, a `Reservation` through
-//! its `ConsumerState`, an `Allocation`, a spiller entry, the live-allocation table) also holds the
-//! `Arc<Budget>` of its tree or is owned by it, and only a holder of the budget can add a child
+//! its `ConsumerState`, an `Allocation`, a spiller entry, a block's header in the task heap)
+//! also holds the `Arc<Budget>` of its tree or is owned by it, and only a holder of the budget can add a child
 //! (`child` is reached only through `Pool`), so once the budget is gone no new child can appear
 //! and every node left alive is held from outside and holds only its ancestors.
 
@@ -61,15 +61,22 @@ pub(crate) struct PoolNode {
     pub(crate) alloc: AllocSlack,
 }
 
-/// The allocations of one pool, in quantum mode: bytes of live allocations (`size`) and bytes
-/// charged to the pools for them (`charged`, `>= size` when no allocation is in flight), with
-/// the protocol of a reservation's slack (edge 6 of `budget`). On its own 128-byte line: pools
-/// allocating on several threads must not bounce the line of `used`.
+/// The allocations of one pool: bytes of live allocations (`size`, both modes) and, in quantum
+/// mode, bytes charged to the pools for them (`charged`, `>= size` when no allocation is in
+/// flight), with the protocol of a reservation's slack (edge 6 of `budget`). The counts and the
+/// owned part are for close's leak report and the stats (the heap has no table to count).
+/// On its own 128-byte line: pools allocating on several threads must not bounce the line of
+/// `used`.
 #[repr(align(128))]
 #[derive(Default)]
 pub(crate) struct AllocSlack {
     pub(crate) size: AtomicU64,
     pub(crate) charged: AtomicU64,
+    /// Live blocks (raw and owned).
+    pub(crate) count: AtomicU64,
+    /// Bytes and number of the live blocks owned by an `Allocation` value (part of the above).
+    pub(crate) owned: AtomicU64,
+    pub(crate) owned_count: AtomicU64,
 }
 
 /// The node that refused a charge, with its usage at that moment.

@@ -132,19 +132,55 @@ fn manager_life(i: u64, quantum: bool) -> u64 {
     report.total_bytes()
 }
 
+/// An owned allocation that outlives its manager's close and every other handle keeps the
+/// task heap (and so its memory) alive; dropping it destroys the heap.
+fn owned_allocation_outlives_its_manager(heaps_before: usize) {
+    let listener = Arc::new(CapacityListener::new(64 * MIB));
+    let m = MemoryManager::new("owner", MemoryConfig::default(), listener.clone()).unwrap();
+    let pool = m.pool("op").unwrap();
+    let mut owned = pool.allocate_owned(3000, 64).unwrap();
+    let _raw = pool.allocate(100, 8).unwrap();
+    assert_eq!(nativemem_core::live_task_heaps(), heaps_before + 1);
+    let report = m.close().unwrap();
+    assert_eq!(report.total_bytes(), 3100);
+    drop((pool, m));
+    assert_eq!(listener.reserved(), 0);
+    assert_eq!(
+        nativemem_core::live_task_heaps(),
+        heaps_before + 1,
+        "kept by the owner"
+    );
+    owned.as_uninit_mut().fill(std::mem::MaybeUninit::new(9));
+    drop(owned);
+    assert_eq!(
+        nativemem_core::live_task_heaps(),
+        heaps_before,
+        "destroyed with the owner"
+    );
+}
+
 #[test]
 fn manager_lives_through_the_core_api_free_every_block() {
+    owned_allocation_outlives_its_manager(nativemem_core::live_task_heaps());
     // Warm-up: lazy statics of std and of this crate (the membarrier registration), the
     // thread's first allocations.
     manager_life(0, false);
     manager_life(0, true);
     let before = live();
+    let heaps_before = nativemem_core::live_task_heaps();
     let mut leaked_reported = 0;
     const LIVES: u64 = 200;
     for i in 0..LIVES {
         leaked_reported += manager_life(i, i % 2 == 1);
     }
     let after = live();
+    // Allocations live in each manager's mimalloc heap, outside the global allocator counted
+    // here: every heap was destroyed (with the leaked block in it) when its manager dropped.
+    assert_eq!(
+        nativemem_core::live_task_heaps(),
+        heaps_before,
+        "task heaps not destroyed"
+    );
     // The leaks the closes found and freed: r1 (5 MiB) and the raw block (1000 bytes).
     assert_eq!(leaked_reported, LIVES * (5 * MIB + 1000));
     assert_eq!(

@@ -210,7 +210,7 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeUsageReport<
 /// `static native long[] nativeStats(long handle)`: used, peak, reserved, spillCount,
 /// spilledBytes, reserveCalls, unreserveCalls, liveAllocations, overcommittedBytes,
 /// overcommitPeakBytes, overcommittedTotalBytes, gateRefusals, arbitrations, arbitratedBytes,
-/// spillWrittenBytes (the order of `NativeMemoryStats`).
+/// spillWrittenBytes, allocatedBytes (the order of `NativeMemoryStats`).
 #[no_mangle]
 pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeStats<'l>(
     mut env: JNIEnv<'l>,
@@ -235,6 +235,7 @@ pub extern "system" fn Java_org_nativemem_NativeMemoryManager_nativeStats<'l>(
             s.arbitrations,
             s.arbitrated_bytes,
             s.spill_written_bytes,
+            s.allocated_bytes,
         ]
         .map(to_jlong);
         new_jlong_array(env, &values)

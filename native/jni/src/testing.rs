@@ -290,7 +290,7 @@ pub extern "system" fn Java_org_nativemem_NativeTesting_free<'l>(
     run_export(&mut env, 0, |_| {
         let ptr = NonNull::new(address as usize as *mut u8)
             .ok_or_else(|| ProviderError::InvalidArgument("address must not be 0".into()))?;
-        // The core looks the address up in its table of live allocations before touching it, so a
+        // The core checks the address lies in the task's heap before reading its header, so a
         // wrong address is an error, never a free of foreign memory.
         Ok(with_manager(manager, |m| {
             Ok(to_jlong(m.root().free(ptr)? as u64))

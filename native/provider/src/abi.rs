@@ -688,7 +688,7 @@ unsafe extern "C" fn nm_free(pool: nm_pool, p: *mut c_void, size: *mut u64, err:
         let Some(nn) = ptr::NonNull::new(p.cast::<u8>()) else {
             return Err(Error::NullArgument("ptr"));
         };
-        // The core checks the pointer against its table of live allocations before touching it.
+        // The core checks the pointer lies in the task's heap before reading its header.
         let freed = with_pool_as(pool, Entry::GiveBack, |p| Ok(p.pool.free(nn)?))?;
         put_opt(size, freed as u64);
         Ok(())

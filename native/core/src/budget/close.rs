@@ -23,39 +23,44 @@ impl Budget {
             return Ok(report);
         }
         self.spillers.clear();
+        // Allocations: each pool's live bytes and blocks (raw and owned) are counted on the pool,
+        // so the report is exact without visiting the heap. Their accounting is released here;
+        // the raw blocks' memory goes back when the heap is destroyed (the budget's drop), owned
+        // blocks' when their `Allocation` drops (see `heap`).
         let quantum = self.config.reservation_quantum > 0;
-        for (addr, meta) in self.allocs.drain() {
-            let size = meta.layout.size() as u64;
-            if !quantum {
-                // Quantum mode: the pools carry each pool's allocation `charged`, taken below.
-                meta.node().uncharge(size);
+        let mut nodes = Vec::new();
+        self.root.walk(0, &mut nodes);
+        for (_, n) in nodes {
+            let a = &n.alloc;
+            // SeqCst: edge 6 and edge 4, as for a reservation's counters below; in exact mode it
+            // pairs with `alloc_release` (each byte uncharged once).
+            let bytes = a.size.swap(0, Ordering::SeqCst);
+            let charged = a.charged.swap(0, Ordering::SeqCst);
+            let in_pools = if quantum { charged } else { bytes };
+            if in_pools > 0 {
+                n.uncharge(in_pools);
             }
-            if meta.owned {
-                // Its `Allocation` value still owns the memory and frees it when dropped.
-                report.add(
+            // Relaxed (all): report statistics (see `Budget::allocate`).
+            let count = a.count.swap(0, Ordering::Relaxed);
+            let owned = a.owned.swap(0, Ordering::Relaxed).min(bytes);
+            let owned_count = a.owned_count.swap(0, Ordering::Relaxed).min(count);
+            if owned_count > 0 {
+                report.add_n(
                     LeakKind::HeldAllocation,
                     "allocations",
-                    &meta.node().path,
-                    size,
+                    &n.path,
+                    owned,
+                    owned_count,
                 );
-                continue;
             }
-            // SAFETY: every unowned table entry is a live block from
-            // `std::alloc::alloc(meta.layout)`; draining removed it, so no `free` can find and
-            // free it again.
-            unsafe { std::alloc::dealloc(addr as *mut u8, meta.layout) };
-            report.add(LeakKind::Allocation, "allocations", &meta.node().path, size);
-        }
-        if quantum {
-            let mut nodes = Vec::new();
-            self.root.walk(0, &mut nodes);
-            for (_, n) in nodes {
-                // SeqCst: edge 6 and edge 4, as for a reservation's counters below.
-                n.alloc.size.swap(0, Ordering::SeqCst);
-                let charged = n.alloc.charged.swap(0, Ordering::SeqCst);
-                if charged > 0 {
-                    n.uncharge(charged);
-                }
+            if count > owned_count {
+                report.add_n(
+                    LeakKind::Allocation,
+                    "allocations",
+                    &n.path,
+                    bytes - owned,
+                    count - owned_count,
+                );
             }
         }
         let consumers: Vec<Arc<ConsumerState>> = self.consumers.lock().values().cloned().collect();
@@ -91,8 +96,8 @@ impl Drop for Budget {
             }
         }
         // The pool tree is a reference cycle (see `tree`): break it, or every pool below the
-        // root outlives the manager. After the close: the allocation table is empty, so no entry
-        // points to a node this frees.
+        // root outlives the manager. No block header is read after this: no handle is left to
+        // free through, and the heap (a field) is destroyed right after, without reading them.
         self.root.dismantle();
     }
 }

@@ -80,9 +80,9 @@ use std::sync::Arc;
 
 use crate::sync::Mutex;
 
-use crate::alloc::AllocTable;
 use crate::config::MemoryConfig;
 use crate::error::{MemoryError, Result};
+use crate::heap::TaskHeap;
 use crate::listener::{Arbiter, GrowGate, ReservationListener};
 use crate::spill::{Spiller, SpillerRegistration, SpillerRegistry};
 use crate::tree::PoolNode;
@@ -215,7 +215,9 @@ pub(crate) struct Budget {
     ids: AtomicU64,
     consumers: Mutex<HashMap<u64, Arc<ConsumerState>>>,
     spillers: Arc<SpillerRegistry>,
-    allocs: AllocTable,
+    /// The task's heap: every `Pool::allocate` block (see `heap`). Destroyed when the budget
+    /// drops (after `drop`'s close), freeing what leaked.
+    heap: TaskHeap,
     counters: Counters,
 }
 impl Budget {
@@ -249,7 +251,7 @@ impl Budget {
             ids: AtomicU64::new(1),
             consumers: Mutex::new(HashMap::new()),
             spillers: Arc::new(SpillerRegistry::default()),
-            allocs: AllocTable::default(),
+            heap: TaskHeap::new(),
             counters: Counters::default(),
         })
     }
@@ -299,11 +301,33 @@ impl Budget {
             gate_refusals: c.gate_refusals.load(Ordering::Relaxed),
             arbitrations: c.arbitrations.load(Ordering::Relaxed),
             arbitrated_bytes: c.arbitrated_bytes.load(Ordering::Relaxed),
-            live_allocations: self.allocs.len() as u64,
+            live_allocations: self.live_allocations(),
             overcommitted_total: c.overcommitted_total.load(Ordering::Relaxed),
             overcommit_peak: c.overcommit_peak.load(Ordering::Relaxed),
             spill_written_bytes: c.spill_written_bytes.load(Ordering::Relaxed),
         }
+    }
+
+    /// Live blocks of `Pool::allocate` (raw and owned), summed over the pools.
+    fn live_allocations(&self) -> u64 {
+        let mut nodes = Vec::new();
+        self.root.walk(0, &mut nodes);
+        // Relaxed: a read-out.
+        nodes
+            .iter()
+            .map(|(_, n)| n.alloc.count.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Bytes of live `Pool::allocate` blocks, summed over the pools.
+    pub(crate) fn allocated_bytes(&self) -> u64 {
+        let mut nodes = Vec::new();
+        self.root.walk(0, &mut nodes);
+        // Relaxed: a read-out.
+        nodes
+            .iter()
+            .map(|(_, n)| n.alloc.size.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Adds `bytes` an engine reported its spills wrote (saturating).

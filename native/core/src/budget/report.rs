@@ -1,7 +1,6 @@
 //! Read-outs for people: the usage report and the out-of-memory error that carries it.
 
 use crate::sync::Ordering;
-use std::sync::Arc;
 
 use super::Budget;
 use crate::error::{MemoryError, OomReason, OutOfMemory};
@@ -45,7 +44,6 @@ impl Budget {
                 peak: c.peak.load(Ordering::Relaxed),
             })
             .collect();
-        let allocated = self.allocs.bytes_by_pool();
         let pools: Vec<PoolUsage> = nodes
             .iter()
             .map(|(depth, n)| PoolUsage {
@@ -54,10 +52,8 @@ impl Budget {
                 used: n.used(),
                 peak: n.peak(),
                 limit: n.limit,
-                allocated: allocated
-                    .get(&(Arc::as_ptr(n) as usize))
-                    .copied()
-                    .unwrap_or(0),
+                // Relaxed: report statistics (see above).
+                allocated: n.alloc.size.load(Ordering::Relaxed),
             })
             .collect();
         consumers.extend(

@@ -12,7 +12,7 @@ const LAYERS: [(&str, &str); 14] = [
     ("config", include_str!("../config.rs")),
     ("listener", include_str!("../listener.rs")),
     ("tree", include_str!("../tree.rs")),
-    ("alloc", include_str!("../alloc.rs")),
+    ("heap", include_str!("../heap.rs")),
     ("spill", include_str!("../spill.rs")),
     (
         "budget",

@@ -476,7 +476,7 @@ fn allocations_are_charged_through_the_pool_s_slack_and_reported_exactly() {
         (pool.used(), m.used(), m.reserved(), l.reserved()),
         (0, 0, 0, 0)
     );
-    // After close the table is empty: freeing the leaked block again is refused.
+    // After close the leaked block belongs to the heap (freed when it is destroyed): refused.
     assert!(pool.free(first).is_err());
 }
 

@@ -288,6 +288,7 @@ public class NativeMemoryManagerTest extends NativeTestSupport {
         assertTrue(address != 0);
         assertEquals(3 * MIB + 1000, m.usedBytes());
         assertEquals(1, m.stats().liveAllocations());
+        assertEquals("the live block's bytes", 1000, m.stats().allocatedBytes());
         m.close();
         String report = m.closeReport().text();
         assertContains(report, "'leaky' closed with 3.0 MiB leaked at close (reclaimed):");

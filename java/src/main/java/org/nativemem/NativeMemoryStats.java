@@ -8,7 +8,7 @@ package org.nativemem;
  */
 public final class NativeMemoryStats {
     /** Number of values {@link NativeMemoryManager} reads from the native library. */
-    static final int FIELDS = 15;
+    static final int FIELDS = 16;
 
     private final long usedBytes;
     private final long peakBytes;
@@ -25,6 +25,7 @@ public final class NativeMemoryStats {
     private final long arbitrations;
     private final long arbitratedBytes;
     private final long spillWrittenBytes;
+    private final long allocatedBytes;
 
     private NativeMemoryStats(long[] v) {
         this.usedBytes = v[0];
@@ -42,6 +43,7 @@ public final class NativeMemoryStats {
         this.arbitrations = v[12];
         this.arbitratedBytes = v[13];
         this.spillWrittenBytes = v[14];
+        this.allocatedBytes = v[15];
     }
 
     static NativeMemoryStats fromArray(long[] values) {
@@ -134,6 +136,14 @@ public final class NativeMemoryStats {
     }
 
     /**
+     * @return bytes of the native allocations made through the manager and not freed yet (the
+     *     task heap's blocks, each with a 32-byte header not counted here)
+     */
+    public long allocatedBytes() {
+        return allocatedBytes;
+    }
+
+    /**
      * @return bytes the task's spills wrote (spill files), as its engine reported them through
      *     the engine ABI's {@code manager_spill_written} (or the Rust API's
      *     {@code note_spill_written}); Spark's Spill (Disk) of the task shows them
@@ -147,7 +157,7 @@ public final class NativeMemoryStats {
         return "NativeMemoryStats{used=" + usedBytes + ", peak=" + peakBytes + ", reserved=" + reservedBytes
                 + ", spillCount=" + spillCount + ", spilledBytes=" + spilledBytes
                 + ", reserveCalls=" + reserveCalls + ", unreserveCalls=" + unreserveCalls
-                + ", liveAllocations=" + liveAllocations + ", overcommitted=" + overcommittedBytes
+                + ", liveAllocations=" + liveAllocations + ", allocatedBytes=" + allocatedBytes + ", overcommitted=" + overcommittedBytes
                 + ", overcommitPeak=" + overcommitPeakBytes + ", overcommittedTotal=" + overcommittedTotalBytes
                 + ", gateRefusals=" + gateRefusals + ", arbitrations=" + arbitrations + ", arbitratedBytes="
                 + arbitratedBytes + ", spillWrittenBytes=" + spillWrittenBytes + "}";
