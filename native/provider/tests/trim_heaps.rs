@@ -37,17 +37,11 @@ fn trim_returns_an_ended_task_s_heap_to_the_kernel() {
     let a = api();
     let l = TestListener::new(256 * MIB);
     let m = create(cstr!("trim"), MIB, &l);
-    let (mut lease, mut pool) = (0, 0);
     let mut err = ptr::null_mut();
     let before = resident();
+    let (lease, pool) = lease_and_pool(m, cstr!("op"));
     // SAFETY (all calls): valid handles and out pointers; every block is written within its size.
     unsafe {
-        ok("acquire", (a.acquire)(m, &mut lease, &mut err), err);
-        ok(
-            "pool_open",
-            (a.pool_open)(lease, cstr!("op"), -1, &mut pool, &mut err),
-            err,
-        );
         let mut blocks = Vec::new();
         for _ in 0..1024 {
             let mut p: *mut c_void = ptr::null_mut();
