@@ -3,6 +3,10 @@
 #   - target/release/libnativemem_jni.so exports JNI_OnLoad, the Java_* methods of the public
 #     org.nativemem classes, and the engine ABI's C symbol; nothing else (no test hooks, bench
 #     harness or example operators);
+#   - the library needs no static TLS (DT_FLAGS STATIC_TLS: initial-exec thread-locals), which a
+#     library the JVM loads with dlopen takes from glibc's small surplus (a few hundred bytes
+#     shared by every such library) and fails to load without ("cannot allocate memory in static
+#     TLS block");
 #   - build/libs/nativemem.jar holds classes of org.nativemem, org.nativemem.spark and
 #     org.nativemem.arrow only (no Arrow classes: Spark provides them), and the native library of
 #     its platform.
@@ -29,6 +33,14 @@ fi
 for must in JNI_OnLoad nativemem_api Java_org_nativemem_NativeMemoryManager_nativeApiAddress; do
   grep -qx "$must" <<<"$exports" || { echo "check-product: $lib does not export $must"; rc=1; }
 done
+
+# ---- static TLS -------------------------------------------------------------------------------------
+if readelf -d "$lib" | grep -q STATIC_TLS; then
+  echo "check-product: $lib needs static TLS (initial-exec thread-locals): dlopen may fail with 'cannot allocate memory in static TLS block'"
+  readelf -d "$lib" | grep FLAGS | sed 's/^/  /'; rc=1
+else
+  echo "check-product: $lib: no static TLS"
+fi
 
 # ---- jar contents ----------------------------------------------------------------------------------
 if [ ! -f "$jar" ]; then

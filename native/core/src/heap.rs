@@ -82,6 +82,26 @@ pub fn live_task_heaps() -> usize {
     LIVE_HEAPS.load(Ordering::Relaxed)
 }
 
+/// Returns the free memory of every task heap of the process to the kernel now: the pages of
+/// destroyed heaps (ended tasks) and freed huge blocks, which mimalloc otherwise gives back only
+/// after its purge delay (1 s in v3.4.3) *and* only when some thread allocates from it again. An
+/// executor whose tasks have ended and that allocates nothing keeps them resident (measured: 64 MiB
+/// of a destroyed heap stayed resident for seconds until this ran). Called by the container
+/// governor's trim step; cheap when nothing is free. Pages a live heap still holds for its threads
+/// (partly used, or empty and not yet retired by their thread) stay with it.
+pub fn purge_task_heaps() {
+    // SAFETY: mi_malloc/mi_free/mi_collect have no preconditions and may be called from any
+    // thread. mi_collect works through the calling thread's part of mimalloc's main heap (never a
+    // task heap, so this thread takes no part in any task heap's destruction), which a thread that
+    // never allocated from mimalloc does not have: a one-byte allocation makes it. The forced
+    // collect then purges the free memory of all arenas, which the task heaps share; mimalloc
+    // lets one thread purge at a time.
+    unsafe {
+        mi::mi_free(mi::mi_malloc(1));
+        mi::mi_collect(true);
+    }
+}
+
 struct HeapPtr(*mut mi::mi_heap_t);
 // SAFETY: a v3 heap may be used from any thread (module docs); the pointer is only passed to
 // mimalloc's thread-safe heap functions, and destroyed with exclusive access (`Drop`).

@@ -196,7 +196,7 @@ pub use config::{
     MemoryConfig, DEFAULT_RESERVATION_BLOCK_BYTES, RECOMMENDED_RESERVATION_QUANTUM_BYTES,
 };
 pub use error::{ListenerError, MemoryError, OomReason, OutOfMemory, Result};
-pub use heap::live_task_heaps;
+pub use heap::{live_task_heaps, purge_task_heaps};
 pub use listener::{
     arbitration_allowed, Arbiter, CapacityListener, GrowGate, NoArbitration, ReservationListener,
 };

@@ -303,9 +303,11 @@ fn call_trim_hooks() -> u64 {
     total
 }
 
-/// Asks the allocators to return free pages to the kernel: this library's (glibc's
-/// `malloc_trim`) and every engine's trim hook. Returns the bytes the hooks reported.
+/// Asks the allocators to return free pages to the kernel: the task heaps' (mimalloc's purge,
+/// `nativemem_core::purge_task_heaps`), this library's (glibc's `malloc_trim`) and every
+/// engine's trim hook. Returns the bytes the hooks reported.
 pub fn trim_now() -> u64 {
+    nativemem_core::purge_task_heaps();
     trim_allocator();
     call_trim_hooks()
 }

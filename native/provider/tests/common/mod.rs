@@ -153,6 +153,22 @@ pub fn create(name: *const c_char, block: u64, listener: &Arc<TestListener>) -> 
     m
 }
 
+/// Acquires a lease on `m` and opens the pool `name` (no limit) on it, asserting success.
+pub fn lease_and_pool(m: nm_manager, name: *const c_char) -> (nm_lease, nm_pool) {
+    let (mut lease, mut pool) = (0, 0);
+    let mut err = ptr::null_mut();
+    // SAFETY: valid arguments and out pointers; `name` is the caller's NUL-terminated string.
+    unsafe {
+        ok("acquire", (api().acquire)(m, &mut lease, &mut err), err);
+        ok(
+            "pool_open",
+            (api().pool_open)(lease, name, -1, &mut pool, &mut err),
+            err,
+        );
+    }
+    (lease, pool)
+}
+
 // ---- spiller -----------------------------------------------------------------------------------
 
 /// A spiller that frees one reservation of its own when asked, through the ABI (re-entering it:
