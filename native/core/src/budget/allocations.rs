@@ -50,17 +50,19 @@ impl Budget {
     /// (down to one quantum), as a reservation's shrink does.
     #[inline]
     fn alloc_release(&self, node: &PoolNode, bytes: u64) -> Result<()> {
-        let q = self.config.reservation_quantum;
         let a = &node.alloc;
-        if q == 0 {
-            // Uncharge only what is still counted: close may have taken (and uncharged) it.
-            // SeqCst: as in `alloc_charge`; Relaxed on failure: feeds the next attempt only.
-            let prev = a
-                .size
-                .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |cur| {
-                    Some(cur.saturating_sub(bytes))
-                })
-                .unwrap_or(0);
+        // Saturating: a racing `close` may have taken (and uncharged) the bytes. SeqCst on
+        // success: as in `alloc_charge` (exact mode); edge 4 (the charge before the uncharge a
+        // trim makes) and edge 6 (quantum mode). Relaxed on failure: the value only feeds the
+        // next attempt.
+        let prev = a
+            .size
+            .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |cur| {
+                Some(cur.saturating_sub(bytes))
+            })
+            .unwrap_or(0);
+        if self.config.reservation_quantum == 0 {
+            // Uncharge only what was still counted.
             let taken = prev.min(bytes);
             return if taken > 0 {
                 self.release(node, taken)
@@ -68,15 +70,6 @@ impl Budget {
                 Ok(())
             };
         }
-        // SeqCst on success: edge 4 (the charge before the uncharge a trim makes) and edge 6.
-        // Saturating: a racing `close` may have emptied it. Relaxed on failure: the value only
-        // feeds the next attempt.
-        let prev = a
-            .size
-            .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |cur| {
-                Some(cur.saturating_sub(bytes))
-            })
-            .unwrap_or(0);
         let left = prev.saturating_sub(bytes);
         self.trim_surplus(&a.size, &a.charged, node, left, TrimMode::Release)
     }

@@ -310,23 +310,22 @@ impl Budget {
 
     /// Live blocks of `Pool::allocate` (raw and owned), summed over the pools.
     fn live_allocations(&self) -> u64 {
-        let mut nodes = Vec::new();
-        self.root.walk(0, &mut nodes);
-        // Relaxed: a read-out.
-        nodes
-            .iter()
-            .map(|(_, n)| n.alloc.count.load(Ordering::Relaxed))
-            .sum()
+        self.sum_over_pools(|n| &n.alloc.count)
     }
 
     /// Bytes of live `Pool::allocate` blocks, summed over the pools.
     pub(crate) fn allocated_bytes(&self) -> u64 {
+        self.sum_over_pools(|n| &n.alloc.size)
+    }
+
+    /// One counter of every pool's allocations, summed.
+    fn sum_over_pools(&self, counter: impl Fn(&PoolNode) -> &AtomicU64) -> u64 {
         let mut nodes = Vec::new();
         self.root.walk(0, &mut nodes);
         // Relaxed: a read-out.
         nodes
             .iter()
-            .map(|(_, n)| n.alloc.size.load(Ordering::Relaxed))
+            .map(|(_, n)| counter(n).load(Ordering::Relaxed))
             .sum()
     }
 
